@@ -1,0 +1,12 @@
+//! Generated protobuf types shared by the proxy, the controller and the CLI.
+//!
+//! The `.proto` files under `proto/proto` are the wire contract; this crate only compiles them.
+
+/// The quicmesh/1 tunnel stream framing between proxies.
+pub mod tunnel {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/quicmesh.tunnel.v1.rs"));
+}
+
+/// Encoded `FileDescriptorSet` of every quicmesh proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quicmesh_descriptor.bin"));

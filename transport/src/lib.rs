@@ -1,0 +1,3 @@
+//! The quicmesh data plane.
+
+pub mod identity;
