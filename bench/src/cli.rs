@@ -1,0 +1,378 @@
+//! The `bench` command line: `compare` (the whole side-by-side comparison), `loss` (packet loss in network
+//! namespaces), `load` (one run against an address), `serve` (the matching servers), `quic-ceiling`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Subcommand};
+use tokio::io::AsyncBufReadExt;
+
+use crate::{
+    bulk,
+    client::Protocol,
+    compare::{self, CompareEnv, CompareSettings},
+    load::{self, LoadSpec, Mode},
+    loss::{self, LossSettings},
+    report,
+    server::{AppServer, StallPlan},
+    topology::{self, Target},
+};
+
+/// `quicmesh bench`: load generator, matching servers and the side-by-side comparison.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Run every scenario against direct, quicmesh and the HAProxy mTLS pair, side by side.
+    Compare(CompareArgs),
+    /// Packet loss: client and server side in two network namespaces, loss by nftables (root only).
+    Loss(LossArgs),
+    /// One load run against an address.
+    Load(LoadArgs),
+    /// Serve TCP echo/sink, HTTP/1.1, HTTP/2 and gRPC echo on one port.
+    Serve(ServeArgs),
+    /// Bulk throughput of quinn alone (one stream, loopback): the ceiling for the tunnel.
+    QuicCeiling {
+        /// Byte cap.
+        #[arg(long, default_value_t = 8 << 30)]
+        bytes: u64,
+        /// Time cap.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+    },
+    /// Wait until an address accepts TCP connections (used inside network namespaces).
+    #[command(hide = true)]
+    Probe {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// The quicmesh binary (default: target/release/quicmesh, or next to this executable).
+    #[arg(long)]
+    quicmesh_bin: Option<PathBuf>,
+    /// Paths to compare besides direct.
+    #[arg(long, value_delimiter = ',', default_value = "quicmesh,peer")]
+    targets: Vec<Target>,
+    /// Measured length of each load run.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Repeat the whole scenario list this many times (results merged).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Open-loop rates (req/s) for the added-latency figures.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
+    rates: Vec<f64>,
+    /// Connections of the fixed-rate and max-throughput scenarios.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Protocols of the max-throughput scenario.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "tcp,http1,http2,grpc-unary,grpc-stream"
+    )]
+    protocols: Vec<Protocol>,
+    /// Connection counts of the small request/response scenario.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    rr_connections: Vec<usize>,
+    /// Connections held open for the proxy memory figure.
+    #[arg(long, default_value_t = 1000)]
+    memory_connections: usize,
+    /// Byte cap of the bulk transfer.
+    #[arg(long, default_value_t = 8 << 30)]
+    bulk_bytes: u64,
+    /// Time cap of the bulk transfer.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    bulk_duration: Duration,
+    /// Skip the raw QUIC ceiling.
+    #[arg(long)]
+    no_quic_ceiling: bool,
+    /// Seconds-long run with tiny rates (what the smoke test runs).
+    #[arg(long)]
+    smoke: bool,
+    /// Results directory.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Write no files.
+    #[arg(long)]
+    no_write: bool,
+}
+
+#[derive(Debug, Args)]
+struct LossArgs {
+    /// Loss percentages, each applied to packets arriving in either namespace.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,5")]
+    loss: Vec<u32>,
+    /// Open-loop rate, req/s.
+    #[arg(long, default_value_t = 3000.0)]
+    rate: f64,
+    /// Concurrent connections (quicmesh: streams over one tunnel).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Measured length of each run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Protocol.
+    #[arg(long, default_value = "http1")]
+    protocol: Protocol,
+    /// Paths besides direct.
+    #[arg(long, value_delimiter = ',', default_value = "quicmesh,peer")]
+    targets: Vec<Target>,
+    /// The quicmesh binary.
+    #[arg(long)]
+    quicmesh_bin: Option<PathBuf>,
+    /// The harness binary run inside the namespaces (default: this executable).
+    #[arg(long)]
+    bench_bin: Option<PathBuf>,
+    /// Results directory.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Write no files.
+    #[arg(long)]
+    no_write: bool,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// Address to load.
+    #[arg(long)]
+    target: SocketAddr,
+    /// Protocol.
+    #[arg(long, default_value = "http1")]
+    protocol: Protocol,
+    /// Open loop at this many req/s; without it, closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Connections (closed loop: concurrent clients).
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Measured length.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Request size, bytes.
+    #[arg(long, default_value_t = 1024)]
+    payload: usize,
+    /// Per-request timeout.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Request cap.
+    #[arg(long, default_value_t = 10_000_000)]
+    max_requests: u64,
+    /// Once connected, print `{"event":"connected"}` and wait for a line on stdin before starting.
+    #[arg(long)]
+    gate_stdin: bool,
+    /// Print the summary as one JSON line on stdout instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON and a plot into this directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Pause every response this long after the first request...
+    #[arg(long, value_parser = parse_duration)]
+    stall_after: Option<Duration>,
+    /// ...for this long.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    stall_for: Duration,
+    /// Exit after this long (bounded even if nobody stops it).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    max_time: Duration,
+}
+
+/// Parses `250ms`, `10s`, `1.5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("`{s}`: a unit is required (ms, s, m, h)"))?;
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().map_err(|_| format!("`{s}`: not a number"))?;
+    let secs = match unit {
+        "us" | "µs" => v / 1e6,
+        "ms" => v / 1e3,
+        "s" => v,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn bench_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(p) => Ok(p),
+        None => Ok(std::env::current_exe()?),
+    }
+}
+
+/// Runs one `bench` subcommand.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Compare(a) => {
+            let targets = a.targets.clone();
+            let mut s = if a.smoke {
+                CompareSettings::smoke(targets)
+            } else {
+                let mut s = CompareSettings::full(targets);
+                s.duration = a.duration;
+                s.rates = a.rates;
+                s.connections = a.connections;
+                s.rr_connections = a.rr_connections;
+                s.memory_connections = a.memory_connections;
+                s.bulk_bytes = a.bulk_bytes;
+                s.bulk_duration = a.bulk_duration;
+                s
+            };
+            s.rounds = a.rounds.max(1);
+            s.protocols = a.protocols;
+            s.quic_ceiling = !a.no_quic_ceiling;
+            let quicmesh_bin = if s.targets.contains(&Target::Quicmesh) {
+                topology::find_quicmesh(a.quicmesh_bin.as_deref())
+            } else {
+                None
+            };
+            let env = CompareEnv {
+                quicmesh_bin,
+                bench_bin: bench_bin(None)?,
+                out: (!a.no_write).then_some(a.out),
+            };
+            compare::compare(s, env).await?;
+            Ok(())
+        }
+        BenchCommand::Loss(a) => {
+            let settings = LossSettings {
+                loss_percent: a.loss,
+                rate: a.rate,
+                connections: a.connections,
+                duration: a.duration,
+                protocol: a.protocol,
+                targets: a.targets.clone(),
+            };
+            let quicmesh_bin = if a.targets.contains(&Target::Quicmesh) {
+                topology::find_quicmesh(a.quicmesh_bin.as_deref())
+            } else {
+                None
+            };
+            let out = (!a.no_write).then_some(a.out);
+            match loss::run(settings, quicmesh_bin, bench_bin(a.bench_bin)?, out).await? {
+                loss::LossOutcome::Skipped(why) => println!("loss scenario skipped: {why}"),
+                loss::LossOutcome::Done(_) => {}
+            }
+            Ok(())
+        }
+        BenchCommand::Load(a) => run_load(a).await,
+        BenchCommand::Serve(a) => {
+            let stall = a.stall_after.map(|after| StallPlan {
+                after,
+                pause: a.stall_for,
+            });
+            let server = AppServer::spawn(a.listen, stall).await?;
+            println!(
+                "{}",
+                serde_json::json!({"event": "ready", "addr": server.addr().to_string()})
+            );
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = tokio::time::sleep(a.max_time) => {}
+            }
+            Ok(())
+        }
+        BenchCommand::QuicCeiling { bytes, duration } => {
+            let b = bulk::quic_ceiling(bytes, duration).await?;
+            println!(
+                "raw QUIC, one stream: {:.2} Gbit/s ({} MiB in {:.2} s)",
+                b.gbit_s,
+                b.bytes >> 20,
+                b.secs
+            );
+            Ok(())
+        }
+        BenchCommand::Probe { addr, timeout } => topology::probe(addr, timeout).await,
+    }
+}
+
+async fn run_load(a: LoadArgs) -> anyhow::Result<()> {
+    let mode = match a.rate {
+        Some(rate) if rate > 0.0 => Mode::Open { rate },
+        Some(_) => anyhow::bail!("--rate must be positive"),
+        None => Mode::Closed,
+    };
+    let mut spec = LoadSpec::new(a.protocol, mode, a.connections, a.duration);
+    spec.payload = a.payload;
+    spec.timeout = a.timeout;
+    spec.max_requests = a.max_requests;
+    let gate = async {
+        if a.gate_stdin {
+            println!("{}", serde_json::json!({"event": "connected"}));
+            let mut line = String::new();
+            let _ = tokio::io::BufReader::new(tokio::io::stdin())
+                .read_line(&mut line)
+                .await;
+        }
+    };
+    let outcome = load::run(&spec, a.target, gate).await?;
+    let summary = outcome.summary();
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        let mut t = report::Table::new([
+            "protocol", "req/s", "p50", "p90", "p99", "p99.9", "max", "errors",
+        ]);
+        let p = summary.latency_ms;
+        t.row([
+            a.protocol.name().to_owned(),
+            format!("{:.0}", summary.throughput_rps),
+            report::ms(p.p50),
+            report::ms(p.p90),
+            report::ms(p.p99),
+            report::ms(p.p999),
+            report::ms(p.max),
+            format!("{:?}", summary.errors),
+        ]);
+        println!("{t}");
+    }
+    if let Some(dir) = a.out {
+        let stamp = crate::machine::machine_info().unix_time;
+        let value = serde_json::json!({
+            "machine": crate::machine::machine_info(),
+            "target": a.target.to_string(),
+            "summary": summary,
+        });
+        report::write_json(&dir, &format!("load-{stamp}.json"), &value)?;
+        let svg = report::percentile_svg(
+            &format!("{} against {}", a.protocol.name(), a.target),
+            &[(a.target.to_string(), summary.curve.clone())],
+        );
+        std::fs::write(dir.join(format!("load-{stamp}.svg")), svg)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("10").is_err());
+        assert!(parse_duration("10x").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

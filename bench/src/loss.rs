@@ -1,0 +1,482 @@
+//! Packet loss: the client side (load generator, client-side proxy) and the server side (server-side
+//! proxy, application) in two network namespaces joined by a veth pair, segmentation offloads off so a
+//! dropped packet is one segment, and nftables dropping a share of the packets arriving on each veth end
+//! (`numgen random mod 100 < N`). Loss is switched on only after every connection is up, then many
+//! concurrent request/response exchanges run at a fixed rate (open loop): with quicmesh they are streams
+//! of one QUIC connection, with the TCP paths each is its own TCP connection.
+//!
+//! Root only: anything missing (root, `ip`, `nft`, `ethtool`) makes the scenario skip with the reason.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path as FsPath, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    process::Command,
+};
+
+use crate::{
+    certs,
+    client::Protocol,
+    load::Summary,
+    machine::{self, MachineInfo},
+    report::{self, Table, ms, ratio},
+    topology::{self, Path, Placement, Target, which},
+};
+
+/// Settings of the loss scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LossSettings {
+    /// Loss levels, percent of arriving packets dropped in each direction.
+    pub loss_percent: Vec<u32>,
+    /// Open-loop rate, req/s.
+    pub rate: f64,
+    /// Concurrent connections.
+    pub connections: usize,
+    /// Measured length of each run.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Protocol of the exchanges.
+    pub protocol: Protocol,
+    /// Paths besides direct.
+    pub targets: Vec<Target>,
+}
+
+/// One (loss level, path) run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LossRun {
+    /// Percent dropped.
+    pub loss_percent: u32,
+    /// Path.
+    pub target: Target,
+    /// Load figures.
+    pub summary: Summary,
+}
+
+/// The JSON file of the loss scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LossReport {
+    /// Machine.
+    pub machine: MachineInfo,
+    /// Settings.
+    pub settings: LossSettings,
+    /// Paths that could not be set up, and why.
+    pub skipped: BTreeMap<String, String>,
+    /// Every run.
+    pub runs: Vec<LossRun>,
+}
+
+/// Ran, or skipped with a reason.
+#[derive(Debug)]
+pub enum LossOutcome {
+    /// Why nothing ran.
+    Skipped(String),
+    /// The report.
+    Done(Box<LossReport>),
+}
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 233, 0, 1);
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 233, 0, 2);
+const APP_PORT: u16 = 7000;
+
+/// Why the scenario cannot run here, if it cannot.
+pub fn missing_prerequisite() -> Option<String> {
+    if !machine::is_root() {
+        return Some("not root (network namespaces and nftables need root)".into());
+    }
+    for tool in ["ip", "nft", "ethtool"] {
+        if which(tool).is_none() {
+            return Some(format!(
+                "`{tool}` not found (Debian: apt-get install -y iproute2 nftables ethtool)"
+            ));
+        }
+    }
+    None
+}
+
+async fn sh(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot run {program}: {e}"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "`{program} {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+async fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes()).await?;
+    }
+    let out = child.wait_with_output().await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nft in {ns} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The two namespaces and their veth pair; removed on drop.
+struct Netns {
+    client: String,
+    server: String,
+    client_if: String,
+    server_if: String,
+}
+
+impl Netns {
+    async fn create() -> anyhow::Result<Self> {
+        let id = std::process::id() % 100_000;
+        let n = Self {
+            client: format!("qmb-c-{id}"),
+            server: format!("qmb-s-{id}"),
+            client_if: format!("qmbc{id}"),
+            server_if: format!("qmbs{id}"),
+        };
+        n.remove_sync();
+        sh("ip", &["netns", "add", &n.client]).await?;
+        sh("ip", &["netns", "add", &n.server]).await?;
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &n.client_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &n.server_if,
+            ],
+        )
+        .await?;
+        for (ns, ifname, ip) in [
+            (&n.client, &n.client_if, CLIENT_IP),
+            (&n.server, &n.server_if, SERVER_IP),
+        ] {
+            sh("ip", &["link", "set", ifname, "netns", ns]).await?;
+            sh(
+                "ip",
+                &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", ifname],
+            )
+            .await?;
+            sh("ip", &["-n", ns, "link", "set", ifname, "up"]).await?;
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"]).await?;
+            // One dropped packet must be one segment, not a 64 KB super-packet.
+            sh(
+                "ip",
+                &[
+                    "netns", "exec", ns, "ethtool", "-K", ifname, "gso", "off", "gro", "off",
+                    "tso", "off",
+                ],
+            )
+            .await?;
+            nft(
+                ns,
+                "table inet qmbloss {\n  chain input {\n    type filter hook input priority 0; policy accept;\n  }\n}\n",
+            )
+            .await?;
+        }
+        Ok(n)
+    }
+
+    /// Drops `percent` of packets arriving on each veth end (0: none).
+    async fn set_loss(&self, percent: u32) -> anyhow::Result<()> {
+        for (ns, ifname) in [
+            (&self.client, &self.client_if),
+            (&self.server, &self.server_if),
+        ] {
+            let mut script = "flush chain inet qmbloss input\n".to_owned();
+            if percent > 0 {
+                script.push_str(&format!(
+                    "add rule inet qmbloss input iifname \"{ifname}\" numgen random mod 100 < {percent} drop\n"
+                ));
+            }
+            nft(ns, &script).await?;
+        }
+        Ok(())
+    }
+
+    fn remove_sync(&self) {
+        for ns in [&self.client, &self.server] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.remove_sync();
+    }
+}
+
+/// A server process of the harness inside a namespace.
+async fn serve_in(
+    ns: &str,
+    bench_bin: &FsPath,
+    listen: SocketAddr,
+) -> anyhow::Result<tokio::process::Child> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(bench_bin)
+        .args([
+            "bench",
+            "serve",
+            "--listen",
+            &listen.to_string(),
+            "--max-time",
+            "1h",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("bench server: no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .map_err(|_| anyhow::anyhow!("bench server in {ns} not ready within 10 s"))??
+        .ok_or_else(|| anyhow::anyhow!("bench server in {ns} exited before it was ready"))?;
+    anyhow::ensure!(
+        line.contains("\"ready\""),
+        "bench server: unexpected first line {line}"
+    );
+    Ok(child)
+}
+
+/// One load run in the client namespace; loss switched on once its connections are up.
+async fn load_in(
+    net: &Netns,
+    bench_bin: &FsPath,
+    entry: SocketAddr,
+    s: &LossSettings,
+    percent: u32,
+) -> anyhow::Result<Summary> {
+    let request_timeout = Duration::from_secs(30);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &net.client])
+        .arg(bench_bin)
+        .args([
+            "bench",
+            "load",
+            "--gate-stdin",
+            "--json",
+            "--target",
+            &entry.to_string(),
+        ])
+        .args([
+            "--protocol",
+            s.protocol.name(),
+            "--rate",
+            &s.rate.to_string(),
+        ])
+        .args(["--connections", &s.connections.to_string()])
+        .arg("--duration")
+        .arg(format!("{}ms", s.duration.as_millis()))
+        .arg("--timeout")
+        .arg(format!("{}ms", request_timeout.as_millis()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("load: no stdin"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("load: no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let bound = s.duration + request_timeout + Duration::from_secs(30);
+    let summary = tokio::time::timeout(bound, async {
+        let first = lines
+            .next_line()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("load client exited before connecting"))?;
+        anyhow::ensure!(
+            first.contains("\"connected\""),
+            "load client: unexpected line {first}"
+        );
+        net.set_loss(percent).await?;
+        stdin.write_all(b"go\n").await?;
+        let line = lines
+            .next_line()
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("load client exited without a result"))?;
+        Ok(serde_json::from_str::<Summary>(&line)?)
+    })
+    .await;
+    net.set_loss(0).await?;
+    let summary =
+        summary.map_err(|_| anyhow::anyhow!("load run did not finish within {bound:?}"))??;
+    let _ = child.wait().await;
+    Ok(summary)
+}
+
+/// Runs the loss scenario (or says why it cannot), prints its table, writes JSON and plots into `out`.
+pub async fn run(
+    s: LossSettings,
+    quicmesh_bin: Option<PathBuf>,
+    bench_bin: PathBuf,
+    out: Option<PathBuf>,
+) -> anyhow::Result<LossOutcome> {
+    if let Some(why) = missing_prerequisite() {
+        return Ok(LossOutcome::Skipped(why));
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("quicmesh-bench-loss-")
+        .tempdir()?;
+    let certs = certs::generate(dir.path())?;
+    let net = Netns::create().await?;
+    let app = SocketAddr::new(IpAddr::V4(SERVER_IP), APP_PORT);
+    let _server = serve_in(&net.server, &bench_bin, app).await?;
+    let placement = Placement {
+        client_ns: Some(net.client.clone()),
+        server_ns: Some(net.server.clone()),
+        server_ip: IpAddr::V4(SERVER_IP),
+        app,
+        bench_bin: bench_bin.clone(),
+    };
+    let mut skipped = BTreeMap::new();
+    let mut paths = vec![Path::direct(&placement)];
+    for t in s.targets.iter().copied().filter(|t| *t != Target::Direct) {
+        let p = match t {
+            Target::Direct => continue,
+            Target::Peer => topology::haproxy_pair(&placement, &certs, dir.path()).await,
+            Target::Quicmesh => match &quicmesh_bin {
+                Some(bin) => topology::quicmesh_pair(&placement, &certs, bin, dir.path()).await,
+                None => Err(anyhow::anyhow!(
+                    "no quicmesh binary (cargo build --release, or --quicmesh-bin)"
+                )),
+            },
+        };
+        match p {
+            Ok(p) => paths.push(p),
+            Err(e) => {
+                println!("skipping {}: {e:#}", t.name());
+                skipped.insert(t.name().to_owned(), format!("{e:#}"));
+            }
+        }
+    }
+    let mut runs = Vec::new();
+    for (li, &percent) in s.loss_percent.iter().enumerate() {
+        let n = paths.len();
+        for k in 0..n {
+            let path = &mut paths[(k + li) % n];
+            path.check_alive()?;
+            tracing::info!(loss = percent, target_path = path.target.name(), "loss run");
+            let summary = load_in(&net, &bench_bin, path.entry, &s, percent).await?;
+            runs.push(LossRun {
+                loss_percent: percent,
+                target: path.target,
+                summary,
+            });
+        }
+    }
+    drop(paths);
+    runs.sort_by_key(|r| (r.loss_percent, r.target));
+    let report = LossReport {
+        machine: machine::machine_info(),
+        settings: s,
+        skipped,
+        runs,
+    };
+    let table = table(&report);
+    println!("\n{table}");
+    if let Some(out) = out {
+        let stamp = report.machine.unix_time;
+        let path = report::write_json(&out, &format!("loss-{stamp}.json"), &report)?;
+        println!("results: {}", path.display());
+        for &percent in &report.settings.loss_percent {
+            let series: Vec<(String, Vec<(f64, f64)>)> = report
+                .runs
+                .iter()
+                .filter(|r| r.loss_percent == percent)
+                .map(|r| (r.target.name().to_owned(), r.summary.curve.clone()))
+                .collect();
+            let title = format!(
+                "{} at {} req/s, {} connections, {percent}% loss",
+                report.settings.protocol.name(),
+                report.settings.rate,
+                report.settings.connections
+            );
+            let p = out.join(format!("loss-{stamp}-{percent}pct.svg"));
+            std::fs::write(&p, report::percentile_svg(&title, &series))?;
+            println!("plot: {}", p.display());
+        }
+        std::fs::write(out.join("latest-loss.md"), table.markdown())?;
+    }
+    Ok(LossOutcome::Done(Box::new(report)))
+}
+
+/// loss | path | p50 | p99 | p99.9 | max | errors | req/s | p99 vs direct | quicmesh p99 vs this
+pub fn table(report: &LossReport) -> Table {
+    let mut t = Table::new([
+        "loss",
+        "path",
+        "req/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "max",
+        "errors",
+        "p50/direct",
+        "p99/direct",
+        "quicmesh p99 / this",
+    ]);
+    for r in &report.runs {
+        let same = |tg: Target| {
+            report
+                .runs
+                .iter()
+                .find(|x| x.loss_percent == r.loss_percent && x.target == tg)
+                .map(|x| x.summary.latency_ms)
+        };
+        let d = same(Target::Direct);
+        let q = same(Target::Quicmesh);
+        let l = r.summary.latency_ms;
+        t.row([
+            format!("{}%", r.loss_percent),
+            r.target.name().to_owned(),
+            format!("{:.0}", r.summary.throughput_rps),
+            ms(l.p50),
+            ms(l.p99),
+            ms(l.p999),
+            ms(l.max),
+            r.summary.error_count().to_string(),
+            d.map_or("-".into(), |d| ratio(l.p50, d.p50)),
+            d.map_or("-".into(), |d| ratio(l.p99, d.p99)),
+            match (q, r.target) {
+                (Some(q), tg) if tg != Target::Quicmesh => ratio(q.p99, l.p99),
+                _ => "-".into(),
+            },
+        ]);
+    }
+    t
+}

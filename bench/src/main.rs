@@ -1,0 +1,33 @@
+//! `quicmesh-bench`: the harness on its own, the same commands as `quicmesh bench`.
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "quicmesh-bench",
+    about = "Load generator and benchmarks for quicmesh"
+)]
+struct Cli {
+    #[command(flatten)]
+    args: quicmesh_bench::BenchArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    // `quicmesh-bench bench load ...` is accepted too, so both binaries take the same command lines.
+    let args = std::env::args_os()
+        .enumerate()
+        .filter(|(i, a)| !(*i == 1 && a == "bench"))
+        .map(|(_, a)| a);
+    let cli = Cli::parse_from(args);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QUICMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(quicmesh_bench::run(cli.args))
+}

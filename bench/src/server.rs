@@ -1,0 +1,321 @@
+//! The application servers the harness puts load on: TCP echo, a TCP sink for bulk runs, HTTP/1.1 and
+//! HTTP/2 echo, and gRPC echo (unary and streaming), all on ONE port.
+//!
+//! One port keeps every proxy topology simple (one outbound listener, one inbound app, one HAProxy
+//! frontend). Raw TCP clients open with a 4-byte magic (`QMBE` echo, `QMBS` sink); anything else is handed
+//! to hyper's HTTP/1 + HTTP/2 server, which sends `/bench.Bench/*` to tonic and answers every other request
+//! with its own body. A [`StallPlan`] makes every handler pause at one moment of the run, which is how the
+//! open-loop mode is shown to catch a stall that closed-loop load hides.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
+    task::JoinHandle,
+    time::Instant,
+};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tower::ServiceExt;
+
+use crate::pb;
+
+/// Magic that selects the TCP echo protocol.
+pub const MAGIC_ECHO: &[u8; 4] = b"QMBE";
+/// Magic that selects the TCP sink (bulk) protocol: read to EOF, answer with the byte count (u64 BE).
+pub const MAGIC_SINK: &[u8; 4] = b"QMBS";
+
+/// When the server pauses: `after` the first request it sees, every handler waits until `pause` is over.
+#[derive(Debug, Clone, Copy)]
+pub struct StallPlan {
+    /// Time from the first request to the start of the pause.
+    pub after: Duration,
+    /// How long every response is held.
+    pub pause: Duration,
+}
+
+/// Shared stall state of one server.
+#[derive(Debug, Clone, Default)]
+pub struct Stall {
+    plan: Option<StallPlan>,
+    first: Arc<OnceLock<Instant>>,
+}
+
+impl Stall {
+    fn new(plan: Option<StallPlan>) -> Self {
+        Self {
+            plan,
+            first: Arc::default(),
+        }
+    }
+
+    /// Waits out the pause if `now` falls inside it.
+    async fn wait(&self) {
+        let Some(plan) = self.plan else { return };
+        let first = *self.first.get_or_init(Instant::now);
+        let start = first + plan.after;
+        let end = start + plan.pause;
+        let now = Instant::now();
+        if now >= start && now < end {
+            tokio::time::sleep_until(end).await;
+        }
+    }
+}
+
+/// A running application server; dropped, it stops accepting.
+#[derive(Debug)]
+pub struct AppServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl AppServer {
+    /// Binds `listen` and serves every protocol on it.
+    pub async fn spawn(listen: SocketAddr, stall: Option<StallPlan>) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("bench server cannot bind {listen}: {e}"))?;
+        let addr = listener.local_addr()?;
+        let stall = Stall::new(stall);
+        let task = tokio::spawn(accept_loop(listener, stall));
+        tracing::debug!(%addr, "bench server listening");
+        Ok(Self { addr, task })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for AppServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, stall: Stall) {
+    let grpc = pb::bench_server::BenchServer::new(GrpcEcho {
+        stall: stall.clone(),
+    });
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: keep serving the connections we have.
+                tracing::warn!(error = %e, "bench server accept failed");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let stall = stall.clone();
+        let grpc = grpc.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(stream, stall, grpc).await {
+                tracing::trace!(%peer, error = %e, "bench connection ended");
+            }
+        });
+    }
+}
+
+async fn serve_conn(
+    mut stream: TcpStream,
+    stall: Stall,
+    grpc: pb::bench_server::BenchServer<GrpcEcho>,
+) -> anyhow::Result<()> {
+    let mut magic = [0u8; 4];
+    stream.read_exact(&mut magic).await?;
+    match &magic {
+        m if m == MAGIC_ECHO => echo(stream, stall).await,
+        m if m == MAGIC_SINK => sink(stream).await,
+        _ => {
+            let io = TokioIo::new(Prefixed {
+                prefix: magic,
+                pos: 0,
+                inner: stream,
+            });
+            let svc = hyper::service::service_fn(move |req| {
+                let grpc = grpc.clone();
+                let stall = stall.clone();
+                async move { handle_http(req, grpc, stall).await }
+            });
+            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(io, svc)
+                .await
+                .map_err(|e| anyhow::anyhow!("http: {e}"))
+        }
+    }
+}
+
+async fn echo(mut stream: TcpStream, stall: Stall) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            stream.shutdown().await?;
+            return Ok(());
+        }
+        stall.wait().await;
+        stream.write_all(&buf[..n]).await?;
+    }
+}
+
+async fn sink(mut stream: TcpStream) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total: u64 = 0;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    stream.write_all(&total.to_be_bytes()).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+async fn handle_http(
+    req: Request<Incoming>,
+    grpc: pb::bench_server::BenchServer<GrpcEcho>,
+    stall: Stall,
+) -> Result<Response<tonic::body::Body>, Infallible> {
+    if req.uri().path().starts_with("/bench.Bench/") {
+        return grpc.oneshot(req).await;
+    }
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            let mut resp = Response::new(tonic::body::Body::empty());
+            *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+            return Ok(resp);
+        }
+    };
+    stall.wait().await;
+    Ok(Response::new(tonic::body::Body::new(Full::new(body))))
+}
+
+#[derive(Clone)]
+struct GrpcEcho {
+    stall: Stall,
+}
+
+type PayloadStream = Pin<Box<dyn Stream<Item = Result<pb::Payload, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::bench_server::Bench for GrpcEcho {
+    async fn unary(
+        &self,
+        request: tonic::Request<pb::Payload>,
+    ) -> Result<tonic::Response<pb::Payload>, tonic::Status> {
+        self.stall.wait().await;
+        Ok(tonic::Response::new(request.into_inner()))
+    }
+
+    type StreamStream = PayloadStream;
+
+    async fn stream(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::Payload>>,
+    ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let stall = self.stall.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = inbound.message().await {
+                stall.wait().await;
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A stream that replays the bytes already read to pick the protocol.
+struct Prefixed {
+    prefix: [u8; 4],
+    pos: usize,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let rest = &self.prefix[self.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn stall_holds_only_inside_the_window() {
+        let stall = Stall::new(Some(StallPlan {
+            after: Duration::from_secs(2),
+            pause: Duration::from_secs(1),
+        }));
+        let t0 = Instant::now();
+        stall.wait().await; // arms at t0, outside the window
+        assert_eq!(Instant::now(), t0);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        stall.wait().await; // inside: held until t0 + 3 s
+        assert_eq!(Instant::now(), t0 + Duration::from_secs(3));
+        stall.wait().await; // after the window: no wait
+        assert_eq!(Instant::now(), t0 + Duration::from_secs(3));
+    }
+}
