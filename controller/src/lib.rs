@@ -1,1 +1,69 @@
-//! placeholder
+//! The quicmesh control plane.
+//!
+//! `quicmesh controller` keeps the mesh's identities, services, endpoints and policies in sled, runs the
+//! certificate authority that signs proxies' CSRs, and serves two gRPC APIs on one TLS listener: `ProxyApi`
+//! (Certify, Watch, RegisterEndpoint) for proxies and `Admin` for operators. `quicmesh ctl` is the
+//! operator's client of the admin API.
+//!
+//! Layout: [`model`] (resources and their rules, pure), [`store`] (durable storage trait + sled),
+//! [`issuer`] (the CA), [`state`] (every operation, independent of gRPC), [`api`] (the gRPC services),
+//! [`auth`] (tokens and peer identity), [`tls`] and [`client`] (rustls with `ring`), [`server`] (start-up
+//! and readiness), [`config`] (flags), [`ctl`] (the CLI).
+
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod ctl;
+pub mod error;
+pub mod issuer;
+pub mod model;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod tls;
+
+pub use config::ControllerArgs;
+pub use ctl::{CtlArgs, run_ctl};
+pub use server::{Controller, ServeError};
+
+/// Runs `quicmesh controller` until SIGINT or SIGTERM: opens the data directory, binds, prints the ready
+/// line on stdout, serves.
+pub async fn run_controller(args: ControllerArgs) -> Result<(), ServeError> {
+    let opts = args.state_options()?;
+    tracing::info!(?args, "starting controller");
+    let controller = Controller::bind(opts, args.listen).await?;
+    if let Some(token) = controller.admin_token() {
+        tracing::warn!(
+            "new mesh: the admin token is printed once in the ready line; store it now (token prefix {})",
+            token.get(..8).unwrap_or("")
+        );
+    }
+    println!("{}", controller.ready_line());
+    controller.serve(shutdown_signal()).await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down");
+}

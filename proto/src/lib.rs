@@ -8,5 +8,11 @@ pub mod tunnel {
     include!(concat!(env!("OUT_DIR"), "/quicmesh.tunnel.v1.rs"));
 }
 
+/// The controller's proxy-facing (`ProxyApi`) and operator (`Admin`) gRPC APIs and the resources they carry.
+pub mod controller {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/quicmesh.controller.v1.rs"));
+}
+
 /// Encoded `FileDescriptorSet` of every quicmesh proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quicmesh_descriptor.bin"));

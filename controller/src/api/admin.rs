@@ -1,0 +1,269 @@
+//! `Admin`: the operator API behind `quicmesh ctl`.
+//!
+//! Every call must carry the admin token (checked by [`AdminAuth`] before the handler runs, so an
+//! unauthenticated call can change nothing). Handlers parse the request into model types and let
+//! [`State`] validate and apply it; errors map to statuses in one place (`error.rs`).
+
+use std::sync::Arc;
+
+use quicmesh_proto::controller::{self as pb, admin_server::Admin};
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::{
+    auth,
+    error::ApiError,
+    model::{FieldError, Kind},
+    state::{State, TokenRecord, WriteMode},
+};
+
+/// Largest request an operator may send.
+pub const MAX_REQUEST: usize = 1024 * 1024;
+
+/// Checks the admin bearer token on every request.
+#[derive(Clone)]
+pub struct AdminAuth {
+    sha256: Arc<str>,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminAuth(..)")
+    }
+}
+
+impl AdminAuth {
+    /// Accepts the token whose SHA-256 is `sha256` (hex).
+    pub fn new(sha256: &str) -> Self {
+        Self {
+            sha256: sha256.into(),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for AdminAuth {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        auth::check_bearer(header, &self.sha256).map_err(|m| {
+            tracing::info!(peer = ?req.remote_addr(), "admin call refused: {m}");
+            Status::unauthenticated(m)
+        })?;
+        Ok(req)
+    }
+}
+
+/// The `Admin` service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    state: Arc<State>,
+}
+
+impl AdminService {
+    /// A service over `state`.
+    pub fn new(state: Arc<State>) -> Self {
+        Self { state }
+    }
+
+    async fn put(
+        &self,
+        r: pb::Resource,
+        mode: WriteMode,
+    ) -> Result<Response<pb::Resource>, Status> {
+        let r = convert::resource_from_pb(r).map_err(ApiError::from)?;
+        let kind = r.kind();
+        let key = r.key();
+        let stored = self.state.put(r, mode).await?;
+        tracing::info!(%kind, %key, version = stored.metadata().version, ?mode, "resource written");
+        Ok(Response::new(self.to_pb(&stored)))
+    }
+
+    fn to_pb(&self, r: &crate::model::Resource) -> pb::Resource {
+        match r {
+            // Identities carry their SPIFFE ID on the way out.
+            crate::model::Resource::Identity(o) => pb::Resource {
+                resource: Some(pb::resource::Resource::Identity(convert::identity_to_pb(
+                    o,
+                    self.state.trust_domain(),
+                ))),
+            },
+            r => convert::resource_to_pb(r),
+        }
+    }
+}
+
+fn token_info(r: &TokenRecord) -> pb::JoinTokenInfo {
+    pb::JoinTokenInfo {
+        id: r.id.clone(),
+        spiffe_id: r.spiffe_id.clone(),
+        created_unix: r.created_unix,
+        expires_unix: r.expires_unix,
+        reusable: r.reusable,
+        uses: r.uses,
+        revoked: r.revoked,
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create(&self, req: Request<pb::Resource>) -> Result<Response<pb::Resource>, Status> {
+        self.put(req.into_inner(), WriteMode::Create).await
+    }
+
+    async fn update(&self, req: Request<pb::Resource>) -> Result<Response<pb::Resource>, Status> {
+        self.put(req.into_inner(), WriteMode::Update).await
+    }
+
+    async fn apply(&self, req: Request<pb::Resource>) -> Result<Response<pb::Resource>, Status> {
+        self.put(req.into_inner(), WriteMode::Apply).await
+    }
+
+    async fn get(&self, req: Request<pb::ResourceRef>) -> Result<Response<pb::Resource>, Status> {
+        let r = req.into_inner();
+        let kind = convert::kind_from_pb("kind", r.kind).map_err(ApiError::from)?;
+        let found = self.state.get(kind, &r.namespace, &r.name).await?;
+        Ok(Response::new(self.to_pb(&found)))
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let r = req.into_inner();
+        let kind = convert::kind_from_pb("kind", r.kind).map_err(ApiError::from)?;
+        let items = self.state.list(kind, &r.namespace).await?;
+        Ok(Response::new(pb::ListResponse {
+            items: items.iter().map(|i| self.to_pb(i)).collect(),
+            store_version: self.state.revision(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::ResourceRef>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let r = req.into_inner();
+        let kind = convert::kind_from_pb("kind", r.kind).map_err(ApiError::from)?;
+        let namespace = if kind == Kind::TrustDomain {
+            String::new()
+        } else {
+            r.namespace
+        };
+        let version = self.state.delete(kind, &namespace, &r.name).await?;
+        tracing::info!(%kind, namespace, name = r.name, version, "resource deleted");
+        Ok(Response::new(pb::DeleteResponse { version }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let r = req.into_inner();
+        let (token, rec) = self
+            .state
+            .create_token(&r.namespace, &r.service_account, r.ttl_seconds, r.reusable)
+            .await?;
+        tracing::info!(id = %rec.id, spiffe_id = %rec.spiffe_id, "join token created");
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token,
+            info: Some(token_info(&rec)),
+        }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        req: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::JoinTokenInfo>, Status> {
+        let rec = self.state.revoke_token(&req.into_inner().id).await?;
+        tracing::info!(id = %rec.id, "join token revoked");
+        Ok(Response::new(token_info(&rec)))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        _req: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        let tokens = self.state.list_tokens().await?;
+        Ok(Response::new(pb::ListJoinTokensResponse {
+            tokens: tokens.iter().map(token_info).collect(),
+        }))
+    }
+
+    async fn revoke_identity(
+        &self,
+        req: Request<pb::RevokeIdentityRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        let r = req.into_inner();
+        let revoked = self
+            .state
+            .revoke_identity(&r.namespace, &r.service_account)
+            .await?;
+        tracing::warn!(
+            namespace = r.namespace,
+            service_account = r.service_account,
+            "identity revoked"
+        );
+        match self.to_pb(&revoked).resource {
+            Some(pb::resource::Resource::Identity(i)) => Ok(Response::new(i)),
+            _ => Err(Status::internal("revoked resource is not an identity")),
+        }
+    }
+
+    async fn list_proxies(
+        &self,
+        _req: Request<pb::ListProxiesRequest>,
+    ) -> Result<Response<pb::ListProxiesResponse>, Status> {
+        Ok(Response::new(pb::ListProxiesResponse {
+            proxies: self.state.proxies(),
+            store_version: self.state.revision(),
+        }))
+    }
+
+    async fn list_issued_certificates(
+        &self,
+        req: Request<pb::ListIssuedCertificatesRequest>,
+    ) -> Result<Response<pb::ListIssuedCertificatesResponse>, Status> {
+        let limit = match req.into_inner().limit {
+            0 => 100,
+            n if n > 10_000 => {
+                return Err(ApiError::from(FieldError::new(
+                    "limit",
+                    format!("must be at most 10000, got {n}"),
+                ))
+                .into());
+            }
+            n => n as usize,
+        };
+        let certs = self.state.list_issued(limit).await?;
+        Ok(Response::new(pb::ListIssuedCertificatesResponse {
+            certificates: certs
+                .into_iter()
+                .map(|a| pb::IssuedCertificate {
+                    serial_hex: a.serial_hex,
+                    spiffe_id: a.spiffe_id,
+                    issued_unix: a.issued_unix,
+                    not_after_unix: a.not_after_unix,
+                    credential: a.credential,
+                    root_fingerprint: a.root_fingerprint,
+                    peer_address: a.peer_address,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn ca_status(
+        &self,
+        _req: Request<pb::CaStatusRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
+        Ok(Response::new(self.state.ca_status()))
+    }
+
+    async fn rotate_root(
+        &self,
+        _req: Request<pb::RotateRootRequest>,
+    ) -> Result<Response<pb::CaStatusResponse>, Status> {
+        Ok(Response::new(self.state.rotate_root().await?))
+    }
+}

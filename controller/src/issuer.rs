@@ -1,0 +1,426 @@
+//! The mesh certificate authority: roots, the trust bundle, and signing of workload CSRs.
+//!
+//! Signing itself is `quicmesh_transport::identity::CertificateAuthority`; this module decides *what* may be
+//! signed and keeps the roots' lifecycle. A CSR contributes only its public key, and if it names a SPIFFE
+//! ID that ID must be the one the caller's credential grants. Roots rotate without an outage: the new root
+//! joins the bundle and signs from then on, the old root stays in the bundle until the last leaf it signed
+//! has expired, then leaves it. Root records are stored so a restart keeps the same bundle.
+
+use std::{net::IpAddr, time::Duration};
+
+use quicmesh_transport::identity::{CaError, CertificateAuthority, SpiffeId, inspect};
+use rcgen::{
+    CertificateParams, CertificateSigningRequestParams, DistinguishedName, ExtendedKeyUsagePurpose,
+    IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{auth, model::SYSTEM_NAMESPACE};
+
+/// Largest CSR accepted, bytes of PEM.
+pub const MAX_CSR_PEM: usize = 16 * 1024;
+/// Validity of a generated root.
+const ROOT_LIFETIME: time::Duration = time::Duration::days(3650);
+/// Leaves start this long before "now", for peers whose clocks run a little behind.
+pub const BACKDATE: time::Duration = time::Duration::seconds(30);
+
+/// Why a certificate could not be issued.
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// The CSR is malformed, too large or its signature does not verify.
+    #[error("{0}")]
+    Csr(String),
+    /// The CSR asks for an identity the credential does not grant.
+    #[error("CSR asks for {requested}, credential grants {granted}")]
+    Identity {
+        /// In the CSR.
+        requested: String,
+        /// By the credential.
+        granted: String,
+    },
+    /// The CA failed to load or sign.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// A root record could not be read.
+    #[error("root certificate: {0}")]
+    Root(String),
+}
+
+/// A root as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootRecord {
+    /// SHA-256 of the DER, hex; also the storage key.
+    pub fingerprint: String,
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// PKCS#8 key, PEM.
+    pub key_pem: String,
+    /// When it became a root of this mesh.
+    pub created_unix: i64,
+    /// End of the root's own validity.
+    pub not_after_unix: i64,
+    /// Whether it signs new leaves. Exactly one root is active.
+    pub active: bool,
+    /// Latest expiry of any leaf it signed.
+    pub max_leaf_not_after_unix: i64,
+}
+
+impl RootRecord {
+    /// Wraps a CA as a record.
+    pub fn from_ca(ca: &CertificateAuthority, now: OffsetDateTime) -> Result<Self, IssueError> {
+        let der =
+            inspect::first_cert_der(ca.cert_pem()).map_err(|e| IssueError::Root(e.to_string()))?;
+        let not_after = inspect::not_after_of_pem(ca.cert_pem())
+            .map_err(|e| IssueError::Root(e.to_string()))?;
+        Ok(Self {
+            fingerprint: auth::sha256_hex(&der),
+            cert_pem: ca.cert_pem().to_owned(),
+            key_pem: ca.key_pem().to_owned(),
+            created_unix: now.unix_timestamp(),
+            not_after_unix: not_after.unix_timestamp(),
+            active: true,
+            max_leaf_not_after_unix: 0,
+        })
+    }
+
+    /// Whether the root still belongs in the trust bundle at `now`: active, or some leaf it signed is valid.
+    pub fn in_bundle(&self, now: OffsetDateTime) -> bool {
+        self.active || self.max_leaf_not_after_unix >= now.unix_timestamp()
+    }
+}
+
+/// A signed leaf.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    /// Leaf certificate, PEM.
+    pub cert_pem: String,
+    /// Its identity.
+    pub spiffe_id: SpiffeId,
+    /// Validity start.
+    pub not_before: OffsetDateTime,
+    /// Validity end.
+    pub not_after: OffsetDateTime,
+    /// Serial, hex.
+    pub serial_hex: String,
+    /// Fingerprint of the signing root.
+    pub root_fingerprint: String,
+}
+
+/// The CA state in memory: the active root and every root still in the bundle.
+pub struct Issuer {
+    active: CertificateAuthority,
+    roots: Vec<RootRecord>,
+}
+
+impl std::fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issuer")
+            .field(
+                "roots",
+                &self
+                    .roots
+                    .iter()
+                    .map(|r| &r.fingerprint)
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Issuer {
+    /// Builds the issuer from stored roots (one must be active).
+    pub fn from_records(mut roots: Vec<RootRecord>) -> Result<Self, IssueError> {
+        roots.sort_by_key(|r| r.created_unix);
+        let active = roots
+            .iter()
+            .rev()
+            .find(|r| r.active)
+            .ok_or_else(|| IssueError::Root("no active root in the store".into()))?;
+        let ca = CertificateAuthority::from_pem(&active.cert_pem, &active.key_pem)?;
+        Ok(Self { active: ca, roots })
+    }
+
+    /// Generates a new root for `trust_domain`.
+    pub fn generate_root(
+        trust_domain: &str,
+        now: OffsetDateTime,
+    ) -> Result<RootRecord, IssueError> {
+        let ca = CertificateAuthority::generate(trust_domain, now + ROOT_LIFETIME)?;
+        RootRecord::from_ca(&ca, now)
+    }
+
+    /// Loads an operator-provided root from PEM.
+    pub fn load_root(
+        cert_pem: &str,
+        key_pem: &str,
+        now: OffsetDateTime,
+    ) -> Result<RootRecord, IssueError> {
+        let ca = CertificateAuthority::from_pem(cert_pem, key_pem)?;
+        RootRecord::from_ca(&ca, now)
+    }
+
+    /// Every root record (active and retiring).
+    pub fn roots(&self) -> &[RootRecord] {
+        &self.roots
+    }
+
+    /// The active root's record.
+    pub fn active_record(&self) -> Option<&RootRecord> {
+        self.roots.iter().rev().find(|r| r.active)
+    }
+
+    /// The trust bundle at `now`, PEMs, newest root first.
+    pub fn bundle(&self, now: OffsetDateTime) -> Vec<String> {
+        self.roots
+            .iter()
+            .rev()
+            .filter(|r| r.in_bundle(now))
+            .map(|r| r.cert_pem.clone())
+            .collect()
+    }
+
+    /// Makes `new` the active root; the previous ones stop signing. Returns every changed record.
+    pub fn rotate_to(&mut self, new: RootRecord) -> Result<Vec<RootRecord>, IssueError> {
+        let ca = CertificateAuthority::from_pem(&new.cert_pem, &new.key_pem)?;
+        let mut changed = Vec::new();
+        for r in &mut self.roots {
+            if r.active {
+                r.active = false;
+                changed.push(r.clone());
+            }
+        }
+        changed.push(new.clone());
+        self.roots.push(new);
+        self.active = ca;
+        Ok(changed)
+    }
+
+    /// Roots that left the bundle at `now`; they are dropped from memory and returned for deletion.
+    pub fn take_retired(&mut self, now: OffsetDateTime) -> Vec<RootRecord> {
+        let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.roots)
+            .into_iter()
+            .partition(|r| r.in_bundle(now));
+        self.roots = keep;
+        gone
+    }
+
+    /// Signs `csr_pem` for `granted` with the active root, valid from `now - BACKDATE` for `ttl`. Records the
+    /// leaf's expiry on the active root and returns the updated root record with the leaf.
+    pub fn sign(
+        &mut self,
+        csr_pem: &str,
+        granted: &SpiffeId,
+        now: OffsetDateTime,
+        ttl: Duration,
+    ) -> Result<(Signed, RootRecord), IssueError> {
+        check_csr(csr_pem, granted)?;
+        let not_before = now - BACKDATE;
+        let not_after = now + ttl;
+        let cert_pem = self
+            .active
+            .sign_csr(csr_pem, granted, not_before, not_after)
+            .map_err(|e| match e {
+                CaError::Csr(e) => IssueError::Csr(e.to_string()),
+                e => IssueError::Ca(e),
+            })?;
+        let info =
+            inspect::CertInfo::from_pem(&cert_pem).map_err(|e| IssueError::Root(e.to_string()))?;
+        let root = self
+            .roots
+            .iter_mut()
+            .rev()
+            .find(|r| r.active)
+            .ok_or_else(|| IssueError::Root("no active root".into()))?;
+        root.max_leaf_not_after_unix = root
+            .max_leaf_not_after_unix
+            .max(info.not_after.unix_timestamp());
+        Ok((
+            Signed {
+                cert_pem,
+                spiffe_id: granted.clone(),
+                not_before: info.not_before,
+                not_after: info.not_after,
+                serial_hex: info.serial_hex,
+                root_fingerprint: root.fingerprint.clone(),
+            },
+            root.clone(),
+        ))
+    }
+
+    /// Issues the controller's own TLS certificate with a fresh key: the controller's SPIFFE ID plus DNS and
+    /// IP names (`localhost`, loopback, and `extra_names`) so ordinary TLS clients verify it by host name.
+    /// Returns `(cert_pem, key_pem, not_after)`.
+    pub fn serving_cert(
+        &self,
+        trust_domain: &str,
+        extra_names: &[String],
+        now: OffsetDateTime,
+        lifetime: Duration,
+    ) -> Result<(String, String, OffsetDateTime), IssueError> {
+        let id = controller_id(trust_domain).map_err(|e| IssueError::Root(e.to_string()))?;
+        let root_key = KeyPair::from_pem(self.active.key_pem())
+            .map_err(|e| IssueError::Root(e.to_string()))?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(self.active.cert_pem(), root_key)
+            .map_err(|e| IssueError::Root(e.to_string()))?;
+        let key = KeyPair::generate().map_err(|e| IssueError::Root(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let mut sans =
+            vec![SanType::URI(id.as_str().try_into().map_err(
+                |e: rcgen::Error| IssueError::Root(e.to_string()),
+            )?)];
+        let mut names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        names.extend(extra_names.iter().cloned());
+        names.dedup();
+        for n in names {
+            if let Ok(ip) = n.parse::<IpAddr>() {
+                sans.push(SanType::IpAddress(ip));
+            } else if let Ok(dns) = n.as_str().try_into() {
+                sans.push(SanType::DnsName(dns));
+            }
+        }
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.not_before = now - BACKDATE;
+        let not_after = now + lifetime;
+        params.not_after = not_after;
+        let cert = params
+            .signed_by(&key, &issuer)
+            .map_err(|e| IssueError::Root(e.to_string()))?;
+        Ok((cert.pem(), key.serialize_pem(), not_after))
+    }
+}
+
+/// The controller's own identity in `trust_domain`.
+pub fn controller_id(
+    trust_domain: &str,
+) -> Result<SpiffeId, quicmesh_transport::identity::SpiffeIdError> {
+    SpiffeId::new(trust_domain, SYSTEM_NAMESPACE, "controller")
+}
+
+/// Parses and verifies a CSR; if it carries URI SANs, each must be `granted`.
+pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
+    if csr_pem.is_empty() {
+        return Err(IssueError::Csr("must not be empty".into()));
+    }
+    if csr_pem.len() > MAX_CSR_PEM {
+        return Err(IssueError::Csr(format!(
+            "{} bytes, larger than the limit of {MAX_CSR_PEM}",
+            csr_pem.len()
+        )));
+    }
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| IssueError::Csr(e.to_string()))?;
+    for san in &csr.params.subject_alt_names {
+        if let SanType::URI(uri) = san
+            && uri.as_str() != granted.as_str()
+        {
+            return Err(IssueError::Identity {
+                requested: uri.as_str().to_owned(),
+                granted: granted.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use quicmesh_transport::identity::ca::generate_csr;
+
+    use super::*;
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new("mesh.local", "shop", sa).expect("id")
+    }
+
+    #[test]
+    fn signs_only_the_granted_identity() {
+        let now = OffsetDateTime::now_utc();
+        let root = Issuer::generate_root("mesh.local", now).expect("root");
+        let mut issuer = Issuer::from_records(vec![root]).expect("issuer");
+        let (csr, _key) = generate_csr(&id("cart")).expect("csr");
+        let (signed, root) = issuer
+            .sign(&csr, &id("cart"), now, Duration::from_secs(60))
+            .expect("sign");
+        assert_eq!(signed.spiffe_id, id("cart"));
+        assert_eq!(
+            root.max_leaf_not_after_unix,
+            signed.not_after.unix_timestamp()
+        );
+        assert_eq!(
+            signed.not_after.unix_timestamp(),
+            (now + time::Duration::seconds(60)).unix_timestamp()
+        );
+        let err = issuer
+            .sign(&csr, &id("admin"), now, Duration::from_secs(60))
+            .expect_err("other identity");
+        assert!(matches!(err, IssueError::Identity { .. }), "{err}");
+        assert!(matches!(
+            check_csr("garbage", &id("cart")),
+            Err(IssueError::Csr(_))
+        ));
+        assert!(matches!(
+            check_csr(&"x".repeat(MAX_CSR_PEM + 1), &id("cart")),
+            Err(IssueError::Csr(_))
+        ));
+    }
+
+    #[test]
+    fn rotation_keeps_old_root_until_its_leaves_expire() {
+        let now = OffsetDateTime::now_utc();
+        let first = Issuer::generate_root("mesh.local", now).expect("root");
+        let mut issuer = Issuer::from_records(vec![first.clone()]).expect("issuer");
+        let (csr, _) = generate_csr(&id("cart")).expect("csr");
+        issuer
+            .sign(&csr, &id("cart"), now, Duration::from_secs(10))
+            .expect("sign");
+        let second = Issuer::generate_root("mesh.local", now).expect("root2");
+        let changed = issuer.rotate_to(second.clone()).expect("rotate");
+        assert_eq!(changed.len(), 2);
+        assert_eq!(
+            issuer.bundle(now),
+            vec![second.cert_pem.clone(), first.cert_pem.clone()]
+        );
+        let (signed, _) = issuer
+            .sign(&csr, &id("cart"), now, Duration::from_secs(10))
+            .expect("sign");
+        assert_eq!(signed.root_fingerprint, second.fingerprint);
+        assert!(issuer.take_retired(now).is_empty());
+        let later = now + time::Duration::seconds(11);
+        let gone = issuer.take_retired(later);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].fingerprint, first.fingerprint);
+        assert_eq!(issuer.bundle(later), vec![second.cert_pem]);
+    }
+
+    #[test]
+    fn serving_cert_names_controller() {
+        let now = OffsetDateTime::now_utc();
+        let issuer = Issuer::from_records(vec![
+            Issuer::generate_root("mesh.local", now).expect("root"),
+        ])
+        .expect("i");
+        let (cert, _key, _) = issuer
+            .serving_cert(
+                "mesh.local",
+                &["ctl.example".into()],
+                now,
+                Duration::from_secs(60),
+            )
+            .expect("serving");
+        let info = inspect::CertInfo::from_pem(&cert).expect("info");
+        assert_eq!(
+            info.spiffe_id.as_str(),
+            "spiffe://mesh.local/ns/quicmesh-system/sa/controller"
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! Running the controller: open the state, bind, announce readiness, serve until told to stop.
+//!
+//! The listener is bound before anything is announced, so a bad address fails start-up. Readiness is one
+//! JSON line on stdout (`{"event":"ready","grpc":"127.0.0.1:PORT",...}`) that scripts and tests read
+//! instead of sleeping; the admin token of a new mesh appears in it once and never again.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use quicmesh_proto::controller::{admin_server::AdminServer, proxy_api_server::ProxyApiServer};
+use tokio::net::TcpListener;
+
+use crate::{
+    api::{
+        admin::{self, AdminAuth, AdminService},
+        proxy::{self, ProxyService},
+    },
+    state::{StartError, State, StateOptions},
+    tls,
+};
+
+/// Deadline of one unary request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the controller stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Start-up failed.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// Binding the listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// Reflection service setup failed.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// A started controller, bound and ready to serve.
+#[derive(Debug)]
+pub struct Controller {
+    state: Arc<State>,
+    listener: TcpListener,
+    addr: SocketAddr,
+    admin_token: Option<String>,
+}
+
+impl Controller {
+    /// Opens the state and binds the listener.
+    pub async fn bind(opts: StateOptions, listen: SocketAddr) -> Result<Self, ServeError> {
+        let (state, admin_token) = tokio::task::spawn_blocking(move || State::open(opts))
+            .await
+            .map_err(|e| StartError::Config(format!("start-up task: {e}")))??;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
+        Ok(Self {
+            state,
+            listener,
+            addr,
+            admin_token,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The admin token, on first start only.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
+    }
+
+    /// The shared state.
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// The readiness line.
+    pub fn ready_line(&self) -> String {
+        serde_json::json!({
+            "event": "ready",
+            "grpc": self.addr.to_string(),
+            "trust_domain": self.state.trust_domain(),
+            "trust_bundle": self.state.bundle_path(),
+            "leaf_ttl_seconds": self.state.leaf_ttl().as_secs(),
+            "store_version": self.state.revision(),
+            "admin_token": self.admin_token,
+        })
+        .to_string()
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let state = self.state.clone();
+        let ticker = tokio::spawn(tick_loop(state.clone()));
+
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<ProxyApiServer<ProxyService>>()
+            .await;
+        health_reporter
+            .set_serving::<AdminServer<AdminService>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(quicmesh_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Reflection(e.to_string()))?;
+        let proxy_svc = ProxyApiServer::new(ProxyService::new(state.clone()))
+            .max_decoding_message_size(proxy::MAX_REQUEST);
+        let admin_svc = tonic::service::interceptor::InterceptedService::new(
+            AdminServer::new(AdminService::new(state.clone()))
+                .max_decoding_message_size(admin::MAX_REQUEST),
+            AdminAuth::new(state.admin_sha256()),
+        );
+
+        let result = tonic::transport::Server::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(Some(1024))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(proxy_svc)
+            .add_service(admin_svc)
+            .serve_with_incoming_shutdown(tls::incoming(self.listener, state), shutdown)
+            .await;
+        ticker.abort();
+        Ok(result?)
+    }
+}
+
+async fn tick_loop(state: Arc<State>) {
+    loop {
+        let every = (state.leaf_ttl() / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        tokio::time::sleep(every).await;
+        if let Err(e) = state.tick().await {
+            tracing::warn!(error = %e, "periodic CA maintenance failed");
+        }
+    }
+}
