@@ -248,7 +248,8 @@ impl Issuer {
         ))
     }
 
-    /// Issues the controller's own TLS certificate with a fresh key: the controller's SPIFFE ID plus DNS and
+    /// Issues the controller's own TLS certificate with a fresh key, signed by the oldest root in the
+    /// bundle: the controller's SPIFFE ID plus DNS and
     /// IP names (`localhost`, loopback, and `extra_names`) so ordinary TLS clients verify it by host name.
     /// Returns `(cert_pem, key_pem, not_after)`.
     pub fn serving_cert(
@@ -259,9 +260,16 @@ impl Issuer {
         lifetime: Duration,
     ) -> Result<(String, String, OffsetDateTime), IssueError> {
         let id = controller_id(trust_domain).map_err(|e| IssueError::Root(e.to_string()))?;
-        let root_key = KeyPair::from_pem(self.active.key_pem())
-            .map_err(|e| IssueError::Root(e.to_string()))?;
-        let issuer = rcgen::Issuer::from_ca_cert_pem(self.active.cert_pem(), root_key)
+        // Signed by the oldest root still in the bundle: during a rotation every client trusts it, even one
+        // that has not yet learnt the new root.
+        let (root_cert, root_key) = self
+            .roots
+            .iter()
+            .find(|r| r.in_bundle(now))
+            .map(|r| (r.cert_pem.as_str(), r.key_pem.as_str()))
+            .unwrap_or((self.active.cert_pem(), self.active.key_pem()));
+        let root_key = KeyPair::from_pem(root_key).map_err(|e| IssueError::Root(e.to_string()))?;
+        let issuer = rcgen::Issuer::from_ca_cert_pem(root_cert, root_key)
             .map_err(|e| IssueError::Root(e.to_string()))?;
         let key = KeyPair::generate().map_err(|e| IssueError::Root(e.to_string()))?;
         let mut params = CertificateParams::default();
