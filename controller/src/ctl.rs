@@ -1,8 +1,940 @@
-//! placeholder
-/// x
+//! `quicmesh ctl`: the operator's command line for the admin API.
+//!
+//! kubectl habits: `apply -f` takes a YAML stream of resources, `get`/`delete` take a kind and a name,
+//! output is a table unless `-o json|yaml` asks for something scripts can read (`get -o yaml` prints
+//! documents that `apply -f` accepts again). Errors say which document or field failed and why.
+
+use std::{path::PathBuf, time::Duration};
+
+use quicmesh_proto::controller as pb;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::{
+    api::convert,
+    client::{self, Admin, ClientError},
+    config::parse_duration,
+    model::{self, Kind, Resource},
+};
+
+/// Flags of `quicmesh ctl`.
 #[derive(Debug, Clone, clap::Args)]
-pub struct CtlArgs {}
-/// x
-pub async fn run_ctl(_a: CtlArgs) -> Result<(), String> {
+pub struct CtlArgs {
+    /// Controller address, host:port.
+    #[arg(
+        long,
+        env = "QUICMESH_CONTROLLER",
+        default_value = "127.0.0.1:7443",
+        global = true
+    )]
+    pub controller: String,
+    /// Admin token (printed once by the controller's first start).
+    #[arg(
+        long,
+        env = "QUICMESH_ADMIN_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
+    /// Trust bundle PEM to verify the controller with (the controller writes it to its data directory).
+    #[arg(
+        long,
+        env = "QUICMESH_CA",
+        default_value = "quicmesh-data/trust-bundle.pem",
+        global = true
+    )]
+    pub ca: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
+    pub output: Output,
+    /// Deadline of each call, e.g. 10s.
+    #[arg(long, value_parser = parse_duration, default_value = "10s", global = true)]
+    pub timeout: Duration,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+    /// YAML for scripts (and `apply -f`).
+    Yaml,
+}
+
+/// `quicmesh ctl` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum CtlCommand {
+    /// Creates or updates every resource in a YAML file (documents separated by `---`; `-` = stdin).
+    Apply {
+        /// The file.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Lists resources of a kind, or shows one.
+    Get {
+        /// services, endpoints, policies, identities, trustdomain.
+        kind: String,
+        /// One resource by name.
+        name: Option<String>,
+        /// Namespace (default: all for lists).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
+    /// Deletes a resource.
+    Delete {
+        /// services, endpoints, policies, identities.
+        kind: String,
+        /// Name.
+        name: String,
+        /// Namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Join tokens.
+    Tokens {
+        /// create, revoke or list.
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// Revokes an identity: no more certificates; peers refuse it once they get the next snapshot.
+    RevokeIdentity {
+        /// Namespace.
+        namespace: String,
+        /// Service account.
+        service_account: String,
+    },
+    /// Proxies connected to the controller.
+    Proxies,
+    /// The CA and the newest issued certificates.
+    Certs {
+        /// How many issued certificates to show.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Starts a root rotation.
+    RotateRoot,
+    /// Checks the controller is reachable, its CA valid, clocks agree and proxies are up to date.
+    Check,
+}
+
+/// `quicmesh ctl tokens` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TokensCommand {
+    /// Creates a join token for namespace/service-account; prints the secret once.
+    Create {
+        /// Namespace.
+        namespace: String,
+        /// Service account.
+        service_account: String,
+        /// Lifetime, e.g. 1h (default), 10m.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// Usable until it expires instead of once.
+        #[arg(long)]
+        reusable: bool,
+    },
+    /// Revokes a token by id.
+    Revoke {
+        /// The id (the 12 hex digits after `qmt_`).
+        id: String,
+    },
+    /// Lists tokens (ids and state, never secrets).
+    List,
+}
+
+/// Why a `ctl` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// Bad command-line input or file.
+    #[error("{0}")]
+    Usage(String),
+    /// Could not connect.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The controller refused or failed.
+    #[error("{context}: {code:?}: {message}")]
+    Rpc {
+        /// What was being done.
+        context: String,
+        /// gRPC code.
+        code: tonic::Code,
+        /// The controller's message.
+        message: String,
+    },
+    /// `check` found problems.
+    #[error("{0} check(s) failed")]
+    CheckFailed(usize),
+}
+
+fn rpc(context: impl Into<String>) -> impl FnOnce(tonic::Status) -> CtlError {
+    let context = context.into();
+    move |s| CtlError::Rpc {
+        context,
+        code: s.code(),
+        message: s.message().to_owned(),
+    }
+}
+
+async fn connect(args: &CtlArgs) -> Result<Admin, CtlError> {
+    let token = args.token.clone().ok_or_else(|| {
+        CtlError::Usage("no admin token: pass --token or set QUICMESH_ADMIN_TOKEN".into())
+    })?;
+    let bundle = std::fs::read_to_string(&args.ca)
+        .map_err(|e| CtlError::Usage(format!("--ca {}: {e}", args.ca.display())))?;
+    let channel = client::connect(&args.controller, &[bundle], None, Some(args.timeout)).await?;
+    Ok(client::admin(channel, &token)?)
+}
+
+/// Runs one `quicmesh ctl` command, printing its result on stdout.
+pub async fn run_ctl(args: CtlArgs) -> Result<(), CtlError> {
+    let out = args.output;
+    match &args.command {
+        CtlCommand::Apply { file } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| CtlError::Usage(format!("stdin: {e}")))?
+            } else {
+                std::fs::read_to_string(file)
+                    .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?
+            };
+            let docs = model::parse_yaml_documents(&text)
+                .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
+            if docs.is_empty() {
+                return Err(CtlError::Usage(format!("{}: no resources", file.display())));
+            }
+            let mut admin = connect(&args).await?;
+            let mut applied = Vec::new();
+            for (i, r) in docs.into_iter().enumerate() {
+                let label = format!("document {} ({} {})", i + 1, r.kind(), r.key());
+                let stored = admin
+                    .apply(convert::resource_to_pb(&r))
+                    .await
+                    .map_err(rpc(label))?
+                    .into_inner();
+                let stored = convert::resource_from_pb(stored)
+                    .map_err(|e| CtlError::Usage(format!("controller answer: {e}")))?;
+                if out == Output::Table {
+                    println!(
+                        "{}/{} applied (version {})",
+                        stored.kind().as_str().to_lowercase(),
+                        stored.key(),
+                        stored.metadata().version
+                    );
+                }
+                applied.push(stored);
+            }
+            if out != Output::Table {
+                print_resources(out, &applied)?;
+            }
+        }
+        CtlCommand::Get {
+            kind,
+            name,
+            namespace,
+        } => {
+            let kind = parse_kind(kind)?;
+            let mut admin = connect(&args).await?;
+            let items = match name {
+                Some(name) => {
+                    let ns = if kind.namespaced() {
+                        namespace.clone().unwrap_or_else(|| "default".into())
+                    } else {
+                        String::new()
+                    };
+                    vec![
+                        admin
+                            .get(pb::ResourceRef {
+                                kind: convert::kind_to_pb(kind) as i32,
+                                namespace: ns,
+                                name: name.clone(),
+                            })
+                            .await
+                            .map_err(rpc(format!("get {kind} {name}")))?
+                            .into_inner(),
+                    ]
+                }
+                None => {
+                    admin
+                        .list(pb::ListRequest {
+                            kind: convert::kind_to_pb(kind) as i32,
+                            namespace: namespace.clone().unwrap_or_default(),
+                        })
+                        .await
+                        .map_err(rpc(format!("list {kind}")))?
+                        .into_inner()
+                        .items
+                }
+            };
+            let identities: Vec<String> = items
+                .iter()
+                .map(|i| match &i.resource {
+                    Some(pb::resource::Resource::Identity(x)) => x.spiffe_id.clone(),
+                    _ => String::new(),
+                })
+                .collect();
+            let resources = items
+                .into_iter()
+                .map(convert::resource_from_pb)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CtlError::Usage(format!("controller answer: {e}")))?;
+            if out == Output::Table {
+                print_resource_table(kind, &resources, &identities);
+            } else {
+                print_resources(out, &resources)?;
+            }
+        }
+        CtlCommand::Delete {
+            kind,
+            name,
+            namespace,
+        } => {
+            let kind = parse_kind(kind)?;
+            let mut admin = connect(&args).await?;
+            let resp = admin
+                .delete(pb::ResourceRef {
+                    kind: convert::kind_to_pb(kind) as i32,
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                })
+                .await
+                .map_err(rpc(format!("delete {kind} {namespace}/{name}")))?
+                .into_inner();
+            emit(
+                out,
+                &serde_json::json!({"deleted": format!("{kind} {namespace}/{name}"), "version": resp.version}),
+                || {
+                    println!(
+                        "{}/{namespace}/{name} deleted (version {})",
+                        kind.as_str().to_lowercase(),
+                        resp.version
+                    )
+                },
+            )?;
+        }
+        CtlCommand::Tokens { command } => tokens(&args, command).await?,
+        CtlCommand::RevokeIdentity {
+            namespace,
+            service_account,
+        } => {
+            let mut admin = connect(&args).await?;
+            let id = admin
+                .revoke_identity(pb::RevokeIdentityRequest {
+                    namespace: namespace.clone(),
+                    service_account: service_account.clone(),
+                })
+                .await
+                .map_err(rpc("revoke identity"))?
+                .into_inner();
+            emit(out, &serde_json::json!({"revoked": id.spiffe_id}), || {
+                println!("{} revoked", id.spiffe_id)
+            })?;
+        }
+        CtlCommand::Proxies => {
+            let mut admin = connect(&args).await?;
+            let resp = admin
+                .list_proxies(pb::ListProxiesRequest {})
+                .await
+                .map_err(rpc("list proxies"))?
+                .into_inner();
+            let rows: Vec<ProxyRow> = resp
+                .proxies
+                .iter()
+                .map(|p| ProxyRow {
+                    name: p.proxy_name.clone(),
+                    spiffe_id: p.spiffe_id.clone(),
+                    address: p.peer_address.clone(),
+                    config_version: p.config_version,
+                    connected: fmt_time(p.connected_unix),
+                    cert_expires: fmt_time(p.cert_not_after_unix),
+                })
+                .collect();
+            emit(out, &rows, || {
+                print_table(
+                    &[
+                        "NAME",
+                        "IDENTITY",
+                        "ADDRESS",
+                        "CONFIG",
+                        "CONNECTED",
+                        "CERT EXPIRES",
+                    ],
+                    rows.iter()
+                        .map(|r| {
+                            vec![
+                                r.name.clone(),
+                                r.spiffe_id.clone(),
+                                r.address.clone(),
+                                r.config_version.to_string(),
+                                r.connected.clone(),
+                                r.cert_expires.clone(),
+                            ]
+                        })
+                        .collect(),
+                )
+            })?;
+        }
+        CtlCommand::Certs { limit } => {
+            let mut admin = connect(&args).await?;
+            let ca = admin
+                .ca_status(pb::CaStatusRequest {})
+                .await
+                .map_err(rpc("CA status"))?
+                .into_inner();
+            let certs = admin
+                .list_issued_certificates(pb::ListIssuedCertificatesRequest { limit: *limit })
+                .await
+                .map_err(rpc("issued certificates"))?
+                .into_inner()
+                .certificates;
+            let view = CertsView {
+                trust_domain: ca.trust_domain.clone(),
+                leaf_ttl_seconds: ca.leaf_ttl_seconds,
+                roots: ca.roots.iter().map(RootRow::from).collect(),
+                issued: certs.iter().map(IssuedRow::from).collect(),
+            };
+            emit(out, &view, || {
+                println!(
+                    "trust domain {}, leaf lifetime {}s",
+                    view.trust_domain, view.leaf_ttl_seconds
+                );
+                print_table(
+                    &["ROOT", "ACTIVE", "EXPIRES", "LEAVES BUNDLE AFTER"],
+                    view.roots
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.fingerprint.get(..16).unwrap_or(&r.fingerprint).to_owned(),
+                                r.active.to_string(),
+                                r.not_after.clone(),
+                                r.retire_after.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+                println!();
+                print_table(
+                    &["SERIAL", "IDENTITY", "ISSUED", "EXPIRES", "CREDENTIAL"],
+                    view.issued
+                        .iter()
+                        .map(|c| {
+                            vec![
+                                c.serial.get(..16).unwrap_or(&c.serial).to_owned(),
+                                c.spiffe_id.clone(),
+                                c.issued.clone(),
+                                c.expires.clone(),
+                                c.credential.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            })?;
+        }
+        CtlCommand::RotateRoot => {
+            let mut admin = connect(&args).await?;
+            let ca = admin
+                .rotate_root(pb::RotateRootRequest {})
+                .await
+                .map_err(rpc("rotate root"))?
+                .into_inner();
+            let roots: Vec<RootRow> = ca.roots.iter().map(RootRow::from).collect();
+            emit(out, &roots, || {
+                println!(
+                    "rotation started: the new root signs from now on; the old one stays trusted until its leaves expire"
+                );
+                for r in &roots {
+                    println!(
+                        "  {} active={} leaves bundle after {}",
+                        r.fingerprint, r.active, r.retire_after
+                    );
+                }
+            })?;
+        }
+        CtlCommand::Check => check(&args).await?,
+    }
     Ok(())
+}
+
+fn parse_kind(s: &str) -> Result<Kind, CtlError> {
+    Kind::parse_cli(s).ok_or_else(|| {
+        CtlError::Usage(format!(
+            "unknown kind {s:?}: use services, endpoints, policies, identities or trustdomain"
+        ))
+    })
+}
+
+async fn tokens(args: &CtlArgs, command: &TokensCommand) -> Result<(), CtlError> {
+    let out = args.output;
+    let mut admin = connect(args).await?;
+    match command {
+        TokensCommand::Create {
+            namespace,
+            service_account,
+            ttl,
+            reusable,
+        } => {
+            let resp = admin
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    namespace: namespace.clone(),
+                    service_account: service_account.clone(),
+                    ttl_seconds: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
+                    reusable: *reusable,
+                })
+                .await
+                .map_err(rpc("create join token"))?
+                .into_inner();
+            let info = resp.info.unwrap_or_default();
+            let row = TokenRow::from(&info);
+            emit(
+                out,
+                &serde_json::json!({"token": resp.token, "info": row}),
+                || {
+                    println!("{}", resp.token);
+                    eprintln!(
+                        "join token {} for {} (expires {}, {}); shown only now",
+                        row.id,
+                        row.spiffe_id,
+                        row.expires,
+                        if row.reusable {
+                            "reusable"
+                        } else {
+                            "single use"
+                        }
+                    );
+                },
+            )
+        }
+        TokensCommand::Revoke { id } => {
+            let info = admin
+                .revoke_join_token(pb::RevokeJoinTokenRequest { id: id.clone() })
+                .await
+                .map_err(rpc(format!("revoke join token {id}")))?
+                .into_inner();
+            let row = TokenRow::from(&info);
+            emit(out, &row, || println!("join token {} revoked", row.id))
+        }
+        TokensCommand::List => {
+            let rows: Vec<TokenRow> = admin
+                .list_join_tokens(pb::ListJoinTokensRequest {})
+                .await
+                .map_err(rpc("list join tokens"))?
+                .into_inner()
+                .tokens
+                .iter()
+                .map(TokenRow::from)
+                .collect();
+            emit(out, &rows, || {
+                print_table(
+                    &["ID", "IDENTITY", "EXPIRES", "REUSABLE", "USES", "REVOKED"],
+                    rows.iter()
+                        .map(|r| {
+                            vec![
+                                r.id.clone(),
+                                r.spiffe_id.clone(),
+                                r.expires.clone(),
+                                r.reusable.to_string(),
+                                r.uses.to_string(),
+                                r.revoked.to_string(),
+                            ]
+                        })
+                        .collect(),
+                )
+            })
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct CheckRow {
+    check: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+async fn check(args: &CtlArgs) -> Result<(), CtlError> {
+    let mut rows = Vec::new();
+    let mut push = |check, ok, detail: String| rows.push(CheckRow { check, ok, detail });
+    match connect(args).await {
+        Err(e) => push("controller reachable", false, e.to_string()),
+        Ok(mut admin) => {
+            push("controller reachable", true, args.controller.clone());
+            match admin.ca_status(pb::CaStatusRequest {}).await {
+                Err(s) => push(
+                    "admin token accepted",
+                    false,
+                    format!("{:?}: {}", s.code(), s.message()),
+                ),
+                Ok(ca) => {
+                    let ca = ca.into_inner();
+                    push("admin token accepted", true, String::new());
+                    let now = OffsetDateTime::now_utc().unix_timestamp();
+                    let skew = (ca.server_time_unix - now).abs();
+                    push(
+                        "clock sane",
+                        skew <= 5,
+                        format!("controller clock differs from ours by {skew}s"),
+                    );
+                    match ca.roots.iter().find(|r| r.active) {
+                        None => push("CA valid", false, "no active root".into()),
+                        Some(r) => {
+                            let days = (r.not_after_unix - now) / 86400;
+                            push(
+                                "CA valid",
+                                days > 30,
+                                format!(
+                                    "active root {} expires in {days} days",
+                                    r.fingerprint.get(..16).unwrap_or("")
+                                ),
+                            );
+                        }
+                    }
+                    match admin.list_proxies(pb::ListProxiesRequest {}).await {
+                        Err(s) => push("proxies connected", false, s.message().to_owned()),
+                        Ok(p) => {
+                            let p = p.into_inner();
+                            let expired = p
+                                .proxies
+                                .iter()
+                                .filter(|x| x.cert_not_after_unix < now)
+                                .count();
+                            push(
+                                "proxies connected",
+                                expired == 0,
+                                format!(
+                                    "{} connected, {expired} with an expired certificate",
+                                    p.proxies.len()
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let failed = rows.iter().filter(|r| !r.ok).count();
+    emit(args.output, &rows, || {
+        for r in &rows {
+            println!(
+                "[{}] {}{}",
+                if r.ok { " ok " } else { "FAIL" },
+                r.check,
+                if r.detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.detail)
+                }
+            );
+        }
+    })?;
+    if failed > 0 {
+        return Err(CtlError::CheckFailed(failed));
+    }
+    Ok(())
+}
+
+// ----- output -----
+
+fn emit<T: Serialize>(out: Output, value: &T, table: impl FnOnce()) -> Result<(), CtlError> {
+    match out {
+        Output::Table => table(),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(value).map_err(|e| CtlError::Usage(e.to_string()))?
+        ),
+        Output::Yaml => print!(
+            "{}",
+            serde_yaml_ng::to_string(value).map_err(|e| CtlError::Usage(e.to_string()))?
+        ),
+    }
+    Ok(())
+}
+
+fn print_resources(out: Output, rs: &[Resource]) -> Result<(), CtlError> {
+    match out {
+        Output::Yaml => {
+            // One document per resource, so the output can be applied again.
+            for (i, r) in rs.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!(
+                    "{}",
+                    serde_yaml_ng::to_string(r).map_err(|e| CtlError::Usage(e.to_string()))?
+                );
+            }
+            Ok(())
+        }
+        _ => emit(out, &rs, || {}),
+    }
+}
+
+fn print_resource_table(kind: Kind, rs: &[Resource], identities: &[String]) {
+    let (headers, rows): (&[&str], Vec<Vec<String>>) = match kind {
+        Kind::TrustDomain => (
+            &["NAME", "TRUST DOMAIN", "LEAF TTL", "VERSION"],
+            rs.iter()
+                .filter_map(|r| match r {
+                    Resource::TrustDomain(o) => Some(vec![
+                        o.metadata.name.clone(),
+                        o.spec.trust_domain.clone(),
+                        format!("{}s", o.spec.leaf_ttl_seconds),
+                        o.metadata.version.to_string(),
+                    ]),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Kind::Identity => (
+            &["NAMESPACE", "NAME", "SPIFFE ID", "REVOKED", "VERSION"],
+            rs.iter()
+                .zip(identities)
+                .filter_map(|(r, id)| match r {
+                    Resource::Identity(o) => Some(vec![
+                        o.metadata.namespace.clone(),
+                        o.metadata.name.clone(),
+                        id.clone(),
+                        o.spec.revoked.to_string(),
+                        o.metadata.version.to_string(),
+                    ]),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Kind::Service => (
+            &["NAMESPACE", "NAME", "PORTS", "VERSIONS", "VERSION"],
+            rs.iter()
+                .filter_map(|r| match r {
+                    Resource::Service(o) => Some(vec![
+                        o.metadata.namespace.clone(),
+                        o.metadata.name.clone(),
+                        o.spec
+                            .ports
+                            .iter()
+                            .map(|p| format!("{}/{:?}", p.port, p.protocol).to_lowercase())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        o.spec.versions.join(","),
+                        o.metadata.version.to_string(),
+                    ]),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Kind::Endpoint => (
+            &[
+                "NAMESPACE",
+                "NAME",
+                "SERVICE",
+                "ADDRESS",
+                "IDENTITY",
+                "VERSION",
+            ],
+            rs.iter()
+                .filter_map(|r| match r {
+                    Resource::Endpoint(o) => Some(vec![
+                        o.metadata.namespace.clone(),
+                        o.metadata.name.clone(),
+                        o.spec.service.clone(),
+                        o.spec.address.clone(),
+                        o.spec.spiffe_id.clone(),
+                        o.metadata.version.to_string(),
+                    ]),
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Kind::Policy => (
+            &["NAMESPACE", "NAME", "TARGET", "KIND", "VERSION"],
+            rs.iter()
+                .filter_map(|r| match r {
+                    Resource::Policy(o) => Some(vec![
+                        o.metadata.namespace.clone(),
+                        o.metadata.name.clone(),
+                        o.spec.target_service.clone(),
+                        if o.spec.authorization.is_some() {
+                            "authorization"
+                        } else if o.spec.rate_limit.is_some() {
+                            "rate_limit"
+                        } else if o.spec.timeouts.is_some() {
+                            "timeouts"
+                        } else {
+                            "traffic_split"
+                        }
+                        .to_owned(),
+                        o.metadata.version.to_string(),
+                    ]),
+                    _ => None,
+                })
+                .collect(),
+        ),
+    };
+    print_table(headers, rows);
+}
+
+/// Prints aligned columns separated by two spaces.
+pub fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    print!("{}", render_table(headers, &rows));
+}
+
+/// Renders aligned columns separated by two spaces (last column unpadded).
+pub fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let n = cells.len();
+        for (i, c) in cells.into_iter().enumerate() {
+            out.push_str(c);
+            if i + 1 < n {
+                let pad = widths
+                    .get(i)
+                    .copied()
+                    .unwrap_or(0)
+                    .saturating_sub(c.chars().count())
+                    + 2;
+                out.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push('\n');
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn fmt_time(unix: i64) -> String {
+    if unix == 0 {
+        return "-".into();
+    }
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| unix.to_string())
+}
+
+#[derive(Debug, Serialize)]
+struct ProxyRow {
+    name: String,
+    spiffe_id: String,
+    address: String,
+    config_version: u64,
+    connected: String,
+    cert_expires: String,
+}
+
+#[derive(Debug, Serialize)]
+struct TokenRow {
+    id: String,
+    spiffe_id: String,
+    created: String,
+    expires: String,
+    reusable: bool,
+    uses: u32,
+    revoked: bool,
+}
+
+impl From<&pb::JoinTokenInfo> for TokenRow {
+    fn from(i: &pb::JoinTokenInfo) -> Self {
+        Self {
+            id: i.id.clone(),
+            spiffe_id: i.spiffe_id.clone(),
+            created: fmt_time(i.created_unix),
+            expires: fmt_time(i.expires_unix),
+            reusable: i.reusable,
+            uses: i.uses,
+            revoked: i.revoked,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct RootRow {
+    fingerprint: String,
+    active: bool,
+    not_after: String,
+    retire_after: String,
+}
+
+impl From<&pb::RootInfo> for RootRow {
+    fn from(r: &pb::RootInfo) -> Self {
+        Self {
+            fingerprint: r.fingerprint.clone(),
+            active: r.active,
+            not_after: fmt_time(r.not_after_unix),
+            retire_after: fmt_time(r.retire_after_unix),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct IssuedRow {
+    serial: String,
+    spiffe_id: String,
+    issued: String,
+    expires: String,
+    credential: String,
+    root: String,
+}
+
+impl From<&pb::IssuedCertificate> for IssuedRow {
+    fn from(c: &pb::IssuedCertificate) -> Self {
+        Self {
+            serial: c.serial_hex.clone(),
+            spiffe_id: c.spiffe_id.clone(),
+            issued: fmt_time(c.issued_unix),
+            expires: fmt_time(c.not_after_unix),
+            credential: c.credential.clone(),
+            root: c.root_fingerprint.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct CertsView {
+    trust_domain: String,
+    leaf_ttl_seconds: u64,
+    roots: Vec<RootRow>,
+    issued: Vec<IssuedRow>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = render_table(
+            &["NAME", "PORTS"],
+            &[
+                vec!["cart".into(), "80/http".into()],
+                vec!["checkout-api".into(), "9090/grpc".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "NAME          PORTS\ncart          80/http\ncheckout-api  9090/grpc\n"
+        );
+    }
+
+    #[test]
+    fn kinds_from_the_command_line() {
+        assert_eq!(parse_kind("svc").ok(), Some(Kind::Service));
+        assert_eq!(parse_kind("Policies").ok(), Some(Kind::Policy));
+        assert!(parse_kind("gadgets").is_err());
+    }
 }

@@ -53,8 +53,9 @@ fn meta_from_pb(field: &str, m: Option<pb::Metadata>) -> Result<Metadata, FieldE
         name: m.name,
         namespace: m.namespace,
         version: m.version,
-        created_unix: 0,
-        updated_unix: 0,
+        // Output-only on writes: the controller sets both.
+        created_unix: m.created_unix,
+        updated_unix: m.updated_unix,
     })
 }
 
