@@ -3,6 +3,10 @@
 //! Each subcommand lives in the crate that owns it; this file only parses arguments, sets up logging and
 //! the rustls crypto provider, and waits for the component to finish.
 
+mod ca;
+mod proxy;
+mod up;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -13,7 +17,19 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Run a sidecar proxy from a static configuration file.
+    Proxy(proxy::ProxyArgs),
+    /// A development certificate authority: create a root, issue workload certificates.
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
+    /// Run a whole mesh on loopback (CA, two sidecars, an echo service, a client) and report what flowed.
+    Up(up::UpArgs),
+    /// Run the control plane: identities, policies and certificates in sled, served over gRPC.
+    Controller(quicmesh_controller::ControllerArgs),
+    /// Operate the mesh through the controller's admin API.
+    Ctl(quicmesh_controller::CtlArgs),
+}
 
 fn init_tracing() {
     use tracing_subscriber::{EnvFilter, fmt};
@@ -24,5 +40,16 @@ fn init_tracing() {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
-    match cli.command {}
+    // One crypto provider for the whole process (see STACK.md): ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        match cli.command {
+            Command::Proxy(a) => proxy::run(a).await,
+            Command::Ca(c) => ca::run(c),
+            Command::Up(a) => up::run(a).await,
+            Command::Controller(a) => Ok(quicmesh_controller::run_controller(a).await?),
+            Command::Ctl(a) => Ok(quicmesh_controller::run_ctl(a).await?),
+        }
+    })
 }

@@ -1,3 +1,17 @@
-//! The quicmesh data plane.
+//! The quicmesh data plane: sidecar proxies that tunnel TCP over mutually authenticated QUIC.
+//!
+//! A byte's path: app → [`proxy::outbound`] (TCP listener) → [`proxy::pool`] (one QUIC connection per
+//! peer proxy) → a stream opened with a [`tunnel`] header → the peer's [`proxy::inbound`] → its app.
+//! Identity and trust live in [`identity`]; every QUIC setting in [`quic`].
 
+pub mod admin;
+pub mod config;
 pub mod identity;
+pub mod metrics;
+pub mod proxy;
+pub mod quic;
+pub mod retry;
+pub mod tunnel;
+
+pub use config::{ConfigError, ProxyConfig};
+pub use proxy::{Proxy, ProxyAddresses};

@@ -1,0 +1,41 @@
+//! `quicmesh proxy`: load the static configuration, bind, announce readiness, serve until SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use quicmesh_transport::{Proxy, ProxyConfig};
+
+#[derive(clap::Args)]
+pub struct ProxyArgs {
+    /// Static configuration file (TOML).
+    #[arg(long, short, env = "QUICMESH_CONFIG")]
+    config: PathBuf,
+}
+
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let cfg = ProxyConfig::load(&args.config)?;
+    let proxy = Proxy::bind(&cfg, &args.config).await?;
+    // One JSON line on stdout: tests and scripts wait for it instead of sleeping.
+    let mut ready = serde_json::to_value(proxy.addresses()).context("encoding addresses")?;
+    ready["event"] = "ready".into();
+    println!("{ready}");
+    proxy.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

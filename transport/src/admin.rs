@@ -1,0 +1,78 @@
+//! The admin HTTP endpoint: `/live`, `/ready` and `/metrics`, on loopback.
+//!
+//! `/ready` turns true only once every listener is bound and the identity is loaded, and false again
+//! as soon as a drain begins, so an orchestrator stops sending new work before the proxy stops taking it.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+struct AdminState {
+    registry: Registry,
+    ready: Arc<AtomicBool>,
+}
+
+/// The bound admin endpoint.
+pub struct Admin {
+    listener: TcpListener,
+    state: Arc<AdminState>,
+}
+
+impl Admin {
+    /// Binds the admin listener.
+    pub async fn bind(addr: SocketAddr, registry: Registry, ready: Arc<AtomicBool>) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: TcpListener::bind(addr).await?,
+            state: Arc::new(AdminState { registry, ready }),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the task is dropped.
+    pub async fn run(self) {
+        let app = Router::new()
+            .route("/live", get(|| async { "live\n" }))
+            .route("/ready", get(ready))
+            .route("/metrics", get(metrics))
+            .with_state(self.state);
+        if let Err(e) = axum::serve(self.listener, app).await {
+            tracing::error!(error = %e, "admin endpoint failed");
+        }
+    }
+}
+
+async fn ready(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    let mut body = String::with_capacity(16 * 1024);
+    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            format!("encoding metrics failed: {e}\n"),
+        ),
+    }
+}

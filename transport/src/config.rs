@@ -1,0 +1,369 @@
+//! The proxy's static configuration file (TOML).
+//!
+//! Static mode lets a proxy run with no controller: tests, the quick start, and operators who want to try
+//! the data plane alone. Unknown keys are errors, not warnings: a typo in `conect_timeout` must not
+//! silently leave the default in place. Every error names the file, the key and the problem.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+/// A configuration problem, located by file and key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {key}: {problem}", file.display())]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// Dotted path of the offending key (`outbound[0].listen`), or `-` for the file as a whole.
+    pub key: String,
+    /// What is wrong, in words.
+    pub problem: String,
+}
+
+impl ConfigError {
+    /// A problem with `key` in `file`.
+    pub fn new(file: &Path, key: impl Into<String>, problem: impl fmt::Display) -> Self {
+        Self {
+            file: file.to_owned(),
+            key: key.into(),
+            problem: problem.to_string(),
+        }
+    }
+}
+
+/// The whole proxy configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// The workload identity this proxy presents and the CAs it trusts.
+    pub identity: IdentityConfig,
+    /// The QUIC endpoint that accepts tunnels for the local application. Absent: client-only proxy.
+    pub inbound: Option<InboundConfig>,
+    /// Plain TCP listeners on loopback, each tunnelling to one upstream service.
+    #[serde(default)]
+    pub outbound: Vec<OutboundConfig>,
+    /// The admin HTTP endpoint.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// QUIC transport settings shared by every connection.
+    #[serde(default)]
+    pub quic: QuicConfig,
+    /// Retry budget shared by every outbound listener.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// How long open streams may run after SIGTERM before they are reset.
+    #[serde(default = "defaults::drain_grace", with = "humantime_serde")]
+    pub drain_grace: Duration,
+}
+
+/// Certificate, key and trust bundle, as PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// Leaf certificate (and intermediates), PEM.
+    pub cert: PathBuf,
+    /// The leaf's private key, PKCS#8 PEM.
+    pub key: PathBuf,
+    /// The CA certificates this proxy trusts, PEM.
+    pub trust_bundle: PathBuf,
+}
+
+/// The inbound QUIC endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// The local application every accepted stream is forwarded to.
+    pub app: SocketAddr,
+    /// Service names this proxy serves; empty accepts any. Streams for others get `NO_ROUTE`.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Longest time to connect to the application when the stream header asks for no shorter one.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest time a peer may take to send a stream header.
+    #[serde(default = "defaults::header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+/// One outbound listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// TCP address the application connects to (loopback).
+    pub listen: SocketAddr,
+    /// Destination service name, sent in the stream header.
+    pub service: String,
+    /// Destination service port, sent in the stream header.
+    pub port: u16,
+    /// Inbound QUIC addresses of the proxies serving the service.
+    pub endpoints: Vec<SocketAddr>,
+    /// Time allowed to reach the destination application, retries included.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for one QUIC handshake before the next endpoint is tried.
+    #[serde(default = "defaults::handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Total lifetime of a tunneled connection; absent means none.
+    #[serde(default, with = "humantime_serde")]
+    pub deadline: Option<Duration>,
+    /// Attempts per tunneled connection, the first included.
+    #[serde(default = "defaults::max_attempts")]
+    pub max_attempts: u32,
+}
+
+/// The admin HTTP endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// TCP address; keep it on loopback.
+    #[serde(default = "defaults::admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: defaults::admin_listen(),
+        }
+    }
+}
+
+/// QUIC transport settings. The defaults are sized for a mesh tunnel: thousands of concurrent streams on
+/// one connection and windows large enough for multi-gigabit loopback.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicConfig {
+    /// Concurrent bidirectional streams a peer may open on one connection.
+    #[serde(default = "defaults::max_streams")]
+    pub max_concurrent_streams: u32,
+    /// Per-stream receive window, bytes.
+    #[serde(default = "defaults::stream_window")]
+    pub stream_window: u32,
+    /// Per-connection receive and send window, bytes.
+    #[serde(default = "defaults::connection_window")]
+    pub connection_window: u32,
+    /// UDP socket send and receive buffer, bytes (capped by net.core.[rw]mem_max).
+    #[serde(default = "defaults::udp_buffer")]
+    pub udp_buffer: usize,
+    /// Idle time after which a connection is closed.
+    #[serde(default = "defaults::idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Keep-alive interval; keeps pooled connections and NAT bindings alive.
+    #[serde(default = "defaults::keep_alive", with = "humantime_serde")]
+    pub keep_alive: Duration,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: defaults::max_streams(),
+            stream_window: defaults::stream_window(),
+            connection_window: defaults::connection_window(),
+            udp_buffer: defaults::udp_buffer(),
+            idle_timeout: defaults::idle_timeout(),
+            keep_alive: defaults::keep_alive(),
+        }
+    }
+}
+
+/// Retry budget: retries may add at most `ratio` of the tunneled connections, plus `min_per_second`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Share of new tunneled connections that may be retried.
+    #[serde(default = "defaults::retry_ratio")]
+    pub ratio: f64,
+    /// Retries always allowed per second, whatever the traffic.
+    #[serde(default = "defaults::retry_min_per_second")]
+    pub min_per_second: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            ratio: defaults::retry_ratio(),
+            min_per_second: defaults::retry_min_per_second(),
+        }
+    }
+}
+
+mod defaults {
+    use std::{net::SocketAddr, time::Duration};
+
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn handshake_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn header_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_attempts() -> u32 {
+        3
+    }
+    pub fn drain_grace() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 15000))
+    }
+    pub fn max_streams() -> u32 {
+        8192
+    }
+    pub fn stream_window() -> u32 {
+        2 << 20
+    }
+    pub fn connection_window() -> u32 {
+        32 << 20
+    }
+    pub fn udp_buffer() -> usize {
+        4 << 20
+    }
+    pub fn idle_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn keep_alive() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn retry_ratio() -> f64 {
+        0.2
+    }
+    pub fn retry_min_per_second() -> u32 {
+        10
+    }
+}
+
+impl ProxyConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, "-", format!("cannot read: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and checks configuration text; `path` is used in messages and to resolve relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut cfg: ProxyConfig = toml::from_str(text).map_err(|e| {
+            let key = toml_error_key(&e, text);
+            ConfigError::new(path, key, e.message())
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.identity.cert,
+            &mut cfg.identity.key,
+            &mut cfg.identity.trust_bundle,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.check(path)?;
+        Ok(cfg)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        for (i, o) in self.outbound.iter().enumerate() {
+            let key = |k: &str| format!("outbound[{i}].{k}");
+            if o.service.is_empty() {
+                return Err(ConfigError::new(path, key("service"), "must not be empty"));
+            }
+            if o.endpoints.is_empty() {
+                return Err(ConfigError::new(path, key("endpoints"), "needs at least one address"));
+            }
+            if o.max_attempts == 0 {
+                return Err(ConfigError::new(path, key("max_attempts"), "must be at least 1"));
+            }
+            if o.connect_timeout.is_zero() {
+                return Err(ConfigError::new(path, key("connect_timeout"), "must be positive"));
+            }
+            if o.deadline.is_some_and(|d| d.is_zero()) {
+                return Err(ConfigError::new(path, key("deadline"), "must be positive"));
+            }
+        }
+        if !(0.0..=10.0).contains(&self.retry.ratio) {
+            return Err(ConfigError::new(path, "retry.ratio", "must be between 0 and 10"));
+        }
+        if self.quic.max_concurrent_streams == 0 {
+            return Err(ConfigError::new(path, "quic.max_concurrent_streams", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Best effort at the dotted key a toml error is about: the key on the line the error points at.
+fn toml_error_key(e: &toml::de::Error, text: &str) -> String {
+    let Some(span) = e.span() else {
+        return "-".into();
+    };
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let mut table = String::new();
+    for line in text[..line_start].lines() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            table = l.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+        }
+    }
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split('=').next().unwrap_or("").trim();
+    match (table.is_empty(), key.is_empty() || key.starts_with('[')) {
+        (_, true) if !table.is_empty() => table,
+        (_, true) => "-".into(),
+        (true, false) => key.to_owned(),
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[identity]
+cert = "a.pem"
+key = "a.key"
+trust_bundle = "ca.pem"
+
+[[outbound]]
+listen = "127.0.0.1:9000"
+service = "echo"
+port = 7
+endpoints = ["127.0.0.1:4433"]
+connect_timeout = "2s"
+"#;
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let cfg = ProxyConfig::parse(Path::new("/etc/qm/p.toml"), BASE).expect("valid");
+        assert_eq!(cfg.identity.cert, PathBuf::from("/etc/qm/a.pem"));
+        assert_eq!(cfg.outbound[0].connect_timeout, Duration::from_secs(2));
+        assert_eq!(cfg.outbound[0].max_attempts, 3);
+        assert!(cfg.inbound.is_none());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let text = BASE.replace("connect_timeout = \"2s\"", "conect_timeout = \"2s\"");
+        let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("typo");
+        assert_eq!(err.key, "outbound.conect_timeout");
+        assert!(err.problem.contains("unknown field `conect_timeout`"), "{err}");
+        assert!(err.to_string().starts_with("p.toml: "), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let text = BASE.replace("endpoints = [\"127.0.0.1:4433\"]", "endpoints = []");
+        let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("empty");
+        assert_eq!(err.key, "outbound[0].endpoints");
+        let text = BASE.replace("127.0.0.1:9000", "not-an-address");
+        let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("addr");
+        assert_eq!(err.key, "outbound.listen");
+    }
+}

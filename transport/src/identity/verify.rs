@@ -1,0 +1,282 @@
+//! Peer certificate verification for both ends of a mesh connection.
+//!
+//! webpki checks chains and validity, but it only matches DNS names and IP addresses; a mesh peer is named
+//! by its SPIFFE URI SAN. These verifiers run the webpki chain check against the live trust bundle, then
+//! require exactly one SPIFFE ID in our trust domain (and, when dialling, the identity we expect). Every
+//! refusal is logged with its reason and counted, so an operator can tell "wrong CA" from "expired".
+
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::metrics::{counter::Counter, family::Family};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme,
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::{
+        ParsedCertificate, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+};
+
+use super::{Credentials, SpiffeId, credentials::leaf_info};
+use crate::metrics::{Direction, RefusalLabels};
+
+/// A SPIFFE-level refusal: the chain was fine but the identity is not acceptable.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityRefusal {
+    /// The certificate has no usable SPIFFE ID.
+    #[error("peer certificate carries no valid SPIFFE ID")]
+    NoSpiffeId,
+    /// The SPIFFE ID belongs to another trust domain.
+    #[error("peer identity {0} is outside trust domain {1}")]
+    WrongTrustDomain(SpiffeId, String),
+    /// The peer is not the identity this connection was meant for.
+    #[error("peer identity {0} is not the expected {1}")]
+    UnexpectedIdentity(SpiffeId, SpiffeId),
+}
+
+impl IdentityRefusal {
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::NoSpiffeId => "no_spiffe_id",
+            Self::WrongTrustDomain(..) => "wrong_trust_domain",
+            Self::UnexpectedIdentity(..) => "unexpected_identity",
+        }
+    }
+}
+
+/// The counter label for a rustls verification error.
+pub fn refusal_reason(err: &Error) -> &'static str {
+    match err {
+        Error::InvalidCertificate(c) => match c {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "not_yet_valid",
+            CertificateError::Revoked => "revoked",
+            CertificateError::Other(o) => match o.0.downcast_ref::<IdentityRefusal>() {
+                Some(r) => r.reason(),
+                None => "invalid_certificate",
+            },
+            _ => "invalid_certificate",
+        },
+        Error::NoCertificatesPresented => "no_certificate",
+        _ => "other",
+    }
+}
+
+fn refuse(r: IdentityRefusal) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(r))))
+}
+
+/// Checks the SPIFFE ID of an already chain-verified leaf.
+fn check_identity(end_entity: &CertificateDer<'_>, trust_domain: &str, expected: Option<&SpiffeId>) -> Result<SpiffeId, Error> {
+    let id = leaf_info(end_entity).map_err(|_| refuse(IdentityRefusal::NoSpiffeId))?.id;
+    if id.trust_domain() != trust_domain {
+        return Err(refuse(IdentityRefusal::WrongTrustDomain(id, trust_domain.to_owned())));
+    }
+    if let Some(want) = expected
+        && *want != id
+    {
+        return Err(refuse(IdentityRefusal::UnexpectedIdentity(id, want.clone())));
+    }
+    Ok(id)
+}
+
+#[derive(Debug)]
+struct Shared {
+    creds: Credentials,
+    provider: Arc<CryptoProvider>,
+    refusals: Family<RefusalLabels, Counter>,
+    direction: Direction,
+}
+
+impl Shared {
+    fn count<T>(&self, r: Result<T, Error>) -> Result<T, Error> {
+        if let Err(e) = &r {
+            let reason = refusal_reason(e);
+            tracing::warn!(direction = ?self.direction, reason, error = %e, "peer certificate refused");
+            self.refusals
+                .get_or_create(&RefusalLabels {
+                    direction: self.direction,
+                    reason,
+                })
+                .inc();
+        }
+        r
+    }
+
+    fn trust_domain(&self) -> String {
+        self.creds.id().trust_domain().to_owned()
+    }
+}
+
+/// Verifies the server a proxy dials: chain to the trust bundle, SPIFFE ID in our trust domain, and the
+/// expected identity when the caller pinned one.
+#[derive(Debug)]
+pub struct PeerServerVerifier {
+    shared: Shared,
+    expected: Option<SpiffeId>,
+}
+
+impl PeerServerVerifier {
+    /// A verifier for connections dialled with `creds`.
+    pub fn new(
+        creds: Credentials,
+        provider: Arc<CryptoProvider>,
+        refusals: Family<RefusalLabels, Counter>,
+        expected: Option<SpiffeId>,
+    ) -> Self {
+        Self {
+            shared: Shared {
+                creds,
+                provider,
+                refusals,
+                direction: Direction::Outbound,
+            },
+            expected,
+        }
+    }
+}
+
+impl ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let s = &self.shared;
+        s.count((|| {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                &s.creds.roots(),
+                intermediates,
+                now,
+                s.provider.signature_verification_algorithms.all,
+            )?;
+            check_identity(end_entity, &s.trust_domain(), self.expected.as_ref())?;
+            Ok(ServerCertVerified::assertion())
+        })())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.shared.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.shared.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.shared.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Verifies the clients of the inbound endpoint: client certificates are mandatory, chained to the live
+/// trust bundle, with a SPIFFE ID in our trust domain.
+#[derive(Debug)]
+pub struct PeerClientVerifier {
+    shared: Shared,
+    /// webpki's verifier for the current roots, rebuilt when the bundle changes.
+    cached: RwLock<(Arc<RootCertStore>, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl PeerClientVerifier {
+    /// A verifier for the inbound endpoint of `creds`.
+    pub fn new(
+        creds: Credentials,
+        provider: Arc<CryptoProvider>,
+        refusals: Family<RefusalLabels, Counter>,
+    ) -> Result<Self, Error> {
+        let roots = creds.roots();
+        let inner = build_client_verifier(&roots, &provider)?;
+        Ok(Self {
+            shared: Shared {
+                creds,
+                provider,
+                refusals,
+                direction: Direction::Inbound,
+            },
+            cached: RwLock::new((roots, inner)),
+        })
+    }
+
+    fn inner(&self) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+        let roots = self.shared.creds.roots();
+        {
+            let c = self.cached.read().unwrap_or_else(|p| p.into_inner());
+            if Arc::ptr_eq(&c.0, &roots) {
+                return Ok(c.1.clone());
+            }
+        }
+        let v = build_client_verifier(&roots, &self.shared.provider)?;
+        *self.cached.write().unwrap_or_else(|p| p.into_inner()) = (roots, v.clone());
+        Ok(v)
+    }
+}
+
+fn build_client_verifier(
+    roots: &Arc<RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .build()
+        .map_err(|e| Error::General(format!("trust bundle unusable: {e}")))
+}
+
+impl ClientCertVerifier for PeerClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints are optional; our clients have one certificate and present it regardless.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let s = &self.shared;
+        s.count((|| {
+            self.inner()?.verify_client_cert(end_entity, intermediates, now)?;
+            check_identity(end_entity, &s.trust_domain(), None)?;
+            Ok(ClientCertVerified::assertion())
+        })())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls12_signature(message, cert, dss, &self.shared.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(message, cert, dss, &self.shared.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.shared.provider.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,312 @@
+//! Proxy metrics in Prometheus text format.
+//!
+//! Label sets are small and fixed: direction, peer identity, and a reason drawn from a closed list, so the
+//! series count grows with the number of peers, never with traffic. Hot-path counters are resolved once
+//! per QUIC connection ([`PeerMetrics`]) and then only incremented, so a stream pays no map lookup.
+//! QUIC path figures (RTT, loss) are read from the live connections at scrape time.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+    },
+    registry::Registry,
+};
+
+/// Which side of a tunnel a proxy is on.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Direction {
+    /// This proxy accepted the QUIC connection (it fronts the destination app).
+    Inbound,
+    /// This proxy dialled the QUIC connection (it fronts the source app).
+    Outbound,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, e: &mut prometheus_client::encoding::LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        e.write_str(match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        })
+    }
+}
+
+/// Labels of a peer verification refusal.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// Side that refused.
+    pub direction: Direction,
+    /// Why, e.g. `unknown_ca`, `expired`, `wrong_trust_domain`.
+    pub reason: &'static str,
+}
+
+/// Labels keyed by peer identity.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// Side of the tunnel.
+    pub direction: Direction,
+    /// Peer SPIFFE ID.
+    pub peer: String,
+}
+
+/// Labels of closed tunneled connections.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedLabels {
+    /// Side of the tunnel.
+    pub direction: Direction,
+    /// Peer SPIFFE ID.
+    pub peer: String,
+    /// `ok`, or the failure, e.g. `connect_failed`, `deadline_exceeded`, `reset`.
+    pub outcome: &'static str,
+}
+
+/// Labels of byte counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    /// Side of the tunnel.
+    pub direction: Direction,
+    /// Peer SPIFFE ID.
+    pub peer: String,
+    /// `to_peer` (read from the local app) or `from_peer` (written to the local app).
+    pub flow: &'static str,
+}
+
+/// Labels that only carry a direction.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// Side of the tunnel.
+    pub direction: Direction,
+}
+
+/// Labels with a direction and a reason.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Side of the tunnel.
+    pub direction: Direction,
+    /// Closed list of reasons.
+    pub reason: &'static str,
+}
+
+/// Every proxy metric.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Tunneled connections opened, by peer identity.
+    pub opened: Family<PeerLabels, Counter>,
+    /// Tunneled connections closed, by peer identity and outcome.
+    pub closed: Family<ClosedLabels, Counter>,
+    /// Application bytes carried, by peer identity and flow.
+    pub bytes: Family<BytesLabels, Counter>,
+    /// Tunneled connections open now.
+    pub active: Family<DirectionLabels, Gauge>,
+    /// Connect-phase retries, by reason.
+    pub retries: Family<ReasonLabels, Counter>,
+    /// Retries not made because the budget was spent.
+    pub retries_denied: Counter,
+    /// Tunneled connections that failed before reaching the destination, by reason (after retries).
+    pub failures: Family<ReasonLabels, Counter>,
+    /// QUIC handshakes that failed, by reason.
+    pub handshake_failures: Family<ReasonLabels, Counter>,
+    /// Peer certificates refused, by reason.
+    pub refusals: Family<RefusalLabels, Counter>,
+    /// Malformed stream headers from peers, by reason.
+    pub protocol_errors: Family<ReasonLabels, Counter>,
+    /// Live QUIC connections, read at scrape time.
+    pub connections: Arc<ConnectionTable>,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            bytes: Family::default(),
+            active: Family::default(),
+            retries: Family::default(),
+            retries_denied: Counter::default(),
+            failures: Family::default(),
+            handshake_failures: Family::default(),
+            refusals: Family::default(),
+            protocol_errors: Family::default(),
+            connections: Arc::default(),
+        };
+        let r = registry.sub_registry_with_prefix("quicmesh");
+        r.register("tunnel_opened", "Tunneled connections opened", m.opened.clone());
+        r.register("tunnel_closed", "Tunneled connections closed, by outcome", m.closed.clone());
+        r.register("tunnel_bytes", "Application bytes carried through tunnels", m.bytes.clone());
+        r.register("tunnel_active", "Tunneled connections open now", m.active.clone());
+        r.register("retries", "Connect-phase retries of tunneled connections", m.retries.clone());
+        r.register("retries_budget_exhausted", "Retries not made because the retry budget was spent", m.retries_denied.clone());
+        r.register("tunnel_failures", "Tunneled connections that never reached the destination app", m.failures.clone());
+        r.register("quic_handshake_failures", "QUIC handshakes that failed", m.handshake_failures.clone());
+        r.register("peer_refusals", "Peer certificates refused (authentication/authorization failures)", m.refusals.clone());
+        r.register("protocol_errors", "Malformed tunnel stream headers received", m.protocol_errors.clone());
+        r.register_collector(Box::new(m.connections.clone()));
+        m
+    }
+
+    /// Resolves the per-peer counters once for a new QUIC connection.
+    pub fn peer(&self, direction: Direction, peer: &str) -> PeerMetrics {
+        let b = |flow| {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    direction,
+                    peer: peer.to_owned(),
+                    flow,
+                })
+                .clone()
+        };
+        let closed = |outcome| {
+            self.closed
+                .get_or_create(&ClosedLabels {
+                    direction,
+                    peer: peer.to_owned(),
+                    outcome,
+                })
+                .clone()
+        };
+        PeerMetrics {
+            opened: self
+                .opened
+                .get_or_create(&PeerLabels {
+                    direction,
+                    peer: peer.to_owned(),
+                })
+                .clone(),
+            closed_ok: closed("ok"),
+            closed_error: closed("error"),
+            closed_deadline: closed("deadline_exceeded"),
+            to_peer: b("to_peer"),
+            from_peer: b("from_peer"),
+            active: self.active.get_or_create(&DirectionLabels { direction }).clone(),
+        }
+    }
+}
+
+/// Counters of one peer, cheap to clone (each is an `Arc`).
+#[derive(Debug, Clone)]
+pub struct PeerMetrics {
+    /// Tunneled connections opened.
+    pub opened: Counter,
+    /// Closed after a clean end both ways.
+    pub closed_ok: Counter,
+    /// Closed on an error or reset.
+    pub closed_error: Counter,
+    /// Closed because the deadline expired.
+    pub closed_deadline: Counter,
+    /// Bytes read from the local app and sent to the peer.
+    pub to_peer: Counter,
+    /// Bytes received from the peer and written to the local app.
+    pub from_peer: Counter,
+    /// Open tunneled connections (shared by every peer of a direction).
+    pub active: Gauge,
+}
+
+/// The live QUIC connections, so a scrape can read their RTT and loss. Registered under the
+/// `quicmesh_` prefix, so its own names carry none.
+#[derive(Debug, Default)]
+pub struct ConnectionTable {
+    next: AtomicU64,
+    conns: Mutex<HashMap<u64, (Direction, String, quinn::Connection)>>,
+}
+
+impl ConnectionTable {
+    /// Tracks `conn` until it closes.
+    pub fn track(self: &Arc<Self>, direction: Direction, peer: String, conn: quinn::Connection) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, (direction, peer, conn.clone()));
+        let table = self.clone();
+        tokio::spawn(async move {
+            conn.closed().await;
+            table.lock().remove(&id);
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Direction, String, quinn::Connection)>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn snapshot(&self) -> Vec<(Direction, String, SocketAddr, quinn::Connection)> {
+        self.lock()
+            .values()
+            .map(|(d, p, c)| (*d, p.clone(), c.remote_address(), c.clone()))
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnLabels {
+    direction: Direction,
+    peer: String,
+    remote: String,
+}
+
+impl Collector for ConnectionTable {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let conns = self.snapshot();
+        let labels: Vec<_> = conns
+            .iter()
+            .map(|(d, p, a, c)| {
+                (
+                    ConnLabels {
+                        direction: *d,
+                        peer: p.clone(),
+                        remote: a.to_string(),
+                    },
+                    c.stats(),
+                )
+            })
+            .collect();
+        let e = encoder.encode_descriptor(
+            "quic_connections",
+            "Live QUIC connections between proxies",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(conns.len() as i64).encode(e)?;
+        let mut e = encoder.encode_descriptor(
+            "quic_rtt_seconds",
+            "Smoothed round-trip time of each QUIC connection",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, s) in &labels {
+            ConstGauge::new(s.path.rtt.as_secs_f64()).encode(e.encode_family(l)?)?;
+        }
+        drop(e);
+        let mut e = encoder.encode_descriptor(
+            "quic_lost_packets",
+            "Packets declared lost on each QUIC connection",
+            None,
+            MetricType::Counter,
+        )?;
+        for (l, s) in &labels {
+            ConstCounter::new(s.path.lost_packets).encode(e.encode_family(l)?)?;
+        }
+        drop(e);
+        let mut e = encoder.encode_descriptor(
+            "quic_congestion_window_bytes",
+            "Congestion window of each QUIC connection",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (l, s) in &labels {
+            ConstGauge::new(s.path.cwnd as i64).encode(e.encode_family(l)?)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,248 @@
+//! A sidecar proxy: its listeners, its connection pool, its admin endpoint, and its drain.
+//!
+//! Everything binds in [`Proxy::bind`] before anything runs, so a bad certificate or a taken port stops
+//! start-up with an error naming the configuration key, instead of a half-started proxy. [`Proxy::run`]
+//! serves until the shutdown future resolves, then drains: readiness goes false, listeners stop
+//! accepting, open tunneled connections get the grace period to finish, the rest are reset.
+
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+pub mod splice;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::Admin,
+    config::{ConfigError, ProxyConfig},
+    identity::{Credentials, Leaf, credentials::roots_from_pem},
+    metrics::Metrics,
+    quic,
+    retry::RetryBudget,
+};
+
+/// Signals shared by every task of a proxy for an orderly shutdown.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    /// Fires when the drain begins: stop taking new connections and streams.
+    pub stop_accepting: CancellationToken,
+    /// Fires when the grace period is over: reset what is still open.
+    pub abort: CancellationToken,
+    /// Every connection and stream task, so the drain can wait for them.
+    pub tracker: TaskTracker,
+}
+
+/// The addresses a proxy actually bound (ports given as 0 are resolved).
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyAddresses {
+    /// Admin HTTP.
+    pub admin: SocketAddr,
+    /// Inbound QUIC (UDP), if configured.
+    pub inbound: Option<SocketAddr>,
+    /// Outbound TCP listeners, in configuration order.
+    pub outbound: Vec<SocketAddr>,
+}
+
+/// A bound, not yet running proxy.
+pub struct Proxy {
+    creds: Credentials,
+    inbound: Option<inbound::Inbound>,
+    outbound: Vec<outbound::Outbound>,
+    admin: Admin,
+    pool: Arc<pool::Pool>,
+    inbound_endpoint: Option<quinn::Endpoint>,
+    ready: Arc<AtomicBool>,
+    metrics: Metrics,
+    grace: Duration,
+    addresses: ProxyAddresses,
+    drain: Drain,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("addresses", &self.addresses)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the identity files named by the configuration.
+pub fn load_credentials(cfg: &ProxyConfig, file: &Path) -> Result<Credentials, ConfigError> {
+    let read = |key: &str, p: &Path| {
+        std::fs::read(p).map_err(|e| ConfigError::new(file, key, format!("cannot read {}: {e}", p.display())))
+    };
+    let cert = read("identity.cert", &cfg.identity.cert)?;
+    let key = read("identity.key", &cfg.identity.key)?;
+    let bundle = read("identity.trust_bundle", &cfg.identity.trust_bundle)?;
+    let leaf = Leaf::from_pem(&quic::provider(), &cert, &key).map_err(|e| {
+        let k = match e {
+            crate::identity::CredentialsError::Key(_) | crate::identity::CredentialsError::KeyMismatch => "identity.key",
+            _ => "identity.cert",
+        };
+        ConfigError::new(file, k, e)
+    })?;
+    let roots = roots_from_pem(&bundle).map_err(|e| ConfigError::new(file, "identity.trust_bundle", e))?;
+    let now = time::OffsetDateTime::now_utc();
+    if leaf.info.not_after < now {
+        tracing::warn!(id = %leaf.info.id, not_after = %leaf.info.not_after, "our own certificate has expired; peers will refuse it");
+    }
+    Ok(Credentials::new(leaf, roots))
+}
+
+impl Proxy {
+    /// Loads the identity and binds every listener, or fails naming the key at fault.
+    pub async fn bind(cfg: &ProxyConfig, file: &Path) -> Result<Self, ConfigError> {
+        let creds = load_credentials(cfg, file)?;
+        Self::bind_with(cfg, file, creds).await
+    }
+
+    /// Binds with credentials obtained elsewhere (e.g. from the controller).
+    pub async fn bind_with(cfg: &ProxyConfig, file: &Path, creds: Credentials) -> Result<Self, ConfigError> {
+        let mut registry = Registry::default();
+        let metrics = Metrics::register(&mut registry);
+        let err = |key: String, e: &dyn std::fmt::Display| ConfigError::new(file, key, e);
+
+        let (inbound, inbound_endpoint) = match &cfg.inbound {
+            Some(icfg) => {
+                let server = quic::server_config(&creds, &cfg.quic, metrics.refusals.clone())
+                    .map_err(|e| err("identity".into(), &e))?;
+                let ep = quic::endpoint(icfg.listen, &cfg.quic, Some(server))
+                    .map_err(|e| err("inbound.listen".into(), &e))?;
+                (
+                    Some(inbound::Inbound::new(ep.clone(), icfg.clone(), metrics.clone())),
+                    Some(ep),
+                )
+            }
+            None => (None, None),
+        };
+
+        let client = quic::client_config(&creds, &cfg.quic, metrics.refusals.clone(), None)
+            .map_err(|e| err("identity".into(), &e))?;
+        let any_v6 = cfg.outbound.iter().flat_map(|o| &o.endpoints).any(|a| a.is_ipv6());
+        let client_bind: SocketAddr = if any_v6 {
+            "[::]:0".parse().unwrap_or_else(|_| SocketAddr::from(([0u16; 8], 0)))
+        } else {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        };
+        let client_ep = quic::endpoint(client_bind, &cfg.quic, None).map_err(|e| err("outbound".into(), &e))?;
+        let pool = Arc::new(pool::Pool::new(client_ep, client, metrics.clone()));
+        let budget = Arc::new(Mutex::new(RetryBudget::new(
+            cfg.retry.ratio,
+            cfg.retry.min_per_second,
+            Instant::now(),
+        )));
+
+        let mut outbound = Vec::with_capacity(cfg.outbound.len());
+        for (i, o) in cfg.outbound.iter().enumerate() {
+            let ob = outbound::Outbound::bind(o.clone(), pool.clone(), budget.clone(), metrics.clone())
+                .await
+                .map_err(|e| err(format!("outbound[{i}].listen"), &format!("cannot bind {}: {e}", o.listen)))?;
+            outbound.push(ob);
+        }
+        let ready = Arc::new(AtomicBool::new(false));
+        let admin = Admin::bind(cfg.admin.listen, registry, ready.clone())
+            .await
+            .map_err(|e| err("admin.listen".into(), &format!("cannot bind {}: {e}", cfg.admin.listen)))?;
+
+        let local = |r: std::io::Result<SocketAddr>, key: &str| r.map_err(|e| err(key.into(), &e));
+        let addresses = ProxyAddresses {
+            admin: local(admin.local_addr(), "admin.listen")?,
+            inbound: match &inbound {
+                Some(i) => Some(local(i.local_addr(), "inbound.listen")?),
+                None => None,
+            },
+            outbound: outbound
+                .iter()
+                .enumerate()
+                .map(|(i, o)| local(o.local_addr(), &format!("outbound[{i}].listen")))
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Self {
+            creds,
+            inbound,
+            outbound,
+            admin,
+            pool,
+            inbound_endpoint,
+            ready,
+            metrics,
+            grace: cfg.drain_grace,
+            addresses,
+            drain: Drain::default(),
+        })
+    }
+
+    /// What was bound.
+    pub fn addresses(&self) -> &ProxyAddresses {
+        &self.addresses
+    }
+
+    /// The proxy's metrics (for in-process callers such as `quicmesh up`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The live credentials; replacing the leaf here rotates the certificate for new handshakes.
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
+    /// Serves until `shutdown` resolves, then drains.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let drain = self.drain.clone();
+        let admin = tokio::spawn(self.admin.run());
+        let mut listeners = Vec::new();
+        if let Some(i) = self.inbound {
+            listeners.push(tokio::spawn(i.run(drain.clone())));
+        }
+        for o in self.outbound {
+            listeners.push(tokio::spawn(o.run(drain.clone())));
+        }
+        self.ready.store(true, Ordering::Release);
+        tracing::info!(id = %self.creds.id(), addresses = ?self.addresses, "proxy ready");
+
+        shutdown.await;
+        self.ready.store(false, Ordering::Release);
+        let open = self.metrics.active.get_or_create(&crate::metrics::DirectionLabels {
+            direction: crate::metrics::Direction::Outbound,
+        }).get() + self.metrics.active.get_or_create(&crate::metrics::DirectionLabels {
+            direction: crate::metrics::Direction::Inbound,
+        }).get();
+        tracing::info!(grace = ?self.grace, open, "draining");
+        drain.stop_accepting.cancel();
+        for l in listeners {
+            let _ = l.await;
+        }
+        drain.tracker.close();
+        if tokio::time::timeout(self.grace, drain.tracker.wait()).await.is_err() {
+            tracing::warn!("grace period over; resetting the tunneled connections still open");
+            drain.abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(1), drain.tracker.wait()).await;
+        }
+        self.pool.close_all();
+        let close = async {
+            if let Some(ep) = &self.inbound_endpoint {
+                ep.close(crate::tunnel::code::DRAINING, b"draining");
+                ep.wait_idle().await;
+            }
+            self.pool.endpoint().close(crate::tunnel::code::DRAINING, b"draining");
+            self.pool.endpoint().wait_idle().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+        admin.abort();
+        tracing::info!("proxy stopped");
+    }
+}

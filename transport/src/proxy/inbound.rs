@@ -1,0 +1,231 @@
+//! The inbound QUIC endpoint: accepts tunnels from peer proxies and forwards each stream to the local app.
+//!
+//! The peer's identity comes from its verified certificate, never from the header. Each stream must
+//! send a well-formed header within the header timeout; a garbage, truncated or oversized header resets
+//! only that stream with `PROTOCOL_ERROR`. The app connection is made within the smaller of our connect
+//! timeout and the one the header carries; only once it is up do we answer OK, so the source proxy knows
+//! that a refusal delivered nothing and may retry elsewhere. The header's deadline bounds the whole
+//! tunneled connection here as well: expiry resets the stream with `DEADLINE_EXCEEDED`.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use quinn::{Endpoint, Incoming, RecvStream, SendStream};
+use tokio::{net::TcpStream, time::Instant};
+use tracing::Instrument;
+
+use super::{
+    Drain,
+    outbound::sleep_until,
+    pool::peer_identity,
+    splice::{abort_tcp, splice},
+};
+use crate::{
+    config::InboundConfig,
+    metrics::{Direction, Metrics, PeerMetrics, ReasonLabels},
+    tunnel::{self, StatusCode, StreamHeader, code},
+};
+
+/// The bound inbound endpoint.
+pub struct Inbound {
+    endpoint: Endpoint,
+    cfg: Arc<InboundConfig>,
+    metrics: Metrics,
+}
+
+impl Inbound {
+    /// Wraps an endpoint that has a server config.
+    pub fn new(endpoint: Endpoint, cfg: InboundConfig, metrics: Metrics) -> Self {
+        Self {
+            endpoint,
+            cfg: Arc::new(cfg),
+            metrics,
+        }
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Accepts connections until the drain begins.
+    pub async fn run(self, drain: Drain) {
+        loop {
+            let incoming = tokio::select! {
+                i = self.endpoint.accept() => i,
+                _ = drain.stop_accepting.cancelled() => break,
+            };
+            let Some(incoming) = incoming else { break };
+            let conn = Conn {
+                cfg: self.cfg.clone(),
+                metrics: self.metrics.clone(),
+            };
+            let span = tracing::debug_span!("inbound", remote = %incoming.remote_address());
+            drain.tracker.spawn(conn.serve(incoming, drain.clone()).instrument(span));
+        }
+        // New connections are refused from now on; established ones finish their streams.
+        self.endpoint.set_server_config(None);
+    }
+}
+
+#[derive(Clone)]
+struct Conn {
+    cfg: Arc<InboundConfig>,
+    metrics: Metrics,
+}
+
+impl Conn {
+    async fn serve(self, incoming: Incoming, drain: Drain) {
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                // Certificate refusals were logged and counted by the verifier with their reason.
+                tracing::info!(error = %e, "inbound handshake failed");
+                self.metrics
+                    .handshake_failures
+                    .get_or_create(&ReasonLabels {
+                        direction: Direction::Inbound,
+                        reason: "handshake",
+                    })
+                    .inc();
+                return;
+            }
+        };
+        let Some(peer) = peer_identity(&conn) else {
+            conn.close(code::PROTOCOL_ERROR, b"no peer identity");
+            return;
+        };
+        tracing::debug!(%peer, "inbound connection");
+        self.metrics
+            .connections
+            .track(Direction::Inbound, peer.to_string(), conn.clone());
+        let pm = self.metrics.peer(Direction::Inbound, peer.as_str());
+        loop {
+            let accepted = tokio::select! {
+                s = conn.accept_bi() => s,
+                _ = drain.stop_accepting.cancelled() => break,
+            };
+            match accepted {
+                Ok((send, recv)) => {
+                    let this = self.clone();
+                    let pm = pm.clone();
+                    let span = tracing::debug_span!("stream", id = %send.id());
+                    drain
+                        .tracker
+                        .spawn(this.stream(send, recv, pm, drain.clone()).instrument(span));
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, reason = %e, "connection ended");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn stream(self, mut send: SendStream, mut recv: RecvStream, m: PeerMetrics, drain: Drain) {
+        let header = match tunnel::read_header(&mut recv, self.cfg.header_timeout).await {
+            Ok(h) => h,
+            Err(e) => {
+                if e.is_protocol_violation() {
+                    tracing::warn!(error = %e, "bad stream header");
+                    self.metrics
+                        .protocol_errors
+                        .get_or_create(&ReasonLabels {
+                            direction: Direction::Inbound,
+                            reason: e.reason(),
+                        })
+                        .inc();
+                    tunnel::reset(&mut send, &mut recv, code::PROTOCOL_ERROR);
+                }
+                return;
+            }
+        };
+        let started = Instant::now();
+        let deadline = (header.deadline_ms > 0).then(|| started + Duration::from_millis(header.deadline_ms));
+        let rid = tunnel::request_id_hex(&header.request_id);
+        if drain.stop_accepting.is_cancelled() {
+            let _ = tunnel::write_status(&mut send, StatusCode::Unavailable, "draining").await;
+            let _ = send.finish();
+            return;
+        }
+        if !self.serves(&header) {
+            tracing::info!(request_id = %rid, service = %header.service, "no route");
+            let _ = tunnel::write_status(&mut send, StatusCode::NoRoute, "service not served here").await;
+            let _ = send.finish();
+            return;
+        }
+        let mut connect_timeout = self.cfg.connect_timeout;
+        if header.connect_timeout_ms > 0 {
+            connect_timeout = connect_timeout.min(Duration::from_millis(u64::from(header.connect_timeout_ms)));
+        }
+        let connect_by = deadline.map_or(started + connect_timeout, |d| d.min(started + connect_timeout));
+        let tcp = match tokio::time::timeout_at(connect_by, TcpStream::connect(self.cfg.app)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                tracing::info!(request_id = %rid, app = %self.cfg.app, error = %e, "app refused connection");
+                self.fail(&mut send, StatusCode::ConnectFailed, &format!("app {}: {e}", self.cfg.app))
+                    .await;
+                return;
+            }
+            Err(_) => {
+                let code = if deadline == Some(connect_by) {
+                    StatusCode::DeadlineExceeded
+                } else {
+                    StatusCode::ConnectFailed
+                };
+                tracing::info!(request_id = %rid, app = %self.cfg.app, "app did not accept in time");
+                self.fail(&mut send, code, "app did not accept in time").await;
+                return;
+            }
+        };
+        let mut tcp = tcp;
+        let _ = tcp.set_nodelay(true);
+        if tunnel::write_status(&mut send, StatusCode::Ok, "").await.is_err() {
+            return;
+        }
+        m.opened.inc();
+        m.active.inc();
+        let outcome = tokio::select! {
+            r = splice(&mut tcp, &mut send, &mut recv, &m) => r.map_err(|e| {
+                tracing::debug!(request_id = %rid, error = %e, "tunneled connection failed");
+                code::CONNECTION_RESET
+            }),
+            _ = sleep_until(deadline) => Err(code::DEADLINE_EXCEEDED),
+            _ = drain.abort.cancelled() => Err(code::DRAINING),
+        };
+        m.active.dec();
+        match outcome {
+            Ok(_) => {
+                m.closed_ok.inc();
+            }
+            Err(c) => {
+                if c == code::DEADLINE_EXCEEDED {
+                    tracing::info!(request_id = %rid, "deadline exceeded");
+                    m.closed_deadline.inc();
+                } else {
+                    m.closed_error.inc();
+                }
+                tunnel::reset(&mut send, &mut recv, c);
+                abort_tcp(tcp);
+            }
+        }
+    }
+
+    fn serves(&self, h: &StreamHeader) -> bool {
+        self.cfg.services.is_empty() || self.cfg.services.iter().any(|s| *s == h.service)
+    }
+
+    async fn fail(&self, send: &mut SendStream, code: StatusCode, msg: &str) {
+        self.metrics
+            .failures
+            .get_or_create(&ReasonLabels {
+                direction: Direction::Inbound,
+                reason: match code {
+                    StatusCode::DeadlineExceeded => "deadline_exceeded",
+                    _ => "app_connect_failed",
+                },
+            })
+            .inc();
+        let _ = tunnel::write_status(send, code, msg).await;
+        let _ = send.finish();
+    }
+}

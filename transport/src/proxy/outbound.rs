@@ -1,0 +1,376 @@
+//! Outbound listeners: the application connects here in plain TCP; we tunnel to the service's proxies.
+//!
+//! A tunneled connection first goes through a connect phase: pick an endpoint, get the pooled QUIC
+//! connection, open a stream, send the header and wait for the acceptor's status. No application byte is
+//! read from the client before the status says OK, so a failure anywhere in that phase is safe to retry:
+//! nothing reached the destination app. Failovers after a failed handshake are free (the destination
+//! never saw them); retries that reached a peer spend the retry budget. The connect phase is bounded by
+//! the connect timeout and the total deadline; after it, the bytes flow until both sides end, the
+//! deadline expires (stream reset with `DEADLINE_EXCEEDED`, app connection reset), or the proxy drains.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use quinn::{RecvStream, SendStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    time::Instant,
+};
+use tracing::Instrument;
+
+use super::{
+    Drain,
+    pool::{DialError, PeerConn, Pool},
+    splice::{abort_tcp, splice},
+};
+use crate::{
+    config::OutboundConfig,
+    metrics::{Direction, Metrics, ReasonLabels},
+    retry::RetryBudget,
+    tunnel::{self, StatusCode, StreamHeader, StreamStatus, code},
+};
+
+/// Why the connect phase of a tunneled connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No QUIC connection to the chosen peer.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The stream failed before the acceptor answered (connection lost, stream reset).
+    #[error("stream failed before the acceptor answered: {0}")]
+    Stream(String),
+    /// The acceptor answered with an error status.
+    #[error("peer {peer} refused: {code:?}: {message}")]
+    Refused {
+        /// Acceptor identity.
+        peer: String,
+        /// Its status.
+        code: StatusCode,
+        /// Its message.
+        message: String,
+    },
+    /// A retry was warranted but the retry budget is spent.
+    #[error("retry budget exhausted after: {0}")]
+    BudgetExhausted(Box<OpenError>),
+    /// Every attempt failed.
+    #[error("{attempts} attempts failed, last: {last}")]
+    Exhausted {
+        /// How many were made.
+        attempts: u32,
+        /// The last failure.
+        last: Box<OpenError>,
+    },
+    /// The connect timeout or the deadline expired first.
+    #[error("not connected within {0:?}")]
+    Timeout(Duration),
+}
+
+impl OpenError {
+    /// Counter label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Dial(d) => d.reason(),
+            Self::Stream(_) => "stream_failed",
+            Self::Refused { code, .. } => match code {
+                StatusCode::ConnectFailed => "app_connect_failed",
+                StatusCode::NoRoute => "no_route",
+                StatusCode::Forbidden => "forbidden",
+                StatusCode::Unavailable => "unavailable",
+                StatusCode::DeadlineExceeded => "deadline_exceeded",
+                StatusCode::Ok => "ok",
+            },
+            Self::BudgetExhausted(_) => "retry_budget_exhausted",
+            Self::Exhausted { last, .. } => last.reason(),
+            Self::Timeout(_) => "connect_timeout",
+        }
+    }
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, PartialEq, Eq)]
+enum Retry {
+    /// Try the next endpoint without spending budget: the destination never saw the attempt.
+    Failover,
+    /// Try again, spending one budget token.
+    Budgeted,
+    /// Give up.
+    Never,
+}
+
+fn classify(e: &OpenError) -> Retry {
+    match e {
+        OpenError::Dial(_) => Retry::Failover,
+        OpenError::Stream(_) => Retry::Budgeted,
+        OpenError::Refused { code, .. } => match code {
+            StatusCode::ConnectFailed | StatusCode::Unavailable | StatusCode::NoRoute => Retry::Budgeted,
+            _ => Retry::Never,
+        },
+        _ => Retry::Never,
+    }
+}
+
+/// One bound outbound listener.
+pub struct Outbound {
+    listener: TcpListener,
+    svc: Arc<Service>,
+}
+
+struct Service {
+    cfg: OutboundConfig,
+    pool: Arc<Pool>,
+    budget: Arc<Mutex<RetryBudget>>,
+    metrics: Metrics,
+    next: AtomicUsize,
+}
+
+impl Outbound {
+    /// Binds the listener; fails at once if the port is taken.
+    pub async fn bind(
+        cfg: OutboundConfig,
+        pool: Arc<Pool>,
+        budget: Arc<Mutex<RetryBudget>>,
+        metrics: Metrics,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(cfg.listen).await?;
+        Ok(Self {
+            listener,
+            svc: Arc::new(Service {
+                cfg,
+                pool,
+                budget,
+                metrics,
+                next: AtomicUsize::new(rand::random::<u32>() as usize),
+            }),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts until the drain begins.
+    pub async fn run(self, drain: Drain) {
+        loop {
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = drain.stop_accepting.cancelled() => return,
+            };
+            match accepted {
+                Ok((tcp, client)) => {
+                    let svc = self.svc.clone();
+                    let span = tracing::debug_span!("outbound", service = %svc.cfg.service, %client);
+                    drain
+                        .tracker
+                        .spawn(svc.handle(tcp, drain.clone()).instrument(span));
+                }
+                Err(e) => {
+                    // Typically EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Service {
+    async fn handle(self: Arc<Self>, mut tcp: TcpStream, drain: Drain) {
+        let started = Instant::now();
+        let deadline = self.cfg.deadline.map(|d| started + d);
+        let connect_by = deadline.map_or(started + self.cfg.connect_timeout, |d| {
+            d.min(started + self.cfg.connect_timeout)
+        });
+        let _ = tcp.set_nodelay(true);
+        let request_id = tunnel::new_request_id();
+        self.budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .deposit(started.into_std());
+        let opened = tokio::time::timeout_at(connect_by, self.open(&request_id, connect_by, deadline))
+            .await
+            .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - started)));
+        let (mut send, mut recv, pc) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(request_id = %tunnel::request_id_hex(&request_id), error = %e, "tunnel not established");
+                self.metrics
+                    .failures
+                    .get_or_create(&ReasonLabels {
+                        direction: Direction::Outbound,
+                        reason: e.reason(),
+                    })
+                    .inc();
+                // Nothing was sent: a plain close tells the client the connection ended.
+                drop(tcp);
+                return;
+            }
+        };
+        let m = &pc.metrics;
+        m.opened.inc();
+        m.active.inc();
+        let outcome = tokio::select! {
+            r = splice(&mut tcp, &mut send, &mut recv, m) => r.map_err(|e| {
+                tracing::debug!(error = %e, "tunneled connection failed");
+                code::CONNECTION_RESET
+            }),
+            _ = sleep_until(deadline) => Err(code::DEADLINE_EXCEEDED),
+            _ = drain.abort.cancelled() => Err(code::DRAINING),
+        };
+        m.active.dec();
+        match outcome {
+            Ok(_) => {
+                m.closed_ok.inc();
+            }
+            Err(c) => {
+                if c == code::DEADLINE_EXCEEDED {
+                    m.closed_deadline.inc();
+                } else {
+                    m.closed_error.inc();
+                }
+                tunnel::reset(&mut send, &mut recv, c);
+                abort_tcp(tcp);
+            }
+        };
+    }
+
+    /// The connect phase with retries. The caller bounds it by `connect_by`.
+    async fn open(
+        &self,
+        request_id: &[u8; 16],
+        connect_by: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let order = self
+            .pool
+            .attempt_order(&self.cfg.endpoints, start, Instant::now().into_std());
+        let mut attempts = 0u32;
+        let mut idx = 0usize;
+        loop {
+            let addr = order[idx % order.len()];
+            attempts += 1;
+            let err = match self.attempt(addr, request_id, connect_by, deadline).await {
+                Ok(x) => {
+                    self.pool.mark_up(addr);
+                    return Ok(x);
+                }
+                Err(e) => e,
+            };
+            tracing::debug!(%addr, attempt = attempts, error = %err, "attempt failed");
+            let decision = classify(&err);
+            if decision == Retry::Failover {
+                self.pool.mark_down(addr, Instant::now().into_std());
+            }
+            if decision == Retry::Never {
+                return Err(err);
+            }
+            if attempts >= self.cfg.max_attempts {
+                return Err(OpenError::Exhausted {
+                    attempts,
+                    last: Box::new(err),
+                });
+            }
+            if decision == Retry::Budgeted
+                && !self
+                    .budget
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .try_withdraw(Instant::now().into_std())
+            {
+                self.metrics.retries_denied.inc();
+                return Err(OpenError::BudgetExhausted(Box::new(err)));
+            }
+            self.metrics
+                .retries
+                .get_or_create(&ReasonLabels {
+                    direction: Direction::Outbound,
+                    reason: err.reason(),
+                })
+                .inc();
+            idx += 1;
+        }
+    }
+
+    async fn attempt(
+        &self,
+        addr: SocketAddr,
+        request_id: &[u8; 16],
+        connect_by: Instant,
+        deadline: Option<Instant>,
+    ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
+        let now = Instant::now();
+        let left = connect_by.saturating_duration_since(now);
+        let pc = self.pool.get(addr, self.cfg.handshake_timeout.min(left)).await?;
+        let stream_err = |e: &dyn std::fmt::Display| OpenError::Stream(e.to_string());
+        let (mut send, mut recv) = pc.conn.open_bi().await.map_err(|e| stream_err(&e))?;
+        let now = Instant::now();
+        let header = StreamHeader {
+            service: self.cfg.service.clone(),
+            port: u32::from(self.cfg.port),
+            protocol: tunnel::Protocol::Tcp as i32,
+            request_id: request_id.to_vec(),
+            connect_timeout_ms: ms(connect_by.saturating_duration_since(now)).max(1) as u32,
+            deadline_ms: deadline.map_or(0, |d| ms(d.saturating_duration_since(now)).max(1)),
+            trace: None,
+        };
+        send.write_all(&tunnel::encode_frame(&header))
+            .await
+            .map_err(|e| stream_err(&e))?;
+        let status: StreamStatus = tunnel::read_frame(&mut recv, connect_by.saturating_duration_since(Instant::now()))
+            .await
+            .map_err(|e| stream_err(&e))?;
+        let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::Unavailable);
+        if code != StatusCode::Ok {
+            tunnel::reset(&mut send, &mut recv, code::CANCELLED);
+            return Err(OpenError::Refused {
+                peer: pc.peer.to_string(),
+                code,
+                message: status.message,
+            });
+        }
+        Ok((send, recv, pc))
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Sleeps until `deadline`, forever when there is none.
+pub(crate) async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_classification() {
+        let refused = |code| OpenError::Refused {
+            peer: "p".into(),
+            code,
+            message: String::new(),
+        };
+        let dial = OpenError::Dial(DialError::Timeout(
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            Duration::from_secs(1),
+        ));
+        assert_eq!(classify(&dial), Retry::Failover);
+        assert_eq!(classify(&OpenError::Stream("reset".into())), Retry::Budgeted);
+        assert_eq!(classify(&refused(StatusCode::ConnectFailed)), Retry::Budgeted);
+        assert_eq!(classify(&refused(StatusCode::Forbidden)), Retry::Never);
+        assert_eq!(classify(&refused(StatusCode::DeadlineExceeded)), Retry::Never);
+        assert_eq!(classify(&OpenError::Timeout(Duration::ZERO)), Retry::Never);
+    }
+}

@@ -1,0 +1,273 @@
+//! The outbound connection pool: one QUIC connection per destination proxy, shared by every stream.
+//!
+//! Concurrent callers that need the same peer while it is being dialled wait on one shared handshake
+//! instead of starting their own, so a burst of a thousand tunneled connections makes one handshake, and
+//! a dead peer costs one handshake timeout, not a thousand. A failed or closed connection is replaced on
+//! the next request. Endpoint health (a backoff after a failed handshake) steers the next attempts away
+//! from a peer that is down; the order itself is a pure function.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use quinn::{ConnectionError, Endpoint};
+
+use crate::{
+    identity::{SpiffeId, credentials::leaf_info},
+    metrics::{Direction, Metrics, PeerMetrics, ReasonLabels},
+};
+
+/// A pooled connection with what we learned about its peer.
+#[derive(Debug, Clone)]
+pub struct PeerConn {
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    /// The verified peer identity.
+    pub peer: SpiffeId,
+    /// Counters of this peer.
+    pub metrics: PeerMetrics,
+}
+
+/// Why a connection to a peer could not be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DialError {
+    /// No handshake within the timeout.
+    #[error("QUIC handshake with {0} timed out after {1:?}")]
+    Timeout(SocketAddr, Duration),
+    /// The handshake failed.
+    #[error("QUIC handshake with {0} failed: {1}")]
+    Handshake(SocketAddr, ConnectionError),
+    /// quinn refused to start the connection.
+    #[error("cannot connect to {0}: {1}")]
+    Connect(SocketAddr, quinn::ConnectError),
+    /// The peer presented no usable SPIFFE certificate (should have been refused by the verifier).
+    #[error("peer {0} presented no usable identity")]
+    NoIdentity(SocketAddr),
+}
+
+impl DialError {
+    /// Counter label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Timeout(..) => "timeout",
+            Self::Handshake(_, ConnectionError::TransportError(_)) => "tls",
+            Self::Handshake(_, ConnectionError::ConnectionClosed(_)) => "refused_by_peer",
+            Self::Handshake(..) => "connection_error",
+            Self::Connect(..) => "connect",
+            Self::NoIdentity(..) => "no_identity",
+        }
+    }
+}
+
+type Dial = Shared<BoxFuture<'static, Result<PeerConn, DialError>>>;
+
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    failures: u32,
+    down_until: Instant,
+}
+
+/// Longest time a failed endpoint is avoided.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const BASE_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Outbound QUIC connections, keyed by peer address.
+pub struct Pool {
+    endpoint: Endpoint,
+    client: quinn::ClientConfig,
+    metrics: Metrics,
+    slots: Mutex<HashMap<SocketAddr, Dial>>,
+    health: Mutex<HashMap<SocketAddr, Health>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").finish_non_exhaustive()
+    }
+}
+
+/// Server name sent in the TLS ClientHello. Peers are identified by SPIFFE ID, not by this name.
+const SNI: &str = "peer.quicmesh.invalid";
+
+impl Pool {
+    /// A pool dialling from `endpoint` with `client`.
+    pub fn new(endpoint: Endpoint, client: quinn::ClientConfig, metrics: Metrics) -> Self {
+        Self {
+            endpoint,
+            client,
+            metrics,
+            slots: Mutex::default(),
+            health: Mutex::default(),
+        }
+    }
+
+    /// The endpoint this pool dials from.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// A live connection to `addr`, dialling (or joining a dial in progress) if needed.
+    pub async fn get(&self, addr: SocketAddr, handshake_timeout: Duration) -> Result<PeerConn, DialError> {
+        let dial = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let reusable = slots.get(&addr).filter(|d| match d.peek() {
+                None => true,
+                Some(Ok(pc)) => pc.conn.close_reason().is_none(),
+                Some(Err(_)) => false,
+            });
+            match reusable {
+                Some(d) => d.clone(),
+                None => {
+                    let d = self.dial(addr, handshake_timeout);
+                    slots.insert(addr, d.clone());
+                    d
+                }
+            }
+        };
+        let res = dial.clone().await;
+        if res.is_err() {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            if slots.get(&addr).is_some_and(|d| d.ptr_eq(&dial)) {
+                slots.remove(&addr);
+            }
+        }
+        res
+    }
+
+    fn dial(&self, addr: SocketAddr, timeout: Duration) -> Dial {
+        let endpoint = self.endpoint.clone();
+        let client = self.client.clone();
+        let metrics = self.metrics.clone();
+        async move {
+            let res: Result<_, DialError> = async {
+                let connecting = endpoint
+                    .connect_with(client, addr, SNI)
+                    .map_err(|e| DialError::Connect(addr, e))?;
+                let conn = tokio::time::timeout(timeout, connecting)
+                    .await
+                    .map_err(|_| DialError::Timeout(addr, timeout))?
+                    .map_err(|e| DialError::Handshake(addr, e))?;
+                let peer = peer_identity(&conn).ok_or(DialError::NoIdentity(addr))?;
+                Ok((conn, peer))
+            }
+            .await;
+            match res {
+                Ok((conn, peer)) => {
+                    tracing::debug!(%addr, %peer, "QUIC connection established");
+                    metrics
+                        .connections
+                        .track(Direction::Outbound, peer.to_string(), conn.clone());
+                    let pm = metrics.peer(Direction::Outbound, peer.as_str());
+                    Ok(PeerConn {
+                        conn,
+                        peer,
+                        metrics: pm,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "QUIC connection failed");
+                    metrics
+                        .handshake_failures
+                        .get_or_create(&ReasonLabels {
+                            direction: Direction::Outbound,
+                            reason: e.reason(),
+                        })
+                        .inc();
+                    Err(e)
+                }
+            }
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Records that `addr` could not be reached: it is avoided for a growing backoff.
+    pub fn mark_down(&self, addr: SocketAddr, now: Instant) {
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let e = h.entry(addr).or_insert(Health {
+            failures: 0,
+            down_until: now,
+        });
+        e.failures = e.failures.saturating_add(1);
+        let backoff = BASE_BACKOFF
+            .saturating_mul(1 << e.failures.min(6).saturating_sub(1))
+            .min(MAX_BACKOFF);
+        e.down_until = now + backoff;
+    }
+
+    /// Records a success with `addr`.
+    pub fn mark_up(&self, addr: SocketAddr) {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+    }
+
+    /// The order in which to try `endpoints`, starting from `start`.
+    pub fn attempt_order(&self, endpoints: &[SocketAddr], start: usize, now: Instant) -> Vec<SocketAddr> {
+        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        attempt_order(endpoints, start, |a| h.get(a).is_some_and(|x| x.down_until > now))
+    }
+
+    /// Closes every pooled connection.
+    pub fn close_all(&self) {
+        for d in self.slots.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            if let (_, Some(Ok(pc))) = (d.0, d.1.peek()) {
+                pc.conn.close(crate::tunnel::code::DRAINING, b"draining");
+            }
+        }
+    }
+}
+
+/// Reads the SPIFFE ID from a connection's verified peer certificate.
+pub fn peer_identity(conn: &quinn::Connection) -> Option<SpiffeId> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    leaf_info(certs.first()?).ok().map(|i| i.id)
+}
+
+/// Rotates `endpoints` to begin at `start`, healthy endpoints first; endpoints that are down come last
+/// (still worth a try when nothing else is left).
+pub fn attempt_order(
+    endpoints: &[SocketAddr],
+    start: usize,
+    is_down: impl Fn(&SocketAddr) -> bool,
+) -> Vec<SocketAddr> {
+    if endpoints.is_empty() {
+        return Vec::new();
+    }
+    let n = endpoints.len();
+    let rotated = (0..n).map(|i| endpoints[(start + i) % n]);
+    let (up, down): (Vec<_>, Vec<_>) = rotated.partition(|a| !is_down(a));
+    up.into_iter().chain(down).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: u16) -> Vec<SocketAddr> {
+        (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 1000 + i))).collect()
+    }
+
+    #[test]
+    fn rotates_from_start() {
+        let e = addrs(3);
+        assert_eq!(attempt_order(&e, 1, |_| false), vec![e[1], e[2], e[0]]);
+        assert_eq!(attempt_order(&e, 4, |_| false), vec![e[1], e[2], e[0]]);
+    }
+
+    #[test]
+    fn down_endpoints_go_last() {
+        let e = addrs(3);
+        assert_eq!(attempt_order(&e, 0, |a| *a == e[0]), vec![e[1], e[2], e[0]]);
+        assert_eq!(attempt_order(&e, 0, |_| true), vec![e[0], e[1], e[2]]);
+        assert!(attempt_order(&[], 0, |_| false).is_empty());
+    }
+}

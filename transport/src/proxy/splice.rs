@@ -1,0 +1,97 @@
+//! Moving bytes between a TCP connection and a QUIC stream, both ways, with half-close carried across.
+//!
+//! This is the per-byte hot path. TCP → QUIC reads into a per-stream `BytesMut` and hands the filled part
+//! to quinn as `Bytes` (`write_chunk`), so quinn keeps it until acknowledged without copying it; the
+//! buffer grows from 16 KiB to 64 KiB only while reads keep filling it (bulk), so idle and chatty streams
+//! stay small. QUIC → TCP writes quinn's received chunks straight to the socket. An EOF on one side
+//! becomes a FIN on the other (`finish` / `shutdown`), and the other direction carries on.
+
+use bytes::BytesMut;
+use quinn::{ReadError, RecvStream, SendStream, WriteError};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
+
+use crate::metrics::PeerMetrics;
+
+const SMALL: usize = 16 * 1024;
+const LARGE: usize = 64 * 1024;
+
+/// Why a splice ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    /// The local TCP connection failed (reset, or a write error).
+    #[error("local TCP connection: {0}")]
+    Tcp(#[from] std::io::Error),
+    /// The peer reset or stopped the stream, or the QUIC connection was lost.
+    #[error("QUIC stream read: {0}")]
+    Read(#[from] ReadError),
+    /// Writing to the QUIC stream failed.
+    #[error("QUIC stream write: {0}")]
+    Write(#[from] WriteError),
+}
+
+/// Byte totals of a finished splice.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    /// Read from TCP, sent on QUIC.
+    pub to_peer: u64,
+    /// Received on QUIC, written to TCP.
+    pub from_peer: u64,
+}
+
+/// Copies both ways until both sides have ended cleanly, or until the first error.
+pub async fn splice(
+    tcp: &mut TcpStream,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    metrics: &PeerMetrics,
+) -> Result<Totals, SpliceError> {
+    let (rd, wr) = tcp.split();
+    let (up, down) = tokio::try_join!(tcp_to_quic(rd, send, metrics), quic_to_tcp(recv, wr, metrics))?;
+    Ok(Totals {
+        to_peer: up,
+        from_peer: down,
+    })
+}
+
+async fn tcp_to_quic(mut rd: ReadHalf<'_>, send: &mut SendStream, m: &PeerMetrics) -> Result<u64, SpliceError> {
+    let mut buf = BytesMut::new();
+    let mut want = SMALL;
+    let mut total = 0u64;
+    loop {
+        buf.reserve(want);
+        let n = rd.read_buf(&mut buf).await?;
+        if n == 0 {
+            // The app closed its write side: pass the FIN on; the reverse direction continues.
+            let _ = send.finish();
+            return Ok(total);
+        }
+        want = if buf.capacity() == buf.len() { LARGE } else { SMALL };
+        total += n as u64;
+        m.to_peer.inc_by(n as u64);
+        send.write_chunk(buf.split().freeze()).await?;
+    }
+}
+
+async fn quic_to_tcp(recv: &mut RecvStream, mut wr: WriteHalf<'_>, m: &PeerMetrics) -> Result<u64, SpliceError> {
+    let mut total = 0u64;
+    while let Some(chunk) = recv.read_chunk(LARGE, true).await? {
+        wr.write_all(&chunk.bytes).await?;
+        total += chunk.bytes.len() as u64;
+        m.from_peer.inc_by(chunk.bytes.len() as u64);
+    }
+    // The peer finished: FIN to the app.
+    wr.shutdown().await?;
+    Ok(total)
+}
+
+/// Closes `tcp` with a reset (RST) rather than a FIN, so the app cannot mistake a failure for a clean end.
+pub fn abort_tcp(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+    drop(tcp);
+}
