@@ -48,7 +48,8 @@ impl tonic::service::Interceptor for AdminAuth {
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         auth::check_bearer(header, &self.sha256).map_err(|m| {
-            tracing::info!(peer = ?req.remote_addr(), "admin call refused: {m}");
+            let peer = req.extensions().get::<auth::PeerInfo>().map(|p| p.remote);
+            tracing::info!(?peer, "admin call refused: {m}");
             Status::unauthenticated(m)
         })?;
         Ok(req)
