@@ -733,3 +733,69 @@ async fn root_rotation_keeps_old_leaves_trusted_until_they_expire() {
     }
     h.stop().await;
 }
+
+#[tokio::test]
+async fn health_service_answers_without_credentials() {
+    let h = Harness::start(Duration::from_secs(3600)).await;
+    let ch = client::connect(&h.addr, &h.bundle, None, Some(Duration::from_secs(10)))
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    for service in [
+        "",
+        "quicmesh.controller.v1.Admin",
+        "quicmesh.controller.v1.ProxyApi",
+    ] {
+        let resp = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health")
+            .into_inner();
+        assert_eq!(
+            resp.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn reflection_lists_the_controller_services() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let h = Harness::start(Duration::from_secs(3600)).await;
+    let ch = client::connect(&h.addr, &h.bundle, None, Some(Duration::from_secs(10)))
+        .await
+        .expect("connect");
+    let mut refl = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let resp = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("in time")
+        .expect("ok")
+        .expect("one response");
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "quicmesh.controller.v1.Admin",
+        "quicmesh.controller.v1.ProxyApi",
+    ] {
+        assert!(names.iter().any(|n| n == want), "{names:?}");
+    }
+    h.stop().await;
+}
