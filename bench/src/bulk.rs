@@ -101,14 +101,39 @@ pub async fn quic_ceiling(limit: u64, duration: Duration) -> anyhow::Result<Bulk
         quinn::crypto::rustls::QuicServerConfig::try_from(server_tls)?,
     ));
     server_cfg.transport_config(Arc::new(transport()));
-    let runtime = Arc::new(quinn::TokioRuntime);
-    let server = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_cfg),
-        udp_socket(4 << 20)?,
-        runtime.clone(),
-    )?;
-    let server_addr = server.local_addr()?;
+    // The server runs on its own thread and runtime, as a second process would.
+    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
+    let server_thread = std::thread::spawn(move || -> anyhow::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let server = quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server_cfg),
+                udp_socket(4 << 20)?,
+                Arc::new(quinn::TokioRuntime),
+            )?;
+            let _ = addr_tx.send(server.local_addr()?);
+            let conn = tokio::time::timeout(Duration::from_secs(10), server.accept())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("quic endpoint closed"))?
+                .await?;
+            let (mut send, mut recv) = conn.accept_bi().await?;
+            let mut total = 0u64;
+            while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
+                total += chunk.bytes.len() as u64;
+            }
+            send.write_all(&total.to_be_bytes()).await?;
+            send.finish()?;
+            // Keep the connection until the client has read the count and closed.
+            let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+            anyhow::Ok(())
+        })
+    });
+    let server_addr = addr_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("quic ceiling: the server did not start"))?;
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert_der)?;
@@ -125,26 +150,8 @@ pub async fn quic_ceiling(limit: u64, duration: Duration) -> anyhow::Result<Bulk
         quinn::EndpointConfig::default(),
         None,
         udp_socket(4 << 20)?,
-        runtime,
+        Arc::new(quinn::TokioRuntime),
     )?;
-
-    let server_task = tokio::spawn(async move {
-        let conn = server
-            .accept()
-            .await
-            .ok_or_else(|| anyhow::anyhow!("quic endpoint closed"))?
-            .await?;
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let mut total = 0u64;
-        while let Some(chunk) = recv.read_chunk(1 << 20, true).await? {
-            total += chunk.bytes.len() as u64;
-        }
-        send.write_all(&total.to_be_bytes()).await?;
-        send.finish()?;
-        // Keep the connection until the client has read the count and closed.
-        conn.closed().await;
-        anyhow::Ok(())
-    });
 
     let conn = client
         .connect_with(client_cfg, server_addr, "localhost")?
@@ -164,8 +171,11 @@ pub async fn quic_ceiling(limit: u64, duration: Duration) -> anyhow::Result<Bulk
         .map_err(|_| anyhow::anyhow!("quic ceiling: no byte count within 30 s"))??;
     let secs = start.elapsed().as_secs_f64();
     conn.close(0u32.into(), b"done");
-    let _ = tokio::time::timeout(Duration::from_secs(5), server_task).await;
     client.wait_idle().await;
+    match tokio::task::spawn_blocking(move || server_thread.join()).await {
+        Ok(Ok(r)) => r?,
+        _ => anyhow::bail!("quic ceiling: the server thread panicked"),
+    }
     let got = u64::from_be_bytes(count);
     anyhow::ensure!(got == sent, "quic ceiling: sent {sent}, received {got}");
     Ok(BulkOutcome::new(got, secs))

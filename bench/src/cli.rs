@@ -95,6 +95,9 @@ struct CompareArgs {
     /// Skip the raw QUIC ceiling.
     #[arg(long)]
     no_quic_ceiling: bool,
+    /// `nbthread` of each HAProxy.
+    #[arg(long, default_value_t = 1)]
+    haproxy_threads: usize,
     /// Seconds-long run with tiny rates (what the smoke test runs).
     #[arg(long)]
     smoke: bool,
@@ -129,6 +132,9 @@ struct LossArgs {
     /// The quicmesh binary.
     #[arg(long)]
     quicmesh_bin: Option<PathBuf>,
+    /// `nbthread` of each HAProxy.
+    #[arg(long, default_value_t = 1)]
+    haproxy_threads: usize,
     /// The harness binary run inside the namespaces (default: this executable).
     #[arg(long)]
     bench_bin: Option<PathBuf>,
@@ -240,6 +246,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             s.rounds = a.rounds.max(1);
             s.protocols = a.protocols;
             s.quic_ceiling = !a.no_quic_ceiling;
+            s.haproxy_threads = a.haproxy_threads;
             let quicmesh_bin = if s.targets.contains(&Target::Quicmesh) {
                 topology::find_quicmesh(a.quicmesh_bin.as_deref())
             } else {
@@ -261,6 +268,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 duration: a.duration,
                 protocol: a.protocol,
                 targets: a.targets.clone(),
+                haproxy_threads: a.haproxy_threads,
             };
             let quicmesh_bin = if a.targets.contains(&Target::Quicmesh) {
                 topology::find_quicmesh(a.quicmesh_bin.as_deref())

@@ -56,6 +56,8 @@ pub struct CompareSettings {
     pub memory_connections: usize,
     /// Measure the raw QUIC ceiling.
     pub quic_ceiling: bool,
+    /// `nbthread` of each HAProxy.
+    pub haproxy_threads: usize,
 }
 
 impl CompareSettings {
@@ -74,6 +76,7 @@ impl CompareSettings {
             bulk_duration: Duration::from_secs(5),
             memory_connections: 1000,
             quic_ceiling: true,
+            haproxy_threads: 1,
         }
     }
 
@@ -92,6 +95,7 @@ impl CompareSettings {
             bulk_duration: Duration::from_secs(2),
             memory_connections: 20,
             quic_ceiling: true,
+            haproxy_threads: 1,
         }
     }
 }
@@ -254,7 +258,8 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
         .tempdir()?;
     let certs = certs::generate(dir.path())?;
     let app = AppServer::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), None).await?;
-    let placement = Placement::loopback(app.addr(), env.bench_bin.clone());
+    let mut placement = Placement::loopback(app.addr(), env.bench_bin.clone());
+    placement.haproxy_threads = settings.haproxy_threads;
     let mut skipped = BTreeMap::new();
     let mut paths: Vec<Path> = Vec::new();
     let mut targets = vec![Target::Direct];
@@ -440,7 +445,7 @@ fn write_outputs(
     let stamp = report.machine.unix_time;
     let json = report::write_json(out, &format!("compare-{stamp}.json"), report)?;
     println!("results: {}", json.display());
-    let mut by_scenario: BTreeMap<&str, Vec<(String, Vec<(f64, f64)>)>> = BTreeMap::new();
+    let mut by_scenario: BTreeMap<&str, Vec<report::Series>> = BTreeMap::new();
     let mut titles = BTreeMap::new();
     for r in &report.runs {
         if let Some(l) = &r.load {

@@ -3,6 +3,11 @@
 //! schedule says it should have been sent, so a stalled server cannot hide behind clients that stopped
 //! sending: no coordinated omission).
 //!
+//! Open loop, precisely: a request whose connection was still busy at its intended send time is measured
+//! from that intended time (it queued behind a slow answer, and that wait is the server's doing); one whose
+//! connection was idle is measured from its actual send, so the timer's 1 ms granularity is not counted
+//! as server latency. A stalled server keeps its connections busy, so every request it delays counts.
+//!
 //! Every loop is bounded in time (the run's duration, plus one request timeout to drain) and in count
 //! (`max_requests`). Each worker records into its own histograms; they are merged once at the end.
 
@@ -81,7 +86,8 @@ impl LoadSpec {
 pub struct LoadOutcome {
     /// The spec that produced it.
     pub spec: LoadSpec,
-    /// Latency from the intended send time (open loop) or the actual send time (closed loop).
+    /// Latency: closed loop from the send; open loop from the intended send time when the connection was
+    /// busy then, else from the send (see the module doc).
     pub latency: Histogram<u64>,
     /// Latency from the actual send time (service time), both modes.
     pub service: Histogram<u64>,
@@ -158,8 +164,8 @@ pub async fn connect_all(
     (conns, failed)
 }
 
-/// Runs `spec` against `addr`. Connections are opened first; `gate` is awaited after they are up and before
-/// the clock starts (the loss scenario switches loss on there).
+/// Runs `spec` against `addr`. Connections are opened and each makes one unmeasured exchange first; `gate`
+/// is awaited after that and before the clock starts (the loss scenario switches loss on there).
 pub async fn run(
     spec: &LoadSpec,
     addr: SocketAddr,
@@ -173,12 +179,35 @@ pub async fn run(
             spec.protocol.name()
         );
     }
+    // One exchange on each connection before the clock starts: proxies set up their upstream side (TLS
+    // handshakes, QUIC streams) lazily, and that start-up is not what the run measures.
+    let payload = Bytes::from(vec![0x5au8; spec.payload]);
+    let mut warm = tokio::task::JoinSet::new();
+    let sem = Arc::new(tokio::sync::Semaphore::new(64));
+    for mut c in conns {
+        let (payload, sem, timeout) = (payload.clone(), sem.clone(), spec.timeout);
+        warm.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            c.request(&payload, timeout).await.map(|()| c)
+        });
+    }
+    let mut conns = Vec::with_capacity(spec.connections);
+    let mut failed = failed;
+    while let Some(r) = warm.join_next().await {
+        match r {
+            Ok(Ok(c)) => conns.push(c),
+            _ => failed += 1,
+        }
+    }
+    anyhow::ensure!(
+        !conns.is_empty(),
+        "no connection to {addr} answered its first request"
+    );
     let connected = conns.len();
     if failed > 0 {
         tracing::warn!(failed, connected, %addr, "some connections could not be opened");
     }
     gate.await;
-    let payload = Bytes::from(vec![0x5au8; spec.payload]);
     let start = Instant::now();
     let hard_deadline = start + spec.duration + spec.timeout;
     let done = Arc::new(AtomicU64::new(0));
@@ -323,6 +352,7 @@ async fn open_worker(
     let total = ((rate * spec.duration.as_secs_f64()) as u64).min(spec.max_requests);
     let interval_ns = 1e9 / rate;
     let mut conn = Some(conn);
+    let mut busy_until = start;
     let mut i = w;
     while i < total {
         let intended = start + Duration::from_nanos((i as f64 * interval_ns) as u64);
@@ -332,6 +362,7 @@ async fn open_worker(
             continue;
         }
         tokio::time::sleep_until(intended).await;
+        let woke = Instant::now();
         done.fetch_add(1, Ordering::Relaxed);
         let c = match conn.as_mut() {
             Some(c) => c,
@@ -344,10 +375,16 @@ async fn open_worker(
             },
         };
         let sent = Instant::now();
-        match c.request(payload, spec.timeout).await {
+        let from = if busy_until > intended {
+            intended
+        } else {
+            woke
+        };
+        let result = c.request(payload, spec.timeout).await;
+        busy_until = Instant::now();
+        match result {
             Ok(()) => {
-                let now = Instant::now();
-                out.record(now - intended, now - sent);
+                out.record(busy_until - from, busy_until - sent);
             }
             Err(e) => {
                 out.error(e);

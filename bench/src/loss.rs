@@ -46,6 +46,8 @@ pub struct LossSettings {
     pub protocol: Protocol,
     /// Paths besides direct.
     pub targets: Vec<Target>,
+    /// `nbthread` of each HAProxy.
+    pub haproxy_threads: usize,
 }
 
 /// One (loss level, path) run.
@@ -362,6 +364,7 @@ pub async fn run(
         server_ip: IpAddr::V4(SERVER_IP),
         app,
         bench_bin: bench_bin.clone(),
+        haproxy_threads: s.haproxy_threads,
     };
     let mut skipped = BTreeMap::new();
     let mut paths = vec![Path::direct(&placement)];
@@ -414,7 +417,7 @@ pub async fn run(
         let path = report::write_json(&out, &format!("loss-{stamp}.json"), &report)?;
         println!("results: {}", path.display());
         for &percent in &report.settings.loss_percent {
-            let series: Vec<(String, Vec<(f64, f64)>)> = report
+            let series: Vec<report::Series> = report
                 .runs
                 .iter()
                 .filter(|r| r.loss_percent == percent)

@@ -23,6 +23,8 @@ pub struct MachineInfo {
     pub harness_version: String,
     /// Whether this harness was built with optimizations.
     pub release_build: bool,
+    /// /proc/loadavg when the report was written: other work on the machine skews every figure.
+    pub load_average: String,
 }
 
 fn read(path: impl AsRef<Path>) -> String {
@@ -56,6 +58,7 @@ pub fn machine_info() -> MachineInfo {
             .map_or(0, |d| d.as_secs()),
         harness_version: env!("CARGO_PKG_VERSION").to_owned(),
         release_build: !cfg!(debug_assertions),
+        load_average: read("/proc/loadavg").trim().to_owned(),
     }
 }
 

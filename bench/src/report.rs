@@ -121,6 +121,9 @@ pub fn ratio(x: f64, base: f64) -> String {
     }
 }
 
+/// One line of a percentile plot: its name and `(percentile, ms)` points.
+pub type Series = (String, Vec<(f64, f64)>);
+
 const COLORS: [&str; 6] = [
     "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b",
 ];
@@ -139,7 +142,7 @@ fn escape(s: &str) -> String {
 
 /// Renders a latency-by-percentile plot: one line per series of `(percentile, ms)` points; log-scaled
 /// latency axis, percentile axis stretched towards the tail like HdrHistogram's own plots.
-pub fn percentile_svg(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+pub fn percentile_svg(title: &str, series: &[Series]) -> String {
     let (w, h) = (760.0, 440.0);
     let (left, right, top, bottom) = (70.0, 170.0, 40.0, 50.0);
     let pw = w - left - right;

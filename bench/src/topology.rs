@@ -73,6 +73,8 @@ pub struct Placement {
     pub app: SocketAddr,
     /// The harness binary, for probes run inside a namespace.
     pub bench_bin: PathBuf,
+    /// HAProxy `nbthread` of each peer proxy.
+    pub haproxy_threads: usize,
 }
 
 impl Placement {
@@ -84,6 +86,7 @@ impl Placement {
             server_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             app,
             bench_bin,
+            haproxy_threads: 1,
         }
     }
 }
@@ -262,8 +265,12 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
 }
 
 /// HAProxy settings shared by both sides.
-const HAPROXY_GLOBAL: &str = "global\n  maxconn 8000\n  nbthread 2\n  tune.ssl.default-dh-param 2048\n\
-defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n";
+fn haproxy_global(threads: usize) -> String {
+    format!(
+        "global\n  maxconn 8000\n  nbthread {threads}\n\
+defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n"
+    )
+}
 
 /// Starts the HAProxy pair: server side terminating mTLS in front of the app, client side originating it.
 pub async fn haproxy_pair(
@@ -276,8 +283,9 @@ pub async fn haproxy_pair(
     })?;
     let server_port = port_in(&placement.server_ns)?;
     let server_listen = SocketAddr::new(placement.server_ip, server_port);
+    let global = haproxy_global(placement.haproxy_threads.max(1));
     let server_cfg = format!(
-        "{HAPROXY_GLOBAL}frontend mtls_in\n  bind {server_listen} ssl crt {} ca-file {} verify required\n  default_backend app\n\
+        "{global}frontend mtls_in\n  bind {server_listen} ssl crt {} ca-file {} verify required\n  default_backend app\n\
 backend app\n  server app {}\n",
         certs.server.combined.display(),
         certs.ca.display(),
@@ -286,7 +294,7 @@ backend app\n  server app {}\n",
     let client_port = port_in(&placement.client_ns)?;
     let client_listen = SocketAddr::from((Ipv4Addr::LOCALHOST, client_port));
     let client_cfg = format!(
-        "{HAPROXY_GLOBAL}frontend plain_in\n  bind {client_listen}\n  default_backend mtls_out\n\
+        "{global}frontend plain_in\n  bind {client_listen}\n  default_backend mtls_out\n\
 backend mtls_out\n  server peer {server_listen} ssl crt {} ca-file {} verify required\n",
         certs.client.combined.display(),
         certs.ca.display()

@@ -1,0 +1,206 @@
+//! The harness, exercised as a user runs it but short: the smoke comparison (seconds, tiny rates), the
+//! stall test that shows why open loop matters, and the loss scenario in shortened form (root only).
+//! Real benchmark runs are never part of the test suite.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use quicmesh_bench::{
+    client::Protocol,
+    compare::{self, CompareEnv, CompareSettings},
+    load::{self, LoadSpec, Mode},
+    loss::{self, LossOutcome, LossSettings},
+    server::{AppServer, StallPlan},
+    topology::{Target, which},
+};
+
+fn bench_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_quicmesh-bench"))
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Every scenario runs against direct (and the HAProxy pair when haproxy is installed) without an error,
+/// and the JSON, the Markdown tables and one plot per load scenario are written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_comparison_writes_json_table_and_plots() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let have_haproxy = which("haproxy").is_some();
+    if !have_haproxy {
+        println!("haproxy not installed: the smoke run covers direct only");
+    }
+    let targets = if have_haproxy {
+        vec![Target::Peer]
+    } else {
+        vec![]
+    };
+    let mut settings = CompareSettings::smoke(targets);
+    settings.duration = Duration::from_millis(250);
+    let out = tempfile::tempdir().expect("tempdir");
+    let env = CompareEnv {
+        quicmesh_bin: None,
+        bench_bin: bench_bin(),
+        out: Some(out.path().to_path_buf()),
+    };
+    let report = compare::compare(settings, env)
+        .await
+        .expect("smoke comparison");
+
+    let paths: Vec<Target> = if have_haproxy {
+        vec![Target::Direct, Target::Peer]
+    } else {
+        vec![Target::Direct]
+    };
+    // 2 fixed-rate... here 1 rate, 5 protocols, 1 rr count, bulk = 8 scenarios per path.
+    assert_eq!(report.runs.len(), 8 * paths.len(), "{:#?}", report.runs);
+    for r in &report.runs {
+        assert!(paths.contains(&r.target));
+        if let Some(l) = &r.load {
+            assert!(
+                l.ok > 0,
+                "{} on {:?}: no request succeeded",
+                r.scenario,
+                r.target
+            );
+            assert_eq!(
+                l.error_count(),
+                0,
+                "{} on {:?}: {:?}",
+                r.scenario,
+                r.target,
+                l.errors
+            );
+            assert!(l.latency_ms.p50 > 0.0 && l.latency_ms.p99 >= l.latency_ms.p50);
+        } else {
+            let b = r.bulk.expect("bulk figures");
+            assert!(b.bytes > 0 && b.gbit_s > 0.0);
+        }
+        if r.target == Target::Peer {
+            assert_eq!(r.proxies.len(), 2, "both HAProxy processes are measured");
+            assert!(r.proxies.iter().all(|p| p.peak_rss_kib > 0));
+        }
+    }
+    assert!(report.quic_ceiling.is_some_and(|c| c.gbit_s > 0.0));
+    if have_haproxy {
+        let m = report
+            .memory
+            .iter()
+            .find(|m| m.target == Target::Peer)
+            .expect("peer memory");
+        assert_eq!(m.connections, 20);
+        assert!(
+            m.processes
+                .iter()
+                .all(|(_, idle, loaded)| *idle > 0 && *loaded > 0)
+        );
+    }
+
+    let files: Vec<String> = std::fs::read_dir(out.path())
+        .expect("results dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        files
+            .iter()
+            .any(|f| f.starts_with("compare-") && f.ends_with(".json")),
+        "{files:?}"
+    );
+    assert_eq!(
+        files.iter().filter(|f| f.ends_with(".svg")).count(),
+        7,
+        "{files:?}"
+    );
+    let md = std::fs::read_to_string(out.path().join("latest.md")).expect("latest.md");
+    assert!(md.contains("| max-http1 req/s |"), "{md}");
+}
+
+/// Open loop catches a 1 s stall inside a 10 s run (p99 near a second); closed loop, on the same kind of
+/// server, hides it (p99 stays small, only the max shows it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_loop_catches_a_stall_that_closed_loop_hides() {
+    let stall = Some(StallPlan {
+        after: Duration::from_secs(4),
+        pause: Duration::from_secs(1),
+    });
+    let open_server = AppServer::spawn(loopback(), stall).await.expect("server");
+    let closed_server = AppServer::spawn(loopback(), stall).await.expect("server");
+    let run = Duration::from_secs(10);
+    let mut open = LoadSpec::new(Protocol::Tcp, Mode::Open { rate: 200.0 }, 4, run);
+    open.payload = 64;
+    let mut closed = LoadSpec::new(Protocol::Tcp, Mode::Closed, 2, run);
+    closed.payload = 64;
+    let (o, c) = tokio::join!(
+        load::run(&open, open_server.addr(), async {}),
+        load::run(&closed, closed_server.addr(), async {}),
+    );
+    let (o, c) = (
+        o.expect("open loop").summary(),
+        c.expect("closed loop").summary(),
+    );
+    println!("open:   {:?} ({} requests)", o.latency_ms, o.ok);
+    println!("closed: {:?} ({} requests)", c.latency_ms, c.ok);
+    assert_eq!(
+        o.error_count() + c.error_count(),
+        0,
+        "{:?} {:?}",
+        o.errors,
+        c.errors
+    );
+    assert!(o.ok >= 1900, "open loop sent its schedule: {}", o.ok);
+    assert!(
+        (700.0..=1300.0).contains(&o.latency_ms.p99),
+        "open-loop p99 should be about the 1 s stall: {:?}",
+        o.latency_ms
+    );
+    assert!(o.latency_ms.p50 < 50.0, "{:?}", o.latency_ms);
+    assert!(
+        c.latency_ms.max >= 900.0,
+        "the closed loop met the stall: {:?}",
+        c.latency_ms
+    );
+    assert!(
+        c.latency_ms.p99 < 100.0,
+        "closed-loop p99 hides the stall: {:?}",
+        c.latency_ms
+    );
+}
+
+/// The loss scenario in shortened form: two namespaces, 0% and 5% loss, direct and (when installed) the
+/// HAProxy pair. Skips with a printed reason when not root or a tool is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loss_scenario_shortened() {
+    if let Some(why) = loss::missing_prerequisite() {
+        println!("skipped: {why}");
+        return;
+    }
+    let have_haproxy = which("haproxy").is_some();
+    let settings = LossSettings {
+        loss_percent: vec![0, 5],
+        rate: 200.0,
+        connections: 8,
+        duration: Duration::from_secs(2),
+        protocol: Protocol::Http1,
+        targets: if have_haproxy {
+            vec![Target::Peer]
+        } else {
+            vec![]
+        },
+        haproxy_threads: 1,
+    };
+    let outcome = loss::run(settings, None, bench_bin(), None)
+        .await
+        .expect("loss scenario");
+    let LossOutcome::Done(report) = outcome else {
+        panic!("prerequisites were checked above");
+    };
+    let paths = if have_haproxy { 2 } else { 1 };
+    assert_eq!(report.runs.len(), 2 * paths, "{:#?}", report.runs);
+    for r in &report.runs {
+        assert!(r.summary.ok > 0, "{r:?}");
+        if r.loss_percent == 0 {
+            assert_eq!(r.summary.error_count(), 0, "{r:?}");
+            assert!(r.summary.ok >= 390, "{r:?}");
+        }
+    }
+}
