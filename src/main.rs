@@ -29,6 +29,8 @@ enum Command {
     Controller(quicmesh_controller::ControllerArgs),
     /// Operate the mesh through the controller's admin API.
     Ctl(quicmesh_controller::CtlArgs),
+    /// Load generator and benchmarks: direct vs quicmesh vs an mTLS TCP proxy pair, side by side.
+    Bench(quicmesh_bench::BenchArgs),
 }
 
 fn init_tracing() {
@@ -50,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             Command::Up(a) => up::run(a).await,
             Command::Controller(a) => Ok(quicmesh_controller::run_controller(a).await?),
             Command::Ctl(a) => Ok(quicmesh_controller::run_ctl(a).await?),
+            Command::Bench(a) => quicmesh_bench::run(a).await,
         }
     })
 }
