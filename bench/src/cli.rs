@@ -26,6 +26,15 @@ pub struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
+    /// Everything with default settings: `compare`, then `loss` (which skips, saying why, when not root).
+    All {
+        /// The quicmesh binary (default: target/release/quicmesh, or next to this executable).
+        #[arg(long)]
+        quicmesh_bin: Option<PathBuf>,
+        /// Results directory.
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
     /// Run every scenario against direct, quicmesh and the HAProxy mTLS pair, side by side.
     Compare(CompareArgs),
     /// Packet loss: client and server side in two network namespaces, loss by nftables (root only).
@@ -228,6 +237,34 @@ fn bench_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// Runs one `bench` subcommand.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
+        BenchCommand::All { quicmesh_bin, out } => {
+            let bin = topology::find_quicmesh(quicmesh_bin.as_deref());
+            let env = CompareEnv {
+                quicmesh_bin: bin.clone(),
+                bench_bin: bench_bin(None)?,
+                out: Some(out.clone()),
+            };
+            compare::compare(
+                CompareSettings::full(vec![Target::Quicmesh, Target::Peer]),
+                env,
+            )
+            .await?;
+            let settings = LossSettings {
+                loss_percent: vec![0, 1, 5],
+                rate: 3000.0,
+                connections: 64,
+                duration: Duration::from_secs(10),
+                protocol: Protocol::Http1,
+                targets: vec![Target::Quicmesh, Target::Peer],
+                haproxy_threads: 1,
+            };
+            if let loss::LossOutcome::Skipped(why) =
+                loss::run(settings, bin, bench_bin(None)?, Some(out)).await?
+            {
+                println!("loss scenario skipped: {why}");
+            }
+            Ok(())
+        }
         BenchCommand::Compare(a) => {
             let targets = a.targets.clone();
             let mut s = if a.smoke {

@@ -1,0 +1,81 @@
+//! The benchmark harness against the real `quicmesh` binary, short: the smoke comparison through a
+//! quicmesh sidecar pair, and the loss scenario in shortened form (root only; skips with a reason
+//! otherwise). The harness's own tests (direct, HAProxy, the stall test) live in `bench/tests/`.
+
+use std::{path::PathBuf, time::Duration};
+
+use quicmesh_bench::{
+    client::Protocol,
+    compare::{self, CompareEnv, CompareSettings},
+    loss::{self, LossOutcome, LossSettings},
+    topology::Target,
+};
+
+fn quicmesh() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_quicmesh"))
+}
+
+/// Every scenario of the comparison runs through two quicmesh sidecars without an error, both proxy
+/// processes are measured, and the quicmesh column of the ratio table is filled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_smoke_through_quicmesh() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut settings = CompareSettings::smoke(vec![Target::Quicmesh]);
+    settings.duration = Duration::from_millis(250);
+    settings.quic_ceiling = false;
+    let env = CompareEnv {
+        quicmesh_bin: Some(quicmesh()),
+        bench_bin: quicmesh(),
+        out: None,
+    };
+    let report = compare::compare(settings, env).await.expect("smoke comparison");
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    let runs: Vec<_> = report.runs.iter().filter(|r| r.target == Target::Quicmesh).collect();
+    assert_eq!(runs.len(), 8, "{:#?}", report.runs);
+    for r in runs {
+        if let Some(l) = &r.load {
+            assert!(l.ok > 0, "{}: nothing got through", r.scenario);
+            assert_eq!(l.error_count(), 0, "{}: {:?}", r.scenario, l.errors);
+        } else {
+            assert!(r.bulk.is_some_and(|b| b.bytes > 0), "{}", r.scenario);
+        }
+        assert_eq!(r.proxies.len(), 2);
+        assert!(r.proxies.iter().all(|p| p.peak_rss_kib > 0));
+    }
+    let m = report.memory.iter().find(|m| m.target == Target::Quicmesh).expect("memory figure");
+    assert_eq!(m.connections, 20, "every connection opened through the tunnel");
+    let (_, ratios) = compare::tables(&report);
+    assert!(ratios.to_string().contains("max-http1 req/s"));
+}
+
+/// The loss scenario, shortened: 0% and 5% loss between two network namespaces, direct and quicmesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_loss_shortened_through_quicmesh() {
+    if let Some(why) = loss::missing_prerequisite() {
+        println!("skipped: {why}");
+        return;
+    }
+    let settings = LossSettings {
+        loss_percent: vec![0, 5],
+        rate: 200.0,
+        connections: 16,
+        duration: Duration::from_secs(2),
+        protocol: Protocol::Http1,
+        targets: vec![Target::Quicmesh],
+        haproxy_threads: 1,
+    };
+    let outcome = loss::run(settings, Some(quicmesh()), quicmesh(), None)
+        .await
+        .expect("loss scenario");
+    let LossOutcome::Done(report) = outcome else {
+        panic!("prerequisites were checked above");
+    };
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    assert_eq!(report.runs.len(), 4, "{:#?}", report.runs);
+    for r in &report.runs {
+        assert!(r.summary.ok > 0, "{r:?}");
+        if r.loss_percent == 0 {
+            assert_eq!(r.summary.error_count(), 0, "{r:?}");
+        }
+    }
+}
