@@ -1,3 +1,9 @@
+//! The integration suite, compiled into one binary. Tiers (see tests/README.md): `dataplane` runs proxies
+//! in-process on real sockets; `process` runs the built `quicmesh` binary as child processes.
 
+mod support;
+
+mod dataplane;
+mod process;
 mod controller;
 mod bench;

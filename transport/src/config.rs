@@ -71,6 +71,9 @@ pub struct IdentityConfig {
     pub key: PathBuf,
     /// The CA certificates this proxy trusts, PEM.
     pub trust_bundle: PathBuf,
+    /// Trust domain every peer must belong to; defaults to the one in our own certificate.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
 }
 
 /// The inbound QUIC endpoint.

@@ -11,6 +11,7 @@ pub mod pool;
 pub mod splice;
 
 use std::{
+    str::FromStr,
     future::Future,
     net::SocketAddr,
     path::Path,
@@ -29,7 +30,7 @@ use crate::{
     admin::Admin,
     config::{ConfigError, ProxyConfig},
     identity::{Credentials, Leaf, credentials::roots_from_pem},
-    metrics::Metrics,
+    metrics::{Direction, DirectionLabels, Metrics},
     quic,
     retry::RetryBudget,
 };
@@ -99,7 +100,16 @@ pub fn load_credentials(cfg: &ProxyConfig, file: &Path) -> Result<Credentials, C
     if leaf.info.not_after < now {
         tracing::warn!(id = %leaf.info.id, not_after = %leaf.info.not_after, "our own certificate has expired; peers will refuse it");
     }
-    Ok(Credentials::new(leaf, roots))
+    let td = match &cfg.identity.trust_domain {
+        Some(td) => {
+            let probe = format!("spiffe://{td}/ns/x/sa/x");
+            crate::identity::SpiffeId::from_str(&probe)
+                .map_err(|_| ConfigError::new(file, "identity.trust_domain", format!("{td:?} is not a valid trust domain")))?;
+            td.clone()
+        }
+        None => leaf.info.id.trust_domain().to_owned(),
+    };
+    Ok(Credentials::with_trust_domain(leaf, roots, td))
 }
 
 impl Proxy {
@@ -216,11 +226,11 @@ impl Proxy {
 
         shutdown.await;
         self.ready.store(false, Ordering::Release);
-        let open = self.metrics.active.get_or_create(&crate::metrics::DirectionLabels {
-            direction: crate::metrics::Direction::Outbound,
-        }).get() + self.metrics.active.get_or_create(&crate::metrics::DirectionLabels {
-            direction: crate::metrics::Direction::Inbound,
-        }).get();
+        let open: i64 = [Direction::Outbound, Direction::Inbound]
+            .into_iter()
+            // One statement per lookup: a family's read guard must be gone before the next get_or_create.
+            .map(|direction| self.metrics.active.get_or_create(&DirectionLabels { direction }).get())
+            .sum();
         tracing::info!(grace = ?self.grace, open, "draining");
         drain.stop_accepting.cancel();
         for l in listeners {

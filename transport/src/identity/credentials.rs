@@ -139,15 +139,23 @@ pub struct Credentials {
 
 #[derive(Debug)]
 struct Inner {
+    trust_domain: String,
     leaf: RwLock<Leaf>,
     roots: RwLock<Arc<RootCertStore>>,
 }
 
 impl Credentials {
-    /// Credentials from a leaf and a trust bundle.
+    /// Credentials from a leaf and a trust bundle; peers must share the leaf's trust domain.
     pub fn new(leaf: Leaf, roots: RootCertStore) -> Self {
+        let td = leaf.info.id.trust_domain().to_owned();
+        Self::with_trust_domain(leaf, roots, td)
+    }
+
+    /// Credentials whose peers must belong to `trust_domain`.
+    pub fn with_trust_domain(leaf: Leaf, roots: RootCertStore, trust_domain: String) -> Self {
         Self {
             inner: Arc::new(Inner {
+                trust_domain,
                 leaf: RwLock::new(leaf),
                 roots: RwLock::new(Arc::new(roots)),
             }),
@@ -162,6 +170,11 @@ impl Credentials {
     /// This workload's identity.
     pub fn id(&self) -> SpiffeId {
         self.leaf().info.id
+    }
+
+    /// The trust domain peers must belong to.
+    pub fn trust_domain(&self) -> &str {
+        &self.inner.trust_domain
     }
 
     /// The current trust anchors.

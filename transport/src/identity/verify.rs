@@ -106,9 +106,6 @@ impl Shared {
         r
     }
 
-    fn trust_domain(&self) -> String {
-        self.creds.id().trust_domain().to_owned()
-    }
 }
 
 /// Verifies the server a proxy dials: chain to the trust bundle, SPIFFE ID in our trust domain, and the
@@ -158,7 +155,7 @@ impl ServerCertVerifier for PeerServerVerifier {
                 now,
                 s.provider.signature_verification_algorithms.all,
             )?;
-            check_identity(end_entity, &s.trust_domain(), self.expected.as_ref())?;
+            check_identity(end_entity, s.creds.trust_domain(), self.expected.as_ref())?;
             Ok(ServerCertVerified::assertion())
         })())
     }
@@ -253,7 +250,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         let s = &self.shared;
         s.count((|| {
             self.inner()?.verify_client_cert(end_entity, intermediates, now)?;
-            check_identity(end_entity, &s.trust_domain(), None)?;
+            check_identity(end_entity, s.creds.trust_domain(), None)?;
             Ok(ClientCertVerified::assertion())
         })())
     }
