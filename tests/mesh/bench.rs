@@ -28,9 +28,15 @@ async fn bench_smoke_through_quicmesh() {
         bench_bin: quicmesh(),
         out: None,
     };
-    let report = compare::compare(settings, env).await.expect("smoke comparison");
+    let report = compare::compare(settings, env)
+        .await
+        .expect("smoke comparison");
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
-    let runs: Vec<_> = report.runs.iter().filter(|r| r.target == Target::Quicmesh).collect();
+    let runs: Vec<_> = report
+        .runs
+        .iter()
+        .filter(|r| r.target == Target::Quicmesh)
+        .collect();
     assert_eq!(runs.len(), 8, "{:#?}", report.runs);
     for r in runs {
         if let Some(l) = &r.load {
@@ -42,8 +48,15 @@ async fn bench_smoke_through_quicmesh() {
         assert_eq!(r.proxies.len(), 2);
         assert!(r.proxies.iter().all(|p| p.peak_rss_kib > 0));
     }
-    let m = report.memory.iter().find(|m| m.target == Target::Quicmesh).expect("memory figure");
-    assert_eq!(m.connections, 20, "every connection opened through the tunnel");
+    let m = report
+        .memory
+        .iter()
+        .find(|m| m.target == Target::Quicmesh)
+        .expect("memory figure");
+    assert_eq!(
+        m.connections, 20,
+        "every connection opened through the tunnel"
+    );
     let (_, ratios) = compare::tables(&report);
     assert!(ratios.to_string().contains("max-http1 req/s"));
 }

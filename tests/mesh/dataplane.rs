@@ -22,7 +22,13 @@ async fn thousand_concurrent_connections_echo_byte_for_byte_over_one_quic_connec
     let echo = echo_server().await;
     let server = server_proxy(&pki, echo).await;
     pki.issue("client", "client");
-    let client = client_proxy(&pki, "client", &[server.inbound()], "connect_timeout = \"30s\"").await;
+    let client = client_proxy(
+        &pki,
+        "client",
+        &[server.inbound()],
+        "connect_timeout = \"30s\"",
+    )
+    .await;
     let target = client.outbound(0);
 
     let tasks: Vec<_> = (0..1000u64)
@@ -44,13 +50,36 @@ async fn thousand_concurrent_connections_echo_byte_for_byte_over_one_quic_connec
             failed.push((i, len, r));
         }
     }
-    assert!(failed.is_empty(), "{} of 1000 failed, e.g. {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    assert!(
+        failed.is_empty(),
+        "{} of 1000 failed, e.g. {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
 
     let m = client.metrics().await;
-    assert_eq!(metric(&m, "quicmesh_quic_connections", &[]), 1.0, "one QUIC connection carried all:\n{m}");
-    assert_eq!(metric(&m, "quicmesh_tunnel_opened_total", &["direction=\"outbound\""]), 1000.0);
+    assert_eq!(
+        metric(&m, "quicmesh_quic_connections", &[]),
+        1.0,
+        "one QUIC connection carried all:\n{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_tunnel_opened_total",
+            &["direction=\"outbound\""]
+        ),
+        1000.0
+    );
     let s = server.metrics().await;
-    assert_eq!(metric(&s, "quicmesh_tunnel_opened_total", &["spiffe://mesh.local/ns/default/sa/client"]), 1000.0);
+    assert_eq!(
+        metric(
+            &s,
+            "quicmesh_tunnel_opened_total",
+            &["spiffe://mesh.local/ns/default/sa/client"]
+        ),
+        1000.0
+    );
     client.shutdown().await;
     server.shutdown().await;
 }
@@ -81,7 +110,9 @@ async fn half_close_still_receives_the_whole_reply() {
     pki.issue("client", "client");
     let client = client_proxy(&pki, "client", &[server.inbound()], "").await;
 
-    let reply = roundtrip(client.outbound(0), &[7u8; 100_000], LONG).await.expect("roundtrip");
+    let reply = roundtrip(client.outbound(0), &[7u8; 100_000], LONG)
+        .await
+        .expect("roundtrip");
     assert_eq!(reply, "got 100000 bytes".repeat(1000).into_bytes());
     client.shutdown().await;
     server.shutdown().await;
@@ -92,7 +123,11 @@ async fn expect_tunnel_refused(target: SocketAddr) {
     let r = roundtrip(target, b"hello", Duration::from_secs(20)).await;
     match r {
         Ok(b) => assert!(b.is_empty(), "got data through a refused tunnel"),
-        Err(e) => assert_ne!(e.kind(), std::io::ErrorKind::TimedOut, "tunnel neither failed nor worked"),
+        Err(e) => assert_ne!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut,
+            "tunnel neither failed nor worked"
+        ),
     }
 }
 
@@ -107,33 +142,76 @@ async fn peers_with_foreign_ca_other_trust_domain_or_expired_certs_are_refused()
     foreign.issue("stranger", "client");
     pki.adopt(&foreign, "stranger");
     // Our CA, another trust domain.
-    pki.issue_at("otherdomain", "spiffe://other.example/ns/default/sa/client", -time::Duration::minutes(1), time::Duration::hours(1));
+    pki.issue_at(
+        "otherdomain",
+        "spiffe://other.example/ns/default/sa/client",
+        -time::Duration::minutes(1),
+        time::Duration::hours(1),
+    );
     // Our CA, expired an hour ago.
-    pki.issue_at("expired", "spiffe://mesh.local/ns/default/sa/client", -time::Duration::hours(2), -time::Duration::hours(1));
+    pki.issue_at(
+        "expired",
+        "spiffe://mesh.local/ns/default/sa/client",
+        -time::Duration::hours(2),
+        -time::Duration::hours(1),
+    );
 
-    for (name, reason) in [("stranger", "unknown_ca"), ("otherdomain", "wrong_trust_domain"), ("expired", "expired")] {
+    for (name, reason) in [
+        ("stranger", "unknown_ca"),
+        ("otherdomain", "wrong_trust_domain"),
+        ("expired", "expired"),
+    ] {
         // Each client trusts our server, so that the server is the one to judge the client's certificate.
         let identity = "trust_domain = \"mesh.local\"";
-        let client = client_proxy_with(&pki, name, identity, &[server.inbound()], "handshake_timeout = \"2s\"\nmax_attempts = 1").await;
+        let client = client_proxy_with(
+            &pki,
+            name,
+            identity,
+            &[server.inbound()],
+            "handshake_timeout = \"2s\"\nmax_attempts = 1",
+        )
+        .await;
         expect_tunnel_refused(client.outbound(0)).await;
         let ok = eventually(Duration::from_secs(5), || async {
-            metric(&server.metrics().await, "quicmesh_peer_refusals_total", &["direction=\"inbound\"", &format!("reason=\"{reason}\"")]) >= 1.0
+            metric(
+                &server.metrics().await,
+                "quicmesh_peer_refusals_total",
+                &["direction=\"inbound\"", &format!("reason=\"{reason}\"")],
+            ) >= 1.0
         })
         .await;
-        assert!(ok, "{name}: server did not count a {reason} refusal:\n{}", server.metrics().await);
+        assert!(
+            ok,
+            "{name}: server did not count a {reason} refusal:\n{}",
+            server.metrics().await
+        );
         let cm = client.metrics().await;
-        assert!(metric(&cm, "quicmesh_tunnel_failures_total", &["direction=\"outbound\""]) >= 1.0, "{name}: client did not count the failure:\n{cm}");
+        assert!(
+            metric(
+                &cm,
+                "quicmesh_tunnel_failures_total",
+                &["direction=\"outbound\""]
+            ) >= 1.0,
+            "{name}: client did not count the failure:\n{cm}"
+        );
         assert_eq!(metric(&cm, "quicmesh_tunnel_opened_total", &[]), 0.0);
         client.shutdown().await;
     }
     let s = server.metrics().await;
-    assert_eq!(metric(&s, "quicmesh_tunnel_opened_total", &[]), 0.0, "no stream reached the app:\n{s}");
+    assert_eq!(
+        metric(&s, "quicmesh_tunnel_opened_total", &[]),
+        0.0,
+        "no stream reached the app:\n{s}"
+    );
 
     // The other way round: a good client refuses a server whose certificate comes from another CA.
     let foreign_app = echo_server().await;
     let rogue = {
         foreign.issue("server", "echo");
-        let cfg = foreign.config("server", &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{foreign_app}\"\n"));
+        let cfg = foreign.config(
+            "server",
+            &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{foreign_app}\"\n"),
+        );
         start_proxy(&cfg).await
     };
     pki.issue("client", "client");
@@ -141,7 +219,11 @@ async fn peers_with_foreign_ca_other_trust_domain_or_expired_certs_are_refused()
     expect_tunnel_refused(client.outbound(0)).await;
     let cm = client.metrics().await;
     assert!(
-        metric(&cm, "quicmesh_peer_refusals_total", &["direction=\"outbound\"", "reason=\"unknown_ca\""]) >= 1.0,
+        metric(
+            &cm,
+            "quicmesh_peer_refusals_total",
+            &["direction=\"outbound\"", "reason=\"unknown_ca\""]
+        ) >= 1.0,
         "client did not count the rogue server:\n{cm}"
     );
     client.shutdown().await;
@@ -155,14 +237,27 @@ async fn with_one_endpoint_down_every_connection_succeeds() {
     let echo = echo_server().await;
     let server = server_proxy(&pki, echo).await;
     // An address where no proxy listens: bind a UDP port, then free it.
-    let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp").local_addr().expect("addr");
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("udp")
+        .local_addr()
+        .expect("addr");
     pki.issue("client", "client");
-    let client = client_proxy(&pki, "client", &[dead, server.inbound()], "handshake_timeout = \"300ms\"").await;
+    let client = client_proxy(
+        &pki,
+        "client",
+        &[dead, server.inbound()],
+        "handshake_timeout = \"300ms\"",
+    )
+    .await;
     let target = client.outbound(0);
 
     for round in 0..4 {
         let tasks: Vec<_> = (0..50)
-            .map(|i| tokio::spawn(async move { roundtrip(target, format!("round {round} conn {i}").as_bytes(), LONG).await }))
+            .map(|i| {
+                tokio::spawn(async move {
+                    roundtrip(target, format!("round {round} conn {i}").as_bytes(), LONG).await
+                })
+            })
             .collect();
         for (i, t) in tasks.into_iter().enumerate() {
             let back = t.await.expect("task").expect("roundtrip");
@@ -171,7 +266,10 @@ async fn with_one_endpoint_down_every_connection_succeeds() {
     }
     let m = client.metrics().await;
     assert_eq!(metric(&m, "quicmesh_tunnel_opened_total", &[]), 200.0);
-    assert!(metric(&m, "quicmesh_retries_total", &[]) >= 1.0, "the dead endpoint was never tried:\n{m}");
+    assert!(
+        metric(&m, "quicmesh_retries_total", &[]) >= 1.0,
+        "the dead endpoint was never tried:\n{m}"
+    );
     assert_eq!(metric(&m, "quicmesh_tunnel_failures_total", &[]), 0.0);
     client.shutdown().await;
     server.shutdown().await;
@@ -180,25 +278,38 @@ async fn with_one_endpoint_down_every_connection_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_that_never_accepts_closes_within_the_deadline() {
     // A listener with a backlog of one whose queue we fill: further SYNs are dropped, connect() hangs.
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
-    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
     sock.listen(0).expect("listen");
     let stuck: SocketAddr = sock.local_addr().expect("addr").as_socket().expect("inet");
     let mut fillers = Vec::new();
     for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(stuck)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(stuck)).await
+        {
             fillers.push(s);
         }
     }
     let pki = Pki::new();
     let server = server_proxy(&pki, stuck).await;
     pki.issue("client", "client");
-    let client = client_proxy(&pki, "client", &[server.inbound()], "connect_timeout = \"1s\"").await;
+    let client = client_proxy(
+        &pki,
+        "client",
+        &[server.inbound()],
+        "connect_timeout = \"1s\"",
+    )
+    .await;
 
     let t0 = std::time::Instant::now();
     expect_tunnel_refused(client.outbound(0)).await;
     let took = t0.elapsed();
-    assert!(took < Duration::from_millis(1800), "connection closed after {took:?}, deadline 1s");
+    assert!(
+        took < Duration::from_millis(1800),
+        "connection closed after {took:?}, deadline 1s"
+    );
 
     // A destination that accepts but never answers: the total deadline resets the tunneled connection.
     let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -210,22 +321,38 @@ async fn destination_that_never_accepts_closes_within_the_deadline() {
         }
     });
     let server2 = {
-        let cfg = pki.config("server", &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{silent_addr}\"\n"));
+        let cfg = pki.config(
+            "server",
+            &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{silent_addr}\"\n"),
+        );
         start_proxy(&cfg).await
     };
     let client2 = client_proxy(&pki, "client", &[server2.inbound()], "deadline = \"1s\"").await;
     let t0 = std::time::Instant::now();
-    let mut s = TcpStream::connect(client2.outbound(0)).await.expect("connect");
+    let mut s = TcpStream::connect(client2.outbound(0))
+        .await
+        .expect("connect");
     s.write_all(b"anyone there?").await.expect("write");
     let mut buf = [0u8; 16];
-    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.expect("closed before 10s");
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed before 10s");
     let took = t0.elapsed();
     assert!(matches!(r, Ok(0) | Err(_)), "unexpected data {r:?}");
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_millis(1800), "closed after {took:?}, deadline 1s");
-    assert!(eventually(Duration::from_secs(5), || async {
-        metric(&client2.metrics().await, "quicmesh_tunnel_closed_total", &["outcome=\"deadline_exceeded\""]) == 1.0
-    })
-    .await);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1800),
+        "closed after {took:?}, deadline 1s"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(
+                &client2.metrics().await,
+                "quicmesh_tunnel_closed_total",
+                &["outcome=\"deadline_exceeded\""],
+            ) == 1.0
+        })
+        .await
+    );
     for p in [client, server, client2, server2] {
         p.shutdown().await;
     }
@@ -238,17 +365,24 @@ fn raw_client_config(pki: &Pki) -> quinn::ClientConfig {
     let cert = std::fs::read(pki.path().join("raw.pem")).expect("cert");
     let key = std::fs::read(pki.path().join("raw.key")).expect("key");
     let leaf = credentials::Leaf::from_pem(&provider, &cert, &key).expect("leaf");
-    let roots = credentials::roots_from_pem(&std::fs::read(pki.path().join("ca.pem")).expect("ca")).expect("roots");
+    let roots = credentials::roots_from_pem(&std::fs::read(pki.path().join("ca.pem")).expect("ca"))
+        .expect("roots");
     let creds = quicmesh_transport::identity::Credentials::new(leaf, roots);
-    quic::client_config(&creds, &QuicConfig::default(), Default::default(), None).expect("client config")
+    quic::client_config(&creds, &QuicConfig::default(), Default::default(), None)
+        .expect("client config")
 }
 
 /// Opens a stream, sends `bytes` and finishes; returns the reset code the peer answers with, if any.
-async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<Vec<u8>, quinn::ReadToEndError> {
+async fn send_raw(
+    conn: &quinn::Connection,
+    bytes: &[u8],
+) -> Result<Vec<u8>, quinn::ReadToEndError> {
     let (mut send, mut recv) = conn.open_bi().await.expect("open");
     send.write_all(bytes).await.expect("write");
     let _ = send.finish();
-    tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(1 << 20)).await.expect("answer in time")
+    tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(1 << 20))
+        .await
+        .expect("answer in time")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,27 +393,43 @@ async fn garbage_truncated_or_oversized_headers_reset_only_that_stream() {
     pki.issue("raw", "raw-client");
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let conn = ep
-        .connect_with(raw_client_config(&pki), server.inbound(), "peer.quicmesh.invalid")
+        .connect_with(
+            raw_client_config(&pki),
+            server.inbound(),
+            "peer.quicmesh.invalid",
+        )
         .expect("connect")
         .await
         .expect("handshake");
 
-    let protocol_error = Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(quicmesh_transport::tunnel::code::PROTOCOL_ERROR)));
+    let protocol_error = Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(
+        quicmesh_transport::tunnel::code::PROTOCOL_ERROR,
+    )));
     // Not protobuf: wire type 7 does not exist.
-    assert_eq!(send_raw(&conn, &[0, 4, 0xff, 0xff, 0xff, 0xff]).await, protocol_error);
+    assert_eq!(
+        send_raw(&conn, &[0, 4, 0xff, 0xff, 0xff, 0xff]).await,
+        protocol_error
+    );
     // Length says 100, 3 bytes follow, then FIN.
     assert_eq!(send_raw(&conn, &[0, 100, 1, 2, 3]).await, protocol_error);
     // Length beyond the 8 KiB limit.
     assert_eq!(send_raw(&conn, &[0xff, 0xff, 0]).await, protocol_error);
     // A well-formed protobuf that names no service.
-    let empty = StreamHeader { port: 7, ..Default::default() };
+    let empty = StreamHeader {
+        port: 7,
+        ..Default::default()
+    };
     let mut f = BytesMut::new();
     f.extend_from_slice(&(empty.encoded_len() as u16).to_be_bytes());
     empty.encode(&mut f).expect("encode");
     assert_eq!(send_raw(&conn, &f).await, protocol_error);
 
     // The connection lives on: a proper stream on it still works end to end.
-    let good = StreamHeader { service: "echo".into(), port: 7, ..Default::default() };
+    let good = StreamHeader {
+        service: "echo".into(),
+        port: 7,
+        ..Default::default()
+    };
     let mut f = BytesMut::new();
     f.extend_from_slice(&(good.encoded_len() as u16).to_be_bytes());
     good.encode(&mut f).expect("encode");
@@ -293,7 +443,14 @@ async fn garbage_truncated_or_oversized_headers_reset_only_that_stream() {
 
     let m = server.metrics().await;
     for reason in ["malformed", "truncated", "oversized"] {
-        assert!(metric(&m, "quicmesh_protocol_errors_total", &[&format!("reason=\"{reason}\"")]) >= 1.0, "{reason}:\n{m}");
+        assert!(
+            metric(
+                &m,
+                "quicmesh_protocol_errors_total",
+                &[&format!("reason=\"{reason}\"")]
+            ) >= 1.0,
+            "{reason}:\n{m}"
+        );
     }
     assert_eq!(metric(&m, "quicmesh_protocol_errors_total", &[]), 4.0);
     server.shutdown().await;
@@ -309,6 +466,9 @@ async fn admin_endpoint_reports_live_ready_and_metrics() {
     assert_eq!(scrape(admin, "/ready").await.0, 200);
     let (code, body) = scrape(admin, "/metrics").await;
     assert_eq!(code, 200);
-    assert!(body.contains("# TYPE quicmesh_retries_budget_exhausted counter"), "{body}");
+    assert!(
+        body.contains("# TYPE quicmesh_retries_budget_exhausted counter"),
+        "{body}"
+    );
     server.shutdown().await;
 }

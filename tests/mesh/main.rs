@@ -3,7 +3,7 @@
 
 mod support;
 
+mod bench;
+mod controller;
 mod dataplane;
 mod process;
-mod controller;
-mod bench;

@@ -33,23 +33,37 @@ impl ProxyProcess {
             .expect("spawn quicmesh proxy");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read ready line");
-        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read ready line");
+        let ready: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
         assert_eq!(ready["event"], "ready");
         Self { child, ready }
     }
 
     fn addr(&self, key: &str) -> SocketAddr {
-        self.ready[key].as_str().expect("address").parse().expect("socket address")
+        self.ready[key]
+            .as_str()
+            .expect("address")
+            .parse()
+            .expect("socket address")
     }
 
     fn outbound(&self) -> SocketAddr {
-        self.ready["outbound"][0].as_str().expect("outbound").parse().expect("socket address")
+        self.ready["outbound"][0]
+            .as_str()
+            .expect("outbound")
+            .parse()
+            .expect("socket address")
     }
 
     fn terminate(&mut self) {
         let pid = self.child.id().to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        let status = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
         assert!(status.success());
     }
 
@@ -60,7 +74,10 @@ impl ProxyProcess {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
                 return s;
             }
-            assert!(std::time::Instant::now() < until, "proxy did not exit within {limit:?}");
+            assert!(
+                std::time::Instant::now() < until,
+                "proxy did not exit within {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -82,7 +99,11 @@ async fn proxy_binaries_move_data_and_drain_on_sigterm() {
         let st = Command::new(BIN)
             .args(["ca", "issue", "--dir"])
             .arg(pki.path())
-            .args(["--id", &format!("spiffe://mesh.local/ns/default/sa/{sa}"), "--out"])
+            .args([
+                "--id",
+                &format!("spiffe://mesh.local/ns/default/sa/{sa}"),
+                "--out",
+            ])
             .arg(pki.path().join(name))
             .stdout(Stdio::null())
             .status()
@@ -91,7 +112,10 @@ async fn proxy_binaries_move_data_and_drain_on_sigterm() {
     }
 
     let echo = echo_server().await;
-    let server_cfg = pki.config("server", &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{echo}\"\n"));
+    let server_cfg = pki.config(
+        "server",
+        &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{echo}\"\n"),
+    );
     let mut server = ProxyProcess::start(&server_cfg);
     let client_cfg = pki.config_with(
         "client",
@@ -106,21 +130,30 @@ async fn proxy_binaries_move_data_and_drain_on_sigterm() {
     let target = client.outbound();
 
     let payload: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
-    let back = roundtrip(target, &payload, Duration::from_secs(30)).await.expect("roundtrip");
+    let back = roundtrip(target, &payload, Duration::from_secs(30))
+        .await
+        .expect("roundtrip");
     assert!(back == payload, "echo differs");
     assert_eq!(scrape(client.addr("admin"), "/ready").await.0, 200);
 
     // Drain: an open tunneled connection keeps working after SIGTERM; new ones are refused.
-    let mut open = tokio::net::TcpStream::connect(target).await.expect("connect");
+    let mut open = tokio::net::TcpStream::connect(target)
+        .await
+        .expect("connect");
     open.write_all(b"before").await.expect("write");
     let mut buf = [0u8; 6];
     open.read_exact(&mut buf).await.expect("read");
     client.terminate();
     assert!(
-        eventually(Duration::from_secs(5), || async { tokio::net::TcpStream::connect(target).await.is_err() }).await,
+        eventually(Duration::from_secs(5), || async {
+            tokio::net::TcpStream::connect(target).await.is_err()
+        })
+        .await,
         "listener still accepting after SIGTERM"
     );
-    open.write_all(b"after!").await.expect("write after SIGTERM");
+    open.write_all(b"after!")
+        .await
+        .expect("write after SIGTERM");
     open.read_exact(&mut buf).await.expect("read after SIGTERM");
     assert_eq!(&buf, b"after!");
     drop(open);
@@ -145,10 +178,18 @@ fn startup_error(config_text: &str, files: &[(&str, &str)]) -> String {
         .spawn()
         .expect("spawn");
     let mut err = String::new();
-    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("stderr");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
     let st = child.wait().expect("wait");
     assert!(!st.success(), "start-up should fail:\n{err}");
-    assert!(err.contains(&cfg.display().to_string()), "error does not name the file:\n{err}");
+    assert!(
+        err.contains(&cfg.display().to_string()),
+        "error does not name the file:\n{err}"
+    );
     err
 }
 
@@ -159,25 +200,51 @@ async fn bad_configuration_stops_startup_naming_file_key_and_problem() {
     let cert = pki.path().join("p.pem").display().to_string();
     let key = pki.path().join("p.key").display().to_string();
     let ca = pki.path().join("ca.pem").display().to_string();
-    let identity = format!("[identity]\ncert = \"{cert}\"\nkey = \"{key}\"\ntrust_bundle = \"{ca}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+    let identity = format!(
+        "[identity]\ncert = \"{cert}\"\nkey = \"{key}\"\ntrust_bundle = \"{ca}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"
+    );
 
-    let err = startup_error(&format!("{identity}[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:1\"\nsevices = []\n"), &[]);
-    assert!(err.contains("inbound.sevices") && err.contains("unknown field `sevices`"), "{err}");
+    let err = startup_error(
+        &format!(
+            "{identity}[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"127.0.0.1:1\"\nsevices = []\n"
+        ),
+        &[],
+    );
+    assert!(
+        err.contains("inbound.sevices") && err.contains("unknown field `sevices`"),
+        "{err}"
+    );
 
     let missing = identity.replace(&cert, "/nonexistent/p.pem");
     let err = startup_error(&missing, &[]);
-    assert!(err.contains("identity.cert") && err.contains("/nonexistent/p.pem") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("identity.cert")
+            && err.contains("/nonexistent/p.pem")
+            && err.contains("No such file"),
+        "{err}"
+    );
 
-    let err = startup_error(&identity.replace(&cert, "bad.pem"), &[("bad.pem", "not a certificate")]);
-    assert!(err.contains("identity.cert") && err.contains("no PEM certificate"), "{err}");
+    let err = startup_error(
+        &identity.replace(&cert, "bad.pem"),
+        &[("bad.pem", "not a certificate")],
+    );
+    assert!(
+        err.contains("identity.cert") && err.contains("no PEM certificate"),
+        "{err}"
+    );
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
     let err = startup_error(
-        &format!("{identity}[[outbound]]\nlisten = \"127.0.0.1:{port}\"\nservice = \"s\"\nport = 1\nendpoints = [\"127.0.0.1:1\"]\n"),
+        &format!(
+            "{identity}[[outbound]]\nlisten = \"127.0.0.1:{port}\"\nservice = \"s\"\nport = 1\nendpoints = [\"127.0.0.1:1\"]\n"
+        ),
         &[],
     );
-    assert!(err.contains("outbound[0].listen") && err.contains("in use"), "{err}");
+    assert!(
+        err.contains("outbound[0].listen") && err.contains("in use"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -188,7 +255,11 @@ fn quick_start_runs_traffic_through_the_mesh() {
         .output()
         .expect("run quicmesh up");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "quicmesh up failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "quicmesh up failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("failures        0"), "{stdout}");
     assert!(stdout.contains("quicmesh_tunnel_opened_total"), "{stdout}");
 }

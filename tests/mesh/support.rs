@@ -41,7 +41,9 @@ impl Pki {
 
     pub fn with_trust_domain(td: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca = CertificateAuthority::generate(td, OffsetDateTime::now_utc() + time::Duration::days(1)).expect("CA");
+        let ca =
+            CertificateAuthority::generate(td, OffsetDateTime::now_utc() + time::Duration::days(1))
+                .expect("CA");
         std::fs::write(dir.path().join("ca.pem"), ca.cert_pem()).expect("write ca");
         Self { dir, ca }
     }
@@ -60,13 +62,22 @@ impl Pki {
     }
 
     pub fn issue(&self, name: &str, sa: &str) {
-        self.issue_at(name, &format!("spiffe://{TD}/ns/default/sa/{sa}"), -time::Duration::minutes(1), time::Duration::hours(1));
+        self.issue_at(
+            name,
+            &format!("spiffe://{TD}/ns/default/sa/{sa}"),
+            -time::Duration::minutes(1),
+            time::Duration::hours(1),
+        );
     }
 
     /// Copies `name.pem`/`name.key` issued by another PKI into this directory (a foreign identity).
     pub fn adopt(&self, other: &Pki, name: &str) {
         for ext in ["pem", "key"] {
-            std::fs::copy(other.path().join(format!("{name}.{ext}")), self.path().join(format!("{name}.{ext}"))).expect("copy");
+            std::fs::copy(
+                other.path().join(format!("{name}.{ext}")),
+                self.path().join(format!("{name}.{ext}")),
+            )
+            .expect("copy");
         }
     }
 
@@ -134,7 +145,10 @@ pub async fn start_proxy(config: &Path) -> Running {
 /// Server-side proxy for `app`, identity `server` (sa `echo`).
 pub async fn server_proxy(pki: &Pki, app: SocketAddr) -> Running {
     pki.issue("server", "echo");
-    let cfg = pki.config("server", &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n"));
+    let cfg = pki.config(
+        "server",
+        &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n"),
+    );
     start_proxy(&cfg).await
 }
 
@@ -144,7 +158,13 @@ pub async fn client_proxy(pki: &Pki, name: &str, endpoints: &[SocketAddr], extra
 }
 
 /// [`client_proxy`] with extra `[identity]` keys.
-pub async fn client_proxy_with(pki: &Pki, name: &str, identity: &str, endpoints: &[SocketAddr], extra: &str) -> Running {
+pub async fn client_proxy_with(
+    pki: &Pki,
+    name: &str,
+    identity: &str,
+    endpoints: &[SocketAddr],
+    extra: &str,
+) -> Running {
     let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
     let cfg = pki.config_with(
         name,
@@ -175,7 +195,11 @@ pub async fn echo_server() -> SocketAddr {
 }
 
 /// Sends `payload`, half-closes, and reads everything back until EOF, within `limit`.
-pub async fn roundtrip(target: SocketAddr, payload: &[u8], limit: Duration) -> std::io::Result<Vec<u8>> {
+pub async fn roundtrip(
+    target: SocketAddr,
+    payload: &[u8],
+    limit: Duration,
+) -> std::io::Result<Vec<u8>> {
     tokio::time::timeout(limit, async {
         let s = TcpStream::connect(target).await?;
         let (mut r, mut w) = s.into_split();
@@ -199,7 +223,8 @@ pub async fn roundtrip(target: SocketAddr, payload: &[u8], limit: Duration) -> s
 pub async fn scrape(addr: SocketAddr, path: &str) -> (u16, String) {
     let fut = async {
         let mut s = TcpStream::connect(addr).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+            .await?;
         let mut text = String::new();
         s.read_to_string(&mut text).await?;
         std::io::Result::Ok(text)
@@ -208,8 +233,15 @@ pub async fn scrape(addr: SocketAddr, path: &str) -> (u16, String) {
         .await
         .expect("admin answered in time")
         .expect("admin request");
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -220,7 +252,8 @@ pub fn metric(body: &str, name: &str, labels: &[&str]) -> f64 {
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && labels.iter().all(|x| rest.contains(x))).then(|| value.parse::<f64>().ok())?
+            (n == name && labels.iter().all(|x| rest.contains(x)))
+                .then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }

@@ -28,7 +28,11 @@ pub struct Admin {
 
 impl Admin {
     /// Binds the admin listener.
-    pub async fn bind(addr: SocketAddr, registry: Registry, ready: Arc<AtomicBool>) -> std::io::Result<Self> {
+    pub async fn bind(
+        addr: SocketAddr,
+        registry: Registry,
+        ready: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
         Ok(Self {
             listener: TcpListener::bind(addr).await?,
             state: Arc::new(AdminState { registry, ready }),
@@ -66,7 +70,10 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(e) => (

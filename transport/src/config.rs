@@ -279,23 +279,43 @@ impl ProxyConfig {
                 return Err(ConfigError::new(path, key("service"), "must not be empty"));
             }
             if o.endpoints.is_empty() {
-                return Err(ConfigError::new(path, key("endpoints"), "needs at least one address"));
+                return Err(ConfigError::new(
+                    path,
+                    key("endpoints"),
+                    "needs at least one address",
+                ));
             }
             if o.max_attempts == 0 {
-                return Err(ConfigError::new(path, key("max_attempts"), "must be at least 1"));
+                return Err(ConfigError::new(
+                    path,
+                    key("max_attempts"),
+                    "must be at least 1",
+                ));
             }
             if o.connect_timeout.is_zero() {
-                return Err(ConfigError::new(path, key("connect_timeout"), "must be positive"));
+                return Err(ConfigError::new(
+                    path,
+                    key("connect_timeout"),
+                    "must be positive",
+                ));
             }
             if o.deadline.is_some_and(|d| d.is_zero()) {
                 return Err(ConfigError::new(path, key("deadline"), "must be positive"));
             }
         }
         if !(0.0..=10.0).contains(&self.retry.ratio) {
-            return Err(ConfigError::new(path, "retry.ratio", "must be between 0 and 10"));
+            return Err(ConfigError::new(
+                path,
+                "retry.ratio",
+                "must be between 0 and 10",
+            ));
         }
         if self.quic.max_concurrent_streams == 0 {
-            return Err(ConfigError::new(path, "quic.max_concurrent_streams", "must be positive"));
+            return Err(ConfigError::new(
+                path,
+                "quic.max_concurrent_streams",
+                "must be positive",
+            ));
         }
         Ok(())
     }
@@ -356,7 +376,10 @@ connect_timeout = "2s"
         let text = BASE.replace("connect_timeout = \"2s\"", "conect_timeout = \"2s\"");
         let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("typo");
         assert_eq!(err.key, "outbound.conect_timeout");
-        assert!(err.problem.contains("unknown field `conect_timeout`"), "{err}");
+        assert!(
+            err.problem.contains("unknown field `conect_timeout`"),
+            "{err}"
+        );
         assert!(err.to_string().starts_with("p.toml: "), "{err}");
     }
 

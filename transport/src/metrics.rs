@@ -36,7 +36,10 @@ pub enum Direction {
 }
 
 impl EncodeLabelValue for Direction {
-    fn encode(&self, e: &mut prometheus_client::encoding::LabelValueEncoder) -> Result<(), std::fmt::Error> {
+    fn encode(
+        &self,
+        e: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
         use std::fmt::Write;
         e.write_str(match self {
             Self::Inbound => "inbound",
@@ -145,16 +148,56 @@ impl Metrics {
             connections: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("quicmesh");
-        r.register("tunnel_opened", "Tunneled connections opened", m.opened.clone());
-        r.register("tunnel_closed", "Tunneled connections closed, by outcome", m.closed.clone());
-        r.register("tunnel_bytes", "Application bytes carried through tunnels", m.bytes.clone());
-        r.register("tunnel_active", "Tunneled connections open now", m.active.clone());
-        r.register("retries", "Connect-phase retries of tunneled connections", m.retries.clone());
-        r.register("retries_budget_exhausted", "Retries not made because the retry budget was spent", m.retries_denied.clone());
-        r.register("tunnel_failures", "Tunneled connections that never reached the destination app", m.failures.clone());
-        r.register("quic_handshake_failures", "QUIC handshakes that failed", m.handshake_failures.clone());
-        r.register("peer_refusals", "Peer certificates refused (authentication/authorization failures)", m.refusals.clone());
-        r.register("protocol_errors", "Malformed tunnel stream headers received", m.protocol_errors.clone());
+        r.register(
+            "tunnel_opened",
+            "Tunneled connections opened",
+            m.opened.clone(),
+        );
+        r.register(
+            "tunnel_closed",
+            "Tunneled connections closed, by outcome",
+            m.closed.clone(),
+        );
+        r.register(
+            "tunnel_bytes",
+            "Application bytes carried through tunnels",
+            m.bytes.clone(),
+        );
+        r.register(
+            "tunnel_active",
+            "Tunneled connections open now",
+            m.active.clone(),
+        );
+        r.register(
+            "retries",
+            "Connect-phase retries of tunneled connections",
+            m.retries.clone(),
+        );
+        r.register(
+            "retries_budget_exhausted",
+            "Retries not made because the retry budget was spent",
+            m.retries_denied.clone(),
+        );
+        r.register(
+            "tunnel_failures",
+            "Tunneled connections that never reached the destination app",
+            m.failures.clone(),
+        );
+        r.register(
+            "quic_handshake_failures",
+            "QUIC handshakes that failed",
+            m.handshake_failures.clone(),
+        );
+        r.register(
+            "peer_refusals",
+            "Peer certificates refused (authentication/authorization failures)",
+            m.refusals.clone(),
+        );
+        r.register(
+            "protocol_errors",
+            "Malformed tunnel stream headers received",
+            m.protocol_errors.clone(),
+        );
         r.register_collector(Box::new(m.connections.clone()));
         m
     }
@@ -192,7 +235,10 @@ impl Metrics {
             closed_deadline: closed("deadline_exceeded"),
             to_peer: b("to_peer"),
             from_peer: b("from_peer"),
-            active: self.active.get_or_create(&DirectionLabels { direction }).clone(),
+            active: self
+                .active
+                .get_or_create(&DirectionLabels { direction })
+                .clone(),
         }
     }
 }
@@ -236,7 +282,9 @@ impl ConnectionTable {
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (Direction, String, quinn::Connection)>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, (Direction, String, quinn::Connection)>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -287,7 +335,6 @@ impl Collector for ConnectionTable {
         for (l, s) in &labels {
             ConstGauge::new(s.path.rtt.as_secs_f64()).encode(e.encode_family(l)?)?;
         }
-        drop(e);
         let mut e = encoder.encode_descriptor(
             "quic_lost_packets",
             "Packets declared lost on each QUIC connection",
@@ -297,7 +344,6 @@ impl Collector for ConnectionTable {
         for (l, s) in &labels {
             ConstCounter::new(s.path.lost_packets).encode(e.encode_family(l)?)?;
         }
-        drop(e);
         let mut e = encoder.encode_descriptor(
             "quic_congestion_window_bytes",
             "Congestion window of each QUIC connection",

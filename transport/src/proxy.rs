@@ -11,10 +11,10 @@ pub mod pool;
 pub mod splice;
 
 use std::{
-    str::FromStr,
     future::Future,
     net::SocketAddr,
     path::Path,
+    str::FromStr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -83,19 +83,22 @@ impl std::fmt::Debug for Proxy {
 /// Reads the identity files named by the configuration.
 pub fn load_credentials(cfg: &ProxyConfig, file: &Path) -> Result<Credentials, ConfigError> {
     let read = |key: &str, p: &Path| {
-        std::fs::read(p).map_err(|e| ConfigError::new(file, key, format!("cannot read {}: {e}", p.display())))
+        std::fs::read(p)
+            .map_err(|e| ConfigError::new(file, key, format!("cannot read {}: {e}", p.display())))
     };
     let cert = read("identity.cert", &cfg.identity.cert)?;
     let key = read("identity.key", &cfg.identity.key)?;
     let bundle = read("identity.trust_bundle", &cfg.identity.trust_bundle)?;
     let leaf = Leaf::from_pem(&quic::provider(), &cert, &key).map_err(|e| {
         let k = match e {
-            crate::identity::CredentialsError::Key(_) | crate::identity::CredentialsError::KeyMismatch => "identity.key",
+            crate::identity::CredentialsError::Key(_)
+            | crate::identity::CredentialsError::KeyMismatch => "identity.key",
             _ => "identity.cert",
         };
         ConfigError::new(file, k, e)
     })?;
-    let roots = roots_from_pem(&bundle).map_err(|e| ConfigError::new(file, "identity.trust_bundle", e))?;
+    let roots =
+        roots_from_pem(&bundle).map_err(|e| ConfigError::new(file, "identity.trust_bundle", e))?;
     let now = time::OffsetDateTime::now_utc();
     if leaf.info.not_after < now {
         tracing::warn!(id = %leaf.info.id, not_after = %leaf.info.not_after, "our own certificate has expired; peers will refuse it");
@@ -103,8 +106,13 @@ pub fn load_credentials(cfg: &ProxyConfig, file: &Path) -> Result<Credentials, C
     let td = match &cfg.identity.trust_domain {
         Some(td) => {
             let probe = format!("spiffe://{td}/ns/x/sa/x");
-            crate::identity::SpiffeId::from_str(&probe)
-                .map_err(|_| ConfigError::new(file, "identity.trust_domain", format!("{td:?} is not a valid trust domain")))?;
+            crate::identity::SpiffeId::from_str(&probe).map_err(|_| {
+                ConfigError::new(
+                    file,
+                    "identity.trust_domain",
+                    format!("{td:?} is not a valid trust domain"),
+                )
+            })?;
             td.clone()
         }
         None => leaf.info.id.trust_domain().to_owned(),
@@ -120,7 +128,11 @@ impl Proxy {
     }
 
     /// Binds with credentials obtained elsewhere (e.g. from the controller).
-    pub async fn bind_with(cfg: &ProxyConfig, file: &Path, creds: Credentials) -> Result<Self, ConfigError> {
+    pub async fn bind_with(
+        cfg: &ProxyConfig,
+        file: &Path,
+        creds: Credentials,
+    ) -> Result<Self, ConfigError> {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let err = |key: String, e: &dyn std::fmt::Display| ConfigError::new(file, key, e);
@@ -132,7 +144,11 @@ impl Proxy {
                 let ep = quic::endpoint(icfg.listen, &cfg.quic, Some(server))
                     .map_err(|e| err("inbound.listen".into(), &e))?;
                 (
-                    Some(inbound::Inbound::new(ep.clone(), icfg.clone(), metrics.clone())),
+                    Some(inbound::Inbound::new(
+                        ep.clone(),
+                        icfg.clone(),
+                        metrics.clone(),
+                    )),
                     Some(ep),
                 )
             }
@@ -141,13 +157,20 @@ impl Proxy {
 
         let client = quic::client_config(&creds, &cfg.quic, metrics.refusals.clone(), None)
             .map_err(|e| err("identity".into(), &e))?;
-        let any_v6 = cfg.outbound.iter().flat_map(|o| &o.endpoints).any(|a| a.is_ipv6());
+        let any_v6 = cfg
+            .outbound
+            .iter()
+            .flat_map(|o| &o.endpoints)
+            .any(|a| a.is_ipv6());
         let client_bind: SocketAddr = if any_v6 {
-            "[::]:0".parse().unwrap_or_else(|_| SocketAddr::from(([0u16; 8], 0)))
+            "[::]:0"
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([0u16; 8], 0)))
         } else {
             SocketAddr::from(([0, 0, 0, 0], 0))
         };
-        let client_ep = quic::endpoint(client_bind, &cfg.quic, None).map_err(|e| err("outbound".into(), &e))?;
+        let client_ep =
+            quic::endpoint(client_bind, &cfg.quic, None).map_err(|e| err("outbound".into(), &e))?;
         let pool = Arc::new(pool::Pool::new(client_ep, client, metrics.clone()));
         let budget = Arc::new(Mutex::new(RetryBudget::new(
             cfg.retry.ratio,
@@ -157,15 +180,26 @@ impl Proxy {
 
         let mut outbound = Vec::with_capacity(cfg.outbound.len());
         for (i, o) in cfg.outbound.iter().enumerate() {
-            let ob = outbound::Outbound::bind(o.clone(), pool.clone(), budget.clone(), metrics.clone())
-                .await
-                .map_err(|e| err(format!("outbound[{i}].listen"), &format!("cannot bind {}: {e}", o.listen)))?;
+            let ob =
+                outbound::Outbound::bind(o.clone(), pool.clone(), budget.clone(), metrics.clone())
+                    .await
+                    .map_err(|e| {
+                        err(
+                            format!("outbound[{i}].listen"),
+                            &format!("cannot bind {}: {e}", o.listen),
+                        )
+                    })?;
             outbound.push(ob);
         }
         let ready = Arc::new(AtomicBool::new(false));
         let admin = Admin::bind(cfg.admin.listen, registry, ready.clone())
             .await
-            .map_err(|e| err("admin.listen".into(), &format!("cannot bind {}: {e}", cfg.admin.listen)))?;
+            .map_err(|e| {
+                err(
+                    "admin.listen".into(),
+                    &format!("cannot bind {}: {e}", cfg.admin.listen),
+                )
+            })?;
 
         let local = |r: std::io::Result<SocketAddr>, key: &str| r.map_err(|e| err(key.into(), &e));
         let addresses = ProxyAddresses {
@@ -229,7 +263,12 @@ impl Proxy {
         let open: i64 = [Direction::Outbound, Direction::Inbound]
             .into_iter()
             // One statement per lookup: a family's read guard must be gone before the next get_or_create.
-            .map(|direction| self.metrics.active.get_or_create(&DirectionLabels { direction }).get())
+            .map(|direction| {
+                self.metrics
+                    .active
+                    .get_or_create(&DirectionLabels { direction })
+                    .get()
+            })
             .sum();
         tracing::info!(grace = ?self.grace, open, "draining");
         drain.stop_accepting.cancel();
@@ -237,7 +276,10 @@ impl Proxy {
             let _ = l.await;
         }
         drain.tracker.close();
-        if tokio::time::timeout(self.grace, drain.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace, drain.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("grace period over; resetting the tunneled connections still open");
             drain.abort.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(1), drain.tracker.wait()).await;
@@ -248,7 +290,9 @@ impl Proxy {
                 ep.close(crate::tunnel::code::DRAINING, b"draining");
                 ep.wait_idle().await;
             }
-            self.pool.endpoint().close(crate::tunnel::code::DRAINING, b"draining");
+            self.pool
+                .endpoint()
+                .close(crate::tunnel::code::DRAINING, b"draining");
             self.pool.endpoint().wait_idle().await;
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), close).await;

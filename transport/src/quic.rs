@@ -107,7 +107,8 @@ pub fn endpoint(
 ) -> Result<Endpoint, QuicError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let bind = |e| QuicError::Bind(addr, e);
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(bind)?;
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(bind)?;
     if addr.is_ipv6() {
         // Dual-stack when bound to [::]: one endpoint reaches v4 and v6 peers.
         let _ = socket.set_only_v6(false);
@@ -117,13 +118,26 @@ pub fn endpoint(
     let _ = socket.set_send_buffer_size(cfg.udp_buffer);
     socket.bind(&addr.into()).map_err(bind)?;
     let std_socket: std::net::UdpSocket = socket.into();
-    let rcv = socket2::SockRef::from(&std_socket).recv_buffer_size().unwrap_or(0);
-    let snd = socket2::SockRef::from(&std_socket).send_buffer_size().unwrap_or(0);
-    let ep = Endpoint::new(EndpointConfig::default(), server, std_socket, Arc::new(TokioRuntime))
-        .map_err(bind)?;
+    let rcv = socket2::SockRef::from(&std_socket)
+        .recv_buffer_size()
+        .unwrap_or(0);
+    let snd = socket2::SockRef::from(&std_socket)
+        .send_buffer_size()
+        .unwrap_or(0);
+    let ep = Endpoint::new(
+        EndpointConfig::default(),
+        server,
+        std_socket,
+        Arc::new(TokioRuntime),
+    )
+    .map_err(bind)?;
     tracing::debug!(local = ?ep.local_addr().ok(), udp_rcvbuf = rcv, udp_sndbuf = snd, "QUIC endpoint bound");
     if rcv < cfg.udp_buffer {
-        tracing::info!(wanted = cfg.udp_buffer, got = rcv, "UDP receive buffer capped by net.core.rmem_max");
+        tracing::info!(
+            wanted = cfg.udp_buffer,
+            got = rcv,
+            "UDP receive buffer capped by net.core.rmem_max"
+        );
     }
     Ok(ep)
 }

@@ -86,7 +86,10 @@ pub fn encode_frame<M: Message>(msg: &M) -> BytesMut {
 }
 
 /// Reads one frame and decodes it, within `timeout`.
-pub async fn read_frame<M: Message + Default>(recv: &mut RecvStream, timeout: Duration) -> Result<M, FrameError> {
+pub async fn read_frame<M: Message + Default>(
+    recv: &mut RecvStream,
+    timeout: Duration,
+) -> Result<M, FrameError> {
     tokio::time::timeout(timeout, async {
         let mut len = [0u8; 2];
         recv.read_exact(&mut len).await.map_err(eof_as_truncated)?;
@@ -111,19 +114,29 @@ fn eof_as_truncated(e: quinn::ReadExactError) -> FrameError {
 }
 
 /// Reads and checks a stream header.
-pub async fn read_header(recv: &mut RecvStream, timeout: Duration) -> Result<StreamHeader, FrameError> {
+pub async fn read_header(
+    recv: &mut RecvStream,
+    timeout: Duration,
+) -> Result<StreamHeader, FrameError> {
     let h: StreamHeader = read_frame(recv, timeout).await?;
     if h.service.is_empty() {
         return Err(FrameError::Malformed("header names no service".into()));
     }
     if h.port == 0 || h.port > u16::MAX as u32 {
-        return Err(FrameError::Malformed(format!("header port {} out of range", h.port)));
+        return Err(FrameError::Malformed(format!(
+            "header port {} out of range",
+            h.port
+        )));
     }
     Ok(h)
 }
 
 /// Writes a status frame.
-pub async fn write_status(send: &mut SendStream, code: StatusCode, message: &str) -> Result<(), quinn::WriteError> {
+pub async fn write_status(
+    send: &mut SendStream,
+    code: StatusCode,
+    message: &str,
+) -> Result<(), quinn::WriteError> {
     let status = StreamStatus {
         code: code as i32,
         message: message.to_owned(),

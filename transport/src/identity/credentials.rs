@@ -72,7 +72,8 @@ pub struct LeafInfo {
 
 /// Reads the SPIFFE ID and validity of a DER certificate.
 pub fn leaf_info(der: &[u8]) -> Result<LeafInfo, CredentialsError> {
-    let (_, cert) = X509Certificate::from_der(der).map_err(|e| CredentialsError::X509(e.to_string()))?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| CredentialsError::X509(e.to_string()))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| CredentialsError::X509(e.to_string()))?
@@ -111,9 +112,14 @@ pub struct Leaf {
 
 impl Leaf {
     /// Parses a PEM chain (leaf first) and PKCS#8 PEM key, checking that they belong together.
-    pub fn from_pem(provider: &CryptoProvider, cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, CredentialsError> {
+    pub fn from_pem(
+        provider: &CryptoProvider,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<Self, CredentialsError> {
         let chain = certs_from_pem(cert_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| CredentialsError::Pem(e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| CredentialsError::Pem(e.to_string()))?;
         let signer = provider
             .key_provider
             .load_private_key(key)
@@ -164,7 +170,11 @@ impl Credentials {
 
     /// The current leaf.
     pub fn leaf(&self) -> Leaf {
-        self.inner.leaf.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner
+            .leaf
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// This workload's identity.
@@ -179,7 +189,11 @@ impl Credentials {
 
     /// The current trust anchors.
     pub fn roots(&self) -> Arc<RootCertStore> {
-        self.inner.roots.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner
+            .roots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Presents `leaf` on every handshake from now on.

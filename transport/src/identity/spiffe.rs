@@ -20,7 +20,9 @@ pub enum SpiffeIdError {
     #[error("{0:?}: path must be /ns/<namespace>/sa/<service-account>")]
     Path(String),
     /// A namespace or service account segment holds characters SPIFFE does not allow.
-    #[error("{0:?}: namespace and service account must be non-empty letters, digits, '.', '-' or '_'")]
+    #[error(
+        "{0:?}: namespace and service account must be non-empty letters, digits, '.', '-' or '_'"
+    )]
     Segment(String),
 }
 
@@ -38,9 +40,9 @@ const SCHEME: &str = "spiffe://";
 fn valid_trust_domain(td: &str) -> bool {
     !td.is_empty()
         && td.len() <= 255
-        && td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
+        && td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
 }
 
 fn valid_segment(s: &str) -> bool {
@@ -52,7 +54,11 @@ fn valid_segment(s: &str) -> bool {
 
 impl SpiffeId {
     /// Builds an identity from its parts, checking each.
-    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, SpiffeIdError> {
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, SpiffeIdError> {
         format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}").parse()
     }
 
@@ -89,9 +95,13 @@ impl FromStr for SpiffeId {
             return Err(SpiffeIdError::TrustDomain(s.to_owned()));
         }
         let mut parts = path.split('/');
-        let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(SpiffeIdError::Path(s.to_owned()));
         };
         if !valid_segment(ns) || !valid_segment(sa) {
@@ -134,7 +144,9 @@ mod tests {
 
     #[test]
     fn parses_parts() {
-        let id: SpiffeId = "spiffe://mesh.local/ns/shop/sa/cart".parse().expect("valid");
+        let id: SpiffeId = "spiffe://mesh.local/ns/shop/sa/cart"
+            .parse()
+            .expect("valid");
         assert_eq!(id.trust_domain(), "mesh.local");
         assert_eq!(id.namespace(), "shop");
         assert_eq!(id.service_account(), "cart");

@@ -9,7 +9,8 @@ use std::sync::{Arc, RwLock};
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
+    SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
     pki_types::{CertificateDer, ServerName, UnixTime},
@@ -52,7 +53,9 @@ pub fn refusal_reason(err: &Error) -> &'static str {
         Error::InvalidCertificate(c) => match c {
             CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => "not_yet_valid",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
             CertificateError::Revoked => "revoked",
             CertificateError::Other(o) => match o.0.downcast_ref::<IdentityRefusal>() {
                 Some(r) => r.reason(),
@@ -70,15 +73,27 @@ fn refuse(r: IdentityRefusal) -> Error {
 }
 
 /// Checks the SPIFFE ID of an already chain-verified leaf.
-fn check_identity(end_entity: &CertificateDer<'_>, trust_domain: &str, expected: Option<&SpiffeId>) -> Result<SpiffeId, Error> {
-    let id = leaf_info(end_entity).map_err(|_| refuse(IdentityRefusal::NoSpiffeId))?.id;
+fn check_identity(
+    end_entity: &CertificateDer<'_>,
+    trust_domain: &str,
+    expected: Option<&SpiffeId>,
+) -> Result<SpiffeId, Error> {
+    let id = leaf_info(end_entity)
+        .map_err(|_| refuse(IdentityRefusal::NoSpiffeId))?
+        .id;
     if id.trust_domain() != trust_domain {
-        return Err(refuse(IdentityRefusal::WrongTrustDomain(id, trust_domain.to_owned())));
+        return Err(refuse(IdentityRefusal::WrongTrustDomain(
+            id,
+            trust_domain.to_owned(),
+        )));
     }
     if let Some(want) = expected
         && *want != id
     {
-        return Err(refuse(IdentityRefusal::UnexpectedIdentity(id, want.clone())));
+        return Err(refuse(IdentityRefusal::UnexpectedIdentity(
+            id,
+            want.clone(),
+        )));
     }
     Ok(id)
 }
@@ -105,7 +120,6 @@ impl Shared {
         }
         r
     }
-
 }
 
 /// Verifies the server a proxy dials: chain to the trust bundle, SPIFFE ID in our trust domain, and the
@@ -166,7 +180,12 @@ impl ServerCertVerifier for PeerServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, &self.shared.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.shared.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -175,11 +194,19 @@ impl ServerCertVerifier for PeerServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, &self.shared.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.shared.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.shared.provider.signature_verification_algorithms.supported_schemes()
+        self.shared
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -249,7 +276,8 @@ impl ClientCertVerifier for PeerClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         let s = &self.shared;
         s.count((|| {
-            self.inner()?.verify_client_cert(end_entity, intermediates, now)?;
+            self.inner()?
+                .verify_client_cert(end_entity, intermediates, now)?;
             check_identity(end_entity, s.creds.trust_domain(), None)?;
             Ok(ClientCertVerified::assertion())
         })())
@@ -261,7 +289,12 @@ impl ClientCertVerifier for PeerClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls12_signature(message, cert, dss, &self.shared.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.shared.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -270,10 +303,18 @@ impl ClientCertVerifier for PeerClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(message, cert, dss, &self.shared.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.shared.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.shared.provider.signature_verification_algorithms.supported_schemes()
+        self.shared
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

@@ -60,7 +60,9 @@ impl Inbound {
                 metrics: self.metrics.clone(),
             };
             let span = tracing::debug_span!("inbound", remote = %incoming.remote_address());
-            drain.tracker.spawn(conn.serve(incoming, drain.clone()).instrument(span));
+            drain
+                .tracker
+                .spawn(conn.serve(incoming, drain.clone()).instrument(span));
         }
         // New connections are refused from now on; established ones finish their streams.
         self.endpoint.set_server_config(None);
@@ -121,7 +123,13 @@ impl Conn {
         }
     }
 
-    async fn stream(self, mut send: SendStream, mut recv: RecvStream, m: PeerMetrics, drain: Drain) {
+    async fn stream(
+        self,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        m: PeerMetrics,
+        drain: Drain,
+    ) {
         let header = match tunnel::read_header(&mut recv, self.cfg.header_timeout).await {
             Ok(h) => h,
             Err(e) => {
@@ -140,7 +148,8 @@ impl Conn {
             }
         };
         let started = Instant::now();
-        let deadline = (header.deadline_ms > 0).then(|| started + Duration::from_millis(header.deadline_ms));
+        let deadline =
+            (header.deadline_ms > 0).then(|| started + Duration::from_millis(header.deadline_ms));
         let rid = tunnel::request_id_hex(&header.request_id);
         if drain.stop_accepting.is_cancelled() {
             let _ = tunnel::write_status(&mut send, StatusCode::Unavailable, "draining").await;
@@ -149,21 +158,30 @@ impl Conn {
         }
         if !self.serves(&header) {
             tracing::info!(request_id = %rid, service = %header.service, "no route");
-            let _ = tunnel::write_status(&mut send, StatusCode::NoRoute, "service not served here").await;
+            let _ = tunnel::write_status(&mut send, StatusCode::NoRoute, "service not served here")
+                .await;
             let _ = send.finish();
             return;
         }
         let mut connect_timeout = self.cfg.connect_timeout;
         if header.connect_timeout_ms > 0 {
-            connect_timeout = connect_timeout.min(Duration::from_millis(u64::from(header.connect_timeout_ms)));
+            connect_timeout =
+                connect_timeout.min(Duration::from_millis(u64::from(header.connect_timeout_ms)));
         }
-        let connect_by = deadline.map_or(started + connect_timeout, |d| d.min(started + connect_timeout));
-        let tcp = match tokio::time::timeout_at(connect_by, TcpStream::connect(self.cfg.app)).await {
+        let connect_by = deadline.map_or(started + connect_timeout, |d| {
+            d.min(started + connect_timeout)
+        });
+        let tcp = match tokio::time::timeout_at(connect_by, TcpStream::connect(self.cfg.app)).await
+        {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 tracing::info!(request_id = %rid, app = %self.cfg.app, error = %e, "app refused connection");
-                self.fail(&mut send, StatusCode::ConnectFailed, &format!("app {}: {e}", self.cfg.app))
-                    .await;
+                self.fail(
+                    &mut send,
+                    StatusCode::ConnectFailed,
+                    &format!("app {}: {e}", self.cfg.app),
+                )
+                .await;
                 return;
             }
             Err(_) => {
@@ -173,13 +191,17 @@ impl Conn {
                     StatusCode::ConnectFailed
                 };
                 tracing::info!(request_id = %rid, app = %self.cfg.app, "app did not accept in time");
-                self.fail(&mut send, code, "app did not accept in time").await;
+                self.fail(&mut send, code, "app did not accept in time")
+                    .await;
                 return;
             }
         };
         let mut tcp = tcp;
         let _ = tcp.set_nodelay(true);
-        if tunnel::write_status(&mut send, StatusCode::Ok, "").await.is_err() {
+        if tunnel::write_status(&mut send, StatusCode::Ok, "")
+            .await
+            .is_err()
+        {
             return;
         }
         m.opened.inc();
@@ -211,7 +233,7 @@ impl Conn {
     }
 
     fn serves(&self, h: &StreamHeader) -> bool {
-        self.cfg.services.is_empty() || self.cfg.services.iter().any(|s| *s == h.service)
+        self.cfg.services.is_empty() || self.cfg.services.contains(&h.service)
     }
 
     async fn fail(&self, send: &mut SendStream, code: StatusCode, msg: &str) {

@@ -107,10 +107,10 @@ fn classify(e: &OpenError) -> Retry {
     match e {
         OpenError::Dial(_) => Retry::Failover,
         OpenError::Stream(_) => Retry::Budgeted,
-        OpenError::Refused { code, .. } => match code {
-            StatusCode::ConnectFailed | StatusCode::Unavailable | StatusCode::NoRoute => Retry::Budgeted,
-            _ => Retry::Never,
-        },
+        OpenError::Refused {
+            code: StatusCode::ConnectFailed | StatusCode::Unavailable | StatusCode::NoRoute,
+            ..
+        } => Retry::Budgeted,
         _ => Retry::Never,
     }
 }
@@ -165,7 +165,8 @@ impl Outbound {
             match accepted {
                 Ok((tcp, client)) => {
                     let svc = self.svc.clone();
-                    let span = tracing::debug_span!("outbound", service = %svc.cfg.service, %client);
+                    let span =
+                        tracing::debug_span!("outbound", service = %svc.cfg.service, %client);
                     drain
                         .tracker
                         .spawn(svc.handle(tcp, drain.clone()).instrument(span));
@@ -193,9 +194,10 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .deposit(started.into_std());
-        let opened = tokio::time::timeout_at(connect_by, self.open(&request_id, connect_by, deadline))
-            .await
-            .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - started)));
+        let opened =
+            tokio::time::timeout_at(connect_by, self.open(&request_id, connect_by, deadline))
+                .await
+                .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - started)));
         let (mut send, mut recv, pc) = match opened {
             Ok(x) => x,
             Err(e) => {
@@ -307,7 +309,10 @@ impl Service {
     ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
         let now = Instant::now();
         let left = connect_by.saturating_duration_since(now);
-        let pc = self.pool.get(addr, self.cfg.handshake_timeout.min(left)).await?;
+        let pc = self
+            .pool
+            .get(addr, self.cfg.handshake_timeout.min(left))
+            .await?;
         let stream_err = |e: &dyn std::fmt::Display| OpenError::Stream(e.to_string());
         let (mut send, mut recv) = pc.conn.open_bi().await.map_err(|e| stream_err(&e))?;
         let now = Instant::now();
@@ -323,9 +328,12 @@ impl Service {
         send.write_all(&tunnel::encode_frame(&header))
             .await
             .map_err(|e| stream_err(&e))?;
-        let status: StreamStatus = tunnel::read_frame(&mut recv, connect_by.saturating_duration_since(Instant::now()))
-            .await
-            .map_err(|e| stream_err(&e))?;
+        let status: StreamStatus = tunnel::read_frame(
+            &mut recv,
+            connect_by.saturating_duration_since(Instant::now()),
+        )
+        .await
+        .map_err(|e| stream_err(&e))?;
         let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::Unavailable);
         if code != StatusCode::Ok {
             tunnel::reset(&mut send, &mut recv, code::CANCELLED);
@@ -367,10 +375,19 @@ mod tests {
             Duration::from_secs(1),
         ));
         assert_eq!(classify(&dial), Retry::Failover);
-        assert_eq!(classify(&OpenError::Stream("reset".into())), Retry::Budgeted);
-        assert_eq!(classify(&refused(StatusCode::ConnectFailed)), Retry::Budgeted);
+        assert_eq!(
+            classify(&OpenError::Stream("reset".into())),
+            Retry::Budgeted
+        );
+        assert_eq!(
+            classify(&refused(StatusCode::ConnectFailed)),
+            Retry::Budgeted
+        );
         assert_eq!(classify(&refused(StatusCode::Forbidden)), Retry::Never);
-        assert_eq!(classify(&refused(StatusCode::DeadlineExceeded)), Retry::Never);
+        assert_eq!(
+            classify(&refused(StatusCode::DeadlineExceeded)),
+            Retry::Never
+        );
         assert_eq!(classify(&OpenError::Timeout(Duration::ZERO)), Retry::Never);
     }
 }

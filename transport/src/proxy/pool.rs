@@ -114,7 +114,11 @@ impl Pool {
     }
 
     /// A live connection to `addr`, dialling (or joining a dial in progress) if needed.
-    pub async fn get(&self, addr: SocketAddr, handshake_timeout: Duration) -> Result<PeerConn, DialError> {
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        handshake_timeout: Duration,
+    ) -> Result<PeerConn, DialError> {
         let dial = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             let reusable = slots.get(&addr).filter(|d| match d.peek() {
@@ -204,13 +208,23 @@ impl Pool {
 
     /// Records a success with `addr`.
     pub fn mark_up(&self, addr: SocketAddr) {
-        self.health.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&addr);
     }
 
     /// The order in which to try `endpoints`, starting from `start`.
-    pub fn attempt_order(&self, endpoints: &[SocketAddr], start: usize, now: Instant) -> Vec<SocketAddr> {
+    pub fn attempt_order(
+        &self,
+        endpoints: &[SocketAddr],
+        start: usize,
+        now: Instant,
+    ) -> Vec<SocketAddr> {
         let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        attempt_order(endpoints, start, |a| h.get(a).is_some_and(|x| x.down_until > now))
+        attempt_order(endpoints, start, |a| {
+            h.get(a).is_some_and(|x| x.down_until > now)
+        })
     }
 
     /// Closes every pooled connection.
@@ -253,7 +267,9 @@ mod tests {
     use super::*;
 
     fn addrs(n: u16) -> Vec<SocketAddr> {
-        (0..n).map(|i| SocketAddr::from(([127, 0, 0, 1], 1000 + i))).collect()
+        (0..n)
+            .map(|i| SocketAddr::from(([127, 0, 0, 1], 1000 + i)))
+            .collect()
     }
 
     #[test]

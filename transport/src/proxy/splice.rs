@@ -52,14 +52,21 @@ pub async fn splice(
     metrics: &PeerMetrics,
 ) -> Result<Totals, SpliceError> {
     let (rd, wr) = tcp.split();
-    let (up, down) = tokio::try_join!(tcp_to_quic(rd, send, metrics), quic_to_tcp(recv, wr, metrics))?;
+    let (up, down) = tokio::try_join!(
+        tcp_to_quic(rd, send, metrics),
+        quic_to_tcp(recv, wr, metrics)
+    )?;
     Ok(Totals {
         to_peer: up,
         from_peer: down,
     })
 }
 
-async fn tcp_to_quic(mut rd: ReadHalf<'_>, send: &mut SendStream, m: &PeerMetrics) -> Result<u64, SpliceError> {
+async fn tcp_to_quic(
+    mut rd: ReadHalf<'_>,
+    send: &mut SendStream,
+    m: &PeerMetrics,
+) -> Result<u64, SpliceError> {
     let mut buf = BytesMut::new();
     let mut want = SMALL;
     let mut total = 0u64;
@@ -71,14 +78,22 @@ async fn tcp_to_quic(mut rd: ReadHalf<'_>, send: &mut SendStream, m: &PeerMetric
             let _ = send.finish();
             return Ok(total);
         }
-        want = if buf.capacity() == buf.len() { LARGE } else { SMALL };
+        want = if buf.capacity() == buf.len() {
+            LARGE
+        } else {
+            SMALL
+        };
         total += n as u64;
         m.to_peer.inc_by(n as u64);
         send.write_chunk(buf.split().freeze()).await?;
     }
 }
 
-async fn quic_to_tcp(recv: &mut RecvStream, mut wr: WriteHalf<'_>, m: &PeerMetrics) -> Result<u64, SpliceError> {
+async fn quic_to_tcp(
+    recv: &mut RecvStream,
+    mut wr: WriteHalf<'_>,
+    m: &PeerMetrics,
+) -> Result<u64, SpliceError> {
     let mut total = 0u64;
     while let Some(chunk) = recv.read_chunk(LARGE, true).await? {
         wr.write_all(&chunk.bytes).await?;
