@@ -2,7 +2,11 @@
 //!
 //! Writes PEM files only; the private keys are created with mode 0600.
 
-use std::{io::Write, os::unix::fs::OpenOptionsExt, path::{Path, PathBuf}};
+use std::{
+    io::Write,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context;
 use quicmesh_transport::identity::{CertificateAuthority, SpiffeId};
@@ -56,14 +60,31 @@ fn write(path: &Path, data: &str, mode: u32) -> anyhow::Result<()> {
 
 pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
     match cmd {
-        CaCommand::Init { dir, trust_domain, days } => {
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            let ca = CertificateAuthority::generate(&trust_domain, OffsetDateTime::now_utc() + Duration::days(days))?;
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            days,
+        } => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let ca = CertificateAuthority::generate(
+                &trust_domain,
+                OffsetDateTime::now_utc() + Duration::days(days),
+            )?;
             write(&dir.join("ca.pem"), ca.cert_pem(), 0o644)?;
             write(&dir.join("ca.key"), ca.key_pem(), 0o600)?;
-            println!("root CA for {trust_domain} written to {}", dir.join("ca.pem").display());
+            println!(
+                "root CA for {trust_domain} written to {}",
+                dir.join("ca.pem").display()
+            );
         }
-        CaCommand::Issue { dir, id, out, lifetime, not_before_offset } => {
+        CaCommand::Issue {
+            dir,
+            id,
+            out,
+            lifetime,
+            not_before_offset,
+        } => {
             let read = |name: &str| {
                 let p = dir.join(name);
                 std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
@@ -74,7 +95,10 @@ pub fn run(cmd: CaCommand) -> anyhow::Result<()> {
             let leaf = ca.issue(&id, nb, na)?;
             write(&out.with_extension("pem"), &leaf.cert_pem, 0o644)?;
             write(&out.with_extension("key"), &leaf.key_pem, 0o600)?;
-            println!("certificate for {id} written to {}", out.with_extension("pem").display());
+            println!(
+                "certificate for {id} written to {}",
+                out.with_extension("pem").display()
+            );
         }
     }
     Ok(())

@@ -16,7 +16,10 @@ use std::{
 };
 
 use anyhow::Context;
-use quicmesh_transport::{Proxy, ProxyConfig, identity::{CertificateAuthority, SpiffeId}};
+use quicmesh_transport::{
+    Proxy, ProxyConfig,
+    identity::{CertificateAuthority, SpiffeId},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -70,7 +73,15 @@ fn proxy_config(dir: &Path, name: &str, body: &str) -> anyhow::Result<ProxyConfi
     Ok(ProxyConfig::parse(&path, &text)?)
 }
 
-async fn start(dir: &Path, name: &str, body: &str) -> anyhow::Result<(quicmesh_transport::ProxyAddresses, oneshot::Sender<()>, tokio::task::JoinHandle<()>)> {
+async fn start(
+    dir: &Path,
+    name: &str,
+    body: &str,
+) -> anyhow::Result<(
+    quicmesh_transport::ProxyAddresses,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+)> {
     let cfg = proxy_config(dir, name, body)?;
     let proxy = Proxy::bind(&cfg, &dir.join(format!("{name}.toml"))).await?;
     let addrs = proxy.addresses().clone();
@@ -81,7 +92,13 @@ async fn start(dir: &Path, name: &str, body: &str) -> anyhow::Result<(quicmesh_t
     Ok((addrs, tx, task))
 }
 
-async fn client(target: SocketAddr, args: Arc<UpArgs>, until: Instant, tally: Arc<Tally>, hist: Arc<std::sync::Mutex<hdrhistogram::Histogram<u64>>>) {
+async fn client(
+    target: SocketAddr,
+    args: Arc<UpArgs>,
+    until: Instant,
+    tally: Arc<Tally>,
+    hist: Arc<std::sync::Mutex<hdrhistogram::Histogram<u64>>>,
+) {
     let req = vec![0x5a_u8; args.size];
     let mut resp = vec![0u8; args.size];
     let mut local = hdrhistogram::Histogram::<u64>::new(3).expect("3 significant figures is valid");
@@ -109,7 +126,9 @@ async fn client(target: SocketAddr, args: Arc<UpArgs>, until: Instant, tally: Ar
                 Ok(Ok(())) if resp == req => {
                     let _ = local.record(t.elapsed().as_micros() as u64);
                     tally.requests.fetch_add(1, Ordering::Relaxed);
-                    tally.bytes.fetch_add(2 * args.size as u64, Ordering::Relaxed);
+                    tally
+                        .bytes
+                        .fetch_add(2 * args.size as u64, Ordering::Relaxed);
                 }
                 _ => {
                     tally.failures.fetch_add(1, Ordering::Relaxed);
@@ -123,7 +142,8 @@ async fn client(target: SocketAddr, args: Arc<UpArgs>, until: Instant, tally: Ar
 
 async fn scrape(admin: SocketAddr) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(admin).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
     let mut body = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body)).await??;
     Ok(body)
@@ -137,16 +157,28 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let ca = CertificateAuthority::generate(td, now + time::Duration::days(1))?;
     std::fs::write(d.join("ca.pem"), ca.cert_pem())?;
     for (name, sa) in [("client", "client"), ("server", "echo")] {
-        let leaf = ca.issue(&SpiffeId::new(td, "default", sa)?, now - time::Duration::minutes(1), now + time::Duration::hours(1))?;
+        let leaf = ca.issue(
+            &SpiffeId::new(td, "default", sa)?,
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(1),
+        )?;
         std::fs::write(d.join(format!("{name}.pem")), leaf.cert_pem)?;
         std::fs::write(d.join(format!("{name}.key")), leaf.key_pem)?;
     }
-    println!("development CA for trust domain {td}; identities spiffe://{td}/ns/default/sa/{{client,echo}}");
+    println!(
+        "development CA for trust domain {td}; identities spiffe://{td}/ns/default/sa/{{client,echo}}"
+    );
 
     let echo = echo_server().await?;
-    let (server, server_stop, server_task) =
-        start(d, "server", &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{echo}\"\nservices = [\"echo\"]\n")).await?;
-    let inbound = server.inbound.context("server proxy has no inbound address")?;
+    let (server, server_stop, server_task) = start(
+        d,
+        "server",
+        &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{echo}\"\nservices = [\"echo\"]\n"),
+    )
+    .await?;
+    let inbound = server
+        .inbound
+        .context("server proxy has no inbound address")?;
     let (client_px, client_stop, client_task) = start(
         d,
         "client",
@@ -154,27 +186,55 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
     let target = client_px.outbound[0];
-    println!("echo service {echo} <- server sidecar (QUIC {inbound}, admin {}) <- client sidecar (TCP {target}, admin {})", server.admin, client_px.admin);
-    println!("driving {} connections of {}-byte requests for {:?} ...", args.connections, args.size, args.duration);
+    println!(
+        "echo service {echo} <- server sidecar (QUIC {inbound}, admin {}) <- client sidecar (TCP {target}, admin {})",
+        server.admin, client_px.admin
+    );
+    println!(
+        "driving {} connections of {}-byte requests for {:?} ...",
+        args.connections, args.size, args.duration
+    );
 
     let args = Arc::new(args);
     let tally = Arc::new(Tally::default());
-    let hist = Arc::new(std::sync::Mutex::new(hdrhistogram::Histogram::<u64>::new(3)?));
+    let hist = Arc::new(std::sync::Mutex::new(hdrhistogram::Histogram::<u64>::new(
+        3,
+    )?));
     let started = Instant::now();
     let until = started + args.duration;
     let clients: Vec<_> = (0..args.connections)
-        .map(|_| tokio::spawn(client(target, args.clone(), until, tally.clone(), hist.clone())))
+        .map(|_| {
+            tokio::spawn(client(
+                target,
+                args.clone(),
+                until,
+                tally.clone(),
+                hist.clone(),
+            ))
+        })
         .collect();
     for c in clients {
         let _ = c.await;
     }
     let secs = started.elapsed().as_secs_f64();
-    let h = hist.lock().map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?.clone();
+    let h = hist
+        .lock()
+        .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?
+        .clone();
     let requests = tally.requests.load(Ordering::Relaxed);
     println!();
-    println!("requests        {requests} ({:.0}/s)", requests as f64 / secs);
-    println!("connections     {} tunneled", tally.connections.load(Ordering::Relaxed));
-    println!("bytes           {} through the tunnel (both ways)", tally.bytes.load(Ordering::Relaxed));
+    println!(
+        "requests        {requests} ({:.0}/s)",
+        requests as f64 / secs
+    );
+    println!(
+        "connections     {} tunneled",
+        tally.connections.load(Ordering::Relaxed)
+    );
+    println!(
+        "bytes           {} through the tunnel (both ways)",
+        tally.bytes.load(Ordering::Relaxed)
+    );
     println!("failures        {}", tally.failures.load(Ordering::Relaxed));
     println!(
         "latency         p50 {:.3} ms  p99 {:.3} ms  max {:.3} ms",
@@ -182,10 +242,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         h.value_at_quantile(0.99) as f64 / 1000.0,
         h.max() as f64 / 1000.0
     );
-    for (name, admin) in [("client sidecar", client_px.admin), ("server sidecar", server.admin)] {
+    for (name, admin) in [
+        ("client sidecar", client_px.admin),
+        ("server sidecar", server.admin),
+    ] {
         println!("\n{name} metrics (http://{admin}/metrics):");
         let body = scrape(admin).await?;
-        for line in body.lines().filter(|l| l.starts_with("quicmesh_") && !l.ends_with(" 0")) {
+        for line in body
+            .lines()
+            .filter(|l| l.starts_with("quicmesh_") && !l.ends_with(" 0"))
+        {
             println!("  {line}");
         }
     }

@@ -15,4 +15,5 @@ pub mod controller {
 }
 
 /// Encoded `FileDescriptorSet` of every quicmesh proto, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/quicmesh_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/quicmesh_descriptor.bin"));
