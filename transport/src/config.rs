@@ -393,3 +393,18 @@ connect_timeout = "2s"
         assert_eq!(err.key, "outbound.listen");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../../deploy/proxy.example.toml");
+        let cfg = ProxyConfig::parse(Path::new("deploy/proxy.example.toml"), text)
+            .expect("example is valid");
+        assert_eq!(cfg.outbound[0].endpoints.len(), 2);
+        assert_eq!(cfg.identity.trust_domain, None);
+        assert_eq!(cfg.quic.max_concurrent_streams, 8192);
+    }
+}
