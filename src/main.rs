@@ -22,12 +22,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a sidecar proxy from a static configuration file.
+    /// Run a sidecar proxy: static certificate files, or bootstrapped and configured by the controller.
     Proxy(proxy::ProxyArgs),
     /// A development certificate authority: create a root, issue workload certificates.
     #[command(subcommand)]
     Ca(ca::CaCommand),
-    /// Run a whole mesh on loopback (CA, two sidecars, an echo service, a client) and report what flowed.
+    /// Run a whole mesh on loopback (controller, two sidecars, an echo service, a client) and report what flowed.
     Up(up::UpArgs),
     /// Run the control plane: identities, policies and certificates in sled, served over gRPC.
     Controller(quicmesh_controller::ControllerArgs),

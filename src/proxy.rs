@@ -1,4 +1,5 @@
-//! `quicmesh proxy`: load the static configuration, bind, announce readiness, serve until SIGTERM.
+//! `quicmesh proxy`: load the configuration, bind, wait for a certificate (controller mode), announce
+//! readiness, serve until SIGTERM.
 
 use std::path::PathBuf;
 
@@ -15,11 +16,26 @@ pub struct ProxyArgs {
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let cfg = ProxyConfig::load(&args.config)?;
     let proxy = Proxy::bind(&cfg, &args.config).await?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    // Controller mode: ready only once the first certificate is held.
+    let creds = proxy.credentials().clone();
+    tokio::select! {
+        _ = creds.wait_leaf() => {}
+        _ = &mut shutdown => {
+            tracing::info!("stopped before the first certificate arrived");
+            return Ok(());
+        }
+    }
     // One JSON line on stdout: tests and scripts wait for it instead of sleeping.
     let mut ready = serde_json::to_value(proxy.addresses()).context("encoding addresses")?;
     ready["event"] = "ready".into();
+    if let Some(leaf) = creds.leaf() {
+        ready["id"] = leaf.info.id.to_string().into();
+        ready["cert_not_after_unix"] = leaf.info.not_after.unix_timestamp().into();
+    }
     println!("{ready}");
-    proxy.run(shutdown_signal()).await;
+    proxy.run(shutdown).await;
     Ok(())
 }
 

@@ -1,9 +1,12 @@
 //! `quicmesh up`: the whole mesh on loopback in one process, for a first look.
 //!
-//! A development CA issues two workload certificates; an echo service sits behind a sidecar with an
-//! inbound QUIC endpoint; a second sidecar offers the service on a loopback TCP port; a client drives
-//! request/response traffic through the tunnel for `--duration`, then the figures and the proxies' own
-//! metrics are printed. Everything runs on real sockets: TCP to the sidecars, QUIC between them.
+//! The controller starts in-process on a temporary data directory (its CA, sled store and gRPC listener
+//! on loopback) and creates two join tokens; an echo service sits behind a sidecar with an inbound QUIC
+//! endpoint; a second sidecar offers the service on a loopback TCP port. Both sidecars run in controller
+//! mode: they generate their keys, bootstrap with their token, register and learn the echo endpoint over
+//! Watch. A client then drives request/response traffic through the tunnel for `--duration`, and the
+//! figures and the proxies' own metrics are printed. Everything runs on real sockets: gRPC over TLS to
+//! the controller, TCP to the sidecars, QUIC between them.
 
 use std::{
     net::SocketAddr,
@@ -16,10 +19,8 @@ use std::{
 };
 
 use anyhow::Context;
-use quicmesh_transport::{
-    Proxy, ProxyConfig,
-    identity::{CertificateAuthority, SpiffeId},
-};
+use quicmesh_controller::{Controller, state::StateOptions};
+use quicmesh_transport::{Proxy, ProxyConfig, proxy::outbound::Endpoints};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -40,6 +41,9 @@ pub struct UpArgs {
     /// Requests per connection before it is closed and reopened (each reopening is a new tunnel stream).
     #[arg(long, default_value_t = 100)]
     requests_per_connection: u64,
+    /// Lifetime of the sidecars' certificates (they renew at about 60% of it).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    leaf_ttl: Duration,
 }
 
 #[derive(Default)]
@@ -64,32 +68,63 @@ async fn echo_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-fn proxy_config(dir: &Path, name: &str, body: &str) -> anyhow::Result<ProxyConfig> {
+/// How a sidecar joins the mesh.
+struct Join<'a> {
+    controller: SocketAddr,
+    bundle: &'a Path,
+    token: String,
+    id: String,
+}
+
+fn proxy_config(
+    dir: &Path,
+    name: &str,
+    join: &Join<'_>,
+    body: &str,
+) -> anyhow::Result<ProxyConfig> {
+    let token_file = dir.join(format!("{name}.token"));
+    std::fs::write(&token_file, &join.token)?;
     let text = format!(
-        "[identity]\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\ntrust_bundle = \"ca.pem\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{body}"
+        "[controller]\naddress = \"{}\"\ntrust_bundle = \"{}\"\njoin_token_file = \"{}\"\nidentity = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{body}",
+        join.controller,
+        join.bundle.display(),
+        token_file.display(),
+        join.id,
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, &text)?;
     Ok(ProxyConfig::parse(&path, &text)?)
 }
 
-async fn start(
-    dir: &Path,
-    name: &str,
-    body: &str,
-) -> anyhow::Result<(
-    quicmesh_transport::ProxyAddresses,
-    oneshot::Sender<()>,
-    tokio::task::JoinHandle<()>,
-)> {
-    let cfg = proxy_config(dir, name, body)?;
+struct Sidecar {
+    addrs: quicmesh_transport::ProxyAddresses,
+    endpoints: Vec<Endpoints>,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds a sidecar and waits (bounded) until it holds its first certificate from the controller.
+async fn start(dir: &Path, name: &str, join: &Join<'_>, body: &str) -> anyhow::Result<Sidecar> {
+    let cfg = proxy_config(dir, name, join, body)?;
     let proxy = Proxy::bind(&cfg, &dir.join(format!("{name}.toml"))).await?;
+    let creds = proxy.credentials().clone();
+    tokio::time::timeout(Duration::from_secs(15), creds.wait_leaf())
+        .await
+        .with_context(|| {
+            format!("{name} sidecar got no certificate from the controller in 15 s")
+        })?;
     let addrs = proxy.addresses().clone();
-    let (tx, rx) = oneshot::channel::<()>();
+    let endpoints = proxy.outbound_endpoints();
+    let (stop, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(proxy.run(async move {
         let _ = rx.await;
     }));
-    Ok((addrs, tx, task))
+    Ok(Sidecar {
+        addrs,
+        endpoints,
+        stop,
+        task,
+    })
 }
 
 async fn client(
@@ -153,42 +188,85 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("creating a working directory")?;
     let d = dir.path();
     let td = "mesh.local";
-    let now = time::OffsetDateTime::now_utc();
-    let ca = CertificateAuthority::generate(td, now + time::Duration::days(1))?;
-    std::fs::write(d.join("ca.pem"), ca.cert_pem())?;
-    for (name, sa) in [("client", "client"), ("server", "echo")] {
-        let leaf = ca.issue(
-            &SpiffeId::new(td, "default", sa)?,
-            now - time::Duration::minutes(1),
-            now + time::Duration::hours(1),
-        )?;
-        std::fs::write(d.join(format!("{name}.pem")), leaf.cert_pem)?;
-        std::fs::write(d.join(format!("{name}.key")), leaf.key_pem)?;
-    }
+    let controller = Controller::bind(
+        StateOptions {
+            data_dir: d.join("controller"),
+            trust_domain: Some(td.into()),
+            leaf_ttl: Some(args.leaf_ttl),
+            root_pem: None,
+            tls_names: Vec::new(),
+        },
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await
+    .context("starting the controller")?;
+    let state = controller.state().clone();
+    let controller_addr = controller.addr();
+    let bundle = state.bundle_path();
+    let (controller_stop, controller_rx) = oneshot::channel::<()>();
+    let controller_task = tokio::spawn(controller.serve(async move {
+        let _ = controller_rx.await;
+    }));
     println!(
-        "development CA for trust domain {td}; identities spiffe://{td}/ns/default/sa/{{client,echo}}"
+        "controller {controller_addr} (trust domain {td}, data in {}, leaf lifetime {})",
+        d.join("controller").display(),
+        humantime::format_duration(args.leaf_ttl)
     );
+    let mut joins = Vec::new();
+    for sa in ["echo", "client"] {
+        let (token, _) = state
+            .create_token("default", sa, 600, false)
+            .await
+            .map_err(|e| anyhow::anyhow!("creating a join token for {sa}: {e}"))?;
+        joins.push(Join {
+            controller: controller_addr,
+            bundle: &bundle,
+            token,
+            id: format!("spiffe://{td}/ns/default/sa/{sa}"),
+        });
+    }
+    println!("join tokens created for spiffe://{td}/ns/default/sa/{{echo,client}}");
 
     let echo = echo_server().await?;
-    let (server, server_stop, server_task) = start(
+    let server = start(
         d,
         "server",
+        &joins[0],
         &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{echo}\"\nservices = [\"echo\"]\n"),
     )
     .await?;
     let inbound = server
+        .addrs
         .inbound
         .context("server proxy has no inbound address")?;
-    let (client_px, client_stop, client_task) = start(
+    let client_px = start(
         d,
         "client",
-        &format!("[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"echo\"\nport = {}\nendpoints = [\"{inbound}\"]\n", echo.port()),
+        &joins[1],
+        &format!(
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"echo\"\nport = {}\n",
+            echo.port()
+        ),
     )
     .await?;
-    let target = client_px.outbound[0];
+    // The client learns the echo endpoint from the controller's Watch stream.
+    let learnt = &client_px.endpoints[0];
+    let until = Instant::now() + Duration::from_secs(10);
+    while learnt.get().is_empty() {
+        anyhow::ensure!(
+            Instant::now() < until,
+            "the client sidecar learnt no echo endpoint from the controller in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let target = client_px.addrs.outbound[0];
+    println!(
+        "sidecars bootstrapped with their join tokens; client learnt echo at {:?} from the controller",
+        learnt.get()
+    );
     println!(
         "echo service {echo} <- server sidecar (QUIC {inbound}, admin {}) <- client sidecar (TCP {target}, admin {})",
-        server.admin, client_px.admin
+        server.addrs.admin, client_px.addrs.admin
     );
     println!(
         "driving {} connections of {}-byte requests for {:?} ...",
@@ -243,8 +321,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         h.max() as f64 / 1000.0
     );
     for (name, admin) in [
-        ("client sidecar", client_px.admin),
-        ("server sidecar", server.admin),
+        ("client sidecar", client_px.addrs.admin),
+        ("server sidecar", server.addrs.admin),
     ] {
         println!("\n{name} metrics (http://{admin}/metrics):");
         let body = scrape(admin).await?;
@@ -255,10 +333,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             println!("  {line}");
         }
     }
-    let _ = client_stop.send(());
-    let _ = server_stop.send(());
-    let _ = client_task.await;
-    let _ = server_task.await;
+    let _ = client_px.stop.send(());
+    let _ = server.stop.send(());
+    let _ = client_px.task.await;
+    let _ = server.task.await;
+    let _ = controller_stop.send(());
+    let _ = controller_task.await;
     if tally.failures.load(Ordering::Relaxed) > 0 || requests == 0 {
         anyhow::bail!("traffic through the mesh failed");
     }

@@ -40,8 +40,13 @@ impl ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
-    /// The workload identity this proxy presents and the CAs it trusts.
-    pub identity: IdentityConfig,
+    /// Static mode: the workload identity this proxy presents and the CAs it trusts, as files.
+    /// Exactly one of `identity` and `controller` is given.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
+    /// Controller mode: bootstrap with a join token, renew, and follow the controller's configuration.
+    #[serde(default)]
+    pub controller: Option<ControllerConfig>,
     /// The QUIC endpoint that accepts tunnels for the local application. Absent: client-only proxy.
     pub inbound: Option<InboundConfig>,
     /// Plain TCP listeners on loopback, each tunnelling to one upstream service.
@@ -76,6 +81,33 @@ pub struct IdentityConfig {
     pub trust_domain: Option<String>,
 }
 
+/// Controller mode: where the controller is and how to join the mesh.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// The controller's gRPC address, `host:port` (the host is verified against its certificate).
+    pub address: String,
+    /// CA certificates (PEM) that verify the controller at bootstrap, e.g. its `trust-bundle.pem`.
+    pub trust_bundle: PathBuf,
+    /// Join token for the first certificate (or use `join_token_file`).
+    #[serde(default)]
+    pub join_token: Option<String>,
+    /// File holding the join token (kept out of the configuration file).
+    #[serde(default)]
+    pub join_token_file: Option<PathBuf>,
+    /// The SPIFFE ID asked for, `spiffe://<trust domain>/ns/<ns>/sa/<sa>`; the token must grant it.
+    pub identity: String,
+    /// Share of a certificate's lifetime after which it is renewed (jittered by ±0.1).
+    #[serde(default = "defaults::renew_fraction")]
+    pub renew_fraction: f64,
+    /// Name shown by `quicmesh ctl proxies`; defaults to the identity's service account.
+    #[serde(default)]
+    pub proxy_name: Option<String>,
+    /// Address registered for the inbound endpoint; defaults to the bound one (loopback if unspecified).
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+}
+
 /// The inbound QUIC endpoint.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,7 +137,9 @@ pub struct OutboundConfig {
     pub service: String,
     /// Destination service port, sent in the stream header.
     pub port: u16,
-    /// Inbound QUIC addresses of the proxies serving the service.
+    /// Inbound QUIC addresses of the proxies serving the service. In controller mode they may be
+    /// left out: the controller's endpoints for `service` replace them on every snapshot.
+    #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
     /// Time allowed to reach the destination application, retries included.
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
@@ -236,6 +270,9 @@ mod defaults {
     pub fn keep_alive() -> Duration {
         Duration::from_secs(10)
     }
+    pub fn renew_fraction() -> f64 {
+        0.6
+    }
     pub fn retry_ratio() -> f64 {
         0.2
     }
@@ -259,11 +296,15 @@ impl ProxyConfig {
             ConfigError::new(path, key, e.message())
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut cfg.identity.cert,
-            &mut cfg.identity.key,
-            &mut cfg.identity.trust_bundle,
-        ] {
+        let mut paths: Vec<&mut PathBuf> = Vec::new();
+        if let Some(i) = &mut cfg.identity {
+            paths.extend([&mut i.cert, &mut i.key, &mut i.trust_bundle]);
+        }
+        if let Some(c) = &mut cfg.controller {
+            paths.push(&mut c.trust_bundle);
+            paths.extend(c.join_token_file.as_mut());
+        }
+        for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -273,12 +314,52 @@ impl ProxyConfig {
     }
 
     fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        match (&self.identity, &self.controller) {
+            (None, None) => {
+                return Err(ConfigError::new(
+                    path,
+                    "identity",
+                    "missing: give [identity] (static certificate files) or [controller]",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    path,
+                    "controller",
+                    "give either [identity] or [controller], not both",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(c) = &self.controller {
+            if c.join_token.is_some() == c.join_token_file.is_some() {
+                return Err(ConfigError::new(
+                    path,
+                    "controller.join_token",
+                    "give exactly one of join_token and join_token_file",
+                ));
+            }
+            if !(0.1..=0.9).contains(&c.renew_fraction) {
+                return Err(ConfigError::new(
+                    path,
+                    "controller.renew_fraction",
+                    format!("must be between 0.1 and 0.9, got {}", c.renew_fraction),
+                ));
+            }
+            if !c.address.contains(':') {
+                return Err(ConfigError::new(
+                    path,
+                    "controller.address",
+                    format!("{:?} is not host:port", c.address),
+                ));
+            }
+        }
         for (i, o) in self.outbound.iter().enumerate() {
             let key = |k: &str| format!("outbound[{i}].{k}");
             if o.service.is_empty() {
                 return Err(ConfigError::new(path, key("service"), "must not be empty"));
             }
-            if o.endpoints.is_empty() {
+            if o.endpoints.is_empty() && self.controller.is_none() {
                 return Err(ConfigError::new(
                     path,
                     key("endpoints"),
@@ -365,7 +446,8 @@ connect_timeout = "2s"
     #[test]
     fn parses_and_resolves_paths() {
         let cfg = ProxyConfig::parse(Path::new("/etc/qm/p.toml"), BASE).expect("valid");
-        assert_eq!(cfg.identity.cert, PathBuf::from("/etc/qm/a.pem"));
+        let identity = cfg.identity.as_ref().expect("static identity");
+        assert_eq!(identity.cert, PathBuf::from("/etc/qm/a.pem"));
         assert_eq!(cfg.outbound[0].connect_timeout, Duration::from_secs(2));
         assert_eq!(cfg.outbound[0].max_attempts, 3);
         assert!(cfg.inbound.is_none());
@@ -391,6 +473,51 @@ connect_timeout = "2s"
         let text = BASE.replace("127.0.0.1:9000", "not-an-address");
         let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("addr");
         assert_eq!(err.key, "outbound.listen");
+    }
+
+    const CONTROLLER: &str = r#"
+[controller]
+address = "127.0.0.1:7443"
+trust_bundle = "bundle.pem"
+join_token = "qmj_x"
+identity = "spiffe://mesh.local/ns/default/sa/a"
+
+[[outbound]]
+listen = "127.0.0.1:9000"
+service = "echo"
+port = 7
+"#;
+
+    #[test]
+    fn controller_mode_needs_no_static_endpoints() {
+        let cfg = ProxyConfig::parse(Path::new("/etc/qm/p.toml"), CONTROLLER).expect("valid");
+        let c = cfg.controller.as_ref().expect("controller");
+        assert_eq!(c.trust_bundle, PathBuf::from("/etc/qm/bundle.pem"));
+        assert!((c.renew_fraction - 0.6).abs() < 1e-9);
+        assert!(cfg.identity.is_none() && cfg.outbound[0].endpoints.is_empty());
+    }
+
+    #[test]
+    fn identity_source_must_be_exactly_one() {
+        let none = CONTROLLER.replace("[controller]", "[other]");
+        let err = ProxyConfig::parse(Path::new("p.toml"), &none).expect_err("unknown table");
+        assert!(err.problem.contains("unknown field `other`"), "{err}");
+        let mut only_outbound = CONTROLLER.to_owned();
+        only_outbound.replace_range(..CONTROLLER.find("[[outbound]]").unwrap_or(0), "");
+        let err = ProxyConfig::parse(Path::new("p.toml"), &only_outbound).expect_err("none");
+        assert_eq!(err.key, "identity");
+        let both = format!(
+            "{BASE}{}",
+            &CONTROLLER[..CONTROLLER.find("[[outbound]]").unwrap_or(0)]
+        );
+        let err = ProxyConfig::parse(Path::new("p.toml"), &both).expect_err("both");
+        assert_eq!(err.key, "controller");
+        let two_tokens = CONTROLLER.replace(
+            "join_token = \"qmj_x\"",
+            "join_token = \"qmj_x\"\njoin_token_file = \"t\"",
+        );
+        let err = ProxyConfig::parse(Path::new("p.toml"), &two_tokens).expect_err("two");
+        assert_eq!(err.key, "controller.join_token");
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod ca;
 pub mod credentials;
 pub mod inspect;
+pub mod manager;
 pub mod spiffe;
 pub mod verify;
 

@@ -6,6 +6,8 @@
 
 pub mod admin;
 pub mod config;
+pub mod control;
+pub mod grpc;
 pub mod identity;
 pub mod metrics;
 pub mod proxy;

@@ -129,7 +129,43 @@ pub struct Metrics {
     pub protocol_errors: Family<ReasonLabels, Counter>,
     /// Live QUIC connections, read at scrape time.
     pub connections: Arc<ConnectionTable>,
+    /// QUIC handshakes completed with a verified peer.
+    pub handshakes: Family<DirectionLabels, Counter>,
+    /// Distinct peer certificates (by serial) seen in handshakes: grows with every peer rotation.
+    pub peer_certs_seen: Family<DirectionLabels, Counter>,
+    seen_serials: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Pooled connections replaced because our own certificate was renewed since their handshake.
+    pub rotated_connections: Counter,
+    /// Certificate and controller state (controller mode).
+    pub identity: IdentityMetrics,
 }
+
+/// Labels with a result.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// The proxy's own certificate and its link to the controller.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityMetrics {
+    /// Expiry of the certificate presented now, Unix seconds (0 before the first).
+    pub cert_expiry: Gauge,
+    /// Certificates obtained from the controller (bootstrap and renewals), by result.
+    pub certify: Family<ResultLabels, Counter>,
+    /// 1 while a Watch stream to the controller is up.
+    pub controller_connected: Gauge,
+    /// Version of the last snapshot applied.
+    pub snapshot_version: Gauge,
+    /// Snapshots applied.
+    pub snapshots: Counter,
+    /// Watch streams lost or not established (each followed by a backoff and a new attempt).
+    pub watch_failures: Counter,
+}
+
+/// Most serials remembered for [`Metrics::peer_certs_seen`]; the set is cleared beyond it.
+const MAX_SERIALS: usize = 16_384;
 
 impl Metrics {
     /// Creates the metrics and registers them in `registry`.
@@ -146,6 +182,11 @@ impl Metrics {
             refusals: Family::default(),
             protocol_errors: Family::default(),
             connections: Arc::default(),
+            handshakes: Family::default(),
+            peer_certs_seen: Family::default(),
+            seen_serials: Arc::default(),
+            rotated_connections: Counter::default(),
+            identity: IdentityMetrics::default(),
         };
         let r = registry.sub_registry_with_prefix("quicmesh");
         r.register(
@@ -199,7 +240,81 @@ impl Metrics {
             m.protocol_errors.clone(),
         );
         r.register_collector(Box::new(m.connections.clone()));
+        r.register(
+            "peer_handshakes",
+            "QUIC handshakes completed with a verified peer",
+            m.handshakes.clone(),
+        );
+        r.register(
+            "peer_certificates_seen",
+            "Distinct peer certificates (by serial) presented in handshakes",
+            m.peer_certs_seen.clone(),
+        );
+        r.register(
+            "pool_rotated_connections",
+            "Pooled connections replaced after our certificate was renewed",
+            m.rotated_connections.clone(),
+        );
+        let id = &m.identity;
+        r.register(
+            "identity_cert_expiry_seconds",
+            "Expiry of the certificate this proxy presents, Unix seconds",
+            id.cert_expiry.clone(),
+        );
+        r.register(
+            "identity_certify",
+            "Certificates requested from the controller (bootstrap and renewals), by result",
+            id.certify.clone(),
+        );
+        r.register(
+            "controller_connected",
+            "1 while the Watch stream to the controller is up",
+            id.controller_connected.clone(),
+        );
+        r.register(
+            "controller_snapshot_version",
+            "Version of the last configuration snapshot applied",
+            id.snapshot_version.clone(),
+        );
+        r.register(
+            "controller_snapshots",
+            "Configuration snapshots applied",
+            id.snapshots.clone(),
+        );
+        r.register(
+            "controller_watch_failures",
+            "Watch streams to the controller lost or not established",
+            id.watch_failures.clone(),
+        );
         m
+    }
+
+    /// Counts a completed handshake and, if its certificate is new to us, the peer certificate.
+    pub fn observe_handshake(&self, direction: Direction, conn: &quinn::Connection) {
+        let labels = DirectionLabels { direction };
+        self.handshakes.get_or_create(&labels).inc();
+        let serial = conn
+            .peer_identity()
+            .and_then(|i| {
+                i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|certs| {
+                let der = certs.first()?;
+                crate::identity::inspect::CertInfo::from_der(der).ok()
+            })
+            .map(|i| i.serial_hex);
+        let Some(serial) = serial else { return };
+        let new = {
+            let mut seen = self.seen_serials.lock().unwrap_or_else(|p| p.into_inner());
+            if seen.len() >= MAX_SERIALS {
+                seen.clear();
+            }
+            seen.insert(serial)
+        };
+        if new {
+            self.peer_certs_seen.get_or_create(&labels).inc();
+        }
     }
 
     /// Resolves the per-peer counters once for a new QUIC connection.

@@ -24,12 +24,16 @@ use std::{
 
 use prometheus_client::registry::Registry;
 use serde::Serialize;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tokio_util::{
+    sync::{CancellationToken, DropGuard},
+    task::TaskTracker,
+};
 
 use crate::{
     admin::Admin,
     config::{ConfigError, ProxyConfig},
-    identity::{Credentials, Leaf, credentials::roots_from_pem},
+    control,
+    identity::{Credentials, Leaf, credentials::roots_from_pem, manager},
     metrics::{Direction, DirectionLabels, Metrics},
     quic,
     retry::RetryBudget,
@@ -70,6 +74,8 @@ pub struct Proxy {
     grace: Duration,
     addresses: ProxyAddresses,
     drain: Drain,
+    /// Controller mode: stops the identity manager and the Watch follower when the proxy goes away.
+    control: Option<DropGuard>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -80,15 +86,22 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
-/// Reads the identity files named by the configuration.
+/// Reads the identity files named by the configuration (static mode).
 pub fn load_credentials(cfg: &ProxyConfig, file: &Path) -> Result<Credentials, ConfigError> {
+    let Some(identity) = &cfg.identity else {
+        return Err(ConfigError::new(
+            file,
+            "identity",
+            "missing: static mode needs [identity]",
+        ));
+    };
     let read = |key: &str, p: &Path| {
         std::fs::read(p)
             .map_err(|e| ConfigError::new(file, key, format!("cannot read {}: {e}", p.display())))
     };
-    let cert = read("identity.cert", &cfg.identity.cert)?;
-    let key = read("identity.key", &cfg.identity.key)?;
-    let bundle = read("identity.trust_bundle", &cfg.identity.trust_bundle)?;
+    let cert = read("identity.cert", &identity.cert)?;
+    let key = read("identity.key", &identity.key)?;
+    let bundle = read("identity.trust_bundle", &identity.trust_bundle)?;
     let leaf = Leaf::from_pem(&quic::provider(), &cert, &key).map_err(|e| {
         let k = match e {
             crate::identity::CredentialsError::Key(_)
@@ -103,7 +116,7 @@ pub fn load_credentials(cfg: &ProxyConfig, file: &Path) -> Result<Credentials, C
     if leaf.info.not_after < now {
         tracing::warn!(id = %leaf.info.id, not_after = %leaf.info.not_after, "our own certificate has expired; peers will refuse it");
     }
-    let td = match &cfg.identity.trust_domain {
+    let td = match &identity.trust_domain {
         Some(td) => {
             let probe = format!("spiffe://{td}/ns/x/sa/x");
             crate::identity::SpiffeId::from_str(&probe).map_err(|_| {
@@ -121,10 +134,80 @@ pub fn load_credentials(cfg: &ProxyConfig, file: &Path) -> Result<Credentials, C
 }
 
 impl Proxy {
-    /// Loads the identity and binds every listener, or fails naming the key at fault.
+    /// Loads the identity and binds every listener, or fails naming the key at fault. In controller
+    /// mode this also starts the identity manager and the Watch follower; the proxy turns ready once
+    /// the first certificate is held ([`Credentials::wait_leaf`]).
     pub async fn bind(cfg: &ProxyConfig, file: &Path) -> Result<Self, ConfigError> {
-        let creds = load_credentials(cfg, file)?;
-        Self::bind_with(cfg, file, creds).await
+        let (None, Some(c)) = (&cfg.identity, &cfg.controller) else {
+            let creds = load_credentials(cfg, file)?;
+            return Self::bind_with(cfg, file, creds).await;
+        };
+        let boot = control::Bootstrap::load(c, file)?;
+        let td = boot.manager.id.trust_domain().to_owned();
+        let creds = Credentials::pending(boot.roots.clone(), td);
+        let mut proxy = Self::bind_with(cfg, file, creds).await?;
+        proxy.start_control(cfg, boot);
+        Ok(proxy)
+    }
+
+    fn start_control(&mut self, cfg: &ProxyConfig, boot: control::Bootstrap) {
+        let stop = CancellationToken::new();
+        let controller =
+            control::Controller::new(boot.address.clone(), boot.roots.clone(), self.creds.clone());
+        let register = match (&cfg.inbound, self.addresses.inbound) {
+            (Some(i), Some(bound)) => {
+                let addr = boot.advertise.unwrap_or(match bound.ip() {
+                    ip if ip.is_unspecified() && bound.is_ipv4() => {
+                        SocketAddr::from(([127, 0, 0, 1], bound.port()))
+                    }
+                    ip if ip.is_unspecified() => {
+                        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, bound.port()))
+                    }
+                    _ => bound,
+                });
+                let id = &boot.manager.id;
+                let services = if i.services.is_empty() {
+                    vec![id.service_account().to_owned()]
+                } else {
+                    i.services.clone()
+                };
+                services
+                    .into_iter()
+                    .map(|service| quicmesh_proto::controller::Endpoint {
+                        metadata: Some(quicmesh_proto::controller::Metadata {
+                            name: format!("{}-{service}", boot.proxy_name),
+                            namespace: id.namespace().to_owned(),
+                            ..Default::default()
+                        }),
+                        service,
+                        address: addr.to_string(),
+                        ..Default::default()
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        let follower = control::Follower {
+            controller: controller.clone(),
+            creds: self.creds.clone(),
+            proxy_name: boot.proxy_name.clone(),
+            outbound: self
+                .outbound
+                .iter()
+                .map(|o| (o.service().to_owned(), o.endpoints()))
+                .collect(),
+            register,
+            metrics: self.metrics.identity.clone(),
+        };
+        tokio::spawn(manager::run(
+            controller,
+            self.creds.clone(),
+            boot.manager,
+            self.metrics.identity.clone(),
+            stop.clone(),
+        ));
+        tokio::spawn(follower.run(stop.clone()));
+        self.control = Some(stop.drop_guard());
     }
 
     /// Binds with credentials obtained elsewhere (e.g. from the controller).
@@ -171,7 +254,12 @@ impl Proxy {
         };
         let client_ep =
             quic::endpoint(client_bind, &cfg.quic, None).map_err(|e| err("outbound".into(), &e))?;
-        let pool = Arc::new(pool::Pool::new(client_ep, client, metrics.clone()));
+        let pool = Arc::new(pool::Pool::new(
+            client_ep,
+            client,
+            creds.clone(),
+            metrics.clone(),
+        ));
         let budget = Arc::new(Mutex::new(RetryBudget::new(
             cfg.retry.ratio,
             cfg.retry.min_per_second,
@@ -226,6 +314,7 @@ impl Proxy {
             grace: cfg.drain_grace,
             addresses,
             drain: Drain::default(),
+            control: None,
         })
     }
 
@@ -237,6 +326,11 @@ impl Proxy {
     /// The proxy's metrics (for in-process callers such as `quicmesh up`).
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The live endpoint list of each outbound listener, in configuration order.
+    pub fn outbound_endpoints(&self) -> Vec<outbound::Endpoints> {
+        self.outbound.iter().map(|o| o.endpoints()).collect()
     }
 
     /// The live credentials; replacing the leaf here rotates the certificate for new handshakes.
@@ -255,10 +349,24 @@ impl Proxy {
         for o in self.outbound {
             listeners.push(tokio::spawn(o.run(drain.clone())));
         }
-        self.ready.store(true, Ordering::Release);
-        tracing::info!(id = %self.creds.id(), addresses = ?self.addresses, "proxy ready");
+        // Ready once a certificate is held: at once in static mode, after bootstrap in controller mode.
+        let mark_ready = {
+            let (ready, creds, addresses) = (
+                self.ready.clone(),
+                self.creds.clone(),
+                self.addresses.clone(),
+            );
+            tokio::spawn(async move {
+                creds.wait_leaf().await;
+                ready.store(true, Ordering::Release);
+                let id = creds.id().map(|i| i.to_string()).unwrap_or_default();
+                tracing::info!(%id, ?addresses, "proxy ready");
+            })
+        };
 
         shutdown.await;
+        mark_ready.abort();
+        let _ = mark_ready.await;
         self.ready.store(false, Ordering::Release);
         let open: i64 = [Direction::Outbound, Direction::Inbound]
             .into_iter()
@@ -297,6 +405,7 @@ impl Proxy {
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
         admin.abort();
+        drop(self.control);
         tracing::info!("proxy stopped");
     }
 }

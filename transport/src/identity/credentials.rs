@@ -2,9 +2,14 @@
 //!
 //! rustls asks the resolver for a certificate on every handshake, so replacing the key here changes what
 //! new connections present while established ones keep theirs: certificate rotation drops no stream. The
-//! lock is a std `RwLock` held only to clone an `Arc`, never across an await.
+//! lock is a std `RwLock` held only to clone an `Arc`, never across an await. In controller mode a proxy
+//! starts with no leaf at all ([`Credentials::pending`]): handshakes fail until the first certificate
+//! arrives, and [`Credentials::wait_leaf`] tells readiness when it has.
 
-use std::sync::{Arc, RwLock};
+use std::sync::{
+    Arc, RwLock,
+    atomic::{AtomicU64, Ordering},
+};
 
 use rustls::{
     RootCertStore, SignatureScheme,
@@ -146,8 +151,12 @@ pub struct Credentials {
 #[derive(Debug)]
 struct Inner {
     trust_domain: String,
-    leaf: RwLock<Leaf>,
+    leaf: RwLock<Option<Leaf>>,
     roots: RwLock<Arc<RootCertStore>>,
+    /// Bumped by every `set_leaf`: connections made under an older leaf know they are stale.
+    generation: AtomicU64,
+    /// Notified on every change of leaf or roots.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Credentials {
@@ -159,17 +168,29 @@ impl Credentials {
 
     /// Credentials whose peers must belong to `trust_domain`.
     pub fn with_trust_domain(leaf: Leaf, roots: RootCertStore, trust_domain: String) -> Self {
+        Self::build(Some(leaf), roots, trust_domain)
+    }
+
+    /// Credentials still waiting for their first leaf (controller mode): until [`Credentials::set_leaf`],
+    /// every handshake fails for want of a certificate.
+    pub fn pending(roots: RootCertStore, trust_domain: String) -> Self {
+        Self::build(None, roots, trust_domain)
+    }
+
+    fn build(leaf: Option<Leaf>, roots: RootCertStore, trust_domain: String) -> Self {
         Self {
             inner: Arc::new(Inner {
                 trust_domain,
                 leaf: RwLock::new(leaf),
                 roots: RwLock::new(Arc::new(roots)),
+                generation: AtomicU64::new(0),
+                changed: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
 
-    /// The current leaf.
-    pub fn leaf(&self) -> Leaf {
+    /// The current leaf, if one is held yet.
+    pub fn leaf(&self) -> Option<Leaf> {
         self.inner
             .leaf
             .read()
@@ -177,9 +198,30 @@ impl Credentials {
             .clone()
     }
 
-    /// This workload's identity.
-    pub fn id(&self) -> SpiffeId {
-        self.leaf().info.id
+    /// This workload's identity, once a leaf is held.
+    pub fn id(&self) -> Option<SpiffeId> {
+        self.leaf().map(|l| l.info.id)
+    }
+
+    /// How many times the leaf was replaced; a connection remembers it to notice it predates a rotation.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a leaf is held (at once if it already is).
+    pub async fn wait_leaf(&self) {
+        let mut rx = self.inner.changed.subscribe();
+        while self.leaf().is_none() {
+            // The sender lives in `self`, so `changed` cannot fail while we wait.
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A receiver notified on every change of leaf or roots.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changed.subscribe()
     }
 
     /// The trust domain peers must belong to.
@@ -198,27 +240,30 @@ impl Credentials {
 
     /// Presents `leaf` on every handshake from now on.
     pub fn set_leaf(&self, leaf: Leaf) {
-        *self.inner.leaf.write().unwrap_or_else(|p| p.into_inner()) = leaf;
+        *self.inner.leaf.write().unwrap_or_else(|p| p.into_inner()) = Some(leaf);
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        self.inner.changed.send_modify(|v| *v += 1);
     }
 
     /// Trusts `roots` for every handshake from now on.
     pub fn set_roots(&self, roots: RootCertStore) {
         *self.inner.roots.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(roots);
+        self.inner.changed.send_modify(|v| *v += 1);
     }
 }
 
 impl ResolvesServerCert for Credentials {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.leaf().key)
+        self.leaf().map(|l| l.key)
     }
 }
 
 impl ResolvesClientCert for Credentials {
     fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.leaf().key)
+        self.leaf().map(|l| l.key)
     }
 
     fn has_certs(&self) -> bool {
-        true
+        self.leaf().is_some()
     }
 }

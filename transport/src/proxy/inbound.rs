@@ -97,6 +97,7 @@ impl Conn {
             return;
         };
         tracing::debug!(%peer, "inbound connection");
+        self.metrics.observe_handshake(Direction::Inbound, &conn);
         self.metrics
             .connections
             .track(Direction::Inbound, peer.to_string(), conn.clone());

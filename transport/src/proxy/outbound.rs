@@ -11,7 +11,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -58,6 +58,9 @@ pub enum OpenError {
     /// A retry was warranted but the retry budget is spent.
     #[error("retry budget exhausted after: {0}")]
     BudgetExhausted(Box<OpenError>),
+    /// The service has no endpoint (controller mode, before the controller named any).
+    #[error("no endpoint known for the service")]
+    NoEndpoints,
     /// Every attempt failed.
     #[error("{attempts} attempts failed, last: {last}")]
     Exhausted {
@@ -88,6 +91,7 @@ impl OpenError {
             Self::BudgetExhausted(_) => "retry_budget_exhausted",
             Self::Exhausted { last, .. } => last.reason(),
             Self::Timeout(_) => "connect_timeout",
+            Self::NoEndpoints => "no_endpoints",
         }
     }
 }
@@ -115,6 +119,33 @@ fn classify(e: &OpenError) -> Retry {
     }
 }
 
+/// The endpoints of one outbound service, replaceable while traffic flows (the controller's snapshots).
+/// Each tunneled connection reads the list once; the lock only guards an `Arc` clone.
+#[derive(Debug, Clone)]
+pub struct Endpoints(Arc<RwLock<Arc<Vec<SocketAddr>>>>);
+
+impl Endpoints {
+    /// A list starting as `initial`.
+    pub fn new(initial: Vec<SocketAddr>) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(initial))))
+    }
+
+    /// The current list.
+    pub fn get(&self) -> Arc<Vec<SocketAddr>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the list for connections accepted from now on; returns whether it changed.
+    pub fn set(&self, list: Vec<SocketAddr>) -> bool {
+        let mut cur = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if **cur == list {
+            return false;
+        }
+        *cur = Arc::new(list);
+        true
+    }
+}
+
 /// One bound outbound listener.
 pub struct Outbound {
     listener: TcpListener,
@@ -123,6 +154,7 @@ pub struct Outbound {
 
 struct Service {
     cfg: OutboundConfig,
+    endpoints: Endpoints,
     pool: Arc<Pool>,
     budget: Arc<Mutex<RetryBudget>>,
     metrics: Metrics,
@@ -141,6 +173,7 @@ impl Outbound {
         Ok(Self {
             listener,
             svc: Arc::new(Service {
+                endpoints: Endpoints::new(cfg.endpoints.clone()),
                 cfg,
                 pool,
                 budget,
@@ -153,6 +186,16 @@ impl Outbound {
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The service this listener tunnels to.
+    pub fn service(&self) -> &str {
+        &self.svc.cfg.service
+    }
+
+    /// The live endpoint list of the service.
+    pub fn endpoints(&self) -> Endpoints {
+        self.svc.endpoints.clone()
     }
 
     /// Accepts until the drain begins.
@@ -250,9 +293,13 @@ impl Service {
         deadline: Option<Instant>,
     ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let endpoints = self.endpoints.get();
         let order = self
             .pool
-            .attempt_order(&self.cfg.endpoints, start, Instant::now().into_std());
+            .attempt_order(&endpoints, start, Instant::now().into_std());
+        if order.is_empty() {
+            return Err(OpenError::NoEndpoints);
+        }
         let mut attempts = 0u32;
         let mut idx = 0usize;
         loop {

@@ -5,11 +5,18 @@
 //! a dead peer costs one handshake timeout, not a thousand. A failed or closed connection is replaced on
 //! the next request. Endpoint health (a backoff after a failed handshake) steers the next attempts away
 //! from a peer that is down; the order itself is a pure function.
+//!
+//! Certificate rotation: a connection remembers the generation of our leaf it was made with. Once the
+//! leaf is renewed, the next request dials a fresh connection (so peers see the new certificate) and the
+//! old one is retired: it takes no new streams and is closed once its last tunneled connection ends.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::Mutex,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -20,11 +27,12 @@ use futures::{
 use quinn::{ConnectionError, Endpoint};
 
 use crate::{
-    identity::{SpiffeId, credentials::leaf_info},
+    identity::{Credentials, SpiffeId, credentials::leaf_info},
     metrics::{Direction, Metrics, PeerMetrics, ReasonLabels},
 };
 
-/// A pooled connection with what we learned about its peer.
+/// A pooled connection with what we learned about its peer. While any clone of it lives, the
+/// connection counts as in use and is not closed by a retirement.
 #[derive(Debug, Clone)]
 pub struct PeerConn {
     /// The QUIC connection.
@@ -33,6 +41,40 @@ pub struct PeerConn {
     pub peer: SpiffeId,
     /// Counters of this peer.
     pub metrics: PeerMetrics,
+    _lease: Arc<Lease>,
+}
+
+/// One user of a pooled connection; counted while alive.
+#[derive(Debug)]
+struct Lease(Arc<AtomicUsize>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the pool keeps per connection.
+#[derive(Debug, Clone)]
+struct Pooled {
+    conn: quinn::Connection,
+    peer: SpiffeId,
+    metrics: PeerMetrics,
+    /// [`Credentials::generation`] when the handshake was made.
+    generation: u64,
+    in_use: Arc<AtomicUsize>,
+}
+
+impl Pooled {
+    fn lease(&self) -> PeerConn {
+        self.in_use.fetch_add(1, Ordering::AcqRel);
+        PeerConn {
+            conn: self.conn.clone(),
+            peer: self.peer.clone(),
+            metrics: self.metrics.clone(),
+            _lease: Arc::new(Lease(self.in_use.clone())),
+        }
+    }
 }
 
 /// Why a connection to a peer could not be had.
@@ -66,7 +108,7 @@ impl DialError {
     }
 }
 
-type Dial = Shared<BoxFuture<'static, Result<PeerConn, DialError>>>;
+type Dial = Shared<BoxFuture<'static, Result<Pooled, DialError>>>;
 
 #[derive(Debug, Clone, Copy)]
 struct Health {
@@ -82,6 +124,7 @@ const BASE_BACKOFF: Duration = Duration::from_millis(500);
 pub struct Pool {
     endpoint: Endpoint,
     client: quinn::ClientConfig,
+    creds: Credentials,
     metrics: Metrics,
     slots: Mutex<HashMap<SocketAddr, Dial>>,
     health: Mutex<HashMap<SocketAddr, Health>>,
@@ -97,11 +140,17 @@ impl std::fmt::Debug for Pool {
 const SNI: &str = "peer.quicmesh.invalid";
 
 impl Pool {
-    /// A pool dialling from `endpoint` with `client`.
-    pub fn new(endpoint: Endpoint, client: quinn::ClientConfig, metrics: Metrics) -> Self {
+    /// A pool dialling from `endpoint` with `client`, whose certificate comes from `creds`.
+    pub fn new(
+        endpoint: Endpoint,
+        client: quinn::ClientConfig,
+        creds: Credentials,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             endpoint,
             client,
+            creds,
             metrics,
             slots: Mutex::default(),
             health: Mutex::default(),
@@ -119,33 +168,48 @@ impl Pool {
         addr: SocketAddr,
         handshake_timeout: Duration,
     ) -> Result<PeerConn, DialError> {
-        let dial = {
+        let generation = self.creds.generation();
+        let (dial, retired) = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let mut retired = None;
             let reusable = slots.get(&addr).filter(|d| match d.peek() {
                 None => true,
-                Some(Ok(pc)) => pc.conn.close_reason().is_none(),
+                Some(Ok(p)) if p.conn.close_reason().is_some() => false,
+                Some(Ok(p)) if p.generation != generation => {
+                    retired = Some(p.clone());
+                    false
+                }
+                Some(Ok(_)) => true,
                 Some(Err(_)) => false,
             });
-            match reusable {
+            let d = match reusable {
                 Some(d) => d.clone(),
                 None => {
-                    let d = self.dial(addr, handshake_timeout);
+                    let d = self.dial(addr, handshake_timeout, generation);
                     slots.insert(addr, d.clone());
                     d
                 }
-            }
+            };
+            (d, retired)
         };
+        if let Some(old) = retired {
+            self.metrics.rotated_connections.inc();
+            tokio::spawn(retire(old));
+        }
         let res = dial.clone().await;
-        if res.is_err() {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            if slots.get(&addr).is_some_and(|d| d.ptr_eq(&dial)) {
-                slots.remove(&addr);
+        match res {
+            Ok(p) => Ok(p.lease()),
+            Err(e) => {
+                let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+                if slots.get(&addr).is_some_and(|d| d.ptr_eq(&dial)) {
+                    slots.remove(&addr);
+                }
+                Err(e)
             }
         }
-        res
     }
 
-    fn dial(&self, addr: SocketAddr, timeout: Duration) -> Dial {
+    fn dial(&self, addr: SocketAddr, timeout: Duration, generation: u64) -> Dial {
         let endpoint = self.endpoint.clone();
         let client = self.client.clone();
         let metrics = self.metrics.clone();
@@ -165,14 +229,17 @@ impl Pool {
             match res {
                 Ok((conn, peer)) => {
                     tracing::debug!(%addr, %peer, "QUIC connection established");
+                    metrics.observe_handshake(Direction::Outbound, &conn);
                     metrics
                         .connections
                         .track(Direction::Outbound, peer.to_string(), conn.clone());
                     let pm = metrics.peer(Direction::Outbound, peer.as_str());
-                    Ok(PeerConn {
+                    Ok(Pooled {
                         conn,
                         peer,
                         metrics: pm,
+                        generation,
+                        in_use: Arc::default(),
                     })
                 }
                 Err(e) => {
@@ -230,9 +297,35 @@ impl Pool {
     /// Closes every pooled connection.
     pub fn close_all(&self) {
         for d in self.slots.lock().unwrap_or_else(|p| p.into_inner()).drain() {
-            if let (_, Some(Ok(pc))) = (d.0, d.1.peek()) {
-                pc.conn.close(crate::tunnel::code::DRAINING, b"draining");
+            if let (_, Some(Ok(p))) = (d.0, d.1.peek()) {
+                p.conn.close(crate::tunnel::code::DRAINING, b"draining");
             }
+        }
+    }
+}
+
+/// How often a retired connection is checked for remaining users.
+const RETIRE_CHECK: Duration = Duration::from_secs(1);
+
+/// Closes a connection made under an older certificate once nobody has used it for two checks in a
+/// row (a caller that picked it just before the retirement holds a lease within microseconds).
+async fn retire(p: Pooled) {
+    let mut idle = 0;
+    loop {
+        tokio::select! {
+            _ = p.conn.closed() => return,
+            _ = tokio::time::sleep(RETIRE_CHECK) => {}
+        }
+        if p.in_use.load(Ordering::Acquire) == 0 {
+            idle += 1;
+            if idle >= 2 {
+                tracing::debug!(peer = %p.peer, "closing a connection made with our previous certificate");
+                p.conn
+                    .close(crate::tunnel::code::NO_ERROR, b"certificate rotated");
+                return;
+            }
+        } else {
+            idle = 0;
         }
     }
 }

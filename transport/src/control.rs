@@ -1,0 +1,381 @@
+//! Controller mode: the proxy's side of the controller's `ProxyApi`.
+//!
+//! Three jobs, all on the gRPC-over-TLS channel of [`crate::grpc`]: the CA client the
+//! [identity manager](crate::identity::manager) uses (bootstrap over plain TLS with the join token,
+//! renewals over mTLS with the current certificate); registering this proxy's inbound endpoint; and
+//! following `Watch`, applying each snapshot's trust bundle and the endpoints of the services our
+//! outbound listeners tunnel to. When the controller is unreachable the proxy keeps working on the last
+//! snapshot and its still-valid certificate, and reconnects with jittered exponential backoff. Matching
+//! snapshot endpoints to a listener is a pure function ([`endpoints_for`]).
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use quicmesh_proto::controller::{self as pb, proxy_api_client::ProxyApiClient};
+use rustls::RootCertStore;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::{
+    config::{ConfigError, ControllerConfig},
+    grpc,
+    identity::{
+        Credentials, SpiffeId,
+        credentials::roots_from_pem,
+        manager::{self, CaClient, CaClientError, Issued},
+    },
+    metrics::IdentityMetrics,
+    proxy::outbound::Endpoints,
+};
+
+/// Deadline of each unary call to the controller.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A Watch stream silent for this long is reopened (HTTP/2 keep-alives find dead peers much sooner).
+const WATCH_IDLE: Duration = Duration::from_secs(600);
+/// A Watch stream that lived this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// What controller mode needs from the configuration file, read and checked.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// `host:port` of the controller.
+    pub address: String,
+    /// Roots that verify the controller (the configured bundle).
+    pub roots: RootCertStore,
+    /// Manager settings (identity, token, renewal share).
+    pub manager: manager::ManagerConfig,
+    /// Name shown by `quicmesh ctl proxies`.
+    pub proxy_name: String,
+    /// Address to register for the inbound endpoint, if it differs from the bound one.
+    pub advertise: Option<SocketAddr>,
+}
+
+impl Bootstrap {
+    /// Reads the trust bundle and join token named by `c`, or fails naming the key.
+    pub fn load(c: &ControllerConfig, file: &Path) -> Result<Self, ConfigError> {
+        let read = |key: &str, p: &Path| {
+            std::fs::read(p).map_err(|e| {
+                ConfigError::new(file, key, format!("cannot read {}: {e}", p.display()))
+            })
+        };
+        let bundle = read("controller.trust_bundle", &c.trust_bundle)?;
+        let roots = roots_from_pem(&bundle)
+            .map_err(|e| ConfigError::new(file, "controller.trust_bundle", e))?;
+        let join_token = match (&c.join_token, &c.join_token_file) {
+            (Some(t), _) => t.trim().to_owned(),
+            (None, Some(p)) => String::from_utf8_lossy(&read("controller.join_token_file", p)?)
+                .trim()
+                .to_owned(),
+            (None, None) => String::new(),
+        };
+        if join_token.is_empty() {
+            return Err(ConfigError::new(
+                file,
+                "controller.join_token",
+                "the join token is empty",
+            ));
+        }
+        let id: SpiffeId = c.identity.parse().map_err(|e| {
+            ConfigError::new(
+                file,
+                "controller.identity",
+                format!("{:?}: {e}", c.identity),
+            )
+        })?;
+        Ok(Self {
+            address: c.address.clone(),
+            roots,
+            proxy_name: c
+                .proxy_name
+                .clone()
+                .unwrap_or_else(|| id.service_account().to_owned()),
+            manager: manager::ManagerConfig {
+                id,
+                join_token,
+                renew_fraction: c.renew_fraction,
+            },
+            advertise: c.advertise,
+        })
+    }
+}
+
+fn tls_config(
+    roots: RootCertStore,
+    client: Option<&Credentials>,
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let builder = rustls::ClientConfig::builder_with_provider(crate::quic::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        Some(creds) => builder.with_client_cert_resolver(Arc::new(creds.clone())),
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The controller as seen by this proxy: address, how to verify it, and our credentials for mTLS.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    address: String,
+    bootstrap_roots: RootCertStore,
+    creds: Credentials,
+}
+
+impl Controller {
+    /// A client of the controller at `address`.
+    pub fn new(address: String, bootstrap_roots: RootCertStore, creds: Credentials) -> Self {
+        Self {
+            address,
+            bootstrap_roots,
+            creds,
+        }
+    }
+
+    /// Opens a channel; with `mtls` it presents our current certificate.
+    async fn channel(&self, mtls: bool, timeout: Option<Duration>) -> Result<Channel, String> {
+        // The configured bundle and the mesh bundle both verify the controller: the first covers an
+        // operator-provided root, the second a root rotation learnt from snapshots.
+        let mut roots = self.bootstrap_roots.clone();
+        roots.roots.extend(self.creds.roots().roots.iter().cloned());
+        let tls = tls_config(roots, mtls.then_some(&self.creds)).map_err(|e| e.to_string())?;
+        grpc::connect(&self.address, tls, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn client(
+        &self,
+        mtls: bool,
+        timeout: Option<Duration>,
+    ) -> Result<ProxyApiClient<Channel>, String> {
+        Ok(ProxyApiClient::new(self.channel(mtls, timeout).await?)
+            .max_decoding_message_size(grpc::MAX_MESSAGE))
+    }
+}
+
+fn status_error(s: &tonic::Status) -> CaClientError {
+    use tonic::Code;
+    let text = format!("{:?}: {}", s.code(), s.message());
+    match s.code() {
+        Code::Unauthenticated
+        | Code::PermissionDenied
+        | Code::InvalidArgument
+        | Code::FailedPrecondition => CaClientError::Refused(text),
+        _ => CaClientError::Unavailable(text),
+    }
+}
+
+impl CaClient for Controller {
+    async fn certify(
+        &self,
+        csr_pem: String,
+        join_token: Option<String>,
+    ) -> Result<Issued, CaClientError> {
+        let bootstrap = join_token.is_some();
+        let call = async {
+            let mut client = self
+                .client(!bootstrap, Some(CALL_TIMEOUT))
+                .await
+                .map_err(CaClientError::Unavailable)?;
+            client
+                .certify(pb::CertifyRequest {
+                    csr_pem,
+                    join_token: join_token.unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_error(&s))
+        };
+        let resp = tokio::time::timeout(CALL_TIMEOUT + grpc::CONNECT_TIMEOUT * 2, call)
+            .await
+            .map_err(|_| CaClientError::Unavailable("Certify timed out".into()))??
+            .into_inner();
+        Ok(Issued {
+            cert_chain_pem: resp.cert_chain_pem,
+            trust_bundle_pem: resp.trust_bundle_pem,
+        })
+    }
+}
+
+/// The endpoints of snapshot `snap` that serve `service` (`name`, or `name.namespace` to pick a
+/// namespace), sorted; addresses that are not `ip:port` are skipped.
+pub fn endpoints_for(service: &str, snap: &pb::Snapshot) -> Vec<SocketAddr> {
+    let (name, ns) = match service.split_once('.') {
+        Some((n, ns)) => (n, Some(ns)),
+        None => (service, None),
+    };
+    let mut out: Vec<SocketAddr> = snap
+        .endpoints
+        .iter()
+        .filter(|e| e.service == name)
+        .filter(|e| {
+            ns.is_none_or(|ns| e.metadata.as_ref().is_some_and(|m| m.namespace == ns))
+        })
+        .filter_map(|e| match e.address.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                tracing::warn!(address = %e.address, service = %e.service, "endpoint address is not ip:port; skipped");
+                None
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What the Watch follower applies snapshots to and registers.
+#[derive(Debug, Clone)]
+pub struct Follower {
+    /// The controller.
+    pub controller: Controller,
+    /// Our credentials (trust bundle updates).
+    pub creds: Credentials,
+    /// Name shown by `quicmesh ctl proxies`.
+    pub proxy_name: String,
+    /// Each outbound listener's service and its live endpoint list.
+    pub outbound: Vec<(String, Endpoints)>,
+    /// Endpoints to register (our inbound), re-registered on every reconnect.
+    pub register: Vec<pb::Endpoint>,
+    /// Metrics.
+    pub metrics: IdentityMetrics,
+}
+
+impl Follower {
+    /// Follows the controller until `shutdown`, reconnecting with backoff.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = self.creds.wait_leaf() => {}
+        }
+        let mut failures = 0u32;
+        let mut last_bundle = Vec::new();
+        loop {
+            let started = Instant::now();
+            let err = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                e = self.watch_once(&mut last_bundle) => e,
+            };
+            self.metrics.controller_connected.set(0);
+            self.metrics.watch_failures.inc();
+            failures = if started.elapsed() >= STABLE {
+                1
+            } else {
+                failures.saturating_add(1)
+            };
+            let delay = manager::backoff(failures, rand::random(), Some(Duration::from_secs(40)));
+            tracing::warn!(error = %err, retry_in = ?delay, "controller unreachable; keeping the last configuration");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn watch_once(&self, last_bundle: &mut Vec<String>) -> String {
+        let mut client = match self.controller.client(true, None).await {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        for e in &self.register {
+            let call = client.register_endpoint(pb::RegisterEndpointRequest {
+                endpoint: Some(e.clone()),
+            });
+            match tokio::time::timeout(CALL_TIMEOUT, call).await {
+                Ok(Ok(r)) => tracing::info!(
+                    service = %e.service, address = %e.address, version = r.into_inner().version,
+                    "endpoint registered"
+                ),
+                Ok(Err(s)) => return format!("RegisterEndpoint: {:?}: {}", s.code(), s.message()),
+                Err(_) => return "RegisterEndpoint timed out".into(),
+            }
+        }
+        let req = pb::WatchRequest {
+            proxy_name: self.proxy_name.clone(),
+            spiffe_ids: self.creds.id().map(|i| i.to_string()).into_iter().collect(),
+        };
+        let mut stream = match tokio::time::timeout(CALL_TIMEOUT, client.watch(req)).await {
+            Ok(Ok(s)) => s.into_inner(),
+            Ok(Err(s)) => return format!("Watch: {:?}: {}", s.code(), s.message()),
+            Err(_) => return "Watch timed out".into(),
+        };
+        self.metrics.controller_connected.set(1);
+        loop {
+            match tokio::time::timeout(WATCH_IDLE, stream.message()).await {
+                Ok(Ok(Some(snap))) => self.apply(&snap, last_bundle),
+                Ok(Ok(None)) => return "Watch stream ended".into(),
+                Ok(Err(s)) => return format!("Watch: {:?}: {}", s.code(), s.message()),
+                Err(_) => return format!("no snapshot for {WATCH_IDLE:?}; reconnecting"),
+            }
+        }
+    }
+
+    fn apply(&self, snap: &pb::Snapshot, last_bundle: &mut Vec<String>) {
+        if !snap.trust_bundle_pem.is_empty() && snap.trust_bundle_pem != *last_bundle {
+            match roots_from_pem(snap.trust_bundle_pem.join("\n").as_bytes()) {
+                Ok(r) => {
+                    self.creds.set_roots(r);
+                    *last_bundle = snap.trust_bundle_pem.clone();
+                    tracing::info!(roots = snap.trust_bundle_pem.len(), "trust bundle updated");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "snapshot trust bundle unusable; keeping ours")
+                }
+            }
+        }
+        for (service, eps) in &self.outbound {
+            let list = endpoints_for(service, snap);
+            if eps.set(list.clone()) {
+                tracing::info!(%service, endpoints = ?list, "endpoints updated");
+            }
+        }
+        self.metrics
+            .snapshot_version
+            .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
+        self.metrics.snapshots.inc();
+        tracing::debug!(version = snap.version, "snapshot applied");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(service: &str, ns: &str, addr: &str) -> pb::Endpoint {
+        pb::Endpoint {
+            metadata: Some(pb::Metadata {
+                name: format!("{service}-{addr}"),
+                namespace: ns.into(),
+                ..Default::default()
+            }),
+            service: service.into(),
+            address: addr.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn endpoints_match_by_service_and_optional_namespace() {
+        let snap = pb::Snapshot {
+            endpoints: vec![
+                ep("echo", "a", "127.0.0.1:2"),
+                ep("echo", "b", "127.0.0.1:1"),
+                ep("other", "a", "127.0.0.1:3"),
+                ep("echo", "a", "host.example:4"),
+                ep("echo", "a", "127.0.0.1:2"),
+            ],
+            ..Default::default()
+        };
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(
+            endpoints_for("echo", &snap),
+            vec![a("127.0.0.1:1"), a("127.0.0.1:2")]
+        );
+        assert_eq!(endpoints_for("echo.a", &snap), vec![a("127.0.0.1:2")]);
+        assert!(endpoints_for("missing", &snap).is_empty());
+    }
+}

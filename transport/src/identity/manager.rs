@@ -1,0 +1,389 @@
+//! The certificate lifecycle of a proxy in controller mode: bootstrap, renew, and keep serving.
+//!
+//! One worker task owns it. The key pair is generated here and never leaves the proxy: the CA only sees a
+//! CSR. The first certificate is bought with the join token; after that the proxy renews over mTLS with
+//! its current certificate, at a jittered share of the lifetime (so a fleet does not renew in step). A
+//! failed renewal is retried with exponential backoff while the still-valid certificate keeps being
+//! presented; a new one is installed with [`Credentials::set_leaf`], which rustls reads per handshake, so
+//! established connections and streams are untouched. The CA is reached through the [`CaClient`] trait,
+//! so tests drive the schedule with a fake CA on paused time.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Credentials, Leaf, SpiffeId,
+    ca::generate_csr,
+    credentials::{CredentialsError, LeafInfo, roots_from_pem},
+    inspect::CertInfo,
+};
+use crate::metrics::{IdentityMetrics, ResultLabels};
+
+/// What the CA returned for a CSR.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Leaf first, PEM.
+    pub cert_chain_pem: Vec<String>,
+    /// Every root the mesh trusts now, PEM.
+    pub trust_bundle_pem: Vec<String>,
+}
+
+/// Why the CA did not sign.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CaClientError {
+    /// The CA could not be reached or did not answer in time: worth retrying soon.
+    #[error("CA unavailable: {0}")]
+    Unavailable(String),
+    /// The CA answered with a refusal (bad or spent token, revoked identity, wrong identity).
+    #[error("CA refused: {0}")]
+    Refused(String),
+}
+
+/// A certificate authority the manager can ask for certificates.
+pub trait CaClient: Send + Sync + 'static {
+    /// Signs `csr_pem`. With `join_token` the caller bootstraps; without, it authenticates with its current
+    /// certificate (read from the credentials the implementation holds).
+    fn certify(
+        &self,
+        csr_pem: String,
+        join_token: Option<String>,
+    ) -> impl Future<Output = Result<Issued, CaClientError>> + Send;
+}
+
+/// Why a certificate could not be obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum ObtainError {
+    /// The CSR could not be made.
+    #[error("cannot make a CSR: {0}")]
+    Csr(#[from] super::CaError),
+    /// The CA did not sign.
+    #[error(transparent)]
+    Ca(#[from] CaClientError),
+    /// The CA's answer is not usable.
+    #[error("unusable certificate from the CA: {0}")]
+    Certificate(#[from] CredentialsError),
+    /// The CA signed another identity than the one asked for.
+    #[error("CA issued {got}, expected {want}")]
+    WrongIdentity {
+        /// Asked for.
+        want: SpiffeId,
+        /// Received.
+        got: SpiffeId,
+    },
+}
+
+/// Settings of the manager.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// The identity asked for.
+    pub id: SpiffeId,
+    /// The bootstrap credential; spent by the first success.
+    pub join_token: String,
+    /// Share of the lifetime after which a certificate is renewed (jittered by ±0.1).
+    pub renew_fraction: f64,
+}
+
+/// First retry delay after a failure; doubled per consecutive failure.
+const BASE_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest retry delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// When to renew a certificate valid from `not_before` to `not_after`: at `fraction` of its lifetime,
+/// moved by `jitter` (in -1..=1) times 0.1 of the lifetime, never before 5% or after 95% of it.
+pub fn renew_at(info: &LeafInfo, fraction: f64, jitter: f64) -> OffsetDateTime {
+    let lifetime = (info.not_after - info.not_before).max(time::Duration::ZERO);
+    let share = (fraction + 0.1 * jitter.clamp(-1.0, 1.0)).clamp(0.05, 0.95);
+    info.not_before + lifetime * share
+}
+
+/// Delay before retry number `failures` (1 = first retry): exponential with jitter (`jitter01` in 0..1
+/// scales it to 50–100%), capped at [`MAX_BACKOFF`] and, while a certificate is still valid, at a quarter
+/// of its remaining life so several attempts fit before it expires.
+pub fn backoff(failures: u32, jitter01: f64, remaining: Option<Duration>) -> Duration {
+    let exp = BASE_BACKOFF.saturating_mul(1 << failures.clamp(1, 16).saturating_sub(1));
+    let mut d = exp.min(MAX_BACKOFF);
+    if let Some(r) = remaining.filter(|r| !r.is_zero()) {
+        d = d.min((r / 4).max(BASE_BACKOFF));
+    }
+    d.mul_f64(0.5 + 0.5 * jitter01.clamp(0.0, 1.0))
+}
+
+/// Generates a key, has the CA sign it, and checks the answer.
+pub async fn obtain<C: CaClient>(
+    ca: &C,
+    id: &SpiffeId,
+    join_token: Option<String>,
+) -> Result<(Leaf, Option<rustls::RootCertStore>, String), ObtainError> {
+    let (csr, key_pem) = generate_csr(id)?;
+    let issued = ca.certify(csr, join_token).await?;
+    let chain = issued.cert_chain_pem.join("\n");
+    let leaf = Leaf::from_pem(
+        &crate::quic::provider(),
+        chain.as_bytes(),
+        key_pem.as_bytes(),
+    )?;
+    if &leaf.info.id != id {
+        return Err(ObtainError::WrongIdentity {
+            want: id.clone(),
+            got: leaf.info.id,
+        });
+    }
+    let serial = CertInfo::from_pem(&chain)
+        .map(|i| i.serial_hex)
+        .unwrap_or_default();
+    let roots = if issued.trust_bundle_pem.is_empty() {
+        None
+    } else {
+        Some(roots_from_pem(
+            issued.trust_bundle_pem.join("\n").as_bytes(),
+        )?)
+    };
+    Ok((leaf, roots, serial))
+}
+
+/// The worker: obtains the first certificate, then renews it for as long as `shutdown` is not cancelled.
+pub async fn run<C: CaClient>(
+    ca: C,
+    creds: Credentials,
+    cfg: ManagerConfig,
+    metrics: IdentityMetrics,
+    shutdown: CancellationToken,
+) {
+    let mut token = Some(cfg.join_token.clone());
+    let mut failures = 0u32;
+    // Due now: there is no certificate yet.
+    let mut delay = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        let bootstrap = creds.leaf().is_none();
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = obtain(&ca, &cfg.id, token.clone().filter(|_| bootstrap)) => r,
+        };
+        let now = OffsetDateTime::now_utc();
+        match result {
+            Ok((leaf, roots, serial)) => {
+                failures = 0;
+                token = None;
+                metrics
+                    .certify
+                    .get_or_create(&ResultLabels { result: "ok" })
+                    .inc();
+                metrics
+                    .cert_expiry
+                    .set(leaf.info.not_after.unix_timestamp());
+                let at = renew_at(
+                    &leaf.info,
+                    cfg.renew_fraction,
+                    rand::random_range(-1.0..=1.0),
+                );
+                delay = duration_between(now, at);
+                tracing::info!(
+                    id = %leaf.info.id,
+                    %serial,
+                    not_after = %leaf.info.not_after,
+                    renew_in = ?delay,
+                    bootstrap,
+                    "certificate installed"
+                );
+                if let Some(r) = roots {
+                    creds.set_roots(r);
+                }
+                creds.set_leaf(leaf);
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                metrics
+                    .certify
+                    .get_or_create(&ResultLabels { result: "error" })
+                    .inc();
+                let remaining = creds
+                    .leaf()
+                    .map(|l| duration_between(now, l.info.not_after));
+                delay = backoff(failures, rand::random(), remaining);
+                match remaining {
+                    Some(r) if !r.is_zero() => tracing::warn!(
+                        error = %e, failures, retry_in = ?delay, still_valid_for = ?r,
+                        "certificate renewal failed; serving with the current certificate"
+                    ),
+                    Some(_) => tracing::error!(
+                        error = %e, failures, retry_in = ?delay,
+                        "certificate renewal failed and the current certificate has expired; peers will refuse it"
+                    ),
+                    None => tracing::warn!(
+                        error = %e, failures, retry_in = ?delay,
+                        "cannot obtain the first certificate"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// `to - from`, zero if `to` is past.
+fn duration_between(from: OffsetDateTime, to: OffsetDateTime) -> Duration {
+    Duration::try_from(to - from).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    };
+
+    use super::*;
+    use crate::identity::CertificateAuthority;
+
+    fn info(nb: i64, na: i64) -> LeafInfo {
+        LeafInfo {
+            id: "spiffe://t/ns/a/sa/b".parse().expect("id"),
+            not_before: OffsetDateTime::from_unix_timestamp(nb).expect("ts"),
+            not_after: OffsetDateTime::from_unix_timestamp(na).expect("ts"),
+        }
+    }
+
+    #[test]
+    fn renewal_falls_between_half_and_seventy_percent() {
+        let i = info(1000, 1100);
+        let at = |j| renew_at(&i, 0.6, j).unix_timestamp();
+        assert_eq!(at(0.0), 1060);
+        assert_eq!(at(-1.0), 1050);
+        assert_eq!(at(1.0), 1070);
+        assert_eq!(at(7.0), 1070, "jitter is clamped");
+        assert_eq!(renew_at(&i, 0.9, 1.0).unix_timestamp(), 1095);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(backoff(1, 1.0, None), Duration::from_millis(500));
+        assert_eq!(backoff(3, 1.0, None), Duration::from_secs(2));
+        assert_eq!(backoff(40, 1.0, None), MAX_BACKOFF);
+        assert_eq!(backoff(3, 0.0, None), Duration::from_secs(1));
+        // 8 s of validity left: never wait more than 2 s.
+        assert_eq!(
+            backoff(10, 1.0, Some(Duration::from_secs(8))),
+            Duration::from_secs(2)
+        );
+    }
+
+    /// A CA signing for `lifetime`, failing renewals while `fail` is set, recording the tokens it saw.
+    struct FakeCa {
+        ca: CertificateAuthority,
+        lifetime: time::Duration,
+        fail: Arc<AtomicU32>,
+        tokens: Arc<Mutex<Vec<Option<String>>>>,
+    }
+
+    impl CaClient for FakeCa {
+        async fn certify(
+            &self,
+            csr_pem: String,
+            join_token: Option<String>,
+        ) -> Result<Issued, CaClientError> {
+            self.tokens.lock().expect("lock").push(join_token.clone());
+            if join_token.is_none()
+                && self
+                    .fail
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                return Err(CaClientError::Unavailable("down".into()));
+            }
+            let now = OffsetDateTime::now_utc();
+            let id: SpiffeId = "spiffe://t.test/ns/a/sa/b".parse().expect("id");
+            let cert = self
+                .ca
+                .sign_csr(
+                    &csr_pem,
+                    &id,
+                    now - time::Duration::seconds(1),
+                    now + self.lifetime,
+                )
+                .map_err(|e| CaClientError::Refused(e.to_string()))?;
+            Ok(Issued {
+                cert_chain_pem: vec![cert],
+                trust_bundle_pem: vec![self.ca.cert_pem().to_owned()],
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bootstraps_renews_and_keeps_the_certificate_while_renewal_fails() {
+        let ca = CertificateAuthority::generate(
+            "t.test",
+            OffsetDateTime::now_utc() + time::Duration::days(1),
+        )
+        .expect("ca");
+        let roots = roots_from_pem(ca.cert_pem().as_bytes()).expect("roots");
+        let fail = Arc::new(AtomicU32::new(0));
+        let tokens = Arc::new(Mutex::new(Vec::new()));
+        let fake = FakeCa {
+            ca,
+            lifetime: time::Duration::seconds(60),
+            fail: fail.clone(),
+            tokens: tokens.clone(),
+        };
+        let creds = Credentials::pending(roots, "t.test".into());
+        let metrics = IdentityMetrics::default();
+        let stop = CancellationToken::new();
+        let cfg = ManagerConfig {
+            id: "spiffe://t.test/ns/a/sa/b".parse().expect("id"),
+            join_token: "qmj_one".into(),
+            renew_fraction: 0.5,
+        };
+        let task = tokio::spawn(run(fake, creds.clone(), cfg, metrics.clone(), stop.clone()));
+
+        creds.wait_leaf().await;
+        let first = creds.leaf().expect("leaf");
+        assert_eq!(creds.generation(), 1);
+        assert_eq!(tokens.lock().expect("lock")[0].as_deref(), Some("qmj_one"));
+
+        // Renewal at 40–60% of 60 s: within 37 s the certificate changed, without the token.
+        tokio::time::sleep(Duration::from_secs(37)).await;
+        assert_eq!(creds.generation(), 2);
+        assert_eq!(tokens.lock().expect("lock")[1], None);
+        assert_ne!(
+            creds.leaf().expect("leaf").key.cert[0],
+            first.key.cert[0],
+            "renewed"
+        );
+
+        // Three failed renewals: the current certificate stays, the manager backs off and retries.
+        fail.store(3, Ordering::Release);
+        let before = creds.leaf().expect("leaf").key.cert[0].clone();
+        let errors = || {
+            metrics
+                .certify
+                .get_or_create(&ResultLabels { result: "error" })
+                .get()
+        };
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        while errors() < 3 {
+            assert!(tokio::time::Instant::now() < until, "renewal never failed");
+            assert_eq!(
+                creds.leaf().expect("leaf").key.cert[0],
+                before,
+                "kept while renewal fails"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(creds.generation(), 2);
+        // Backoff after three failures is at most 2 s (a quarter of the remaining life caps it too).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(creds.generation(), 3, "recovered after the failures");
+        assert_ne!(creds.leaf().expect("leaf").key.cert[0], before);
+        assert!(
+            tokens.lock().expect("lock")[1..]
+                .iter()
+                .all(Option::is_none)
+        );
+        stop.cancel();
+        task.await.expect("manager task");
+    }
+}
