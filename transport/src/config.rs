@@ -531,7 +531,10 @@ mod example_tests {
         let cfg = ProxyConfig::parse(Path::new("deploy/proxy.example.toml"), text)
             .expect("example is valid");
         assert_eq!(cfg.outbound[0].endpoints.len(), 2);
-        assert_eq!(cfg.identity.trust_domain, None);
+        assert_eq!(
+            cfg.identity.as_ref().and_then(|i| i.trust_domain.clone()),
+            None
+        );
         assert_eq!(cfg.quic.max_concurrent_streams, 8192);
     }
 }
