@@ -195,6 +195,27 @@ pub struct QuicConfig {
     /// Keep-alive interval; keeps pooled connections and NAT bindings alive.
     #[serde(default = "defaults::keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// Longest time the peer may hold back an acknowledgement (QUIC ACK frequency extension). Loss
+    /// recovery waits on acknowledgements, so on low-RTT paths quinn's 25 ms default sets the tail under
+    /// loss; 1 ms keeps recovery close to the path RTT.
+    #[serde(default = "defaults::max_ack_delay", with = "humantime_serde")]
+    pub max_ack_delay: Duration,
+    /// Congestion controller: `cubic` (default), `bbr` (quinn marks it experimental) or `newreno`.
+    #[serde(default)]
+    pub congestion_controller: CongestionController,
+}
+
+/// QUIC congestion controllers quinn offers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CongestionController {
+    /// RFC 9438 CUBIC.
+    #[default]
+    Cubic,
+    /// BBR (quinn's implementation is experimental).
+    Bbr,
+    /// RFC 9002 NewReno.
+    NewReno,
 }
 
 impl Default for QuicConfig {
@@ -206,6 +227,8 @@ impl Default for QuicConfig {
             udp_buffer: defaults::udp_buffer(),
             idle_timeout: defaults::idle_timeout(),
             keep_alive: defaults::keep_alive(),
+            max_ack_delay: defaults::max_ack_delay(),
+            congestion_controller: CongestionController::default(),
         }
     }
 }
@@ -269,6 +292,9 @@ mod defaults {
     }
     pub fn keep_alive() -> Duration {
         Duration::from_secs(10)
+    }
+    pub fn max_ack_delay() -> Duration {
+        Duration::from_millis(1)
     }
     pub fn renew_fraction() -> f64 {
         0.6

@@ -9,13 +9,14 @@ use std::{net::SocketAddr, sync::Arc};
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use quinn::{
-    Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig, VarInt,
+    AckFrequencyConfig, Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig,
+    VarInt, congestion,
     crypto::rustls::{QuicClientConfig, QuicServerConfig},
 };
 use rustls::crypto::CryptoProvider;
 
 use crate::{
-    config::QuicConfig,
+    config::{CongestionController, QuicConfig},
     identity::{
         Credentials, SpiffeId,
         verify::{PeerClientVerifier, PeerServerVerifier},
@@ -56,6 +57,20 @@ pub fn transport_config(cfg: &QuicConfig) -> TransportConfig {
     if let Ok(idle) = IdleTimeout::try_from(cfg.idle_timeout) {
         t.max_idle_timeout(Some(idle));
     }
+    let mut ack = AckFrequencyConfig::default();
+    ack.max_ack_delay(Some(cfg.max_ack_delay));
+    t.ack_frequency_config(Some(ack));
+    match cfg.congestion_controller {
+        CongestionController::Cubic => {
+            t.congestion_controller_factory(Arc::new(congestion::CubicConfig::default()))
+        }
+        CongestionController::Bbr => {
+            t.congestion_controller_factory(Arc::new(congestion::BbrConfig::default()))
+        }
+        CongestionController::NewReno => {
+            t.congestion_controller_factory(Arc::new(congestion::NewRenoConfig::default()))
+        }
+    };
     t
 }
 
