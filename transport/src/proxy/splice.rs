@@ -1,9 +1,8 @@
 //! Moving bytes between a TCP connection and a QUIC stream, both ways, with half-close carried across.
 //!
-//! This is the per-byte hot path. TCP → QUIC reads into a per-stream `BytesMut` and hands the filled part
-//! to quinn as `Bytes` (`write_chunk`), so quinn keeps it until acknowledged without copying it; the
-//! buffer grows from 16 KiB to 64 KiB only while reads keep filling it (bulk), so idle and chatty streams
-//! stay small. QUIC → TCP writes quinn's received chunks straight to the socket, many per `writev`. An EOF on one side
+//! This is the per-byte hot path. TCP → QUIC hands quinn `Bytes` (`write_chunk`), which it keeps until
+//! acknowledged: while the app streams, slices of one 64 KiB buffer (no copy); for request/response
+//! traffic, an exact-size copy of each read, so that idle tunneled connections hold no buffer. QUIC → TCP writes quinn's received chunks straight to the socket, many per `writev`. An EOF on one side
 //! becomes a FIN on the other (`finish` / `shutdown`), and the other direction carries on.
 
 use std::io::IoSlice;
@@ -11,7 +10,7 @@ use std::io::IoSlice;
 use bytes::{Buf, Bytes, BytesMut};
 use quinn::{ReadError, RecvStream, SendStream, WriteError};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::AsyncWriteExt,
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
@@ -66,29 +65,48 @@ pub async fn splice(
 }
 
 async fn tcp_to_quic(
-    mut rd: ReadHalf<'_>,
+    rd: ReadHalf<'_>,
     send: &mut SendStream,
     m: &PeerMetrics,
 ) -> Result<u64, SpliceError> {
-    let mut buf = BytesMut::new();
-    let mut want = SMALL;
+    // Bulk mode keeps one growing buffer and hands slices of it to quinn without copying. Interactive
+    // traffic copies each read into an exact-size `Bytes` from a stack buffer that never lives across an
+    // await, so an idle tunneled connection holds no buffer at all.
+    let mut bulk = BytesMut::new();
+    let mut bulk_mode = false;
     let mut total = 0u64;
     loop {
-        buf.reserve(want);
-        let n = rd.read_buf(&mut buf).await?;
+        rd.readable().await?;
+        let read = if bulk_mode {
+            bulk.reserve(LARGE);
+            rd.try_read_buf(&mut bulk).map(|n| {
+                let chunk = bulk.split().freeze();
+                if n < LARGE / 4 {
+                    bulk_mode = false;
+                    bulk = BytesMut::new();
+                }
+                (n, chunk)
+            })
+        } else {
+            let mut tmp = [0u8; SMALL];
+            rd.try_read(&mut tmp).map(|n| {
+                bulk_mode = n == SMALL;
+                (n, Bytes::copy_from_slice(&tmp[..n]))
+            })
+        };
+        let (n, chunk) = match read {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             // The app closed its write side: pass the FIN on; the reverse direction continues.
             let _ = send.finish();
             return Ok(total);
         }
-        want = if buf.capacity() == buf.len() {
-            LARGE
-        } else {
-            SMALL
-        };
         total += n as u64;
         m.to_peer.inc_by(n as u64);
-        send.write_chunk(buf.split().freeze()).await?;
+        send.write_chunk(chunk).await?;
     }
 }
 
