@@ -51,9 +51,24 @@ fn main() -> anyhow::Result<()> {
     init_tracing();
     // One crypto provider for the whole process (see STACK.md): ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // QUICMESH_WORKERS=1 runs everything on one thread: no cross-thread wake-ups, the least CPU per
+    // request; more workers spread many peers over cores. Default: one per core.
+    let workers = std::env::var("QUICMESH_WORKERS")
+        .ok()
+        .and_then(|w| w.parse::<usize>().ok())
+        .filter(|w| *w > 0);
+    let rt = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+    };
     rt.block_on(async {
         match cli.command {
             Command::Proxy(a) => proxy::run(a).await,
