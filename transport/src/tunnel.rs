@@ -155,9 +155,19 @@ pub fn new_request_id() -> [u8; 16] {
     rand::random()
 }
 
-/// Hex form of a request id, for logs.
-pub fn request_id_hex(id: &[u8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
+/// Hex form of a request id, for logs; formats only when a log line is actually written.
+pub fn request_id_hex(id: &[u8]) -> RequestIdHex<'_> {
+    RequestIdHex(id)
+}
+
+/// See [`request_id_hex`].
+#[derive(Debug, Clone, Copy)]
+pub struct RequestIdHex<'a>(&'a [u8]);
+
+impl std::fmt::Display for RequestIdHex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
 }
 
 #[cfg(test)]
