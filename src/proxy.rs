@@ -18,10 +18,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let proxy = Proxy::bind(&cfg, &args.config).await?;
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    // Controller mode: ready only once the first certificate is held.
+    // Controller mode: ready only once the first certificate and configuration are held.
     let creds = proxy.credentials().clone();
+    let readiness = proxy.readiness();
     tokio::select! {
-        _ = creds.wait_leaf() => {}
+        _ = readiness.wait() => {}
         _ = &mut shutdown => {
             tracing::info!("stopped before the first certificate arrived");
             return Ok(());

@@ -103,15 +103,17 @@ struct Sidecar {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Binds a sidecar and waits (bounded) until it holds its first certificate from the controller.
+/// Binds a sidecar and waits (bounded) until it holds its first certificate and configuration from the
+/// controller.
 async fn start(dir: &Path, name: &str, join: &Join<'_>, body: &str) -> anyhow::Result<Sidecar> {
     let cfg = proxy_config(dir, name, join, body)?;
     let proxy = Proxy::bind(&cfg, &dir.join(format!("{name}.toml"))).await?;
-    let creds = proxy.credentials().clone();
-    tokio::time::timeout(Duration::from_secs(15), creds.wait_leaf())
+    tokio::time::timeout(Duration::from_secs(15), proxy.readiness().wait())
         .await
         .with_context(|| {
-            format!("{name} sidecar got no certificate from the controller in 15 s")
+            format!(
+                "{name} sidecar got no certificate or configuration from the controller in 15 s"
+            )
         })?;
     let addrs = proxy.addresses().clone();
     let endpoints = proxy.outbound_endpoints();
@@ -249,20 +251,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ),
     )
     .await?;
-    // The client learns the echo endpoint from the controller's Watch stream.
-    let learnt = &client_px.endpoints[0];
-    let until = Instant::now() + Duration::from_secs(10);
-    while learnt.get().is_empty() {
-        anyhow::ensure!(
-            Instant::now() < until,
-            "the client sidecar learnt no echo endpoint from the controller in 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The client learnt the echo endpoint from the controller's first snapshot (part of its readiness).
+    let learnt = client_px.endpoints[0].get();
+    anyhow::ensure!(
+        !learnt.is_empty(),
+        "the client sidecar learnt no echo endpoint from the controller"
+    );
     let target = client_px.addrs.outbound[0];
     println!(
-        "sidecars bootstrapped with their join tokens; client learnt echo at {:?} from the controller",
-        learnt.get()
+        "sidecars bootstrapped with their join tokens; client learnt echo at {learnt:?} from the controller"
     );
     println!(
         "echo service {echo} <- server sidecar (QUIC {inbound}, admin {}) <- client sidecar (TCP {target}, admin {})",

@@ -5,5 +5,6 @@ mod support;
 
 mod bench;
 mod controller;
+mod controller_mode;
 mod dataplane;
 mod process;

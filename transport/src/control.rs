@@ -243,6 +243,8 @@ pub struct Follower {
     pub register: Vec<pb::Endpoint>,
     /// Metrics.
     pub metrics: IdentityMetrics,
+    /// Set to true once the first snapshot is applied.
+    pub configured: tokio::sync::watch::Sender<bool>,
 }
 
 impl Follower {
@@ -337,6 +339,7 @@ impl Follower {
             .snapshot_version
             .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
         self.metrics.snapshots.inc();
+        self.configured.send_replace(true);
         tracing::debug!(version = snap.version, "snapshot applied");
     }
 }

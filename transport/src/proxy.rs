@@ -76,6 +76,26 @@ pub struct Proxy {
     drain: Drain,
     /// Controller mode: stops the identity manager and the Watch follower when the proxy goes away.
     control: Option<DropGuard>,
+    readiness: Readiness,
+}
+
+/// What a proxy waits for before it reports ready: a certificate, and in controller mode the first
+/// configuration snapshot (so the endpoints of its outbound services are known).
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    creds: Credentials,
+    configured: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Readiness {
+    /// Resolves once the proxy holds a certificate and, in controller mode, its first configuration.
+    pub async fn wait(&self) {
+        self.creds.wait_leaf().await;
+        if let Some(mut rx) = self.configured.clone() {
+            // An error means the follower is gone (shutdown): nothing more to wait for.
+            let _ = rx.wait_for(|c| *c).await;
+        }
+    }
 }
 
 impl std::fmt::Debug for Proxy {
@@ -198,7 +218,9 @@ impl Proxy {
                 .collect(),
             register,
             metrics: self.metrics.identity.clone(),
+            configured: tokio::sync::watch::Sender::new(false),
         };
+        self.readiness.configured = Some(follower.configured.subscribe());
         tokio::spawn(manager::run(
             controller,
             self.creds.clone(),
@@ -303,7 +325,7 @@ impl Proxy {
                 .collect::<Result<_, _>>()?,
         };
         Ok(Self {
-            creds,
+            creds: creds.clone(),
             inbound,
             outbound,
             admin,
@@ -315,6 +337,10 @@ impl Proxy {
             addresses,
             drain: Drain::default(),
             control: None,
+            readiness: Readiness {
+                creds,
+                configured: None,
+            },
         })
     }
 
@@ -333,6 +359,11 @@ impl Proxy {
         self.outbound.iter().map(|o| o.endpoints()).collect()
     }
 
+    /// What the proxy waits for before it reports ready.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
     /// The live credentials; replacing the leaf here rotates the certificate for new handshakes.
     pub fn credentials(&self) -> &Credentials {
         &self.creds
@@ -349,15 +380,17 @@ impl Proxy {
         for o in self.outbound {
             listeners.push(tokio::spawn(o.run(drain.clone())));
         }
-        // Ready once a certificate is held: at once in static mode, after bootstrap in controller mode.
+        // Ready once a certificate is held: at once in static mode, after bootstrap and the first
+        // snapshot in controller mode.
         let mark_ready = {
-            let (ready, creds, addresses) = (
+            let (ready, readiness, addresses) = (
                 self.ready.clone(),
-                self.creds.clone(),
+                self.readiness.clone(),
                 self.addresses.clone(),
             );
+            let creds = self.creds.clone();
             tokio::spawn(async move {
-                creds.wait_leaf().await;
+                readiness.wait().await;
                 ready.store(true, Ordering::Release);
                 let id = creds.id().map(|i| i.to_string()).unwrap_or_default();
                 tracing::info!(%id, ?addresses, "proxy ready");

@@ -90,12 +90,20 @@ const BASE_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest retry delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// When to renew a certificate valid from `not_before` to `not_after`: at `fraction` of its lifetime,
-/// moved by `jitter` (in -1..=1) times 0.1 of the lifetime, never before 5% or after 95% of it.
-pub fn renew_at(info: &LeafInfo, fraction: f64, jitter: f64) -> OffsetDateTime {
-    let lifetime = (info.not_after - info.not_before).max(time::Duration::ZERO);
+/// When to renew a certificate received at `now`: at `fraction` of its useful lifetime, moved by
+/// `jitter` (in -1..=1) times 0.1 of it, never before 5% or after 95% of it. The useful lifetime starts
+/// at `now` when `not_before` is earlier: CAs backdate `not_before` for clock skew, and counting the
+/// backdated part would renew a short-lived certificate at once, again and again.
+pub fn renew_at(
+    info: &LeafInfo,
+    now: OffsetDateTime,
+    fraction: f64,
+    jitter: f64,
+) -> OffsetDateTime {
+    let start = info.not_before.max(now).min(info.not_after);
+    let lifetime = info.not_after - start;
     let share = (fraction + 0.1 * jitter.clamp(-1.0, 1.0)).clamp(0.05, 0.95);
-    info.not_before + lifetime * share
+    start + lifetime * share
 }
 
 /// Delay before retry number `failures` (1 = first retry): exponential with jitter (`jitter01` in 0..1
@@ -179,6 +187,7 @@ pub async fn run<C: CaClient>(
                     .set(leaf.info.not_after.unix_timestamp());
                 let at = renew_at(
                     &leaf.info,
+                    now,
                     cfg.renew_fraction,
                     rand::random_range(-1.0..=1.0),
                 );
@@ -251,12 +260,21 @@ mod tests {
     #[test]
     fn renewal_falls_between_half_and_seventy_percent() {
         let i = info(1000, 1100);
-        let at = |j| renew_at(&i, 0.6, j).unix_timestamp();
+        let ts = |t| OffsetDateTime::from_unix_timestamp(t).expect("ts");
+        let at = |j| renew_at(&i, ts(1000), 0.6, j).unix_timestamp();
         assert_eq!(at(0.0), 1060);
         assert_eq!(at(-1.0), 1050);
         assert_eq!(at(1.0), 1070);
         assert_eq!(at(7.0), 1070, "jitter is clamped");
-        assert_eq!(renew_at(&i, 0.9, 1.0).unix_timestamp(), 1095);
+        assert_eq!(renew_at(&i, ts(1000), 0.9, 1.0).unix_timestamp(), 1095);
+        // Backdated by 300 s, 10 s left when received: renew 6 s after receipt, not at once.
+        let backdated = info(700, 1010);
+        assert_eq!(
+            renew_at(&backdated, ts(1000), 0.6, 0.0).unix_timestamp(),
+            1006
+        );
+        // Received after expiry: now.
+        assert_eq!(renew_at(&i, ts(1200), 0.6, 0.0).unix_timestamp(), 1100);
     }
 
     #[test]
