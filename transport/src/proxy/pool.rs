@@ -136,14 +136,9 @@ impl std::fmt::Debug for Pool {
     }
 }
 
-/// Server name sent in the TLS ClientHello, `g<leaf generation>.peer.quicmesh.invalid`. Peers are
-/// identified by SPIFFE ID, not by this name; the generation is there because rustls keys TLS session
-/// resumption by server name, and a resumed handshake exchanges no certificates. A new name per leaf
-/// makes the first connection after each rotation a full handshake, so peers see (and verify) the
-/// certificates both sides hold now, instead of the identities of the session's first handshake.
-fn sni(generation: u64) -> String {
-    format!("g{generation}.peer.quicmesh.invalid")
-}
+/// Server name sent in the TLS ClientHello. Peers are identified by SPIFFE ID, not by this name.
+/// (Session resumption is off, see `quic.rs`, so every connection is a full handshake with certificates.)
+const SNI: &str = "peer.quicmesh.invalid";
 
 impl Pool {
     /// A pool dialling from `endpoint` with `client`, whose certificate comes from `creds`.
@@ -222,7 +217,7 @@ impl Pool {
         async move {
             let res: Result<_, DialError> = async {
                 let connecting = endpoint
-                    .connect_with(client, addr, &sni(generation))
+                    .connect_with(client, addr, SNI)
                     .map_err(|e| DialError::Connect(addr, e))?;
                 let conn = tokio::time::timeout(timeout, connecting)
                     .await
