@@ -472,3 +472,65 @@ async fn admin_endpoint_reports_live_ready_and_metrics() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_identities_are_refused_once_the_revocation_arrives() {
+    let pki = Pki::new();
+    let echo = echo_server().await;
+    let server = server_proxy(&pki, echo).await;
+    pki.issue("client", "client");
+    let client = client_proxy(&pki, "client", &[server.inbound()], "max_attempts = 1").await;
+    assert_eq!(
+        roundtrip(client.outbound(0), b"before", LONG)
+            .await
+            .expect("roundtrip"),
+        b"before"
+    );
+
+    // What a Watch snapshot listing the client in revoked_spiffe_ids does to the server.
+    let client_id: quicmesh_transport::identity::SpiffeId =
+        "spiffe://mesh.local/ns/default/sa/client"
+            .parse()
+            .expect("id");
+    assert!(server.creds.set_revoked([client_id].into_iter().collect()));
+
+    // New streams on the established connection are refused...
+    expect_tunnel_refused(client.outbound(0)).await;
+    let s = server.metrics().await;
+    assert_eq!(
+        metric(
+            &s,
+            "quicmesh_tunnel_failures_total",
+            &["reason=\"forbidden\""]
+        ),
+        1.0,
+        "{s}"
+    );
+    let c = client.metrics().await;
+    assert_eq!(
+        metric(
+            &c,
+            "quicmesh_tunnel_failures_total",
+            &["reason=\"forbidden\""]
+        ),
+        1.0,
+        "{c}"
+    );
+
+    // ...and a new connection is refused at the handshake.
+    let fresh = client_proxy(&pki, "client", &[server.inbound()], "max_attempts = 1").await;
+    expect_tunnel_refused(fresh.outbound(0)).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(
+                &server.metrics().await,
+                "quicmesh_peer_refusals_total",
+                &["reason=\"revoked_identity\""],
+            ) >= 1.0
+        })
+        .await
+    );
+    for p in [client, fresh, server] {
+        p.shutdown().await;
+    }
+}

@@ -100,6 +100,8 @@ impl Pki {
 /// An in-process proxy, stopped (drained) on drop of `stop` or by `shutdown`.
 pub struct Running {
     pub addrs: ProxyAddresses,
+    /// The proxy's live credentials (what the controller's snapshots would update).
+    pub creds: quicmesh_transport::identity::Credentials,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -131,12 +133,14 @@ pub async fn start_proxy(config: &Path) -> Running {
     let cfg = ProxyConfig::load(config).expect("config");
     let proxy = Proxy::bind(&cfg, config).await.expect("bind proxy");
     let addrs = proxy.addresses().clone();
+    let creds = proxy.credentials().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(proxy.run(async move {
         let _ = rx.await;
     }));
     Running {
         addrs,
+        creds,
         stop: Some(tx),
         task: Some(task),
     }

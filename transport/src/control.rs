@@ -329,6 +329,15 @@ impl Follower {
                 }
             }
         }
+        let revoked: std::collections::HashSet<SpiffeId> = snap
+            .revoked_spiffe_ids
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        let count = revoked.len();
+        if self.creds.set_revoked(revoked) {
+            tracing::info!(revoked = count, "revoked identities updated");
+        }
         for (service, eps) in &self.outbound {
             let list = endpoints_for(service, snap);
             if eps.set(list.clone()) {

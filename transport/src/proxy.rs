@@ -253,6 +253,7 @@ impl Proxy {
                         ep.clone(),
                         icfg.clone(),
                         metrics.clone(),
+                        creds.clone(),
                     )),
                     Some(ep),
                 )

@@ -32,6 +32,9 @@ pub enum IdentityRefusal {
     /// The SPIFFE ID belongs to another trust domain.
     #[error("peer identity {0} is outside trust domain {1}")]
     WrongTrustDomain(SpiffeId, String),
+    /// The controller revoked this identity.
+    #[error("peer identity {0} is revoked")]
+    Revoked(SpiffeId),
     /// The peer is not the identity this connection was meant for.
     #[error("peer identity {0} is not the expected {1}")]
     UnexpectedIdentity(SpiffeId, SpiffeId),
@@ -43,6 +46,7 @@ impl IdentityRefusal {
             Self::NoSpiffeId => "no_spiffe_id",
             Self::WrongTrustDomain(..) => "wrong_trust_domain",
             Self::UnexpectedIdentity(..) => "unexpected_identity",
+            Self::Revoked(..) => "revoked_identity",
         }
     }
 }
@@ -75,12 +79,16 @@ fn refuse(r: IdentityRefusal) -> Error {
 /// Checks the SPIFFE ID of an already chain-verified leaf.
 fn check_identity(
     end_entity: &CertificateDer<'_>,
-    trust_domain: &str,
+    creds: &Credentials,
     expected: Option<&SpiffeId>,
 ) -> Result<SpiffeId, Error> {
+    let trust_domain = creds.trust_domain();
     let id = leaf_info(end_entity)
         .map_err(|_| refuse(IdentityRefusal::NoSpiffeId))?
         .id;
+    if creds.is_revoked(&id) {
+        return Err(refuse(IdentityRefusal::Revoked(id)));
+    }
     if id.trust_domain() != trust_domain {
         return Err(refuse(IdentityRefusal::WrongTrustDomain(
             id,
@@ -169,7 +177,7 @@ impl ServerCertVerifier for PeerServerVerifier {
                 now,
                 s.provider.signature_verification_algorithms.all,
             )?;
-            check_identity(end_entity, s.creds.trust_domain(), self.expected.as_ref())?;
+            check_identity(end_entity, &s.creds, self.expected.as_ref())?;
             Ok(ServerCertVerified::assertion())
         })())
     }
@@ -278,7 +286,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         s.count((|| {
             self.inner()?
                 .verify_client_cert(end_entity, intermediates, now)?;
-            check_identity(end_entity, s.creds.trust_domain(), None)?;
+            check_identity(end_entity, &s.creds, None)?;
             Ok(ClientCertVerified::assertion())
         })())
     }

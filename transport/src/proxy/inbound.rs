@@ -21,6 +21,7 @@ use super::{
 };
 use crate::{
     config::InboundConfig,
+    identity::{Credentials, SpiffeId},
     metrics::{Direction, Metrics, PeerMetrics, ReasonLabels},
     tunnel::{self, StatusCode, StreamHeader, code},
 };
@@ -30,15 +31,22 @@ pub struct Inbound {
     endpoint: Endpoint,
     cfg: Arc<InboundConfig>,
     metrics: Metrics,
+    creds: Credentials,
 }
 
 impl Inbound {
-    /// Wraps an endpoint that has a server config.
-    pub fn new(endpoint: Endpoint, cfg: InboundConfig, metrics: Metrics) -> Self {
+    /// Wraps an endpoint that has a server config; `creds` says which peers are revoked.
+    pub fn new(
+        endpoint: Endpoint,
+        cfg: InboundConfig,
+        metrics: Metrics,
+        creds: Credentials,
+    ) -> Self {
         Self {
             endpoint,
             cfg: Arc::new(cfg),
             metrics,
+            creds,
         }
     }
 
@@ -58,6 +66,7 @@ impl Inbound {
             let conn = Conn {
                 cfg: self.cfg.clone(),
                 metrics: self.metrics.clone(),
+                creds: self.creds.clone(),
             };
             let span = tracing::debug_span!("inbound", remote = %incoming.remote_address());
             drain
@@ -73,6 +82,7 @@ impl Inbound {
 struct Conn {
     cfg: Arc<InboundConfig>,
     metrics: Metrics,
+    creds: Credentials,
 }
 
 impl Conn {
@@ -92,7 +102,7 @@ impl Conn {
                 return;
             }
         };
-        let Some(peer) = peer_identity(&conn) else {
+        let Some(peer) = peer_identity(&conn).map(Arc::new) else {
             conn.close(code::PROTOCOL_ERROR, b"no peer identity");
             return;
         };
@@ -112,9 +122,10 @@ impl Conn {
                     let this = self.clone();
                     let pm = pm.clone();
                     let span = tracing::debug_span!("stream", id = %send.id());
-                    drain
-                        .tracker
-                        .spawn(this.stream(send, recv, pm, drain.clone()).instrument(span));
+                    drain.tracker.spawn(
+                        this.stream(send, recv, peer.clone(), pm, drain.clone())
+                            .instrument(span),
+                    );
                 }
                 Err(e) => {
                     tracing::debug!(%peer, reason = %e, "connection ended");
@@ -128,6 +139,7 @@ impl Conn {
         self,
         mut send: SendStream,
         mut recv: RecvStream,
+        peer: Arc<SpiffeId>,
         m: PeerMetrics,
         drain: Drain,
     ) {
@@ -155,6 +167,13 @@ impl Conn {
         if drain.stop_accepting.is_cancelled() {
             let _ = tunnel::write_status(&mut send, StatusCode::Unavailable, "draining").await;
             let _ = send.finish();
+            return;
+        }
+        if self.creds.is_revoked(&peer) {
+            // The revocation reached us after this connection's handshake: refuse its new streams.
+            tracing::info!(request_id = %rid, %peer, "stream from a revoked identity refused");
+            self.fail(&mut send, StatusCode::Forbidden, "source identity revoked")
+                .await;
             return;
         }
         if !self.serves(&header) {
@@ -244,6 +263,7 @@ impl Conn {
                 direction: Direction::Inbound,
                 reason: match code {
                     StatusCode::DeadlineExceeded => "deadline_exceeded",
+                    StatusCode::Forbidden => "forbidden",
                     _ => "app_connect_failed",
                 },
             })

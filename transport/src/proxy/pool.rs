@@ -176,6 +176,8 @@ impl Pool {
             let reusable = slots.get(&addr).filter(|d| match d.peek() {
                 None => true,
                 Some(Ok(p)) if p.conn.close_reason().is_some() => false,
+                // Revoked after the handshake: redial, and the verifier refuses the peer.
+                Some(Ok(p)) if self.creds.is_revoked(&p.peer) => false,
                 Some(Ok(p)) if p.generation != generation => {
                     retired = Some(p.clone());
                     false
