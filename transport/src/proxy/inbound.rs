@@ -13,12 +13,7 @@ use quinn::{Endpoint, Incoming, RecvStream, SendStream};
 use tokio::{net::TcpStream, time::Instant};
 use tracing::Instrument;
 
-use super::{
-    Drain,
-    outbound::sleep_until,
-    pool::peer_identity,
-    splice::{abort_tcp, splice},
-};
+use super::{Drain, pool::peer_identity, splice::carry};
 use crate::{
     config::InboundConfig,
     identity::{Credentials, SpiffeId},
@@ -216,7 +211,6 @@ impl Conn {
                 return;
             }
         };
-        let mut tcp = tcp;
         let _ = tcp.set_nodelay(true);
         if tunnel::write_status(&mut send, StatusCode::Ok, "")
             .await
@@ -224,31 +218,9 @@ impl Conn {
         {
             return;
         }
-        m.opened.inc();
-        m.active.inc();
-        let outcome = tokio::select! {
-            r = splice(&mut tcp, &mut send, &mut recv, &m) => r.map_err(|e| {
-                tracing::debug!(request_id = %rid, error = %e, "tunneled connection failed");
-                code::CONNECTION_RESET
-            }),
-            _ = sleep_until(deadline) => Err(code::DEADLINE_EXCEEDED),
-            _ = drain.abort.cancelled() => Err(code::DRAINING),
-        };
-        m.active.dec();
-        match outcome {
-            Ok(_) => {
-                m.closed_ok.inc();
-            }
-            Err(c) => {
-                if c == code::DEADLINE_EXCEEDED {
-                    tracing::info!(request_id = %rid, "deadline exceeded");
-                    m.closed_deadline.inc();
-                } else {
-                    m.closed_error.inc();
-                }
-                tunnel::reset(&mut send, &mut recv, c);
-                abort_tcp(tcp);
-            }
+        if carry(tcp, send, recv, &m, deadline, &drain.abort).await == Err(code::DEADLINE_EXCEEDED)
+        {
+            tracing::info!(request_id = %rid, "deadline exceeded");
         }
     }
 

@@ -27,7 +27,7 @@ use tracing::Instrument;
 use super::{
     Drain,
     pool::{DialError, PeerConn, Pool},
-    splice::{abort_tcp, splice},
+    splice::carry,
 };
 use crate::{
     config::OutboundConfig,
@@ -225,7 +225,7 @@ impl Outbound {
 }
 
 impl Service {
-    async fn handle(self: Arc<Self>, mut tcp: TcpStream, drain: Drain) {
+    async fn handle(self: Arc<Self>, tcp: TcpStream, drain: Drain) {
         let started = Instant::now();
         let deadline = self.cfg.deadline.map(|d| started + d);
         let connect_by = deadline.map_or(started + self.cfg.connect_timeout, |d| {
@@ -241,7 +241,7 @@ impl Service {
             tokio::time::timeout_at(connect_by, self.open(&request_id, connect_by, deadline))
                 .await
                 .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - started)));
-        let (mut send, mut recv, pc) = match opened {
+        let (send, recv, pc) = match opened {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(request_id = %tunnel::request_id_hex(&request_id), error = %e, "tunnel not established");
@@ -257,32 +257,7 @@ impl Service {
                 return;
             }
         };
-        let m = &pc.metrics;
-        m.opened.inc();
-        m.active.inc();
-        let outcome = tokio::select! {
-            r = splice(&mut tcp, &mut send, &mut recv, m) => r.map_err(|e| {
-                tracing::debug!(error = %e, "tunneled connection failed");
-                code::CONNECTION_RESET
-            }),
-            _ = sleep_until(deadline) => Err(code::DEADLINE_EXCEEDED),
-            _ = drain.abort.cancelled() => Err(code::DRAINING),
-        };
-        m.active.dec();
-        match outcome {
-            Ok(_) => {
-                m.closed_ok.inc();
-            }
-            Err(c) => {
-                if c == code::DEADLINE_EXCEEDED {
-                    m.closed_deadline.inc();
-                } else {
-                    m.closed_error.inc();
-                }
-                tunnel::reset(&mut send, &mut recv, c);
-                abort_tcp(tcp);
-            }
-        };
+        let _ = carry(tcp, send, recv, &pc.metrics, deadline, &drain.abort).await;
     }
 
     /// The connect phase with retries. The caller bounds it by `connect_by`.
@@ -396,14 +371,6 @@ impl Service {
 
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Sleeps until `deadline`, forever when there is none.
-pub(crate) async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

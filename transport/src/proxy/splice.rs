@@ -17,7 +17,12 @@ use tokio::{
     },
 };
 
-use crate::metrics::PeerMetrics;
+use quinn::VarInt;
+
+use crate::{
+    metrics::PeerMetrics,
+    tunnel::{self, code},
+};
 
 const SMALL: usize = 16 * 1024;
 const CHUNKS: usize = 32;
@@ -159,6 +164,54 @@ async fn write_all_vectored(
         }
     }
     Ok(total)
+}
+
+/// Runs an established tunneled connection to its end and counts it: both directions until they finish,
+/// or until the deadline (reset with `DEADLINE_EXCEEDED`) or the end of the drain grace period (`DRAINING`).
+/// On any failure the stream is reset and the app connection gets an RST. Returns the reset code, if any.
+pub async fn carry(
+    mut tcp: TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    m: &PeerMetrics,
+    deadline: Option<tokio::time::Instant>,
+    abort: &tokio_util::sync::CancellationToken,
+) -> Result<(), VarInt> {
+    m.opened.inc();
+    m.active.inc();
+    let outcome = tokio::select! {
+        r = splice(&mut tcp, &mut send, &mut recv, m) => r.map(drop).map_err(|e| {
+            tracing::debug!(error = %e, "tunneled connection failed");
+            code::CONNECTION_RESET
+        }),
+        _ = sleep_until(deadline) => Err(code::DEADLINE_EXCEEDED),
+        _ = abort.cancelled() => Err(code::DRAINING),
+    };
+    m.active.dec();
+    match outcome {
+        Ok(()) => {
+            m.closed_ok.inc();
+        }
+        Err(c) => {
+            let counter = if c == code::DEADLINE_EXCEEDED {
+                &m.closed_deadline
+            } else {
+                &m.closed_error
+            };
+            counter.inc();
+            tunnel::reset(&mut send, &mut recv, c);
+            abort_tcp(tcp);
+        }
+    }
+    outcome
+}
+
+/// Sleeps until `deadline`, forever when there is none.
+pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Closes `tcp` with a reset (RST) rather than a FIN, so the app cannot mistake a failure for a clean end.
