@@ -21,9 +21,11 @@ use rustls::{
     sign::CertifiedKey,
 };
 use time::OffsetDateTime;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use super::spiffe::SpiffeId;
+use super::{
+    inspect::{CertInfo, InspectError},
+    spiffe::SpiffeId,
+};
 
 /// Why credentials could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -76,25 +78,17 @@ pub struct LeafInfo {
     pub not_after: OffsetDateTime,
 }
 
-/// Reads the SPIFFE ID and validity of a DER certificate.
+/// Reads the SPIFFE ID and validity of a DER certificate (one parser: [`CertInfo`]).
 pub fn leaf_info(der: &[u8]) -> Result<LeafInfo, CredentialsError> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| CredentialsError::X509(e.to_string()))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| CredentialsError::X509(e.to_string()))?
-        .ok_or(CredentialsError::NoSpiffeId)?;
-    let mut uris = san.value.general_names.iter().filter_map(|n| match n {
-        GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
-        _ => None,
-    });
-    let (Some(uri), None) = (uris.next(), uris.next()) else {
-        return Err(CredentialsError::NoSpiffeId);
-    };
+    let info = CertInfo::from_der(der).map_err(|e| match e {
+        InspectError::SanCount(_) => CredentialsError::NoSpiffeId,
+        InspectError::Spiffe(e) => CredentialsError::SpiffeId(e),
+        e => CredentialsError::X509(e.to_string()),
+    })?;
     Ok(LeafInfo {
-        id: uri.parse()?,
-        not_before: cert.validity().not_before.to_datetime(),
-        not_after: cert.validity().not_after.to_datetime(),
+        id: info.spiffe_id,
+        not_before: info.not_before,
+        not_after: info.not_after,
     })
 }
 
