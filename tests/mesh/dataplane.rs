@@ -71,6 +71,9 @@ async fn thousand_concurrent_connections_echo_byte_for_byte_over_one_quic_connec
         ),
         1000.0
     );
+    // Every header and status got through on the first stream although bulk data kept the connection's
+    // flow-control window spent (see `proxy::lane`): no header timed out, nothing was retried.
+    assert_eq!(metric(&m, "quicmesh_retries_total", &[]), 0.0, "{m}");
     let s = server.metrics().await;
     assert_eq!(
         metric(
@@ -79,6 +82,11 @@ async fn thousand_concurrent_connections_echo_byte_for_byte_over_one_quic_connec
             &["spiffe://mesh.local/ns/default/sa/client"]
         ),
         1000.0
+    );
+    assert_eq!(
+        metric(&s, "quicmesh_protocol_errors_total", &[]),
+        0.0,
+        "{s}"
     );
     client.shutdown().await;
     server.shutdown().await;

@@ -28,6 +28,17 @@ pub fn raise_fd_limit() {
     let _ = rlimit::increase_nofile_limit(65_536);
 }
 
+/// Logs of in-process proxies go to the test's captured output (shown only when a test fails), at
+/// `warn` unless `RUST_LOG` says otherwise, so a failure in CI says which tunnel failed and why.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// A CA and the certificates it issued, as files in a temporary directory.
 pub struct Pki {
     pub dir: tempfile::TempDir,
@@ -130,6 +141,7 @@ impl Running {
 }
 
 pub async fn start_proxy(config: &Path) -> Running {
+    init_tracing();
     let cfg = ProxyConfig::load(config).expect("config");
     let proxy = Proxy::bind(&cfg, config).await.expect("bind proxy");
     let addrs = proxy.addresses().clone();

@@ -6,6 +6,7 @@
 //! accepting, open tunneled connections get the grace period to finish, the rest are reset.
 
 pub mod inbound;
+pub mod lane;
 pub mod outbound;
 pub mod pool;
 pub mod splice;

@@ -13,7 +13,7 @@ use quinn::{Endpoint, Incoming, RecvStream, SendStream};
 use tokio::{net::TcpStream, time::Instant};
 use tracing::Instrument;
 
-use super::{Drain, pool::peer_identity, splice::carry};
+use super::{Drain, lane::Lane, pool::peer_identity, splice::carry};
 use crate::{
     config::InboundConfig,
     identity::{Credentials, SpiffeId},
@@ -107,6 +107,7 @@ impl Conn {
             .connections
             .track(Direction::Inbound, peer.to_string(), conn.clone());
         let pm = self.metrics.peer(Direction::Inbound, peer.as_str());
+        let lane = Arc::new(Lane::default());
         loop {
             let accepted = tokio::select! {
                 s = conn.accept_bi() => s,
@@ -116,9 +117,10 @@ impl Conn {
                 Ok((send, recv)) => {
                     let this = self.clone();
                     let pm = pm.clone();
+                    let lane = lane.clone();
                     let span = tracing::debug_span!("stream", id = %send.id());
                     drain.tracker.spawn(
-                        this.stream(send, recv, peer.clone(), pm, drain.clone())
+                        this.stream(send, recv, peer.clone(), pm, lane, drain.clone())
                             .instrument(span),
                     );
                 }
@@ -136,6 +138,7 @@ impl Conn {
         mut recv: RecvStream,
         peer: Arc<SpiffeId>,
         m: PeerMetrics,
+        lane: Arc<Lane>,
         drain: Drain,
     ) {
         let header = match tunnel::read_header(&mut recv, self.cfg.header_timeout).await {
@@ -212,13 +215,15 @@ impl Conn {
             }
         };
         let _ = tcp.set_nodelay(true);
-        if tunnel::write_status(&mut send, StatusCode::Ok, "")
+        if lane
+            .control(tunnel::write_status(&mut send, StatusCode::Ok, ""))
             .await
             .is_err()
         {
             return;
         }
-        if carry(tcp, send, recv, &m, deadline, &drain.abort).await == Err(code::DEADLINE_EXCEEDED)
+        if carry(tcp, send, recv, &m, &lane, deadline, &drain.abort).await
+            == Err(code::DEADLINE_EXCEEDED)
         {
             tracing::info!(request_id = %rid, "deadline exceeded");
         }

@@ -257,7 +257,16 @@ impl Service {
                 return;
             }
         };
-        let _ = carry(tcp, send, recv, &pc.metrics, deadline, &drain.abort).await;
+        let _ = carry(
+            tcp,
+            send,
+            recv,
+            &pc.metrics,
+            &pc.lane,
+            deadline,
+            &drain.abort,
+        )
+        .await;
     }
 
     /// The connect phase with retries. The caller bounds it by `connect_by`.
@@ -347,7 +356,8 @@ impl Service {
             deadline_ms: deadline.map_or(0, |d| ms(d.saturating_duration_since(now)).max(1)),
             trace: None,
         };
-        send.write_all(&tunnel::encode_frame(&header))
+        pc.lane
+            .control(send.write_all(&tunnel::encode_frame(&header)))
             .await
             .map_err(|e| stream_err(&e))?;
         let status: StreamStatus = tunnel::read_frame(

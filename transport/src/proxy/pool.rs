@@ -26,6 +26,7 @@ use futures::{
 };
 use quinn::{ConnectionError, Endpoint};
 
+use super::lane::Lane;
 use crate::{
     identity::{Credentials, SpiffeId, credentials::leaf_info},
     metrics::{Direction, Metrics, PeerMetrics, ReasonLabels},
@@ -41,6 +42,8 @@ pub struct PeerConn {
     pub peer: SpiffeId,
     /// Counters of this peer.
     pub metrics: PeerMetrics,
+    /// Control frames of this connection before its bulk bytes.
+    pub lane: Arc<Lane>,
     _lease: Arc<Lease>,
 }
 
@@ -63,6 +66,7 @@ struct Pooled {
     /// [`Credentials::generation`] when the handshake was made.
     generation: u64,
     in_use: Arc<AtomicUsize>,
+    lane: Arc<Lane>,
 }
 
 impl Pooled {
@@ -72,6 +76,7 @@ impl Pooled {
             conn: self.conn.clone(),
             peer: self.peer.clone(),
             metrics: self.metrics.clone(),
+            lane: self.lane.clone(),
             _lease: Arc::new(Lease(self.in_use.clone())),
         }
     }
@@ -243,6 +248,7 @@ impl Pool {
                         metrics: pm,
                         generation,
                         in_use: Arc::default(),
+                        lane: Arc::default(),
                     })
                 }
                 Err(e) => {

@@ -19,6 +19,7 @@ use tokio::{
 
 use quinn::VarInt;
 
+use super::lane::Lane;
 use crate::{
     metrics::PeerMetrics,
     tunnel::{self, code},
@@ -57,10 +58,11 @@ pub async fn splice(
     send: &mut SendStream,
     recv: &mut RecvStream,
     metrics: &PeerMetrics,
+    lane: &Lane,
 ) -> Result<Totals, SpliceError> {
     let (rd, wr) = tcp.split();
     let (up, down) = tokio::try_join!(
-        tcp_to_quic(rd, send, metrics),
+        tcp_to_quic(rd, send, metrics, lane),
         quic_to_tcp(recv, wr, metrics)
     )?;
     Ok(Totals {
@@ -73,6 +75,7 @@ async fn tcp_to_quic(
     rd: ReadHalf<'_>,
     send: &mut SendStream,
     m: &PeerMetrics,
+    lane: &Lane,
 ) -> Result<u64, SpliceError> {
     // Bulk mode keeps one growing buffer and hands slices of it to quinn without copying. Interactive
     // traffic copies each read into an exact-size `Bytes` from a stack buffer that never lives across an
@@ -111,6 +114,7 @@ async fn tcp_to_quic(
         }
         total += n as u64;
         m.to_peer.inc_by(n as u64);
+        lane.yield_to_control().await;
         send.write_chunk(chunk).await?;
     }
 }
@@ -174,13 +178,14 @@ pub async fn carry(
     mut send: SendStream,
     mut recv: RecvStream,
     m: &PeerMetrics,
+    lane: &Lane,
     deadline: Option<tokio::time::Instant>,
     abort: &tokio_util::sync::CancellationToken,
 ) -> Result<(), VarInt> {
     m.opened.inc();
     m.active.inc();
     let outcome = tokio::select! {
-        r = splice(&mut tcp, &mut send, &mut recv, m) => r.map(drop).map_err(|e| {
+        r = splice(&mut tcp, &mut send, &mut recv, m, lane) => r.map(drop).map_err(|e| {
             tracing::debug!(error = %e, "tunneled connection failed");
             code::CONNECTION_RESET
         }),
