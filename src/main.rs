@@ -51,12 +51,15 @@ fn main() -> anyhow::Result<()> {
     init_tracing();
     // One crypto provider for the whole process (see STACK.md): ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    // QUICMESH_WORKERS=1 runs everything on one thread: no cross-thread wake-ups, the least CPU per
-    // request; more workers spread many peers over cores. Default: one per core.
-    let workers = std::env::var("QUICMESH_WORKERS")
-        .ok()
-        .and_then(|w| w.parse::<usize>().ok())
-        .filter(|w| *w > 0);
+    // One thread per core, except for the proxy: a sidecar runs on one thread unless told otherwise
+    // (see `ProxyArgs::workers`). QUICMESH_WORKERS=N sets it for every subcommand.
+    let workers = match &cli.command {
+        Command::Proxy(a) => Some(a.workers.max(1)),
+        _ => std::env::var("QUICMESH_WORKERS")
+            .ok()
+            .and_then(|w| w.parse::<usize>().ok())
+            .filter(|w| *w > 0),
+    };
     let rt = match workers {
         Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

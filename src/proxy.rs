@@ -11,6 +11,12 @@ pub struct ProxyArgs {
     /// Static configuration file (TOML).
     #[arg(long, short, env = "QUICMESH_CONFIG")]
     config: PathBuf,
+    /// Runtime threads. 1 (the default, as for a sidecar beside one workload) runs the whole proxy on one
+    /// thread: no cross-thread wake-ups or lock contention, which measured here about a third less CPU per
+    /// request and more bulk throughput than a thread per core. Raise it for a proxy that serves many
+    /// busy peers.
+    #[arg(long, env = "QUICMESH_WORKERS", default_value_t = 1)]
+    pub workers: usize,
 }
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {

@@ -43,6 +43,19 @@ enum BenchCommand {
     Load(LoadArgs),
     /// Serve TCP echo/sink, HTTP/1.1, HTTP/2 and gRPC echo on one port.
     Serve(ServeArgs),
+    /// Bulk throughput of one TCP connection into the sink of `bench serve` at `--target` (directly or
+    /// through a proxy): for profiling one path on its own.
+    Bulk {
+        /// The sink (a `bench serve` port, or a proxy listener in front of one).
+        #[arg(long)]
+        target: SocketAddr,
+        /// Byte cap.
+        #[arg(long, default_value_t = 8 << 30)]
+        bytes: u64,
+        /// Time cap.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        duration: Duration,
+    },
     /// Bulk throughput of quinn alone (one stream, loopback): the ceiling for the tunnel.
     QuicCeiling {
         /// Byte cap.
@@ -334,6 +347,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = tokio::time::sleep(a.max_time) => {}
             }
+            Ok(())
+        }
+        BenchCommand::Bulk {
+            target,
+            bytes,
+            duration,
+        } => {
+            let b = bulk::tcp_bulk(target, bytes, duration).await?;
+            println!(
+                "one TCP connection to {target}: {:.2} Gbit/s ({} MiB in {:.2} s)",
+                b.gbit_s,
+                b.bytes >> 20,
+                b.secs
+            );
             Ok(())
         }
         BenchCommand::QuicCeiling { bytes, duration } => {
