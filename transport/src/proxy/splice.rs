@@ -43,6 +43,16 @@ pub enum SpliceError {
     Write(#[from] WriteError),
 }
 
+impl SpliceError {
+    /// The error code of the peer's reset or stop, if that is what ended the splice.
+    pub fn peer_code(&self) -> Option<VarInt> {
+        match self {
+            Self::Read(ReadError::Reset(c)) | Self::Write(WriteError::Stopped(c)) => Some(*c),
+            _ => None,
+        }
+    }
+}
+
 /// Byte totals of a finished splice.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Totals {
@@ -187,7 +197,15 @@ pub async fn carry(
     let outcome = tokio::select! {
         r = splice(&mut tcp, &mut send, &mut recv, m, lane) => r.map(drop).map_err(|e| {
             tracing::debug!(error = %e, "tunneled connection failed");
-            code::CONNECTION_RESET
+            // Both proxies enforce the same deadline; whichever fires first resets the stream, and the
+            // other side counts the same outcome.
+            if e.peer_code() == Some(code::DEADLINE_EXCEEDED)
+                || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+            {
+                code::DEADLINE_EXCEEDED
+            } else {
+                code::CONNECTION_RESET
+            }
         }),
         _ = sleep_until(deadline) => Err(code::DEADLINE_EXCEEDED),
         _ = abort.cancelled() => Err(code::DRAINING),
