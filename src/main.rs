@@ -4,7 +4,6 @@
 //! the rustls crypto provider, and waits for the component to finish.
 
 mod ca;
-mod proxy;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -23,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a sidecar proxy: static certificate files, or bootstrapped and configured by the controller.
-    Proxy(proxy::ProxyArgs),
+    Proxy(quicmesh_transport::cli::ProxyArgs),
     /// A development certificate authority: create a root, issue workload certificates.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -52,7 +51,7 @@ fn main() -> anyhow::Result<()> {
     // One crypto provider for the whole process (see STACK.md): ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     // One thread per core, except for the proxy: a sidecar runs on one thread unless told otherwise
-    // (see `ProxyArgs::workers`). QUICMESH_WORKERS=N sets it for every subcommand.
+    // (see `cli::ProxyArgs::workers`). QUICMESH_WORKERS=N sets it for every subcommand.
     let workers = match &cli.command {
         Command::Proxy(a) => Some(a.workers.max(1)),
         _ => std::env::var("QUICMESH_WORKERS")
@@ -74,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     };
     rt.block_on(async {
         match cli.command {
-            Command::Proxy(a) => proxy::run(a).await,
+            Command::Proxy(a) => Ok(quicmesh_transport::cli::run(&a).await?),
             Command::Ca(c) => ca::run(c),
             Command::Up(a) => up::run(a).await,
             Command::Controller(a) => Ok(quicmesh_controller::run_controller(a).await?),

@@ -356,8 +356,17 @@ async fn start_quicmesh(
 ) -> anyhow::Result<(Proc, Ready)> {
     let cfg_path = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg_path, config)?;
-    let mut cmd = command(ns, bin);
-    cmd.arg("proxy").arg("--config").arg(&cfg_path);
+    // The slim sidecar binary when it was built next to `quicmesh` (what a deployment runs), else the
+    // `proxy` subcommand of `quicmesh` itself.
+    let slim = bin.with_file_name("quicmesh-proxy");
+    let mut cmd = if slim.is_file() {
+        command(ns, &slim)
+    } else {
+        let mut c = command(ns, bin);
+        c.arg("proxy");
+        c
+    };
+    cmd.arg("--config").arg(&cfg_path);
     let mut p = spawn(name, cmd, dir, Stdio::piped())?;
     let stdout = p
         .child

@@ -1,4 +1,5 @@
-//! Process tier: the built `quicmesh` binary, run as a user runs it, with static configuration files.
+//! Process tier: the built `quicmesh` and `quicmesh-proxy` binaries, run as a user runs them, with static
+//! configuration files.
 
 use std::{
     io::{BufRead, BufReader, Read},
@@ -13,6 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
+/// The slim sidecar binary: same proxy, without the controller, CLI and harness.
+const SLIM: &str = env!("CARGO_BIN_EXE_quicmesh-proxy");
 
 /// A `quicmesh proxy` child process, killed on drop.
 struct ProxyProcess {
@@ -21,10 +24,16 @@ struct ProxyProcess {
 }
 
 impl ProxyProcess {
-    /// Starts the proxy and waits for its `ready` line on stdout.
+    /// Starts `quicmesh proxy` and waits for its `ready` line on stdout.
     fn start(config: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["proxy", "--config"])
+        Self::start_with(BIN, &["proxy"], config)
+    }
+
+    /// Starts `program args... --config config` and waits for its `ready` line on stdout.
+    fn start_with(program: &str, args: &[&str], config: &Path) -> Self {
+        let mut child = Command::new(program)
+            .args(args)
+            .arg("--config")
             .arg(config)
             .env("QUICMESH_LOG", "warn")
             .stdout(Stdio::piped())
@@ -116,7 +125,8 @@ async fn proxy_binaries_move_data_and_drain_on_sigterm() {
         "server",
         &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{echo}\"\n"),
     );
-    let mut server = ProxyProcess::start(&server_cfg);
+    // The server side runs the slim `quicmesh-proxy`, the client side `quicmesh proxy`.
+    let mut server = ProxyProcess::start_with(SLIM, &[], &server_cfg);
     let client_cfg = pki.config_with(
         "client",
         "drain_grace = \"20s\"",

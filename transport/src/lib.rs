@@ -5,6 +5,7 @@
 //! Identity and trust live in [`identity`]; every QUIC setting in [`quic`].
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod grpc;

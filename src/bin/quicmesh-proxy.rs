@@ -1,0 +1,33 @@
+//! `quicmesh-proxy`: the sidecar alone, for images and hosts that run only the data plane. Same
+//! arguments and behaviour as `quicmesh proxy`.
+
+use clap::Parser;
+use quicmesh_transport::cli::{self, ProxyArgs};
+
+#[derive(Parser)]
+#[command(name = "quicmesh-proxy", version, about = "The quicmesh sidecar proxy")]
+struct Args {
+    #[command(flatten)]
+    proxy: ProxyArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QUICMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let result = cli::runtime(args.proxy.workers)
+        .map_err(cli::RunError::from)
+        .and_then(|rt| rt.block_on(cli::run(&args.proxy)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
