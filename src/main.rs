@@ -36,18 +36,9 @@ enum Command {
     Bench(quicmesh_bench::BenchArgs),
 }
 
-fn init_tracing() {
-    use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_env("QUICMESH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing();
+    quicmesh_transport::cli::init_logging();
     // One crypto provider for the whole process (see STACK.md): ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
     // One thread per core, except for the proxy: a sidecar runs on one thread unless told otherwise

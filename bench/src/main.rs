@@ -19,12 +19,7 @@ fn main() -> anyhow::Result<()> {
         .filter(|(i, a)| !(*i == 1 && a == "bench"))
         .map(|(_, a)| a);
     let cli = Cli::parse_from(args);
-    let filter = tracing_subscriber::EnvFilter::try_from_env("QUICMESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    quicmesh_transport::cli::init_logging();
     let _ = rustls::crypto::ring::default_provider().install_default();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -13,12 +13,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("QUICMESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    cli::init_logging();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = cli::runtime(args.proxy.workers)
         .map_err(cli::RunError::from)

@@ -36,6 +36,16 @@ pub enum RunError {
     Runtime(#[from] std::io::Error),
 }
 
+/// Logs to stderr, filtered by `QUICMESH_LOG` (default `info`); the same for every quicmesh binary.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("QUICMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// The runtime for `workers` threads: a current-thread runtime for 1.
 pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if workers <= 1 {
