@@ -44,20 +44,14 @@ fn main() -> anyhow::Result<()> {
     // One thread per core, except for the proxy: a sidecar runs on one thread unless told otherwise
     // (see `cli::ProxyArgs::workers`). QUICMESH_WORKERS=N sets it for every subcommand.
     let workers = match &cli.command {
-        Command::Proxy(a) => Some(a.workers.max(1)),
+        Command::Proxy(a) => Some(a.workers),
         _ => std::env::var("QUICMESH_WORKERS")
             .ok()
             .and_then(|w| w.parse::<usize>().ok())
             .filter(|w| *w > 0),
     };
     let rt = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        Some(n) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build()?,
+        Some(n) => quicmesh_transport::cli::runtime(n)?,
         None => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?,

@@ -3,7 +3,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -14,12 +13,9 @@ use std::{
 use quicmesh_controller::client;
 use quicmesh_proto::controller as pb;
 use quicmesh_transport::identity::{SpiffeId, ca::generate_csr};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-};
+use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
+use crate::support::{QUICMESH as BIN, spawn_ready};
 
 struct Proc {
     child: Child,
@@ -30,33 +26,16 @@ struct Proc {
 
 /// Starts `quicmesh controller` on port 0 and waits for its ready line.
 async fn start(dir: &Path, extra: &[&str]) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("controller.log"))
-        .expect("log file");
-    let mut child = Command::new(BIN)
-        .arg("controller")
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(["--listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn controller");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .expect("ready line in time")
-        .expect("read stdout")
-        .expect("controller exited before it was ready");
-    let ready: serde_json::Value = serde_json::from_str(&line).expect("ready line is JSON");
-    assert_eq!(ready["event"], "ready", "{line}");
-    // Keep draining stdout so the controller never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let data = dir.join("data");
+    let mut args = vec![
+        "controller",
+        "--data-dir",
+        data.to_str().expect("utf8 path"),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let (child, ready) = spawn_ready(&args, &dir.join("controller.log")).await;
     Proc {
         child,
         addr: ready["grpc"].as_str().expect("grpc").to_owned(),

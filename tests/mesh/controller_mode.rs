@@ -6,7 +6,6 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -17,14 +16,12 @@ use std::{
 use quicmesh_controller::client;
 use quicmesh_proto::controller as pb;
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
-    process::{Child, Command},
+    process::Child,
 };
 
 use crate::support::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
 
 /// A child process killed on drop, with the JSON ready line it printed.
 struct Proc {
@@ -32,50 +29,18 @@ struct Proc {
     ready: serde_json::Value,
 }
 
-/// Spawns `quicmesh ARGS`, stderr to `log`, and waits (bounded) for its ready line on stdout.
 async fn spawn(args: &[&str], log: &Path) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log file");
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("QUICMESH_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn quicmesh");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .unwrap_or_else(|_| panic!("no ready line within 60 s from {args:?}"))
-        .expect("read stdout")
-        .unwrap_or_else(|| panic!("{args:?} exited before it was ready"));
-    let ready: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
-    assert_eq!(ready["event"], "ready", "{line}");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (child, ready) = spawn_ready(args, log).await;
     Proc { child, ready }
 }
 
 impl Proc {
     fn addr(&self, key: &str) -> SocketAddr {
-        self.ready[key]
-            .as_str()
-            .unwrap_or_else(|| panic!("{key} in {}", self.ready))
-            .parse()
-            .expect("socket address")
+        ready_addr(&self.ready, &format!("/{key}"))
     }
 
     fn outbound(&self) -> SocketAddr {
-        self.ready["outbound"][0]
-            .as_str()
-            .expect("outbound")
-            .parse()
-            .expect("socket address")
+        ready_addr(&self.ready, "/outbound/0")
     }
 
     async fn metrics(&self) -> String {

@@ -52,19 +52,11 @@ impl ProxyProcess {
     }
 
     fn addr(&self, key: &str) -> SocketAddr {
-        self.ready[key]
-            .as_str()
-            .expect("address")
-            .parse()
-            .expect("socket address")
+        ready_addr(&self.ready, &format!("/{key}"))
     }
 
     fn outbound(&self) -> SocketAddr {
-        self.ready["outbound"][0]
-            .as_str()
-            .expect("outbound")
-            .parse()
-            .expect("socket address")
+        ready_addr(&self.ready, "/outbound/0")
     }
 
     fn terminate(&mut self) {

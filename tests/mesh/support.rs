@@ -291,3 +291,48 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The built `quicmesh` binary.
+pub const QUICMESH: &str = env!("CARGO_BIN_EXE_quicmesh");
+
+/// Spawns `quicmesh ARGS` (killed on drop), stderr appended to `log`, and waits up to 60 s for the JSON
+/// ready line it prints on stdout; stdout keeps being drained so the child never blocks on the pipe.
+pub async fn spawn_ready(args: &[&str], log: &Path) -> (tokio::process::Child, serde_json::Value) {
+    use std::process::Stdio;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    let mut child = tokio::process::Command::new(QUICMESH)
+        .args(args)
+        .env("QUICMESH_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn quicmesh");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("no ready line within 60 s from {args:?}"))
+        .expect("read stdout")
+        .unwrap_or_else(|| panic!("{args:?} exited before it was ready"));
+    let ready: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("ready line {line:?}: {e}"));
+    assert_eq!(ready["event"], "ready", "{line}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, ready)
+}
+
+/// The socket address at JSON `pointer` (e.g. `/admin`, `/outbound/0`) of a ready line.
+pub fn ready_addr(ready: &serde_json::Value, pointer: &str) -> SocketAddr {
+    ready
+        .pointer(pointer)
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_else(|| panic!("{pointer} in {ready}"))
+        .parse()
+        .expect("socket address")
+}
