@@ -4,9 +4,11 @@ pub mod ca;
 pub mod credentials;
 pub mod inspect;
 pub mod manager;
+pub mod naming;
 pub mod spiffe;
 pub mod verify;
 
 pub use ca::{CaError, CertificateAuthority, IssuedLeaf};
 pub use credentials::{Credentials, CredentialsError, Leaf};
+pub use naming::ServerNames;
 pub use spiffe::{SpiffeId, SpiffeIdError};

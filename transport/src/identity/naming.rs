@@ -1,0 +1,133 @@
+//! Secure naming: which identities may serve a service.
+//!
+//! Being in the trust domain proves only that a peer belongs to the mesh, not that it may answer for a
+//! particular service: without this rule any workload of a namespace could register as an endpoint of
+//! any service and receive its callers' traffic. One rule, used by the controller when an endpoint is
+//! registered and by the caller's proxy for every connection and stream it opens:
+//!
+//! - a `Service` lists the identities allowed to serve it, each either a full SPIFFE ID or a service
+//!   account name, meaning that account in the service's own namespace;
+//! - an empty list means the service account named like the service, in its namespace
+//!   (`spiffe://<td>/ns/<ns>/sa/<service>`), so a mesh is safe without extra configuration.
+
+use std::collections::BTreeSet;
+
+use super::{SpiffeId, SpiffeIdError};
+
+/// The identities allowed to serve one service.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServerNames {
+    ids: BTreeSet<SpiffeId>,
+}
+
+impl ServerNames {
+    /// Resolves a service's `identities` list (see the module doc for the rule and its default).
+    ///
+    /// Each entry that fails to parse is an error naming it; callers validate stored resources with
+    /// the same function, so a list that was accepted always resolves.
+    pub fn resolve(
+        trust_domain: &str,
+        namespace: &str,
+        service: &str,
+        identities: &[String],
+    ) -> Result<Self, SpiffeIdError> {
+        if identities.is_empty() {
+            return Ok(Self {
+                ids: BTreeSet::from([SpiffeId::new(trust_domain, namespace, service)?]),
+            });
+        }
+        let ids = identities
+            .iter()
+            .map(|entry| {
+                if entry.starts_with("spiffe://") {
+                    entry.parse()
+                } else {
+                    SpiffeId::new(trust_domain, namespace, entry)
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { ids })
+    }
+
+    /// Exactly these identities.
+    pub fn from_ids(ids: impl IntoIterator<Item = SpiffeId>) -> Self {
+        Self {
+            ids: ids.into_iter().collect(),
+        }
+    }
+
+    /// Whether `peer` may serve the service.
+    pub fn allows(&self, peer: &SpiffeId) -> bool {
+        self.ids.contains(peer)
+    }
+
+    /// The allowed identities, sorted.
+    pub fn iter(&self) -> impl Iterator<Item = &SpiffeId> {
+        self.ids.iter()
+    }
+
+    /// Whether no identity is allowed (nothing can serve the service).
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+impl std::fmt::Display for ServerNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for id in &self.ids {
+            if !first {
+                f.write_str(", ")?;
+            }
+            first = false;
+            write!(f, "{id}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        s.parse().expect("valid id")
+    }
+
+    #[test]
+    fn empty_list_means_the_account_named_like_the_service() {
+        let n = ServerNames::resolve("mesh.local", "shop", "cart", &[]).expect("resolves");
+        assert!(n.allows(&id("spiffe://mesh.local/ns/shop/sa/cart")));
+        assert!(!n.allows(&id("spiffe://mesh.local/ns/shop/sa/evil")));
+        assert!(!n.allows(&id("spiffe://mesh.local/ns/other/sa/cart")));
+        assert!(!n.allows(&id("spiffe://other.td/ns/shop/sa/cart")));
+    }
+
+    #[test]
+    fn short_names_are_accounts_of_the_service_namespace() {
+        let n = ServerNames::resolve(
+            "mesh.local",
+            "shop",
+            "web",
+            &["web-v2".into(), "spiffe://mesh.local/ns/edge/sa/gw".into()],
+        )
+        .expect("resolves");
+        assert!(n.allows(&id("spiffe://mesh.local/ns/shop/sa/web-v2")));
+        assert!(n.allows(&id("spiffe://mesh.local/ns/edge/sa/gw")));
+        // An explicit list replaces the default.
+        assert!(!n.allows(&id("spiffe://mesh.local/ns/shop/sa/web")));
+        assert_eq!(
+            n.to_string(),
+            "spiffe://mesh.local/ns/edge/sa/gw, spiffe://mesh.local/ns/shop/sa/web-v2"
+        );
+    }
+
+    #[test]
+    fn malformed_entries_are_errors() {
+        assert!(ServerNames::resolve("mesh.local", "shop", "web", &["a b".into()]).is_err());
+        assert!(
+            ServerNames::resolve("mesh.local", "shop", "web", &["spiffe://x/ns/a".into()]).is_err()
+        );
+        assert!(ServerNames::resolve("mesh.local", "shop", "bad name", &[]).is_err());
+    }
+}
