@@ -252,7 +252,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
     // The client learnt the echo endpoint from the controller's first snapshot (part of its readiness).
-    let learnt = client_px.endpoints[0].get();
+    let learnt = client_px.endpoints[0].get().endpoints.clone();
     anyhow::ensure!(
         !learnt.is_empty(),
         "the client sidecar learnt no echo endpoint from the controller"

@@ -157,7 +157,7 @@ impl Mesh {
             &j,
             "",
             &format!(
-                "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{echo}\"\nservices = [\"echo\"]\n"
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 7, app = \"{echo}\" }}]\nservices = [\"echo\"]\n"
             ),
         );
         let server = spawn(

@@ -218,7 +218,7 @@ async fn peers_with_foreign_ca_other_trust_domain_or_expired_certs_are_refused()
         foreign.issue("server", "echo");
         let cfg = foreign.config(
             "server",
-            &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{foreign_app}\"\n"),
+            &format!("[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 7, app = \"{foreign_app}\" }}]\n"),
         );
         start_proxy(&cfg).await
     };
@@ -331,7 +331,7 @@ async fn destination_that_never_accepts_closes_within_the_deadline() {
     let server2 = {
         let cfg = pki.config(
             "server",
-            &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{silent_addr}\"\n"),
+            &format!("[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 7, app = \"{silent_addr}\" }}]\n"),
         );
         start_proxy(&cfg).await
     };

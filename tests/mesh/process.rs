@@ -115,7 +115,9 @@ async fn proxy_binaries_move_data_and_drain_on_sigterm() {
     let echo = echo_server().await;
     let server_cfg = pki.config(
         "server",
-        &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{echo}\"\n"),
+        &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 7, app = \"{echo}\" }}]\n"
+        ),
     );
     // The server side runs the slim `quicmesh-proxy`, the client side `quicmesh proxy`.
     let mut server = ProxyProcess::start_with(SLIM, &[], &server_cfg);
@@ -264,4 +266,85 @@ fn quick_start_runs_traffic_through_the_mesh() {
     );
     assert!(stdout.contains("failures        0"), "{stdout}");
     assert!(stdout.contains("quicmesh_tunnel_opened_total"), "{stdout}");
+}
+
+/// What became of one client connection while the proxy had no file descriptor left.
+#[derive(Debug, PartialEq, Eq)]
+enum Fate {
+    Echoed,
+    Refused,
+    Hung,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_refuses_excess_clients_at_once_and_recovers() {
+    raise_fd_limit();
+    let pki = Pki::new();
+    let echo = echo_server().await;
+    let server = server_proxy(&pki, echo).await;
+    pki.issue("client", "client");
+    let cfg = pki.config(
+        "client",
+        &format!(
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"echo\"\nport = 7\nendpoints = [\"{}\"]\n",
+            server.inbound()
+        ),
+    );
+    // 64 descriptors: room for a few dozen tunneled connections, not for 150.
+    let script = "ulimit -n 64 && exec \"$0\" proxy \"$@\"";
+    let client = ProxyProcess::start_with("sh", &["-c", script, BIN], &cfg);
+    let target = client.outbound();
+
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..150 {
+        set.spawn(async move {
+            let mut s = match tokio::net::TcpStream::connect(target).await {
+                Ok(s) => s,
+                Err(_) => return (Fate::Refused, None),
+            };
+            let exchange = async {
+                s.write_all(b"ping").await?;
+                let mut buf = [0u8; 4];
+                s.read_exact(&mut buf).await?;
+                std::io::Result::Ok(buf)
+            };
+            let fate = match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+                Ok(Ok(b)) if &b == b"ping" => Fate::Echoed,
+                Ok(_) => Fate::Refused,
+                Err(_) => Fate::Hung,
+            };
+            // Held open until every connection has its fate, so the descriptors stay taken.
+            (fate, Some(s))
+        });
+    }
+    let mut fates = Vec::new();
+    let mut held = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let (fate, s) = r.expect("task");
+        fates.push(fate);
+        held.extend(s);
+    }
+    let count = |f: Fate| fates.iter().filter(|x| **x == f).count();
+    assert_eq!(count(Fate::Hung), 0, "no client may hang: {fates:?}");
+    assert!(count(Fate::Echoed) >= 20, "{fates:?}");
+    assert!(count(Fate::Refused) >= 1, "{fates:?}");
+    let m = scrape(client.addr("admin"), "/metrics").await.1;
+    assert!(
+        metric(
+            &m,
+            "quicmesh_tunnel_failures_total",
+            &["reason=\"out_of_file_descriptors\""]
+        ) >= 1.0,
+        "{m}"
+    );
+    drop(held);
+    // Descriptors freed: new clients are served again.
+    let ok = eventually(Duration::from_secs(10), || async {
+        roundtrip(target, b"again", Duration::from_secs(2))
+            .await
+            .is_ok_and(|b| b == b"again")
+    })
+    .await;
+    assert!(ok, "the proxy serves again once descriptors are free");
+    server.shutdown().await;
 }

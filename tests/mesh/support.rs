@@ -163,7 +163,9 @@ pub async fn server_proxy(pki: &Pki, app: SocketAddr) -> Running {
     pki.issue("server", "echo");
     let cfg = pki.config(
         "server",
-        &format!("[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\n"),
+        &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 7, app = \"{app}\" }}]\n"
+        ),
     );
     start_proxy(&cfg).await
 }

@@ -114,8 +114,14 @@ pub struct ControllerConfig {
 pub struct InboundConfig {
     /// UDP address to listen on.
     pub listen: SocketAddr,
-    /// The local application every accepted stream is forwarded to.
-    pub app: SocketAddr,
+    /// Shorthand for one port: the local application, serving the service port equal to its own port.
+    /// Give either `app` or `ports`.
+    #[serde(default)]
+    pub app: Option<SocketAddr>,
+    /// Every service port this proxy serves and the local application address behind it. A stream for
+    /// a port not listed gets `NO_ROUTE`.
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
     /// Service names this proxy serves; empty accepts any. Streams for others get `NO_ROUTE`.
     #[serde(default)]
     pub services: Vec<String>,
@@ -125,6 +131,45 @@ pub struct InboundConfig {
     /// Longest time a peer may take to send a stream header.
     #[serde(default = "defaults::header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
+}
+
+/// One served port of the inbound side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortMapping {
+    /// The service port callers ask for (the stream header's port).
+    pub port: u16,
+    /// The local application address behind it.
+    pub app: SocketAddr,
+}
+
+impl InboundConfig {
+    /// The application address serving service port `port`, if this proxy serves it.
+    pub fn app_for(&self, port: u32) -> Option<SocketAddr> {
+        match self.app {
+            Some(app) if u32::from(app.port()) == port => Some(app),
+            _ => self
+                .ports
+                .iter()
+                .find(|m| u32::from(m.port) == port)
+                .map(|m| m.app),
+        }
+    }
+
+    /// Every served `(port, app)` pair.
+    pub fn served(&self) -> Vec<PortMapping> {
+        let mut v: Vec<PortMapping> = self
+            .app
+            .map(|app| PortMapping {
+                port: app.port(),
+                app,
+            })
+            .into_iter()
+            .chain(self.ports.iter().copied())
+            .collect();
+        v.sort_by_key(|m| m.port);
+        v
+    }
 }
 
 /// One outbound listener.
@@ -153,6 +198,11 @@ pub struct OutboundConfig {
     /// Attempts per tunneled connection, the first included.
     #[serde(default = "defaults::max_attempts")]
     pub max_attempts: u32,
+    /// Static mode: the identities allowed to serve the service (SPIFFE IDs, or service account names
+    /// in the service's namespace). Empty means the account named like the service, in its namespace
+    /// (the namespace after a `.` in `service`, else ours). In controller mode the Service resource says.
+    #[serde(default)]
+    pub server_identities: Vec<String>,
 }
 
 /// The admin HTTP endpoint.
@@ -380,8 +430,54 @@ impl ProxyConfig {
                 ));
             }
         }
+        if let Some(i) = &self.inbound {
+            match (i.app, i.ports.is_empty()) {
+                (Some(_), false) => {
+                    return Err(ConfigError::new(
+                        path,
+                        "inbound.ports",
+                        "give either app (one port) or ports, not both",
+                    ));
+                }
+                (None, true) => {
+                    return Err(ConfigError::new(
+                        path,
+                        "inbound.app",
+                        "missing: give app (the local application) or ports",
+                    ));
+                }
+                _ => {}
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (j, m) in i.ports.iter().enumerate() {
+                if m.port == 0 {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("inbound.ports[{j}].port"),
+                        "must be 1..=65535",
+                    ));
+                }
+                if !seen.insert(m.port) {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("inbound.ports[{j}].port"),
+                        format!("port {} is listed twice", m.port),
+                    ));
+                }
+            }
+        }
         for (i, o) in self.outbound.iter().enumerate() {
             let key = |k: &str| format!("outbound[{i}].{k}");
+            if self.controller.is_some() && !o.server_identities.is_empty() {
+                return Err(ConfigError::new(
+                    path,
+                    key("server_identities"),
+                    "static mode only: in controller mode the Service's identities decide",
+                ));
+            }
+            if o.port == 0 {
+                return Err(ConfigError::new(path, key("port"), "must be 1..=65535"));
+            }
             if o.service.is_empty() {
                 return Err(ConfigError::new(path, key("service"), "must not be empty"));
             }
@@ -492,6 +588,44 @@ connect_timeout = "2s"
     }
 
     #[test]
+    fn inbound_ports_are_app_or_a_list_without_repeats() {
+        let inbound = |body: &str| {
+            let text = format!("{BASE}\n[inbound]\nlisten = \"127.0.0.1:0\"\n{body}\n");
+            ProxyConfig::parse(Path::new("p.toml"), &text)
+        };
+        let one = inbound("app = \"127.0.0.1:8080\"").expect("app shorthand");
+        assert_eq!(
+            one.inbound.as_ref().and_then(|i| i.app_for(8080)),
+            "127.0.0.1:8080".parse().ok()
+        );
+        for (body, key) in [
+            ("", "inbound.app"),
+            (
+                "app = \"127.0.0.1:1\"\nports = [{ port = 2, app = \"127.0.0.1:2\" }]",
+                "inbound.ports",
+            ),
+            (
+                "ports = [{ port = 2, app = \"127.0.0.1:2\" }, { port = 2, app = \"127.0.0.1:3\" }]",
+                "inbound.ports[1].port",
+            ),
+            (
+                "ports = [{ port = 0, app = \"127.0.0.1:2\" }]",
+                "inbound.ports[0].port",
+            ),
+        ] {
+            let err = inbound(body).expect_err(body);
+            assert_eq!(err.key, key, "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn server_identities_are_for_static_mode() {
+        let text = CONTROLLER.replace("port = 7", "port = 7\nserver_identities = [\"web\"]");
+        let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("controller mode");
+        assert_eq!(err.key, "outbound[0].server_identities");
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let text = BASE.replace("endpoints = [\"127.0.0.1:4433\"]", "endpoints = []");
         let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("empty");
@@ -562,5 +696,9 @@ mod example_tests {
             None
         );
         assert_eq!(cfg.quic.max_concurrent_streams, 8192);
+        let inbound = cfg.inbound.as_ref().expect("inbound");
+        assert_eq!(inbound.served().len(), 2);
+        assert_eq!(inbound.app_for(9090), "127.0.0.1:9090".parse().ok());
+        assert_eq!(inbound.app_for(22), None);
     }
 }

@@ -5,8 +5,9 @@
 //! renewals over mTLS with the current certificate); registering this proxy's inbound endpoint; and
 //! following `Watch`, applying each snapshot's trust bundle and the endpoints of the services our
 //! outbound listeners tunnel to. When the controller is unreachable the proxy keeps working on the last
-//! snapshot and its still-valid certificate, and reconnects with jittered exponential backoff. Matching
-//! snapshot endpoints to a listener is a pure function ([`endpoints_for`]).
+//! snapshot and its still-valid certificate, and reconnects with jittered exponential backoff. What a
+//! listener tunnels to — the service's endpoints and the identities allowed to serve it (secure naming,
+//! [`ServerNames`]) — is a pure function of the snapshot ([`upstream_for`]).
 
 use std::{
     net::SocketAddr,
@@ -21,15 +22,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::{
+    clip::clip,
     config::{ConfigError, ControllerConfig},
     grpc,
     identity::{
-        Credentials, SpiffeId,
+        Credentials, ServerNames, SpiffeId,
         credentials::roots_from_pem,
         manager::{self, CaClient, CaClientError, Issued},
+        naming::split_service,
     },
     metrics::IdentityMetrics,
-    proxy::outbound::Endpoints,
+    proxy::outbound::{Endpoints, Upstream},
 };
 
 /// Deadline of each unary call to the controller.
@@ -201,19 +204,46 @@ impl CaClient for Controller {
     }
 }
 
-/// The endpoints of snapshot `snap` that serve `service` (`name`, or `name.namespace` to pick a
-/// namespace), sorted; addresses that are not `ip:port` are skipped.
-pub fn endpoints_for(service: &str, snap: &pb::Snapshot) -> Vec<SocketAddr> {
-    let (name, ns) = match service.split_once('.') {
-        Some((n, ns)) => (n, Some(ns)),
-        None => (service, None),
+/// What an outbound listener for `service` (`name`, or `name.namespace`; without a namespace, the
+/// caller's own, `own_namespace`) tunnels to according to snapshot `snap`: the identities allowed to
+/// serve it (the Service's `identities`, or the default rule when the list is empty or the Service is
+/// missing), and the endpoints registered for it by one of those identities, sorted. Endpoints of other
+/// identities, and addresses that are not `ip:port`, are skipped (logged).
+pub fn upstream_for(
+    service: &str,
+    own_namespace: &str,
+    trust_domain: &str,
+    snap: &pb::Snapshot,
+) -> Upstream {
+    let (name, ns) = split_service(service);
+    let ns = ns.unwrap_or(own_namespace);
+    let in_ns = |m: &Option<pb::Metadata>| m.as_ref().is_some_and(|m| m.namespace == ns);
+    let declared = snap
+        .services
+        .iter()
+        .find(|s| in_ns(&s.metadata) && s.metadata.as_ref().is_some_and(|m| m.name == name));
+    let identities = declared.map_or(&[][..], |s| &s.identities[..]);
+    let servers = match ServerNames::resolve(trust_domain, ns, name, identities) {
+        Ok(s) => s,
+        Err(e) => {
+            // The controller validates services with the same rule; refuse everything rather than guess.
+            tracing::warn!(%service, error = %e, "service identities unusable; no server allowed");
+            ServerNames::default()
+        }
     };
-    let mut out: Vec<SocketAddr> = snap
+    let mut endpoints: Vec<SocketAddr> = snap
         .endpoints
         .iter()
-        .filter(|e| e.service == name)
+        .filter(|e| e.service == name && in_ns(&e.metadata))
         .filter(|e| {
-            ns.is_none_or(|ns| e.metadata.as_ref().is_some_and(|m| m.namespace == ns))
+            let allowed = e
+                .spiffe_id
+                .parse::<SpiffeId>()
+                .is_ok_and(|id| servers.allows(&id));
+            if !allowed {
+                tracing::warn!(%service, address = %e.address, spiffe_id = %e.spiffe_id, "endpoint registered by an identity not allowed to serve the service; skipped");
+            }
+            allowed
         })
         .filter_map(|e| match e.address.parse() {
             Ok(a) => Some(a),
@@ -223,9 +253,18 @@ pub fn endpoints_for(service: &str, snap: &pb::Snapshot) -> Vec<SocketAddr> {
             }
         })
         .collect();
-    out.sort();
-    out.dedup();
-    out
+    endpoints.sort();
+    endpoints.dedup();
+    Upstream { endpoints, servers }
+}
+
+/// Whether a `RegisterEndpoint` error is the controller's answer (not a failure to reach it).
+fn registration_refused(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::PermissionDenied | Code::NotFound | Code::FailedPrecondition | Code::InvalidArgument
+    )
 }
 
 /// What the Watch follower applies snapshots to and registers.
@@ -292,6 +331,15 @@ impl Follower {
                     service = %e.service, address = %e.address, version = r.into_inner().version,
                     "endpoint registered"
                 ),
+                // A refusal will not change by retrying: say so loudly and keep following the
+                // configuration, so this proxy's outbound side still works.
+                Ok(Err(s)) if registration_refused(s.code()) => {
+                    self.metrics.registrations_refused.inc();
+                    tracing::error!(
+                        service = %e.service, code = ?s.code(), reason = %clip(s.message()),
+                        "the controller refused this proxy as an endpoint of the service; it gets no traffic for it"
+                    );
+                }
                 Ok(Err(s)) => return format!("RegisterEndpoint: {:?}: {}", s.code(), s.message()),
                 Err(_) => return "RegisterEndpoint timed out".into(),
             }
@@ -338,10 +386,16 @@ impl Follower {
         if self.creds.set_revoked(revoked) {
             tracing::info!(revoked = count, "revoked identities updated");
         }
+        let own_ns = self
+            .creds
+            .id()
+            .map(|id| id.namespace().to_owned())
+            .unwrap_or_default();
         for (service, eps) in &self.outbound {
-            let list = endpoints_for(service, snap);
-            if eps.set(list.clone()) {
-                tracing::info!(%service, endpoints = ?list, "endpoints updated");
+            let up = upstream_for(service, &own_ns, self.creds.trust_domain(), snap);
+            let (list, servers) = (up.endpoints.clone(), up.servers.to_string());
+            if eps.set(up) {
+                tracing::info!(%service, endpoints = ?list, %servers, "upstream updated");
             }
         }
         self.metrics
@@ -357,7 +411,7 @@ impl Follower {
 mod tests {
     use super::*;
 
-    fn ep(service: &str, ns: &str, addr: &str) -> pb::Endpoint {
+    fn ep(service: &str, ns: &str, addr: &str, sa: &str) -> pb::Endpoint {
         pb::Endpoint {
             metadata: Some(pb::Metadata {
                 name: format!("{service}-{addr}"),
@@ -366,28 +420,78 @@ mod tests {
             }),
             service: service.into(),
             address: addr.into(),
+            spiffe_id: format!("spiffe://td/ns/{ns}/sa/{sa}"),
             ..Default::default()
         }
     }
 
+    fn svc(name: &str, ns: &str, identities: &[&str]) -> pb::Service {
+        pb::Service {
+            metadata: Some(pb::Metadata {
+                name: name.into(),
+                namespace: ns.into(),
+                ..Default::default()
+            }),
+            identities: identities.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn a(s: &str) -> SocketAddr {
+        s.parse().expect("addr")
+    }
+
     #[test]
-    fn endpoints_match_by_service_and_optional_namespace() {
+    fn endpoints_match_by_service_and_namespace_defaulting_to_ours() {
         let snap = pb::Snapshot {
             endpoints: vec![
-                ep("echo", "a", "127.0.0.1:2"),
-                ep("echo", "b", "127.0.0.1:1"),
-                ep("other", "a", "127.0.0.1:3"),
-                ep("echo", "a", "host.example:4"),
-                ep("echo", "a", "127.0.0.1:2"),
+                ep("echo", "a", "127.0.0.1:2", "echo"),
+                ep("echo", "b", "127.0.0.1:1", "echo"),
+                ep("other", "a", "127.0.0.1:3", "other"),
+                ep("echo", "a", "host.example:4", "echo"),
+                ep("echo", "a", "127.0.0.1:2", "echo"),
             ],
             ..Default::default()
         };
-        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
         assert_eq!(
-            endpoints_for("echo", &snap),
-            vec![a("127.0.0.1:1"), a("127.0.0.1:2")]
+            upstream_for("echo", "a", "td", &snap).endpoints,
+            vec![a("127.0.0.1:2")]
         );
-        assert_eq!(endpoints_for("echo.a", &snap), vec![a("127.0.0.1:2")]);
-        assert!(endpoints_for("missing", &snap).is_empty());
+        assert_eq!(
+            upstream_for("echo.b", "a", "td", &snap).endpoints,
+            vec![a("127.0.0.1:1")]
+        );
+        assert!(
+            upstream_for("missing", "a", "td", &snap)
+                .endpoints
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn only_identities_allowed_by_the_service_are_servers() {
+        let snap = pb::Snapshot {
+            services: vec![svc("web", "shop", &["web"]), svc("db", "shop", &[])],
+            endpoints: vec![
+                ep("web", "shop", "127.0.0.1:1", "web"),
+                ep("web", "shop", "127.0.0.1:2", "evil"),
+                ep("db", "shop", "127.0.0.1:3", "db"),
+                ep("db", "shop", "127.0.0.1:4", "evil"),
+            ],
+            ..Default::default()
+        };
+        let id = |s: &str| s.parse::<SpiffeId>().expect("id");
+        let web = upstream_for("web", "shop", "td", &snap);
+        assert_eq!(web.endpoints, vec![a("127.0.0.1:1")]);
+        assert!(web.servers.allows(&id("spiffe://td/ns/shop/sa/web")));
+        assert!(!web.servers.allows(&id("spiffe://td/ns/shop/sa/evil")));
+        // Empty identities: the account named like the service.
+        let db = upstream_for("db", "shop", "td", &snap);
+        assert_eq!(db.endpoints, vec![a("127.0.0.1:3")]);
+        assert!(db.servers.allows(&id("spiffe://td/ns/shop/sa/db")));
+        // A service the snapshot does not declare still gets the default rule, never "anyone".
+        let gone = upstream_for("cache", "shop", "td", &snap);
+        assert!(gone.servers.allows(&id("spiffe://td/ns/shop/sa/cache")));
+        assert!(!gone.servers.allows(&id("spiffe://td/ns/shop/sa/evil")));
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod clip;
 pub mod config;
 pub mod control;
 pub mod grpc;

@@ -162,6 +162,8 @@ pub struct IdentityMetrics {
     pub snapshots: Counter,
     /// Watch streams lost or not established (each followed by a backoff and a new attempt).
     pub watch_failures: Counter,
+    /// Endpoint registrations the controller refused (e.g. an identity not allowed to serve the service).
+    pub registrations_refused: Counter,
 }
 
 /// Most serials remembered for [`Metrics::peer_certs_seen`]; the set is cleared beyond it.
@@ -285,6 +287,11 @@ impl Metrics {
             "controller_watch_failures",
             "Watch streams to the controller lost or not established",
             id.watch_failures.clone(),
+        );
+        r.register(
+            "controller_registrations_refused",
+            "Inbound endpoint registrations the controller refused",
+            id.registrations_refused.clone(),
         );
         m
     }

@@ -34,7 +34,9 @@ use crate::{
     admin::Admin,
     config::{ConfigError, ProxyConfig},
     control,
-    identity::{Credentials, Leaf, credentials::roots_from_pem, manager},
+    identity::{
+        Credentials, Leaf, ServerNames, credentials::roots_from_pem, manager, naming::split_service,
+    },
     metrics::{Direction, DirectionLabels, Metrics},
     quic,
     retry::RetryBudget,
@@ -152,6 +154,25 @@ pub fn load_credentials(cfg: &ProxyConfig, file: &Path) -> Result<Credentials, C
         None => leaf.info.id.trust_domain().to_owned(),
     };
     Ok(Credentials::with_trust_domain(leaf, roots, td))
+}
+
+/// Static mode: who may serve an outbound service, from its `server_identities` or the default rule,
+/// in the service's namespace (`name.namespace`) or else ours.
+fn static_server_names(
+    o: &crate::config::OutboundConfig,
+    creds: &Credentials,
+) -> Result<ServerNames, String> {
+    let own = creds
+        .id()
+        .ok_or_else(|| "no certificate loaded to take our namespace from".to_owned())?;
+    let (name, ns) = split_service(&o.service);
+    ServerNames::resolve(
+        creds.trust_domain(),
+        ns.unwrap_or(own.namespace()),
+        name,
+        &o.server_identities,
+    )
+    .map_err(|e| e.to_string())
 }
 
 impl Proxy {
@@ -292,15 +313,29 @@ impl Proxy {
 
         let mut outbound = Vec::with_capacity(cfg.outbound.len());
         for (i, o) in cfg.outbound.iter().enumerate() {
-            let ob =
-                outbound::Outbound::bind(o.clone(), pool.clone(), budget.clone(), metrics.clone())
-                    .await
-                    .map_err(|e| {
-                        err(
-                            format!("outbound[{i}].listen"),
-                            &format!("cannot bind {}: {e}", o.listen),
-                        )
-                    })?;
+            // Controller mode: nothing is known (or allowed) until the first snapshot.
+            let initial = match cfg.controller {
+                Some(_) => outbound::Upstream::default(),
+                None => outbound::Upstream {
+                    endpoints: o.endpoints.clone(),
+                    servers: static_server_names(o, &creds)
+                        .map_err(|e| err(format!("outbound[{i}].server_identities"), &e))?,
+                },
+            };
+            let ob = outbound::Outbound::bind(
+                o.clone(),
+                initial,
+                pool.clone(),
+                budget.clone(),
+                metrics.clone(),
+            )
+            .await
+            .map_err(|e| {
+                err(
+                    format!("outbound[{i}].listen"),
+                    &format!("cannot bind {}: {e}", o.listen),
+                )
+            })?;
             outbound.push(ob);
         }
         let ready = Arc::new(AtomicBool::new(false));

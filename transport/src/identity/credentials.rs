@@ -42,9 +42,12 @@ pub enum CredentialsError {
     /// The certificate is not valid X.509.
     #[error("malformed certificate: {0}")]
     X509(String),
-    /// The leaf does not carry exactly one `spiffe://` URI SAN.
+    /// The leaf carries no `spiffe://` URI SAN.
     #[error("certificate carries no SPIFFE ID (a spiffe:// URI SAN)")]
     NoSpiffeId,
+    /// The leaf carries more than one URI SAN.
+    #[error("certificate carries {0} URI SANs; a SPIFFE certificate carries exactly one")]
+    UriSanCount(usize),
     /// The SPIFFE URI SAN is not a quicmesh identity.
     #[error(transparent)]
     SpiffeId(#[from] super::SpiffeIdError),
@@ -81,7 +84,8 @@ pub struct LeafInfo {
 /// Reads the SPIFFE ID and validity of a DER certificate (one parser: [`CertInfo`]).
 pub fn leaf_info(der: &[u8]) -> Result<LeafInfo, CredentialsError> {
     let info = CertInfo::from_der(der).map_err(|e| match e {
-        InspectError::SanCount(_) => CredentialsError::NoSpiffeId,
+        InspectError::NoSpiffeId => CredentialsError::NoSpiffeId,
+        InspectError::UriSanCount(n) => CredentialsError::UriSanCount(n),
         InspectError::Spiffe(e) => CredentialsError::SpiffeId(e),
         e => CredentialsError::X509(e.to_string()),
     })?;

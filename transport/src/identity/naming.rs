@@ -14,6 +14,15 @@ use std::collections::BTreeSet;
 
 use super::{SpiffeId, SpiffeIdError};
 
+/// Splits a service reference `name` or `name.namespace` (the form outbound listeners use) into the
+/// service name and, if given, its namespace. A reference without a namespace means the caller's own.
+pub fn split_service(reference: &str) -> (&str, Option<&str>) {
+    match reference.split_once('.') {
+        Some((name, ns)) => (name, Some(ns)),
+        None => (reference, None),
+    }
+}
+
 /// The identities allowed to serve one service.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServerNames {
@@ -120,6 +129,12 @@ mod tests {
             n.to_string(),
             "spiffe://mesh.local/ns/edge/sa/gw, spiffe://mesh.local/ns/shop/sa/web-v2"
         );
+    }
+
+    #[test]
+    fn service_references_split_at_the_first_dot() {
+        assert_eq!(split_service("cart"), ("cart", None));
+        assert_eq!(split_service("cart.shop"), ("cart", Some("shop")));
     }
 
     #[test]

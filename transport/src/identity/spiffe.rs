@@ -24,6 +24,9 @@ pub enum SpiffeIdError {
         "{0:?}: namespace and service account must be non-empty letters, digits, '.', '-' or '_'"
     )]
     Segment(String),
+    /// A path segment is `.` or `..`, which the SPIFFE specification forbids.
+    #[error("{0:?}: path segments '.' and '..' are not allowed")]
+    DotSegment(String),
 }
 
 /// A workload identity `spiffe://<td>/ns/<ns>/sa/<sa>`.
@@ -104,6 +107,9 @@ impl FromStr for SpiffeId {
         ) else {
             return Err(SpiffeIdError::Path(s.to_owned()));
         };
+        if [ns, sa].iter().any(|seg| matches!(*seg, "." | "..")) {
+            return Err(SpiffeIdError::DotSegment(s.to_owned()));
+        }
         if !valid_segment(ns) || !valid_segment(sa) {
             return Err(SpiffeIdError::Segment(s.to_owned()));
         }
@@ -165,6 +171,9 @@ mod tests {
             ("spiffe://mesh/sa/a/ns/b", "Path"),
             ("spiffe://mesh/ns//sa/b", "Segment"),
             ("spiffe://mesh/ns/a b/sa/b", "Segment"),
+            ("spiffe://mesh/ns/./sa/b", "DotSegment"),
+            ("spiffe://mesh/ns/a/sa/..", "DotSegment"),
+            ("spiffe://mesh/ns/../sa/b", "DotSegment"),
         ] {
             let err = s.parse::<SpiffeId>().expect_err(s);
             assert!(format!("{err:?}").starts_with(want), "{s}: {err:?}");

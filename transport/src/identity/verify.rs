@@ -2,8 +2,11 @@
 //!
 //! webpki checks chains and validity, but it only matches DNS names and IP addresses; a mesh peer is named
 //! by its SPIFFE URI SAN. These verifiers run the webpki chain check against the live trust bundle, then
-//! require exactly one SPIFFE ID in our trust domain (and, when dialling, the identity we expect). Every
-//! refusal is logged with its reason and counted, so an operator can tell "wrong CA" from "expired".
+//! require exactly one URI SAN, a SPIFFE ID in our trust domain, and a key strong enough to trust (and,
+//! when dialling, the identity we expect). Every refusal is logged with its reason and counted, so an
+//! operator can tell "wrong CA" from "expired" from "two URI SANs". Which services a verified peer may
+//! serve is decided per stream by the caller ([`super::naming`]), not here: one connection to a peer
+//! carries streams for every service it serves.
 
 use std::sync::{Arc, RwLock};
 
@@ -20,15 +23,30 @@ use rustls::{
     },
 };
 
-use super::{Credentials, SpiffeId, credentials::leaf_info};
+use super::{
+    Credentials, SpiffeId,
+    inspect::{CertInfo, InspectError},
+};
 use crate::metrics::{Direction, RefusalLabels};
 
 /// A SPIFFE-level refusal: the chain was fine but the identity is not acceptable.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityRefusal {
-    /// The certificate has no usable SPIFFE ID.
-    #[error("peer certificate carries no valid SPIFFE ID")]
+    /// The certificate has no `spiffe://` URI SAN.
+    #[error("peer certificate carries no SPIFFE ID")]
     NoSpiffeId,
+    /// The certificate has more than one URI SAN.
+    #[error("peer certificate carries {0} URI SANs; SPIFFE allows exactly one")]
+    UriSanCount(usize),
+    /// The SPIFFE URI is malformed (e.g. a `..` segment).
+    #[error("peer SPIFFE ID refused: {0}")]
+    InvalidSpiffeId(super::SpiffeIdError),
+    /// The certificate could not be parsed past the chain check.
+    #[error("peer certificate unreadable: {0}")]
+    Malformed(String),
+    /// The subject key is of a type or size we do not trust.
+    #[error("peer key {0} is not accepted (ECDSA P-256/P-384, Ed25519 or RSA >= 2048 only)")]
+    WeakKey(super::inspect::KeyType),
     /// The SPIFFE ID belongs to another trust domain.
     #[error("peer identity {0} is outside trust domain {1}")]
     WrongTrustDomain(SpiffeId, String),
@@ -44,6 +62,10 @@ impl IdentityRefusal {
     fn reason(&self) -> &'static str {
         match self {
             Self::NoSpiffeId => "no_spiffe_id",
+            Self::UriSanCount(_) => "multiple_uri_sans",
+            Self::InvalidSpiffeId(_) => "invalid_spiffe_id",
+            Self::Malformed(_) => "invalid_certificate",
+            Self::WeakKey(_) => "weak_key",
             Self::WrongTrustDomain(..) => "wrong_trust_domain",
             Self::UnexpectedIdentity(..) => "unexpected_identity",
             Self::Revoked(..) => "revoked_identity",
@@ -55,7 +77,8 @@ impl IdentityRefusal {
 pub fn refusal_reason(err: &Error) -> &'static str {
     match err {
         Error::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
+            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::BadSignature => "bad_signature",
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "not_yet_valid"
@@ -83,9 +106,18 @@ fn check_identity(
     expected: Option<&SpiffeId>,
 ) -> Result<SpiffeId, Error> {
     let trust_domain = creds.trust_domain();
-    let id = leaf_info(end_entity)
-        .map_err(|_| refuse(IdentityRefusal::NoSpiffeId))?
-        .id;
+    let info = CertInfo::from_der(end_entity).map_err(|e| {
+        refuse(match e {
+            InspectError::NoSpiffeId => IdentityRefusal::NoSpiffeId,
+            InspectError::UriSanCount(n) => IdentityRefusal::UriSanCount(n),
+            InspectError::Spiffe(e) => IdentityRefusal::InvalidSpiffeId(e),
+            e => IdentityRefusal::Malformed(e.to_string()),
+        })
+    })?;
+    if !info.key.acceptable_for_peers() {
+        return Err(refuse(IdentityRefusal::WeakKey(info.key)));
+    }
+    let id = info.spiffe_id;
     if creds.is_revoked(&id) {
         return Err(refuse(IdentityRefusal::Revoked(id)));
     }

@@ -5,7 +5,9 @@
 //! only that stream with `PROTOCOL_ERROR`. The app connection is made within the smaller of our connect
 //! timeout and the one the header carries; only once it is up do we answer OK, so the source proxy knows
 //! that a refusal delivered nothing and may retry elsewhere. The header's deadline bounds the whole
-//! tunneled connection here as well: expiry resets the stream with `DEADLINE_EXCEEDED`.
+//! tunneled connection here as well: expiry resets the stream with `DEADLINE_EXCEEDED`. Each stream goes
+//! to the application address of the service port its header names ([`route`]); a service or port this
+//! proxy does not serve gets `NO_ROUTE`, never a default.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -15,6 +17,7 @@ use tracing::Instrument;
 
 use super::{Drain, lane::Lane, pool::peer_identity, splice::carry};
 use crate::{
+    clip::clip,
     config::InboundConfig,
     identity::{Credentials, SpiffeId},
     metrics::{Direction, Metrics, PeerMetrics, ReasonLabels},
@@ -71,6 +74,15 @@ impl Inbound {
         // New connections are refused from now on; established ones finish their streams.
         self.endpoint.set_server_config(None);
     }
+}
+
+/// Where a stream goes: the application address serving the header's service and port, or why
+/// nothing here does.
+fn route(cfg: &InboundConfig, h: &StreamHeader) -> Result<SocketAddr, &'static str> {
+    if !cfg.services.is_empty() && !cfg.services.contains(&h.service) {
+        return Err("service not served here");
+    }
+    cfg.app_for(h.port).ok_or("port not served here")
 }
 
 #[derive(Clone)]
@@ -174,13 +186,22 @@ impl Conn {
                 .await;
             return;
         }
-        if !self.serves(&header) {
-            tracing::info!(request_id = %rid, service = %header.service, "no route");
-            let _ = tunnel::write_status(&mut send, StatusCode::NoRoute, "service not served here")
-                .await;
-            let _ = send.finish();
-            return;
-        }
+        let app = match route(&self.cfg, &header) {
+            Ok(app) => app,
+            Err(why) => {
+                tracing::info!(request_id = %rid, service = %clip(&header.service), port = header.port, %peer, why, "no route");
+                self.metrics
+                    .failures
+                    .get_or_create(&ReasonLabels {
+                        direction: Direction::Inbound,
+                        reason: "no_route",
+                    })
+                    .inc();
+                let _ = tunnel::write_status(&mut send, StatusCode::NoRoute, why).await;
+                let _ = send.finish();
+                return;
+            }
+        };
         let mut connect_timeout = self.cfg.connect_timeout;
         if header.connect_timeout_ms > 0 {
             connect_timeout =
@@ -189,15 +210,14 @@ impl Conn {
         let connect_by = deadline.map_or(started + connect_timeout, |d| {
             d.min(started + connect_timeout)
         });
-        let tcp = match tokio::time::timeout_at(connect_by, TcpStream::connect(self.cfg.app)).await
-        {
+        let tcp = match tokio::time::timeout_at(connect_by, TcpStream::connect(app)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
-                tracing::info!(request_id = %rid, app = %self.cfg.app, error = %e, "app refused connection");
+                tracing::info!(request_id = %rid, %app, error = %e, "app refused connection");
                 self.fail(
                     &mut send,
                     StatusCode::ConnectFailed,
-                    &format!("app {}: {e}", self.cfg.app),
+                    &format!("app {app}: {e}"),
                 )
                 .await;
                 return;
@@ -208,7 +228,7 @@ impl Conn {
                 } else {
                     StatusCode::ConnectFailed
                 };
-                tracing::info!(request_id = %rid, app = %self.cfg.app, "app did not accept in time");
+                tracing::info!(request_id = %rid, %app, "app did not accept in time");
                 self.fail(&mut send, code, "app did not accept in time")
                     .await;
                 return;
@@ -229,10 +249,6 @@ impl Conn {
         }
     }
 
-    fn serves(&self, h: &StreamHeader) -> bool {
-        self.cfg.services.is_empty() || self.cfg.services.contains(&h.service)
-    }
-
     async fn fail(&self, send: &mut SendStream, code: StatusCode, msg: &str) {
         self.metrics
             .failures
@@ -247,5 +263,61 @@ impl Conn {
             .inc();
         let _ = tunnel::write_status(send, code, msg).await;
         let _ = send.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PortMapping;
+
+    fn cfg(app: Option<&str>, ports: &[(u16, &str)], services: &[&str]) -> InboundConfig {
+        let addr = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        InboundConfig {
+            listen: addr("127.0.0.1:0"),
+            app: app.map(addr),
+            ports: ports
+                .iter()
+                .map(|(port, a)| PortMapping {
+                    port: *port,
+                    app: addr(a),
+                })
+                .collect(),
+            services: services.iter().map(|s| s.to_string()).collect(),
+            connect_timeout: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn header(service: &str, port: u32) -> StreamHeader {
+        StreamHeader {
+            service: service.into(),
+            port,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn app_shorthand_serves_only_its_own_port() {
+        let c = cfg(Some("127.0.0.1:8080"), &[], &["web"]);
+        assert_eq!(route(&c, &header("web", 8080)), Ok(c.app.expect("app")));
+        assert_eq!(route(&c, &header("web", 22)), Err("port not served here"));
+        assert_eq!(
+            route(&c, &header("db", 8080)),
+            Err("service not served here")
+        );
+    }
+
+    #[test]
+    fn each_declared_port_maps_to_its_app_address() {
+        let c = cfg(
+            None,
+            &[(80, "127.0.0.1:8080"), (9090, "127.0.0.1:9091")],
+            &[],
+        );
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(route(&c, &header("any", 80)), Ok(a("127.0.0.1:8080")));
+        assert_eq!(route(&c, &header("any", 9090)), Ok(a("127.0.0.1:9091")));
+        assert_eq!(route(&c, &header("any", 8080)), Err("port not served here"));
     }
 }

@@ -7,6 +7,11 @@
 //! never saw them); retries that reached a peer spend the retry budget. The connect phase is bounded by
 //! the connect timeout and the total deadline; after it, the bytes flow until both sides end, the
 //! deadline expires (stream reset with `DEADLINE_EXCEEDED`, app connection reset), or the proxy drains.
+//!
+//! Secure naming: before a stream is opened, the peer certificate's SPIFFE ID must be one of the
+//! identities allowed to serve the service ([`Upstream::servers`]); a peer that is in the mesh but not
+//! allowed gets nothing (not even a header), is counted as `wrong_server_identity`, and its endpoint is
+//! avoided like one that is down.
 
 use std::{
     net::SocketAddr,
@@ -30,7 +35,9 @@ use super::{
     splice::carry,
 };
 use crate::{
+    clip::clip,
     config::OutboundConfig,
+    identity::{ServerNames, naming::split_service},
     metrics::{Direction, Metrics, ReasonLabels},
     retry::RetryBudget,
     tunnel::{self, StatusCode, StreamHeader, StreamStatus, code},
@@ -45,8 +52,18 @@ pub enum OpenError {
     /// The stream failed before the acceptor answered (connection lost, stream reset).
     #[error("stream failed before the acceptor answered: {0}")]
     Stream(String),
+    /// The peer is in the mesh but not allowed to serve the service (secure naming).
+    #[error("peer {peer} at {addr} is not allowed to serve the service (allowed: {allowed})")]
+    WrongServer {
+        /// Endpoint address.
+        addr: SocketAddr,
+        /// The identity it presented.
+        peer: String,
+        /// The identities allowed.
+        allowed: String,
+    },
     /// The acceptor answered with an error status.
-    #[error("peer {peer} refused: {code:?}: {message}")]
+    #[error("peer {peer} refused: {code:?}: {}", clip(message))]
     Refused {
         /// Acceptor identity.
         peer: String,
@@ -80,6 +97,7 @@ impl OpenError {
         match self {
             Self::Dial(d) => d.reason(),
             Self::Stream(_) => "stream_failed",
+            Self::WrongServer { .. } => "wrong_server_identity",
             Self::Refused { code, .. } => match code {
                 StatusCode::ConnectFailed => "app_connect_failed",
                 StatusCode::NoRoute => "no_route",
@@ -109,7 +127,7 @@ enum Retry {
 
 fn classify(e: &OpenError) -> Retry {
     match e {
-        OpenError::Dial(_) => Retry::Failover,
+        OpenError::Dial(_) | OpenError::WrongServer { .. } => Retry::Failover,
         OpenError::Stream(_) => Retry::Budgeted,
         OpenError::Refused {
             code: StatusCode::ConnectFailed | StatusCode::Unavailable | StatusCode::NoRoute,
@@ -119,29 +137,38 @@ fn classify(e: &OpenError) -> Retry {
     }
 }
 
-/// The endpoints of one outbound service, replaceable while traffic flows (the controller's snapshots).
-/// Each tunneled connection reads the list once; the lock only guards an `Arc` clone.
+/// What an outbound listener tunnels to: where the service's proxies listen, and who may serve it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upstream {
+    /// Inbound QUIC addresses of the service's proxies.
+    pub endpoints: Vec<SocketAddr>,
+    /// The identities allowed to serve the service; a peer outside this set gets no stream.
+    pub servers: ServerNames,
+}
+
+/// The upstream of one outbound service, replaceable while traffic flows (the controller's snapshots).
+/// Each tunneled connection reads it once; the lock only guards an `Arc` clone.
 #[derive(Debug, Clone)]
-pub struct Endpoints(Arc<RwLock<Arc<Vec<SocketAddr>>>>);
+pub struct Endpoints(Arc<RwLock<Arc<Upstream>>>);
 
 impl Endpoints {
-    /// A list starting as `initial`.
-    pub fn new(initial: Vec<SocketAddr>) -> Self {
+    /// An upstream starting as `initial`.
+    pub fn new(initial: Upstream) -> Self {
         Self(Arc::new(RwLock::new(Arc::new(initial))))
     }
 
-    /// The current list.
-    pub fn get(&self) -> Arc<Vec<SocketAddr>> {
+    /// The current upstream.
+    pub fn get(&self) -> Arc<Upstream> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Replaces the list for connections accepted from now on; returns whether it changed.
-    pub fn set(&self, list: Vec<SocketAddr>) -> bool {
+    /// Replaces the upstream for connections accepted from now on; returns whether it changed.
+    pub fn set(&self, upstream: Upstream) -> bool {
         let mut cur = self.0.write().unwrap_or_else(|p| p.into_inner());
-        if **cur == list {
+        if **cur == upstream {
             return false;
         }
-        *cur = Arc::new(list);
+        *cur = Arc::new(upstream);
         true
     }
 }
@@ -154,6 +181,8 @@ pub struct Outbound {
 
 struct Service {
     cfg: OutboundConfig,
+    /// The service name sent in stream headers (`cfg.service` without its namespace).
+    name: String,
     endpoints: Endpoints,
     pool: Arc<Pool>,
     budget: Arc<Mutex<RetryBudget>>,
@@ -162,9 +191,11 @@ struct Service {
 }
 
 impl Outbound {
-    /// Binds the listener; fails at once if the port is taken.
+    /// Binds the listener; fails at once if the port is taken. `initial` is the upstream until the
+    /// controller (if any) replaces it.
     pub async fn bind(
         cfg: OutboundConfig,
+        initial: Upstream,
         pool: Arc<Pool>,
         budget: Arc<Mutex<RetryBudget>>,
         metrics: Metrics,
@@ -173,7 +204,8 @@ impl Outbound {
         Ok(Self {
             listener,
             svc: Arc::new(Service {
-                endpoints: Endpoints::new(cfg.endpoints.clone()),
+                endpoints: Endpoints::new(initial),
+                name: split_service(&cfg.service).0.to_owned(),
                 cfg,
                 pool,
                 budget,
@@ -198,8 +230,10 @@ impl Outbound {
         self.svc.endpoints.clone()
     }
 
-    /// Accepts until the drain begins.
+    /// Accepts until the drain begins. A spare file descriptor is held so that, when the process runs
+    /// out of them, waiting clients are refused at once instead of hanging in the listen backlog.
     pub async fn run(self, drain: Drain) {
+        let mut spare = std::fs::File::open("/dev/null").ok();
         loop {
             let accepted = tokio::select! {
                 a = self.listener.accept() => a,
@@ -214,14 +248,41 @@ impl Outbound {
                         .tracker
                         .spawn(svc.handle(tcp, drain.clone()).instrument(span));
                 }
+                Err(e) if out_of_fds(&e) => {
+                    // The connection waits in the backlog; the app would hang on it. Free the spare
+                    // descriptor, take the connection and reset it at once, then hold a spare again.
+                    drop(spare.take());
+                    if let Ok((tcp, client)) = self.listener.accept().await {
+                        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                        drop(tcp);
+                        tracing::warn!(%client, "out of file descriptors; connection refused");
+                        self.svc
+                            .metrics
+                            .failures
+                            .get_or_create(&ReasonLabels {
+                                direction: Direction::Outbound,
+                                reason: "out_of_file_descriptors",
+                            })
+                            .inc();
+                    }
+                    spare = std::fs::File::open("/dev/null").ok();
+                    if spare.is_none() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
                 Err(e) => {
-                    // Typically EMFILE: back off briefly instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
     }
+}
+
+/// Whether an accept failed because the process or system ran out of file descriptors.
+fn out_of_fds(e: &std::io::Error) -> bool {
+    // EMFILE and ENFILE.
+    matches!(e.raw_os_error(), Some(24 | 23))
 }
 
 impl Service {
@@ -277,10 +338,10 @@ impl Service {
         deadline: Option<Instant>,
     ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let endpoints = self.endpoints.get();
+        let upstream = self.endpoints.get();
         let order = self
             .pool
-            .attempt_order(&endpoints, start, Instant::now().into_std());
+            .attempt_order(&upstream.endpoints, start, Instant::now().into_std());
         if order.is_empty() {
             return Err(OpenError::NoEndpoints);
         }
@@ -289,7 +350,10 @@ impl Service {
         loop {
             let addr = order[idx % order.len()];
             attempts += 1;
-            let err = match self.attempt(addr, request_id, connect_by, deadline).await {
+            let err = match self
+                .attempt(addr, &upstream.servers, request_id, connect_by, deadline)
+                .await
+            {
                 Ok(x) => {
                     self.pool.mark_up(addr);
                     return Ok(x);
@@ -334,6 +398,7 @@ impl Service {
     async fn attempt(
         &self,
         addr: SocketAddr,
+        servers: &ServerNames,
         request_id: &[u8; 16],
         connect_by: Instant,
         deadline: Option<Instant>,
@@ -344,11 +409,14 @@ impl Service {
             .pool
             .get(addr, self.cfg.handshake_timeout.min(left))
             .await?;
+        if !servers.allows(&pc.peer) {
+            return Err(self.wrong_server(addr, &pc, servers));
+        }
         let stream_err = |e: &dyn std::fmt::Display| OpenError::Stream(e.to_string());
         let (mut send, mut recv) = pc.conn.open_bi().await.map_err(|e| stream_err(&e))?;
         let now = Instant::now();
         let header = StreamHeader {
-            service: self.cfg.service.clone(),
+            service: self.name.clone(),
             port: u32::from(self.cfg.port),
             protocol: tunnel::Protocol::Tcp as i32,
             request_id: request_id.to_vec(),
@@ -379,6 +447,28 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Counts and logs a peer that may not serve this service; the caller fails over.
+    fn wrong_server(&self, addr: SocketAddr, pc: &PeerConn, servers: &ServerNames) -> OpenError {
+        self.metrics
+            .refusals
+            .get_or_create(&crate::metrics::RefusalLabels {
+                direction: Direction::Outbound,
+                reason: "wrong_server_identity",
+            })
+            .inc();
+        tracing::warn!(
+            service = %self.cfg.service, %addr, peer = %pc.peer, allowed = %servers,
+            "peer is not allowed to serve the service; endpoint avoided"
+        );
+        OpenError::WrongServer {
+            addr,
+            peer: pc.peer.to_string(),
+            allowed: servers.to_string(),
+        }
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -399,6 +489,13 @@ mod tests {
             Duration::from_secs(1),
         ));
         assert_eq!(classify(&dial), Retry::Failover);
+        let impostor = OpenError::WrongServer {
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            peer: "spiffe://td/ns/a/sa/evil".into(),
+            allowed: "spiffe://td/ns/a/sa/web".into(),
+        };
+        assert_eq!(classify(&impostor), Retry::Failover);
+        assert_eq!(impostor.reason(), "wrong_server_identity");
         assert_eq!(
             classify(&OpenError::Stream("reset".into())),
             Retry::Budgeted
