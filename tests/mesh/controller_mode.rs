@@ -24,26 +24,26 @@ use tokio::{
 use crate::support::*;
 
 /// A child process killed on drop, with the JSON ready line it printed.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
-    ready: serde_json::Value,
+    pub(crate) ready: serde_json::Value,
 }
 
-async fn spawn(args: &[&str], log: &Path) -> Proc {
+pub(crate) async fn spawn(args: &[&str], log: &Path) -> Proc {
     let (child, ready) = spawn_ready(args, log).await;
     Proc { child, ready }
 }
 
 impl Proc {
-    fn addr(&self, key: &str) -> SocketAddr {
+    pub(crate) fn addr(&self, key: &str) -> SocketAddr {
         ready_addr(&self.ready, &format!("/{key}"))
     }
 
-    fn outbound(&self) -> SocketAddr {
+    pub(crate) fn outbound(&self) -> SocketAddr {
         ready_addr(&self.ready, "/outbound/0")
     }
 
-    async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         scrape(self.addr("admin"), "/metrics").await.1
     }
 
@@ -64,7 +64,7 @@ struct Mesh {
     client: Proc,
 }
 
-async fn start_controller(dir: &Path, listen: &str, leaf_ttl: &str) -> Proc {
+pub(crate) async fn start_controller(dir: &Path, listen: &str, leaf_ttl: &str) -> Proc {
     let data = dir.join("data");
     spawn(
         &[
@@ -83,7 +83,7 @@ async fn start_controller(dir: &Path, listen: &str, leaf_ttl: &str) -> Proc {
     .await
 }
 
-async fn join_token(addr: SocketAddr, bundle: &Path, admin: &str, sa: &str) -> String {
+pub(crate) async fn join_token(addr: SocketAddr, bundle: &Path, admin: &str, sa: &str) -> String {
     let pem = std::fs::read_to_string(bundle).expect("bundle");
     let ch = client::connect(
         &addr.to_string(),
@@ -108,15 +108,15 @@ async fn join_token(addr: SocketAddr, bundle: &Path, admin: &str, sa: &str) -> S
 }
 
 /// Where and how a proxy joins the mesh.
-struct Join<'a> {
-    controller: SocketAddr,
-    bundle: &'a Path,
-    token: String,
-    sa: &'a str,
+pub(crate) struct Join<'a> {
+    pub(crate) controller: SocketAddr,
+    pub(crate) bundle: &'a Path,
+    pub(crate) token: String,
+    pub(crate) sa: &'a str,
 }
 
 /// Writes a controller-mode proxy configuration: top-level keys `top`, then the tables, then `body`.
-fn proxy_config(dir: &Path, name: &str, j: &Join<'_>, top: &str, body: &str) -> PathBuf {
+pub(crate) fn proxy_config(dir: &Path, name: &str, j: &Join<'_>, top: &str, body: &str) -> PathBuf {
     let (controller, bundle, sa) = (j.controller, j.bundle, j.sa);
     std::fs::write(dir.join(format!("{name}.token")), &j.token).expect("token file");
     let text = format!(

@@ -547,3 +547,90 @@ async fn revoked_identities_are_refused_once_the_revocation_arrives() {
         p.shutdown().await;
     }
 }
+
+/// A header frame for `service`/`port` followed by `payload`.
+fn header_frame(service: &str, port: u32, payload: &[u8]) -> BytesMut {
+    let h = StreamHeader {
+        service: service.into(),
+        port,
+        ..Default::default()
+    };
+    let mut f = BytesMut::new();
+    f.extend_from_slice(&(h.encoded_len() as u16).to_be_bytes());
+    h.encode(&mut f).expect("encode");
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Splits an answer into its status and the bytes after it.
+fn status_and_rest(back: &[u8]) -> (StreamStatus, Vec<u8>) {
+    let len = u16::from_be_bytes([back[0], back[1]]) as usize;
+    let status = StreamStatus::decode(&back[2..2 + len]).expect("status");
+    (status, back[2 + len..].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_service_port_reaches_its_own_app_and_other_ports_get_no_route() {
+    let pki = Pki::new();
+    let echo = echo_server().await;
+    let (metrics_app, _) = crate::naming::tagged_app("metrics").await;
+    pki.issue("server", "echo");
+    let server = start_proxy(&pki.config(
+        "server",
+        &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nservices = [\"echo\"]\nports = [{{ port = 7, app = \"{echo}\" }}, {{ port = 9090, app = \"{metrics_app}\" }}]\n"
+        ),
+    ))
+    .await;
+    pki.issue("raw", "raw-client");
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let conn = ep
+        .connect_with(
+            raw_client_config(&pki),
+            server.inbound(),
+            "peer.quicmesh.invalid",
+        )
+        .expect("connect")
+        .await
+        .expect("handshake");
+
+    let (status, rest) = status_and_rest(
+        &send_raw(&conn, &header_frame("echo", 7, b"to 7"))
+            .await
+            .expect("port 7"),
+    );
+    assert_eq!(
+        (status.code, rest.as_slice()),
+        (StatusCode::Ok as i32, &b"to 7"[..])
+    );
+    let (status, rest) = status_and_rest(
+        &send_raw(&conn, &header_frame("echo", 9090, b"scrape"))
+            .await
+            .expect("port 9090"),
+    );
+    assert_eq!(
+        (status.code, rest.as_slice()),
+        (StatusCode::Ok as i32, &b"metrics"[..])
+    );
+    // A port the destination does not serve (ssh, say) is refused, not sent to some app.
+    for (service, port) in [("echo", 22), ("other", 7)] {
+        let (status, rest) = status_and_rest(
+            &send_raw(&conn, &header_frame(service, port, b"hello"))
+                .await
+                .expect("answered"),
+        );
+        assert_eq!(status.code, StatusCode::NoRoute as i32, "{service}:{port}");
+        assert!(rest.is_empty());
+    }
+    let m = server.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_tunnel_failures_total",
+            &["reason=\"no_route\""]
+        ),
+        2.0,
+        "{m}"
+    );
+    server.shutdown().await;
+}

@@ -4,6 +4,7 @@
 mod support;
 
 mod bench;
+mod certificates;
 mod controller;
 mod controller_mode;
 mod dataplane;

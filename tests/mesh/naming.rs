@@ -148,3 +148,111 @@ async fn static_mode_impostor_of_the_same_namespace_gets_no_connection() {
     web.shutdown().await;
     evil.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_mode_impostor_of_the_same_namespace_gets_no_connection() {
+    use crate::controller_mode::{Join, join_token, proxy_config, spawn, start_controller};
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let addr = controller.addr("grpc");
+    let admin = controller.ready["admin_token"]
+        .as_str()
+        .expect("admin token")
+        .to_owned();
+    let bundle =
+        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    let ctl_apply = |yaml: String| {
+        let file = d.join(format!("apply-{}.yaml", rand::random::<u32>()));
+        std::fs::write(&file, yaml).expect("yaml");
+        let out = std::process::Command::new(QUICMESH)
+            .args(["ctl", "--controller", &addr.to_string(), "--ca"])
+            .arg(&bundle)
+            .args(["apply", "-f"])
+            .arg(&file)
+            .env("QUICMESH_ADMIN_TOKEN", &admin)
+            .env("QUICMESH_LOG", "warn")
+            .output()
+            .expect("run ctl");
+        assert!(
+            out.status.success(),
+            "ctl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ctl_apply(
+        "kind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  ports: [{port: 7, protocol: tcp}]\n  identities: [web]\n"
+            .into(),
+    );
+    let (web_app, web_seen) = tagged_app("web").await;
+    let (evil_app, evil_seen) = tagged_app("evil").await;
+    let mut procs = Vec::new();
+    for (name, app) in [("web", web_app), ("evil", evil_app)] {
+        let j = Join {
+            controller: addr,
+            bundle: &bundle,
+            token: join_token(addr, &bundle, &admin, name).await,
+            sa: name,
+        };
+        // Both claim the service; the controller refuses the impostor's registration.
+        let cfg = proxy_config(
+            d,
+            name,
+            &j,
+            "",
+            &format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 7, app = \"{app}\" }}]\nservices = [\"web\"]\n"
+            ),
+        );
+        let log = d.join(format!("{name}.log"));
+        procs.push(spawn(&["proxy", "--config", cfg.to_str().expect("utf8")], &log).await);
+    }
+    // An endpoint record that names web's identity but points at the impostor's address (a stale
+    // record, or an address taken over): only the caller's own check can catch this one.
+    let evil_addr = procs[1].addr("inbound");
+    ctl_apply(format!(
+        "kind: Endpoint\nmetadata: {{name: hijack, namespace: default}}\nspec:\n  service: web\n  address: \"{evil_addr}\"\n  spiffe_id: spiffe://{TD}/ns/default/sa/web\n"
+    ));
+    let j = Join {
+        controller: addr,
+        bundle: &bundle,
+        token: join_token(addr, &bundle, &admin, "client").await,
+        sa: "client",
+    };
+    let cfg = proxy_config(
+        d,
+        "client",
+        &j,
+        "",
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 7\nconnect_timeout = \"10s\"\n",
+    );
+    let client = spawn(
+        &["proxy", "--config", cfg.to_str().expect("utf8")],
+        &d.join("client.log"),
+    )
+    .await;
+
+    let answers = ask_many(client.outbound(), 1000).await;
+    assert_eq!(
+        answers.get("web"),
+        Some(&1000),
+        "every request reached web: {answers:?}"
+    );
+    assert_eq!(evil_seen.load(Ordering::Relaxed), 0, "the impostor's app");
+    assert_eq!(web_seen.load(Ordering::Relaxed), 1000);
+    let m = client.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "quicmesh_peer_refusals_total",
+            &["direction=\"outbound\"", "reason=\"wrong_server_identity\""]
+        ) >= 1.0,
+        "the hijacked endpoint was tried and refused:\n{m}"
+    );
+    assert_eq!(
+        metric(&m, "quicmesh_tunnel_failures_total", &[]),
+        0.0,
+        "{m}"
+    );
+}

@@ -1,0 +1,47 @@
+"""An independent QUIC client (aioquic) that presents a given client certificate to a quicmesh inbound
+endpoint and reports whether the handshake was accepted. Used by the integration tests to check what the
+proxy refuses, and why, with certificates that our own code would never produce.
+
+usage: mtls_probe.py HOST PORT CERT KEY
+prints one JSON line: {"accepted": bool, "error": str}
+"""
+
+import asyncio
+import json
+import ssl
+import sys
+
+from aioquic.asyncio import connect
+from aioquic.quic.configuration import QuicConfiguration
+
+
+async def probe(host, port, cert, key):
+    cfg = QuicConfiguration(is_client=True, alpn_protocols=["quicmesh/1"])
+    cfg.verify_mode = ssl.CERT_NONE  # the server's certificate is not what is tested here
+    cfg.load_cert_chain(cert, key)
+    cfg.idle_timeout = 5.0
+    try:
+        async with connect(host, port, configuration=cfg, wait_connected=True) as client:
+            # TLS 1.3 servers may refuse the client certificate after the client considers the
+            # handshake done: a round trip on a stream settles it.
+            reader, writer = await client.create_stream()
+            writer.write(b"\x00\x00")
+            writer.write_eof()
+            try:
+                await asyncio.wait_for(reader.read(), timeout=3)
+            except Exception:
+                pass
+            await asyncio.wait_for(client.ping(), timeout=3)
+            return {"accepted": True, "error": ""}
+    except Exception as e:  # noqa: BLE001 - any failure is a refusal to report
+        return {"accepted": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def main():
+    host, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    result = asyncio.run(asyncio.wait_for(probe(host, port, cert, key), timeout=15))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
