@@ -5,6 +5,7 @@ mod support;
 
 mod bench;
 mod controller;
+mod controller_hardening;
 mod controller_mode;
 mod dataplane;
 mod process;
