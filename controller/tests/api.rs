@@ -1210,3 +1210,136 @@ async fn reflection_lists_the_controller_services() {
     }
     h.stop().await;
 }
+
+/// openssl, or why not.
+fn openssl() -> Result<(), String> {
+    std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .map_err(|e| format!("openssl: {e}"))
+        .and_then(|o| {
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err("openssl version failed".into())
+            }
+        })
+}
+
+/// A CSR for `id` made by the openssl CLI with `newkey` (e.g. `rsa:2048`, `ed25519`) and `opts`:
+/// `(csr_pem, key_pem)`.
+fn openssl_csr(
+    dir: &std::path::Path,
+    tag: &str,
+    newkey: &str,
+    opts: &[&str],
+    id: &str,
+) -> (String, String) {
+    let key = dir.join(format!("{tag}.key"));
+    let csr = dir.join(format!("{tag}.csr"));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-new", "-nodes", "-newkey", newkey])
+        .args(opts)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .args([
+            "-subj",
+            "/CN=workload",
+            "-addext",
+            &format!("subjectAltName=URI:{id}"),
+        ])
+        .output()
+        .expect("openssl req");
+    assert!(
+        out.status.success(),
+        "openssl req {newkey}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        std::fs::read_to_string(csr).expect("csr"),
+        std::fs::read_to_string(key).expect("key"),
+    )
+}
+
+#[tokio::test]
+async fn csrs_are_signed_only_for_p256_keys_and_others_are_named() {
+    if let Err(why) = openssl() {
+        eprintln!(
+            "SKIPPED csrs_are_signed_only_for_p256_keys_and_others_are_named: needs the openssl CLI: {why}"
+        );
+        return;
+    }
+    let mut h = Harness::start(Duration::from_secs(3600)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cart = id("shop", "cart");
+    let token = h.token("shop", "cart", 0, true).await;
+    let mut anon = h.proxy_anon().await;
+    for (tag, newkey, opts, name) in [
+        (
+            "p384",
+            "ec",
+            &["-pkeyopt", "ec_paramgen_curve:P-384"][..],
+            "ECDSA P-384",
+        ),
+        (
+            "k256",
+            "ec",
+            &["-pkeyopt", "ec_paramgen_curve:secp256k1"][..],
+            "ECDSA secp256k1",
+        ),
+        ("rsa1024", "rsa:1024", &[][..], "RSA-1024"),
+        ("rsa2048", "rsa:2048", &[][..], "RSA-2048"),
+        ("ed25519", "ed25519", &[][..], "Ed25519"),
+    ] {
+        let (csr, _) = openssl_csr(dir.path(), tag, newkey, opts, cart.as_str());
+        let err = anon
+            .certify(pb::CertifyRequest {
+                csr_pem: csr,
+                join_token: token.clone(),
+            })
+            .await
+            .expect_err(name);
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{name}: {}",
+            err.message()
+        );
+        assert!(
+            err.message()
+                .contains(&format!("key type {name} is not supported")),
+            "{name}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(h.issued().await, 0, "nothing was signed");
+
+    // A P-256 key made by openssl: signed, with exactly its key, and usable in a real mTLS handshake.
+    let (csr, key) = openssl_csr(
+        dir.path(),
+        "p256",
+        "ec",
+        &["-pkeyopt", "ec_paramgen_curve:P-256"],
+        cart.as_str(),
+    );
+    let resp = anon
+        .certify(pb::CertifyRequest {
+            csr_pem: csr,
+            join_token: token,
+        })
+        .await
+        .expect("P-256 is signed")
+        .into_inner();
+    let info = CertInfo::from_pem(&resp.cert_chain_pem[0]).expect("leaf");
+    assert_eq!(info.spiffe_id, cart);
+    let mut p = h.proxy_mtls(&resp.cert_chain_pem[0], &key).await;
+    let mut stream = p
+        .watch(pb::WatchRequest::default())
+        .await
+        .expect("mTLS with the openssl key")
+        .into_inner();
+    assert_eq!(next(&mut stream).await.trust_domain, TD);
+    h.stop().await;
+}
