@@ -96,19 +96,34 @@ pub fn check_endpoint(
     Ok(())
 }
 
-/// The endpoints a snapshot serves: those whose service exists and allows their identity.
+/// The endpoints a snapshot serves: those whose service exists and allows their identity. Each
+/// service's names are resolved once, so a snapshot costs O(services + endpoints).
 pub fn served<'a>(
     trust_domain: &str,
     endpoints: &'a [Object<EndpointSpec>],
     services: &[Object<ServiceSpec>],
 ) -> Vec<&'a Object<EndpointSpec>> {
+    let names: std::collections::HashMap<(&str, &str), Option<ServerNames>> = services
+        .iter()
+        .map(|s| {
+            (
+                (s.metadata.namespace.as_str(), s.metadata.name.as_str()),
+                server_names(trust_domain, s).ok(),
+            )
+        })
+        .collect();
     endpoints
         .iter()
         .filter(|e| {
-            let svc = services.iter().find(|s| {
-                s.metadata.namespace == e.metadata.namespace && s.metadata.name == e.spec.service
-            });
-            check_endpoint(trust_domain, e, svc).is_ok()
+            let Some(Some(allowed)) =
+                names.get(&(e.metadata.namespace.as_str(), e.spec.service.as_str()))
+            else {
+                return false;
+            };
+            e.spec
+                .spiffe_id
+                .parse::<SpiffeId>()
+                .is_ok_and(|id| allowed.allows(&id))
         })
         .collect()
 }
