@@ -192,11 +192,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let td = "mesh.local";
     let controller = Controller::bind(
         StateOptions {
-            data_dir: d.join("controller"),
             trust_domain: Some(td.into()),
             leaf_ttl: Some(args.leaf_ttl),
-            root_pem: None,
-            tls_names: Vec::new(),
+            ..StateOptions::new(d.join("controller"))
         },
         SocketAddr::from(([127, 0, 0, 1], 0)),
     )
@@ -230,6 +228,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("join tokens created for spiffe://{td}/ns/default/sa/{{echo,client}}");
 
     let echo = echo_server().await?;
+    // Secure naming: the echo endpoint registers only for an existing Service, and only the identity
+    // the Service allows (by default the account named like it, `echo`) may serve it.
+    let service = quicmesh_controller::model::parse_yaml_documents(&format!(
+        "kind: Service\nmetadata: {{name: echo, namespace: default}}\nspec: {{ports: [{{port: {}, protocol: tcp}}]}}\n",
+        echo.port()
+    ))
+    .map_err(|e| anyhow::anyhow!("the echo Service: {e}"))?;
+    state
+        .put_all(service, quicmesh_controller::resources::WriteMode::Apply)
+        .await
+        .map_err(|e| anyhow::anyhow!("creating the echo Service: {e}"))?;
     let server = start(
         d,
         "server",

@@ -1,11 +1,13 @@
 //! `quicmesh controller` flags and how they become [`StateOptions`].
 //!
 //! One place for every setting and its default, so `--help`, the start-up log line and the code agree.
-//! Durations are written the human way (`90s`, `10m`, `1h`), parsed by [`parse_duration`].
+//! Durations are written the human way (`90s`, `10m`, `1h`, `30d`), parsed by `humantime`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::state::{StartError, StateOptions};
+use crate::{
+    ca::Retention, error::StartError, keystore::KEK_ENV, state::StateOptions, tls::Limits,
+};
 
 /// Flags of `quicmesh controller`.
 #[derive(Debug, Clone, clap::Args)]
@@ -24,7 +26,7 @@ pub struct ControllerArgs {
     #[arg(long)]
     pub trust_domain: Option<String>,
     /// Lifetime of issued leaf certificates, e.g. `1h` (default), `10s`. Replaces the stored setting.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
     pub leaf_ttl: Option<Duration>,
     /// Operator-provided root certificate (PEM) for a new mesh; needs --root-key.
     #[arg(long, requires = "root_key")]
@@ -36,6 +38,31 @@ pub struct ControllerArgs {
     /// always included.
     #[arg(long = "tls-name")]
     pub tls_names: Vec<String>,
+    /// How long a spent, revoked or expired join token is kept (listed by `ctl tokens list`) before it
+    /// is deleted.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    pub token_retention: Duration,
+    /// How long an audit record is kept after its certificate expired.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30d")]
+    pub audit_retention: Duration,
+    /// File holding the key-encryption key that seals the root CA keys in the database (generated,
+    /// owner-only, on the first start of a new mesh). Default `<data-dir>/kek`; keep it apart from the
+    /// data directory's backups. The env variable QUICMESH_KEK (base64 of 32 bytes) wins over it.
+    #[arg(long)]
+    pub kek_file: Option<PathBuf>,
+    /// Watch streams one identity may hold at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = crate::registry::DEFAULT_MAX_WATCHES)]
+    pub max_watches_per_identity: usize,
+    /// TCP connections to the gRPC listener at once (handshaking or established); more are closed at
+    /// once.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once; more connections are closed at once.
+    #[arg(long, default_value_t = Limits::default().max_handshakes)]
+    pub max_handshakes: usize,
+    /// Deadline of one TLS handshake.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub handshake_timeout: Duration,
 }
 
 impl ControllerArgs {
@@ -62,52 +89,59 @@ impl ControllerArgs {
                 "--leaf-ttl must be between 1s and 30 days, got {ttl:?}"
             )));
         }
+        if self.max_watches_per_identity == 0
+            || self.max_connections == 0
+            || self.max_handshakes == 0
+        {
+            return Err(StartError::Config(
+                "--max-watches-per-identity, --max-connections and --max-handshakes must be at least 1"
+                    .into(),
+            ));
+        }
         Ok(StateOptions {
             data_dir: self.data_dir.clone(),
             trust_domain: self.trust_domain.clone(),
             leaf_ttl: self.leaf_ttl,
             root_pem,
             tls_names,
+            retention: Retention {
+                tokens: self.token_retention,
+                audit: self.audit_retention,
+            },
+            kek_file: self.kek_file.clone(),
+            kek: std::env::var(KEK_ENV).ok().filter(|v| !v.is_empty()),
+            max_watches_per_identity: self.max_watches_per_identity,
+            limits: Limits {
+                handshake_timeout: self.handshake_timeout,
+                max_handshakes: self.max_handshakes,
+                max_connections: self.max_connections,
+            },
         })
     }
 }
 
-/// Parses `500ms`, `90s`, `10m`, `1h`, `2d` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number followed by ms, s, m, h or d"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        "d" => Duration::from_secs(n.saturating_mul(86400)),
-        _ => {
-            return Err(format!(
-                "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
-            ));
-        }
-    };
-    Ok(d)
-}
-
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
 
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
-        assert!(parse_duration("h").is_err());
-        assert!(parse_duration("5 weeks").is_err());
-        assert!(parse_duration("").is_err());
+    fn retention_defaults_and_human_durations() {
+        let a = Cli::try_parse_from(["x"]).expect("defaults").args;
+        assert_eq!(a.token_retention, Duration::from_secs(24 * 3600));
+        assert_eq!(a.audit_retention, Duration::from_secs(30 * 24 * 3600));
+        let a = Cli::try_parse_from(["x", "--token-retention", "90s", "--leaf-ttl", "10m"])
+            .expect("parse")
+            .args;
+        assert_eq!(a.token_retention, Duration::from_secs(90));
+        assert_eq!(a.leaf_ttl, Some(Duration::from_secs(600)));
+        assert!(Cli::try_parse_from(["x", "--audit-retention", "5 weeks ago"]).is_err());
     }
 }

@@ -13,7 +13,6 @@ use time::OffsetDateTime;
 use crate::{
     api::convert,
     client::{self, Admin, ClientError},
-    config::parse_duration,
     model::{self, Kind, Resource},
 };
 
@@ -48,7 +47,7 @@ pub struct CtlArgs {
     #[arg(short = 'o', long, value_enum, default_value = "table", global = true)]
     pub output: Output,
     /// Deadline of each call, e.g. 10s.
-    #[arg(long, value_parser = parse_duration, default_value = "10s", global = true)]
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", global = true)]
     pub timeout: Duration,
     /// What to do.
     #[command(subcommand)]
@@ -69,7 +68,8 @@ pub enum Output {
 /// `quicmesh ctl` subcommands.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum CtlCommand {
-    /// Creates or updates every resource in a YAML file (documents separated by `---`; `-` = stdin).
+    /// Creates or updates every resource in a YAML file (documents separated by `---`; `-` = stdin), as
+    /// one batch: every document is validated first, and a file with one bad document stores nothing.
     Apply {
         /// The file.
         #[arg(short = 'f', long = "filename")]
@@ -132,7 +132,7 @@ pub enum TokensCommand {
         /// Service account.
         service_account: String,
         /// Lifetime, e.g. 1h (default), 10m.
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
         /// Usable until it expires instead of once.
         #[arg(long)]
@@ -202,23 +202,48 @@ pub async fn run_ctl(args: CtlArgs) -> Result<(), CtlError> {
                 std::fs::read_to_string(file)
                     .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?
             };
-            let docs = model::parse_yaml_documents(&text)
+            let docs = model::parse_yaml_numbered(&text)
                 .map_err(|e| CtlError::Usage(format!("{}: {e}", file.display())))?;
             if docs.is_empty() {
                 return Err(CtlError::Usage(format!("{}: no resources", file.display())));
             }
+            // The controller names a failing resource by its index; say which document that is.
+            let numbers: Vec<String> = docs
+                .iter()
+                .enumerate()
+                .map(|(i, (n, _))| format!("resources[{i}] is document {n}"))
+                .collect();
             let mut admin = connect(&args).await?;
-            let mut applied = Vec::new();
-            for (i, r) in docs.into_iter().enumerate() {
-                let label = format!("document {} ({} {})", i + 1, r.kind(), r.key());
-                let stored = admin
-                    .apply(convert::resource_to_pb(&r))
-                    .await
-                    .map_err(rpc(label))?
-                    .into_inner();
-                let stored = convert::resource_from_pb(stored)
-                    .map_err(|e| CtlError::Usage(format!("controller answer: {e}")))?;
-                if out == Output::Table {
+            let resp = admin
+                .apply_all(pb::ApplyAllRequest {
+                    resources: docs
+                        .iter()
+                        .map(|(_, r)| convert::resource_to_pb(r))
+                        .collect(),
+                })
+                .await
+                .map_err(|s| {
+                    let doc = s
+                        .message()
+                        .strip_prefix("resources[")
+                        .and_then(|m| m.split_once(']'))
+                        .and_then(|(i, _)| i.parse::<usize>().ok())
+                        .and_then(|i| numbers.get(i));
+                    let context = match doc {
+                        Some(d) => format!("apply -f {} ({d})", file.display()),
+                        None => format!("apply -f {}", file.display()),
+                    };
+                    rpc(context)(s)
+                })?
+                .into_inner();
+            let applied = resp
+                .resources
+                .into_iter()
+                .map(convert::resource_from_pb)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| CtlError::Usage(format!("controller answer: {e}")))?;
+            if out == Output::Table {
+                for stored in &applied {
                     println!(
                         "{}/{} applied (version {})",
                         stored.kind().as_str().to_lowercase(),
@@ -226,9 +251,7 @@ pub async fn run_ctl(args: CtlArgs) -> Result<(), CtlError> {
                         stored.metadata().version
                     );
                 }
-                applied.push(stored);
-            }
-            if out != Output::Table {
+            } else {
                 print_resources(out, &applied)?;
             }
         }

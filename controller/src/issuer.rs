@@ -4,7 +4,12 @@
 //! signed and keeps the roots' lifecycle. A CSR contributes only its public key, and if it names a SPIFFE
 //! ID that ID must be the one the caller's credential grants. Roots rotate without an outage: the new root
 //! joins the bundle and signs from then on, the old root stays in the bundle until the last leaf it signed
-//! has expired, then leaves it. Root records are stored so a restart keeps the same bundle.
+//! has expired, then leaves it. Root records are stored so a restart keeps the same bundle (their private
+//! keys sealed, see [`crate::keystore`]).
+//!
+//! Key types: a CSR is signed only for ECDSA P-256 keys, the type the proxies generate and the one every
+//! test handshakes with. Any other key (P-384, RSA, Ed25519, ...) is refused with its name before the
+//! signature is even checked, and every signed leaf is checked to carry exactly the CSR's public key.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -47,15 +52,20 @@ pub enum IssueError {
     Root(String),
 }
 
-/// A root as stored.
+/// A root: in memory with its key in `key_pem`; as stored with the key only in `key_sealed`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RootRecord {
     /// SHA-256 of the DER, hex; also the storage key.
     pub fingerprint: String,
     /// Certificate, PEM.
     pub cert_pem: String,
-    /// PKCS#8 key, PEM.
+    /// PKCS#8 key, PEM. Never written to the store by this build (older data directories may hold it;
+    /// they are sealed at the next start).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key_pem: String,
+    /// The key sealed with the key-encryption key ([`crate::keystore::Kek::seal`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_sealed: String,
     /// When it became a root of this mesh.
     pub created_unix: i64,
     /// End of the root's own validity.
@@ -77,6 +87,7 @@ impl RootRecord {
             fingerprint: auth::sha256_hex(&der),
             cert_pem: ca.cert_pem().to_owned(),
             key_pem: ca.key_pem().to_owned(),
+            key_sealed: String::new(),
             created_unix: now.unix_timestamp(),
             not_after_unix: not_after.unix_timestamp(),
             active: true,
@@ -226,6 +237,7 @@ impl Issuer {
             })?;
         let info =
             inspect::CertInfo::from_pem(&cert_pem).map_err(|e| IssueError::Root(e.to_string()))?;
+        same_public_key(csr_pem, &cert_pem)?;
         let root = self
             .roots
             .iter_mut()
@@ -314,7 +326,101 @@ pub fn controller_id(
     SpiffeId::new(trust_domain, SYSTEM_NAMESPACE, "controller")
 }
 
-/// Parses and verifies a CSR; if it carries URI SANs, each must be `granted`.
+/// The key types the CA signs for.
+pub const SUPPORTED_KEY_TYPES: &str = "ECDSA P-256";
+
+/// The DER of the single `CERTIFICATE REQUEST` (or `CERTIFICATE`) PEM block in `pem`.
+fn pem_der(pem: &str, label: &str) -> Result<Vec<u8>, IssueError> {
+    let (rest, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| IssueError::Csr(format!("not PEM: {e}")))?;
+    if !block.label.contains(label) {
+        return Err(IssueError::Csr(format!(
+            "expected a {label} PEM block, found {:?}",
+            block.label
+        )));
+    }
+    if rest.iter().any(|b| !b.is_ascii_whitespace()) {
+        return Err(IssueError::Csr("more than one PEM block".into()));
+    }
+    Ok(block.contents)
+}
+
+/// Bits of a big-endian unsigned integer.
+fn bit_len(bytes: &[u8]) -> usize {
+    let trimmed: &[u8] = match bytes.iter().position(|b| *b != 0) {
+        Some(i) => &bytes[i..],
+        None => return 0,
+    };
+    (trimmed.len() - 1) * 8 + (8 - trimmed[0].leading_zeros() as usize)
+}
+
+/// The name of the key type in a SubjectPublicKeyInfo, e.g. `ECDSA P-384`, `RSA-2048`, `Ed25519`.
+pub fn key_type_name(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> String {
+    use x509_parser::public_key::PublicKey;
+    let alg = spki.algorithm.algorithm.to_id_string();
+    match alg.as_str() {
+        "1.2.840.10045.2.1" => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| x509_parser::asn1_rs::Oid::try_from(p.clone()).ok())
+                .map(|o| o.to_id_string());
+            match curve.as_deref() {
+                Some("1.2.840.10045.3.1.7") => "ECDSA P-256".into(),
+                Some("1.3.132.0.34") => "ECDSA P-384".into(),
+                Some("1.3.132.0.35") => "ECDSA P-521".into(),
+                Some("1.3.132.0.10") => "ECDSA secp256k1".into(),
+                Some(other) => format!("ECDSA on curve {other}"),
+                None => "ECDSA without a named curve".into(),
+            }
+        }
+        "1.2.840.113549.1.1.1" => match spki.parsed() {
+            Ok(PublicKey::RSA(k)) => format!("RSA-{}", bit_len(k.modulus)),
+            _ => "RSA (malformed key)".into(),
+        },
+        "1.2.840.113549.1.1.10" => "RSA-PSS".into(),
+        "1.3.101.112" => "Ed25519".into(),
+        "1.3.101.113" => "Ed448".into(),
+        "1.3.101.110" => "X25519".into(),
+        "1.2.840.10040.4.1" => "DSA".into(),
+        other => format!("unknown key algorithm {other}"),
+    }
+}
+
+/// The CSR's public key type, refused unless it is one the CA signs for.
+fn check_key_type(csr_der: &[u8]) -> Result<(), IssueError> {
+    use x509_parser::prelude::FromDer;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
+        .map_err(|e| IssueError::Csr(format!("not a PKCS#10 request: {e}")))?;
+    let name = key_type_name(&csr.certification_request_info.subject_pki);
+    if name != SUPPORTED_KEY_TYPES {
+        return Err(IssueError::Csr(format!(
+            "key type {name} is not supported; use {SUPPORTED_KEY_TYPES}"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that the signed leaf carries exactly the CSR's public key (guards the signer itself).
+fn same_public_key(csr_pem: &str, cert_pem: &str) -> Result<(), IssueError> {
+    use x509_parser::prelude::FromDer;
+    let csr_der = pem_der(csr_pem, "CERTIFICATE REQUEST")?;
+    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&csr_der)
+        .map_err(|e| IssueError::Csr(format!("not a PKCS#10 request: {e}")))?;
+    let cert_der = pem_der(cert_pem, "CERTIFICATE").map_err(|e| IssueError::Root(e.to_string()))?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
+        .map_err(|e| IssueError::Root(format!("signed leaf does not parse: {e}")))?;
+    if cert.tbs_certificate.subject_pki.raw != csr.certification_request_info.subject_pki.raw {
+        return Err(IssueError::Root(
+            "the signed leaf does not carry the CSR's public key; refusing to hand it out".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses and verifies a CSR: one PEM block, a supported key type (named when refused), a valid
+/// signature; if it carries URI SANs, each must be `granted`.
 pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
     if csr_pem.is_empty() {
         return Err(IssueError::Csr("must not be empty".into()));
@@ -325,17 +431,22 @@ pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
             csr_pem.len()
         )));
     }
+    check_key_type(&pem_der(csr_pem, "CERTIFICATE REQUEST")?)?;
     let csr = CertificateSigningRequestParams::from_pem(csr_pem)
         .map_err(|e| IssueError::Csr(e.to_string()))?;
-    for san in &csr.params.subject_alt_names {
-        if let SanType::URI(uri) = san
-            && uri.as_str() != granted.as_str()
-        {
-            return Err(IssueError::Identity {
-                requested: uri.as_str().to_owned(),
-                granted: granted.to_string(),
-            });
-        }
+    let uris = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(uri) => Some(uri.as_str()),
+            _ => None,
+        });
+    if let Some(other) = crate::ca::rules::foreign_uri(uris, granted) {
+        return Err(IssueError::Identity {
+            requested: other.to_owned(),
+            granted: granted.to_string(),
+        });
     }
     Ok(())
 }
@@ -380,6 +491,42 @@ mod tests {
             check_csr(&"x".repeat(MAX_CSR_PEM + 1), &id("cart")),
             Err(IssueError::Csr(_))
         ));
+    }
+
+    /// A CSR for `id` with a key of `alg`, made by rcgen (ring can make P-384 and Ed25519 keys).
+    fn csr_with(alg: &'static rcgen::SignatureAlgorithm) -> String {
+        let key = KeyPair::generate_for(alg).expect("key");
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id("cart").as_str().try_into().expect("uri"))];
+        params
+            .serialize_request(&key)
+            .expect("csr")
+            .pem()
+            .expect("pem")
+    }
+
+    #[test]
+    fn only_p256_keys_are_signed_and_others_are_named() {
+        let now = OffsetDateTime::now_utc();
+        let root = Issuer::generate_root("mesh.local", now).expect("root");
+        let mut issuer = Issuer::from_records(vec![root]).expect("issuer");
+        assert!(check_csr(&csr_with(&rcgen::PKCS_ECDSA_P256_SHA256), &id("cart")).is_ok());
+        for (alg, name) in [
+            (&rcgen::PKCS_ECDSA_P384_SHA384, "ECDSA P-384"),
+            (&rcgen::PKCS_ED25519, "Ed25519"),
+        ] {
+            let csr = csr_with(alg);
+            let e = issuer
+                .sign(&csr, &id("cart"), now, Duration::from_secs(60))
+                .expect_err(name);
+            assert!(
+                matches!(&e, IssueError::Csr(m) if m.contains(name) && m.contains("not supported")),
+                "{name}: {e}"
+            );
+        }
+        assert_eq!(bit_len(&[0x00, 0x80, 0]), 16);
+        assert_eq!(bit_len(&[0x01, 0]), 9);
+        assert_eq!(bit_len(&[]), 0);
     }
 
     #[test]

@@ -5,22 +5,32 @@
 //! (Certify, Watch, RegisterEndpoint) for proxies and `Admin` for operators. `quicmesh ctl` is the
 //! operator's client of the admin API.
 //!
-//! Layout: [`model`] (resources and their rules, pure), [`store`] (durable storage trait + sled),
-//! [`issuer`] (the CA), [`state`] (every operation, independent of gRPC), [`api`] (the gRPC services),
-//! [`auth`] (tokens and peer identity), [`tls`] and [`client`] (rustls with `ring`), [`server`] (start-up
-//! and readiness), [`config`] (flags), [`ctl`] (the CLI).
+//! Layout, one job per module: [`model`] (resources and their rules, pure), [`naming`] (which endpoints
+//! may exist and be served, pure), [`store`] (durable storage trait + sled), [`resources`] (stored
+//! resources), [`issuer`] (roots and CSR signing), [`ca`] (tokens, issuance, audit, serving certificate,
+//! pruning; its rules in [`ca::rules`]), [`keystore`] (root keys sealed at rest), [`snapshot`] (what
+//! proxies see), [`registry`] (connected proxies and connections per identity), [`state`] (the parts
+//! wired together, independent of gRPC), [`api`] (the gRPC services; the only place protobuf types
+//! appear), [`auth`] (tokens and peer identity), [`tls`] and [`client`] (rustls with `ring`), [`server`]
+//! (start-up and readiness), [`config`] (flags), [`ctl`] (the CLI).
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod auth;
+pub mod ca;
 pub mod client;
 pub mod config;
 pub mod ctl;
 pub mod error;
 pub mod issuer;
+pub mod keystore;
 pub mod model;
+pub mod naming;
+pub mod registry;
+pub mod resources;
 pub mod server;
+pub mod snapshot;
 pub mod state;
 pub mod store;
 pub mod tls;
@@ -32,6 +42,10 @@ pub use server::{Controller, ServeError};
 /// Runs `quicmesh controller` until SIGINT or SIGTERM: opens the data directory, binds, prints the ready
 /// line on stdout, serves.
 pub async fn run_controller(args: ControllerArgs) -> Result<(), ServeError> {
+    // Everything this process creates (sled's files, the bundle, the KEK) is owner-only, whatever the
+    // umask it was started with; `State::open` also fixes the modes of what already exists.
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let opts = args.state_options()?;
     tracing::info!(?args, "starting controller");
     let controller = Controller::bind(opts, args.listen).await?;

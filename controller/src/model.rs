@@ -7,8 +7,10 @@
 
 use std::fmt;
 
-use quicmesh_transport::identity::SpiffeId;
-use serde::{Deserialize, Serialize};
+use quicmesh_transport::identity::{SpiffeId, naming::ServerNames};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::Capped;
 
 /// Longest leaf lifetime the controller will issue (30 days).
 pub const MAX_LEAF_TTL_SECONDS: u64 = 30 * 24 * 3600;
@@ -146,10 +148,32 @@ pub enum Resource {
 #[serde(deny_unknown_fields)]
 pub struct Object<T> {
     /// Name, namespace, version.
+    #[serde(deserialize_with = "mapping")]
     pub metadata: Metadata,
     /// What the resource says.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "mapping")]
+    #[serde(bound(deserialize = "T: Deserialize<'de> + Default"))]
     pub spec: T,
+}
+
+/// Deserializes a struct from a mapping only. serde also fills structs from sequences, by position, so
+/// `metadata: [a, b]` would otherwise become name `a` in namespace `b`.
+fn mapping<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct Visitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a mapping")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_map(Visitor(std::marker::PhantomData))
 }
 
 /// Trust domain settings (singleton `default`).
@@ -447,7 +471,7 @@ impl Resource {
                 }
                 Ok(())
             }
-            Resource::Service(o) => validate_service(&o.spec, trust_domain),
+            Resource::Service(o) => validate_service(&o.spec, &m.namespace, &m.name, trust_domain),
             Resource::Endpoint(o) => validate_endpoint(&o.spec, trust_domain),
             Resource::Policy(o) => validate_policy(&o.spec, trust_domain),
         }
@@ -484,7 +508,8 @@ pub fn check_name(field: &str, s: &str) -> Result<(), FieldError> {
         return Err(FieldError::new(
             field,
             format!(
-                "{s:?} must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit"
+                "{:?} must be lowercase letters, digits, '-' or '.', starting and ending with a letter or digit",
+                Capped(s)
             ),
         ));
     }
@@ -538,7 +563,12 @@ fn validate_trust_domain(spec: &TrustDomainSpec, trust_domain: &str) -> Result<(
     Ok(())
 }
 
-fn validate_service(spec: &ServiceSpec, trust_domain: &str) -> Result<(), FieldError> {
+fn validate_service(
+    spec: &ServiceSpec,
+    namespace: &str,
+    name: &str,
+    trust_domain: &str,
+) -> Result<(), FieldError> {
     if spec.ports.is_empty() {
         return Err(FieldError::new(
             "spec.ports",
@@ -577,6 +607,9 @@ fn validate_service(spec: &ServiceSpec, trust_domain: &str) -> Result<(), FieldE
             check_name(&field, id)?;
         }
     }
+    // The rule the proxies apply: a stored service always resolves.
+    ServerNames::resolve(trust_domain, namespace, name, &spec.identities)
+        .map_err(|e| FieldError::new("spec.identities", e.to_string()))?;
     Ok(())
 }
 
@@ -585,11 +618,14 @@ pub fn check_address(field: &str, s: &str) -> Result<(), FieldError> {
     let bad = || {
         FieldError::new(
             field,
-            format!("{s:?} must be host:port, e.g. 10.0.0.7:4433"),
+            format!(
+                "{:?} must be host:port with a port 1..=65535, e.g. 10.0.0.7:4433",
+                Capped(s)
+            ),
         )
     };
-    if s.parse::<std::net::SocketAddr>().is_ok() {
-        return Ok(());
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return if a.port() == 0 { Err(bad()) } else { Ok(()) };
     }
     let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
@@ -608,9 +644,13 @@ pub fn check_address(field: &str, s: &str) -> Result<(), FieldError> {
 fn validate_endpoint(spec: &EndpointSpec, trust_domain: &str) -> Result<(), FieldError> {
     check_name("spec.service", &spec.service)?;
     check_address("spec.address", &spec.address)?;
-    if !spec.spiffe_id.is_empty() {
-        check_spiffe("spec.spiffe_id", &spec.spiffe_id, trust_domain)?;
+    if spec.spiffe_id.is_empty() {
+        return Err(FieldError::new(
+            "spec.spiffe_id",
+            "is required: the identity of the proxy serving the endpoint, one the Service allows",
+        ));
     }
+    check_spiffe("spec.spiffe_id", &spec.spiffe_id, trust_domain)?;
     if !spec.service_version.is_empty() {
         check_name("spec.service_version", &spec.service_version)?;
     }
@@ -766,16 +806,36 @@ fn validate_policy(spec: &PolicySpec, trust_domain: &str) -> Result<(), FieldErr
 /// Parses a YAML stream of resources (documents separated by `---`), kubectl style. Empty documents are
 /// skipped. Errors say which document failed and why.
 pub fn parse_yaml_documents(text: &str) -> Result<Vec<Resource>, String> {
-    let mut out = Vec::new();
+    Ok(parse_yaml_numbered(text)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// [`parse_yaml_documents`] with each resource's document number (1-based, counting empty ones).
+/// Two documents naming the same kind, namespace and name are refused.
+pub fn parse_yaml_numbered(text: &str) -> Result<Vec<(usize, Resource)>, String> {
+    let mut out: Vec<(usize, Resource)> = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml_ng::Value::deserialize(doc)
-            .map_err(|e| format!("document {}: {e}", i + 1))?;
+        let n = i + 1;
+        let value =
+            serde_yaml_ng::Value::deserialize(doc).map_err(|e| format!("document {n}: {e}"))?;
         if value.is_null() {
             continue;
         }
         let r: Resource =
-            serde_yaml_ng::from_value(value).map_err(|e| format!("document {}: {e}", i + 1))?;
-        out.push(r);
+            serde_yaml_ng::from_value(value).map_err(|e| format!("document {n}: {e}"))?;
+        if let Some((first, _)) = out
+            .iter()
+            .find(|(_, o)| o.kind() == r.kind() && o.key() == r.key())
+        {
+            return Err(format!(
+                "document {n}: {} {} is also document {first}; each resource may appear once",
+                r.kind(),
+                Capped(&r.key())
+            ));
+        }
+        out.push((n, r));
     }
     Ok(out)
 }
@@ -963,5 +1023,63 @@ spec:
         assert!(e.contains("document 1") && e.contains("prots"), "{e}");
         let e = parse_yaml_documents("kind: Gadget\nmetadata: {name: a}\n").expect_err("kind");
         assert!(e.contains("Gadget"), "{e}");
+    }
+
+    #[test]
+    fn metadata_and_spec_must_be_mappings_and_resources_unique() {
+        let e = parse_yaml_documents(
+            "kind: Service\nmetadata: [a, b]\nspec: {ports: [{port: 1, protocol: tcp}]}\n",
+        )
+        .expect_err("sequence metadata");
+        assert!(e.contains("document 1") && e.contains("mapping"), "{e}");
+        let e =
+            parse_yaml_documents("kind: Service\nmetadata: {name: a, namespace: b}\nspec: [[]]\n")
+                .expect_err("sequence spec");
+        assert!(e.contains("mapping"), "{e}");
+        let svc = "kind: Service\nmetadata: {name: a, namespace: b}\nspec: {ports: [{port: 1, protocol: tcp}]}\n";
+        let e = parse_yaml_documents(&format!("{svc}---\n---\n{svc}")).expect_err("dup");
+        assert!(
+            e.contains("document 3") && e.contains("also document 1"),
+            "{e}"
+        );
+        // The same name in another kind is fine.
+        let ok = format!("{svc}---\nkind: Identity\nmetadata: {{name: a, namespace: b}}\n");
+        assert_eq!(parse_yaml_documents(&ok).expect("two kinds").len(), 2);
+    }
+
+    #[test]
+    fn endpoints_need_a_port_and_an_identity_and_services_resolve() {
+        let ep = |address: &str, spiffe_id: &str| {
+            Resource::Endpoint(Object {
+                metadata: Metadata {
+                    name: "e".into(),
+                    namespace: "shop".into(),
+                    ..Default::default()
+                },
+                spec: EndpointSpec {
+                    service: "cart".into(),
+                    address: address.into(),
+                    spiffe_id: spiffe_id.into(),
+                    service_version: String::new(),
+                },
+            })
+        };
+        let id = "spiffe://mesh.local/ns/shop/sa/cart";
+        assert!(ep("10.0.0.1:4433", id).validate(TD).is_ok());
+        assert_eq!(
+            ep("10.0.0.1:0", id).validate(TD).expect_err("port 0").field,
+            "spec.address"
+        );
+        assert_eq!(
+            ep("10.0.0.1:4433", "")
+                .validate(TD)
+                .expect_err("no id")
+                .field,
+            "spec.spiffe_id"
+        );
+        let long = "x".repeat(8000);
+        let e = check_name("name", &long).expect_err("long");
+        assert!(e.to_string().len() < 400, "{}", e.to_string().len());
+        assert!(e.to_string().contains("8000"), "{e}");
     }
 }

@@ -14,7 +14,8 @@ use crate::{
         admin::{self, AdminAuth, AdminService},
         proxy::{self, ProxyService},
     },
-    state::{StartError, State, StateOptions},
+    error::StartError,
+    state::{State, StateOptions},
     tls,
 };
 
@@ -141,7 +142,15 @@ impl Controller {
             .add_service(reflection)
             .add_service(proxy_svc)
             .add_service(admin_svc)
-            .serve_with_incoming_shutdown(tls::incoming(self.listener, state), shutdown)
+            .serve_with_incoming_shutdown(
+                tls::incoming(
+                    self.listener,
+                    state.serving_config(),
+                    state.registry().clone(),
+                    state.limits(),
+                ),
+                shutdown,
+            )
             .await;
         ticker.abort();
         Ok(result?)

@@ -4,10 +4,16 @@
 //! above this module sees only [`Store`]: named trees of byte values, read by key or scan, and written in
 //! atomic batches. Each batch bumps one store-wide revision (stored with the batch, in the same
 //! transaction) and is flushed to disk before `commit` returns, so an acknowledged write survives `kill -9`.
-//! The schema version is written at creation and checked at every open.
+//! The schema version is written at creation and checked at every open. [`Db`] adds what every writer
+//! above needs: one write lock for the whole store (so "check, then write" holds across concurrent callers)
+//! and JSON values.
 
-use std::path::Path;
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
+use serde::{Serialize, de::DeserializeOwned};
 use sled::Transactional;
 
 /// Schema of the data this build reads and writes.
@@ -49,7 +55,8 @@ impl Tree {
         Tree::Audit,
     ];
 
-    fn name(self) -> &'static str {
+    /// The tree's name, as in errors.
+    pub fn name(self) -> &'static str {
         match self {
             Tree::Meta => "meta",
             Tree::TrustDomains => "trust_domains",
@@ -78,12 +85,27 @@ pub mod meta {
     pub const ADMIN_TOKEN_SHA256: &str = "admin_token_sha256";
 }
 
+/// What to do about a data directory that cannot be read.
+const RECOVERY_ADVICE: &str = "restore the data directory from a backup, or move it away to start a new mesh \
+     (every proxy then needs a new join token)";
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// sled reported an I/O or corruption error.
     #[error("storage: {0}")]
     Sled(#[from] sled::Error),
+    /// The database files cannot be opened: damaged, or not written by quicmesh.
+    #[error("{file}: {problem}; {RECOVERY_ADVICE}", file = file.display())]
+    Damaged {
+        /// The file at fault.
+        file: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// A value could not be encoded.
+    #[error("encode {0}")]
+    Encode(String),
     /// The data directory was written by another schema.
     #[error("data directory has schema version {found}, this build reads version {expected}")]
     Schema {
@@ -165,19 +187,71 @@ fn be_u64(tree: Tree, key: &str, v: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(arr))
 }
 
+/// Checks sled's settings file `conf` before sled reads it, so a damaged one is reported by name: UTF-8
+/// `key: value` lines naming `segment_size`, `use_compression` and `version`, then a 4-byte checksum.
+fn check_conf(path: &Path) -> Result<(), StoreError> {
+    let damaged = |problem: &str| StoreError::Damaged {
+        file: path.to_owned(),
+        problem: format!("sled's settings file is damaged ({problem})"),
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(StoreError::Damaged {
+                file: path.to_owned(),
+                problem: format!("cannot read: {e}"),
+            });
+        }
+    };
+    // sled treats 8 bytes or fewer as "no settings yet" and writes new ones.
+    if bytes.len() <= 8 {
+        return Ok(());
+    }
+    let text = std::str::from_utf8(&bytes[..bytes.len() - 4]).map_err(|_| damaged("not text"))?;
+    for key in ["segment_size", "use_compression", "version"] {
+        let found = text.lines().any(|l| {
+            l.split_once(": ")
+                .is_some_and(|(k, v)| k == key && !v.is_empty())
+        });
+        if !found {
+            return Err(damaged(&format!("no {key} line")));
+        }
+    }
+    Ok(())
+}
+
 impl SledStore {
-    /// Opens (or creates) the store in `dir`, checking the schema version.
+    /// Opens (or creates) the store in `dir`, checking the schema version. A damaged or foreign database
+    /// is an error naming the file and what to do, never a panic.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()?;
+        check_conf(&dir.join("conf"))?;
+        // A database that held data must still hold our schema: sled may read a garbled file as empty,
+        // and starting a new mesh over it would lose the old one silently.
+        let had_data = std::fs::metadata(dir.join("db")).is_ok_and(|m| m.len() > 0);
+        let damaged = |e: &dyn std::fmt::Display| StoreError::Damaged {
+            file: dir.join("db"),
+            problem: format!("the database cannot be read ({e})"),
+        };
+        let opened = std::panic::catch_unwind(|| {
+            sled::Config::new()
+                .path(dir)
+                .mode(sled::Mode::HighThroughput)
+                .open()
+        });
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(sled::Error::Io(e))) => return Err(StoreError::Sled(sled::Error::Io(e))),
+            Ok(Err(e)) => return Err(damaged(&e)),
+            Err(_) => return Err(damaged(&"sled panicked while recovering it")),
+        };
         let trees = Tree::ALL
             .iter()
             .map(|t| db.open_tree(t.name()))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| damaged(&e))?;
         let meta = &trees[Tree::Meta.index()];
-        match meta.get(meta::SCHEMA)? {
+        match meta.get(meta::SCHEMA).map_err(|e| damaged(&e))? {
             Some(v) => {
                 let found = be_u64(Tree::Meta, meta::SCHEMA, &v)?;
                 if found != SCHEMA_VERSION {
@@ -186,6 +260,11 @@ impl SledStore {
                         expected: SCHEMA_VERSION,
                     });
                 }
+            }
+            None if had_data => {
+                return Err(damaged(
+                    &"it holds no quicmesh schema: damaged, or not a quicmesh database",
+                ));
             }
             None => {
                 meta.insert(meta::SCHEMA, &SCHEMA_VERSION.to_be_bytes())?;
@@ -280,9 +359,123 @@ impl Store for SledStore {
     }
 }
 
+/// JSON of a stored value.
+pub fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+/// A stored value read back.
+pub fn decode<T: DeserializeOwned>(tree: Tree, key: &str, v: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+        tree: tree.name(),
+        key: key.to_owned(),
+        problem: e.to_string(),
+    })
+}
+
+/// The store as the controller's parts share it: typed reads, and writes serialized by one lock.
+///
+/// A writer takes [`Db::lock`], reads what its checks need, and hands the guard to [`Db::commit`], which
+/// applies the batch under the lock and flushes after releasing it (concurrent writers share flushes).
+pub struct Db {
+    store: Arc<dyn Store>,
+    write: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("revision", &self.store.revision())
+            .finish()
+    }
+}
+
+/// The write lock, held from the checks to the apply.
+pub type WriteGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
+
+impl Db {
+    /// Wraps a store.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            write: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Revision of the last applied batch.
+    pub fn revision(&self) -> u64 {
+        self.store.revision()
+    }
+
+    /// Takes the write lock.
+    pub async fn lock(&self) -> WriteGuard<'_> {
+        self.write.lock().await
+    }
+
+    /// Applies `ops` as one batch while `guard` is held, releases it, then waits for the flush.
+    pub async fn commit(&self, guard: WriteGuard<'_>, ops: Vec<Op>) -> Result<u64, StoreError> {
+        let store = self.store.clone();
+        let rev = blocking(move || store.apply(ops)).await?;
+        drop(guard);
+        let store = self.store.clone();
+        blocking(move || store.sync()).await?;
+        Ok(rev)
+    }
+
+    /// One value, decoded.
+    pub fn get<T: DeserializeOwned>(&self, tree: Tree, key: &str) -> Result<Option<T>, StoreError> {
+        self.store
+            .get(tree, key)?
+            .map(|v| decode(tree, key, &v))
+            .transpose()
+    }
+
+    /// Values under `prefix`, decoded, with their keys.
+    pub fn scan<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        prefix: &str,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, T)>, StoreError> {
+        self.store
+            .scan(tree, prefix, reverse, limit)?
+            .into_iter()
+            .map(|(k, v)| {
+                let t = decode(tree, &k, &v)?;
+                Ok((k, t))
+            })
+            .collect()
+    }
+
+    /// Raw bytes of one value.
+    pub fn get_raw(&self, tree: Tree, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.get(tree, key)
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        StoreError::Sled(sled::Error::Unsupported(format!("store task failed: {e}")))
+    })?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn damaged_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        SledStore::open(dir.path()).expect("create");
+        std::fs::write(dir.path().join("conf"), [0xffu8; 64]).expect("garble conf");
+        let e = SledStore::open(dir.path()).expect_err("garbled conf");
+        let msg = e.to_string();
+        assert!(msg.contains("conf") && msg.contains("backup"), "{msg}");
+        assert!(!msg.contains("0.29"), "{msg}");
+    }
 
     #[test]
     fn commits_are_versioned_and_reopen() {

@@ -6,12 +6,22 @@
 //! changes at run time (root rotation, serving certificate renewal). Client certificates are optional at
 //! the TLS layer (a bootstrapping proxy has none yet, an operator uses the admin token); each API decides
 //! what credential it requires.
+//!
+//! The accept loop never waits: each connection's handshake runs on its own task with a deadline, at
+//! most [`Limits::max_handshakes`] at once and [`Limits::max_connections`] connections in all; past
+//! either bound a new connection is closed at once (refused fast, not queued behind idle ones). A
+//! connection that proved a mesh identity is registered ([`crate::registry`]) and closed when that
+//! identity is revoked.
 
 use std::{
+    future::Future,
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -29,12 +39,67 @@ use tokio::{
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
-use crate::{auth::PeerInfo, state::State};
+use crate::{
+    auth::PeerInfo,
+    registry::{ConnectionGuard, Registry},
+};
 
-/// How long a TLS handshake may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; further connections wait in the kernel backlog.
-const MAX_HANDSHAKES: usize = 512;
+/// How long a revoked identity's connection lives on after the revocation (its calls already refused).
+const REVOKED_GRACE: Duration = Duration::from_millis(500);
+
+/// Bounds of the listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress at once; more are closed at once.
+    pub max_handshakes: usize,
+    /// Connections (handshaking or established) at once; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes: 1024,
+            max_connections: 8192,
+        }
+    }
+}
+
+/// Whether a new connection is admitted given what is open: a pure rule, so it is tested without
+/// sockets.
+pub fn admit(handshaking: usize, connections: usize, limits: &Limits) -> bool {
+    handshaking < limits.max_handshakes && connections < limits.max_connections
+}
+
+/// The serving configuration new connections use; swapped at renewal and rotation.
+#[derive(Clone)]
+pub struct ServingConfig(Arc<RwLock<Arc<ServerConfig>>>);
+
+impl std::fmt::Debug for ServingConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServingConfig(..)")
+    }
+}
+
+impl ServingConfig {
+    /// Starts with `cfg`.
+    pub fn new(cfg: Arc<ServerConfig>) -> Self {
+        Self(Arc::new(RwLock::new(cfg)))
+    }
+
+    /// The current configuration.
+    pub fn get(&self) -> Arc<ServerConfig> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces it for new connections.
+    pub fn set(&self, cfg: Arc<ServerConfig>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+}
 
 /// Why a TLS configuration could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -122,10 +187,44 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// An accepted TLS connection, carrying who the peer proved to be.
+/// Counts a live connection until dropped.
+struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(c: &Arc<AtomicUsize>) -> Self {
+        c.fetch_add(1, Ordering::AcqRel);
+        Self(c.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An accepted TLS connection, carrying who the peer proved to be. Reads and writes fail once its
+/// identity is revoked, which ends the connection and every call on it.
 pub struct TlsIo {
     inner: TlsStream<TcpStream>,
     info: PeerInfo,
+    revoked: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    _registered: Option<ConnectionGuard>,
+    _counted: Counted,
+}
+
+impl TlsIo {
+    fn check_revoked(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        if let Some(f) = &mut self.revoked
+            && f.as_mut().poll(cx).is_ready()
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer's identity was revoked",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for TlsIo {
@@ -148,6 +247,7 @@ impl AsyncRead for TlsIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.check_revoked(cx)?;
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -158,6 +258,7 @@ impl AsyncWrite for TlsIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.check_revoked(cx)?;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -174,6 +275,7 @@ impl AsyncWrite for TlsIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.check_revoked(cx)?;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -213,18 +315,20 @@ fn peer_info(remote: SocketAddr, stream: &TlsStream<TcpStream>) -> PeerInfo {
 }
 
 /// Accepts TCP connections, runs each TLS handshake (with a deadline) on its own task, and yields the
-/// established connections for tonic's `serve_with_incoming`.
+/// established connections for tonic's `serve_with_incoming`. Never blocks accepting: connections past
+/// the limits are closed at once.
 pub fn incoming(
     listener: TcpListener,
-    state: Arc<State>,
+    config: ServingConfig,
+    registry: Arc<Registry>,
+    limits: Limits,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<TlsIo, io::Error>> {
     let (tx, rx) = mpsc::channel(128);
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let handshaking = Arc::new(AtomicUsize::new(0));
+    let connections = Arc::new(AtomicUsize::new(0));
     tokio::spawn(async move {
+        let mut refused: u64 = 0;
         loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
-            };
             let accepted = tokio::select! {
                 // The server is gone: stop accepting.
                 () = tx.closed() => return,
@@ -239,26 +343,88 @@ pub fn incoming(
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(state.tls_config());
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let info = peer_info(remote, &stream);
-                        let _ = tx
-                            .send(Ok(TlsIo {
-                                inner: stream,
-                                info,
-                            }))
-                            .await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+            if !admit(
+                handshaking.load(Ordering::Acquire),
+                connections.load(Ordering::Acquire),
+                &limits,
+            ) {
+                refused += 1;
+                if refused.is_power_of_two() {
+                    tracing::warn!(%remote, refused, ?limits, "connection refused: listener at its limits");
                 }
+                drop(tcp);
+                continue;
+            }
+            let _ = tcp.set_nodelay(true);
+            let acceptor = TlsAcceptor::from(config.get());
+            let tx = tx.clone();
+            let counted = Counted::new(&connections);
+            let in_handshake = Counted::new(&handshaking);
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let done =
+                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
+                drop(in_handshake);
+                let stream = match done {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let info = peer_info(remote, &stream);
+                let registered = match &info.spiffe_id {
+                    Some(id) => match registry.connection(id) {
+                        Some(g) => Some(g),
+                        None => {
+                            tracing::info!(%remote, %id, "connection of a revoked identity closed");
+                            return;
+                        }
+                    },
+                    None => None,
+                };
+                let revoked = registered.as_ref().map(|g| {
+                    let closed = g.closer().closed_owned();
+                    // The grace lets a Watch stream deliver its PERMISSION_DENIED before the
+                    // connection goes; new calls are refused meanwhile (the identity is revoked).
+                    Box::pin(async move {
+                        closed.await;
+                        tokio::time::sleep(REVOKED_GRACE).await;
+                    }) as Pin<Box<dyn Future<Output = ()> + Send>>
+                });
+                let _ = tx
+                    .send(Ok(TlsIo {
+                        inner: stream,
+                        info,
+                        revoked,
+                        _registered: registered,
+                        _counted: counted,
+                    }))
+                    .await;
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_bounds_handshakes_and_connections() {
+        let l = Limits {
+            handshake_timeout: Duration::from_secs(1),
+            max_handshakes: 2,
+            max_connections: 3,
+        };
+        assert!(admit(0, 0, &l));
+        assert!(admit(1, 2, &l));
+        assert!(!admit(2, 2, &l), "handshakes full");
+        assert!(!admit(0, 3, &l), "connections full");
+    }
 }

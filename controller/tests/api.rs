@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use quicmesh_controller::{
     Controller,
     client::{self, Admin},
-    state::StateOptions,
+    state::{State, StateOptions},
 };
 use quicmesh_proto::controller as pb;
 use quicmesh_transport::identity::{SpiffeId, ca::generate_csr, inspect::CertInfo};
@@ -15,6 +17,7 @@ use tonic::Code;
 const TD: &str = "test.mesh";
 
 struct Harness {
+    state: Arc<State>,
     addr: String,
     token: String,
     bundle: Vec<String>,
@@ -28,11 +31,9 @@ impl Harness {
     async fn start(leaf_ttl: Duration) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let opts = StateOptions {
-            data_dir: dir.path().to_owned(),
             trust_domain: Some(TD.into()),
             leaf_ttl: Some(leaf_ttl),
-            root_pem: None,
-            tls_names: vec![],
+            ..StateOptions::new(dir.path())
         };
         let c = Controller::bind(opts, "127.0.0.1:0".parse().expect("addr"))
             .await
@@ -43,6 +44,7 @@ impl Harness {
             .expect("first start prints a token")
             .to_owned();
         let bundle = c.state().bundle();
+        let state = c.state().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             c.serve(async {
@@ -56,6 +58,7 @@ impl Harness {
             .expect("connect");
         let admin = client::admin(channel, &token).expect("admin");
         Harness {
+            state,
             addr,
             token,
             bundle,
@@ -274,7 +277,7 @@ async fn bootstrap_watch_register_and_renew() {
         "shop"
     );
 
-    // Another namespace is refused.
+    // A service that does not exist (here in another namespace) is refused.
     let err = proxy
         .register_endpoint(pb::RegisterEndpointRequest {
             endpoint: Some(pb::Endpoint {
@@ -290,7 +293,8 @@ async fn bootstrap_watch_register_and_renew() {
         })
         .await
         .expect_err("other namespace");
-    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("bank/vault"), "{}", err.message());
 
     // The proxy is listed with the config version it was sent and its certificate expiry.
     let proxies = h
@@ -648,6 +652,413 @@ async fn revoked_identity_gets_no_certificate_and_loses_its_watch() {
     h.stop().await;
 }
 
+/// A service `name` in `ns` served by `identities` (empty: the account named like the service).
+fn service_for(ns: &str, name: &str, identities: &[&str]) -> pb::Resource {
+    let mut r = service(ns, name, 80);
+    if let Some(pb::resource::Resource::Service(s)) = &mut r.resource {
+        s.identities = identities.iter().map(|s| s.to_string()).collect();
+    }
+    r
+}
+
+fn endpoint_for(name: &str, service: &str, spiffe_id: &str) -> pb::Endpoint {
+    pb::Endpoint {
+        metadata: Some(pb::Metadata {
+            name: name.into(),
+            namespace: "shop".into(),
+            ..Default::default()
+        }),
+        service: service.into(),
+        address: "127.0.0.1:4433".into(),
+        spiffe_id: spiffe_id.into(),
+        service_version: String::new(),
+    }
+}
+
+impl Harness {
+    /// A certificate for `ns/sa` and an mTLS proxy client presenting it.
+    async fn joined(
+        &mut self,
+        ns: &str,
+        sa: &str,
+    ) -> (
+        pb::proxy_api_client::ProxyApiClient<tonic::transport::Channel>,
+        String,
+        String,
+    ) {
+        let token = self.token(ns, sa, 0, false).await;
+        let (csr, key) = generate_csr(&id(ns, sa)).expect("csr");
+        let resp = self
+            .proxy_anon()
+            .await
+            .certify(pb::CertifyRequest {
+                csr_pem: csr,
+                join_token: token,
+            })
+            .await
+            .expect("certify")
+            .into_inner();
+        let cert = resp.cert_chain_pem[0].clone();
+        (self.proxy_mtls(&cert, &key).await, cert, key)
+    }
+}
+
+#[tokio::test]
+async fn secure_naming_only_allowed_identities_register_endpoints() {
+    let mut h = Harness::start(Duration::from_secs(3600)).await;
+    h.admin
+        .apply(service_for("shop", "web", &["web"]))
+        .await
+        .expect("web");
+    h.admin
+        .apply(service_for("shop", "api", &[]))
+        .await
+        .expect("api");
+    let (mut evil, _, _) = h.joined("shop", "evil").await;
+    let (mut web, _, _) = h.joined("shop", "web").await;
+    let rev0 = h.revision().await;
+
+    // An impostor in the same namespace: not for `web` (identities: [web]), not for `api` (empty: the
+    // account named `api`), not for a service that does not exist.
+    for (service, code, needles) in [
+        (
+            "web",
+            Code::PermissionDenied,
+            &["shop/web", "spiffe://test.mesh/ns/shop/sa/web"][..],
+        ),
+        (
+            "api",
+            Code::PermissionDenied,
+            &["shop/api", "spiffe://test.mesh/ns/shop/sa/api"][..],
+        ),
+        (
+            "ghost",
+            Code::FailedPrecondition,
+            &["shop/ghost", "does not exist"][..],
+        ),
+    ] {
+        let err = evil
+            .register_endpoint(pb::RegisterEndpointRequest {
+                endpoint: Some(endpoint_for("evil-0", service, "")),
+            })
+            .await
+            .expect_err(service);
+        assert_eq!(err.code(), code, "{service}: {}", err.message());
+        for n in needles {
+            assert!(err.message().contains(n), "{service}: {}", err.message());
+        }
+    }
+    assert_eq!(
+        h.revision().await,
+        rev0,
+        "a refused registration stored something"
+    );
+
+    // The legitimate server registers; the snapshot serves it.
+    let mut watch = web
+        .watch(pb::WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    next(&mut watch).await;
+    web.register_endpoint(pb::RegisterEndpointRequest {
+        endpoint: Some(endpoint_for("web-0", "web", "")),
+    })
+    .await
+    .expect("legitimate registration");
+    let snap = next(&mut watch).await;
+    assert_eq!(snap.endpoints.len(), 1);
+    assert_eq!(snap.endpoints[0].spiffe_id, id("shop", "web").as_str());
+    assert_eq!(
+        snap.services
+            .iter()
+            .find(|s| s.metadata.as_ref().is_some_and(|m| m.name == "web"))
+            .expect("web")
+            .identities,
+        vec!["web"]
+    );
+
+    // Admin-created endpoints follow the same rule: identity required and allowed, service existing.
+    let as_resource = |e: pb::Endpoint| pb::Resource {
+        resource: Some(pb::resource::Resource::Endpoint(e)),
+    };
+    for (e, code, needle) in [
+        (
+            endpoint_for("a", "web", ""),
+            Code::InvalidArgument,
+            "spec.spiffe_id",
+        ),
+        (
+            endpoint_for("a", "web", "spiffe://test.mesh/ns/shop/sa/evil"),
+            Code::PermissionDenied,
+            "may not serve",
+        ),
+        (
+            endpoint_for("a", "ghost", "spiffe://test.mesh/ns/shop/sa/ghost"),
+            Code::FailedPrecondition,
+            "does not exist",
+        ),
+    ] {
+        let err = h.admin.apply(as_resource(e)).await.expect_err(needle);
+        assert_eq!(err.code(), code, "{}", err.message());
+        assert!(err.message().contains(needle), "{}", err.message());
+    }
+
+    // Narrowing the Service's identities withdraws the endpoint from snapshots; the record stays.
+    h.admin
+        .apply(service_for("shop", "web", &["web-v2"]))
+        .await
+        .expect("narrow");
+    let snap = next(&mut watch).await;
+    assert!(snap.endpoints.is_empty(), "{:?}", snap.endpoints);
+    h.admin
+        .apply(service_for("shop", "web", &["web"]))
+        .await
+        .expect("widen");
+    assert_eq!(next(&mut watch).await.endpoints.len(), 1);
+    // Deleting the service withdraws it too.
+    h.admin
+        .delete(pb::ResourceRef {
+            kind: pb::Kind::Service as i32,
+            namespace: "shop".into(),
+            name: "web".into(),
+        })
+        .await
+        .expect("delete");
+    assert!(next(&mut watch).await.endpoints.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn apply_all_stores_a_whole_batch_or_nothing() {
+    let mut h = Harness::start(Duration::from_secs(3600)).await;
+    let rev0 = h.revision().await;
+    let batch = |third_port: u32| pb::ApplyAllRequest {
+        resources: vec![
+            service("shop", "a", 80),
+            service("shop", "b", 80),
+            service("shop", "c", third_port),
+        ],
+    };
+    let err = h
+        .admin
+        .apply_all(batch(0))
+        .await
+        .expect_err("third invalid");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("resources[2] (Service shop/c): spec.ports[0].port"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(h.revision().await, rev0, "documents 1-2 were stored");
+    let listed = h
+        .admin
+        .list(pb::ListRequest {
+            kind: pb::Kind::Service as i32,
+            namespace: String::new(),
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed.items.is_empty());
+
+    // Twice the same resource.
+    let err = h
+        .admin
+        .apply_all(pb::ApplyAllRequest {
+            resources: vec![service("shop", "a", 80), service("shop", "a", 81)],
+        })
+        .await
+        .expect_err("duplicate");
+    assert!(err.message().contains("resources[0]"), "{}", err.message());
+    assert_eq!(h.revision().await, rev0);
+
+    // A valid batch is one revision; an endpoint may come with its service in the same batch.
+    let mut all = batch(80);
+    all.resources.push(pb::Resource {
+        resource: Some(pb::resource::Resource::Endpoint(endpoint_for(
+            "c-0",
+            "c",
+            "spiffe://test.mesh/ns/shop/sa/c",
+        ))),
+    });
+    let resp = h.admin.apply_all(all).await.expect("batch").into_inner();
+    assert_eq!(resp.version, rev0 + 1);
+    assert_eq!(resp.resources.len(), 4);
+    assert_eq!(h.revision().await, rev0 + 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn watch_streams_are_bounded_per_identity() {
+    let mut h = Harness::start(Duration::from_secs(3600)).await;
+    let (proxy, _, _) = h.joined("shop", "cart").await;
+    let attempts = (0..300).map(|i| {
+        let mut p = proxy.clone();
+        async move {
+            p.watch(pb::WatchRequest {
+                proxy_name: format!("p{i}"),
+                spiffe_ids: vec![],
+            })
+            .await
+        }
+    });
+    let results = futures_join_all(attempts).await;
+    let (mut ok, mut exhausted, mut streams) = (0, 0, Vec::new());
+    for r in results {
+        match r {
+            Ok(s) => {
+                ok += 1;
+                streams.push(s.into_inner());
+            }
+            Err(e) if e.code() == Code::ResourceExhausted => exhausted += 1,
+            Err(e) => panic!("unexpected: {e}"),
+        }
+    }
+    assert_eq!((ok, exhausted), (8, 292));
+    // Another identity is not affected; a released stream frees a slot.
+    let (mut other, _, _) = h.joined("shop", "web").await;
+    other
+        .watch(pb::WatchRequest::default())
+        .await
+        .expect("other identity");
+    drop(streams.pop());
+    let mut p = proxy.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match p.watch(pb::WatchRequest::default()).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    h.stop().await;
+}
+
+/// Runs every future concurrently (each on its own task) and collects the outputs in order.
+async fn futures_join_all<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn revocation_closes_watch_streams_and_tls_connections() {
+    let mut h = Harness::start(Duration::from_secs(3600)).await;
+    let (mut watcher, cert, key) = h.joined("shop", "cart").await;
+    let mut stream = watcher
+        .watch(pb::WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    next(&mut stream).await;
+    // A second connection of the same identity, idle after one call.
+    let mut idle = h.proxy_mtls(&cert, &key).await;
+    idle.register_endpoint(pb::RegisterEndpointRequest {
+        endpoint: Some(endpoint_for("x", "nope", "")),
+    })
+    .await
+    .expect_err("no such service, but the connection is up");
+    let cart = id("shop", "cart");
+    assert_eq!(
+        h.state.registry().open_of(&cart),
+        3,
+        "two connections and a stream"
+    );
+
+    h.admin
+        .revoke_identity(pb::RevokeIdentityRequest {
+            namespace: "shop".into(),
+            service_account: "cart".into(),
+        })
+        .await
+        .expect("revoke");
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("in time")
+        .expect_err("stream ends");
+    assert_eq!(end.code(), Code::PermissionDenied, "{}", end.message());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.state.registry().open_of(&cart) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Calls on the old connections and on new ones fail.
+    let err = idle
+        .register_endpoint(pb::RegisterEndpointRequest {
+            endpoint: Some(endpoint_for("x", "nope", "")),
+        })
+        .await
+        .expect_err("after revocation");
+    assert_ne!(err.code(), Code::FailedPrecondition, "{err}");
+    let mut fresh = h.proxy_mtls(&cert, &key).await;
+    assert!(fresh.watch(pb::WatchRequest::default()).await.is_err());
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn dead_tokens_and_old_audit_records_are_pruned_after_the_retention() {
+    let mut h = Harness::start(Duration::from_secs(3600)).await;
+    let (_p, _, _) = h.joined("shop", "cart").await; // one spent single-use token, one audit record
+    let _live = h.token("shop", "web", 30 * 24 * 3600, true).await;
+    let revoked = h.token("shop", "db", 0, true).await;
+    let revoked_id = revoked[4..16].to_owned();
+    h.admin
+        .revoke_join_token(pb::RevokeJoinTokenRequest { id: revoked_id })
+        .await
+        .expect("revoke token");
+    let tokens = |h: &mut Harness| {
+        let mut a = h.admin.clone();
+        async move {
+            a.list_join_tokens(pb::ListJoinTokensRequest {})
+                .await
+                .expect("tokens")
+                .into_inner()
+                .tokens
+                .len()
+        }
+    };
+    assert_eq!(tokens(&mut h).await, 3);
+    let now = time::OffsetDateTime::now_utc();
+    let pruned = h.state.prune(now).await.expect("prune now");
+    assert_eq!((pruned.tokens, pruned.audit), (0, 0));
+    // A day later (the default token retention), the spent and the revoked token go; the live one stays.
+    let pruned = h
+        .state
+        .prune(now + time::Duration::hours(24) + time::Duration::minutes(1))
+        .await
+        .expect("prune");
+    assert_eq!((pruned.tokens, pruned.audit), (2, 0));
+    assert_eq!(tokens(&mut h).await, 1);
+    assert_eq!(h.issued().await, 1);
+    // 30 days after the certificate expired, its audit record goes.
+    let pruned = h
+        .state
+        .prune(
+            now + time::Duration::hours(1) + time::Duration::days(30) + time::Duration::minutes(1),
+        )
+        .await
+        .expect("prune");
+    assert_eq!(pruned.audit, 1);
+    assert_eq!(h.issued().await, 0);
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn root_rotation_keeps_old_leaves_trusted_until_they_expire() {
     let mut h = Harness::start(Duration::from_secs(2)).await;
@@ -797,5 +1208,138 @@ async fn reflection_lists_the_controller_services() {
     ] {
         assert!(names.iter().any(|n| n == want), "{names:?}");
     }
+    h.stop().await;
+}
+
+/// openssl, or why not.
+fn openssl() -> Result<(), String> {
+    std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .map_err(|e| format!("openssl: {e}"))
+        .and_then(|o| {
+            if o.status.success() {
+                Ok(())
+            } else {
+                Err("openssl version failed".into())
+            }
+        })
+}
+
+/// A CSR for `id` made by the openssl CLI with `newkey` (e.g. `rsa:2048`, `ed25519`) and `opts`:
+/// `(csr_pem, key_pem)`.
+fn openssl_csr(
+    dir: &std::path::Path,
+    tag: &str,
+    newkey: &str,
+    opts: &[&str],
+    id: &str,
+) -> (String, String) {
+    let key = dir.join(format!("{tag}.key"));
+    let csr = dir.join(format!("{tag}.csr"));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-new", "-nodes", "-newkey", newkey])
+        .args(opts)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .args([
+            "-subj",
+            "/CN=workload",
+            "-addext",
+            &format!("subjectAltName=URI:{id}"),
+        ])
+        .output()
+        .expect("openssl req");
+    assert!(
+        out.status.success(),
+        "openssl req {newkey}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        std::fs::read_to_string(csr).expect("csr"),
+        std::fs::read_to_string(key).expect("key"),
+    )
+}
+
+#[tokio::test]
+async fn csrs_are_signed_only_for_p256_keys_and_others_are_named() {
+    if let Err(why) = openssl() {
+        eprintln!(
+            "SKIPPED csrs_are_signed_only_for_p256_keys_and_others_are_named: needs the openssl CLI: {why}"
+        );
+        return;
+    }
+    let mut h = Harness::start(Duration::from_secs(3600)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cart = id("shop", "cart");
+    let token = h.token("shop", "cart", 0, true).await;
+    let mut anon = h.proxy_anon().await;
+    for (tag, newkey, opts, name) in [
+        (
+            "p384",
+            "ec",
+            &["-pkeyopt", "ec_paramgen_curve:P-384"][..],
+            "ECDSA P-384",
+        ),
+        (
+            "k256",
+            "ec",
+            &["-pkeyopt", "ec_paramgen_curve:secp256k1"][..],
+            "ECDSA secp256k1",
+        ),
+        ("rsa1024", "rsa:1024", &[][..], "RSA-1024"),
+        ("rsa2048", "rsa:2048", &[][..], "RSA-2048"),
+        ("ed25519", "ed25519", &[][..], "Ed25519"),
+    ] {
+        let (csr, _) = openssl_csr(dir.path(), tag, newkey, opts, cart.as_str());
+        let err = anon
+            .certify(pb::CertifyRequest {
+                csr_pem: csr,
+                join_token: token.clone(),
+            })
+            .await
+            .expect_err(name);
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{name}: {}",
+            err.message()
+        );
+        assert!(
+            err.message()
+                .contains(&format!("key type {name} is not supported")),
+            "{name}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(h.issued().await, 0, "nothing was signed");
+
+    // A P-256 key made by openssl: signed, with exactly its key, and usable in a real mTLS handshake.
+    let (csr, key) = openssl_csr(
+        dir.path(),
+        "p256",
+        "ec",
+        &["-pkeyopt", "ec_paramgen_curve:P-256"],
+        cart.as_str(),
+    );
+    let resp = anon
+        .certify(pb::CertifyRequest {
+            csr_pem: csr,
+            join_token: token,
+        })
+        .await
+        .expect("P-256 is signed")
+        .into_inner();
+    let info = CertInfo::from_pem(&resp.cert_chain_pem[0]).expect("leaf");
+    assert_eq!(info.spiffe_id, cart);
+    let mut p = h.proxy_mtls(&resp.cert_chain_pem[0], &key).await;
+    let mut stream = p
+        .watch(pb::WatchRequest::default())
+        .await
+        .expect("mTLS with the openssl key")
+        .into_inner();
+    assert_eq!(next(&mut stream).await.trust_domain, TD);
     h.stop().await;
 }

@@ -83,7 +83,7 @@ pub(crate) async fn start_controller(dir: &Path, listen: &str, leaf_ttl: &str) -
     .await
 }
 
-pub(crate) async fn join_token(addr: SocketAddr, bundle: &Path, admin: &str, sa: &str) -> String {
+async fn admin_client(addr: SocketAddr, bundle: &Path, admin: &str) -> client::Admin {
     let pem = std::fs::read_to_string(bundle).expect("bundle");
     let ch = client::connect(
         &addr.to_string(),
@@ -93,7 +93,36 @@ pub(crate) async fn join_token(addr: SocketAddr, bundle: &Path, admin: &str, sa:
     )
     .await
     .expect("connect to the controller");
-    let mut admin = client::admin(ch, admin).expect("admin client");
+    client::admin(ch, admin).expect("admin client")
+}
+
+/// Creates the Service `name` in `default` (served, by default, by the account named like it): secure
+/// naming lets an endpoint register only for an existing service whose identities allow it.
+async fn create_service(addr: SocketAddr, bundle: &Path, admin: &str, name: &str, port: u32) {
+    admin_client(addr, bundle, admin)
+        .await
+        .apply(pb::Resource {
+            resource: Some(pb::resource::Resource::Service(pb::Service {
+                metadata: Some(pb::Metadata {
+                    name: name.into(),
+                    namespace: "default".into(),
+                    ..Default::default()
+                }),
+                ports: vec![pb::ServicePort {
+                    port,
+                    protocol: pb::PortProtocol::Tcp as i32,
+                    name: String::new(),
+                }],
+                versions: vec![],
+                identities: vec![],
+            })),
+        })
+        .await
+        .expect("create service");
+}
+
+pub(crate) async fn join_token(addr: SocketAddr, bundle: &Path, admin: &str, sa: &str) -> String {
+    let mut admin = admin_client(addr, bundle, admin).await;
     admin
         .create_join_token(pb::CreateJoinTokenRequest {
             namespace: "default".into(),
@@ -149,6 +178,7 @@ impl Mesh {
             token: String::new(),
             sa,
         };
+        create_service(controller_addr, &bundle, &admin_token, "echo", 7).await;
         let mut j = join("echo");
         j.token = join_token(controller_addr, &bundle, &admin_token, "echo").await;
         let cfg = proxy_config(
@@ -507,5 +537,61 @@ async fn controller_outage_keeps_traffic_flowing_and_proxies_recover() {
         metric(&m, "quicmesh_identity_certify_total", &["error"]),
         metric(&m, "quicmesh_controller_watch_failures_total", &[]),
         metric(&m, "quicmesh_controller_snapshots_total", &[]),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expired_during_an_outage_recovers_with_a_fresh_join_token() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut mesh = Mesh::start(&listen, "3s").await;
+    let client_admin = mesh.client.addr("admin");
+    mesh.controller.stop().await;
+    // Down for longer than the leaves live: the client's certificate expires.
+    let expiry = |m: &str| metric(m, "quicmesh_identity_cert_expiry_seconds", &[]);
+    let expired_at = expiry(&scrape(client_admin, "/metrics").await.1);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            (time::OffsetDateTime::now_utc().unix_timestamp() as f64) > expired_at + 1.0
+        })
+        .await
+    );
+    // Back, same data and port; the spent token in the file is refused, a fresh one lets it rejoin.
+    mesh.controller = start_controller(mesh.dir.path(), &listen, "3s").await;
+    let before = metric(
+        &scrape(client_admin, "/metrics").await.1,
+        "quicmesh_identity_certify_total",
+        &["ok"],
+    );
+    for (name, sa) in [("client", "client"), ("server", "echo")] {
+        let token = join_token(mesh.controller_addr, &mesh.bundle, &mesh.admin_token, sa).await;
+        std::fs::write(mesh.dir.path().join(format!("{name}.token")), token).expect("fresh token");
+    }
+    let t = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let m = scrape(client_admin, "/metrics").await.1;
+            metric(&m, "quicmesh_identity_certify_total", &["ok"]) > before
+                && expiry(&m) > time::OffsetDateTime::now_utc().unix_timestamp() as f64
+        })
+        .await,
+        "the client never rejoined\n{}",
+        mesh.logs()
+    );
+    eprintln!(
+        "expired certificate: rejoined {:?} after the fresh token was written",
+        t.elapsed()
+    );
+    let target = mesh.client.outbound();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            exchange(target, b"after expiry").await.is_ok()
+        })
+        .await,
+        "no traffic after rejoining\n{}",
+        mesh.logs()
     );
 }

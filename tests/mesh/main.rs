@@ -6,6 +6,7 @@ mod support;
 mod bench;
 mod certificates;
 mod controller;
+mod controller_hardening;
 mod controller_mode;
 mod dataplane;
 mod naming;

@@ -99,6 +99,7 @@ impl Bootstrap {
             manager: manager::ManagerConfig {
                 id,
                 join_token,
+                join_token_file: c.join_token_file.clone(),
                 renew_fraction: c.renew_fraction,
             },
             advertise: c.advertise,

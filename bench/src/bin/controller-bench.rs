@@ -57,11 +57,11 @@ async fn main() -> Result<(), AnyError> {
     let dir = tempfile::tempdir()?;
     let controller = Controller::bind(
         StateOptions {
-            data_dir: dir.path().to_owned(),
             trust_domain: Some("bench.mesh".into()),
             leaf_ttl: Some(Duration::from_secs(3600)),
-            root_pem: None,
-            tls_names: vec![],
+            // Every simulated proxy watches with the same certificate: lift the per-identity bound.
+            max_watches_per_identity: args.watchers.max(1),
+            ..StateOptions::new(dir.path())
         },
         "127.0.0.1:0".parse()?,
     )

@@ -13,8 +13,10 @@ use super::convert;
 use crate::{
     auth,
     error::ApiError,
+    error::Capped,
     model::{FieldError, Kind},
-    state::{State, TokenRecord, WriteMode},
+    resources::WriteMode,
+    state::State,
 };
 
 /// Largest request an operator may send.
@@ -49,7 +51,7 @@ impl tonic::service::Interceptor for AdminAuth {
             .and_then(|v| v.to_str().ok());
         auth::check_bearer(header, &self.sha256).map_err(|m| {
             let peer = req.extensions().get::<auth::PeerInfo>().map(|p| p.remote);
-            tracing::info!(?peer, "admin call refused: {m}");
+            tracing::info!(?peer, "admin call refused: {}", Capped(m));
             Status::unauthenticated(m)
         })?;
         Ok(req)
@@ -74,10 +76,8 @@ impl AdminService {
         mode: WriteMode,
     ) -> Result<Response<pb::Resource>, Status> {
         let r = convert::resource_from_pb(r).map_err(ApiError::from)?;
-        let kind = r.kind();
-        let key = r.key();
         let stored = self.state.put(r, mode).await?;
-        tracing::info!(%kind, %key, version = stored.metadata().version, ?mode, "resource written");
+        tracing::info!(kind = %stored.kind(), key = %stored.key(), version = stored.metadata().version, ?mode, "resource written");
         Ok(Response::new(self.to_pb(&stored)))
     }
 
@@ -95,17 +95,7 @@ impl AdminService {
     }
 }
 
-fn token_info(r: &TokenRecord) -> pb::JoinTokenInfo {
-    pb::JoinTokenInfo {
-        id: r.id.clone(),
-        spiffe_id: r.spiffe_id.clone(),
-        created_unix: r.created_unix,
-        expires_unix: r.expires_unix,
-        reusable: r.reusable,
-        uses: r.uses,
-        revoked: r.revoked,
-    }
-}
+use convert::token_to_pb as token_info;
 
 #[tonic::async_trait]
 impl Admin for AdminService {
@@ -119,6 +109,28 @@ impl Admin for AdminService {
 
     async fn apply(&self, req: Request<pb::Resource>) -> Result<Response<pb::Resource>, Status> {
         self.put(req.into_inner(), WriteMode::Apply).await
+    }
+
+    async fn apply_all(
+        &self,
+        req: Request<pb::ApplyAllRequest>,
+    ) -> Result<Response<pb::ApplyAllResponse>, Status> {
+        let items = req.into_inner().resources;
+        let mut rs = Vec::with_capacity(items.len());
+        for (i, r) in items.into_iter().enumerate() {
+            rs.push(convert::resource_from_pb(r).map_err(|e| {
+                ApiError::from(FieldError::new(
+                    format!("resources[{i}].{}", e.field),
+                    e.problem,
+                ))
+            })?);
+        }
+        let (stored, version) = self.state.put_all(rs, WriteMode::Apply).await?;
+        tracing::info!(resources = stored.len(), version, "batch applied");
+        Ok(Response::new(pb::ApplyAllResponse {
+            resources: stored.iter().map(|r| self.to_pb(r)).collect(),
+            version,
+        }))
     }
 
     async fn get(&self, req: Request<pb::ResourceRef>) -> Result<Response<pb::Resource>, Status> {
@@ -153,7 +165,7 @@ impl Admin for AdminService {
             r.namespace
         };
         let version = self.state.delete(kind, &namespace, &r.name).await?;
-        tracing::info!(%kind, namespace, name = r.name, version, "resource deleted");
+        tracing::info!(%kind, namespace = %Capped(&namespace), name = %Capped(&r.name), version, "resource deleted");
         Ok(Response::new(pb::DeleteResponse { version }))
     }
 
@@ -202,8 +214,8 @@ impl Admin for AdminService {
             .revoke_identity(&r.namespace, &r.service_account)
             .await?;
         tracing::warn!(
-            namespace = r.namespace,
-            service_account = r.service_account,
+            namespace = %Capped(&r.namespace),
+            service_account = %Capped(&r.service_account),
             "identity revoked"
         );
         match self.to_pb(&revoked).resource {
@@ -217,7 +229,12 @@ impl Admin for AdminService {
         _req: Request<pb::ListProxiesRequest>,
     ) -> Result<Response<pb::ListProxiesResponse>, Status> {
         Ok(Response::new(pb::ListProxiesResponse {
-            proxies: self.state.proxies(),
+            proxies: self
+                .state
+                .proxies()
+                .iter()
+                .map(convert::proxy_status_to_pb)
+                .collect(),
             store_version: self.state.revision(),
         }))
     }
@@ -239,18 +256,7 @@ impl Admin for AdminService {
         };
         let certs = self.state.list_issued(limit).await?;
         Ok(Response::new(pb::ListIssuedCertificatesResponse {
-            certificates: certs
-                .into_iter()
-                .map(|a| pb::IssuedCertificate {
-                    serial_hex: a.serial_hex,
-                    spiffe_id: a.spiffe_id,
-                    issued_unix: a.issued_unix,
-                    not_after_unix: a.not_after_unix,
-                    credential: a.credential,
-                    root_fingerprint: a.root_fingerprint,
-                    peer_address: a.peer_address,
-                })
-                .collect(),
+            certificates: certs.into_iter().map(convert::audit_to_pb).collect(),
         }))
     }
 
@@ -258,13 +264,17 @@ impl Admin for AdminService {
         &self,
         _req: Request<pb::CaStatusRequest>,
     ) -> Result<Response<pb::CaStatusResponse>, Status> {
-        Ok(Response::new(self.state.ca_status()))
+        Ok(Response::new(convert::ca_status_to_pb(
+            self.state.ca_status(),
+        )))
     }
 
     async fn rotate_root(
         &self,
         _req: Request<pb::RotateRootRequest>,
     ) -> Result<Response<pb::CaStatusResponse>, Status> {
-        Ok(Response::new(self.state.rotate_root().await?))
+        Ok(Response::new(convert::ca_status_to_pb(
+            self.state.rotate_root().await?,
+        )))
     }
 }

@@ -1,9 +1,11 @@
 //! `ProxyApi`: what proxies call to get certificates, follow configuration and announce endpoints.
 //!
 //! Credentials come from the connection, never from a request field: `Certify` accepts a join token or the
-//! verified client certificate, `Watch` and `RegisterEndpoint` only the client certificate. A Watch stream
-//! sends the current snapshot at once, then the newest one after each change (intermediate versions may be
-//! skipped: a snapshot is whole), and ends with `PERMISSION_DENIED` if the caller's identity is revoked.
+//! verified client certificate, `Watch` and `RegisterEndpoint` only the client certificate, and a revoked
+//! identity gets nothing. A Watch stream sends the current snapshot at once, then the newest one after each
+//! change (intermediate versions may be skipped: a snapshot is whole); one identity may hold a bounded
+//! number of them (`RESOURCE_EXHAUSTED` past it), and they end with `PERMISSION_DENIED` when the identity
+//! is revoked. Strings a peer sends are capped before they are logged.
 
 use std::{pin::Pin, sync::Arc};
 
@@ -12,7 +14,14 @@ use quicmesh_transport::identity::SpiffeId;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::{auth::PeerInfo, state::State};
+use super::convert;
+use crate::{
+    auth::PeerInfo,
+    error::{ApiError, Capped},
+    registry::WatchGuard,
+    snapshot::Snapshot,
+    state::State,
+};
 
 /// Largest request a proxy may send.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -21,12 +30,27 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct ProxyService {
     state: Arc<State>,
+    cache: Arc<PbCache>,
 }
 
 impl ProxyService {
     /// A service over `state`.
     pub fn new(state: Arc<State>) -> Self {
-        Self { state }
+        Self {
+            state,
+            cache: Arc::default(),
+        }
+    }
+
+    /// The caller's mesh identity, refused when revoked.
+    fn live_identity<T>(&self, req: &Request<T>) -> Result<(PeerInfo, SpiffeId), Status> {
+        let (p, id) = mesh_identity(req)?;
+        if self.state.is_revoked(&id)? {
+            return Err(Status::permission_denied(format!(
+                "identity {id} is revoked"
+            )));
+        }
+        Ok((p, id))
     }
 }
 
@@ -44,30 +68,51 @@ fn mesh_identity<T>(req: &Request<T>) -> Result<(PeerInfo, SpiffeId), Status> {
     Ok((p, id))
 }
 
+/// The proto form of the newest snapshot, converted once per version for every watcher.
+#[derive(Debug, Default)]
+struct PbCache(std::sync::Mutex<Option<Arc<pb::Snapshot>>>);
+
+impl PbCache {
+    fn get(&self, snap: &Snapshot) -> Arc<pb::Snapshot> {
+        let mut cur = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cur {
+            Some(pb) if pb.version == snap.version => pb.clone(),
+            _ => {
+                let pb = Arc::new(convert::snapshot_to_pb(snap));
+                *cur = Some(pb.clone());
+                pb
+            }
+        }
+    }
+}
+
 /// Sends the current snapshot, then each newer one, until the client goes away or its identity is revoked.
 async fn forward_snapshots(
-    mut rx: tokio::sync::watch::Receiver<Arc<pb::Snapshot>>,
+    mut rx: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     tx: tokio::sync::mpsc::Sender<Result<pb::Snapshot, Status>>,
     id: SpiffeId,
-    guard: crate::state::ProxyGuard,
+    guard: WatchGuard,
+    cache: Arc<PbCache>,
 ) {
+    let revoked = || Status::permission_denied(format!("identity {id} was revoked"));
     loop {
         let snap = rx.borrow_and_update().clone();
-        if snap.revoked_spiffe_ids.iter().any(|r| r == id.as_str()) {
-            let _ = tx
-                .send(Err(Status::permission_denied(format!(
-                    "identity {id} was revoked"
-                ))))
-                .await;
+        if guard.closer().is_closed() || snap.revoked_spiffe_ids.iter().any(|r| r == id.as_str()) {
+            let _ = tx.send(Err(revoked())).await;
             return;
         }
-        if tx.send(Ok(pb::Snapshot::clone(&snap))).await.is_err() {
+        let pb = cache.get(&snap);
+        if tx.send(Ok(pb::Snapshot::clone(&pb))).await.is_err() {
             return;
         }
         guard.sent(snap.version);
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
             () = tx.closed() => return,
+            () = guard.closer().closed() => {
+                let _ = tx.send(Err(revoked())).await;
+                return;
+            }
         }
     }
 }
@@ -82,15 +127,19 @@ impl ProxyApi for ProxyService {
     ) -> Result<Response<pb::CertifyResponse>, Status> {
         let p = peer(&req);
         let body = req.into_inner();
-        let resp = self
+        let issued = self
             .state
             .certify(&body.csr_pem, &body.join_token, p.as_ref())
             .await
             .map_err(|e| {
-                tracing::info!(peer = ?p.as_ref().map(|p| p.remote), error = %e, "Certify refused");
+                tracing::info!(
+                    peer = ?p.as_ref().map(|p| p.remote),
+                    error = %Capped(&e.to_string()),
+                    "Certify refused"
+                );
                 Status::from(e)
             })?;
-        Ok(Response::new(resp))
+        Ok(Response::new(convert::issued_to_pb(issued)))
     }
 
     type WatchStream = SnapshotStream;
@@ -99,23 +148,16 @@ impl ProxyApi for ProxyService {
         &self,
         req: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let (p, id) = mesh_identity(&req)?;
+        let (p, id) = self.live_identity(&req)?;
         let body = req.into_inner();
+        let guard = self.state.watch(&body.proxy_name, &p, &id).map_err(|e| {
+            tracing::info!(%id, peer = %p.remote, error = %e, "Watch refused");
+            Status::from(e)
+        })?;
         let rx = self.state.subscribe();
-        if rx
-            .borrow()
-            .revoked_spiffe_ids
-            .iter()
-            .any(|r| r == id.as_str())
-        {
-            return Err(Status::permission_denied(format!(
-                "identity {id} is revoked"
-            )));
-        }
-        let guard = self.state.proxy_connected(&body.proxy_name, &p, &id);
-        tracing::info!(proxy = %body.proxy_name, %id, peer = %p.remote, "proxy watching");
+        tracing::info!(proxy = %Capped(&body.proxy_name), %id, peer = %p.remote, "proxy watching");
         let (tx, out) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(forward_snapshots(rx, tx, id, guard));
+        tokio::spawn(forward_snapshots(rx, tx, id, guard, self.cache.clone()));
         let stream = tokio_stream::wrappers::ReceiverStream::new(out);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -124,12 +166,20 @@ impl ProxyApi for ProxyService {
         &self,
         req: Request<pb::RegisterEndpointRequest>,
     ) -> Result<Response<pb::RegisterEndpointResponse>, Status> {
-        let (_, id) = mesh_identity(&req)?;
+        let (p, id) = self.live_identity(&req)?;
         let endpoint = req
             .into_inner()
             .endpoint
             .ok_or_else(|| Status::invalid_argument("endpoint: is required"))?;
-        let version = self.state.register_endpoint(endpoint, &id).await?;
+        let obj = convert::endpoint_from_pb("endpoint", endpoint).map_err(ApiError::from)?;
+        let service = obj.spec.service.clone();
+        let version = self.state.register_endpoint(obj, &id).await.map_err(|e| {
+            tracing::info!(
+                %id, peer = %p.remote, service = %Capped(&service), error = %Capped(&e.to_string()),
+                "RegisterEndpoint refused"
+            );
+            Status::from(e)
+        })?;
         Ok(Response::new(pb::RegisterEndpointResponse { version }))
     }
 }

@@ -7,8 +7,14 @@
 //! presented; a new one is installed with [`Credentials::set_leaf`], which rustls reads per handshake, so
 //! established connections and streams are untouched. The CA is reached through the [`CaClient`] trait,
 //! so tests drive the schedule with a fake CA on paused time.
+//!
+//! A certificate that expires anyway (the controller was down longer than its lifetime) cannot renew over
+//! mTLS: the controller refuses the expired client certificate. The way back is the join token again:
+//! once the leaf has expired, every attempt bootstraps with the token re-read from `join_token_file`
+//! (or the configured `join_token`), so the operator writes a fresh token into that file and the proxy
+//! rejoins without a restart ([`credential_for`]).
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -81,6 +87,8 @@ pub struct ManagerConfig {
     pub id: SpiffeId,
     /// The bootstrap credential; spent by the first success.
     pub join_token: String,
+    /// Where `join_token` was read from, re-read to bootstrap again after the certificate expired.
+    pub join_token_file: Option<PathBuf>,
     /// Share of the lifetime after which a certificate is renewed (jittered by ±0.1).
     pub renew_fraction: f64,
 }
@@ -116,6 +124,41 @@ pub fn backoff(failures: u32, jitter01: f64, remaining: Option<Duration>) -> Dur
         d = d.min((r / 4).max(BASE_BACKOFF));
     }
     d.mul_f64(0.5 + 0.5 * jitter01.clamp(0.0, 1.0))
+}
+
+/// What the next attempt presents to the CA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// No certificate yet: the configured join token.
+    FirstToken,
+    /// A valid certificate: renew over mTLS.
+    Certificate,
+    /// The certificate expired: a join token read again from `join_token_file`.
+    FreshToken,
+}
+
+/// The credential for an attempt at `now`, given the current leaf's expiry (if any).
+pub fn credential_for(not_after: Option<OffsetDateTime>, now: OffsetDateTime) -> Credential {
+    match not_after {
+        None => Credential::FirstToken,
+        Some(t) if t > now => Credential::Certificate,
+        Some(_) => Credential::FreshToken,
+    }
+}
+
+/// The join token to bootstrap with again: `join_token_file` re-read, or the configured token.
+async fn fresh_token(cfg: &ManagerConfig) -> Result<String, String> {
+    let Some(path) = &cfg.join_token_file else {
+        return Ok(cfg.join_token.clone());
+    };
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| format!("join_token_file {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("join_token_file {}: empty", path.display()));
+    }
+    Ok(token.to_owned())
 }
 
 /// Generates a key, has the CA sign it, and checks the answer.
@@ -159,8 +202,8 @@ pub async fn run<C: CaClient>(
     metrics: IdentityMetrics,
     shutdown: CancellationToken,
 ) {
-    let mut token = Some(cfg.join_token.clone());
     let mut failures = 0u32;
+    let mut was_expired = false;
     // Due now: there is no certificate yet.
     let mut delay = Duration::ZERO;
     loop {
@@ -168,16 +211,35 @@ pub async fn run<C: CaClient>(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
-        let bootstrap = creds.leaf().is_none();
-        let result = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = obtain(&ca, &cfg.id, token.clone().filter(|_| bootstrap)) => r,
+        let not_after = creds.leaf().map(|l| l.info.not_after);
+        let credential = credential_for(not_after, OffsetDateTime::now_utc());
+        let expired = credential == Credential::FreshToken;
+        if expired && !was_expired {
+            // A new phase: try at once, and back off from the start.
+            failures = 0;
+            tracing::error!(
+                join_token_file = ?cfg.join_token_file,
+                "the certificate expired before it could be renewed; bootstrapping again with the join token (write a fresh token into join_token_file)"
+            );
+        }
+        was_expired = expired;
+        let token = match credential {
+            Credential::FirstToken => Ok(Some(cfg.join_token.clone())),
+            Credential::Certificate => Ok(None),
+            Credential::FreshToken => fresh_token(&cfg).await.map(Some),
+        };
+        let result = match token {
+            Ok(token) => tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = obtain(&ca, &cfg.id, token) => r,
+            },
+            Err(e) => Err(ObtainError::Ca(CaClientError::Refused(e))),
         };
         let now = OffsetDateTime::now_utc();
+        let bootstrap = credential != Credential::Certificate;
         match result {
             Ok((leaf, roots, serial)) => {
                 failures = 0;
-                token = None;
                 metrics
                     .certify
                     .get_or_create(&ResultLabels { result: "ok" })
@@ -216,13 +278,17 @@ pub async fn run<C: CaClient>(
                     .map(|l| duration_between(now, l.info.not_after));
                 delay = backoff(failures, rand::random(), remaining);
                 match remaining {
-                    Some(r) if !r.is_zero() => tracing::warn!(
-                        error = %e, failures, retry_in = ?delay, still_valid_for = ?r,
-                        "certificate renewal failed; serving with the current certificate"
-                    ),
+                    Some(r) if !r.is_zero() => {
+                        // The first bootstrap attempt comes right at expiry.
+                        delay = delay.min(r);
+                        tracing::warn!(
+                            error = %e, failures, retry_in = ?delay, still_valid_for = ?r,
+                            "certificate renewal failed; serving with the current certificate"
+                        )
+                    }
                     Some(_) => tracing::error!(
-                        error = %e, failures, retry_in = ?delay,
-                        "certificate renewal failed and the current certificate has expired; peers will refuse it"
+                        error = %e, failures, retry_in = ?delay, join_token_file = ?cfg.join_token_file,
+                        "the certificate has expired and bootstrapping again failed; peers refuse it until a fresh join token is in join_token_file"
                     ),
                     None => tracing::warn!(
                         error = %e, failures, retry_in = ?delay,
@@ -278,6 +344,24 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_certificate_bootstraps_again_with_a_fresh_token() {
+        let ts = |t| OffsetDateTime::from_unix_timestamp(t).expect("ts");
+        assert_eq!(credential_for(None, ts(100)), Credential::FirstToken);
+        assert_eq!(
+            credential_for(Some(ts(101)), ts(100)),
+            Credential::Certificate
+        );
+        assert_eq!(
+            credential_for(Some(ts(100)), ts(100)),
+            Credential::FreshToken
+        );
+        assert_eq!(
+            credential_for(Some(ts(50)), ts(100)),
+            Credential::FreshToken
+        );
+    }
+
+    #[test]
     fn backoff_grows_and_is_capped() {
         assert_eq!(backoff(1, 1.0, None), Duration::from_millis(500));
         assert_eq!(backoff(3, 1.0, None), Duration::from_secs(2));
@@ -290,11 +374,14 @@ mod tests {
         );
     }
 
-    /// A CA signing for `lifetime`, failing renewals while `fail` is set, recording the tokens it saw.
+    /// A CA signing for `lifetime`, failing renewals while `fail` is set (all of them when `u32::MAX`,
+    /// as for an expired client certificate), accepting only tokens listed in `accept`, recording the
+    /// tokens it saw.
     struct FakeCa {
         ca: CertificateAuthority,
         lifetime: time::Duration,
         fail: Arc<AtomicU32>,
+        accept: Arc<Mutex<Vec<String>>>,
         tokens: Arc<Mutex<Vec<Option<String>>>>,
     }
 
@@ -305,6 +392,13 @@ mod tests {
             join_token: Option<String>,
         ) -> Result<Issued, CaClientError> {
             self.tokens.lock().expect("lock").push(join_token.clone());
+            if let Some(t) = &join_token {
+                let mut accept = self.accept.lock().expect("lock");
+                let Some(i) = accept.iter().position(|a| a == t) else {
+                    return Err(CaClientError::Refused("join token spent".into()));
+                };
+                accept.remove(i);
+            }
             if join_token.is_none()
                 && self
                     .fail
@@ -345,6 +439,7 @@ mod tests {
             ca,
             lifetime: time::Duration::seconds(60),
             fail: fail.clone(),
+            accept: Arc::new(Mutex::new(vec!["qmj_one".into()])),
             tokens: tokens.clone(),
         };
         let creds = Credentials::pending(roots, "t.test".into());
@@ -353,6 +448,7 @@ mod tests {
         let cfg = ManagerConfig {
             id: "spiffe://t.test/ns/a/sa/b".parse().expect("id"),
             join_token: "qmj_one".into(),
+            join_token_file: None,
             renew_fraction: 0.5,
         };
         let task = tokio::spawn(run(fake, creds.clone(), cfg, metrics.clone(), stop.clone()));
@@ -401,6 +497,80 @@ mod tests {
                 .iter()
                 .all(Option::is_none)
         );
+        stop.cancel();
+        task.await.expect("manager task");
+    }
+
+    /// The controller was down past the certificate's expiry: renewals keep failing, the leaf expires,
+    /// the spent token in `join_token_file` is refused, and a fresh one written there brings the proxy
+    /// back without a restart. Real time: the certificate lives 2 s.
+    #[tokio::test]
+    async fn an_expired_certificate_recovers_with_a_fresh_token_from_the_file() {
+        let ca = CertificateAuthority::generate(
+            "t.test",
+            OffsetDateTime::now_utc() + time::Duration::days(1),
+        )
+        .expect("ca");
+        let roots = roots_from_pem(ca.cert_pem().as_bytes()).expect("roots");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("token");
+        std::fs::write(&file, "qmt_first\n").expect("token file");
+        let accept = Arc::new(Mutex::new(vec!["qmt_first".to_owned()]));
+        let tokens = Arc::new(Mutex::new(Vec::new()));
+        let fake = FakeCa {
+            ca,
+            lifetime: time::Duration::seconds(2),
+            // Every renewal fails, as with a controller that is down.
+            fail: Arc::new(AtomicU32::new(u32::MAX)),
+            accept: accept.clone(),
+            tokens: tokens.clone(),
+        };
+        let creds = Credentials::pending(roots, "t.test".into());
+        let stop = CancellationToken::new();
+        let cfg = ManagerConfig {
+            id: "spiffe://t.test/ns/a/sa/b".parse().expect("id"),
+            join_token: "qmt_first".into(),
+            join_token_file: Some(file.clone()),
+            renew_fraction: 0.5,
+        };
+        let task = tokio::spawn(run(
+            fake,
+            creds.clone(),
+            cfg,
+            IdentityMetrics::default(),
+            stop.clone(),
+        ));
+        creds.wait_leaf().await;
+        assert_eq!(creds.generation(), 1);
+        let count = |t: &str| {
+            tokens
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|x| x.as_deref() == Some(t))
+                .count()
+        };
+        // After expiry the spent token is read again from the file and refused.
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while count("qmt_first") < 2 {
+            assert!(
+                std::time::Instant::now() < until,
+                "no bootstrap after expiry"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(creds.generation(), 1, "a spent token buys nothing");
+        // The operator writes a fresh token: the proxy rejoins.
+        accept.lock().expect("lock").push("qmt_fresh".into());
+        std::fs::write(&file, "qmt_fresh\n").expect("fresh token");
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while creds.generation() < 2 {
+            assert!(std::time::Instant::now() < until, "never rejoined");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(count("qmt_fresh"), 1);
+        let leaf = creds.leaf().expect("leaf");
+        assert!(leaf.info.not_after > OffsetDateTime::now_utc());
         stop.cancel();
         task.await.expect("manager task");
     }

@@ -1,0 +1,620 @@
+//! The controller's certificate authority at work: join tokens, issuance, the audit log, the roots and
+//! the controller's own serving certificate, and pruning of what is old.
+//!
+//! Decisions are the pure functions of [`rules`] (token validity, who may get which identity, retention)
+//! and of [`crate::issuer`] (what a CSR may contain, the roots' lifecycle); this module reads the records
+//! they need under the store's write lock, asks, and writes the outcome as one batch, flushed before the
+//! answer. Root private keys are sealed with the key-encryption key before they are stored
+//! ([`crate::keystore`]).
+
+pub mod rules;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use quicmesh_transport::identity::SpiffeId;
+use time::OffsetDateTime;
+
+use self::rules::{AuditRecord, TokenRecord};
+use crate::{
+    auth::{self, PeerInfo},
+    error::{ApiError, StartError},
+    issuer::{Issuer, RootRecord},
+    keystore::Kek,
+    model::{self, FieldError},
+    resources::Resources,
+    store::{self, Db, Op, Tree},
+    tls,
+};
+
+/// Default and longest join token lifetime.
+const DEFAULT_TOKEN_TTL: u64 = 3600;
+/// Lifetime of the controller's own serving certificate; renewed at half-life and at root rotation.
+const SERVING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Name of the trust bundle file written into the data directory.
+pub const BUNDLE_FILE: &str = "trust-bundle.pem";
+/// Audit records looked at per pruning round (oldest first), to bound one batch.
+const PRUNE_BATCH: usize = 10_000;
+
+/// How long dead join tokens and audit records are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// A spent, revoked or expired token is dropped this long after it stopped being usable.
+    pub tokens: Duration,
+    /// An audit record is dropped this long after its certificate expired.
+    pub audit: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            tokens: Duration::from_secs(24 * 3600),
+            audit: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// A signed certificate as handed to the caller.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Leaf, PEM.
+    pub cert_pem: String,
+    /// The trust bundle now.
+    pub trust_bundle_pem: Vec<String>,
+    /// Identity.
+    pub spiffe_id: String,
+    /// Validity start, Unix seconds.
+    pub not_before_unix: i64,
+    /// Validity end, Unix seconds.
+    pub not_after_unix: i64,
+    /// Serial, hex.
+    pub serial_hex: String,
+}
+
+/// One root as `ctl certs` shows it.
+#[derive(Debug, Clone)]
+pub struct RootStatus {
+    /// Fingerprint.
+    pub fingerprint: String,
+    /// End of validity.
+    pub not_after_unix: i64,
+    /// Signs new leaves.
+    pub active: bool,
+    /// For a retired root, when it leaves the bundle.
+    pub retire_after_unix: i64,
+}
+
+/// The CA's state for `ctl certs`.
+#[derive(Debug, Clone)]
+pub struct CaStatus {
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Roots.
+    pub roots: Vec<RootStatus>,
+    /// Leaf lifetime.
+    pub leaf_ttl_seconds: u64,
+    /// Controller clock.
+    pub server_time_unix: i64,
+}
+
+/// What [`Ca::prune`] dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Join tokens.
+    pub tokens: usize,
+    /// Audit records.
+    pub audit: usize,
+}
+
+struct Serving {
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+}
+
+/// The certificate authority.
+pub struct Ca {
+    db: Arc<Db>,
+    resources: Arc<Resources>,
+    kek: Kek,
+    trust_domain: String,
+    leaf_ttl_secs: AtomicU64,
+    issuer: Mutex<Issuer>,
+    tls_names: Vec<String>,
+    serving: Mutex<Serving>,
+    tls: tls::ServingConfig,
+    data_dir: PathBuf,
+    retention: Retention,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("trust_domain", &self.trust_domain)
+            .field("kek", &self.kek)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Ca::open`] needs beyond the store.
+#[derive(Debug)]
+pub struct CaSettings {
+    /// Data directory (trust bundle file).
+    pub data_dir: PathBuf,
+    /// Trust domain.
+    pub trust_domain: String,
+    /// Leaf lifetime, seconds.
+    pub leaf_ttl_secs: u64,
+    /// Operator root `(cert_pem, key_pem)` for a new mesh.
+    pub root_pem: Option<(String, String)>,
+    /// Extra names of the serving certificate.
+    pub tls_names: Vec<String>,
+    /// Retention of dead tokens and audit records.
+    pub retention: Retention,
+    /// KEK from the environment, if set.
+    pub kek_env: Option<String>,
+    /// KEK file.
+    pub kek_file: PathBuf,
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// `r` as stored: key sealed, no plain key.
+fn stored_form(r: &RootRecord) -> RootRecord {
+    RootRecord {
+        key_pem: String::new(),
+        ..r.clone()
+    }
+}
+
+/// Writes the trust bundle file, owner-only, replacing the old one atomically.
+pub fn write_bundle(dir: &Path, bundle: &[String]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{BUNDLE_FILE}.tmp"));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    crate::keystore::write_private(&tmp, bundle.concat().as_bytes())?;
+    std::fs::rename(tmp, dir.join(BUNDLE_FILE))
+}
+
+impl Ca {
+    /// Loads the roots (unsealing their keys; sealing any stored in plain by an older build), creates
+    /// the first root of a new mesh, and issues the serving certificate. Returns the CA and the writes
+    /// start-up must commit.
+    pub fn open(
+        db: Arc<Db>,
+        resources: Arc<Resources>,
+        s: CaSettings,
+    ) -> Result<(Self, Vec<Op>), StartError> {
+        let t = now();
+        let mut roots: Vec<RootRecord> = db
+            .scan(Tree::Roots, "", false, usize::MAX)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        let sealed_any = roots.iter().any(|r| !r.key_sealed.is_empty());
+        let kek = Kek::load(s.kek_env.as_deref(), &s.kek_file, !sealed_any)?;
+        let mut ops = Vec::new();
+        for r in &mut roots {
+            if !r.key_sealed.is_empty() {
+                let plain = kek.open(&r.fingerprint, &r.key_sealed)?;
+                r.key_pem = String::from_utf8(plain).map_err(|_| {
+                    StartError::Config(format!("root {}: sealed key is not PEM", r.fingerprint))
+                })?;
+            } else if !r.key_pem.is_empty() {
+                tracing::warn!(fingerprint = %r.fingerprint, "sealing a root key stored in plain by an older version; consider `quicmesh ctl rotate-root`, since old copies may stay in the database files until they are compacted");
+                r.key_sealed = kek.seal(&r.fingerprint, r.key_pem.as_bytes())?;
+                ops.push(Op::Put(
+                    Tree::Roots,
+                    r.fingerprint.clone(),
+                    store::encode(&stored_form(r))?,
+                ));
+            } else {
+                return Err(StartError::Config(format!(
+                    "root {} in the store has no key",
+                    r.fingerprint
+                )));
+            }
+        }
+        if let Some((cert, key)) = &s.root_pem {
+            let given = Issuer::load_root(cert, key, t)?;
+            if roots.is_empty() {
+                roots.push(given);
+            } else if !roots.iter().any(|r| r.fingerprint == given.fingerprint) {
+                return Err(StartError::Config(
+                    "the data directory already has a root CA; --root-cert only applies to a new mesh (rotate with `quicmesh ctl rotate-root`)".into(),
+                ));
+            }
+        }
+        if roots.is_empty() {
+            roots.push(Issuer::generate_root(&s.trust_domain, t)?);
+        }
+        for r in &mut roots {
+            if r.key_sealed.is_empty() {
+                r.key_sealed = kek.seal(&r.fingerprint, r.key_pem.as_bytes())?;
+                ops.push(Op::Put(
+                    Tree::Roots,
+                    r.fingerprint.clone(),
+                    store::encode(&stored_form(r))?,
+                ));
+            }
+        }
+        let issuer = Issuer::from_records(roots)?;
+        let (cert, key, not_after) =
+            issuer.serving_cert(&s.trust_domain, &s.tls_names, t, SERVING_LIFETIME)?;
+        let bundle = issuer.bundle(t);
+        let tls = tls::ServingConfig::new(tls::server_config(&bundle, &cert, &key)?);
+        write_bundle(&s.data_dir, &bundle).map_err(|source| StartError::Io {
+            path: s.data_dir.join(BUNDLE_FILE),
+            source,
+        })?;
+        Ok((
+            Self {
+                db,
+                resources,
+                kek,
+                trust_domain: s.trust_domain,
+                leaf_ttl_secs: AtomicU64::new(s.leaf_ttl_secs),
+                issuer: Mutex::new(issuer),
+                tls_names: s.tls_names,
+                serving: Mutex::new(Serving {
+                    not_before: t,
+                    not_after,
+                }),
+                tls,
+                data_dir: s.data_dir,
+                retention: s.retention,
+            },
+            ops,
+        ))
+    }
+
+    fn lock_issuer(&self) -> MutexGuard<'_, Issuer> {
+        self.issuer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The serving TLS configuration handle (swapped on renewal and rotation).
+    pub fn serving_config(&self) -> &tls::ServingConfig {
+        &self.tls
+    }
+
+    /// Current leaf lifetime.
+    pub fn leaf_ttl(&self) -> Duration {
+        Duration::from_secs(self.leaf_ttl_secs.load(Ordering::Relaxed))
+    }
+
+    /// Changes the leaf lifetime (after the trust domain settings were written).
+    pub fn set_leaf_ttl(&self, secs: u64) {
+        self.leaf_ttl_secs.store(secs, Ordering::Relaxed);
+    }
+
+    /// The trust bundle now.
+    pub fn bundle(&self) -> Vec<String> {
+        self.lock_issuer().bundle(now())
+    }
+
+    /// The path of the trust bundle file.
+    pub fn bundle_path(&self) -> PathBuf {
+        self.data_dir.join(BUNDLE_FILE)
+    }
+
+    /// Signs a CSR for the identity granted by a join token or by the caller's mesh certificate.
+    pub async fn certify(
+        &self,
+        csr_pem: &str,
+        join_token: &str,
+        peer: Option<&PeerInfo>,
+    ) -> Result<Issued, ApiError> {
+        let guard = self.db.lock().await;
+        let t = now();
+        let mut ops = Vec::new();
+        let (granted, credential) = if !join_token.is_empty() {
+            let id =
+                auth::join_token_id(join_token).map_err(|m| ApiError::Unauthenticated(m.into()))?;
+            let invalid = || ApiError::Unauthenticated("join_token: not valid".into());
+            let rec: TokenRecord = self.db.get(Tree::Tokens, id)?.ok_or_else(invalid)?;
+            if !auth::constant_time_eq(&auth::sha256_hex(join_token.as_bytes()), &rec.sha256) {
+                return Err(invalid());
+            }
+            rules::check_token(&rec, t.unix_timestamp())
+                .map_err(|r| ApiError::Unauthenticated(r.to_string()))?;
+            let granted: SpiffeId = rec
+                .spiffe_id
+                .parse()
+                .map_err(|e| ApiError::Internal(format!("stored token identity: {e}")))?;
+            ops.push(Op::Put(
+                Tree::Tokens,
+                id.to_owned(),
+                store::encode(&rules::token_used(&rec, t.unix_timestamp()))?,
+            ));
+            (granted, format!("join-token:{id}"))
+        } else if let Some(id) = peer.and_then(|p| p.spiffe_id.clone()) {
+            (id, "mtls".to_owned())
+        } else {
+            return Err(ApiError::Unauthenticated(
+                "Certify needs a join_token or a mesh client certificate".into(),
+            ));
+        };
+        rules::may_issue(&granted, self.resources.is_revoked(&granted)?)
+            .map_err(|r| ApiError::PermissionDenied(r.to_string()))?;
+        let (signed, root) = self
+            .lock_issuer()
+            .sign(csr_pem, &granted, t, self.leaf_ttl())?;
+        ops.push(Op::Put(
+            Tree::Roots,
+            root.fingerprint.clone(),
+            store::encode(&stored_form(&root))?,
+        ));
+        let audit = AuditRecord {
+            serial_hex: signed.serial_hex.clone(),
+            spiffe_id: granted.to_string(),
+            issued_unix: t.unix_timestamp(),
+            not_after_unix: signed.not_after.unix_timestamp(),
+            credential,
+            root_fingerprint: signed.root_fingerprint.clone(),
+            peer_address: peer.map(|p| p.remote.to_string()).unwrap_or_default(),
+        };
+        ops.push(Op::Put(
+            Tree::Audit,
+            format!("{:020}", self.db.revision() + 1),
+            store::encode(&audit)?,
+        ));
+        self.db.commit(guard, ops).await?;
+        tracing::info!(spiffe_id = %granted, serial = %signed.serial_hex, credential = %audit.credential, "issued certificate");
+        Ok(Issued {
+            cert_pem: signed.cert_pem,
+            trust_bundle_pem: self.bundle(),
+            spiffe_id: granted.to_string(),
+            not_before_unix: signed.not_before.unix_timestamp(),
+            not_after_unix: signed.not_after.unix_timestamp(),
+            serial_hex: signed.serial_hex,
+        })
+    }
+
+    /// Creates a join token for `namespace/sa`, creating the identity if it does not exist.
+    pub async fn create_token(
+        &self,
+        namespace: &str,
+        sa: &str,
+        ttl_seconds: u64,
+        reusable: bool,
+    ) -> Result<(String, TokenRecord), ApiError> {
+        let id = self.resources.identity_id(namespace, sa)?;
+        let ttl = if ttl_seconds == 0 {
+            DEFAULT_TOKEN_TTL
+        } else {
+            ttl_seconds
+        };
+        if ttl > model::MAX_LEAF_TTL_SECONDS {
+            return Err(FieldError::new(
+                "ttl_seconds",
+                format!(
+                    "must be at most {} (30 days), got {ttl}",
+                    model::MAX_LEAF_TTL_SECONDS
+                ),
+            )
+            .into());
+        }
+        let guard = self.db.lock().await;
+        let t = now().unix_timestamp();
+        let mut ops: Vec<Op> = self
+            .resources
+            .identity_for_token(namespace, sa, self.db.revision() + 1, t)?
+            .into_iter()
+            .collect();
+        let (token_id, token) = auth::new_join_token();
+        let rec = TokenRecord {
+            id: token_id.clone(),
+            sha256: auth::sha256_hex(token.as_bytes()),
+            spiffe_id: id.to_string(),
+            created_unix: t,
+            expires_unix: t.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)),
+            reusable,
+            uses: 0,
+            revoked: false,
+            last_used_unix: 0,
+            revoked_unix: 0,
+        };
+        ops.push(Op::Put(Tree::Tokens, token_id, store::encode(&rec)?));
+        self.db.commit(guard, ops).await?;
+        Ok((token, rec))
+    }
+
+    /// Revokes a join token by id.
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenRecord, ApiError> {
+        if id.len() != 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(FieldError::new(
+                "id",
+                format!(
+                    "{:?} is not a join token id (12 hex digits)",
+                    crate::error::Capped(id)
+                ),
+            )
+            .into());
+        }
+        let guard = self.db.lock().await;
+        let mut rec: TokenRecord = self
+            .db
+            .get(Tree::Tokens, id)?
+            .ok_or_else(|| ApiError::NotFound(format!("join token {id}")))?;
+        if !rec.revoked {
+            rec.revoked = true;
+            rec.revoked_unix = now().unix_timestamp();
+        }
+        self.db
+            .commit(
+                guard,
+                vec![Op::Put(Tree::Tokens, id.to_owned(), store::encode(&rec)?)],
+            )
+            .await?;
+        Ok(rec)
+    }
+
+    /// Every join token (hashes only).
+    pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, ApiError> {
+        Ok(self
+            .db
+            .scan(Tree::Tokens, "", false, usize::MAX)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// The newest issued certificates, newest first.
+    pub fn list_issued(&self, limit: usize) -> Result<Vec<AuditRecord>, ApiError> {
+        Ok(self
+            .db
+            .scan(Tree::Audit, "", true, limit)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect())
+    }
+
+    /// The CA status.
+    pub fn status(&self) -> CaStatus {
+        let issuer = self.lock_issuer();
+        CaStatus {
+            trust_domain: self.trust_domain.clone(),
+            roots: issuer
+                .roots()
+                .iter()
+                .map(|r| RootStatus {
+                    fingerprint: r.fingerprint.clone(),
+                    not_after_unix: r.not_after_unix,
+                    active: r.active,
+                    retire_after_unix: if r.active {
+                        0
+                    } else {
+                        r.max_leaf_not_after_unix
+                    },
+                })
+                .collect(),
+            leaf_ttl_seconds: self.leaf_ttl().as_secs(),
+            server_time_unix: now().unix_timestamp(),
+        }
+    }
+
+    /// Starts a root rotation. The caller publishes the new bundle.
+    pub async fn rotate_root(&self) -> Result<CaStatus, ApiError> {
+        let guard = self.db.lock().await;
+        let t = now();
+        let mut new = Issuer::generate_root(&self.trust_domain, t)?;
+        new.key_sealed = self
+            .kek
+            .seal(&new.fingerprint, new.key_pem.as_bytes())
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let changed = self.lock_issuer().rotate_to(new)?;
+        let ops = changed
+            .iter()
+            .map(|r| {
+                Ok(Op::Put(
+                    Tree::Roots,
+                    r.fingerprint.clone(),
+                    store::encode(&stored_form(r))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        self.db.commit(guard, ops).await?;
+        tracing::info!(
+            "root rotated: new root signs, old root stays in the bundle until its leaves expire"
+        );
+        self.renew_serving_cert(t)?;
+        self.write_bundle_file()?;
+        Ok(self.status())
+    }
+
+    fn renew_serving_cert(&self, t: OffsetDateTime) -> Result<(), ApiError> {
+        let issuer = self.lock_issuer();
+        let (cert, key, not_after) =
+            issuer.serving_cert(&self.trust_domain, &self.tls_names, t, SERVING_LIFETIME)?;
+        let cfg = tls::server_config(&issuer.bundle(t), &cert, &key)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        drop(issuer);
+        self.tls.set(cfg);
+        *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = Serving {
+            not_before: t,
+            not_after,
+        };
+        Ok(())
+    }
+
+    fn write_bundle_file(&self) -> Result<(), ApiError> {
+        write_bundle(&self.data_dir, &self.bundle())
+            .map_err(|e| ApiError::Internal(format!("trust bundle file: {e}")))
+    }
+
+    /// Periodic work at `t`: retire roots whose leaves all expired, renew the serving certificate at
+    /// half-life. Returns whether the trust bundle changed (the caller publishes it).
+    pub async fn tick(&self, t: OffsetDateTime) -> Result<bool, ApiError> {
+        let guard = self.db.lock().await;
+        let gone = self.lock_issuer().take_retired(t);
+        if !gone.is_empty() {
+            let ops = gone
+                .iter()
+                .map(|r| Op::Delete(Tree::Roots, r.fingerprint.clone()))
+                .collect();
+            self.db.commit(guard, ops).await?;
+            for r in &gone {
+                tracing::info!(fingerprint = %r.fingerprint, "retired root left the trust bundle");
+            }
+            self.renew_serving_cert(t)?;
+            self.write_bundle_file()?;
+            return Ok(true);
+        }
+        drop(guard);
+        let renew = {
+            let s = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+            t > s.not_before + (s.not_after - s.not_before) / 2
+        };
+        if renew {
+            self.renew_serving_cert(t)?;
+        }
+        Ok(false)
+    }
+
+    /// Drops join tokens dead for longer than the token retention and audit records whose certificate
+    /// expired longer than the audit retention ago (oldest first, at most [`PRUNE_BATCH`] per round).
+    pub async fn prune(&self, t: OffsetDateTime) -> Result<Pruned, ApiError> {
+        let now = t.unix_timestamp();
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        let guard = self.db.lock().await;
+        let mut ops = Vec::new();
+        let mut pruned = Pruned::default();
+        for (key, rec) in self
+            .db
+            .scan::<TokenRecord>(Tree::Tokens, "", false, usize::MAX)?
+        {
+            if rules::token_prunable(&rec, now, secs(self.retention.tokens)) {
+                ops.push(Op::Delete(Tree::Tokens, key));
+                pruned.tokens += 1;
+            }
+        }
+        for (key, rec) in self
+            .db
+            .scan::<AuditRecord>(Tree::Audit, "", false, PRUNE_BATCH)?
+        {
+            if rules::audit_prunable(&rec, now, secs(self.retention.audit)) {
+                ops.push(Op::Delete(Tree::Audit, key));
+                pruned.audit += 1;
+            }
+        }
+        if ops.is_empty() {
+            return Ok(pruned);
+        }
+        self.db.commit(guard, ops).await?;
+        tracing::info!(
+            tokens = pruned.tokens,
+            audit_records = pruned.audit,
+            "pruned dead join tokens and old audit records"
+        );
+        Ok(pruned)
+    }
+}

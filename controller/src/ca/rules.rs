@@ -1,0 +1,273 @@
+//! The CA's decisions as pure functions over records and a time passed in: whether a join token may
+//! still buy a certificate, who may get which identity, and when spent tokens and audit records are
+//! old enough to drop. The I/O around them ([`super::Ca`]) only reads records, asks, and writes.
+
+use quicmesh_transport::identity::SpiffeId;
+use serde::{Deserialize, Serialize};
+
+use crate::model::SYSTEM_NAMESPACE;
+
+/// A join token as stored: the hash of the secret, never the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Public id.
+    pub id: String,
+    /// SHA-256 of the whole token, hex.
+    pub sha256: String,
+    /// Identity it grants.
+    pub spiffe_id: String,
+    /// Creation, Unix seconds.
+    pub created_unix: i64,
+    /// Expiry, Unix seconds.
+    pub expires_unix: i64,
+    /// Usable more than once (until expiry).
+    pub reusable: bool,
+    /// Successful uses.
+    pub uses: u32,
+    /// Revoked by an operator.
+    pub revoked: bool,
+    /// Last successful use, Unix seconds (0 = never).
+    #[serde(default)]
+    pub last_used_unix: i64,
+    /// When it was revoked, Unix seconds (0 = not revoked, or revoked before this was recorded).
+    #[serde(default)]
+    pub revoked_unix: i64,
+}
+
+/// One issued certificate in the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Serial, hex.
+    pub serial_hex: String,
+    /// Identity.
+    pub spiffe_id: String,
+    /// Issue time.
+    pub issued_unix: i64,
+    /// Expiry.
+    pub not_after_unix: i64,
+    /// `join-token:<id>` or `mtls`.
+    pub credential: String,
+    /// Signing root.
+    pub root_fingerprint: String,
+    /// Caller address.
+    pub peer_address: String,
+}
+
+/// Why a join token buys nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    /// Revoked by an operator.
+    #[error("join_token: {0} was revoked")]
+    Revoked(String),
+    /// Past its expiry.
+    #[error("join_token: {0} has expired")]
+    Expired(String),
+    /// Single use, already used.
+    #[error("join_token: {0} was already used (single use)")]
+    Spent(String),
+}
+
+/// Whether `rec` may buy a certificate at `now` (the secret was already checked).
+pub fn check_token(rec: &TokenRecord, now: i64) -> Result<(), TokenRefusal> {
+    if rec.revoked {
+        return Err(TokenRefusal::Revoked(rec.id.clone()));
+    }
+    if now > rec.expires_unix {
+        return Err(TokenRefusal::Expired(rec.id.clone()));
+    }
+    if !rec.reusable && rec.uses > 0 {
+        return Err(TokenRefusal::Spent(rec.id.clone()));
+    }
+    Ok(())
+}
+
+/// `rec` after a successful use at `now`.
+pub fn token_used(rec: &TokenRecord, now: i64) -> TokenRecord {
+    TokenRecord {
+        uses: rec.uses.saturating_add(1),
+        last_used_unix: now,
+        ..rec.clone()
+    }
+}
+
+/// Since when `rec` can buy nothing any more (spent, revoked or expired), or `None` while it still can.
+pub fn token_dead_since(rec: &TokenRecord, now: i64) -> Option<i64> {
+    let mut since: Option<i64> = None;
+    let mut at = |t: i64| since = Some(since.map_or(t, |s| s.min(t)));
+    if rec.revoked {
+        at(if rec.revoked_unix > 0 {
+            rec.revoked_unix
+        } else {
+            rec.created_unix
+        });
+    }
+    if !rec.reusable && rec.uses > 0 {
+        at(if rec.last_used_unix > 0 {
+            rec.last_used_unix
+        } else {
+            rec.created_unix
+        });
+    }
+    if now > rec.expires_unix {
+        at(rec.expires_unix);
+    }
+    since
+}
+
+/// Whether a dead token has been kept for `retention` seconds and may be dropped.
+pub fn token_prunable(rec: &TokenRecord, now: i64, retention: i64) -> bool {
+    token_dead_since(rec, now).is_some_and(|since| since.saturating_add(retention) <= now)
+}
+
+/// Whether an audit record may be dropped: its certificate expired `retention` seconds ago.
+pub fn audit_prunable(rec: &AuditRecord, now: i64, retention: i64) -> bool {
+    rec.not_after_unix.saturating_add(retention) <= now
+}
+
+/// Why an identity gets no certificate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IssueRefusal {
+    /// The controller's own namespace.
+    #[error("{0} is reserved for the controller")]
+    Reserved(String),
+    /// Revoked by an operator.
+    #[error("identity {0} is revoked")]
+    Revoked(String),
+}
+
+/// Whether `granted` may be issued a certificate, given whether it is revoked.
+pub fn may_issue(granted: &SpiffeId, revoked: bool) -> Result<(), IssueRefusal> {
+    if granted.namespace() == SYSTEM_NAMESPACE {
+        return Err(IssueRefusal::Reserved(granted.to_string()));
+    }
+    if revoked {
+        return Err(IssueRefusal::Revoked(granted.to_string()));
+    }
+    Ok(())
+}
+
+/// Whether a CSR's URI SANs fit the granted identity: every one must be it (none is fine: the CA
+/// writes the granted ID). Returns the first other URI.
+pub fn foreign_uri<'a>(
+    uris: impl IntoIterator<Item = &'a str>,
+    granted: &SpiffeId,
+) -> Option<&'a str> {
+    uris.into_iter().find(|u| *u != granted.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(reusable: bool) -> TokenRecord {
+        TokenRecord {
+            id: "0123456789ab".into(),
+            sha256: String::new(),
+            spiffe_id: "spiffe://t/ns/a/sa/b".into(),
+            created_unix: 1000,
+            expires_unix: 2000,
+            reusable,
+            uses: 0,
+            revoked: false,
+            last_used_unix: 0,
+            revoked_unix: 0,
+        }
+    }
+
+    #[test]
+    fn single_use_tokens_buy_one_certificate_before_expiry() {
+        let t = token(false);
+        assert_eq!(check_token(&t, 1500), Ok(()));
+        assert_eq!(
+            check_token(&t, 2000),
+            Ok(()),
+            "valid through its expiry second"
+        );
+        assert!(matches!(
+            check_token(&t, 2001),
+            Err(TokenRefusal::Expired(_))
+        ));
+        let used = token_used(&t, 1600);
+        assert_eq!((used.uses, used.last_used_unix), (1, 1600));
+        assert!(matches!(
+            check_token(&used, 1601),
+            Err(TokenRefusal::Spent(_))
+        ));
+        let reusable = token_used(&token(true), 1600);
+        assert_eq!(check_token(&reusable, 1601), Ok(()));
+        let revoked = TokenRecord {
+            revoked: true,
+            ..token(true)
+        };
+        assert!(matches!(
+            check_token(&revoked, 1100),
+            Err(TokenRefusal::Revoked(_))
+        ));
+    }
+
+    #[test]
+    fn dead_tokens_are_kept_for_the_retention_then_pruned() {
+        let day = 86_400;
+        // Live: never pruned.
+        assert_eq!(token_dead_since(&token(false), 1500), None);
+        assert!(!token_prunable(&token(true), 1500, 0));
+        // Spent at 1600: kept a day after that.
+        let spent = token_used(&token(false), 1600);
+        assert_eq!(token_dead_since(&spent, 1700), Some(1600));
+        assert!(!token_prunable(&spent, 1600 + day - 1, day));
+        assert!(token_prunable(&spent, 1600 + day, day));
+        // A reusable token dies at its expiry.
+        let used = token_used(&token(true), 1600);
+        assert_eq!(token_dead_since(&used, 1900), None);
+        assert_eq!(token_dead_since(&used, 2001), Some(2000));
+        assert!(token_prunable(&used, 2000 + day, day));
+        // Revoked: from the revocation.
+        let revoked = TokenRecord {
+            revoked: true,
+            revoked_unix: 1200,
+            ..token(true)
+        };
+        assert_eq!(token_dead_since(&revoked, 1300), Some(1200));
+    }
+
+    #[test]
+    fn audit_records_outlive_their_certificate_by_the_retention() {
+        let rec = AuditRecord {
+            serial_hex: "01".into(),
+            spiffe_id: "spiffe://t/ns/a/sa/b".into(),
+            issued_unix: 1000,
+            not_after_unix: 4600,
+            credential: "mtls".into(),
+            root_fingerprint: String::new(),
+            peer_address: String::new(),
+        };
+        assert!(!audit_prunable(&rec, 4600, 30));
+        assert!(!audit_prunable(&rec, 4629, 30));
+        assert!(audit_prunable(&rec, 4630, 30));
+    }
+
+    #[test]
+    fn issuance_refuses_reserved_and_revoked_identities() {
+        let id: SpiffeId = "spiffe://t/ns/shop/sa/cart".parse().expect("id");
+        assert_eq!(may_issue(&id, false), Ok(()));
+        assert!(matches!(
+            may_issue(&id, true),
+            Err(IssueRefusal::Revoked(_))
+        ));
+        let ctl: SpiffeId = "spiffe://t/ns/quicmesh-system/sa/controller"
+            .parse()
+            .expect("id");
+        assert!(matches!(
+            may_issue(&ctl, false),
+            Err(IssueRefusal::Reserved(_))
+        ));
+        assert_eq!(foreign_uri(["spiffe://t/ns/shop/sa/cart"], &id), None);
+        assert_eq!(
+            foreign_uri(
+                ["spiffe://t/ns/shop/sa/cart", "spiffe://t/ns/shop/sa/x"],
+                &id
+            ),
+            Some("spiffe://t/ns/shop/sa/x")
+        );
+    }
+}
