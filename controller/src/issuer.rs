@@ -325,7 +325,12 @@ pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
             csr_pem.len()
         )));
     }
-    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+    let der = rustls_pemfile::csr(&mut csr_pem.as_bytes())
+        .ok()
+        .flatten()
+        .ok_or_else(|| IssueError::Csr("no PEM CERTIFICATE REQUEST block".into()))?;
+    check_key_type(&der)?;
+    let csr = CertificateSigningRequestParams::from_der(&der)
         .map_err(|e| IssueError::Csr(e.to_string()))?;
     for san in &csr.params.subject_alt_names {
         if let SanType::URI(uri) = san
@@ -336,6 +341,58 @@ pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
                 granted: granted.to_string(),
             });
         }
+    }
+    Ok(())
+}
+
+/// The one key type issued: ECDSA P-256 signed with SHA-256, what proxies generate and what the handshake
+/// tests use. rcgen derives the leaf's key algorithm from the CSR's *signature* algorithm, so any other
+/// pairing (e.g. a P-384 key signed with SHA-256) would yield a leaf whose key OID contradicts its key.
+/// Checked before the signature, so an unsupported key is refused by name, not as "invalid signature".
+fn check_key_type(der: &[u8]) -> Result<(), IssueError> {
+    use x509_parser::{
+        certification_request::X509CertificationRequest, oid_registry as oid, prelude::FromDer,
+        public_key::PublicKey,
+    };
+    let (_, csr) = X509CertificationRequest::from_der(der)
+        .map_err(|e| IssueError::Csr(format!("malformed CSR: {e}")))?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let key_oid = &spki.algorithm.algorithm;
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
+    let key_type = if *key_oid == oid::OID_KEY_TYPE_EC_PUBLIC_KEY {
+        match curve {
+            Some(c) if c == oid::OID_EC_P256 => "ECDSA P-256".to_owned(),
+            Some(c) if c == oid::OID_NIST_EC_P384 => "ECDSA P-384".to_owned(),
+            Some(c) if c == oid::OID_NIST_EC_P521 => "ECDSA P-521".to_owned(),
+            Some(c) => format!("ECDSA on curve {c}"),
+            None => "ECDSA without a named curve".to_owned(),
+        }
+    } else if *key_oid == oid::OID_PKCS1_RSAENCRYPTION {
+        match spki.parsed() {
+            Ok(PublicKey::RSA(k)) => format!("RSA-{}", k.key_size()),
+            _ => "RSA".to_owned(),
+        }
+    } else if *key_oid == oid::OID_SIG_ED25519 {
+        "Ed25519".to_owned()
+    } else if *key_oid == oid::OID_SIG_ED448 {
+        "Ed448".to_owned()
+    } else {
+        format!("key algorithm {key_oid}")
+    };
+    if key_type != "ECDSA P-256" {
+        return Err(IssueError::Csr(format!(
+            "CSR key type {key_type} is not supported: use an ECDSA P-256 key"
+        )));
+    }
+    let sig = &csr.signature_algorithm.algorithm;
+    if *sig != oid::OID_SIG_ECDSA_WITH_SHA256 {
+        return Err(IssueError::Csr(format!(
+            "CSR signature algorithm {sig} does not match its ECDSA P-256 key: sign with ecdsa-with-SHA256"
+        )));
     }
     Ok(())
 }
@@ -380,6 +437,69 @@ mod tests {
             check_csr(&"x".repeat(MAX_CSR_PEM + 1), &id("cart")),
             Err(IssueError::Csr(_))
         ));
+    }
+
+    /// DER CSRs made with the openssl CLI (the fuzz target's seeds), as PEM.
+    fn openssl_csr(der: &[u8]) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        format!("-----BEGIN CERTIFICATE REQUEST-----\n{b64}\n-----END CERTIFICATE REQUEST-----\n")
+    }
+
+    #[test]
+    fn only_p256_keys_are_issued_and_others_are_named() {
+        let cart = id("cart");
+        // Found by the `csr` fuzz target: a P-384 key signed with SHA-256 was issued a leaf that declared
+        // a P-256 key holding a P-384 point.
+        for (der, named) in [
+            (
+                &include_bytes!("../../fuzz/corpus/csr/p384-sha256.der")[..],
+                "ECDSA P-384",
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/csr/p384.der"),
+                "ECDSA P-384",
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/csr/p521.der"),
+                "ECDSA P-521",
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/csr/rsa1024.der"),
+                "RSA-1024",
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/csr/rsa2048.der"),
+                "RSA-2048",
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/csr/ed25519.der"),
+                "Ed25519",
+            ),
+        ] {
+            let err = check_csr(&openssl_csr(der), &cart).expect_err(named);
+            assert!(
+                err.to_string()
+                    .contains(&format!("key type {named} is not supported")),
+                "{named}: {err}"
+            );
+        }
+        let p256 = openssl_csr(include_bytes!("../../fuzz/corpus/csr/p256.der"));
+        check_csr(&p256, &cart).expect("P-256 with SHA-256");
+        let now = OffsetDateTime::now_utc();
+        let mut issuer = Issuer::from_records(vec![
+            Issuer::generate_root("mesh.local", now).expect("root"),
+        ])
+        .expect("issuer");
+        issuer
+            .sign(&p256, &cart, now, Duration::from_secs(60))
+            .expect("an openssl P-256 CSR is signed");
+        let err = check_csr(
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            &cart,
+        )
+        .expect_err("not a CSR");
+        assert!(err.to_string().contains("CERTIFICATE REQUEST"), "{err}");
     }
 
     #[test]
