@@ -214,12 +214,13 @@ impl Issuer {
         now: OffsetDateTime,
         ttl: Duration,
     ) -> Result<(Signed, RootRecord), IssueError> {
-        check_csr(csr_pem, granted)?;
+        // Sign the very block that was checked, not whatever another PEM reader takes first.
+        let der = checked_csr_der(csr_pem, granted)?;
         let not_before = now - BACKDATE;
         let not_after = now + ttl;
         let cert_pem = self
             .active
-            .sign_csr(csr_pem, granted, not_before, not_after)
+            .sign_csr_der(&der, granted, not_before, not_after)
             .map_err(|e| match e {
                 CaError::Csr(e) => IssueError::Csr(e.to_string()),
                 e => IssueError::Ca(e),
@@ -316,6 +317,14 @@ pub fn controller_id(
 
 /// Parses and verifies a CSR; if it carries URI SANs, each must be `granted`.
 pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
+    checked_csr_der(csr_pem, granted).map(|_| ())
+}
+
+/// [`check_csr`], returning the DER of the checked `CERTIFICATE REQUEST` block.
+fn checked_csr_der(
+    csr_pem: &str,
+    granted: &SpiffeId,
+) -> Result<rustls::pki_types::CertificateSigningRequestDer<'static>, IssueError> {
     if csr_pem.is_empty() {
         return Err(IssueError::Csr("must not be empty".into()));
     }
@@ -342,7 +351,7 @@ pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
             });
         }
     }
-    Ok(())
+    Ok(der)
 }
 
 /// The one key type issued: ECDSA P-256 signed with SHA-256, what proxies generate and what the handshake
@@ -494,6 +503,30 @@ mod tests {
         issuer
             .sign(&p256, &cart, now, Duration::from_secs(60))
             .expect("an openssl P-256 CSR is signed");
+        // A P-384 CSR under another label first, then the P-256 one: the checked block is the signed one.
+        let p384 = openssl_csr(include_bytes!("../../fuzz/corpus/csr/p384-sha256.der"))
+            .replace("CERTIFICATE REQUEST", "X509 CRL");
+        let (leaf, _) = issuer
+            .sign(
+                &format!("{p384}{p256}"),
+                &cart,
+                now,
+                Duration::from_secs(60),
+            )
+            .expect("the CSR block is P-256");
+        let leaf_der = inspect::first_cert_der(&leaf.cert_pem).expect("leaf");
+        let p256_der = include_bytes!("../../fuzz/corpus/csr/p256.der");
+        let spki = |der: &[u8], cert: bool| {
+            use x509_parser::prelude::*;
+            if cert {
+                let (_, c) = X509Certificate::from_der(der).expect("cert");
+                c.tbs_certificate.subject_pki.raw.to_vec()
+            } else {
+                let (_, c) = X509CertificationRequest::from_der(der).expect("csr");
+                c.certification_request_info.subject_pki.raw.to_vec()
+            }
+        };
+        assert_eq!(spki(&leaf_der, true), spki(p256_der, false));
         let err = check_csr(
             "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
             &cart,

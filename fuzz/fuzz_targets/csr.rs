@@ -59,16 +59,19 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
+/// The key of the CSR block the controller reads (the same PEM reader as `check_csr`).
 fn spki_of_csr(pem: &str) -> Vec<u8> {
     use x509_parser::prelude::*;
-    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("CSR PEM");
-    let (_, csr) = X509CertificationRequest::from_der(&der.contents).expect("CSR DER");
+    let der = rustls_pemfile::csr(&mut pem.as_bytes())
+        .expect("CSR PEM")
+        .expect("a CSR block");
+    let (_, csr) = X509CertificationRequest::from_der(&der).expect("CSR DER");
     csr.certification_request_info.subject_pki.raw.to_vec()
 }
 
 fn spki_of_cert(pem: &str) -> Vec<u8> {
     use x509_parser::prelude::*;
-    let (_, der) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("leaf PEM");
-    let (_, cert) = X509Certificate::from_der(&der.contents).expect("leaf DER");
+    let der = inspect::first_cert_der(pem).expect("leaf PEM");
+    let (_, cert) = X509Certificate::from_der(&der).expect("leaf DER");
     cert.tbs_certificate.subject_pki.raw.to_vec()
 }
