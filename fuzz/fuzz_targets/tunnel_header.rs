@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
         // re-encode an out-of-range enum longer than the peer sent it).
         let again = tunnel::encode_frame(&h);
         if again.len() <= 2 + MAX_FRAME {
-            assert_eq!(tunnel::decode_header(&again).expect("re-encoded header decodes"), h);
+            assert_eq!(
+                tunnel::decode_header(&again).expect("re-encoded header decodes"),
+                h
+            );
         }
     }
     let _ = tunnel::decode_frame::<StreamStatus>(data);
