@@ -804,11 +804,7 @@ fn check_flow_depth(text: &str) -> Result<(), String> {
                 while let Some(n) = chars.next() {
                     match n {
                         '\n' => line += 1,
-                        '\\' if c == '"' => {
-                            if chars.next() == Some('\n') {
-                                line += 1;
-                            }
-                        }
+                        '\\' if c == '"' => line += usize::from(chars.next() == Some('\n')),
                         '\'' if c == '\'' && chars.next_if_eq(&'\'').is_some() => {}
                         n if n == c => break,
                         _ => {}
