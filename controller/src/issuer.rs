@@ -225,12 +225,13 @@ impl Issuer {
         now: OffsetDateTime,
         ttl: Duration,
     ) -> Result<(Signed, RootRecord), IssueError> {
-        check_csr(csr_pem, granted)?;
+        // Sign the very block that was checked, not whatever another PEM reader takes first.
+        let der = checked_csr_der(csr_pem, granted)?;
         let not_before = now - BACKDATE;
         let not_after = now + ttl;
         let cert_pem = self
             .active
-            .sign_csr(csr_pem, granted, not_before, not_after)
+            .sign_csr_der(&der, granted, not_before, not_after)
             .map_err(|e| match e {
                 CaError::Csr(e) => IssueError::Csr(e.to_string()),
                 e => IssueError::Ca(e),
@@ -345,63 +346,6 @@ fn pem_der(pem: &str, label: &str) -> Result<Vec<u8>, IssueError> {
     Ok(block.contents)
 }
 
-/// Bits of a big-endian unsigned integer.
-fn bit_len(bytes: &[u8]) -> usize {
-    let trimmed: &[u8] = match bytes.iter().position(|b| *b != 0) {
-        Some(i) => &bytes[i..],
-        None => return 0,
-    };
-    (trimmed.len() - 1) * 8 + (8 - trimmed[0].leading_zeros() as usize)
-}
-
-/// The name of the key type in a SubjectPublicKeyInfo, e.g. `ECDSA P-384`, `RSA-2048`, `Ed25519`.
-pub fn key_type_name(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> String {
-    use x509_parser::public_key::PublicKey;
-    let alg = spki.algorithm.algorithm.to_id_string();
-    match alg.as_str() {
-        "1.2.840.10045.2.1" => {
-            let curve = spki
-                .algorithm
-                .parameters
-                .as_ref()
-                .and_then(|p| x509_parser::asn1_rs::Oid::try_from(p.clone()).ok())
-                .map(|o| o.to_id_string());
-            match curve.as_deref() {
-                Some("1.2.840.10045.3.1.7") => "ECDSA P-256".into(),
-                Some("1.3.132.0.34") => "ECDSA P-384".into(),
-                Some("1.3.132.0.35") => "ECDSA P-521".into(),
-                Some("1.3.132.0.10") => "ECDSA secp256k1".into(),
-                Some(other) => format!("ECDSA on curve {other}"),
-                None => "ECDSA without a named curve".into(),
-            }
-        }
-        "1.2.840.113549.1.1.1" => match spki.parsed() {
-            Ok(PublicKey::RSA(k)) => format!("RSA-{}", bit_len(k.modulus)),
-            _ => "RSA (malformed key)".into(),
-        },
-        "1.2.840.113549.1.1.10" => "RSA-PSS".into(),
-        "1.3.101.112" => "Ed25519".into(),
-        "1.3.101.113" => "Ed448".into(),
-        "1.3.101.110" => "X25519".into(),
-        "1.2.840.10040.4.1" => "DSA".into(),
-        other => format!("unknown key algorithm {other}"),
-    }
-}
-
-/// The CSR's public key type, refused unless it is one the CA signs for.
-fn check_key_type(csr_der: &[u8]) -> Result<(), IssueError> {
-    use x509_parser::prelude::FromDer;
-    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(csr_der)
-        .map_err(|e| IssueError::Csr(format!("not a PKCS#10 request: {e}")))?;
-    let name = key_type_name(&csr.certification_request_info.subject_pki);
-    if name != SUPPORTED_KEY_TYPES {
-        return Err(IssueError::Csr(format!(
-            "key type {name} is not supported; use {SUPPORTED_KEY_TYPES}"
-        )));
-    }
-    Ok(())
-}
-
 /// Checks that the signed leaf carries exactly the CSR's public key (guards the signer itself).
 fn same_public_key(csr_pem: &str, cert_pem: &str) -> Result<(), IssueError> {
     use x509_parser::prelude::FromDer;
@@ -422,6 +366,14 @@ fn same_public_key(csr_pem: &str, cert_pem: &str) -> Result<(), IssueError> {
 /// Parses and verifies a CSR: one PEM block, a supported key type (named when refused), a valid
 /// signature; if it carries URI SANs, each must be `granted`.
 pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
+    checked_csr_der(csr_pem, granted).map(|_| ())
+}
+
+/// [`check_csr`], returning the DER of the checked `CERTIFICATE REQUEST` block.
+fn checked_csr_der(
+    csr_pem: &str,
+    granted: &SpiffeId,
+) -> Result<rustls::pki_types::CertificateSigningRequestDer<'static>, IssueError> {
     if csr_pem.is_empty() {
         return Err(IssueError::Csr("must not be empty".into()));
     }
@@ -431,8 +383,10 @@ pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
             csr_pem.len()
         )));
     }
-    check_key_type(&pem_der(csr_pem, "CERTIFICATE REQUEST")?)?;
-    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+    let der = pem_der(csr_pem, "CERTIFICATE REQUEST")?;
+    check_key_type(&der)?;
+    let der = rustls::pki_types::CertificateSigningRequestDer::from(der);
+    let csr = CertificateSigningRequestParams::from_der(&der)
         .map_err(|e| IssueError::Csr(e.to_string()))?;
     let uris = csr
         .params
@@ -447,6 +401,31 @@ pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
             requested: other.to_owned(),
             granted: granted.to_string(),
         });
+    }
+    Ok(der)
+}
+
+/// The one key type issued: ECDSA P-256 signed with SHA-256, what proxies generate and what the handshake
+/// tests use. rcgen derives the leaf's key algorithm from the CSR's *signature* algorithm, so any other
+/// pairing (e.g. a P-384 key signed with SHA-256) would yield a leaf whose key OID contradicts its key.
+/// Checked before the signature, so an unsupported key is refused by name, not as "invalid signature".
+fn check_key_type(der: &[u8]) -> Result<(), IssueError> {
+    use x509_parser::{
+        certification_request::X509CertificationRequest, oid_registry as oid, prelude::FromDer,
+    };
+    let (_, csr) = X509CertificationRequest::from_der(der)
+        .map_err(|e| IssueError::Csr(format!("not a PKCS#10 request: {e}")))?;
+    let key = inspect::KeyType::of_spki(&csr.certification_request_info.subject_pki);
+    if key != inspect::KeyType::EcdsaP256 {
+        return Err(IssueError::Csr(format!(
+            "key type {key} is not supported; use {SUPPORTED_KEY_TYPES}"
+        )));
+    }
+    let sig = &csr.signature_algorithm.algorithm;
+    if *sig != oid::OID_SIG_ECDSA_WITH_SHA256 {
+        return Err(IssueError::Csr(format!(
+            "signature algorithm {sig} does not match its ECDSA P-256 key: sign with ecdsa-with-SHA256"
+        )));
     }
     Ok(())
 }
@@ -524,9 +503,97 @@ mod tests {
                 "{name}: {e}"
             );
         }
-        assert_eq!(bit_len(&[0x00, 0x80, 0]), 16);
-        assert_eq!(bit_len(&[0x01, 0]), 9);
-        assert_eq!(bit_len(&[]), 0);
+    }
+
+    /// DER CSRs made with the openssl CLI (the fuzz target's seeds), as PEM.
+    fn openssl_csr(der: &[u8]) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        format!("-----BEGIN CERTIFICATE REQUEST-----\n{b64}\n-----END CERTIFICATE REQUEST-----\n")
+    }
+
+    #[test]
+    fn only_p256_keys_are_issued_and_others_are_named() {
+        let cart = id("cart");
+        // Found by the `csr` fuzz target: a P-384 key signed with SHA-256 was issued a leaf that declared
+        // a P-256 key holding a P-384 point.
+        for (der, named) in [
+            (
+                &include_bytes!("../../fuzz/corpus/csr/p384-sha256.der")[..],
+                "ECDSA P-384",
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/csr/p384.der"),
+                "ECDSA P-384",
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/csr/p521.der"),
+                "ECDSA P-521",
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/csr/rsa1024.der"),
+                "RSA-1024",
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/csr/rsa2048.der"),
+                "RSA-2048",
+            ),
+            (
+                include_bytes!("../../fuzz/corpus/csr/ed25519.der"),
+                "Ed25519",
+            ),
+        ] {
+            let err = check_csr(&openssl_csr(der), &cart).expect_err(named);
+            assert!(
+                err.to_string()
+                    .contains(&format!("key type {named} is not supported")),
+                "{named}: {err}"
+            );
+        }
+        let p256 = openssl_csr(include_bytes!("../../fuzz/corpus/csr/p256.der"));
+        check_csr(&p256, &cart).expect("P-256 with SHA-256");
+        let now = OffsetDateTime::now_utc();
+        let mut issuer = Issuer::from_records(vec![
+            Issuer::generate_root("mesh.local", now).expect("root"),
+        ])
+        .expect("issuer");
+        issuer
+            .sign(&p256, &cart, now, Duration::from_secs(60))
+            .expect("an openssl P-256 CSR is signed");
+        let (leaf, _) = issuer
+            .sign(&p256, &cart, now, Duration::from_secs(60))
+            .expect("signed");
+        // A P-384 CSR under another label first, then the P-256 one: one block only, so nothing is
+        // signed that was not checked.
+        let p384 = openssl_csr(include_bytes!("../../fuzz/corpus/csr/p384-sha256.der"))
+            .replace("CERTIFICATE REQUEST", "X509 CRL");
+        issuer
+            .sign(
+                &format!("{p384}{p256}"),
+                &cart,
+                now,
+                Duration::from_secs(60),
+            )
+            .expect_err("two PEM blocks");
+        let leaf_der = inspect::first_cert_der(&leaf.cert_pem).expect("leaf");
+        let p256_der = include_bytes!("../../fuzz/corpus/csr/p256.der");
+        let spki = |der: &[u8], cert: bool| {
+            use x509_parser::prelude::*;
+            if cert {
+                let (_, c) = X509Certificate::from_der(der).expect("cert");
+                c.tbs_certificate.subject_pki.raw.to_vec()
+            } else {
+                let (_, c) = X509CertificationRequest::from_der(der).expect("csr");
+                c.certification_request_info.subject_pki.raw.to_vec()
+            }
+        };
+        assert_eq!(spki(&leaf_der, true), spki(p256_der, false));
+        let err = check_csr(
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            &cart,
+        )
+        .expect_err("not a CSR");
+        assert!(err.to_string().contains("CERTIFICATE REQUEST"), "{err}");
     }
 
     #[test]

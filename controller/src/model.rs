@@ -803,6 +803,9 @@ fn validate_policy(spec: &PolicySpec, trust_domain: &str) -> Result<(), FieldErr
     Ok(())
 }
 
+/// Deepest nesting of flow collections (`[...]`, `{...}`) accepted in a YAML file; resources need 4.
+pub const MAX_YAML_FLOW_DEPTH: usize = 32;
+
 /// Parses a YAML stream of resources (documents separated by `---`), kubectl style. Empty documents are
 /// skipped. Errors say which document failed and why.
 pub fn parse_yaml_documents(text: &str) -> Result<Vec<Resource>, String> {
@@ -815,6 +818,7 @@ pub fn parse_yaml_documents(text: &str) -> Result<Vec<Resource>, String> {
 /// [`parse_yaml_documents`] with each resource's document number (1-based, counting empty ones).
 /// Two documents naming the same kind, namespace and name are refused.
 pub fn parse_yaml_numbered(text: &str) -> Result<Vec<(usize, Resource)>, String> {
+    check_flow_depth(text)?;
     let mut out: Vec<(usize, Resource)> = Vec::new();
     for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
@@ -840,11 +844,97 @@ pub fn parse_yaml_numbered(text: &str) -> Result<Vec<(usize, Resource)>, String>
     Ok(out)
 }
 
+/// Refuses flow collections nested deeper than [`MAX_YAML_FLOW_DEPTH`] before the YAML scanner sees them:
+/// its cost per token grows with the flow depth, so 20,000 `[` took over a minute (found by fuzzing).
+/// Errs on the safe side: brackets count everywhere except in comments and quoted scalars, and a quote
+/// opens a scalar only where YAML lets one start.
+fn check_flow_depth(text: &str) -> Result<(), String> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    // The previous character, and the previous non-blank one on this line ('\n' at its start).
+    let (mut prev, mut last_solid) = ('\n', '\n');
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let scalar_start = matches!(prev, ' ' | '\t' | '\n' | '[' | '{' | ',')
+            && matches!(last_solid, '\n' | '[' | '{' | ',' | ':' | '-' | '?');
+        match c {
+            '#' if matches!(prev, ' ' | '\t' | '\n') => {
+                while chars.next_if(|&n| n != '\n').is_some() {}
+            }
+            '"' | '\'' if scalar_start => {
+                while let Some(n) = chars.next() {
+                    match n {
+                        '\n' => line += 1,
+                        '\\' if c == '"' => line += usize::from(chars.next() == Some('\n')),
+                        '\'' if c == '\'' && chars.next_if_eq(&'\'').is_some() => {}
+                        n if n == c => break,
+                        _ => {}
+                    }
+                }
+            }
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_YAML_FLOW_DEPTH {
+                    return Err(format!(
+                        "line {line}: collections nested deeper than {MAX_YAML_FLOW_DEPTH} levels"
+                    ));
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            '\n' => line += 1,
+            _ => {}
+        }
+        if c == '\n' {
+            last_solid = '\n';
+        } else if !c.is_whitespace() {
+            last_solid = c;
+        }
+        prev = c;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const TD: &str = "mesh.local";
+
+    #[test]
+    fn deep_flow_nesting_is_refused_quickly() {
+        // Found by fuzzing `parse_yaml_documents`: the scanner's cost grew with the square of the depth.
+        let deep = format!(
+            "kind: Service\nmetadata: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let started = std::time::Instant::now();
+        let e = parse_yaml_documents(&deep).expect_err("too deep");
+        assert!(
+            e.contains("line 2: collections nested deeper than 32"),
+            "{e}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let limit = format!("{}{}", "[".repeat(32), "]".repeat(32));
+        let e = parse_yaml_documents(&limit).expect_err("not a resource");
+        assert!(
+            !e.contains("nested deeper"),
+            "32 levels pass the depth check: {e}"
+        );
+        // Brackets in comments and quoted scalars do not count.
+        let open = "[".repeat(40);
+        let text = format!(
+            "kind: Service # {open}\nmetadata: {{name: a, namespace: b}}\nspec:\n  \
+             ports: [{{port: 80, protocol: http, name: \"{open}\\\"\"}}]\n  versions: ['{open}''']\n"
+        );
+        let rs = parse_yaml_documents(&text).expect("brackets in a comment and in strings");
+        assert!(
+            matches!(&rs[..], [Resource::Service(s)] if s.spec.versions[0] == format!("{open}'"))
+        );
+        // A quote inside a plain scalar opens nothing.
+        let hidden = format!("a: it's\nb: {open}\n");
+        let e = parse_yaml_documents(&hidden).expect_err("quote in a plain scalar");
+        assert!(e.contains("line 2"), "{e}");
+    }
 
     fn service(ports: Vec<ServicePort>) -> Resource {
         Resource::Service(Object {

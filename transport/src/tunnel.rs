@@ -85,25 +85,92 @@ pub fn encode_frame<M: Message>(msg: &M) -> BytesMut {
     buf
 }
 
+/// Longest service name a header may carry, bytes (a DNS name's limit; mesh names are at most 63).
+pub const MAX_SERVICE_NAME: usize = 253;
+/// Longest request id a header may carry, bytes (ours are 16).
+pub const MAX_REQUEST_ID: usize = 16;
+
+/// Checks a frame's 2-byte length prefix: the body length it announces, if within [`MAX_FRAME`].
+pub fn frame_len(prefix: [u8; 2]) -> Result<usize, FrameError> {
+    let len = usize::from(u16::from_be_bytes(prefix));
+    if len > MAX_FRAME {
+        return Err(FrameError::Oversized(len));
+    }
+    Ok(len)
+}
+
+/// Decodes one whole frame (length prefix and exactly that many bytes of protobuf). Pure and sync, so the
+/// fuzz targets exercise the same code the streams run.
+pub fn decode_frame<M: Message + Default>(frame: &[u8]) -> Result<M, FrameError> {
+    let (prefix, body) = frame
+        .split_first_chunk::<2>()
+        .ok_or(FrameError::Truncated)?;
+    let len = frame_len(*prefix)?;
+    match body.len().cmp(&len) {
+        std::cmp::Ordering::Less => Err(FrameError::Truncated),
+        std::cmp::Ordering::Greater => Err(FrameError::Malformed(format!(
+            "{} bytes after a {len}-byte frame",
+            body.len() - len
+        ))),
+        std::cmp::Ordering::Equal => {
+            M::decode(body).map_err(|e| FrameError::Malformed(e.to_string()))
+        }
+    }
+}
+
+/// Decodes and checks one stream header frame: what [`read_header`] applies to the bytes it read.
+pub fn decode_header(frame: &[u8]) -> Result<StreamHeader, FrameError> {
+    let h: StreamHeader = decode_frame(frame)?;
+    if h.service.is_empty() {
+        return Err(FrameError::Malformed("header names no service".into()));
+    }
+    if h.service.len() > MAX_SERVICE_NAME {
+        return Err(FrameError::Malformed(format!(
+            "header service name of {} bytes exceeds {MAX_SERVICE_NAME}",
+            h.service.len()
+        )));
+    }
+    if h.port == 0 || h.port > u32::from(u16::MAX) {
+        return Err(FrameError::Malformed(format!(
+            "header port {} out of range",
+            h.port
+        )));
+    }
+    if h.request_id.len() > MAX_REQUEST_ID {
+        return Err(FrameError::Malformed(format!(
+            "header request id of {} bytes exceeds {MAX_REQUEST_ID}",
+            h.request_id.len()
+        )));
+    }
+    Ok(h)
+}
+
+/// Reads one whole frame (prefix included) within `timeout`, without decoding it.
+async fn read_frame_bytes(recv: &mut RecvStream, timeout: Duration) -> Result<Vec<u8>, FrameError> {
+    tokio::time::timeout(timeout, async {
+        let mut prefix = [0u8; 2];
+        recv.read_exact(&mut prefix)
+            .await
+            .map_err(eof_as_truncated)?;
+        let len = frame_len(prefix)?;
+        // Sized by the checked prefix; a fixed array here would bloat every stream task's future.
+        let mut frame = vec![0u8; 2 + len];
+        frame[..2].copy_from_slice(&prefix);
+        recv.read_exact(&mut frame[2..])
+            .await
+            .map_err(eof_as_truncated)?;
+        Ok(frame)
+    })
+    .await
+    .map_err(|_| FrameError::Timeout(timeout))?
+}
+
 /// Reads one frame and decodes it, within `timeout`.
 pub async fn read_frame<M: Message + Default>(
     recv: &mut RecvStream,
     timeout: Duration,
 ) -> Result<M, FrameError> {
-    tokio::time::timeout(timeout, async {
-        let mut len = [0u8; 2];
-        recv.read_exact(&mut len).await.map_err(eof_as_truncated)?;
-        let len = u16::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
-            return Err(FrameError::Oversized(len));
-        }
-        // Sized by the checked prefix; a fixed array here would bloat every stream task's future.
-        let mut body = vec![0u8; len];
-        recv.read_exact(&mut body).await.map_err(eof_as_truncated)?;
-        M::decode(&body[..]).map_err(|e| FrameError::Malformed(e.to_string()))
-    })
-    .await
-    .map_err(|_| FrameError::Timeout(timeout))?
+    decode_frame(&read_frame_bytes(recv, timeout).await?)
 }
 
 fn eof_as_truncated(e: quinn::ReadExactError) -> FrameError {
@@ -113,22 +180,12 @@ fn eof_as_truncated(e: quinn::ReadExactError) -> FrameError {
     }
 }
 
-/// Reads and checks a stream header.
+/// Reads and checks a stream header within `timeout` ([`decode_header`] on the bytes read).
 pub async fn read_header(
     recv: &mut RecvStream,
     timeout: Duration,
 ) -> Result<StreamHeader, FrameError> {
-    let h: StreamHeader = read_frame(recv, timeout).await?;
-    if h.service.is_empty() {
-        return Err(FrameError::Malformed("header names no service".into()));
-    }
-    if h.port == 0 || h.port > u16::MAX as u32 {
-        return Err(FrameError::Malformed(format!(
-            "header port {} out of range",
-            h.port
-        )));
-    }
-    Ok(h)
+    decode_header(&read_frame_bytes(recv, timeout).await?)
 }
 
 /// Writes a status frame.
@@ -185,5 +242,70 @@ mod tests {
         let len = u16::from_be_bytes([f[0], f[1]]) as usize;
         assert_eq!(len, f.len() - 2);
         assert_eq!(StreamHeader::decode(&f[2..]).expect("decodes"), h);
+        assert_eq!(decode_header(&f).expect("decodes"), h);
+    }
+
+    fn frame(h: &StreamHeader) -> Vec<u8> {
+        encode_frame(h).to_vec()
+    }
+
+    fn valid() -> StreamHeader {
+        StreamHeader {
+            service: "echo".into(),
+            port: 7,
+            request_id: vec![7; 16],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decode_header_checks_prefix_bounds_and_fields() {
+        let reason = |bytes: &[u8]| decode_header(bytes).expect_err("refused").reason();
+        assert_eq!(reason(&[]), "truncated");
+        assert_eq!(reason(&[0]), "truncated");
+        assert_eq!(reason(&[0x20, 0x01]), "oversized");
+        assert_eq!(reason(&[0, 5, 1, 2]), "truncated");
+        let mut trailing = frame(&valid());
+        trailing.push(0);
+        assert_eq!(reason(&trailing), "malformed");
+        assert_eq!(reason(&[0, 2, 0xff, 0xff]), "malformed");
+        let no_service = StreamHeader {
+            service: String::new(),
+            ..valid()
+        };
+        assert_eq!(reason(&frame(&no_service)), "malformed");
+        for port in [0, 65536, u32::MAX] {
+            assert_eq!(
+                reason(&frame(&StreamHeader { port, ..valid() })),
+                "malformed"
+            );
+        }
+        let long_name = StreamHeader {
+            service: "s".repeat(MAX_SERVICE_NAME + 1),
+            ..valid()
+        };
+        assert_eq!(reason(&frame(&long_name)), "malformed");
+        let long_id = StreamHeader {
+            request_id: vec![0; MAX_REQUEST_ID + 1],
+            ..valid()
+        };
+        assert_eq!(reason(&frame(&long_id)), "malformed");
+        let edge = StreamHeader {
+            service: "s".repeat(MAX_SERVICE_NAME),
+            port: 65535,
+            ..valid()
+        };
+        assert_eq!(decode_header(&frame(&edge)).expect("at the limits"), edge);
+    }
+
+    #[test]
+    fn decode_frame_accepts_the_largest_frame() {
+        let status = StreamStatus {
+            code: 0,
+            message: "m".repeat(MAX_FRAME - 3),
+        };
+        let f = encode_frame(&status);
+        assert_eq!(f.len(), 2 + MAX_FRAME);
+        assert_eq!(decode_frame::<StreamStatus>(&f).expect("fits"), status);
     }
 }

@@ -161,6 +161,28 @@ impl CertificateAuthority {
         not_after: OffsetDateTime,
     ) -> Result<String, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Csr)?;
+        self.sign_csr_params(&csr, id, not_before, not_after)
+    }
+
+    /// [`Self::sign_csr`] for a DER CSR: lets a caller sign exactly the bytes it has checked.
+    pub fn sign_csr_der(
+        &self,
+        csr_der: &rustls::pki_types::CertificateSigningRequestDer<'_>,
+        id: &SpiffeId,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<String, CaError> {
+        let csr = CertificateSigningRequestParams::from_der(csr_der).map_err(CaError::Csr)?;
+        self.sign_csr_params(&csr, id, not_before, not_after)
+    }
+
+    fn sign_csr_params(
+        &self,
+        csr: &CertificateSigningRequestParams,
+        id: &SpiffeId,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<String, CaError> {
         let params = Self::leaf_params(id, not_before, not_after)?;
         let cert = params
             .signed_by(&csr.public_key, &self.issuer)

@@ -13,7 +13,7 @@ use x509_parser::{
     extensions::GeneralName,
     oid_registry::{
         OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_NIST_EC_P521,
-        OID_PKCS1_RSAENCRYPTION, OID_SIG_ED25519,
+        OID_PKCS1_RSAENCRYPTION, OID_SIG_ED448, OID_SIG_ED25519,
     },
     prelude::FromDer,
     x509::SubjectPublicKeyInfo,
@@ -67,10 +67,14 @@ pub enum KeyType {
     EcdsaP384,
     /// ECDSA on NIST P-521.
     EcdsaP521,
+    /// ECDSA on secp256k1.
+    EcdsaSecp256k1,
     /// ECDSA on another named curve (its OID).
     EcdsaOther(String),
     /// Ed25519.
     Ed25519,
+    /// Ed448.
+    Ed448,
     /// RSA with this modulus size in bits.
     Rsa(usize),
     /// Any other algorithm (its OID).
@@ -87,12 +91,16 @@ impl KeyType {
                 Some(c) if c == OID_EC_P256 => Self::EcdsaP256,
                 Some(c) if c == OID_NIST_EC_P384 => Self::EcdsaP384,
                 Some(c) if c == OID_NIST_EC_P521 => Self::EcdsaP521,
+                Some(c) if c.to_id_string() == "1.3.132.0.10" => Self::EcdsaSecp256k1,
                 Some(c) => Self::EcdsaOther(c.to_id_string()),
                 None => Self::EcdsaOther("(no named curve)".into()),
             };
         }
         if alg.algorithm == OID_SIG_ED25519 {
             return Self::Ed25519;
+        }
+        if alg.algorithm == OID_SIG_ED448 {
+            return Self::Ed448;
         }
         if alg.algorithm == OID_PKCS1_RSAENCRYPTION {
             return Self::Rsa(spki.parsed().map_or(0, |k| k.key_size()));
@@ -117,8 +125,10 @@ impl fmt::Display for KeyType {
             Self::EcdsaP256 => f.write_str("ECDSA P-256"),
             Self::EcdsaP384 => f.write_str("ECDSA P-384"),
             Self::EcdsaP521 => f.write_str("ECDSA P-521"),
+            Self::EcdsaSecp256k1 => f.write_str("ECDSA secp256k1"),
             Self::EcdsaOther(oid) => write!(f, "ECDSA on curve {oid}"),
             Self::Ed25519 => f.write_str("Ed25519"),
+            Self::Ed448 => f.write_str("Ed448"),
             Self::Rsa(bits) => write!(f, "RSA-{bits}"),
             Self::Other(oid) => write!(f, "key algorithm {oid}"),
         }
