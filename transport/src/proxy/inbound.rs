@@ -9,15 +9,21 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use quinn::{Endpoint, Incoming, RecvStream, SendStream};
+use quinn::{Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use tokio::{net::TcpStream, time::Instant};
 use tracing::Instrument;
 
-use super::{Drain, lane::Lane, pool::peer_identity, splice::carry};
+use super::{
+    Drain,
+    admission::{Admission, Count, CountGuard, StreamAdmission, admit, admit_stream},
+    lane::Lane,
+    pool::peer_identity,
+    splice::carry,
+};
 use crate::{
     config::InboundConfig,
     identity::{Credentials, SpiffeId},
-    metrics::{Direction, Metrics, PeerMetrics, ReasonLabels},
+    metrics::{DecisionLabels, Direction, Metrics, PeerMetrics, ReasonLabels},
     tunnel::{self, StatusCode, StreamHeader, code},
 };
 
@@ -27,21 +33,25 @@ pub struct Inbound {
     cfg: Arc<InboundConfig>,
     metrics: Metrics,
     creds: Credentials,
+    max_streams: u32,
 }
 
 impl Inbound {
-    /// Wraps an endpoint that has a server config; `creds` says which peers are revoked.
+    /// Wraps an endpoint that has a server config; `creds` says which peers are revoked. A peer may
+    /// open `max_streams` concurrent streams once it has authenticated (fewer before, see `quic.rs`).
     pub fn new(
         endpoint: Endpoint,
         cfg: InboundConfig,
         metrics: Metrics,
         creds: Credentials,
+        max_streams: u32,
     ) -> Self {
         Self {
             endpoint,
             cfg: Arc::new(cfg),
             metrics,
             creds,
+            max_streams,
         }
     }
 
@@ -52,21 +62,56 @@ impl Inbound {
 
     /// Accepts connections until the drain begins.
     pub async fn run(self, drain: Drain) {
+        let m = &self.metrics.endpoint;
+        let handshakes = Arc::new(Count::in_gauge(m.handshakes_in_progress.clone()));
+        let header_waits = Arc::new(Count::in_gauge(m.header_waits.clone()));
         loop {
             let incoming = tokio::select! {
                 i = self.endpoint.accept() => i,
                 _ = drain.stop_accepting.cancelled() => break,
             };
             let Some(incoming) = incoming else { break };
+            let decision = admit(
+                handshakes.get(),
+                incoming.remote_address_validated(),
+                incoming.may_retry(),
+                &self.cfg.limits,
+            );
+            m.admissions
+                .get_or_create(&DecisionLabels {
+                    decision: decision.label(),
+                })
+                .inc();
+            match decision {
+                Admission::Accept => {}
+                Admission::Retry => {
+                    // Stateless: the client's next Initial carries a token proving its address.
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().ignore();
+                    }
+                    continue;
+                }
+                Admission::Refuse => {
+                    incoming.refuse();
+                    continue;
+                }
+                Admission::Ignore => {
+                    incoming.ignore();
+                    continue;
+                }
+            }
             let conn = Conn {
                 cfg: self.cfg.clone(),
                 metrics: self.metrics.clone(),
                 creds: self.creds.clone(),
+                header_waits: header_waits.clone(),
             };
             let span = tracing::debug_span!("inbound", remote = %incoming.remote_address());
-            drain
-                .tracker
-                .spawn(conn.serve(incoming, drain.clone()).instrument(span));
+            let handshake = handshakes.enter();
+            drain.tracker.spawn(
+                conn.serve(incoming, handshake, self.max_streams, drain.clone())
+                    .instrument(span),
+            );
         }
         // New connections are refused from now on; established ones finish their streams.
         self.endpoint.set_server_config(None);
@@ -78,11 +123,28 @@ struct Conn {
     cfg: Arc<InboundConfig>,
     metrics: Metrics,
     creds: Credentials,
+    /// Streams waiting for their header, over all connections.
+    header_waits: Arc<Count>,
 }
 
 impl Conn {
-    async fn serve(self, incoming: Incoming, drain: Drain) {
-        let conn = match incoming.await {
+    async fn serve(
+        self,
+        incoming: Incoming,
+        handshake: CountGuard,
+        max_streams: u32,
+        drain: Drain,
+    ) {
+        let timeout = self.cfg.limits.handshake_timeout;
+        let accepted = match incoming.accept() {
+            Ok(connecting) => tokio::time::timeout(timeout, connecting)
+                .await
+                .unwrap_or(Err(quinn::ConnectionError::TimedOut)),
+            Err(e) => Err(e),
+        };
+        // Dropping an unfinished handshake (the timeout) closes its connection.
+        drop(handshake);
+        let conn = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // Certificate refusals were logged and counted by the verifier with their reason.
@@ -102,25 +164,46 @@ impl Conn {
             return;
         };
         tracing::debug!(%peer, "inbound connection");
+        // Authenticated: now the peer may open the configured number of streams (quinn allocates a
+        // table entry per allowed stream, so this waited for the handshake).
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(max_streams));
         self.metrics.observe_handshake(Direction::Inbound, &conn);
         self.metrics
             .connections
             .track(Direction::Inbound, peer.to_string(), conn.clone());
         let pm = self.metrics.peer(Direction::Inbound, peer.as_str());
         let lane = Arc::new(Lane::default());
+        let waits_here = Arc::new(Count::default());
+        let limits = &self.cfg.limits;
         loop {
+            // This connection has its share of streams waiting for a header: take no more from it
+            // until one is done; its next streams wait in quinn, under its stream limit.
+            let hold = |here| {
+                admit_stream(here, self.header_waits.get(), limits) == StreamAdmission::Hold
+            };
             let accepted = tokio::select! {
-                s = conn.accept_bi() => s,
+                s = async {
+                    waits_here.wait_until(hold).await;
+                    conn.accept_bi().await
+                } => s,
                 _ = drain.stop_accepting.cancelled() => break,
             };
             match accepted {
-                Ok((send, recv)) => {
+                Ok((mut send, mut recv)) => {
+                    if admit_stream(waits_here.get(), self.header_waits.get(), limits)
+                        == StreamAdmission::Refuse
+                    {
+                        self.metrics.endpoint.streams_refused.inc();
+                        tunnel::reset(&mut send, &mut recv, code::REFUSED);
+                        continue;
+                    }
+                    let waiting = (waits_here.enter(), self.header_waits.enter());
                     let this = self.clone();
                     let pm = pm.clone();
                     let lane = lane.clone();
                     let span = tracing::debug_span!("stream", id = %send.id());
                     drain.tracker.spawn(
-                        this.stream(send, recv, peer.clone(), pm, lane, drain.clone())
+                        this.stream(send, recv, waiting, peer.clone(), pm, lane, drain.clone())
                             .instrument(span),
                     );
                 }
@@ -132,16 +215,20 @@ impl Conn {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn stream(
         self,
         mut send: SendStream,
         mut recv: RecvStream,
+        waiting: (CountGuard, CountGuard),
         peer: Arc<SpiffeId>,
         m: PeerMetrics,
         lane: Arc<Lane>,
         drain: Drain,
     ) {
-        let header = match tunnel::read_header(&mut recv, self.cfg.header_timeout).await {
+        let header = tunnel::read_header(&mut recv, self.cfg.header_timeout).await;
+        drop(waiting);
+        let header = match header {
             Ok(h) => h,
             Err(e) => {
                 if e.is_protocol_violation() {

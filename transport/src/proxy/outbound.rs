@@ -72,6 +72,10 @@ pub enum OpenError {
     /// The connect timeout or the deadline expired first.
     #[error("not connected within {0:?}")]
     Timeout(Duration),
+    /// The pooled connection was dead: the peer reset it statelessly (it restarted) or sent nothing at
+    /// all while the stream waited for its answer. The connection is closed so the pool redials.
+    #[error("connection to {0} was dead: {1}")]
+    DeadConnection(SocketAddr, &'static str),
 }
 
 impl OpenError {
@@ -92,6 +96,7 @@ impl OpenError {
             Self::Exhausted { last, .. } => last.reason(),
             Self::Timeout(_) => "connect_timeout",
             Self::NoEndpoints => "no_endpoints",
+            Self::DeadConnection(..) => "dead_connection",
         }
     }
 }
@@ -109,7 +114,8 @@ enum Retry {
 
 fn classify(e: &OpenError) -> Retry {
     match e {
-        OpenError::Dial(_) => Retry::Failover,
+        // A dead connection delivered nothing to the app: as free as a failed handshake.
+        OpenError::Dial(_) | OpenError::DeadConnection(..) => Retry::Failover,
         OpenError::Stream(_) => Retry::Budgeted,
         OpenError::Refused {
             code: StatusCode::ConnectFailed | StatusCode::Unavailable | StatusCode::NoRoute,
@@ -344,7 +350,7 @@ impl Service {
             .pool
             .get(addr, self.cfg.handshake_timeout.min(left))
             .await?;
-        let stream_err = |e: &dyn std::fmt::Display| OpenError::Stream(e.to_string());
+        let stream_err = |e: &dyn std::fmt::Display| stream_failure(addr, &pc, e);
         let (mut send, mut recv) = pc.conn.open_bi().await.map_err(|e| stream_err(&e))?;
         let now = Instant::now();
         let header = StreamHeader {
@@ -360,12 +366,9 @@ impl Service {
             .control(send.write_all(&tunnel::encode_frame(&header)))
             .await
             .map_err(|e| stream_err(&e))?;
-        let status: StreamStatus = tunnel::read_frame(
-            &mut recv,
-            connect_by.saturating_duration_since(Instant::now()),
-        )
-        .await
-        .map_err(|e| stream_err(&e))?;
+        let status = self
+            .await_status(addr, &pc, &mut recv, connect_by)
+            .await?;
         let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::Unavailable);
         if code != StatusCode::Ok {
             tunnel::reset(&mut send, &mut recv, code::CANCELLED);
@@ -379,6 +382,54 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Reads the acceptor's status by `connect_by`. A peer that sends nothing at all within the
+    /// handshake timeout, not even an acknowledgement of the header, is gone (typically killed, or
+    /// restarted without our connection): the connection is closed so that the pool redials, and the
+    /// attempt fails over. A peer that acknowledges but answers slowly (a slow app) is waited for.
+    async fn await_status(
+        &self,
+        addr: SocketAddr,
+        pc: &PeerConn,
+        recv: &mut RecvStream,
+        connect_by: Instant,
+    ) -> Result<StreamStatus, OpenError> {
+        let received = || pc.conn.stats().udp_rx.datagrams;
+        let before = received();
+        let read = tunnel::read_frame::<StreamStatus>(
+            recv,
+            connect_by.saturating_duration_since(Instant::now()),
+        );
+        tokio::pin!(read);
+        let check_at = (Instant::now() + self.cfg.handshake_timeout).min(connect_by);
+        let res = tokio::select! {
+            r = &mut read => r,
+            _ = tokio::time::sleep_until(check_at) => {
+                if peer_gone(before, received()) {
+                    self.pool.discard(pc);
+                    return Err(OpenError::DeadConnection(addr, "no packet from the peer"));
+                }
+                read.await
+            }
+        };
+        res.map_err(|e| stream_failure(addr, pc, &e))
+    }
+}
+
+/// Whether a peer that was sent a stream header is gone: not one datagram came back meanwhile.
+fn peer_gone(datagrams_before: u64, datagrams_now: u64) -> bool {
+    datagrams_now == datagrams_before
+}
+
+/// A stream failure before the acceptor answered. If the connection died of a stateless reset, its peer
+/// holds no state for it (it restarted): nothing reached the app, so it is a dead connection.
+fn stream_failure(addr: SocketAddr, pc: &PeerConn, e: &dyn std::fmt::Display) -> OpenError {
+    match pc.conn.close_reason() {
+        Some(quinn::ConnectionError::Reset) => OpenError::DeadConnection(addr, "stateless reset"),
+        _ => OpenError::Stream(e.to_string()),
+    }
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -386,6 +437,12 @@ fn ms(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_gone_only_if_nothing_came_back() {
+        assert!(peer_gone(10, 10));
+        assert!(!peer_gone(10, 11));
+    }
 
     #[test]
     fn retry_classification() {
@@ -399,6 +456,9 @@ mod tests {
             Duration::from_secs(1),
         ));
         assert_eq!(classify(&dial), Retry::Failover);
+        let dead = OpenError::DeadConnection(SocketAddr::from(([127, 0, 0, 1], 1)), "reset");
+        assert_eq!(classify(&dead), Retry::Failover);
+        assert_eq!(dead.reason(), "dead_connection");
         assert_eq!(
             classify(&OpenError::Stream("reset".into())),
             Retry::Budgeted
