@@ -7,4 +7,5 @@ mod bench;
 mod controller;
 mod controller_mode;
 mod dataplane;
+mod endpoint;
 mod process;

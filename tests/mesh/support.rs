@@ -298,6 +298,15 @@ pub const QUICMESH: &str = env!("CARGO_BIN_EXE_quicmesh");
 /// Spawns `quicmesh ARGS` (killed on drop), stderr appended to `log`, and waits up to 60 s for the JSON
 /// ready line it prints on stdout; stdout keeps being drained so the child never blocks on the pipe.
 pub async fn spawn_ready(args: &[&str], log: &Path) -> (tokio::process::Child, serde_json::Value) {
+    spawn_ready_with(QUICMESH, args, log).await
+}
+
+/// [`spawn_ready`] for another program (e.g. the slim `quicmesh-proxy`).
+pub async fn spawn_ready_with(
+    program: &str,
+    args: &[&str],
+    log: &Path,
+) -> (tokio::process::Child, serde_json::Value) {
     use std::process::Stdio;
     use tokio::io::{AsyncBufReadExt, BufReader};
     let log = std::fs::OpenOptions::new()
@@ -305,7 +314,7 @@ pub async fn spawn_ready(args: &[&str], log: &Path) -> (tokio::process::Child, s
         .append(true)
         .open(log)
         .expect("log file");
-    let mut child = tokio::process::Command::new(QUICMESH)
+    let mut child = tokio::process::Command::new(program)
         .args(args)
         .env("QUICMESH_LOG", "info")
         .stdout(Stdio::piped())

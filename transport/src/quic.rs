@@ -246,3 +246,30 @@ pub fn endpoint(
     }
     Ok(ep)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(key: &hmac::Key, cid: &[u8]) -> Vec<u8> {
+        hmac::sign(key, cid).as_ref().to_vec()
+    }
+
+    #[test]
+    fn endpoint_keys_survive_a_restart_and_differ_per_address_and_secret() {
+        let a: SocketAddr = "127.0.0.1:4433".parse().expect("addr");
+        let b: SocketAddr = "127.0.0.1:4434".parse().expect("addr");
+        let (k1, c1) = endpoint_keys(b"secret", a);
+        let (k2, c2) = endpoint_keys(b"secret", a);
+        // Same secret and address (a restart): same reset token for a connection ID, same CID key.
+        assert_eq!(token(&k1, b"cid-1"), token(&k2, b"cid-1"));
+        assert_eq!(c1, c2);
+        assert_ne!(token(&k1, b"cid-1"), token(&k1, b"cid-2"));
+        // Another address or another secret: unrelated keys.
+        let (k3, c3) = endpoint_keys(b"secret", b);
+        let (k4, c4) = endpoint_keys(b"other", a);
+        assert_ne!(token(&k1, b"cid-1"), token(&k3, b"cid-1"));
+        assert_ne!(token(&k1, b"cid-1"), token(&k4, b"cid-1"));
+        assert!(c1 != c3 && c1 != c4);
+    }
+}
