@@ -73,7 +73,12 @@ async fn request(target: SocketAddr) -> Result<Duration, String> {
 }
 
 /// Starts a hostile peer; stdout lines are returned as they come.
-fn hostile(args: &[&str]) -> (Child, tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>) {
+fn hostile(
+    args: &[&str],
+) -> (
+    Child,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+) {
     let mut child = Command::new("python3")
         .arg(PEERS)
         .args(args)
@@ -134,7 +139,13 @@ async fn initial_flood_and_headerless_streams_keep_the_proxy_bounded() {
 
     let port = inbound.port().to_string();
     let (mut initials, mut initials_out) = hostile(&[
-        "initials", "--port", &port, "--count", "10000", "--seconds", "10",
+        "initials",
+        "--port",
+        &port,
+        "--count",
+        "10000",
+        "--seconds",
+        "10",
     ]);
     let cert = pki.path().join("hostile.pem").display().to_string();
     let key = pki.path().join("hostile.key").display().to_string();
@@ -207,7 +218,17 @@ async fn initial_flood_and_headerless_streams_keep_the_proxy_bounded() {
         "headerless streams are timed out: {header_timeouts}"
     );
 
-    // Afterwards the memory comes back down (bounded wait).
+    // The hostile connections close (their peers sent CONNECTION_CLOSE; bounded wait), then the memory
+    // comes back down (bounded wait).
+    let closed = eventually(Duration::from_secs(10), || async {
+        metric(
+            &scrape(admin, "/metrics").await.1,
+            "quicmesh_quic_connections",
+            &[],
+        ) <= 1.0
+    })
+    .await;
+    assert!(closed, "the hostile connections are still open");
     let settle_until = Instant::now() + Duration::from_secs(15);
     let mut after = rss(pid);
     while after > start_rss + 24 * (1 << 20) && Instant::now() < settle_until {
@@ -314,8 +335,11 @@ async fn a_restarted_server_proxy_is_found_at_once() {
         ),
     );
     let client_cfg = client_cfg.display().to_string();
-    let (_client, client_ready) =
-        spawn_ready(&["proxy", "--config", &client_cfg], &pki.path().join("client.log")).await;
+    let (_client, client_ready) = spawn_ready(
+        &["proxy", "--config", &client_cfg],
+        &pki.path().join("client.log"),
+    )
+    .await;
     let target = ready_addr(&client_ready, "/outbound/0");
     let client_admin = ready_addr(&client_ready, "/admin");
     request(target).await.expect("first request");

@@ -114,7 +114,10 @@ def initials(host: str, port: int, count: int, seconds: float) -> dict:
 
 
 async def one_connection(host, port, cfg, streams, opened, hold_until):
-    async with connect(host, port, configuration=cfg, wait_connected=True) as client:
+    # Entered by hand: aioquic's own exit waits for the close without a bound.
+    cm = connect(host, port, configuration=cfg, wait_connected=True)
+    client = await asyncio.wait_for(cm.__aenter__(), timeout=10)
+    try:
         quic = client._quic
         for _ in range(streams):
             sid = quic.get_next_available_stream_id()
@@ -125,7 +128,13 @@ async def one_connection(host, port, cfg, streams, opened, hold_until):
         while time.monotonic() < hold_until:
             await asyncio.sleep(0.05)
             client.transmit()
+    finally:
         client.close()
+        try:
+            await asyncio.wait_for(client.wait_closed(), timeout=2)
+        except asyncio.TimeoutError:
+            pass
+        client._transport.close()
 
 
 async def streams_main(args) -> dict:

@@ -145,7 +145,10 @@ pub struct InboundLimits {
     #[serde(default = "defaults::max_handshakes")]
     pub max_handshakes: usize,
     /// Longest time a client may take to complete its handshake.
-    #[serde(default = "defaults::inbound_handshake_timeout", with = "humantime_serde")]
+    #[serde(
+        default = "defaults::inbound_handshake_timeout",
+        with = "humantime_serde"
+    )]
     pub handshake_timeout: Duration,
     /// Streams waiting for their header at once, over all connections; beyond it a new stream is reset.
     #[serde(default = "defaults::max_header_waits")]

@@ -10,7 +10,10 @@
 //!   [`InboundLimits::max_handshakes`] it is turned away;
 //! - a stream is taken only while its connection has fewer than its share of streams waiting for a
 //!   header (otherwise the connection's next streams wait unaccepted, under its QUIC stream limit), and
-//!   while all connections together are under the global cap (otherwise the stream is reset, counted).
+//!   while all connections together are under the global cap (otherwise the stream is reset, counted);
+//! - a verified connection's stream limit starts at [`FIRST_GRANT`] and doubles, up to the configured
+//!   maximum, as its streams are put to real use (past their header), so the state quinn keeps for
+//!   open streams grows with proven use, not with what a peer opens.
 
 use std::sync::Arc;
 
@@ -90,6 +93,18 @@ pub fn admit_stream(here: usize, all: usize, limits: &InboundLimits) -> StreamAd
     } else {
         StreamAdmission::Take
     }
+}
+
+/// Streams granted to a connection right after its peer is verified (or the configured maximum if
+/// lower). More come as the peer puts them to use ([`stream_grant`]): a peer that opens streams and
+/// never sends a header keeps this many, and the state quinn holds for them, at most.
+pub const FIRST_GRANT: u32 = 1024;
+
+/// The stream limit of a verified connection once `tunnels` of its streams are past their header:
+/// doubled as soon as half of the current grant is in real use, never above `max`; `None` to keep it.
+pub fn stream_grant(tunnels: usize, granted: u32, max: u32) -> Option<u32> {
+    let half = usize::try_from(granted / 2).unwrap_or(usize::MAX);
+    (granted < max && tunnels >= half.max(1)).then(|| granted.saturating_mul(2).min(max))
 }
 
 /// A live count that a guard decrements on drop; it can be the gauge a scrape reads.
@@ -187,6 +202,18 @@ mod tests {
         assert_eq!(admit_stream(3, 10, &l), StreamAdmission::Hold);
         assert_eq!(admit_stream(0, 10, &l), StreamAdmission::Refuse);
         assert_eq!(admit_stream(1, 11, &l), StreamAdmission::Refuse);
+    }
+
+    #[test]
+    fn the_stream_grant_grows_with_streams_in_use_up_to_the_maximum() {
+        assert_eq!(stream_grant(0, 1024, 8192), None);
+        assert_eq!(stream_grant(511, 1024, 8192), None);
+        assert_eq!(stream_grant(512, 1024, 8192), Some(2048));
+        assert_eq!(stream_grant(3000, 4096, 8192), Some(8192));
+        assert_eq!(stream_grant(8000, 8192, 8192), None);
+        // A maximum below the first grant: never raised.
+        assert_eq!(stream_grant(100, 100, 100), None);
+        assert_eq!(stream_grant(1, 1, 2), Some(2));
     }
 
     #[tokio::test(start_paused = true)]

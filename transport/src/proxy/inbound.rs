@@ -6,6 +6,12 @@
 //! timeout and the one the header carries; only once it is up do we answer OK, so the source proxy knows
 //! that a refusal delivered nothing and may retry elsewhere. The header's deadline bounds the whole
 //! tunneled connection here as well: expiry resets the stream with `DEADLINE_EXCEEDED`.
+//!
+//! What a peer may make us hold is bounded by the decisions of [`super::admission`]: connection
+//! attempts are accepted, retried (QUIC Retry) or turned away by the number of handshakes in progress;
+//! a handshake has `limits.handshake_timeout`; a verified connection gets streams as it uses them; a
+//! connection with its share of streams waiting for a header is not accepted from until one is done,
+//! and beyond the global cap a new stream is reset.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -15,7 +21,10 @@ use tracing::Instrument;
 
 use super::{
     Drain,
-    admission::{Admission, Count, CountGuard, StreamAdmission, admit, admit_stream},
+    admission::{
+        Admission, Count, CountGuard, FIRST_GRANT, StreamAdmission, admit, admit_stream,
+        stream_grant,
+    },
     lane::Lane,
     pool::peer_identity,
     splice::carry,
@@ -24,7 +33,7 @@ use crate::{
     config::InboundConfig,
     identity::{Credentials, SpiffeId},
     metrics::{DecisionLabels, Direction, Metrics, PeerMetrics, ReasonLabels},
-    tunnel::{self, StatusCode, StreamHeader, code},
+    tunnel::{self, FrameError, StatusCode, StreamHeader, code},
 };
 
 /// The bound inbound endpoint.
@@ -118,6 +127,53 @@ impl Inbound {
     }
 }
 
+/// A stream waiting for its header: counted on its connection and overall until [`HeaderWait::done`].
+struct HeaderWait {
+    _here: CountGuard,
+    _all: CountGuard,
+    grant: Arc<Grant>,
+}
+
+impl HeaderWait {
+    /// Ends the wait; a stream whose header arrived counts as in use (for the connection's stream
+    /// grant) while the returned guard lives.
+    fn done(self, header_ok: bool) -> Option<CountGuard> {
+        header_ok.then(|| self.grant.in_use())
+    }
+}
+
+/// The stream limit of one verified connection, raised with use ([`stream_grant`]).
+struct Grant {
+    conn: quinn::Connection,
+    granted: std::sync::atomic::AtomicU32,
+    max: u32,
+    tunnels: Arc<Count>,
+}
+
+impl Grant {
+    fn new(conn: quinn::Connection, max: u32) -> Self {
+        let first = FIRST_GRANT.min(max);
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(first));
+        Self {
+            conn,
+            granted: first.into(),
+            max,
+            tunnels: Arc::default(),
+        }
+    }
+
+    /// Counts a stream in use until the guard drops, raising the limit if half of it is in use.
+    fn in_use(&self) -> CountGuard {
+        let guard = self.tunnels.enter();
+        let granted = self.granted.load(std::sync::atomic::Ordering::Acquire);
+        if let Some(n) = stream_grant(self.tunnels.get(), granted, self.max) {
+            self.granted.store(n, std::sync::atomic::Ordering::Release);
+            self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(n));
+        }
+        guard
+    }
+}
+
 #[derive(Clone)]
 struct Conn {
     cfg: Arc<InboundConfig>,
@@ -164,9 +220,9 @@ impl Conn {
             return;
         };
         tracing::debug!(%peer, "inbound connection");
-        // Authenticated: now the peer may open the configured number of streams (quinn allocates a
-        // table entry per allowed stream, so this waited for the handshake).
-        conn.set_max_concurrent_bi_streams(VarInt::from_u32(max_streams));
+        // Verified: the peer may open more streams now, and more again as it uses them (quinn keeps
+        // state per allowed stream, so this waited for the handshake).
+        let grant = Arc::new(Grant::new(conn.clone(), max_streams));
         self.metrics.observe_handshake(Direction::Inbound, &conn);
         self.metrics
             .connections
@@ -178,9 +234,8 @@ impl Conn {
         loop {
             // This connection has its share of streams waiting for a header: take no more from it
             // until one is done; its next streams wait in quinn, under its stream limit.
-            let hold = |here| {
-                admit_stream(here, self.header_waits.get(), limits) == StreamAdmission::Hold
-            };
+            let hold =
+                |here| admit_stream(here, self.header_waits.get(), limits) == StreamAdmission::Hold;
             let accepted = tokio::select! {
                 s = async {
                     waits_here.wait_until(hold).await;
@@ -197,14 +252,26 @@ impl Conn {
                         tunnel::reset(&mut send, &mut recv, code::REFUSED);
                         continue;
                     }
-                    let waiting = (waits_here.enter(), self.header_waits.enter());
+                    let waiting = HeaderWait {
+                        _here: waits_here.enter(),
+                        _all: self.header_waits.enter(),
+                        grant: grant.clone(),
+                    };
                     let this = self.clone();
                     let pm = pm.clone();
                     let lane = lane.clone();
                     let span = tracing::debug_span!("stream", id = %send.id());
                     drain.tracker.spawn(
-                        this.stream(send, recv, waiting, peer.clone(), pm, lane, drain.clone())
-                            .instrument(span),
+                        this.read_then_serve(
+                            send,
+                            recv,
+                            waiting,
+                            peer.clone(),
+                            pm,
+                            lane,
+                            drain.clone(),
+                        )
+                        .instrument(span),
                     );
                 }
                 Err(e) => {
@@ -215,19 +282,36 @@ impl Conn {
         }
     }
 
+    /// Waits for the header in a small future and only then builds the larger one that serves the
+    /// stream: thousands of streams may wait for a header at once.
     #[allow(clippy::too_many_arguments)]
-    async fn stream(
+    async fn read_then_serve(
         self,
-        mut send: SendStream,
+        send: SendStream,
         mut recv: RecvStream,
-        waiting: (CountGuard, CountGuard),
+        waiting: HeaderWait,
         peer: Arc<SpiffeId>,
         m: PeerMetrics,
         lane: Arc<Lane>,
         drain: Drain,
     ) {
         let header = tunnel::read_header(&mut recv, self.cfg.header_timeout).await;
-        drop(waiting);
+        let in_use = waiting.done(header.is_ok());
+        Box::pin(self.stream(send, recv, header, in_use, peer, m, lane, drain)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn stream(
+        self,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        header: Result<StreamHeader, FrameError>,
+        _in_use: Option<CountGuard>,
+        peer: Arc<SpiffeId>,
+        m: PeerMetrics,
+        lane: Arc<Lane>,
+        drain: Drain,
+    ) {
         let header = match header {
             Ok(h) => h,
             Err(e) => {

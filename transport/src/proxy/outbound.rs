@@ -366,9 +366,7 @@ impl Service {
             .control(send.write_all(&tunnel::encode_frame(&header)))
             .await
             .map_err(|e| stream_err(&e))?;
-        let status = self
-            .await_status(addr, &pc, &mut recv, connect_by)
-            .await?;
+        let status = self.await_status(addr, &pc, &mut recv, connect_by).await?;
         let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::Unavailable);
         if code != StatusCode::Ok {
             tunnel::reset(&mut send, &mut recv, code::CANCELLED);
