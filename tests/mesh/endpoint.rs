@@ -174,15 +174,15 @@ async fn initial_flood_and_headerless_streams_keep_the_proxy_bounded() {
         during.push(request(target).await.expect("request during the flood"));
         peak = peak.max(rss(pid));
         tokio::time::sleep(Duration::from_millis(5)).await;
-        if initials_done.is_none() {
-            if let Ok(Some(s)) = initials.try_wait() {
-                initials_done = Some(s);
-            }
+        if initials_done.is_none()
+            && let Ok(Some(s)) = initials.try_wait()
+        {
+            initials_done = Some(s);
         }
-        if streams_done.is_none() {
-            if let Ok(Some(s)) = streams.try_wait() {
-                streams_done = Some(s);
-            }
+        if streams_done.is_none()
+            && let Ok(Some(s)) = streams.try_wait()
+        {
+            streams_done = Some(s);
         }
     }
     assert!(
@@ -268,8 +268,11 @@ async fn initial_flood_and_headerless_streams_keep_the_proxy_bounded() {
 /// and ended and whether it succeeded.
 struct Ticker {
     stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Vec<(Instant, Instant, Result<Duration, String>)>>,
+    task: tokio::task::JoinHandle<Vec<Outcome>>,
 }
+
+/// When a request started, when it ended, and its latency or error.
+type Outcome = (Instant, Instant, Result<Duration, String>);
 
 impl Ticker {
     fn start(target: SocketAddr) -> Self {
@@ -298,7 +301,7 @@ impl Ticker {
         Self { stop: tx, task }
     }
 
-    async fn finish(self) -> Vec<(Instant, Instant, Result<Duration, String>)> {
+    async fn finish(self) -> Vec<Outcome> {
         let _ = self.stop.send(true);
         self.task.await.expect("ticker")
     }
