@@ -231,7 +231,7 @@ async fn initial_flood_and_headerless_streams_keep_the_proxy_bounded() {
     assert!(closed, "the hostile connections are still open");
     let settle_until = Instant::now() + Duration::from_secs(15);
     let mut after = rss(pid);
-    while after > start_rss + 24 * (1 << 20) && Instant::now() < settle_until {
+    while after > start_rss + (16 << 20) && Instant::now() < settle_until {
         tokio::time::sleep(Duration::from_millis(200)).await;
         after = rss(pid);
     }
@@ -249,8 +249,10 @@ async fn initial_flood_and_headerless_streams_keep_the_proxy_bounded() {
         "peak RSS {:.1} MB is over the 100 MB bound",
         peak as f64 / MB
     );
+    // glibc keeps part of what was freed resident (ARCHITECTURE.md, "Memory bounds"): a bound, not
+    // the start itself.
     assert!(
-        after <= start_rss + (24 << 20),
+        after <= start_rss + (16 << 20),
         "RSS stayed at {:.1} MB after the flood (start {:.1} MB)",
         after as f64 / MB,
         start_rss as f64 / MB
