@@ -420,10 +420,14 @@ fn peer_gone(datagrams_before: u64, datagrams_now: u64) -> bool {
 }
 
 /// A stream failure before the acceptor answered. If the connection died of a stateless reset, its peer
-/// holds no state for it (it restarted): nothing reached the app, so it is a dead connection.
+/// holds no state for it (it restarted): nothing reached the app, so it is a dead connection. So is one
+/// we closed ourselves while this attempt held it: found dead by another stream (or the proxy drains).
 fn stream_failure(addr: SocketAddr, pc: &PeerConn, e: &dyn std::fmt::Display) -> OpenError {
     match pc.conn.close_reason() {
         Some(quinn::ConnectionError::Reset) => OpenError::DeadConnection(addr, "stateless reset"),
+        Some(quinn::ConnectionError::LocallyClosed) => {
+            OpenError::DeadConnection(addr, "closed as dead")
+        }
         _ => OpenError::Stream(e.to_string()),
     }
 }
