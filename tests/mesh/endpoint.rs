@@ -111,6 +111,7 @@ async fn initial_flood_and_headerless_streams_keep_the_proxy_bounded() {
     if !aioquic_available() {
         return;
     }
+    let _heavy = heavy().await;
     let pki = Pki::new();
     pki.issue("server", "echo");
     pki.issue("client", "client");

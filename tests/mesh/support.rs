@@ -274,6 +274,13 @@ pub fn metric(body: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// Held by the tests whose load would starve another test's deadlines on a 2-core machine (the
+/// endpoint flood, the thousand-connection echo): they run one at a time.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
 /// Polls `f` until it holds or `limit` passes; for state that settles asynchronously (counters).
 pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
 where
