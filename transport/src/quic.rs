@@ -8,7 +8,7 @@
 //! Two settings bound what a peer can cost before it authenticates. quinn builds a table entry for every
 //! stream the peer may open when it creates a connection, that is when it accepts the first Initial: at
 //! 8192 streams that was ~0.7 MB per unanswered Initial. So a server connection starts with
-//! [`STREAMS_BEFORE_AUTH`] and the inbound side raises the limit once the peer is verified; a dialled
+//! [`STREAMS_BEFORE_AUTH`] and the inbound side raises the limit as the verified peer uses it; a dialled
 //! connection allows the peer none (servers never open streams). And an endpoint's stateless-reset key
 //! (and the key its connection IDs are checked with) can come from a persistent secret
 //! ([`endpoint_keys`]), so that after a restart the endpoint answers packets of connections its previous
@@ -120,9 +120,11 @@ pub fn server_config(
     Ok(server)
 }
 
-/// Concurrent streams a client may open on a new connection before the inbound side has verified it
-/// and raised the limit to `max_concurrent_streams`.
-pub const STREAMS_BEFORE_AUTH: u32 = 32;
+/// Concurrent streams a client may open on a new connection (transport parameter), before the inbound
+/// side has verified it; more are granted with use (`proxy/admission.rs`). Not smaller: a client opens
+/// its first burst of tunnels as soon as its handshake ends, before a raise could reach it, and streams
+/// that wait for credit there had their headers starved by the first streams' bulk data.
+pub const STREAMS_BEFORE_AUTH: u32 = 1024;
 
 /// Connection attempts quinn holds for the accept loop at once.
 const MAX_INCOMING: usize = 1024;

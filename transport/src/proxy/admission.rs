@@ -95,10 +95,10 @@ pub fn admit_stream(here: usize, all: usize, limits: &InboundLimits) -> StreamAd
     }
 }
 
-/// Streams granted to a connection right after its peer is verified (or the configured maximum if
+/// Streams granted to a connection when its peer is verified, as before (or the configured maximum if
 /// lower). More come as the peer puts them to use ([`stream_grant`]): a peer that opens streams and
 /// never sends a header keeps this many, and the state quinn holds for them, at most.
-pub const FIRST_GRANT: u32 = 1024;
+pub const FIRST_GRANT: u32 = crate::quic::STREAMS_BEFORE_AUTH;
 
 /// The stream limit of a verified connection once `tunnels` of its streams are past their header:
 /// doubled as soon as half of the current grant is in real use, never above `max`; `None` to keep it.
