@@ -18,6 +18,7 @@ const LONG: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_concurrent_connections_echo_byte_for_byte_over_one_quic_connection() {
     raise_fd_limit();
+    let _heavy = heavy().await;
     let pki = Pki::new();
     let echo = echo_server().await;
     let server = server_proxy(&pki, echo).await;

@@ -9,5 +9,6 @@ mod controller;
 mod controller_hardening;
 mod controller_mode;
 mod dataplane;
+mod endpoint;
 mod naming;
 mod process;

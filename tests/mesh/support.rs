@@ -276,6 +276,13 @@ pub fn metric(body: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// Held by the tests whose load would starve another test's deadlines on a 2-core machine (the
+/// endpoint flood, the thousand-connection echo): they run one at a time.
+pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    HEAVY.lock().await
+}
+
 /// Polls `f` until it holds or `limit` passes; for state that settles asynchronously (counters).
 pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
 where
@@ -300,6 +307,15 @@ pub const QUICMESH: &str = env!("CARGO_BIN_EXE_quicmesh");
 /// Spawns `quicmesh ARGS` (killed on drop), stderr appended to `log`, and waits up to 60 s for the JSON
 /// ready line it prints on stdout; stdout keeps being drained so the child never blocks on the pipe.
 pub async fn spawn_ready(args: &[&str], log: &Path) -> (tokio::process::Child, serde_json::Value) {
+    spawn_ready_with(QUICMESH, args, log).await
+}
+
+/// [`spawn_ready`] for another program (e.g. the slim `quicmesh-proxy`).
+pub async fn spawn_ready_with(
+    program: &str,
+    args: &[&str],
+    log: &Path,
+) -> (tokio::process::Child, serde_json::Value) {
     use std::process::Stdio;
     use tokio::io::{AsyncBufReadExt, BufReader};
     let log = std::fs::OpenOptions::new()
@@ -307,7 +323,7 @@ pub async fn spawn_ready(args: &[&str], log: &Path) -> (tokio::process::Child, s
         .append(true)
         .open(log)
         .expect("log file");
-    let mut child = tokio::process::Command::new(QUICMESH)
+    let mut child = tokio::process::Command::new(program)
         .args(args)
         .env("QUICMESH_LOG", "info")
         .stdout(Stdio::piped())

@@ -131,6 +131,50 @@ pub struct InboundConfig {
     /// Longest time a peer may take to send a stream header.
     #[serde(default = "defaults::header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// What peers may cost this endpoint before and after they authenticate (`[inbound.limits]`).
+    #[serde(default)]
+    pub limits: InboundLimits,
+}
+
+/// Bounds on the state peers can make the inbound endpoint hold. A handshake in progress costs a few
+/// kilobytes and a stream waiting for its header a few more; these caps keep both bounded whatever an
+/// unauthenticated (or authenticated but hostile) peer sends. See ARCHITECTURE.md, "Memory bounds".
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundLimits {
+    /// Handshakes in progress from which a new client must first prove its address (QUIC Retry): a
+    /// flood of Initials from spoofed or silent sources then creates no state at all.
+    #[serde(default = "defaults::retry_above")]
+    pub retry_above: usize,
+    /// Handshakes in progress from which new ones are turned away (refused if the address is proven,
+    /// ignored otherwise).
+    #[serde(default = "defaults::max_handshakes")]
+    pub max_handshakes: usize,
+    /// Longest time a client may take to complete its handshake.
+    #[serde(
+        default = "defaults::inbound_handshake_timeout",
+        with = "humantime_serde"
+    )]
+    pub handshake_timeout: Duration,
+    /// Streams waiting for their header at once, over all connections; beyond it a new stream is reset.
+    #[serde(default = "defaults::max_header_waits")]
+    pub max_header_waits: usize,
+    /// Streams of one connection waiting for their header at once; beyond it that connection's next
+    /// streams wait, unaccepted, under its QUIC stream limit.
+    #[serde(default = "defaults::max_header_waits_per_connection")]
+    pub max_header_waits_per_connection: usize,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        Self {
+            retry_above: defaults::retry_above(),
+            max_handshakes: defaults::max_handshakes(),
+            handshake_timeout: defaults::inbound_handshake_timeout(),
+            max_header_waits: defaults::max_header_waits(),
+            max_header_waits_per_connection: defaults::max_header_waits_per_connection(),
+        }
+    }
 }
 
 /// One served port of the inbound side.
@@ -355,6 +399,21 @@ mod defaults {
     pub fn retry_min_per_second() -> u32 {
         10
     }
+    pub fn retry_above() -> usize {
+        32
+    }
+    pub fn max_handshakes() -> usize {
+        256
+    }
+    pub fn inbound_handshake_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_header_waits() -> usize {
+        4096
+    }
+    pub fn max_header_waits_per_connection() -> usize {
+        256
+    }
 }
 
 impl ProxyConfig {
@@ -512,6 +571,33 @@ impl ProxyConfig {
                 "retry.ratio",
                 "must be between 0 and 10",
             ));
+        }
+        if let Some(i) = &self.inbound {
+            let l = &i.limits;
+            let positive = [
+                ("max_handshakes", l.max_handshakes),
+                ("max_header_waits", l.max_header_waits),
+                (
+                    "max_header_waits_per_connection",
+                    l.max_header_waits_per_connection,
+                ),
+            ];
+            for (k, v) in positive {
+                if v == 0 {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("inbound.limits.{k}"),
+                        "must be at least 1",
+                    ));
+                }
+            }
+            if l.handshake_timeout.is_zero() {
+                return Err(ConfigError::new(
+                    path,
+                    "inbound.limits.handshake_timeout",
+                    "must be positive",
+                ));
+            }
         }
         if self.quic.max_concurrent_streams == 0 {
             return Err(ConfigError::new(

@@ -138,6 +138,61 @@ pub struct Metrics {
     pub rotated_connections: Counter,
     /// Certificate and controller state (controller mode).
     pub identity: IdentityMetrics,
+    /// What peers cost the endpoints: admissions, handshakes and header waits, dead connections.
+    pub endpoint: EndpointMetrics,
+}
+
+/// Labels of an admission decision.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    /// `accept`, `retry`, `refuse` or `ignore`.
+    pub decision: &'static str,
+}
+
+/// The bounds on what peers cost (`proxy/admission.rs`) and dead pooled connections.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointMetrics {
+    /// New inbound connection attempts, by decision.
+    pub admissions: Family<DecisionLabels, Counter>,
+    /// Inbound handshakes in progress.
+    pub handshakes_in_progress: Gauge,
+    /// Inbound streams waiting for their header, over all connections.
+    pub header_waits: Gauge,
+    /// Inbound streams reset because every connection together was at the header-wait cap.
+    pub streams_refused: Counter,
+    /// Pooled outbound connections closed because the peer was gone (stateless reset, or no packet at
+    /// all while a stream waited for its answer).
+    pub dead_connections: Counter,
+}
+
+impl EndpointMetrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "inbound_admissions",
+            "New inbound QUIC connection attempts, by decision (accept, retry, refuse, ignore)",
+            self.admissions.clone(),
+        );
+        r.register(
+            "inbound_handshakes_in_progress",
+            "Inbound QUIC handshakes in progress",
+            self.handshakes_in_progress.clone(),
+        );
+        r.register(
+            "inbound_header_waits",
+            "Inbound streams waiting for their header",
+            self.header_waits.clone(),
+        );
+        r.register(
+            "inbound_streams_refused",
+            "Inbound streams reset because the header-wait cap was reached",
+            self.streams_refused.clone(),
+        );
+        r.register(
+            "pool_dead_connections",
+            "Pooled connections closed because the peer was gone",
+            self.dead_connections.clone(),
+        );
+    }
 }
 
 /// Labels with a result.
@@ -189,6 +244,7 @@ impl Metrics {
             seen_serials: Arc::default(),
             rotated_connections: Counter::default(),
             identity: IdentityMetrics::default(),
+            endpoint: EndpointMetrics::default(),
         };
         let r = registry.sub_registry_with_prefix("quicmesh");
         r.register(
@@ -293,6 +349,7 @@ impl Metrics {
             "Inbound endpoint registrations the controller refused",
             id.registrations_refused.clone(),
         );
+        m.endpoint.register(r);
         m
     }
 

@@ -5,6 +5,7 @@
 //! serves until the shutdown future resolves, then drains: readiness goes false, listeners stop
 //! accepting, open tunneled connections get the grace period to finish, the rest are reset.
 
+pub mod admission;
 pub mod inbound;
 pub mod lane;
 pub mod outbound;
@@ -175,6 +176,31 @@ fn static_server_names(
     .map_err(|e| e.to_string())
 }
 
+/// Static mode's persistent secret for the endpoint keys ([`quic::endpoint_keys`]): the private key
+/// file's bytes. It outlives restarts, and whoever reads it could impersonate the proxy anyway.
+fn static_secret(cfg: &ProxyConfig, file: &Path) -> Result<Vec<u8>, ConfigError> {
+    let Some(identity) = &cfg.identity else {
+        return Err(ConfigError::new(file, "identity", "missing"));
+    };
+    std::fs::read(&identity.key).map_err(|e| {
+        ConfigError::new(
+            file,
+            "identity.key",
+            format!("cannot read {}: {e}", identity.key.display()),
+        )
+    })
+}
+
+/// Controller mode's persistent secret: the join token and the identity it is for. The private key is
+/// generated anew at each start, so it cannot serve; the token is a secret of this proxy's
+/// configuration that stays the same across restarts.
+fn controller_secret(boot: &control::Bootstrap) -> Vec<u8> {
+    let mut s = boot.manager.join_token.as_bytes().to_vec();
+    s.push(0);
+    s.extend_from_slice(boot.manager.id.as_str().as_bytes());
+    s
+}
+
 impl Proxy {
     /// Loads the identity and binds every listener, or fails naming the key at fault. In controller
     /// mode this also starts the identity manager and the Watch follower; the proxy turns ready once
@@ -182,12 +208,14 @@ impl Proxy {
     pub async fn bind(cfg: &ProxyConfig, file: &Path) -> Result<Self, ConfigError> {
         let (None, Some(c)) = (&cfg.identity, &cfg.controller) else {
             let creds = load_credentials(cfg, file)?;
-            return Self::bind_with(cfg, file, creds).await;
+            let secret = static_secret(cfg, file)?;
+            return Self::bind_keyed(cfg, file, creds, Some(&secret)).await;
         };
         let boot = control::Bootstrap::load(c, file)?;
         let td = boot.manager.id.trust_domain().to_owned();
         let creds = Credentials::pending(boot.roots.clone(), td);
-        let mut proxy = Self::bind_with(cfg, file, creds).await?;
+        let secret = controller_secret(&boot);
+        let mut proxy = Self::bind_keyed(cfg, file, creds, Some(&secret)).await?;
         proxy.start_control(cfg, boot);
         Ok(proxy)
     }
@@ -254,11 +282,22 @@ impl Proxy {
         self.control = Some(stop.drop_guard());
     }
 
-    /// Binds with credentials obtained elsewhere (e.g. from the controller).
+    /// Binds with credentials obtained elsewhere (e.g. from the controller). The inbound endpoint's
+    /// reset key is random: a restart is not recognised by peers (see [`Proxy::bind`]).
     pub async fn bind_with(
         cfg: &ProxyConfig,
         file: &Path,
         creds: Credentials,
+    ) -> Result<Self, ConfigError> {
+        Self::bind_keyed(cfg, file, creds, None).await
+    }
+
+    /// Binds; the inbound endpoint's stateless-reset keys derive from `secret` when given.
+    async fn bind_keyed(
+        cfg: &ProxyConfig,
+        file: &Path,
+        creds: Credentials,
+        secret: Option<&[u8]>,
     ) -> Result<Self, ConfigError> {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
@@ -268,7 +307,7 @@ impl Proxy {
             Some(icfg) => {
                 let server = quic::server_config(&creds, &cfg.quic, metrics.refusals.clone())
                     .map_err(|e| err("identity".into(), &e))?;
-                let ep = quic::endpoint(icfg.listen, &cfg.quic, Some(server))
+                let ep = quic::endpoint(icfg.listen, &cfg.quic, Some(server), secret)
                     .map_err(|e| err("inbound.listen".into(), &e))?;
                 (
                     Some(inbound::Inbound::new(
@@ -276,6 +315,7 @@ impl Proxy {
                         icfg.clone(),
                         metrics.clone(),
                         creds.clone(),
+                        cfg.quic.max_concurrent_streams,
                     )),
                     Some(ep),
                 )
@@ -297,8 +337,8 @@ impl Proxy {
         } else {
             SocketAddr::from(([0, 0, 0, 0], 0))
         };
-        let client_ep =
-            quic::endpoint(client_bind, &cfg.quic, None).map_err(|e| err("outbound".into(), &e))?;
+        let client_ep = quic::endpoint(client_bind, &cfg.quic, None, None)
+            .map_err(|e| err("outbound".into(), &e))?;
         let pool = Arc::new(pool::Pool::new(
             client_ep,
             client,

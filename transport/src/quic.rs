@@ -4,6 +4,16 @@
 //! modest windows. A proxy multiplexes thousands of tunneled connections over one QUIC connection at
 //! multi-gigabit rates, so the stream limit, flow-control windows and socket buffers are set here, on
 //! purpose, from [`QuicConfig`]. TLS is 1.3 only, ALPN `quicmesh/1`, mutual, with our SPIFFE verifiers.
+//!
+//! Two settings bound what a peer can cost before it authenticates. quinn builds a table entry for every
+//! stream the peer may open when it creates a connection, that is when it accepts the first Initial: at
+//! 8192 streams that was ~0.7 MB per unanswered Initial. So a server connection starts with
+//! [`STREAMS_BEFORE_AUTH`] and the inbound side raises the limit as the verified peer uses it; a dialled
+//! connection allows the peer none (servers never open streams). And an endpoint's stateless-reset key
+//! (and the key its connection IDs are checked with) can come from a persistent secret
+//! ([`endpoint_keys`]), so that after a restart the endpoint answers packets of connections its previous
+//! instance held with a reset their peers recognise, and they redial at once instead of waiting out the
+//! idle timeout.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -13,6 +23,8 @@ use quinn::{
     VarInt, congestion,
     crypto::rustls::{QuicClientConfig, QuicServerConfig},
 };
+use quinn_proto::HashedConnectionIdGenerator;
+use ring::{hkdf, hmac};
 use rustls::crypto::CryptoProvider;
 
 use crate::{
@@ -94,9 +106,28 @@ pub fn server_config(
     tls.send_tls13_tickets = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(transport_config(cfg)));
+    let mut transport = transport_config(cfg);
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(
+        cfg.max_concurrent_streams.min(STREAMS_BEFORE_AUTH),
+    ));
+    server
+        .transport_config(Arc::new(transport))
+        // Connection attempts quinn queues before our accept loop decides on them, and the bytes they
+        // may buffer meanwhile (quinn's defaults: 65,536 and 100 MB); beyond, Initials are dropped.
+        .max_incoming(MAX_INCOMING)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(4 << 20);
     Ok(server)
 }
+
+/// Concurrent streams a client may open on a new connection (transport parameter), before the inbound
+/// side has verified it; more are granted with use (`proxy/admission.rs`). Not smaller: a client opens
+/// its first burst of tunnels as soon as its handshake ends, before a raise could reach it, and streams
+/// that wait for credit there had their headers starved by the first streams' bulk data.
+pub const STREAMS_BEFORE_AUTH: u32 = 1024;
+
+/// Connection attempts quinn holds for the accept loop at once.
+const MAX_INCOMING: usize = 1024;
 
 /// Client side: presents our certificate and checks the server with [`PeerServerVerifier`].
 pub fn client_config(
@@ -116,15 +147,69 @@ pub fn client_config(
     tls.resumption = rustls::client::Resumption::disabled();
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-    client.transport_config(Arc::new(transport_config(cfg)));
+    let mut transport = transport_config(cfg);
+    // The acceptor never opens streams towards us: no stream table for it.
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    client.transport_config(Arc::new(transport));
     Ok(client)
 }
 
-/// Binds a UDP socket with the configured buffers and wraps it in a quinn endpoint.
+/// The keys of an endpoint that must outlive a restart, derived from `secret` and the bound address:
+/// the stateless-reset key and the key that marks our connection IDs.
+///
+/// Safe because HKDF-SHA256 is one-way: reset tokens are HMACs under a derived key and reveal nothing
+/// of `secret`; only a holder of `secret` (who could already impersonate this proxy) can forge them.
+/// The bound address is part of the derivation, so endpoints sharing a secret never share a key
+/// (RFC 9000 section 10.3.2: a reset token must not be usable against another endpoint).
+pub fn endpoint_keys(secret: &[u8], addr: SocketAddr) -> (hmac::Key, u64) {
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"quicmesh endpoint keys v1").extract(secret);
+    let addr = addr.to_string();
+    let reset = prk
+        .expand(&[b"stateless reset", addr.as_bytes()], hmac::HMAC_SHA256)
+        .map(hmac::Key::from);
+    let mut cid = [0u8; 8];
+    let cid_ok = prk
+        .expand(&[b"connection id", addr.as_bytes()], Len(cid.len()))
+        .and_then(|okm| okm.fill(&mut cid));
+    match (reset, cid_ok) {
+        (Ok(reset), Ok(())) => (reset, u64::from_le_bytes(cid)),
+        // Unreachable: both lengths are far below HKDF-SHA256's limit. Random keys keep it harmless.
+        _ => (
+            hmac::Key::new(hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()),
+            rand::random(),
+        ),
+    }
+}
+
+/// An HKDF output length for ring.
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
+    }
+}
+
+fn endpoint_config(secret: Option<&[u8]>, addr: SocketAddr) -> EndpointConfig {
+    let Some(secret) = secret else {
+        return EndpointConfig::default();
+    };
+    let (reset, cid_key) = endpoint_keys(secret, addr);
+    let mut c = EndpointConfig::new(Arc::new(reset));
+    // Connection IDs are checked against this key before a stateless reset is sent: a restarted
+    // endpoint must recognise the IDs its previous instance issued.
+    c.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+    c
+}
+
+/// Binds a UDP socket with the configured buffers and wraps it in a quinn endpoint. With `secret`, the
+/// endpoint's reset and connection-ID keys derive from it and the bound address ([`endpoint_keys`]);
+/// without, they are random.
 pub fn endpoint(
     addr: SocketAddr,
     cfg: &QuicConfig,
     server: Option<quinn::ServerConfig>,
+    secret: Option<&[u8]>,
 ) -> Result<Endpoint, QuicError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let bind = |e| QuicError::Bind(addr, e);
@@ -145,8 +230,9 @@ pub fn endpoint(
     let snd = socket2::SockRef::from(&std_socket)
         .send_buffer_size()
         .unwrap_or(0);
+    let bound = std_socket.local_addr().map_err(bind)?;
     let ep = Endpoint::new(
-        EndpointConfig::default(),
+        endpoint_config(secret, bound),
         server,
         std_socket,
         Arc::new(TokioRuntime),
@@ -161,4 +247,31 @@ pub fn endpoint(
         );
     }
     Ok(ep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(key: &hmac::Key, cid: &[u8]) -> Vec<u8> {
+        hmac::sign(key, cid).as_ref().to_vec()
+    }
+
+    #[test]
+    fn endpoint_keys_survive_a_restart_and_differ_per_address_and_secret() {
+        let a: SocketAddr = "127.0.0.1:4433".parse().expect("addr");
+        let b: SocketAddr = "127.0.0.1:4434".parse().expect("addr");
+        let (k1, c1) = endpoint_keys(b"secret", a);
+        let (k2, c2) = endpoint_keys(b"secret", a);
+        // Same secret and address (a restart): same reset token for a connection ID, same CID key.
+        assert_eq!(token(&k1, b"cid-1"), token(&k2, b"cid-1"));
+        assert_eq!(c1, c2);
+        assert_ne!(token(&k1, b"cid-1"), token(&k1, b"cid-2"));
+        // Another address or another secret: unrelated keys.
+        let (k3, c3) = endpoint_keys(b"secret", b);
+        let (k4, c4) = endpoint_keys(b"other", a);
+        assert_ne!(token(&k1, b"cid-1"), token(&k3, b"cid-1"));
+        assert_ne!(token(&k1, b"cid-1"), token(&k4, b"cid-1"));
+        assert!(c1 != c3 && c1 != c4);
+    }
 }

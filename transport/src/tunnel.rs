@@ -34,6 +34,10 @@ pub mod code {
     pub const DRAINING: VarInt = VarInt::from_u32(4);
     /// A stream was abandoned for another reason (e.g. the local side gave up).
     pub const CANCELLED: VarInt = VarInt::from_u32(5);
+    /// The acceptor is at a limit (streams waiting for a header) and took nothing from this stream.
+    pub const REFUSED: VarInt = VarInt::from_u32(6);
+    /// A pooled connection found dead (its peer answered nothing) and closed by the dialler.
+    pub const PEER_GONE: VarInt = VarInt::from_u32(7);
 }
 
 /// Why a frame could not be read.

@@ -8,20 +8,35 @@
 //! tunneled connection here as well: expiry resets the stream with `DEADLINE_EXCEEDED`. Each stream goes
 //! to the application address of the service port its header names ([`route`]); a service or port this
 //! proxy does not serve gets `NO_ROUTE`, never a default.
+//!
+//! What a peer may make us hold is bounded by the decisions of [`super::admission`]: connection
+//! attempts are accepted, retried (QUIC Retry) or turned away by the number of handshakes in progress;
+//! a handshake has `limits.handshake_timeout`; a verified connection gets streams as it uses them; a
+//! connection with its share of streams waiting for a header is not accepted from until one is done,
+//! and beyond the global cap a new stream is reset.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use quinn::{Endpoint, Incoming, RecvStream, SendStream};
+use quinn::{Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use tokio::{net::TcpStream, time::Instant};
 use tracing::Instrument;
 
-use super::{Drain, lane::Lane, pool::peer_identity, splice::carry};
+use super::{
+    Drain,
+    admission::{
+        Admission, Count, CountGuard, FIRST_GRANT, StreamAdmission, admit, admit_stream,
+        stream_grant,
+    },
+    lane::Lane,
+    pool::peer_identity,
+    splice::carry,
+};
 use crate::{
     clip::clip,
     config::InboundConfig,
     identity::{Credentials, SpiffeId},
-    metrics::{Direction, Metrics, PeerMetrics, ReasonLabels},
-    tunnel::{self, StatusCode, StreamHeader, code},
+    metrics::{DecisionLabels, Direction, Metrics, PeerMetrics, ReasonLabels},
+    tunnel::{self, FrameError, StatusCode, StreamHeader, code},
 };
 
 /// The bound inbound endpoint.
@@ -30,21 +45,25 @@ pub struct Inbound {
     cfg: Arc<InboundConfig>,
     metrics: Metrics,
     creds: Credentials,
+    max_streams: u32,
 }
 
 impl Inbound {
-    /// Wraps an endpoint that has a server config; `creds` says which peers are revoked.
+    /// Wraps an endpoint that has a server config; `creds` says which peers are revoked. A peer may
+    /// open `max_streams` concurrent streams once it has authenticated (fewer before, see `quic.rs`).
     pub fn new(
         endpoint: Endpoint,
         cfg: InboundConfig,
         metrics: Metrics,
         creds: Credentials,
+        max_streams: u32,
     ) -> Self {
         Self {
             endpoint,
             cfg: Arc::new(cfg),
             metrics,
             creds,
+            max_streams,
         }
     }
 
@@ -55,21 +74,56 @@ impl Inbound {
 
     /// Accepts connections until the drain begins.
     pub async fn run(self, drain: Drain) {
+        let m = &self.metrics.endpoint;
+        let handshakes = Arc::new(Count::in_gauge(m.handshakes_in_progress.clone()));
+        let header_waits = Arc::new(Count::in_gauge(m.header_waits.clone()));
         loop {
             let incoming = tokio::select! {
                 i = self.endpoint.accept() => i,
                 _ = drain.stop_accepting.cancelled() => break,
             };
             let Some(incoming) = incoming else { break };
+            let decision = admit(
+                handshakes.get(),
+                incoming.remote_address_validated(),
+                incoming.may_retry(),
+                &self.cfg.limits,
+            );
+            m.admissions
+                .get_or_create(&DecisionLabels {
+                    decision: decision.label(),
+                })
+                .inc();
+            match decision {
+                Admission::Accept => {}
+                Admission::Retry => {
+                    // Stateless: the client's next Initial carries a token proving its address.
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().ignore();
+                    }
+                    continue;
+                }
+                Admission::Refuse => {
+                    incoming.refuse();
+                    continue;
+                }
+                Admission::Ignore => {
+                    incoming.ignore();
+                    continue;
+                }
+            }
             let conn = Conn {
                 cfg: self.cfg.clone(),
                 metrics: self.metrics.clone(),
                 creds: self.creds.clone(),
+                header_waits: header_waits.clone(),
             };
             let span = tracing::debug_span!("inbound", remote = %incoming.remote_address());
-            drain
-                .tracker
-                .spawn(conn.serve(incoming, drain.clone()).instrument(span));
+            let handshake = handshakes.enter();
+            drain.tracker.spawn(
+                conn.serve(incoming, handshake, self.max_streams, drain.clone())
+                    .instrument(span),
+            );
         }
         // New connections are refused from now on; established ones finish their streams.
         self.endpoint.set_server_config(None);
@@ -85,16 +139,80 @@ fn route(cfg: &InboundConfig, h: &StreamHeader) -> Result<SocketAddr, &'static s
     cfg.app_for(h.port).ok_or("port not served here")
 }
 
+/// A stream waiting for its header: counted on its connection and overall until [`HeaderWait::done`].
+struct HeaderWait {
+    _here: CountGuard,
+    _all: CountGuard,
+    grant: Arc<Grant>,
+}
+
+impl HeaderWait {
+    /// Ends the wait; a stream whose header arrived counts as in use (for the connection's stream
+    /// grant) while the returned guard lives.
+    fn done(self, header_ok: bool) -> Option<CountGuard> {
+        header_ok.then(|| self.grant.in_use())
+    }
+}
+
+/// The stream limit of one verified connection, raised with use ([`stream_grant`]).
+struct Grant {
+    conn: quinn::Connection,
+    granted: std::sync::atomic::AtomicU32,
+    max: u32,
+    tunnels: Arc<Count>,
+}
+
+impl Grant {
+    fn new(conn: quinn::Connection, max: u32) -> Self {
+        let first = FIRST_GRANT.min(max);
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(first));
+        Self {
+            conn,
+            granted: first.into(),
+            max,
+            tunnels: Arc::default(),
+        }
+    }
+
+    /// Counts a stream in use until the guard drops, raising the limit if half of it is in use.
+    fn in_use(&self) -> CountGuard {
+        let guard = self.tunnels.enter();
+        let granted = self.granted.load(std::sync::atomic::Ordering::Acquire);
+        if let Some(n) = stream_grant(self.tunnels.get(), granted, self.max) {
+            self.granted.store(n, std::sync::atomic::Ordering::Release);
+            self.conn.set_max_concurrent_bi_streams(VarInt::from_u32(n));
+        }
+        guard
+    }
+}
+
 #[derive(Clone)]
 struct Conn {
     cfg: Arc<InboundConfig>,
     metrics: Metrics,
     creds: Credentials,
+    /// Streams waiting for their header, over all connections.
+    header_waits: Arc<Count>,
 }
 
 impl Conn {
-    async fn serve(self, incoming: Incoming, drain: Drain) {
-        let conn = match incoming.await {
+    async fn serve(
+        self,
+        incoming: Incoming,
+        handshake: CountGuard,
+        max_streams: u32,
+        drain: Drain,
+    ) {
+        let timeout = self.cfg.limits.handshake_timeout;
+        let accepted = match incoming.accept() {
+            Ok(connecting) => tokio::time::timeout(timeout, connecting)
+                .await
+                .unwrap_or(Err(quinn::ConnectionError::TimedOut)),
+            Err(e) => Err(e),
+        };
+        // Dropping an unfinished handshake (the timeout) closes its connection.
+        drop(handshake);
+        let conn = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // Certificate refusals were logged and counted by the verifier with their reason.
@@ -114,26 +232,58 @@ impl Conn {
             return;
         };
         tracing::debug!(%peer, "inbound connection");
+        // Verified: the peer may open more streams now, and more again as it uses them (quinn keeps
+        // state per allowed stream, so this waited for the handshake).
+        let grant = Arc::new(Grant::new(conn.clone(), max_streams));
         self.metrics.observe_handshake(Direction::Inbound, &conn);
         self.metrics
             .connections
             .track(Direction::Inbound, peer.to_string(), conn.clone());
         let pm = self.metrics.peer(Direction::Inbound, peer.as_str());
         let lane = Arc::new(Lane::default());
+        let waits_here = Arc::new(Count::default());
+        let limits = &self.cfg.limits;
         loop {
+            // This connection has its share of streams waiting for a header: take no more from it
+            // until one is done; its next streams wait in quinn, under its stream limit.
+            let hold =
+                |here| admit_stream(here, self.header_waits.get(), limits) == StreamAdmission::Hold;
             let accepted = tokio::select! {
-                s = conn.accept_bi() => s,
+                s = async {
+                    waits_here.wait_until(hold).await;
+                    conn.accept_bi().await
+                } => s,
                 _ = drain.stop_accepting.cancelled() => break,
             };
             match accepted {
-                Ok((send, recv)) => {
+                Ok((mut send, mut recv)) => {
+                    if admit_stream(waits_here.get(), self.header_waits.get(), limits)
+                        == StreamAdmission::Refuse
+                    {
+                        self.metrics.endpoint.streams_refused.inc();
+                        tunnel::reset(&mut send, &mut recv, code::REFUSED);
+                        continue;
+                    }
+                    let waiting = HeaderWait {
+                        _here: waits_here.enter(),
+                        _all: self.header_waits.enter(),
+                        grant: grant.clone(),
+                    };
                     let this = self.clone();
                     let pm = pm.clone();
                     let lane = lane.clone();
                     let span = tracing::debug_span!("stream", id = %send.id());
                     drain.tracker.spawn(
-                        this.stream(send, recv, peer.clone(), pm, lane, drain.clone())
-                            .instrument(span),
+                        this.read_then_serve(
+                            send,
+                            recv,
+                            waiting,
+                            peer.clone(),
+                            pm,
+                            lane,
+                            drain.clone(),
+                        )
+                        .instrument(span),
                     );
                 }
                 Err(e) => {
@@ -144,16 +294,37 @@ impl Conn {
         }
     }
 
-    async fn stream(
+    /// Waits for the header in a small future and only then builds the larger one that serves the
+    /// stream: thousands of streams may wait for a header at once.
+    #[allow(clippy::too_many_arguments)]
+    async fn read_then_serve(
         self,
-        mut send: SendStream,
+        send: SendStream,
         mut recv: RecvStream,
+        waiting: HeaderWait,
         peer: Arc<SpiffeId>,
         m: PeerMetrics,
         lane: Arc<Lane>,
         drain: Drain,
     ) {
-        let header = match tunnel::read_header(&mut recv, self.cfg.header_timeout).await {
+        let header = tunnel::read_header(&mut recv, self.cfg.header_timeout).await;
+        let in_use = waiting.done(header.is_ok());
+        Box::pin(self.stream(send, recv, header, in_use, peer, m, lane, drain)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn stream(
+        self,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        header: Result<StreamHeader, FrameError>,
+        _in_use: Option<CountGuard>,
+        peer: Arc<SpiffeId>,
+        m: PeerMetrics,
+        lane: Arc<Lane>,
+        drain: Drain,
+    ) {
+        let header = match header {
             Ok(h) => h,
             Err(e) => {
                 if e.is_protocol_violation() {
@@ -286,6 +457,7 @@ mod tests {
             services: services.iter().map(|s| s.to_string()).collect(),
             connect_timeout: Duration::from_secs(1),
             header_timeout: Duration::from_secs(1),
+            limits: Default::default(),
         }
     }
 

@@ -89,6 +89,10 @@ pub enum OpenError {
     /// The connect timeout or the deadline expired first.
     #[error("not connected within {0:?}")]
     Timeout(Duration),
+    /// The pooled connection was dead: the peer reset it statelessly (it restarted) or sent nothing at
+    /// all while the stream waited for its answer. The connection is closed so the pool redials.
+    #[error("connection to {0} was dead: {1}")]
+    DeadConnection(SocketAddr, &'static str),
 }
 
 impl OpenError {
@@ -110,6 +114,7 @@ impl OpenError {
             Self::Exhausted { last, .. } => last.reason(),
             Self::Timeout(_) => "connect_timeout",
             Self::NoEndpoints => "no_endpoints",
+            Self::DeadConnection(..) => "dead_connection",
         }
     }
 }
@@ -127,7 +132,10 @@ enum Retry {
 
 fn classify(e: &OpenError) -> Retry {
     match e {
-        OpenError::Dial(_) | OpenError::WrongServer { .. } => Retry::Failover,
+        // Nothing reached the app: as free as a failed handshake.
+        OpenError::Dial(_) | OpenError::WrongServer { .. } | OpenError::DeadConnection(..) => {
+            Retry::Failover
+        }
         OpenError::Stream(_) => Retry::Budgeted,
         OpenError::Refused {
             code: StatusCode::ConnectFailed | StatusCode::Unavailable | StatusCode::NoRoute,
@@ -412,7 +420,7 @@ impl Service {
         if !servers.allows(&pc.peer) {
             return Err(self.wrong_server(addr, &pc, servers));
         }
-        let stream_err = |e: &dyn std::fmt::Display| OpenError::Stream(e.to_string());
+        let stream_err = |e: &dyn std::fmt::Display| stream_failure(addr, &pc, e);
         let (mut send, mut recv) = pc.conn.open_bi().await.map_err(|e| stream_err(&e))?;
         let now = Instant::now();
         let header = StreamHeader {
@@ -428,12 +436,7 @@ impl Service {
             .control(send.write_all(&tunnel::encode_frame(&header)))
             .await
             .map_err(|e| stream_err(&e))?;
-        let status: StreamStatus = tunnel::read_frame(
-            &mut recv,
-            connect_by.saturating_duration_since(Instant::now()),
-        )
-        .await
-        .map_err(|e| stream_err(&e))?;
+        let status = self.await_status(addr, &pc, &mut recv, connect_by).await?;
         let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::Unavailable);
         if code != StatusCode::Ok {
             tunnel::reset(&mut send, &mut recv, code::CANCELLED);
@@ -467,6 +470,56 @@ impl Service {
             allowed: servers.to_string(),
         }
     }
+
+    /// Reads the acceptor's status by `connect_by`. A peer that sends nothing at all within the
+    /// handshake timeout, not even an acknowledgement of the header, is gone (typically killed, or
+    /// restarted without our connection): the connection is closed so that the pool redials, and the
+    /// attempt fails over. A peer that acknowledges but answers slowly (a slow app) is waited for.
+    async fn await_status(
+        &self,
+        addr: SocketAddr,
+        pc: &PeerConn,
+        recv: &mut RecvStream,
+        connect_by: Instant,
+    ) -> Result<StreamStatus, OpenError> {
+        let received = || pc.conn.stats().udp_rx.datagrams;
+        let before = received();
+        let read = tunnel::read_frame::<StreamStatus>(
+            recv,
+            connect_by.saturating_duration_since(Instant::now()),
+        );
+        tokio::pin!(read);
+        let check_at = (Instant::now() + self.cfg.handshake_timeout).min(connect_by);
+        let res = tokio::select! {
+            r = &mut read => r,
+            _ = tokio::time::sleep_until(check_at) => {
+                if peer_gone(before, received()) {
+                    self.pool.discard(pc);
+                    return Err(OpenError::DeadConnection(addr, "no packet from the peer"));
+                }
+                read.await
+            }
+        };
+        res.map_err(|e| stream_failure(addr, pc, &e))
+    }
+}
+
+/// Whether a peer that was sent a stream header is gone: not one datagram came back meanwhile.
+fn peer_gone(datagrams_before: u64, datagrams_now: u64) -> bool {
+    datagrams_now == datagrams_before
+}
+
+/// A stream failure before the acceptor answered. If the connection died of a stateless reset, its peer
+/// holds no state for it (it restarted): nothing reached the app, so it is a dead connection. So is one
+/// we closed ourselves while this attempt held it: found dead by another stream (or the proxy drains).
+fn stream_failure(addr: SocketAddr, pc: &PeerConn, e: &dyn std::fmt::Display) -> OpenError {
+    match pc.conn.close_reason() {
+        Some(quinn::ConnectionError::Reset) => OpenError::DeadConnection(addr, "stateless reset"),
+        Some(quinn::ConnectionError::LocallyClosed) => {
+            OpenError::DeadConnection(addr, "closed as dead")
+        }
+        _ => OpenError::Stream(e.to_string()),
+    }
 }
 
 fn ms(d: Duration) -> u64 {
@@ -476,6 +529,12 @@ fn ms(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_is_gone_only_if_nothing_came_back() {
+        assert!(peer_gone(10, 10));
+        assert!(!peer_gone(10, 11));
+    }
 
     #[test]
     fn retry_classification() {
@@ -496,6 +555,9 @@ mod tests {
         };
         assert_eq!(classify(&impostor), Retry::Failover);
         assert_eq!(impostor.reason(), "wrong_server_identity");
+        let dead = OpenError::DeadConnection(SocketAddr::from(([127, 0, 0, 1], 1)), "reset");
+        assert_eq!(classify(&dead), Retry::Failover);
+        assert_eq!(dead.reason(), "dead_connection");
         assert_eq!(
             classify(&OpenError::Stream("reset".into())),
             Retry::Budgeted

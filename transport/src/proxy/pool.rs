@@ -180,7 +180,13 @@ impl Pool {
             let mut retired = None;
             let reusable = slots.get(&addr).filter(|d| match d.peek() {
                 None => true,
-                Some(Ok(p)) if p.conn.close_reason().is_some() => false,
+                Some(Ok(p)) if p.conn.close_reason().is_some() => {
+                    if matches!(p.conn.close_reason(), Some(ConnectionError::Reset)) {
+                        // The peer restarted and answered with a stateless reset.
+                        self.metrics.endpoint.dead_connections.inc();
+                    }
+                    false
+                }
                 // Revoked after the handshake: redial, and the verifier refuses the peer.
                 Some(Ok(p)) if self.creds.is_revoked(&p.peer) => false,
                 Some(Ok(p)) if p.generation != generation => {
@@ -266,6 +272,15 @@ impl Pool {
         }
         .boxed()
         .shared()
+    }
+
+    /// Closes a pooled connection whose peer is gone; the next request for its address redials.
+    pub fn discard(&self, pc: &PeerConn) {
+        if pc.conn.close_reason().is_none() {
+            self.metrics.endpoint.dead_connections.inc();
+            tracing::info!(peer = %pc.peer, remote = %pc.conn.remote_address(), "peer gone: closing the pooled connection");
+            pc.conn.close(crate::tunnel::code::PEER_GONE, b"peer gone");
+        }
     }
 
     /// Records that `addr` could not be reached: it is avoided for a growing backoff.
