@@ -102,7 +102,9 @@ fn hostile(
 fn server_config(pki: &Pki, listen: &str, app: SocketAddr) -> PathBuf {
     pki.config(
         "server",
-        &format!("[inbound]\nlisten = \"{listen}\"\napp = \"{app}\"\nheader_timeout = \"2s\"\n"),
+        &format!(
+            "[inbound]\nlisten = \"{listen}\"\nports = [{{ port = 7, app = \"{app}\" }}]\nheader_timeout = \"2s\"\n"
+        ),
     )
 }
 
