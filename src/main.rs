@@ -40,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     quicmesh_transport::cli::init_logging();
     // One crypto provider for the whole process (see STACK.md): ring.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    quicmesh_transport::quic::install_provider();
     // One thread per core, except for the proxy: a sidecar runs on one thread unless told otherwise
     // (see `cli::ProxyArgs::workers`). QUICMESH_WORKERS=N sets it for every subcommand.
     let workers = match &cli.command {

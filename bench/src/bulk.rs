@@ -88,7 +88,7 @@ fn transport() -> quinn::TransportConfig {
 /// Raw QUIC ceiling: one bidirectional quinn stream on loopback carrying up to `limit` bytes for at most
 /// `duration`, server and client in this process, 4 MiB UDP buffers, no tunnel framing.
 pub async fn quic_ceiling(limit: u64, duration: Duration) -> anyhow::Result<BulkOutcome> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = quicmesh_transport::quic::provider();
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
     let cert_der = ck.cert.der().clone();
     let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());

@@ -53,7 +53,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8 << 30)]
         bytes: u64,
         /// Time cap.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
     /// Bulk throughput of quinn alone (one stream, loopback): the ceiling for the tunnel.
@@ -62,7 +62,7 @@ enum BenchCommand {
         #[arg(long, default_value_t = 8 << 30)]
         bytes: u64,
         /// Time cap.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
     /// Wait until an address accepts TCP connections (used inside network namespaces).
@@ -70,7 +70,7 @@ enum BenchCommand {
     Probe {
         #[arg(long)]
         addr: SocketAddr,
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
 }
@@ -84,7 +84,7 @@ struct CompareArgs {
     #[arg(long, value_delimiter = ',', default_value = "quicmesh,peer")]
     targets: Vec<Target>,
     /// Measured length of each load run.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Repeat the whole scenario list this many times (results merged).
     #[arg(long, default_value_t = 1)]
@@ -112,7 +112,7 @@ struct CompareArgs {
     #[arg(long, default_value_t = 8 << 30)]
     bulk_bytes: u64,
     /// Time cap of the bulk transfer.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     bulk_duration: Duration,
     /// Skip the raw QUIC ceiling.
     #[arg(long)]
@@ -143,7 +143,7 @@ struct LossArgs {
     #[arg(long, default_value_t = 64)]
     connections: usize,
     /// Measured length of each run.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Protocol.
     #[arg(long, default_value = "http1")]
@@ -183,13 +183,13 @@ struct LoadArgs {
     #[arg(long, default_value_t = 64)]
     connections: usize,
     /// Measured length.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// Request size, bytes.
     #[arg(long, default_value_t = 1024)]
     payload: usize,
     /// Per-request timeout.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// Request cap.
     #[arg(long, default_value_t = 10_000_000)]
@@ -211,33 +211,14 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// Pause every response this long after the first request...
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = humantime::parse_duration)]
     stall_after: Option<Duration>,
     /// ...for this long.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     stall_for: Duration,
     /// Exit after this long (bounded even if nobody stops it).
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     max_time: Duration,
-}
-
-/// Parses `250ms`, `10s`, `1.5s`, `2m`, `1h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| format!("`{s}`: a unit is required (ms, s, m, h)"))?;
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num.parse().map_err(|_| format!("`{s}`: not a number"))?;
-    let secs = match unit {
-        "us" | "µs" => v / 1e6,
-        "ms" => v / 1e3,
-        "s" => v,
-        "m" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
 }
 
 fn bench_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -344,7 +325,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 serde_json::json!({"event": "ready", "addr": server.addr().to_string()})
             );
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = quicmesh_transport::cli::shutdown_signal() => {}
                 _ = tokio::time::sleep(a.max_time) => {}
             }
             Ok(())
@@ -432,19 +413,4 @@ async fn run_load(a: LoadArgs) -> anyhow::Result<()> {
         std::fs::write(dir.join(format!("load-{stamp}.svg")), svg)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("10x").is_err());
-        assert!(parse_duration("-1s").is_err());
-    }
 }

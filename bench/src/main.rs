@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
         .map(|(_, a)| a);
     let cli = Cli::parse_from(args);
     quicmesh_transport::cli::init_logging();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    quicmesh_transport::quic::install_provider();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

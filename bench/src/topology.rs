@@ -440,7 +440,8 @@ pub async fn quicmesh_pair(
         .ok_or_else(|| anyhow::anyhow!("quicmesh-server's ready line has no inbound address"))?;
     let client_cfg = format!(
         "[identity]\ncert = {}\nkey = {}\ntrust_bundle = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
-[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"bench\"\nport = {}\nendpoints = [\"{inbound}\"]\nconnect_timeout = \"5s\"\n",
+[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"bench\"\nport = {}\nendpoints = [\"{inbound}\"]\nconnect_timeout = \"5s\"\n\
+server_identities = [\"server\"]\n",
         q(&certs.client.cert),
         q(&certs.client.key),
         q(&certs.ca),

@@ -25,7 +25,7 @@ fn loopback() -> SocketAddr {
 /// and the JSON, the Markdown tables and one plot per load scenario are written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smoke_comparison_writes_json_table_and_plots() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    quicmesh_transport::quic::install_provider();
     let have_haproxy = which("haproxy").is_some();
     if !have_haproxy {
         println!("haproxy not installed: the smoke run covers direct only");

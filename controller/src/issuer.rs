@@ -18,6 +18,7 @@ use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DistinguishedName, ExtendedKeyUsagePurpose,
     IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls::pki_types::pem::SectionKind;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -330,29 +331,20 @@ pub fn controller_id(
 /// The key types the CA signs for.
 pub const SUPPORTED_KEY_TYPES: &str = "ECDSA P-256";
 
-/// The DER of the single `CERTIFICATE REQUEST` (or `CERTIFICATE`) PEM block in `pem`.
-fn pem_der(pem: &str, label: &str) -> Result<Vec<u8>, IssueError> {
-    let (rest, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| IssueError::Csr(format!("not PEM: {e}")))?;
-    if !block.label.contains(label) {
-        return Err(IssueError::Csr(format!(
-            "expected a {label} PEM block, found {:?}",
-            block.label
-        )));
-    }
-    if rest.iter().any(|b| !b.is_ascii_whitespace()) {
-        return Err(IssueError::Csr("more than one PEM block".into()));
-    }
-    Ok(block.contents)
+/// The DER of the single PEM block of `kind` in `pem`.
+fn pem_der(pem: &str, kind: SectionKind) -> Result<Vec<u8>, IssueError> {
+    quicmesh_transport::identity::pem::sole_block(pem.as_bytes(), kind)
+        .map_err(|e| IssueError::Csr(e.to_string()))
 }
 
 /// Checks that the signed leaf carries exactly the CSR's public key (guards the signer itself).
 fn same_public_key(csr_pem: &str, cert_pem: &str) -> Result<(), IssueError> {
     use x509_parser::prelude::FromDer;
-    let csr_der = pem_der(csr_pem, "CERTIFICATE REQUEST")?;
+    let csr_der = pem_der(csr_pem, SectionKind::Csr)?;
     let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&csr_der)
         .map_err(|e| IssueError::Csr(format!("not a PKCS#10 request: {e}")))?;
-    let cert_der = pem_der(cert_pem, "CERTIFICATE").map_err(|e| IssueError::Root(e.to_string()))?;
+    let cert_der =
+        pem_der(cert_pem, SectionKind::Certificate).map_err(|e| IssueError::Root(e.to_string()))?;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
         .map_err(|e| IssueError::Root(format!("signed leaf does not parse: {e}")))?;
     if cert.tbs_certificate.subject_pki.raw != csr.certification_request_info.subject_pki.raw {
@@ -383,7 +375,7 @@ fn checked_csr_der(
             csr_pem.len()
         )));
     }
-    let der = pem_der(csr_pem, "CERTIFICATE REQUEST")?;
+    let der = pem_der(csr_pem, SectionKind::Csr)?;
     check_key_type(&der)?;
     let der = rustls::pki_types::CertificateSigningRequestDer::from(der);
     let csr = CertificateSigningRequestParams::from_der(&der)

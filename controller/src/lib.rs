@@ -56,28 +56,7 @@ pub async fn run_controller(args: ControllerArgs) -> Result<(), ServeError> {
         );
     }
     println!("{}", controller.ready_line());
-    controller.serve(shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("shutting down");
+    controller
+        .serve(quicmesh_transport::cli::shutdown_signal())
+        .await
 }

@@ -115,27 +115,21 @@ pub enum TlsError {
     Verifier(String),
 }
 
-/// The ring crypto provider.
+/// The crypto provider: the proxies' one (ring only).
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    quicmesh_transport::quic::provider()
 }
 
 /// Every certificate in a PEM string.
 pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem("no CERTIFICATE block".into()));
-    }
-    Ok(certs)
+    quicmesh_transport::identity::pem::certs(pem.as_bytes())
+        .map_err(|e| TlsError::Pem(e.to_string()))
 }
 
 /// The private key in a PEM string.
 pub fn key_from_pem(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut pem.as_bytes())
-        .map_err(|e| TlsError::Pem(e.to_string()))?
-        .ok_or_else(|| TlsError::Pem("no PRIVATE KEY block".into()))
+    quicmesh_transport::identity::pem::private_key(pem.as_bytes())
+        .map_err(|e| TlsError::Pem(e.to_string()))
 }
 
 /// A root store holding every certificate of `bundle`.

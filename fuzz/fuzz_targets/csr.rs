@@ -64,9 +64,11 @@ fuzz_target!(|data: &[u8]| {
 /// The key of the CSR block the controller reads (the same PEM reader as `check_csr`).
 fn spki_of_csr(pem: &str) -> Vec<u8> {
     use x509_parser::prelude::*;
-    let der = rustls_pemfile::csr(&mut pem.as_bytes())
-        .expect("CSR PEM")
-        .expect("a CSR block");
+    let der = quicmesh_transport::identity::pem::sole_block(
+        pem.as_bytes(),
+        rustls::pki_types::pem::SectionKind::Csr,
+    )
+    .expect("the one CSR block");
     let (_, csr) = X509CertificationRequest::from_der(&der).expect("CSR DER");
     csr.certification_request_info.subject_pki.raw.to_vec()
 }

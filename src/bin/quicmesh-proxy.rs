@@ -14,7 +14,7 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     cli::init_logging();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    quicmesh_transport::quic::install_provider();
     let result = cli::runtime(args.proxy.workers)
         .map_err(cli::RunError::from)
         .and_then(|rt| rt.block_on(cli::run(&args.proxy)));

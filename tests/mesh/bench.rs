@@ -19,7 +19,7 @@ fn quicmesh() -> PathBuf {
 /// processes are measured, and the quicmesh column of the ratio table is filled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_smoke_through_quicmesh() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    quicmesh_transport::quic::install_provider();
     let mut settings = CompareSettings::smoke(vec![Target::Quicmesh]);
     settings.duration = Duration::from_millis(250);
     settings.quic_ceiling = false;

@@ -558,7 +558,7 @@ async fn an_independent_grpc_client_cannot_register_an_impostor() {
     let (web_cert, web_key) = c.certify("shop", "web").await;
     let bundle = write("bundle.pem", &c.bundle);
     let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("proto/proto");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mesh/py/register_endpoint.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/register_endpoint.py");
     let port = c.addr.rsplit_once(':').expect("port").1.to_owned();
     let mut results = Vec::new();
     for (who, cert, key, service) in [

@@ -5,6 +5,7 @@ pub mod credentials;
 pub mod inspect;
 pub mod manager;
 pub mod naming;
+pub mod pem;
 pub mod spiffe;
 pub mod verify;
 

@@ -56,6 +56,12 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes [`provider`] the process default, for libraries that build TLS configs without one (tonic's
+/// clients). Call at the top of `main`; later calls do nothing.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The transport parameters of every mesh connection.
 pub fn transport_config(cfg: &QuicConfig) -> TransportConfig {
     let mut t = TransportConfig::default();

@@ -16,7 +16,7 @@ use rustls::{
     RootCertStore, SignatureScheme,
     client::ResolvesClientCert,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    pki_types::CertificateDer,
     server::{ClientHello, ResolvesServerCert},
     sign::CertifiedKey,
 };
@@ -61,13 +61,10 @@ pub enum CredentialsError {
 
 /// Parses every certificate of a PEM text.
 pub fn certs_from_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CredentialsError> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CredentialsError::Pem(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(CredentialsError::NoCertificate);
-    }
-    Ok(certs)
+    super::pem::certs(pem).map_err(|e| match e {
+        super::pem::PemError::Missing(_) => CredentialsError::NoCertificate,
+        e => CredentialsError::Pem(e.to_string()),
+    })
 }
 
 /// What a leaf certificate says about its holder.
@@ -122,8 +119,8 @@ impl Leaf {
         key_pem: &[u8],
     ) -> Result<Self, CredentialsError> {
         let chain = certs_from_pem(cert_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|e| CredentialsError::Pem(e.to_string()))?;
+        let key =
+            super::pem::private_key(key_pem).map_err(|e| CredentialsError::Pem(e.to_string()))?;
         let signer = provider
             .key_provider
             .load_private_key(key)

@@ -174,11 +174,10 @@ impl CertInfo {
 
 /// The DER bytes of the first `CERTIFICATE` block in `pem`.
 pub fn first_cert_der(pem: &str) -> Result<Vec<u8>, InspectError> {
-    let mut reader = pem.as_bytes();
-    match rustls_pemfile::certs(&mut reader).next() {
-        Some(Ok(der)) => Ok(der.to_vec()),
-        Some(Err(e)) => Err(InspectError::Malformed(e.to_string())),
-        None => Err(InspectError::NoPem),
+    match super::pem::first_cert(pem.as_bytes()) {
+        Ok(der) => Ok(der.to_vec()),
+        Err(super::pem::PemError::Missing(_)) => Err(InspectError::NoPem),
+        Err(e) => Err(InspectError::Malformed(e.to_string())),
     }
 }
 

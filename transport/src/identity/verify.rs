@@ -77,8 +77,9 @@ impl IdentityRefusal {
 pub fn refusal_reason(err: &Error) -> &'static str {
     match err {
         Error::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer => "unknown_ca",
-            CertificateError::BadSignature => "bad_signature",
+            // A chain whose signature does not verify was made by another CA (one with the same name,
+            // e.g.): to an operator, the same as an unknown one.
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => "unknown_ca",
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
                 "not_yet_valid"
