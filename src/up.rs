@@ -20,7 +20,10 @@ use std::{
 
 use anyhow::Context;
 use quicmesh_controller::{Controller, state::StateOptions};
-use quicmesh_transport::{Proxy, ProxyConfig, proxy::outbound::Endpoints};
+use quicmesh_transport::{
+    Proxy, ProxyConfig,
+    state::{ServiceRef, StateHandle},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -98,7 +101,7 @@ fn proxy_config(
 
 struct Sidecar {
     addrs: quicmesh_transport::ProxyAddresses,
-    endpoints: Vec<Endpoints>,
+    state: StateHandle,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -116,14 +119,14 @@ async fn start(dir: &Path, name: &str, join: &Join<'_>, body: &str) -> anyhow::R
             )
         })?;
     let addrs = proxy.addresses().clone();
-    let endpoints = proxy.outbound_endpoints();
+    let state = proxy.state();
     let (stop, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(proxy.run(async move {
         let _ = rx.await;
     }));
     Ok(Sidecar {
         addrs,
-        endpoints,
+        state,
         stop,
         task,
     })
@@ -261,7 +264,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
     // The client learnt the echo endpoint from the controller's first snapshot (part of its readiness).
-    let learnt = client_px.endpoints[0].get().endpoints.clone();
+    let learnt = client_px
+        .state
+        .load()
+        .upstream(&ServiceRef::parse("echo", "default"))
+        .endpoints
+        .clone();
     anyhow::ensure!(
         !learnt.is_empty(),
         "the client sidecar learnt no echo endpoint from the controller"

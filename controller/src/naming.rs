@@ -166,6 +166,7 @@ mod tests {
                 address: "127.0.0.1:4433".into(),
                 spiffe_id: format!("spiffe://{TD}/ns/shop/sa/{sa}"),
                 service_version: String::new(),
+                weight: 0,
             },
         }
     }

@@ -260,6 +260,7 @@ async fn bootstrap_watch_register_and_renew() {
                 address: "127.0.0.1:4433".into(),
                 spiffe_id: String::new(),
                 service_version: "v1".into(),
+                weight: 0,
             }),
         })
         .await
@@ -672,6 +673,7 @@ fn endpoint_for(name: &str, service: &str, spiffe_id: &str) -> pb::Endpoint {
         address: "127.0.0.1:4433".into(),
         spiffe_id: spiffe_id.into(),
         service_version: String::new(),
+        weight: 0,
     }
 }
 

@@ -382,8 +382,15 @@ fn raw_client_config(pki: &Pki) -> quinn::ClientConfig {
     let roots = credentials::roots_from_pem(&std::fs::read(pki.path().join("ca.pem")).expect("ca"))
         .expect("roots");
     let creds = quicmesh_transport::identity::Credentials::new(leaf, roots);
-    quic::client_config(&creds, &QuicConfig::default(), Default::default(), None)
-        .expect("client config")
+    let state = quicmesh_transport::state::StateHandle::new(Default::default());
+    quic::client_config(
+        &creds,
+        &state,
+        &QuicConfig::default(),
+        Default::default(),
+        None,
+    )
+    .expect("client config")
 }
 
 /// Opens a stream, sends `bytes` and finishes; returns the reset code the peer answers with, if any.
@@ -506,7 +513,8 @@ async fn revoked_identities_are_refused_once_the_revocation_arrives() {
         "spiffe://mesh.local/ns/default/sa/client"
             .parse()
             .expect("id");
-    assert!(server.creds.set_revoked([client_id].into_iter().collect()));
+    let revoked = server.state.load().with_revoked([client_id]);
+    server.state.store(revoked);
 
     // New streams on the established connection are refused...
     expect_tunnel_refused(client.outbound(0)).await;
@@ -515,7 +523,7 @@ async fn revoked_identities_are_refused_once_the_revocation_arrives() {
         metric(
             &s,
             "quicmesh_tunnel_failures_total",
-            &["reason=\"forbidden\""]
+            &["reason=\"revoked\""]
         ),
         1.0,
         "{s}"

@@ -113,6 +113,8 @@ pub struct Running {
     pub addrs: ProxyAddresses,
     /// The proxy's live credentials (what the controller's snapshots would update).
     pub creds: quicmesh_transport::identity::Credentials,
+    /// The proxy's live mesh state (what the controller's snapshots would replace).
+    pub state: quicmesh_transport::state::StateHandle,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -146,6 +148,7 @@ pub async fn start_proxy(config: &Path) -> Running {
     let proxy = Proxy::bind(&cfg, config).await.expect("bind proxy");
     let addrs = proxy.addresses().clone();
     let creds = proxy.credentials().clone();
+    let state = proxy.state();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(proxy.run(async move {
         let _ = rx.await;
@@ -153,6 +156,7 @@ pub async fn start_proxy(config: &Path) -> Running {
     Running {
         addrs,
         creds,
+        state,
         stop: Some(tx),
         task: Some(task),
     }

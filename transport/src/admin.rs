@@ -1,7 +1,10 @@
-//! The admin HTTP endpoint: `/live`, `/ready` and `/metrics`, on loopback.
+//! The admin HTTP endpoint: `/live`, `/ready`, `/metrics` and `/config`, on loopback.
 //!
 //! `/ready` turns true only once every listener is bound and the identity is loaded, and false again
 //! as soon as a drain begins, so an orchestrator stops sending new work before the proxy stops taking it.
+//! `/config` is the effective configuration as JSON: the mesh state every decision is made on (services,
+//! endpoints, policies, revoked identities, what was skipped and why), the identity, and the local
+//! listeners, so an operator can see what this proxy believes without reading its logs.
 
 use std::{
     net::SocketAddr,
@@ -15,9 +18,22 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, rou
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
+use crate::{identity::Credentials, state::StateHandle};
+
 struct AdminState {
     registry: Registry,
     ready: Arc<AtomicBool>,
+    config: ConfigView,
+}
+
+/// What `/config` shows.
+pub struct ConfigView {
+    /// The live mesh state.
+    pub state: StateHandle,
+    /// Our credentials (identity, certificate expiry).
+    pub creds: Credentials,
+    /// The listeners, fixed at start-up.
+    pub listeners: serde_json::Value,
 }
 
 /// The bound admin endpoint.
@@ -32,10 +48,15 @@ impl Admin {
         addr: SocketAddr,
         registry: Registry,
         ready: Arc<AtomicBool>,
+        config: ConfigView,
     ) -> std::io::Result<Self> {
         Ok(Self {
             listener: TcpListener::bind(addr).await?,
-            state: Arc::new(AdminState { registry, ready }),
+            state: Arc::new(AdminState {
+                registry,
+                ready,
+                config,
+            }),
         })
     }
 
@@ -50,6 +71,7 @@ impl Admin {
             .route("/live", get(|| async { "live\n" }))
             .route("/ready", get(ready))
             .route("/metrics", get(metrics))
+            .route("/config", get(config))
             .with_state(self.state);
         if let Err(e) = axum::serve(self.listener, app).await {
             tracing::error!(error = %e, "admin endpoint failed");
@@ -82,4 +104,20 @@ async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
             format!("encoding metrics failed: {e}\n"),
         ),
     }
+}
+
+async fn config(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
+    let c = &s.config;
+    let leaf = c.creds.leaf();
+    let body = serde_json::json!({
+        "identity": leaf.as_ref().map(|l| l.info.id.to_string()),
+        "certificate_not_after_unix": leaf.as_ref().map(|l| l.info.not_after.unix_timestamp()),
+        "listeners": c.listeners,
+        "mesh": *c.state.load(),
+    });
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        format!("{body:#}\n"),
+    )
 }

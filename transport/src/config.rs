@@ -52,6 +52,10 @@ pub struct ProxyConfig {
     /// Plain TCP listeners on loopback, each tunnelling to one upstream service.
     #[serde(default)]
     pub outbound: Vec<OutboundConfig>,
+    /// Static mode: a file of mesh resources (`Service`, `Endpoint`, `Policy`, revoked `Identity`) in
+    /// the YAML `quicmesh ctl apply` takes: what the controller would otherwise send.
+    #[serde(default)]
+    pub mesh: Option<PathBuf>,
     /// The admin HTTP endpoint.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -435,6 +439,7 @@ impl ProxyConfig {
         if let Some(i) = &mut cfg.identity {
             paths.extend([&mut i.cert, &mut i.key, &mut i.trust_bundle]);
         }
+        paths.extend(cfg.mesh.as_mut());
         if let Some(c) = &mut cfg.controller {
             paths.push(&mut c.trust_bundle);
             paths.extend(c.join_token_file.as_mut());
@@ -465,6 +470,13 @@ impl ProxyConfig {
                 ));
             }
             _ => {}
+        }
+        if self.controller.is_some() && self.mesh.is_some() {
+            return Err(ConfigError::new(
+                path,
+                "mesh",
+                "static mode only: in controller mode the controller sends the mesh",
+            ));
         }
         if let Some(c) = &self.controller {
             if c.join_token.is_some() == c.join_token_file.is_some() {
@@ -540,11 +552,11 @@ impl ProxyConfig {
             if o.service.is_empty() {
                 return Err(ConfigError::new(path, key("service"), "must not be empty"));
             }
-            if o.endpoints.is_empty() && self.controller.is_none() {
+            if o.endpoints.is_empty() && self.controller.is_none() && self.mesh.is_none() {
                 return Err(ConfigError::new(
                     path,
                     key("endpoints"),
-                    "needs at least one address",
+                    "needs at least one address (or a mesh file with the service's endpoints)",
                 ));
             }
             if o.max_attempts == 0 {

@@ -3,11 +3,11 @@
 //! Three jobs, all on the gRPC-over-TLS channel of [`crate::grpc`]: the CA client the
 //! [identity manager](crate::identity::manager) uses (bootstrap over plain TLS with the join token,
 //! renewals over mTLS with the current certificate); registering this proxy's inbound endpoint; and
-//! following `Watch`, applying each snapshot's trust bundle and the endpoints of the services our
-//! outbound listeners tunnel to. When the controller is unreachable the proxy keeps working on the last
-//! snapshot and its still-valid certificate, and reconnects with jittered exponential backoff. What a
-//! listener tunnels to — the service's endpoints and the identities allowed to serve it (secure naming,
-//! [`ServerNames`]) — is a pure function of the snapshot ([`upstream_for`]).
+//! following `Watch`: each snapshot's trust bundle goes to the credentials, everything else becomes the
+//! proxy's [`MeshState`], built once per snapshot and swapped whole. When the controller is unreachable
+//! the proxy keeps working on the last state and its still-valid certificate, and reconnects with
+//! jittered exponential backoff. This module only writes the state; what the proxy does with it is
+//! decided in [`crate::state`].
 
 use std::{
     net::SocketAddr,
@@ -26,13 +26,12 @@ use crate::{
     config::{ConfigError, ControllerConfig},
     grpc,
     identity::{
-        Credentials, ServerNames, SpiffeId,
+        Credentials, SpiffeId,
         credentials::roots_from_pem,
         manager::{self, CaClient, CaClientError, Issued},
-        naming::split_service,
     },
     metrics::IdentityMetrics,
-    proxy::outbound::{Endpoints, Upstream},
+    state::{MeshState, StateHandle},
 };
 
 /// Deadline of each unary call to the controller.
@@ -205,60 +204,6 @@ impl CaClient for Controller {
     }
 }
 
-/// What an outbound listener for `service` (`name`, or `name.namespace`; without a namespace, the
-/// caller's own, `own_namespace`) tunnels to according to snapshot `snap`: the identities allowed to
-/// serve it (the Service's `identities`, or the default rule when the list is empty or the Service is
-/// missing), and the endpoints registered for it by one of those identities, sorted. Endpoints of other
-/// identities, and addresses that are not `ip:port`, are skipped (logged).
-pub fn upstream_for(
-    service: &str,
-    own_namespace: &str,
-    trust_domain: &str,
-    snap: &pb::Snapshot,
-) -> Upstream {
-    let (name, ns) = split_service(service);
-    let ns = ns.unwrap_or(own_namespace);
-    let in_ns = |m: &Option<pb::Metadata>| m.as_ref().is_some_and(|m| m.namespace == ns);
-    let declared = snap
-        .services
-        .iter()
-        .find(|s| in_ns(&s.metadata) && s.metadata.as_ref().is_some_and(|m| m.name == name));
-    let identities = declared.map_or(&[][..], |s| &s.identities[..]);
-    let servers = match ServerNames::resolve(trust_domain, ns, name, identities) {
-        Ok(s) => s,
-        Err(e) => {
-            // The controller validates services with the same rule; refuse everything rather than guess.
-            tracing::warn!(%service, error = %e, "service identities unusable; no server allowed");
-            ServerNames::default()
-        }
-    };
-    let mut endpoints: Vec<SocketAddr> = snap
-        .endpoints
-        .iter()
-        .filter(|e| e.service == name && in_ns(&e.metadata))
-        .filter(|e| {
-            let allowed = e
-                .spiffe_id
-                .parse::<SpiffeId>()
-                .is_ok_and(|id| servers.allows(&id));
-            if !allowed {
-                tracing::warn!(%service, address = %e.address, spiffe_id = %e.spiffe_id, "endpoint registered by an identity not allowed to serve the service; skipped");
-            }
-            allowed
-        })
-        .filter_map(|e| match e.address.parse() {
-            Ok(a) => Some(a),
-            Err(_) => {
-                tracing::warn!(address = %e.address, service = %e.service, "endpoint address is not ip:port; skipped");
-                None
-            }
-        })
-        .collect();
-    endpoints.sort();
-    endpoints.dedup();
-    Upstream { endpoints, servers }
-}
-
 /// Whether a `RegisterEndpoint` error is the controller's answer (not a failure to reach it).
 fn registration_refused(code: tonic::Code) -> bool {
     use tonic::Code;
@@ -277,8 +222,8 @@ pub struct Follower {
     pub creds: Credentials,
     /// Name shown by `quicmesh ctl proxies`.
     pub proxy_name: String,
-    /// Each outbound listener's service and its live endpoint list.
-    pub outbound: Vec<(String, Endpoints)>,
+    /// The mesh state each snapshot replaces.
+    pub state: StateHandle,
     /// Endpoints to register (our inbound), re-registered on every reconnect.
     pub register: Vec<pb::Endpoint>,
     /// Metrics.
@@ -378,121 +323,26 @@ impl Follower {
                 }
             }
         }
-        let revoked: std::collections::HashSet<SpiffeId> = snap
-            .revoked_spiffe_ids
-            .iter()
-            .filter_map(|s| s.parse().ok())
-            .collect();
-        let count = revoked.len();
-        if self.creds.set_revoked(revoked) {
-            tracing::info!(revoked = count, "revoked identities updated");
+        let next = MeshState::from_snapshot(snap);
+        let prev = self.state.load();
+        if next.revoked != prev.revoked {
+            tracing::info!(revoked = next.revoked.len(), "revoked identities updated");
         }
-        let own_ns = self
-            .creds
-            .id()
-            .map(|id| id.namespace().to_owned())
-            .unwrap_or_default();
-        for (service, eps) in &self.outbound {
-            let up = upstream_for(service, &own_ns, self.creds.trust_domain(), snap);
-            let (list, servers) = (up.endpoints.clone(), up.servers.to_string());
-            if eps.set(up) {
-                tracing::info!(%service, endpoints = ?list, %servers, "upstream updated");
+        for (service, svc) in &next.services {
+            let before = prev.services.get(service).map(|s| &s.upstream);
+            if before != Some(&svc.upstream) {
+                tracing::info!(
+                    %service, endpoints = ?svc.upstream.endpoints, servers = %svc.upstream.servers,
+                    "upstream updated"
+                );
             }
         }
+        self.state.store(next);
         self.metrics
             .snapshot_version
             .set(i64::try_from(snap.version).unwrap_or(i64::MAX));
         self.metrics.snapshots.inc();
         self.configured.send_replace(true);
         tracing::debug!(version = snap.version, "snapshot applied");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ep(service: &str, ns: &str, addr: &str, sa: &str) -> pb::Endpoint {
-        pb::Endpoint {
-            metadata: Some(pb::Metadata {
-                name: format!("{service}-{addr}"),
-                namespace: ns.into(),
-                ..Default::default()
-            }),
-            service: service.into(),
-            address: addr.into(),
-            spiffe_id: format!("spiffe://td/ns/{ns}/sa/{sa}"),
-            ..Default::default()
-        }
-    }
-
-    fn svc(name: &str, ns: &str, identities: &[&str]) -> pb::Service {
-        pb::Service {
-            metadata: Some(pb::Metadata {
-                name: name.into(),
-                namespace: ns.into(),
-                ..Default::default()
-            }),
-            identities: identities.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
-    fn a(s: &str) -> SocketAddr {
-        s.parse().expect("addr")
-    }
-
-    #[test]
-    fn endpoints_match_by_service_and_namespace_defaulting_to_ours() {
-        let snap = pb::Snapshot {
-            endpoints: vec![
-                ep("echo", "a", "127.0.0.1:2", "echo"),
-                ep("echo", "b", "127.0.0.1:1", "echo"),
-                ep("other", "a", "127.0.0.1:3", "other"),
-                ep("echo", "a", "host.example:4", "echo"),
-                ep("echo", "a", "127.0.0.1:2", "echo"),
-            ],
-            ..Default::default()
-        };
-        assert_eq!(
-            upstream_for("echo", "a", "td", &snap).endpoints,
-            vec![a("127.0.0.1:2")]
-        );
-        assert_eq!(
-            upstream_for("echo.b", "a", "td", &snap).endpoints,
-            vec![a("127.0.0.1:1")]
-        );
-        assert!(
-            upstream_for("missing", "a", "td", &snap)
-                .endpoints
-                .is_empty()
-        );
-    }
-
-    #[test]
-    fn only_identities_allowed_by_the_service_are_servers() {
-        let snap = pb::Snapshot {
-            services: vec![svc("web", "shop", &["web"]), svc("db", "shop", &[])],
-            endpoints: vec![
-                ep("web", "shop", "127.0.0.1:1", "web"),
-                ep("web", "shop", "127.0.0.1:2", "evil"),
-                ep("db", "shop", "127.0.0.1:3", "db"),
-                ep("db", "shop", "127.0.0.1:4", "evil"),
-            ],
-            ..Default::default()
-        };
-        let id = |s: &str| s.parse::<SpiffeId>().expect("id");
-        let web = upstream_for("web", "shop", "td", &snap);
-        assert_eq!(web.endpoints, vec![a("127.0.0.1:1")]);
-        assert!(web.servers.allows(&id("spiffe://td/ns/shop/sa/web")));
-        assert!(!web.servers.allows(&id("spiffe://td/ns/shop/sa/evil")));
-        // Empty identities: the account named like the service.
-        let db = upstream_for("db", "shop", "td", &snap);
-        assert_eq!(db.endpoints, vec![a("127.0.0.1:3")]);
-        assert!(db.servers.allows(&id("spiffe://td/ns/shop/sa/db")));
-        // A service the snapshot does not declare still gets the default rule, never "anyone".
-        let gone = upstream_for("cache", "shop", "td", &snap);
-        assert!(gone.servers.allows(&id("spiffe://td/ns/shop/sa/cache")));
-        assert!(!gone.servers.allows(&id("spiffe://td/ns/shop/sa/evil")));
     }
 }

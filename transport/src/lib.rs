@@ -12,9 +12,11 @@ pub mod control;
 pub mod grpc;
 pub mod identity;
 pub mod metrics;
+pub mod model;
 pub mod proxy;
 pub mod quic;
 pub mod retry;
+pub mod state;
 pub mod tunnel;
 
 pub use config::{ConfigError, ProxyConfig};

@@ -6,6 +6,7 @@
 //! accepting, open tunneled connections get the grace period to finish, the rest are reset.
 
 pub mod admission;
+pub mod balance;
 pub mod inbound;
 pub mod lane;
 pub mod outbound;
@@ -35,12 +36,12 @@ use crate::{
     admin::Admin,
     config::{ConfigError, ProxyConfig},
     control,
-    identity::{
-        Credentials, Leaf, ServerNames, credentials::roots_from_pem, manager, naming::split_service,
-    },
+    identity::{Credentials, Leaf, ServerNames, credentials::roots_from_pem, manager},
     metrics::{Direction, DirectionLabels, Metrics},
+    model::{self, Resource},
     quic,
     retry::RetryBudget,
+    state::{MeshState, ServiceRef, StateHandle},
 };
 
 /// Signals shared by every task of a proxy for an orderly shutdown.
@@ -68,6 +69,7 @@ pub struct ProxyAddresses {
 /// A bound, not yet running proxy.
 pub struct Proxy {
     creds: Credentials,
+    state: StateHandle,
     inbound: Option<inbound::Inbound>,
     outbound: Vec<outbound::Outbound>,
     admin: Admin,
@@ -157,23 +159,98 @@ pub fn load_credentials(cfg: &ProxyConfig, file: &Path) -> Result<Credentials, C
     Ok(Credentials::with_trust_domain(leaf, roots, td))
 }
 
-/// Static mode: who may serve an outbound service, from its `server_identities` or the default rule,
-/// in the service's namespace (`name.namespace`) or else ours.
-fn static_server_names(
-    o: &crate::config::OutboundConfig,
+/// Static mode's mesh state: the resources of the `mesh` file, checked with the rules `ctl apply`
+/// applies, plus what the TOML says about each outbound service, as the same resources: its
+/// `endpoints` become `Endpoint`s and its `server_identities` a `Service` (unless the file declares
+/// that service, whose `identities` then decide).
+fn static_state(
+    cfg: &ProxyConfig,
+    file: &Path,
     creds: &Credentials,
-) -> Result<ServerNames, String> {
-    let own = creds
+) -> Result<MeshState, ConfigError> {
+    let td = creds.trust_domain();
+    let own_ns = creds
         .id()
-        .ok_or_else(|| "no certificate loaded to take our namespace from".to_owned())?;
-    let (name, ns) = split_service(&o.service);
-    ServerNames::resolve(
-        creds.trust_domain(),
-        ns.unwrap_or(own.namespace()),
-        name,
-        &o.server_identities,
-    )
-    .map_err(|e| e.to_string())
+        .map(|id| id.namespace().to_owned())
+        .ok_or_else(|| ConfigError::new(file, "identity", "no certificate loaded"))?;
+    let mut resources = match &cfg.mesh {
+        None => Vec::new(),
+        Some(path) => {
+            let shown = path.display();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::new(file, "mesh", format!("cannot read {shown}: {e}")))?;
+            let rs = model::parse_yaml_documents(&text)
+                .map_err(|e| ConfigError::new(file, "mesh", format!("{shown}: {e}")))?;
+            for r in &rs {
+                if matches!(r, Resource::TrustDomain(_)) {
+                    return Err(ConfigError::new(
+                        file,
+                        "mesh",
+                        format!(
+                            "{shown}: {} {}: the trust domain comes from the certificate",
+                            r.kind(),
+                            r.key()
+                        ),
+                    ));
+                }
+                r.validate(td).map_err(|e| {
+                    ConfigError::new(
+                        file,
+                        "mesh",
+                        format!("{shown}: {} {}: {e}", r.kind(), r.key()),
+                    )
+                })?;
+            }
+            rs
+        }
+    };
+    for (i, o) in cfg.outbound.iter().enumerate() {
+        let target = ServiceRef::parse(&o.service, &own_ns);
+        // Checked here so that a bad entry names its key instead of leaving the service unservable.
+        ServerNames::resolve(td, &target.namespace, &target.name, &o.server_identities)
+            .map_err(|e| ConfigError::new(file, format!("outbound[{i}].server_identities"), e))?;
+        let declared = resources.iter().any(|r| {
+            matches!(r, Resource::Service(s)
+                if s.metadata.namespace == target.namespace && s.metadata.name == target.name)
+        });
+        if declared && !o.server_identities.is_empty() {
+            return Err(ConfigError::new(
+                file,
+                format!("outbound[{i}].server_identities"),
+                format!("service {target} is declared in the mesh file: name its identities there"),
+            ));
+        }
+        let meta = |name: String| model::Metadata {
+            name,
+            namespace: target.namespace.clone(),
+            ..Default::default()
+        };
+        if !declared {
+            resources.push(Resource::Service(model::Object {
+                metadata: meta(target.name.clone()),
+                spec: model::ServiceSpec {
+                    ports: vec![model::ServicePort {
+                        port: u32::from(o.port),
+                        protocol: model::PortProtocol::Tcp,
+                        name: String::new(),
+                    }],
+                    versions: Vec::new(),
+                    identities: o.server_identities.clone(),
+                },
+            }));
+        }
+        for (j, addr) in o.endpoints.iter().enumerate() {
+            resources.push(Resource::Endpoint(model::Object {
+                metadata: meta(format!("outbound-{i}-{j}")),
+                spec: model::EndpointSpec {
+                    service: target.name.clone(),
+                    address: addr.to_string(),
+                    ..Default::default()
+                },
+            }));
+        }
+    }
+    Ok(MeshState::from_resources(0, td, resources, []))
 }
 
 /// Static mode's persistent secret for the endpoint keys ([`quic::endpoint_keys`]): the private key
@@ -261,11 +338,7 @@ impl Proxy {
             controller: controller.clone(),
             creds: self.creds.clone(),
             proxy_name: boot.proxy_name.clone(),
-            outbound: self
-                .outbound
-                .iter()
-                .map(|o| (o.service().to_owned(), o.endpoints()))
-                .collect(),
+            state: self.state.clone(),
             register,
             metrics: self.metrics.identity.clone(),
             configured: tokio::sync::watch::Sender::new(false),
@@ -302,11 +375,20 @@ impl Proxy {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let err = |key: String, e: &dyn std::fmt::Display| ConfigError::new(file, key, e);
+        // Controller mode: nothing is known (or allowed) until the first snapshot.
+        let state = StateHandle::new(match cfg.controller {
+            Some(_) => MeshState {
+                trust_domain: creds.trust_domain().to_owned(),
+                ..MeshState::default()
+            },
+            None => static_state(cfg, file, &creds)?,
+        });
 
         let (inbound, inbound_endpoint) = match &cfg.inbound {
             Some(icfg) => {
-                let server = quic::server_config(&creds, &cfg.quic, metrics.refusals.clone())
-                    .map_err(|e| err("identity".into(), &e))?;
+                let server =
+                    quic::server_config(&creds, &state, &cfg.quic, metrics.refusals.clone())
+                        .map_err(|e| err("identity".into(), &e))?;
                 let ep = quic::endpoint(icfg.listen, &cfg.quic, Some(server), secret)
                     .map_err(|e| err("inbound.listen".into(), &e))?;
                 (
@@ -315,6 +397,7 @@ impl Proxy {
                         icfg.clone(),
                         metrics.clone(),
                         creds.clone(),
+                        state.clone(),
                         cfg.quic.max_concurrent_streams,
                     )),
                     Some(ep),
@@ -323,7 +406,7 @@ impl Proxy {
             None => (None, None),
         };
 
-        let client = quic::client_config(&creds, &cfg.quic, metrics.refusals.clone(), None)
+        let client = quic::client_config(&creds, &state, &cfg.quic, metrics.refusals.clone(), None)
             .map_err(|e| err("identity".into(), &e))?;
         let any_v6 = cfg
             .outbound
@@ -343,6 +426,7 @@ impl Proxy {
             client_ep,
             client,
             creds.clone(),
+            state.clone(),
             metrics.clone(),
         ));
         let budget = Arc::new(Mutex::new(RetryBudget::new(
@@ -351,35 +435,46 @@ impl Proxy {
             Instant::now(),
         )));
 
+        let shared = outbound::Shared {
+            state: state.clone(),
+            creds: creds.clone(),
+            pool: pool.clone(),
+            health: Arc::default(),
+            budget,
+            metrics: metrics.clone(),
+        };
         let mut outbound = Vec::with_capacity(cfg.outbound.len());
         for (i, o) in cfg.outbound.iter().enumerate() {
-            // Controller mode: nothing is known (or allowed) until the first snapshot.
-            let initial = match cfg.controller {
-                Some(_) => outbound::Upstream::default(),
-                None => outbound::Upstream {
-                    endpoints: o.endpoints.clone(),
-                    servers: static_server_names(o, &creds)
-                        .map_err(|e| err(format!("outbound[{i}].server_identities"), &e))?,
-                },
-            };
-            let ob = outbound::Outbound::bind(
-                o.clone(),
-                initial,
-                pool.clone(),
-                budget.clone(),
-                metrics.clone(),
-            )
-            .await
-            .map_err(|e| {
-                err(
-                    format!("outbound[{i}].listen"),
-                    &format!("cannot bind {}: {e}", o.listen),
-                )
-            })?;
+            let ob = outbound::Outbound::bind(o.clone(), shared.clone())
+                .await
+                .map_err(|e| {
+                    err(
+                        format!("outbound[{i}].listen"),
+                        &format!("cannot bind {}: {e}", o.listen),
+                    )
+                })?;
             outbound.push(ob);
         }
         let ready = Arc::new(AtomicBool::new(false));
-        let admin = Admin::bind(cfg.admin.listen, registry, ready.clone())
+        let listeners = serde_json::json!({
+            "inbound": cfg.inbound.as_ref().map(|i| serde_json::json!({
+                "listen": i.listen,
+                "services": i.services,
+                "ports": match i.app {
+                    Some(app) => serde_json::json!({"app": app}),
+                    None => serde_json::json!(i.ports.iter().map(|m| serde_json::json!({"port": m.port, "app": m.app})).collect::<Vec<_>>()),
+                },
+            })),
+            "outbound": cfg.outbound.iter().map(|o| serde_json::json!({
+                "listen": o.listen, "service": o.service, "port": o.port,
+            })).collect::<Vec<_>>(),
+        });
+        let view = crate::admin::ConfigView {
+            state: state.clone(),
+            creds: creds.clone(),
+            listeners,
+        };
+        let admin = Admin::bind(cfg.admin.listen, registry, ready.clone(), view)
             .await
             .map_err(|e| {
                 err(
@@ -403,6 +498,7 @@ impl Proxy {
         };
         Ok(Self {
             creds: creds.clone(),
+            state,
             inbound,
             outbound,
             admin,
@@ -431,9 +527,9 @@ impl Proxy {
         &self.metrics
     }
 
-    /// The live endpoint list of each outbound listener, in configuration order.
-    pub fn outbound_endpoints(&self) -> Vec<outbound::Endpoints> {
-        self.outbound.iter().map(|o| o.endpoints()).collect()
+    /// The live mesh state (the controller's, or the static files').
+    pub fn state(&self) -> StateHandle {
+        self.state.clone()
     }
 
     /// What the proxy waits for before it reports ready.

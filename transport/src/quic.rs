@@ -34,6 +34,7 @@ use crate::{
         verify::{PeerClientVerifier, PeerServerVerifier},
     },
     metrics::RefusalLabels,
+    state::StateHandle,
     tunnel::ALPN,
 };
 
@@ -95,11 +96,13 @@ pub fn transport_config(cfg: &QuicConfig) -> TransportConfig {
 /// Server side: mutual TLS with client certificates checked by [`PeerClientVerifier`].
 pub fn server_config(
     creds: &Credentials,
+    state: &StateHandle,
     cfg: &QuicConfig,
     refusals: Family<RefusalLabels, Counter>,
 ) -> Result<quinn::ServerConfig, QuicError> {
     let provider = provider();
-    let verifier = PeerClientVerifier::new(creds.clone(), provider.clone(), refusals)?;
+    let verifier =
+        PeerClientVerifier::new(creds.clone(), state.clone(), provider.clone(), refusals)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
@@ -138,12 +141,19 @@ const MAX_INCOMING: usize = 1024;
 /// Client side: presents our certificate and checks the server with [`PeerServerVerifier`].
 pub fn client_config(
     creds: &Credentials,
+    state: &StateHandle,
     cfg: &QuicConfig,
     refusals: Family<RefusalLabels, Counter>,
     expected: Option<SpiffeId>,
 ) -> Result<quinn::ClientConfig, QuicError> {
     let provider = provider();
-    let verifier = PeerServerVerifier::new(creds.clone(), provider.clone(), refusals, expected);
+    let verifier = PeerServerVerifier::new(
+        creds.clone(),
+        state.clone(),
+        provider.clone(),
+        refusals,
+        expected,
+    );
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

@@ -6,7 +6,6 @@
 //! starts with no leaf at all ([`Credentials::pending`]): handshakes fail until the first certificate
 //! arrives, and [`Credentials::wait_leaf`] tells readiness when it has.
 
-use std::collections::HashSet;
 use std::sync::{
     Arc, RwLock,
     atomic::{AtomicU64, Ordering},
@@ -149,8 +148,6 @@ struct Inner {
     trust_domain: String,
     leaf: RwLock<Option<Leaf>>,
     roots: RwLock<Arc<RootCertStore>>,
-    /// Identities revoked by the controller: refused at handshake and per stream.
-    revoked: RwLock<Arc<HashSet<SpiffeId>>>,
     /// Bumped by every `set_leaf`: connections made under an older leaf know they are stale.
     generation: AtomicU64,
     /// Notified on every change of leaf or roots.
@@ -181,31 +178,10 @@ impl Credentials {
                 trust_domain,
                 leaf: RwLock::new(leaf),
                 roots: RwLock::new(Arc::new(roots)),
-                revoked: RwLock::default(),
                 generation: AtomicU64::new(0),
                 changed: tokio::sync::watch::Sender::new(0),
             }),
         }
-    }
-
-    /// Whether `id` has been revoked.
-    pub fn is_revoked(&self, id: &SpiffeId) -> bool {
-        let r = self.inner.revoked.read().unwrap_or_else(|p| p.into_inner());
-        !r.is_empty() && r.contains(id)
-    }
-
-    /// Replaces the set of revoked identities; returns whether it changed.
-    pub fn set_revoked(&self, ids: HashSet<SpiffeId>) -> bool {
-        let mut r = self
-            .inner
-            .revoked
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        if **r == ids {
-            return false;
-        }
-        *r = Arc::new(ids);
-        true
     }
 
     /// The current leaf, if one is held yet.

@@ -24,7 +24,8 @@ pub fn split_service(reference: &str) -> (&str, Option<&str>) {
 }
 
 /// The identities allowed to serve one service.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(transparent)]
 pub struct ServerNames {
     ids: BTreeSet<SpiffeId>,
 }

@@ -27,7 +27,10 @@ use super::{
     Credentials, SpiffeId,
     inspect::{CertInfo, InspectError},
 };
-use crate::metrics::{Direction, RefusalLabels};
+use crate::{
+    metrics::{Direction, RefusalLabels},
+    state::StateHandle,
+};
 
 /// A SPIFFE-level refusal: the chain was fine but the identity is not acceptable.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +107,7 @@ fn refuse(r: IdentityRefusal) -> Error {
 fn check_identity(
     end_entity: &CertificateDer<'_>,
     creds: &Credentials,
+    state: &StateHandle,
     expected: Option<&SpiffeId>,
 ) -> Result<SpiffeId, Error> {
     let trust_domain = creds.trust_domain();
@@ -119,7 +123,7 @@ fn check_identity(
         return Err(refuse(IdentityRefusal::WeakKey(info.key)));
     }
     let id = info.spiffe_id;
-    if creds.is_revoked(&id) {
+    if state.load().is_revoked(&id) {
         return Err(refuse(IdentityRefusal::Revoked(id)));
     }
     if id.trust_domain() != trust_domain {
@@ -142,6 +146,7 @@ fn check_identity(
 #[derive(Debug)]
 struct Shared {
     creds: Credentials,
+    state: StateHandle,
     provider: Arc<CryptoProvider>,
     refusals: Family<RefusalLabels, Counter>,
     direction: Direction,
@@ -172,9 +177,10 @@ pub struct PeerServerVerifier {
 }
 
 impl PeerServerVerifier {
-    /// A verifier for connections dialled with `creds`.
+    /// A verifier for connections dialled with `creds`; `state` names the revoked identities.
     pub fn new(
         creds: Credentials,
+        state: StateHandle,
         provider: Arc<CryptoProvider>,
         refusals: Family<RefusalLabels, Counter>,
         expected: Option<SpiffeId>,
@@ -182,6 +188,7 @@ impl PeerServerVerifier {
         Self {
             shared: Shared {
                 creds,
+                state,
                 provider,
                 refusals,
                 direction: Direction::Outbound,
@@ -210,7 +217,7 @@ impl ServerCertVerifier for PeerServerVerifier {
                 now,
                 s.provider.signature_verification_algorithms.all,
             )?;
-            check_identity(end_entity, &s.creds, self.expected.as_ref())?;
+            check_identity(end_entity, &s.creds, &s.state, self.expected.as_ref())?;
             Ok(ServerCertVerified::assertion())
         })())
     }
@@ -261,9 +268,10 @@ pub struct PeerClientVerifier {
 }
 
 impl PeerClientVerifier {
-    /// A verifier for the inbound endpoint of `creds`.
+    /// A verifier for the inbound endpoint of `creds`; `state` names the revoked identities.
     pub fn new(
         creds: Credentials,
+        state: StateHandle,
         provider: Arc<CryptoProvider>,
         refusals: Family<RefusalLabels, Counter>,
     ) -> Result<Self, Error> {
@@ -272,6 +280,7 @@ impl PeerClientVerifier {
         Ok(Self {
             shared: Shared {
                 creds,
+                state,
                 provider,
                 refusals,
                 direction: Direction::Inbound,
@@ -319,7 +328,7 @@ impl ClientCertVerifier for PeerClientVerifier {
         s.count((|| {
             self.inner()?
                 .verify_client_cert(end_entity, intermediates, now)?;
-            check_identity(end_entity, &s.creds, None)?;
+            check_identity(end_entity, &s.creds, &s.state, None)?;
             Ok(ClientCertVerified::assertion())
         })())
     }

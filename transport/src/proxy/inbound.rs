@@ -36,6 +36,7 @@ use crate::{
     config::InboundConfig,
     identity::{Credentials, SpiffeId},
     metrics::{DecisionLabels, Direction, Metrics, PeerMetrics, ReasonLabels},
+    state::{Admission as Verdict, Request, ServiceRef, StateHandle},
     tunnel::{self, FrameError, StatusCode, StreamHeader, code},
 };
 
@@ -45,17 +46,20 @@ pub struct Inbound {
     cfg: Arc<InboundConfig>,
     metrics: Metrics,
     creds: Credentials,
+    state: StateHandle,
     max_streams: u32,
 }
 
 impl Inbound {
-    /// Wraps an endpoint that has a server config; `creds` says which peers are revoked. A peer may
-    /// open `max_streams` concurrent streams once it has authenticated (fewer before, see `quic.rs`).
+    /// Wraps an endpoint that has a server config; `creds` name our namespace, `state` decides which
+    /// streams are admitted. A peer may open `max_streams` concurrent streams once it has authenticated
+    /// (fewer before, see `quic.rs`).
     pub fn new(
         endpoint: Endpoint,
         cfg: InboundConfig,
         metrics: Metrics,
         creds: Credentials,
+        state: StateHandle,
         max_streams: u32,
     ) -> Self {
         Self {
@@ -63,6 +67,7 @@ impl Inbound {
             cfg: Arc::new(cfg),
             metrics,
             creds,
+            state,
             max_streams,
         }
     }
@@ -116,6 +121,7 @@ impl Inbound {
                 cfg: self.cfg.clone(),
                 metrics: self.metrics.clone(),
                 creds: self.creds.clone(),
+                state: self.state.clone(),
                 header_waits: header_waits.clone(),
             };
             let span = tracing::debug_span!("inbound", remote = %incoming.remote_address());
@@ -191,6 +197,7 @@ struct Conn {
     cfg: Arc<InboundConfig>,
     metrics: Metrics,
     creds: Credentials,
+    state: StateHandle,
     /// Streams waiting for their header, over all connections.
     header_waits: Arc<Count>,
 }
@@ -350,12 +357,36 @@ impl Conn {
             let _ = send.finish();
             return;
         }
-        if self.creds.is_revoked(&peer) {
-            // The revocation reached us after this connection's handshake: refuse its new streams.
-            tracing::info!(request_id = %rid, %peer, "stream from a revoked identity refused");
-            self.fail(&mut send, StatusCode::Forbidden, "source identity revoked")
-                .await;
-            return;
+        // Revocations and policies that reached us after this connection's handshake apply to its
+        // new streams.
+        let target = ServiceRef {
+            namespace: self
+                .creds
+                .id()
+                .map(|id| id.namespace().to_owned())
+                .unwrap_or_default(),
+            name: header.service.clone(),
+        };
+        let port = u16::try_from(header.port).unwrap_or(0);
+        let verdict = self.state.load().admit(&Request {
+            peer: &peer,
+            service: &target,
+            port,
+            method: None,
+            path: None,
+        });
+        match verdict {
+            Verdict::Admit { audit: None } => {}
+            Verdict::Admit {
+                audit: Some(reason),
+            } => {
+                tracing::info!(request_id = %rid, %peer, service = %target, reason, "audit: the policy would refuse this stream");
+            }
+            Verdict::Refuse { code, reason } => {
+                tracing::info!(request_id = %rid, %peer, service = %target, reason, "stream refused");
+                self.fail(&mut send, code, reason, reason).await;
+                return;
+            }
         }
         let app = match route(&self.cfg, &header) {
             Ok(app) => app,
@@ -388,19 +419,20 @@ impl Conn {
                 self.fail(
                     &mut send,
                     StatusCode::ConnectFailed,
+                    "app_connect_failed",
                     &format!("app {app}: {e}"),
                 )
                 .await;
                 return;
             }
             Err(_) => {
-                let code = if deadline == Some(connect_by) {
-                    StatusCode::DeadlineExceeded
+                let (code, reason) = if deadline == Some(connect_by) {
+                    (StatusCode::DeadlineExceeded, "deadline_exceeded")
                 } else {
-                    StatusCode::ConnectFailed
+                    (StatusCode::ConnectFailed, "app_connect_failed")
                 };
                 tracing::info!(request_id = %rid, %app, "app did not accept in time");
-                self.fail(&mut send, code, "app did not accept in time")
+                self.fail(&mut send, code, reason, "app did not accept in time")
                     .await;
                 return;
             }
@@ -420,16 +452,13 @@ impl Conn {
         }
     }
 
-    async fn fail(&self, send: &mut SendStream, code: StatusCode, msg: &str) {
+    /// Answers a refusal and counts it under `reason`.
+    async fn fail(&self, send: &mut SendStream, code: StatusCode, reason: &'static str, msg: &str) {
         self.metrics
             .failures
             .get_or_create(&ReasonLabels {
                 direction: Direction::Inbound,
-                reason: match code {
-                    StatusCode::DeadlineExceeded => "deadline_exceeded",
-                    StatusCode::Forbidden => "forbidden",
-                    _ => "app_connect_failed",
-                },
+                reason,
             })
             .inc();
         let _ = tunnel::write_status(send, code, msg).await;

@@ -9,14 +9,14 @@
 //! deadline expires (stream reset with `DEADLINE_EXCEEDED`, app connection reset), or the proxy drains.
 //!
 //! Secure naming: before a stream is opened, the peer certificate's SPIFFE ID must be one of the
-//! identities allowed to serve the service ([`Upstream::servers`]); a peer that is in the mesh but not
+//! identities allowed to serve the service ([`crate::state::Upstream::servers`]); a peer that is in the mesh but not
 //! allowed gets nothing (not even a header), is counted as `wrong_server_identity`, and its endpoint is
 //! avoided like one that is down.
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -31,15 +31,17 @@ use tracing::Instrument;
 
 use super::{
     Drain,
+    balance::EndpointHealth,
     pool::{DialError, PeerConn, Pool},
     splice::carry,
 };
 use crate::{
     clip::clip,
     config::OutboundConfig,
-    identity::{ServerNames, naming::split_service},
+    identity::{Credentials, ServerNames, naming::split_service},
     metrics::{Direction, Metrics, ReasonLabels},
     retry::RetryBudget,
+    state::{ServiceRef, StateHandle},
     tunnel::{self, StatusCode, StreamHeader, StreamStatus, code},
 };
 
@@ -145,40 +147,21 @@ fn classify(e: &OpenError) -> Retry {
     }
 }
 
-/// What an outbound listener tunnels to: where the service's proxies listen, and who may serve it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Upstream {
-    /// Inbound QUIC addresses of the service's proxies.
-    pub endpoints: Vec<SocketAddr>,
-    /// The identities allowed to serve the service; a peer outside this set gets no stream.
-    pub servers: ServerNames,
-}
-
-/// The upstream of one outbound service, replaceable while traffic flows (the controller's snapshots).
-/// Each tunneled connection reads it once; the lock only guards an `Arc` clone.
-#[derive(Debug, Clone)]
-pub struct Endpoints(Arc<RwLock<Arc<Upstream>>>);
-
-impl Endpoints {
-    /// An upstream starting as `initial`.
-    pub fn new(initial: Upstream) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(initial))))
-    }
-
-    /// The current upstream.
-    pub fn get(&self) -> Arc<Upstream> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Replaces the upstream for connections accepted from now on; returns whether it changed.
-    pub fn set(&self, upstream: Upstream) -> bool {
-        let mut cur = self.0.write().unwrap_or_else(|p| p.into_inner());
-        if **cur == upstream {
-            return false;
-        }
-        *cur = Arc::new(upstream);
-        true
-    }
+/// What every outbound listener of a proxy shares.
+#[derive(Clone)]
+pub struct Shared {
+    /// The mesh state: endpoints and servers of each service.
+    pub state: StateHandle,
+    /// Our credentials (our namespace).
+    pub creds: Credentials,
+    /// QUIC connections to peers.
+    pub pool: Arc<Pool>,
+    /// Endpoints that failed recently.
+    pub health: Arc<EndpointHealth>,
+    /// Retries allowed.
+    pub budget: Arc<Mutex<RetryBudget>>,
+    /// Metrics.
+    pub metrics: Metrics,
 }
 
 /// One bound outbound listener.
@@ -191,31 +174,39 @@ struct Service {
     cfg: OutboundConfig,
     /// The service name sent in stream headers (`cfg.service` without its namespace).
     name: String,
-    endpoints: Endpoints,
+    /// Where the service's endpoints and servers come from.
+    state: StateHandle,
+    /// Our identity, whose namespace is the service's when `cfg.service` names none.
+    creds: Credentials,
     pool: Arc<Pool>,
+    health: Arc<EndpointHealth>,
     budget: Arc<Mutex<RetryBudget>>,
     metrics: Metrics,
     next: AtomicUsize,
 }
 
 impl Outbound {
-    /// Binds the listener; fails at once if the port is taken. `initial` is the upstream until the
-    /// controller (if any) replaces it.
-    pub async fn bind(
-        cfg: OutboundConfig,
-        initial: Upstream,
-        pool: Arc<Pool>,
-        budget: Arc<Mutex<RetryBudget>>,
-        metrics: Metrics,
-    ) -> std::io::Result<Self> {
+    /// Binds the listener; fails at once if the port is taken. Each tunneled connection reads the
+    /// service's upstream from `state` as it is then.
+    pub async fn bind(cfg: OutboundConfig, shared: Shared) -> std::io::Result<Self> {
         let listener = TcpListener::bind(cfg.listen).await?;
+        let Shared {
+            state,
+            creds,
+            pool,
+            health,
+            budget,
+            metrics,
+        } = shared;
         Ok(Self {
             listener,
             svc: Arc::new(Service {
-                endpoints: Endpoints::new(initial),
                 name: split_service(&cfg.service).0.to_owned(),
                 cfg,
+                state,
+                creds,
                 pool,
+                health,
                 budget,
                 metrics,
                 next: AtomicUsize::new(rand::random::<u32>() as usize),
@@ -231,11 +222,6 @@ impl Outbound {
     /// The service this listener tunnels to.
     pub fn service(&self) -> &str {
         &self.svc.cfg.service
-    }
-
-    /// The live endpoint list of the service.
-    pub fn endpoints(&self) -> Endpoints {
-        self.svc.endpoints.clone()
     }
 
     /// Accepts until the drain begins. A spare file descriptor is held so that, when the process runs
@@ -346,10 +332,15 @@ impl Service {
         deadline: Option<Instant>,
     ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let upstream = self.endpoints.get();
-        let order = self
-            .pool
-            .attempt_order(&upstream.endpoints, start, Instant::now().into_std());
+        let own_ns = self.creds.id();
+        let target = ServiceRef::parse(
+            &self.cfg.service,
+            own_ns.as_ref().map_or("", |id| id.namespace()),
+        );
+        let upstream = self.state.load().upstream(&target);
+        let order =
+            self.health
+                .attempt_order(&upstream.endpoints, start, Instant::now().into_std());
         if order.is_empty() {
             return Err(OpenError::NoEndpoints);
         }
@@ -363,7 +354,7 @@ impl Service {
                 .await
             {
                 Ok(x) => {
-                    self.pool.mark_up(addr);
+                    self.health.mark_up(addr);
                     return Ok(x);
                 }
                 Err(e) => e,
@@ -371,7 +362,7 @@ impl Service {
             tracing::debug!(%addr, attempt = attempts, error = %err, "attempt failed");
             let decision = classify(&err);
             if decision == Retry::Failover {
-                self.pool.mark_down(addr, Instant::now().into_std());
+                self.health.mark_down(addr, Instant::now().into_std());
             }
             if decision == Retry::Never {
                 return Err(err);

@@ -3,8 +3,7 @@
 //! Concurrent callers that need the same peer while it is being dialled wait on one shared handshake
 //! instead of starting their own, so a burst of a thousand tunneled connections makes one handshake, and
 //! a dead peer costs one handshake timeout, not a thousand. A failed or closed connection is replaced on
-//! the next request. Endpoint health (a backoff after a failed handshake) steers the next attempts away
-//! from a peer that is down; the order itself is a pure function.
+//! the next request. The pool keeps connections only: which endpoint to try is [`super::balance`]'s job.
 //!
 //! Certificate rotation: a connection remembers the generation of our leaf it was made with. Once the
 //! leaf is renewed, the next request dials a fresh connection (so peers see the new certificate) and the
@@ -17,7 +16,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use futures::{
@@ -30,6 +29,7 @@ use super::lane::Lane;
 use crate::{
     identity::{Credentials, SpiffeId, credentials::leaf_info},
     metrics::{Direction, Metrics, PeerMetrics, ReasonLabels},
+    state::StateHandle,
 };
 
 /// A pooled connection with what we learned about its peer. While any clone of it lives, the
@@ -115,24 +115,15 @@ impl DialError {
 
 type Dial = Shared<BoxFuture<'static, Result<Pooled, DialError>>>;
 
-#[derive(Debug, Clone, Copy)]
-struct Health {
-    failures: u32,
-    down_until: Instant,
-}
-
-/// Longest time a failed endpoint is avoided.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-const BASE_BACKOFF: Duration = Duration::from_millis(500);
-
 /// Outbound QUIC connections, keyed by peer address.
 pub struct Pool {
     endpoint: Endpoint,
     client: quinn::ClientConfig,
     creds: Credentials,
     metrics: Metrics,
+    /// Which peers are revoked: their pooled connections are not reused.
+    state: StateHandle,
     slots: Mutex<HashMap<SocketAddr, Dial>>,
-    health: Mutex<HashMap<SocketAddr, Health>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -151,15 +142,16 @@ impl Pool {
         endpoint: Endpoint,
         client: quinn::ClientConfig,
         creds: Credentials,
+        state: StateHandle,
         metrics: Metrics,
     ) -> Self {
         Self {
             endpoint,
             client,
             creds,
+            state,
             metrics,
             slots: Mutex::default(),
-            health: Mutex::default(),
         }
     }
 
@@ -188,7 +180,7 @@ impl Pool {
                     false
                 }
                 // Revoked after the handshake: redial, and the verifier refuses the peer.
-                Some(Ok(p)) if self.creds.is_revoked(&p.peer) => false,
+                Some(Ok(p)) if self.state.load().is_revoked(&p.peer) => false,
                 Some(Ok(p)) if p.generation != generation => {
                     retired = Some(p.clone());
                     false
@@ -283,41 +275,6 @@ impl Pool {
         }
     }
 
-    /// Records that `addr` could not be reached: it is avoided for a growing backoff.
-    pub fn mark_down(&self, addr: SocketAddr, now: Instant) {
-        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        let e = h.entry(addr).or_insert(Health {
-            failures: 0,
-            down_until: now,
-        });
-        e.failures = e.failures.saturating_add(1);
-        let backoff = BASE_BACKOFF
-            .saturating_mul(1 << e.failures.min(6).saturating_sub(1))
-            .min(MAX_BACKOFF);
-        e.down_until = now + backoff;
-    }
-
-    /// Records a success with `addr`.
-    pub fn mark_up(&self, addr: SocketAddr) {
-        self.health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&addr);
-    }
-
-    /// The order in which to try `endpoints`, starting from `start`.
-    pub fn attempt_order(
-        &self,
-        endpoints: &[SocketAddr],
-        start: usize,
-        now: Instant,
-    ) -> Vec<SocketAddr> {
-        let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        attempt_order(endpoints, start, |a| {
-            h.get(a).is_some_and(|x| x.down_until > now)
-        })
-    }
-
     /// Closes every pooled connection.
     pub fn close_all(&self) {
         for d in self.slots.lock().unwrap_or_else(|p| p.into_inner()).drain() {
@@ -361,46 +318,4 @@ pub fn peer_identity(conn: &quinn::Connection) -> Option<SpiffeId> {
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
     leaf_info(certs.first()?).ok().map(|i| i.id)
-}
-
-/// Rotates `endpoints` to begin at `start`, healthy endpoints first; endpoints that are down come last
-/// (still worth a try when nothing else is left).
-pub fn attempt_order(
-    endpoints: &[SocketAddr],
-    start: usize,
-    is_down: impl Fn(&SocketAddr) -> bool,
-) -> Vec<SocketAddr> {
-    if endpoints.is_empty() {
-        return Vec::new();
-    }
-    let n = endpoints.len();
-    let rotated = (0..n).map(|i| endpoints[(start + i) % n]);
-    let (up, down): (Vec<_>, Vec<_>) = rotated.partition(|a| !is_down(a));
-    up.into_iter().chain(down).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn addrs(n: u16) -> Vec<SocketAddr> {
-        (0..n)
-            .map(|i| SocketAddr::from(([127, 0, 0, 1], 1000 + i)))
-            .collect()
-    }
-
-    #[test]
-    fn rotates_from_start() {
-        let e = addrs(3);
-        assert_eq!(attempt_order(&e, 1, |_| false), vec![e[1], e[2], e[0]]);
-        assert_eq!(attempt_order(&e, 4, |_| false), vec![e[1], e[2], e[0]]);
-    }
-
-    #[test]
-    fn down_endpoints_go_last() {
-        let e = addrs(3);
-        assert_eq!(attempt_order(&e, 0, |a| *a == e[0]), vec![e[1], e[2], e[0]]);
-        assert_eq!(attempt_order(&e, 0, |_| true), vec![e[0], e[1], e[2]]);
-        assert!(attempt_order(&[], 0, |_| false).is_empty());
-    }
 }
