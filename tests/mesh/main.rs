@@ -12,3 +12,4 @@ mod dataplane;
 mod endpoint;
 mod naming;
 mod process;
+mod state;

@@ -822,6 +822,21 @@ spec: {target_service: web, timeouts: {request_timeout_ms: 100}}
     }
 
     #[test]
+    fn the_example_mesh_file_is_valid() {
+        let rs =
+            parse_yaml_documents(include_str!("../../deploy/mesh.example.yaml")).expect("yaml");
+        for r in &rs {
+            r.validate("mesh.local").expect("valid");
+        }
+        let s = MeshState::from_resources(0, "mesh.local", rs, []);
+        assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        let checkout = s.service(&svc("checkout", "shop")).expect("checkout");
+        assert_eq!(checkout.endpoints.len(), 1);
+        assert_eq!(checkout.protocol(8080), PortProtocol::Http);
+        assert!(checkout.policy.authorization.is_some());
+    }
+
+    #[test]
     fn the_handle_swaps_whole_states() {
         let h = StateHandle::new(MeshState::default());
         let before = h.load();
