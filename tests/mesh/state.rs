@@ -181,10 +181,9 @@ async fn a_bad_mesh_file_stops_start_up_naming_the_file_the_resource_and_the_fie
     std::fs::remove_file(pki.path().join("mesh.yaml")).expect("rm");
     let path = pki.config_with("client", "mesh = \"mesh.yaml\"", "", "");
     let cfg = ProxyConfig::load(&path).expect("toml");
-    let err = Proxy::bind(&cfg, &path)
-        .await
-        .err()
-        .expect("missing file")
-        .to_string();
+    let err = match Proxy::bind(&cfg, &path).await {
+        Ok(_) => panic!("a missing mesh file was accepted"),
+        Err(e) => e.to_string(),
+    };
     assert!(err.contains("cannot read"), "{err}");
 }

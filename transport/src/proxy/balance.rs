@@ -65,7 +65,7 @@ impl EndpointHealth {
 /// How long an endpoint is avoided after `failures` failures in a row.
 fn backoff(failures: u32) -> Duration {
     BASE_BACKOFF
-        .saturating_mul(1 << failures.min(6).saturating_sub(1))
+        .saturating_mul(1 << failures.clamp(1, 7).saturating_sub(1))
         .min(MAX_BACKOFF)
 }
 
