@@ -14,6 +14,12 @@ pub mod controller {
     include!(concat!(env!("OUT_DIR"), "/quicmesh.controller.v1.rs"));
 }
 
+/// A service with every kind of gRPC call, for tests and the load harness.
+pub mod echo {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/quicmesh.echo.v1.rs"));
+}
+
 /// Encoded `FileDescriptorSet` of every quicmesh proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/quicmesh_descriptor.bin"));

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod grpc;
 pub mod identity;
+pub mod l7;
 pub mod metrics;
 pub mod model;
 pub mod proxy;

@@ -22,6 +22,7 @@ use prometheus_client::{
         counter::{ConstCounter, Counter},
         family::Family,
         gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
 };
@@ -104,6 +105,56 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of a finished HTTP request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Side of the tunnel.
+    pub direction: Direction,
+    /// The other proxy's identity (the caller inbound, the server outbound; empty if none answered).
+    pub peer: String,
+    /// Destination service, `name.namespace`.
+    pub service: String,
+    /// HTTP status code the caller got.
+    pub status_code: u16,
+    /// gRPC status, for gRPC requests that carried one (empty otherwise).
+    pub grpc_status: String,
+}
+
+/// Labels of the request latency histogram.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    /// Side of the tunnel.
+    pub direction: Direction,
+    /// Destination service, `name.namespace`.
+    pub service: String,
+    /// `success` (below 500 and gRPC OK or none) or `failure`.
+    pub classification: &'static str,
+}
+
+/// Golden metrics of HTTP and gRPC requests.
+#[derive(Debug, Clone)]
+pub struct RequestMetrics {
+    /// Requests finished, by peer, service and status.
+    pub total: Family<RequestLabels, Counter>,
+    /// Time from the request head to the response head, seconds.
+    pub duration: Family<LatencyLabels, Histogram>,
+    /// Requests in flight.
+    pub in_flight: Family<DirectionLabels, Gauge>,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        Self {
+            total: Family::default(),
+            // 100 µs to ~13 s.
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+            }),
+            in_flight: Family::default(),
+        }
+    }
+}
+
 /// Every proxy metric.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -138,6 +189,8 @@ pub struct Metrics {
     pub rotated_connections: Counter,
     /// Certificate and controller state (controller mode).
     pub identity: IdentityMetrics,
+    /// HTTP and gRPC requests.
+    pub requests: RequestMetrics,
     /// What peers cost the endpoints: admissions, handshakes and header waits, dead connections.
     pub endpoint: EndpointMetrics,
 }
@@ -244,6 +297,7 @@ impl Metrics {
             seen_serials: Arc::default(),
             rotated_connections: Counter::default(),
             identity: IdentityMetrics::default(),
+            requests: RequestMetrics::default(),
             endpoint: EndpointMetrics::default(),
         };
         let r = registry.sub_registry_with_prefix("quicmesh");
@@ -298,6 +352,21 @@ impl Metrics {
             m.protocol_errors.clone(),
         );
         r.register_collector(Box::new(m.connections.clone()));
+        r.register(
+            "requests",
+            "HTTP and gRPC requests finished, by peer, destination service and status",
+            m.requests.total.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Time from request head to response head",
+            m.requests.duration.clone(),
+        );
+        r.register(
+            "requests_in_flight",
+            "HTTP and gRPC requests in flight",
+            m.requests.in_flight.clone(),
+        );
         r.register(
             "peer_handshakes",
             "QUIC handshakes completed with a verified peer",

@@ -345,7 +345,8 @@ pub struct RetryPolicy {
     /// Extra load retries may add, percent.
     #[serde(default)]
     pub budget_percent: u32,
-    /// Conditions: `5xx`, `connect-failure`, `reset`, `deadline-exceeded`.
+    /// Conditions: `5xx`, `connect-failure`, `reset`, `deadline-exceeded`; `non-idempotent` extends them
+    /// to methods that are not idempotent (POST, PATCH).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retry_on: Vec<String>,
 }
@@ -675,7 +676,13 @@ fn validate_endpoint(spec: &EndpointSpec, trust_domain: &str) -> Result<(), Fiel
 const HTTP_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
-const RETRY_ON: [&str; 4] = ["5xx", "connect-failure", "reset", "deadline-exceeded"];
+const RETRY_ON: [&str; 5] = [
+    "5xx",
+    "connect-failure",
+    "reset",
+    "deadline-exceeded",
+    "non-idempotent",
+];
 
 fn validate_policy(spec: &PolicySpec, trust_domain: &str) -> Result<(), FieldError> {
     check_name("spec.target_service", &spec.target_service)?;

@@ -37,7 +37,8 @@ use crate::{
     identity::{Credentials, SpiffeId},
     metrics::{DecisionLabels, Direction, Metrics, PeerMetrics, ReasonLabels},
     state::{Admission as Verdict, Request, ServiceRef, StateHandle},
-    tunnel::{self, FrameError, StatusCode, StreamHeader, code},
+    l7::inbound::AppClients,
+    tunnel::{self, FrameError, Protocol, StatusCode, StreamHeader, code},
 };
 
 /// The bound inbound endpoint.
@@ -47,6 +48,7 @@ pub struct Inbound {
     metrics: Metrics,
     creds: Credentials,
     state: StateHandle,
+    clients: AppClients,
     max_streams: u32,
 }
 
@@ -64,6 +66,7 @@ impl Inbound {
     ) -> Self {
         Self {
             endpoint,
+            clients: AppClients::new(cfg.connect_timeout),
             cfg: Arc::new(cfg),
             metrics,
             creds,
@@ -122,6 +125,7 @@ impl Inbound {
                 metrics: self.metrics.clone(),
                 creds: self.creds.clone(),
                 state: self.state.clone(),
+                clients: self.clients.clone(),
                 header_waits: header_waits.clone(),
             };
             let span = tracing::debug_span!("inbound", remote = %incoming.remote_address());
@@ -198,6 +202,8 @@ struct Conn {
     metrics: Metrics,
     creds: Credentials,
     state: StateHandle,
+    /// Pooled connections to the local apps, for HTTP and gRPC streams.
+    clients: AppClients,
     /// Streams waiting for their header, over all connections.
     header_waits: Arc<Count>,
 }
@@ -368,13 +374,19 @@ impl Conn {
             name: header.service.clone(),
         };
         let port = u16::try_from(header.port).unwrap_or(0);
-        let verdict = self.state.load().admit(&Request {
+        let http = header.protocol != Protocol::Tcp as i32;
+        // HTTP streams are admitted per request, with the method and path (`l7::inbound`).
+        let verdict = if http {
+            Verdict::Admit { audit: None }
+        } else {
+            self.state.load().admit(&Request {
             peer: &peer,
             service: &target,
             port,
             method: None,
             path: None,
-        });
+        })
+        };
         match verdict {
             Verdict::Admit { audit: None } => {}
             Verdict::Admit {
@@ -404,6 +416,16 @@ impl Conn {
                 return;
             }
         };
+        if http {
+            let ctx = crate::l7::inbound::Ctx {
+                metrics: &self.metrics,
+                state: &self.state,
+                clients: &self.clients,
+                header_timeout: self.cfg.header_timeout,
+            };
+            crate::l7::inbound::serve(ctx, send, recv, &header, &peer, &target, app, deadline).await;
+            return;
+        }
         let mut connect_timeout = self.cfg.connect_timeout;
         if header.connect_timeout_ms > 0 {
             connect_timeout =

@@ -40,6 +40,7 @@ use crate::{
     config::OutboundConfig,
     identity::{Credentials, ServerNames, naming::split_service},
     metrics::{Direction, Metrics, ReasonLabels},
+    model::PortProtocol,
     retry::RetryBudget,
     state::{ServiceRef, StateHandle},
     tunnel::{self, StatusCode, StreamHeader, StreamStatus, code},
@@ -170,19 +171,29 @@ pub struct Outbound {
     svc: Arc<Service>,
 }
 
-struct Service {
-    cfg: OutboundConfig,
+pub(crate) struct Service {
+    pub(crate) cfg: OutboundConfig,
     /// The service name sent in stream headers (`cfg.service` without its namespace).
     name: String,
     /// Where the service's endpoints and servers come from.
-    state: StateHandle,
+    pub(crate) state: StateHandle,
     /// Our identity, whose namespace is the service's when `cfg.service` names none.
     creds: Credentials,
     pool: Arc<Pool>,
     health: Arc<EndpointHealth>,
-    budget: Arc<Mutex<RetryBudget>>,
-    metrics: Metrics,
+    pub(crate) budget: Arc<Mutex<RetryBudget>>,
+    /// The budget of a retry policy that sets its own `budget_percent`, with that percentage.
+    policy_budget: Mutex<Option<(u32, RetryBudget)>>,
+    pub(crate) metrics: Metrics,
     next: AtomicUsize,
+}
+
+/// What a stream starts with after its header: the protocol named in the header, and for HTTP the
+/// request head, sent at once so the request costs no extra round trip.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Start {
+    pub(crate) protocol: tunnel::Protocol,
+    pub(crate) head: Option<bytes::Bytes>,
 }
 
 impl Outbound {
@@ -208,6 +219,7 @@ impl Outbound {
                 pool,
                 health,
                 budget,
+                policy_budget: Mutex::new(None),
                 metrics,
                 next: AtomicUsize::new(rand::random::<u32>() as usize),
             }),
@@ -280,7 +292,59 @@ fn out_of_fds(e: &std::io::Error) -> bool {
 }
 
 impl Service {
+    /// Records a request in the retry budget that applies: the policy's own (`percent` > 0, its retries
+    /// may add that share of load, at least 10 per second) or the proxy's.
+    pub(crate) fn budget_deposit(&self, percent: u32, now: std::time::Instant) {
+        self.with_budget(percent, now, |b| b.deposit(now));
+    }
+
+    /// Takes one retry from the budget that applies; false when it is spent.
+    pub(crate) fn budget_withdraw(&self, percent: u32, now: std::time::Instant) -> bool {
+        self.with_budget(percent, now, |b| b.try_withdraw(now))
+    }
+
+    fn with_budget<T>(
+        &self,
+        percent: u32,
+        now: std::time::Instant,
+        f: impl FnOnce(&mut RetryBudget) -> T,
+    ) -> T {
+        if percent == 0 {
+            return f(&mut self.budget.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        let mut pb = self.policy_budget.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *pb {
+            Some((p, b)) if *p == percent => f(b),
+            slot => {
+                let b = &mut slot
+                    .insert((percent, RetryBudget::new(f64::from(percent) / 100.0, 10, now)))
+                    .1;
+                f(b)
+            }
+        }
+    }
+
+    /// The destination service, in our namespace unless the listener names one.
+    pub(crate) fn target(&self) -> ServiceRef {
+        let own_ns = self.creds.id();
+        ServiceRef::parse(
+            &self.cfg.service,
+            own_ns.as_ref().map_or("", |id| id.namespace()),
+        )
+    }
+
     async fn handle(self: Arc<Self>, tcp: TcpStream, drain: Drain) {
+        // The port's declared protocol decides: HTTP and gRPC ports are served request by request,
+        // everything else is an opaque tunnel.
+        let protocol = self
+            .state
+            .load()
+            .service(&self.target())
+            .map_or(PortProtocol::Tcp, |s| s.protocol(self.cfg.port));
+        if protocol != PortProtocol::Tcp {
+            crate::l7::outbound::serve(self, tcp, protocol == PortProtocol::Grpc, drain).await;
+            return;
+        }
         let started = Instant::now();
         let deadline = self.cfg.deadline.map(|d| started + d);
         let connect_by = deadline.map_or(started + self.cfg.connect_timeout, |d| {
@@ -293,7 +357,7 @@ impl Service {
             .unwrap_or_else(|p| p.into_inner())
             .deposit(started.into_std());
         let opened =
-            tokio::time::timeout_at(connect_by, self.open(&request_id, connect_by, deadline))
+            tokio::time::timeout_at(connect_by, self.open(&request_id, connect_by, deadline, &Start::default()))
                 .await
                 .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - started)));
         let (send, recv, pc) = match opened {
@@ -325,19 +389,15 @@ impl Service {
     }
 
     /// The connect phase with retries. The caller bounds it by `connect_by`.
-    async fn open(
+    pub(crate) async fn open(
         &self,
         request_id: &[u8; 16],
         connect_by: Instant,
         deadline: Option<Instant>,
+        first: &Start,
     ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let own_ns = self.creds.id();
-        let target = ServiceRef::parse(
-            &self.cfg.service,
-            own_ns.as_ref().map_or("", |id| id.namespace()),
-        );
-        let upstream = self.state.load().upstream(&target);
+        let upstream = self.state.load().upstream(&self.target());
         let order =
             self.health
                 .attempt_order(&upstream.endpoints, start, Instant::now().into_std());
@@ -350,7 +410,7 @@ impl Service {
             let addr = order[idx % order.len()];
             attempts += 1;
             let err = match self
-                .attempt(addr, &upstream.servers, request_id, connect_by, deadline)
+                .attempt(addr, &upstream.servers, request_id, connect_by, deadline, first)
                 .await
             {
                 Ok(x) => {
@@ -401,6 +461,7 @@ impl Service {
         request_id: &[u8; 16],
         connect_by: Instant,
         deadline: Option<Instant>,
+        first: &Start,
     ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
         let now = Instant::now();
         let left = connect_by.saturating_duration_since(now);
@@ -417,14 +478,18 @@ impl Service {
         let header = StreamHeader {
             service: self.name.clone(),
             port: u32::from(self.cfg.port),
-            protocol: tunnel::Protocol::Tcp as i32,
+            protocol: first.protocol as i32,
             request_id: request_id.to_vec(),
             connect_timeout_ms: ms(connect_by.saturating_duration_since(now)).max(1) as u32,
             deadline_ms: deadline.map_or(0, |d| ms(d.saturating_duration_since(now)).max(1)),
             trace: None,
         };
+        let mut opening = tunnel::encode_frame(&header);
+        if let Some(head) = &first.head {
+            opening.extend_from_slice(head);
+        }
         pc.lane
-            .control(send.write_all(&tunnel::encode_frame(&header)))
+            .control(send.write_all(&opening))
             .await
             .map_err(|e| stream_err(&e))?;
         let status = self.await_status(addr, &pc, &mut recv, connect_by).await?;

@@ -1,0 +1,602 @@
+//! HTTP and gRPC through two proxies, with real servers and clients on both ends: hyper HTTP/1.1 and
+//! HTTP/2 servers and clients, a tonic gRPC service. The port is declared `http` or `grpc` in the client
+//! proxy's mesh file; the server proxy follows the protocol each stream names.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use quicmesh_proto::echo::{
+    EchoMessage,
+    echo_client::EchoClient,
+    echo_server::{Echo, EchoServer},
+};
+use rand::{Rng, RngCore, SeedableRng};
+use tokio::net::TcpListener;
+
+use crate::support::*;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// What the backend app saw.
+#[derive(Default)]
+struct Seen {
+    requests: AtomicU64,
+    flaky: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// A hyper app speaking HTTP/1.1 and HTTP/2 (prior knowledge) on one port:
+/// `/echo` answers the body back with `x-seen-client-id` (the identity header it got) and
+/// `x-seen-method`; `/flaky` answers 503 to 30% of requests (random); `/slow` answers after 50 ms.
+async fn http_app() -> (SocketAddr, Arc<Seen>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let addr = l.local_addr().expect("addr");
+    let seen = Arc::new(Seen::default());
+    let s = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let s = s.clone();
+                    async move { Ok::<_, Infallible>(app(req, &s).await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+async fn app(req: Request<Incoming>, seen: &Seen) -> Response<Body> {
+    seen.requests.fetch_add(1, Ordering::Relaxed);
+    let id = req
+        .headers()
+        .get("x-quicmesh-client-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let mut resp = match path.as_str() {
+        "/flaky" => {
+            seen.flaky.fetch_add(1, Ordering::Relaxed);
+            if rand::random::<f64>() < 0.3 {
+                seen.failed.fetch_add(1, Ordering::Relaxed);
+                let mut r = Response::new(Full::new(Bytes::from_static(b"busy")).boxed());
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                return r;
+            }
+            Response::new(Full::new(Bytes::from_static(b"ok")).boxed())
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Response::new(Full::new(Bytes::from_static(b"slow")).boxed())
+        }
+        _ => Response::new(Full::new(body.unwrap_or_default()).boxed()),
+    };
+    resp.headers_mut()
+        .insert("x-seen-client-id", id.parse().expect("header"));
+    resp.headers_mut()
+        .insert("x-seen-method", method.parse().expect("header"));
+    resp
+}
+
+/// A server proxy (identity `echo`) for `app` on port 80, and a client proxy (identity `client`)
+/// whose mesh file declares the port with `protocol` and the policies in `policies`.
+async fn mesh_pair(app: SocketAddr, protocol: &str, policies: &str) -> (Pki, Running, Running) {
+    let pki = Pki::new();
+    pki.issue("server", "echo");
+    let cfg = pki.config(
+        "server",
+        &format!("[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"),
+    );
+    let server = start_proxy(&cfg).await;
+    pki.issue("client", "client");
+    std::fs::write(
+        pki.path().join("mesh.yaml"),
+        format!(
+            r#"
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec: {{ports: [{{port: 80, protocol: {protocol}}}]}}
+---
+kind: Endpoint
+metadata: {{name: echo-0, namespace: default}}
+spec: {{service: echo, address: "{}", spiffe_id: "spiffe://mesh.local/ns/default/sa/echo"}}
+{policies}
+"#,
+            server.inbound()
+        ),
+    )
+    .expect("mesh file");
+    let cfg = pki.config_with(
+        "client",
+        "mesh = \"mesh.yaml\"",
+        "",
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"echo\"\nport = 80\n",
+    );
+    let client = start_proxy(&cfg).await;
+    (pki, server, client)
+}
+
+fn h1_client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn h2_client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+fn payload(seed: u64, max: usize) -> Bytes {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let len = rng.random_range(0..=max);
+    let mut b = vec![0u8; len];
+    rng.fill_bytes(&mut b);
+    Bytes::from(b)
+}
+
+/// A body sent in chunks without a length (chunked transfer encoding on HTTP/1.1).
+fn chunked(b: Bytes) -> Body {
+    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = b
+        .chunks(7919)
+        .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+        .collect();
+    StreamBody::new(futures::stream::iter(chunks)).boxed()
+}
+
+async fn post(
+    client: &Client<HttpConnector, Body>,
+    target: SocketAddr,
+    path: &str,
+    body: Body,
+) -> Response<Bytes> {
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{target}{path}"))
+        .header("x-quicmesh-client-id", "spiffe://mesh.local/ns/default/sa/forged")
+        .body(body)
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Response::from_parts(parts, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_keep_alive_and_chunked_bodies_arrive_byte_for_byte_with_the_verified_identity() {
+    let _heavy = heavy().await;
+    let (app_addr, seen) = http_app().await;
+    let (_pki, server, client) = mesh_pair(app_addr, "http", "").await;
+    let target = client.outbound(0);
+    let c = h1_client();
+    let tasks: Vec<_> = (0..8u64)
+        .map(|worker| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                for i in 0..125u64 {
+                    let seed = worker * 1000 + i;
+                    // A few large bodies (up to 10 MiB), most small; every other one chunked.
+                    let max = if i % 50 == 0 { 10 << 20 } else { 16 << 10 };
+                    let p = payload(seed, max);
+                    let body = if i % 2 == 0 {
+                        Full::new(p.clone()).boxed()
+                    } else {
+                        chunked(p.clone())
+                    };
+                    let r = post(&c, target, "/echo", body).await;
+                    assert_eq!(r.status(), StatusCode::OK, "request {seed}");
+                    assert_eq!(r.body().len(), p.len(), "request {seed}");
+                    assert!(*r.body() == p, "request {seed}: body differs");
+                    assert_eq!(
+                        r.headers()["x-seen-client-id"],
+                        "spiffe://mesh.local/ns/default/sa/client",
+                        "the backend sees only the verified identity"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("worker");
+    }
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1000);
+    let m = client.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_requests_total",
+            &["direction=\"outbound\"", "status_code=\"200\"", "service=\"echo.default\""]
+        ),
+        1000.0,
+        "{m}"
+    );
+    assert!(m.contains("quicmesh_request_duration_seconds_bucket"), "{m}");
+    let s = server.metrics().await;
+    assert_eq!(
+        metric(
+            &s,
+            "quicmesh_requests_total",
+            &["direction=\"inbound\"", "peer=\"spiffe://mesh.local/ns/default/sa/client\""]
+        ),
+        1000.0,
+        "{s}"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_carries_a_hundred_concurrent_streams_on_one_app_connection() {
+    let _heavy = heavy().await;
+    let (app_addr, seen) = http_app().await;
+    let (_pki, server, client) = mesh_pair(app_addr, "http", "").await;
+    let target = client.outbound(0);
+    let c = h2_client();
+    for batch in 0..10u64 {
+        let tasks: Vec<_> = (0..100u64)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let p = payload(batch * 100 + i, 64 << 10);
+                    let r = post(&c, target, "/echo", Full::new(p.clone()).boxed()).await;
+                    assert_eq!(r.status(), StatusCode::OK);
+                    assert_eq!(r.version(), http::Version::HTTP_2);
+                    assert!(*r.body() == p, "body differs");
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("request");
+        }
+    }
+    assert_eq!(seen.requests.load(Ordering::Relaxed), 1000);
+    let m = client.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_requests_total",
+            &["direction=\"outbound\"", "status_code=\"200\""]
+        ),
+        1000.0,
+        "{m}"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+const RETRY_POLICY: &str = r#"---
+kind: Policy
+metadata: {name: retries, namespace: default}
+spec:
+  target_service: echo
+  timeouts: {retry: {max_retries: 6, budget_percent: 100, retry_on: [5xx]}}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_policy_turns_30_percent_503s_into_successes_for_gets_and_leaves_posts_alone() {
+    let _heavy = heavy().await;
+    let (app_addr, seen) = http_app().await;
+    let (_pki, server, client) = mesh_pair(app_addr, "http", RETRY_POLICY).await;
+    let target = client.outbound(0);
+    let c = h1_client();
+    let ok = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (c, ok) = (c.clone(), ok.clone());
+            tokio::spawn(async move {
+                for _ in 0..500 {
+                    let req = Request::get(format!("http://{target}/flaky"))
+                        .body(Full::new(Bytes::new()).boxed())
+                        .expect("request");
+                    let r = c.request(req).await.expect("response");
+                    if r.status() == StatusCode::OK {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = r.into_body().collect().await;
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("worker");
+    }
+    let ok = ok.load(Ordering::Relaxed);
+    let failed_at_app = seen.failed.load(Ordering::Relaxed);
+    assert!(ok >= 4995, "{ok} of 5000 GETs succeeded");
+    let m = client.metrics().await;
+    let retries = metric(&m, "quicmesh_retries_total", &["reason=\"5xx\""]);
+    assert!(failed_at_app > 1000, "the app failed {failed_at_app} times");
+    assert!(
+        retries >= failed_at_app as f64 - 5.0 && retries <= failed_at_app as f64,
+        "{retries} retries for {failed_at_app} failures\n{m}"
+    );
+
+    // POST is not idempotent and the policy does not opt it in: failures pass through.
+    let before = seen.flaky.load(Ordering::Relaxed);
+    let mut unavailable = 0;
+    for _ in 0..300 {
+        let r = post(&c, target, "/flaky", Full::new(Bytes::from_static(b"x")).boxed()).await;
+        if r.status() == StatusCode::SERVICE_UNAVAILABLE {
+            unavailable += 1;
+        }
+    }
+    assert_eq!(seen.flaky.load(Ordering::Relaxed) - before, 300, "no POST was retried");
+    assert!(unavailable > 30, "{unavailable} of 300 POSTs saw the 503");
+    let m2 = client.metrics().await;
+    assert_eq!(
+        metric(&m2, "quicmesh_retries_total", &["reason=\"5xx\""]),
+        retries,
+        "no retry for POST"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// The tonic Echo service; `cancelled` turns true when a request's handler is dropped unfinished.
+#[derive(Default, Clone)]
+struct EchoSvc {
+    cancelled: Arc<AtomicBool>,
+}
+
+struct DropFlag(Arc<AtomicBool>, bool);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+type Stream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<EchoMessage, tonic::Status>> + Send + 'static>,
+>;
+
+#[tonic::async_trait]
+impl Echo for EchoSvc {
+    async fn unary(
+        &self,
+        req: tonic::Request<EchoMessage>,
+    ) -> Result<tonic::Response<EchoMessage>, tonic::Status> {
+        let mut flag = DropFlag(self.cancelled.clone(), false);
+        let m = req.into_inner();
+        if m.delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(m.delay_ms)).await;
+        }
+        flag.1 = true;
+        if m.fail_with != 0 {
+            return Err(tonic::Status::new(
+                tonic::Code::from_i32(m.fail_with as i32),
+                "asked to fail",
+            ));
+        }
+        Ok(tonic::Response::new(m))
+    }
+
+    type ServerStreamStream = Stream;
+
+    async fn server_stream(
+        &self,
+        req: tonic::Request<EchoMessage>,
+    ) -> Result<tonic::Response<Stream>, tonic::Status> {
+        let m = req.into_inner();
+        let n = m.payload.first().copied().unwrap_or(1).max(1);
+        let out: Vec<_> = (0..n).map(|_| Ok(m.clone())).collect();
+        Ok(tonic::Response::new(Box::pin(futures::stream::iter(out))))
+    }
+
+    async fn client_stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<EchoMessage>>,
+    ) -> Result<tonic::Response<EchoMessage>, tonic::Status> {
+        let mut s = req.into_inner();
+        let mut all = Vec::new();
+        while let Some(m) = s.message().await? {
+            all.extend_from_slice(&m.payload);
+        }
+        Ok(tonic::Response::new(EchoMessage {
+            payload: all,
+            ..Default::default()
+        }))
+    }
+
+    type BidiStream = Stream;
+
+    async fn bidi(
+        &self,
+        req: tonic::Request<tonic::Streaming<EchoMessage>>,
+    ) -> Result<tonic::Response<Stream>, tonic::Status> {
+        let mut s = req.into_inner();
+        let out = async_stream_like(move |tx| async move {
+            while let Ok(Some(m)) = s.message().await {
+                if tx.send(Ok(m)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(out))
+    }
+}
+
+/// A response stream fed by a task.
+fn async_stream_like<F, Fut>(f: F) -> Stream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<EchoMessage, tonic::Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(f(tx));
+    Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
+}
+
+async fn grpc_app() -> (SocketAddr, EchoSvc) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let svc = EchoSvc::default();
+    let s = svc.clone();
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(EchoServer::new(s))
+            .serve_with_incoming(tokio_stream_from(l))
+            .await;
+    });
+    (addr, svc)
+}
+
+fn tokio_stream_from(
+    l: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(l, |l| async move {
+        let r = l.accept().await.map(|(s, _)| s);
+        Some((r, l))
+    })
+}
+
+async fn grpc_client(target: SocketAddr) -> EchoClient<tonic::transport::Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    EchoClient::new(ch)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unary_and_every_streaming_kind_keep_messages_trailers_and_status() {
+    let _heavy = heavy().await;
+    let (app_addr, _svc) = grpc_app().await;
+    let (_pki, server, client) = mesh_pair(app_addr, "grpc", "").await;
+    let c = grpc_client(client.outbound(0)).await;
+    let msg = |i: u64| EchoMessage {
+        payload: payload(i, 4096).to_vec(),
+        ..Default::default()
+    };
+    let tasks: Vec<_> = (0..1000u64)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let m = msg(i);
+                let back = c.unary(m.clone()).await.expect("unary").into_inner();
+                assert_eq!(back, m);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("unary");
+    }
+    for i in 0..1000u64 {
+        let mut c = c.clone();
+        let mut m = msg(i);
+        m.payload.insert(0, 3);
+        let mut s = c.server_stream(m.clone()).await.expect("server stream").into_inner();
+        let mut n = 0;
+        while let Some(x) = s.message().await.expect("message") {
+            assert_eq!(x, m);
+            n += 1;
+        }
+        assert_eq!(n, 3);
+        let parts: Vec<EchoMessage> = (0..3).map(|j| msg(i * 10 + j)).collect();
+        let want: Vec<u8> = parts.iter().flat_map(|p| p.payload.clone()).collect();
+        let back = c
+            .client_stream(futures::stream::iter(parts.clone()))
+            .await
+            .expect("client stream")
+            .into_inner();
+        assert_eq!(back.payload, want);
+        let mut bidi = c
+            .bidi(futures::stream::iter(parts.clone()))
+            .await
+            .expect("bidi")
+            .into_inner();
+        for p in &parts {
+            assert_eq!(bidi.message().await.expect("bidi message").as_ref(), Some(p));
+        }
+        assert_eq!(bidi.message().await.expect("end"), None);
+    }
+    // A status other than OK crosses in the trailers, code and message intact.
+    let err = c
+        .clone()
+        .unary(EchoMessage {
+            fail_with: tonic::Code::NotFound as u32,
+            ..Default::default()
+        })
+        .await
+        .expect_err("asked to fail");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(err.message(), "asked to fail");
+    let m = client.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_requests_total",
+            &["direction=\"outbound\"", "grpc_status=\"0\""]
+        ),
+        4000.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_requests_total",
+            &["direction=\"outbound\"", "grpc_status=\"5\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_timeout_ends_the_call_in_time_and_cancels_it_at_the_backend() {
+    let (app_addr, svc) = grpc_app().await;
+    let (_pki, server, client) = mesh_pair(app_addr, "grpc", "").await;
+    let mut c = grpc_client(client.outbound(0)).await;
+    let mut req = tonic::Request::new(EchoMessage {
+        delay_ms: 2000,
+        ..Default::default()
+    });
+    req.set_timeout(Duration::from_millis(200));
+    let t0 = std::time::Instant::now();
+    let err = c.unary(req).await.expect_err("deadline");
+    let took = t0.elapsed();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_millis(300),
+        "answered after {took:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            svc.cancelled.load(Ordering::SeqCst)
+        })
+        .await,
+        "the backend's handler was not cancelled"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}

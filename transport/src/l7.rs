@@ -1,0 +1,14 @@
+//! HTTP and gRPC across the mesh: requests, not just bytes.
+//!
+//! A port declared `http` or `grpc` in its `Service` is served request by request: the source proxy
+//! terminates the application's HTTP/1.1 or HTTP/2 connection ([`outbound`]) and sends each request as
+//! its own QUIC stream ([`frame`]: head, body, trailers), the destination proxy forwards it to its
+//! application over a pooled client ([`inbound`]). Per-request decisions — deadline, retries, the answer
+//! when the mesh fails — are pure functions in [`policy`]; admission is [`crate::state::MeshState::admit`]
+//! with the method and path. Ports declared `tcp`, and undeclared ones, keep the opaque tunnel.
+
+pub mod frame;
+pub mod inbound;
+pub mod io;
+pub mod outbound;
+pub mod policy;

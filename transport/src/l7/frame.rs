@@ -1,0 +1,292 @@
+//! The framing of HTTP requests and responses inside one tunnel stream (protocol `http1`, `http2` or
+//! `grpc` in the stream header).
+//!
+//! After the stream header (opener) and the stream status (acceptor) each side sends a `HEAD` frame (the
+//! request or response head, protobuf `HttpHead`), then any number of `DATA` frames, at most one
+//! `TRAILERS` frame, and ends with FIN. A frame is a 1-byte type and a 4-byte big-endian length; heads
+//! and trailers are bounded by [`MAX_HEAD`], data frames by [`MAX_DATA`]. Anything else is a protocol
+//! error that resets that stream only. Our own framing rather than HTTP/3: measured here, h3 cost twice
+//! the CPU per stream, and the tunnel already carries what QPACK and h3 control streams would.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use prost::Message;
+pub use quicmesh_proto::tunnel::{HttpHead, HttpHeader, HttpTrailers};
+
+/// Largest request or response head (or trailer block) accepted, bytes; beyond, HTTP's 431.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Largest data frame, bytes.
+pub const MAX_DATA: usize = 1024 * 1024;
+/// Most header fields in one head or trailer block.
+pub const MAX_FIELDS: usize = 512;
+
+/// The kinds of frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A request or response head.
+    Head = 1,
+    /// Body bytes.
+    Data = 2,
+    /// Trailers; the last frame before FIN.
+    Trailers = 3,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::Head),
+            2 => Some(Self::Data),
+            3 => Some(Self::Trailers),
+            _ => None,
+        }
+    }
+
+    fn limit(self) -> usize {
+        match self {
+            Self::Data => MAX_DATA,
+            Self::Head | Self::Trailers => MAX_HEAD,
+        }
+    }
+}
+
+/// A frame prefix or body that breaks the rules.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Unknown frame type.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// Longer than the kind allows.
+    #[error("{kind:?} frame of {len} bytes exceeds the {limit}-byte limit")]
+    Oversized {
+        /// Frame kind.
+        kind: Kind,
+        /// Announced length.
+        len: usize,
+        /// Its limit.
+        limit: usize,
+    },
+    /// A frame where it may not be (e.g. data before the head).
+    #[error("{0:?} frame out of order")]
+    OutOfOrder(Kind),
+    /// The head or trailers do not decode, or hold invalid header fields.
+    #[error("malformed {what}: {detail}")]
+    Malformed {
+        /// What was being decoded.
+        what: &'static str,
+        /// Why it failed.
+        detail: String,
+    },
+}
+
+/// Checks a 5-byte frame prefix: the kind and body length it announces.
+pub fn parse_prefix(prefix: [u8; 5]) -> Result<(Kind, usize), FrameError> {
+    let kind = Kind::from_u8(prefix[0]).ok_or(FrameError::UnknownType(prefix[0]))?;
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > kind.limit() {
+        return Err(FrameError::Oversized {
+            kind,
+            len,
+            limit: kind.limit(),
+        });
+    }
+    Ok((kind, len))
+}
+
+/// Encodes a frame prefix.
+pub fn prefix(kind: Kind, len: usize) -> [u8; 5] {
+    let l = u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes();
+    [kind as u8, l[0], l[1], l[2], l[3]]
+}
+
+/// Encodes a head frame.
+pub fn encode_head(head: &HttpHead) -> BytesMut {
+    encode_message(Kind::Head, head)
+}
+
+/// Encodes a trailers frame.
+pub fn encode_trailers(t: &HeaderMap) -> BytesMut {
+    encode_message(
+        Kind::Trailers,
+        &HttpTrailers {
+            headers: fields(t),
+        },
+    )
+}
+
+fn encode_message<M: Message>(kind: Kind, m: &M) -> BytesMut {
+    let len = m.encoded_len();
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_slice(&prefix(kind, len));
+    // Enough capacity: cannot fail.
+    let _ = m.encode(&mut buf);
+    buf
+}
+
+/// Header fields as protobuf.
+pub fn fields(h: &HeaderMap) -> Vec<HttpHeader> {
+    h.iter()
+        .map(|(n, v)| HttpHeader {
+            name: n.as_str().as_bytes().to_vec(),
+            value: v.as_bytes().to_vec(),
+        })
+        .collect()
+}
+
+/// Header fields from protobuf, checked (names and values as HTTP allows, at most [`MAX_FIELDS`]).
+pub fn header_map(fields: &[HttpHeader], what: &'static str) -> Result<HeaderMap, FrameError> {
+    if fields.len() > MAX_FIELDS {
+        return Err(FrameError::Malformed {
+            what,
+            detail: format!("{} fields, at most {MAX_FIELDS}", fields.len()),
+        });
+    }
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for f in fields {
+        let name = HeaderName::from_bytes(&f.name).map_err(|_| FrameError::Malformed {
+            what,
+            detail: "invalid header name".into(),
+        })?;
+        let value = HeaderValue::from_bytes(&f.value).map_err(|_| FrameError::Malformed {
+            what,
+            detail: format!("invalid value for {name}"),
+        })?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+/// Decodes a head frame body.
+pub fn decode_head(body: &[u8]) -> Result<HttpHead, FrameError> {
+    HttpHead::decode(body).map_err(|e| FrameError::Malformed {
+        what: "head",
+        detail: e.to_string(),
+    })
+}
+
+/// Decodes a trailers frame body.
+pub fn decode_trailers(body: &[u8]) -> Result<HeaderMap, FrameError> {
+    let t = HttpTrailers::decode(body).map_err(|e| FrameError::Malformed {
+        what: "trailers",
+        detail: e.to_string(),
+    })?;
+    header_map(&t.headers, "trailers")
+}
+
+/// One body frame as read from a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyFrame {
+    /// Bytes.
+    Data(Bytes),
+    /// Trailers (the last frame).
+    Trailers(HeaderMap),
+}
+
+/// Decodes a whole sequence of body frames (prefix and body each) as a stream would deliver them:
+/// what the reader applies, pure for tests and fuzzing. Data after trailers is out of order.
+pub fn decode_body(mut bytes: &[u8]) -> Result<Vec<BodyFrame>, FrameError> {
+    let mut out = Vec::new();
+    let mut ended = false;
+    while !bytes.is_empty() {
+        let Some((p, rest)) = bytes.split_first_chunk::<5>() else {
+            return Err(FrameError::Malformed {
+                what: "body",
+                detail: "truncated frame prefix".into(),
+            });
+        };
+        let (kind, len) = parse_prefix(*p)?;
+        if rest.len() < len {
+            return Err(FrameError::Malformed {
+                what: "body",
+                detail: "truncated frame".into(),
+            });
+        }
+        let (body, rest) = rest.split_at(len);
+        if ended || kind == Kind::Head {
+            return Err(FrameError::OutOfOrder(kind));
+        }
+        out.push(match kind {
+            Kind::Data => BodyFrame::Data(Bytes::copy_from_slice(body)),
+            _ => {
+                ended = true;
+                BodyFrame::Trailers(decode_trailers(body)?)
+            }
+        });
+        bytes = rest;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_bounded_by_kind() {
+        assert_eq!(parse_prefix(prefix(Kind::Data, 10)), Ok((Kind::Data, 10)));
+        assert!(matches!(
+            parse_prefix(prefix(Kind::Head, MAX_HEAD + 1)),
+            Err(FrameError::Oversized { .. })
+        ));
+        assert_eq!(
+            parse_prefix(prefix(Kind::Data, MAX_DATA)),
+            Ok((Kind::Data, MAX_DATA))
+        );
+        assert_eq!(parse_prefix([9, 0, 0, 0, 0]), Err(FrameError::UnknownType(9)));
+    }
+
+    #[test]
+    fn heads_and_trailers_round_trip() {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-status", HeaderValue::from_static("0"));
+        h.append("x-multi", HeaderValue::from_static("a"));
+        h.append("x-multi", HeaderValue::from_static("b"));
+        let head = HttpHead {
+            method: "POST".into(),
+            path: "/x?y=1".into(),
+            headers: fields(&h),
+            ..Default::default()
+        };
+        let enc = encode_head(&head);
+        let (kind, len) = parse_prefix(enc[..5].try_into().expect("prefix")).expect("ok");
+        assert_eq!((kind, len), (Kind::Head, enc.len() - 5));
+        let back = decode_head(&enc[5..]).expect("head");
+        assert_eq!(back, head);
+        assert_eq!(header_map(&back.headers, "head").expect("map"), h);
+
+        let mut body = BytesMut::new();
+        body.put_slice(&prefix(Kind::Data, 3));
+        body.put_slice(b"abc");
+        body.put_slice(&encode_trailers(&h));
+        assert_eq!(
+            decode_body(&body).expect("body"),
+            vec![BodyFrame::Data(Bytes::from_static(b"abc")), BodyFrame::Trailers(h)]
+        );
+    }
+
+    #[test]
+    fn bad_frames_are_named() {
+        let bad = HttpTrailers {
+            headers: vec![HttpHeader {
+                name: b"bad name".to_vec(),
+                value: b"v".to_vec(),
+            }],
+        };
+        let mut enc = BytesMut::new();
+        enc.put_slice(&prefix(Kind::Trailers, bad.encoded_len()));
+        let _ = bad.encode(&mut enc);
+        assert!(matches!(
+            decode_body(&enc),
+            Err(FrameError::Malformed { what: "trailers", .. })
+        ));
+        // Data after trailers, a head inside a body, truncation.
+        let mut t = BytesMut::from(&encode_trailers(&HeaderMap::new())[..]);
+        t.put_slice(&prefix(Kind::Data, 0));
+        assert_eq!(decode_body(&t), Err(FrameError::OutOfOrder(Kind::Data)));
+        assert_eq!(
+            decode_body(&encode_head(&HttpHead::default())),
+            Err(FrameError::OutOfOrder(Kind::Head))
+        );
+        assert!(decode_body(&prefix(Kind::Data, 4)).is_err());
+        assert!(decode_body(&[2, 0]).is_err());
+    }
+}

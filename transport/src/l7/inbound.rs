@@ -1,0 +1,329 @@
+//! The destination side of HTTP and gRPC: a request read from a tunnel stream is forwarded to the local
+//! application over a pooled hyper client (HTTP/1.1 keep-alive, or one multiplexed HTTP/2 connection for
+//! HTTP/2 and gRPC), with the verified caller identity in [`CLIENT_ID_HEADER`].
+//!
+//! Admission sees the method and path. The stream status answers as soon as the request is admitted and
+//! routed (so the caller sends the body while the application works); a response head with
+//! `mesh_error = CONNECT_FAILED` says the application could not be reached and never saw the request
+//! (the caller may retry elsewhere). When the caller gives up (it stops the stream, or the deadline passes) the request to
+//! the application is dropped, so the application sees it cancelled.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Version};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use quinn::{RecvStream, SendStream};
+use tokio::time::Instant;
+
+use super::{
+    frame::{self, HttpHead, MAX_HEAD},
+    io::{self, ChannelBody, ReadError},
+    outbound::{grpc_status, strip_hop_by_hop},
+    policy::CLIENT_ID_HEADER,
+};
+use crate::{
+    clip::clip,
+    identity::SpiffeId,
+    metrics::{Direction, DirectionLabels, LatencyLabels, Metrics, ReasonLabels, RequestLabels},
+    state::{Admission, Request as Facts, ServiceRef, StateHandle},
+    tunnel::{self, Protocol, StatusCode, StreamHeader, code},
+};
+
+/// Pooled connections to the local applications, one client per HTTP version.
+#[derive(Clone)]
+pub struct AppClients {
+    h1: Client<HttpConnector, ChannelBody>,
+    h2: Client<HttpConnector, ChannelBody>,
+}
+
+impl AppClients {
+    /// Clients that connect within `connect_timeout`.
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut c = HttpConnector::new();
+        c.set_connect_timeout(Some(connect_timeout));
+        c.set_nodelay(true);
+        let h1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(c.clone());
+        let h2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build(c);
+        Self { h1, h2 }
+    }
+}
+
+/// What the inbound side needs to serve one HTTP stream.
+pub struct Ctx<'a> {
+    /// Metrics.
+    pub metrics: &'a Metrics,
+    /// The mesh state (admission).
+    pub state: &'a StateHandle,
+    /// App clients.
+    pub clients: &'a AppClients,
+    /// How long the request head may take to arrive.
+    pub header_timeout: Duration,
+}
+
+fn refuse_count(m: &Metrics, reason: &'static str) {
+    m.failures
+        .get_or_create(&ReasonLabels {
+            direction: Direction::Inbound,
+            reason,
+        })
+        .inc();
+}
+
+fn protocol_error(m: &Metrics, send: &mut SendStream, recv: &mut RecvStream, why: &dyn std::fmt::Display) {
+    tracing::warn!(error = %why, "bad request frame");
+    m.protocol_errors
+        .get_or_create(&ReasonLabels {
+            direction: Direction::Inbound,
+            reason: "bad_request_frame",
+        })
+        .inc();
+    tunnel::reset(send, recv, code::PROTOCOL_ERROR);
+}
+
+/// Builds the request for the application from the head a peer sent.
+fn app_request(
+    head: &HttpHead,
+    app: SocketAddr,
+    version: Version,
+    peer: &SpiffeId,
+    body: ChannelBody,
+) -> Result<Request<ChannelBody>, String> {
+    let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| "invalid method".to_owned())?;
+    if !head.path.starts_with('/') {
+        return Err("path must start with '/'".into());
+    }
+    let uri: http::Uri = format!("http://{app}{}", head.path)
+        .parse()
+        .map_err(|_| "invalid path".to_owned())?;
+    let mut headers = frame::header_map(&head.headers, "request head").map_err(|e| e.to_string())?;
+    strip_hop_by_hop(&mut headers);
+    headers.remove(CLIENT_ID_HEADER);
+    let id = HeaderValue::from_str(peer.as_str()).map_err(|_| "identity".to_owned())?;
+    headers.insert(CLIENT_ID_HEADER, id);
+    if version == Version::HTTP_11
+        && !headers.contains_key(http::header::HOST)
+        && let Ok(h) = HeaderValue::from_str(&head.authority)
+        && !head.authority.is_empty()
+    {
+        headers.insert(http::header::HOST, h);
+    }
+    if version == Version::HTTP_2 {
+        headers.remove(http::header::HOST);
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+/// Serves one HTTP stream whose header was read and routed to `app`.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve(
+    ctx: Ctx<'_>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    header: &StreamHeader,
+    peer: &SpiffeId,
+    target: &ServiceRef,
+    app: SocketAddr,
+    deadline: Option<Instant>,
+) {
+    let started = Instant::now();
+    let rid = tunnel::request_id_hex(&header.request_id);
+    let head_by = deadline.map_or(started + ctx.header_timeout, |d| {
+        d.min(started + ctx.header_timeout)
+    });
+    let head = match io::read_head(&mut recv, Some(head_by)).await {
+        Ok(h) => h,
+        Err(ReadError::Stream(e)) => {
+            tracing::debug!(request_id = %rid, error = %e, "stream failed before the request head");
+            return;
+        }
+        Err(e) => {
+            protocol_error(ctx.metrics, &mut send, &mut recv, &e);
+            return;
+        }
+    };
+    let verdict = ctx.state.load().admit(&Facts {
+        peer,
+        service: target,
+        port: u16::try_from(header.port).unwrap_or(0),
+        method: Some(&head.method),
+        path: Some(&head.path),
+    });
+    match verdict {
+        Admission::Admit { audit: None } => {}
+        Admission::Admit { audit: Some(reason) } => {
+            tracing::info!(request_id = %rid, %peer, service = %target, method = %clip(&head.method), path = %clip(&head.path), reason, "audit: the policy would refuse this request");
+        }
+        Admission::Refuse { code, reason } => {
+            tracing::info!(request_id = %rid, %peer, service = %target, method = %clip(&head.method), path = %clip(&head.path), reason, "request refused");
+            refuse_count(ctx.metrics, reason);
+            let _ = tunnel::write_status(&mut send, code, reason).await;
+            let _ = send.finish();
+            return;
+        }
+    }
+    let (version, client) = if header.protocol == Protocol::Http1 as i32 {
+        (Version::HTTP_11, &ctx.clients.h1)
+    } else {
+        (Version::HTTP_2, &ctx.clients.h2)
+    };
+    let body = io::body_from_stream(recv, deadline, |end| {
+        if let Err(e) = end.result {
+            tracing::debug!(error = %e, "request body cut short");
+        }
+    });
+    let req = match app_request(&head, app, version, peer, body) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(request_id = %rid, error = %e, "bad request head");
+            ctx.metrics
+                .protocol_errors
+                .get_or_create(&ReasonLabels {
+                    direction: Direction::Inbound,
+                    reason: "bad_request_frame",
+                })
+                .inc();
+            let _ = send.reset(code::PROTOCOL_ERROR);
+            return;
+        }
+    };
+    let gauge = ctx
+        .metrics
+        .requests
+        .in_flight
+        .get_or_create(&DirectionLabels {
+            direction: Direction::Inbound,
+        })
+        .clone();
+    let _in_flight = io::InFlight::enter(gauge);
+    // Admitted and routed: the caller may send the body. Whether the app answers comes in the head.
+    if tunnel::write_status(&mut send, StatusCode::Ok, "").await.is_err() {
+        return;
+    }
+    let sent = client.request(req);
+    let until = deadline.map_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365), |d| d);
+    let resp = tokio::select! {
+        r = tokio::time::timeout_at(until, sent) => r,
+        _ = send.stopped() => {
+            // The caller gave up: dropping the request cancels it at the application.
+            tracing::info!(request_id = %rid, "caller cancelled the request");
+            refuse_count(ctx.metrics, "cancelled");
+            return;
+        }
+    };
+    let resp = match resp {
+        Err(_) => {
+            tracing::info!(request_id = %rid, %app, "deadline exceeded");
+            refuse_count(ctx.metrics, "deadline_exceeded");
+            let _ = send.reset(code::DEADLINE_EXCEEDED);
+            return;
+        }
+        Ok(Err(e)) if e.is_connect() => {
+            tracing::info!(request_id = %rid, %app, error = %e, "app refused connection");
+            refuse_count(ctx.metrics, "app_connect_failed");
+            let head = HttpHead {
+                mesh_error: StatusCode::ConnectFailed as u32,
+                ..Default::default()
+            };
+            let _ = send.write_all(&frame::encode_head(&head)).await;
+            let _ = send.finish();
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(request_id = %rid, %app, error = %e, "app request failed");
+            refuse_count(ctx.metrics, "app_error");
+            let _ = send.reset(code::CONNECTION_RESET);
+            return;
+        }
+        Ok(Ok(r)) => r,
+    };
+    let (parts, body) = resp.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let status = parts.status.as_u16();
+    let grpc = grpc_status(&headers);
+    let head = HttpHead {
+        status: u32::from(status),
+        headers: frame::fields(&headers),
+        ..Default::default()
+    };
+    let encoded = frame::encode_head(&head);
+    if encoded.len() > MAX_HEAD {
+        refuse_count(ctx.metrics, "response_head_too_large");
+        let _ = send.reset(code::PROTOCOL_ERROR);
+        return;
+    }
+    if send.write_all(&encoded).await.is_err() {
+        return;
+    }
+    let service = target.to_string();
+    ctx.metrics
+        .requests
+        .duration
+        .get_or_create(&LatencyLabels {
+            direction: Direction::Inbound,
+            service: service.clone(),
+            classification: if status < 500 && grpc.is_none_or(|g| g == 0) {
+                "success"
+            } else {
+                "failure"
+            },
+        })
+        .observe(started.elapsed().as_secs_f64());
+    let mut trailer_grpc = None;
+    let body = TrailerSpy {
+        inner: body,
+        grpc: &mut trailer_grpc,
+    };
+    if let Err(e) = io::write_body(&mut send, body, deadline).await {
+        tracing::debug!(request_id = %rid, error = %e, "response body not delivered");
+    }
+    ctx.metrics
+        .requests
+        .total
+        .get_or_create(&RequestLabels {
+            direction: Direction::Inbound,
+            peer: peer.to_string(),
+            service,
+            status_code: status,
+            grpc_status: grpc.or(trailer_grpc).map(|g| g.to_string()).unwrap_or_default(),
+        })
+        .inc();
+}
+
+/// Notes the `grpc-status` of trailers passing through.
+struct TrailerSpy<'a, B> {
+    inner: B,
+    grpc: &'a mut Option<u32>,
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for TrailerSpy<'_, B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(f))) = &polled
+            && let Some(t) = f.trailers_ref()
+        {
+            *this.grpc = grpc_status(t);
+        }
+        polled
+    }
+}

@@ -1,0 +1,519 @@
+//! The source side of HTTP and gRPC: the application's connection is terminated here (HTTP/1.1 with
+//! keep-alive and chunked bodies, HTTP/2 by prior knowledge), and each request travels as its own QUIC
+//! stream to an endpoint chosen per request.
+//!
+//! The request head rides with the stream header; the body follows as it arrives, recorded up to
+//! [`MAX_REPLAY_BODY`] so that a retry can replay it; the response comes back on the same stream. The
+//! retry rule, the deadline and the answer for each failure are pure functions ([`super::policy`]).
+//! Any identity header an application sends is removed: only the destination's proxy sets it, from
+//! the verified certificate.
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, Version};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::{net::TcpStream, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    frame::{self, HttpHead, MAX_HEAD},
+    io::{self, BoxError, ReadError},
+    policy::{
+        CLIENT_ID_HEADER, Failure, MAX_REPLAY_BODY, Outcome, RetryRule, failure_status,
+        parse_grpc_timeout, request_timeout,
+    },
+};
+use crate::{
+    metrics::{Direction, DirectionLabels, LatencyLabels, ReasonLabels, RequestLabels},
+    proxy::{
+        Drain,
+        outbound::{OpenError, Service, Start},
+    },
+    tunnel::{self, Protocol, StatusCode, code},
+};
+
+type RespBody = BoxBody<Bytes, BoxError>;
+
+/// Serves one application connection until it closes or the proxy drains.
+pub(crate) async fn serve(svc: Arc<Service>, tcp: TcpStream, grpc: bool, drain: Drain) {
+    let _ = tcp.set_nodelay(true);
+    let s = svc.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let s = s.clone();
+        async move { Ok::<_, Infallible>(request(s, req, grpc).await) }
+    });
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // Heads beyond the limit get 431; malformed requests get 400 and a closed connection (hyper).
+    b.http1().max_buf_size(MAX_HEAD).keep_alive(true);
+    b.http2()
+        .max_header_list_size(u32::try_from(MAX_HEAD).unwrap_or(u32::MAX))
+        .max_concurrent_streams(1024);
+    let conn = b.serve_connection(TokioIo::new(tcp), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "application connection ended");
+            }
+        }
+        _ = drain.stop_accepting.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = drain.abort.cancelled() => {}
+            }
+        }
+    }
+}
+
+/// Headers that describe one hop's connection, not the request: never forwarded.
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        h.remove(name);
+    }
+    if h.get("te").is_some_and(|v| v != "trailers") {
+        h.remove("te");
+    }
+}
+
+/// The gRPC status in a header block, if any.
+pub(crate) fn grpc_status(h: &HeaderMap) -> Option<u32> {
+    h.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
+}
+
+fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// What the caller gets when the mesh could not get it a response.
+fn failure_response(f: Failure, grpc: bool, detail: &str) -> Response<RespBody> {
+    let (status, grpc_code) = failure_status(f);
+    let mut r = if grpc {
+        // Trailers-only: the status travels in the head.
+        let mut r = Response::new(empty());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        r.headers_mut()
+            .insert("grpc-status", HeaderValue::from(grpc_code));
+        if let Ok(v) = HeaderValue::from_str(&detail.replace(|c: char| !c.is_ascii_graphic() && c != ' ', "")) {
+            r.headers_mut().insert("grpc-message", v);
+        }
+        r
+    } else {
+        let mut r = Response::new(
+            Full::new(Bytes::from(format!("{detail}\n")))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *r.status_mut() = status;
+        r
+    };
+    r.headers_mut()
+        .insert("x-quicmesh-error", HeaderValue::from_static("mesh"));
+    r
+}
+
+fn empty() -> RespBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// One piece of a recorded request body.
+#[derive(Debug, Clone)]
+enum Part {
+    Data(Bytes),
+    Trailers(HeaderMap),
+}
+
+/// The request body as far as it went by: kept for a replay while it stays within the limit.
+#[derive(Debug, Default)]
+struct Recording {
+    parts: Vec<Part>,
+    size: usize,
+    complete: bool,
+    overflowed: bool,
+}
+
+impl Recording {
+    fn replayable(&self) -> bool {
+        self.complete && !self.overflowed
+    }
+}
+
+/// The body one try sends: the application's (recorded as it passes) or a replay of the recording.
+enum TryBody {
+    First {
+        body: Incoming,
+        rec: Arc<Mutex<Recording>>,
+    },
+    Replay(VecDeque<Part>),
+}
+
+impl Body for TryBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            TryBody::Replay(parts) => Poll::Ready(parts.pop_front().map(|p| {
+                Ok(match p {
+                    Part::Data(d) => Frame::data(d),
+                    Part::Trailers(t) => Frame::trailers(t),
+                })
+            })),
+            TryBody::First { body, rec } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
+                match &polled {
+                    Poll::Ready(None) => r.complete = true,
+                    Poll::Ready(Some(Ok(f))) if !r.overflowed => {
+                        let part = if let Some(d) = f.data_ref() {
+                            r.size += d.len();
+                            Some(Part::Data(d.clone()))
+                        } else {
+                            f.trailers_ref().map(|t| Part::Trailers(t.clone()))
+                        };
+                        if r.size > MAX_REPLAY_BODY {
+                            r.overflowed = true;
+                            r.parts = Vec::new();
+                        } else {
+                            r.parts.extend(part);
+                        }
+                    }
+                    _ => {}
+                }
+                polled.map(|o| o.map(|r| r.map_err(BoxError::from)))
+            }
+        }
+    }
+}
+
+/// Sends one try's body, or resets the stream when the try is abandoned.
+async fn write_task(
+    mut send: quinn::SendStream,
+    body: TryBody,
+    deadline: Option<Instant>,
+    cancel: CancellationToken,
+) {
+    tokio::select! {
+        r = io::write_body(&mut send, body, deadline) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "request body not delivered");
+            }
+        }
+        _ = cancel.cancelled() => {
+            let _ = send.reset(code::CANCELLED);
+        }
+    }
+}
+
+/// The request head as it travels: hop-by-hop headers removed, authority from the URI or `Host`.
+fn request_head(parts: &http::request::Parts) -> HttpHead {
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    HttpHead {
+        method: parts.method.to_string(),
+        scheme: parts.uri.scheme_str().unwrap_or("http").to_owned(),
+        authority,
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_owned(), |p| p.to_string()),
+        status: 0,
+        mesh_error: 0,
+        headers: frame::fields(&headers),
+    }
+}
+
+/// Counts a finished request.
+fn count(svc: &Service, peer: &str, service: &str, status: u16, grpc: Option<u32>) {
+    svc.metrics
+        .requests
+        .total
+        .get_or_create(&RequestLabels {
+            direction: Direction::Outbound,
+            peer: peer.to_owned(),
+            service: service.to_owned(),
+            status_code: status,
+            grpc_status: grpc.map(|g| g.to_string()).unwrap_or_default(),
+        })
+        .inc();
+}
+
+fn classification(status: u16, grpc: Option<u32>) -> &'static str {
+    if status < 500 && grpc.is_none_or(|g| g == 0) {
+        "success"
+    } else {
+        "failure"
+    }
+}
+
+async fn request(svc: Arc<Service>, mut req: Request<Incoming>, grpc_port: bool) -> Response<RespBody> {
+    let started = Instant::now();
+    let gauge = svc
+        .metrics
+        .requests
+        .in_flight
+        .get_or_create(&DirectionLabels {
+            direction: Direction::Outbound,
+        })
+        .clone();
+    let in_flight = io::InFlight::enter(gauge);
+    // No application may claim an identity: the destination's proxy sets this header.
+    req.headers_mut().remove(CLIENT_ID_HEADER);
+    let grpc = grpc_port || is_grpc(req.headers());
+    let target = svc.target();
+    let service = target.to_string();
+    let timeouts = svc
+        .state
+        .load()
+        .service(&target)
+        .and_then(|s| s.policy.timeouts.clone());
+    let client_timeout = req
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    let deadline = request_timeout(timeouts.as_ref(), client_timeout)
+        .or(svc.cfg.deadline)
+        .map(|t| started + t);
+    let rule = RetryRule::from_policy(timeouts.as_ref());
+    let protocol = if grpc {
+        Protocol::Grpc
+    } else if req.version() == Version::HTTP_2 {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let (parts, body) = req.into_parts();
+    let head = frame::encode_head(&request_head(&parts)).freeze();
+    let request_id = tunnel::new_request_id();
+    let rid = tunnel::request_id_hex(&request_id);
+    let budget_percent = timeouts
+        .as_ref()
+        .and_then(|t| t.retry.as_ref())
+        .map_or(0, |r| r.budget_percent);
+    svc.budget_deposit(budget_percent, started.into_std());
+
+    let rec = Arc::new(Mutex::new(Recording::default()));
+    let mut first = Some(body);
+    let mut retries = 0u32;
+    loop {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            count(&svc, "", &service, 504, grpc.then_some(4));
+            return failure_response(Failure::Deadline, grpc, "deadline exceeded");
+        }
+        let try_deadline = match (deadline, rule.per_try_timeout.map(|t| now + t)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let connect_by = try_deadline.map_or(now + svc.cfg.connect_timeout, |d| {
+            d.min(now + svc.cfg.connect_timeout)
+        });
+        let start = Start {
+            protocol,
+            head: Some(head.clone()),
+        };
+        let opened = tokio::time::timeout_at(
+            connect_by,
+            svc.open(&request_id, connect_by, try_deadline, &start),
+        )
+        .await
+        .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - now)));
+        let (send, mut recv, pc) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                svc.metrics
+                    .failures
+                    .get_or_create(&ReasonLabels {
+                        direction: Direction::Outbound,
+                        reason: e.reason(),
+                    })
+                    .inc();
+                tracing::info!(request_id = %rid, error = %e, "request not delivered");
+                let f = match &e {
+                    OpenError::Refused {
+                        code: StatusCode::Forbidden,
+                        ..
+                    } => Failure::Forbidden,
+                    OpenError::Refused {
+                        code: StatusCode::NoRoute,
+                        ..
+                    } => Failure::NoRoute,
+                    OpenError::Timeout(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                        Failure::Deadline
+                    }
+                    _ => Failure::Unavailable,
+                };
+                let (status, g) = failure_status(f);
+                count(&svc, "", &service, status.as_u16(), grpc.then_some(g));
+                return failure_response(f, grpc, &e.to_string());
+            }
+        };
+        let peer = pc.peer.to_string();
+        let body = match first.take() {
+            Some(body) => TryBody::First {
+                body,
+                rec: rec.clone(),
+            },
+            None => TryBody::Replay(
+                rec.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .parts
+                    .iter()
+                    .cloned()
+                    .collect(),
+            ),
+        };
+        let cancel = CancellationToken::new();
+        tokio::spawn(write_task(send, body, deadline, cancel.clone()));
+        let head = io::read_head(&mut recv, try_deadline).await;
+        let outcome = match &head {
+            Ok(h) if h.mesh_error != 0 => Outcome::NotSent,
+            Ok(h) => Outcome::Response {
+                status: u16::try_from(h.status).unwrap_or(0),
+                grpc: frame::header_map(&h.headers, "head")
+                    .ok()
+                    .and_then(|m| grpc_status(&m)),
+            },
+            Err(ReadError::Deadline) if try_deadline != deadline => Outcome::TryTimeout,
+            Err(ReadError::Deadline) => {
+                cancel.cancel();
+                let _ = recv.stop(code::DEADLINE_EXCEEDED);
+                tracing::info!(request_id = %rid, %peer, "deadline exceeded");
+                count(&svc, &peer, &service, 504, grpc.then_some(4));
+                return failure_response(Failure::Deadline, grpc, "deadline exceeded");
+            }
+            Err(_) => Outcome::Reset,
+        };
+        let replayable = rec.lock().unwrap_or_else(|p| p.into_inner()).replayable();
+        if let Some(reason) = rule.retry(&parts.method, outcome, retries, replayable) {
+            let funded = svc.budget_withdraw(budget_percent, Instant::now().into_std());
+            if funded {
+                cancel.cancel();
+                let _ = recv.stop(code::CANCELLED);
+                retries += 1;
+                svc.metrics
+                    .retries
+                    .get_or_create(&ReasonLabels {
+                        direction: Direction::Outbound,
+                        reason,
+                    })
+                    .inc();
+                tracing::debug!(request_id = %rid, %peer, reason, retries, "retrying request");
+                continue;
+            }
+            svc.metrics.retries_denied.inc();
+        }
+        let head = match head {
+            Ok(h) if h.mesh_error != 0 => {
+                cancel.cancel();
+                tracing::info!(request_id = %rid, %peer, "the destination could not reach its application");
+                svc.metrics
+                    .failures
+                    .get_or_create(&ReasonLabels {
+                        direction: Direction::Outbound,
+                        reason: "app_connect_failed",
+                    })
+                    .inc();
+                count(&svc, &peer, &service, 503, grpc.then_some(14));
+                return failure_response(Failure::Unavailable, grpc, "application unreachable");
+            }
+            Ok(h) => h,
+            Err(e) => {
+                cancel.cancel();
+                let _ = recv.stop(code::CANCELLED);
+                let f = if matches!(e, ReadError::Deadline) {
+                    Failure::Deadline
+                } else {
+                    Failure::BadGateway
+                };
+                tracing::info!(request_id = %rid, %peer, error = %e, "no response");
+                let (status, g) = failure_status(f);
+                count(&svc, &peer, &service, status.as_u16(), grpc.then_some(g));
+                return failure_response(f, grpc, &e.to_string());
+            }
+        };
+        let mut headers = match frame::header_map(&head.headers, "response head") {
+            Ok(h) => h,
+            Err(e) => {
+                cancel.cancel();
+                let _ = recv.stop(code::PROTOCOL_ERROR);
+                count(&svc, &peer, &service, 502, grpc.then_some(14));
+                return failure_response(Failure::BadGateway, grpc, &e.to_string());
+            }
+        };
+        strip_hop_by_hop(&mut headers);
+        let status = u16::try_from(head.status)
+            .ok()
+            .and_then(|s| http::StatusCode::from_u16(s).ok())
+            .unwrap_or(http::StatusCode::BAD_GATEWAY);
+        let head_grpc = grpc_status(&headers);
+        svc.metrics
+            .requests
+            .duration
+            .get_or_create(&LatencyLabels {
+                direction: Direction::Outbound,
+                service: service.clone(),
+                classification: classification(status.as_u16(), head_grpc),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        // Counted when the body ends: a streamed gRPC status arrives in the trailers.
+        let done = {
+            let svc = svc.clone();
+            let code = status.as_u16();
+            move |end: io::BodyEnd| {
+                let g = head_grpc.or(end.grpc_status);
+                if let Err(e) = &end.result {
+                    tracing::debug!(error = %e, "response body cut short");
+                }
+                count(&svc, &peer, &service, code, if grpc { g } else { None });
+                drop(in_flight);
+                drop(cancel);
+            }
+        };
+        let body = io::body_from_stream(recv, deadline, done);
+        let mut resp = Response::new(body.boxed());
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        return resp;
+    }
+}
