@@ -51,6 +51,7 @@ async fn http_app() -> (SocketAddr, Arc<Seen>) {
     let s = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
+            let _ = tcp.set_nodelay(true);
             let s = s.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -108,7 +109,9 @@ async fn mesh_pair(app: SocketAddr, protocol: &str, policies: &str) -> (Pki, Run
     pki.issue("server", "echo");
     let cfg = pki.config(
         "server",
-        &format!("[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"),
+        &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"
+        ),
     );
     let server = start_proxy(&cfg).await;
     pki.issue("client", "client");
@@ -139,14 +142,20 @@ spec: {{service: echo, address: "{}", spiffe_id: "spiffe://mesh.local/ns/default
     (pki, server, client)
 }
 
+fn connector() -> HttpConnector {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c
+}
+
 fn h1_client() -> Client<HttpConnector, Body> {
-    Client::builder(TokioExecutor::new()).build_http()
+    Client::builder(TokioExecutor::new()).build(connector())
 }
 
 fn h2_client() -> Client<HttpConnector, Body> {
     Client::builder(TokioExecutor::new())
         .http2_only(true)
-        .build_http()
+        .build(connector())
 }
 
 fn payload(seed: u64, max: usize) -> Bytes {
@@ -175,7 +184,10 @@ async fn post(
     let req = Request::builder()
         .method(Method::POST)
         .uri(format!("http://{target}{path}"))
-        .header("x-quicmesh-client-id", "spiffe://mesh.local/ns/default/sa/forged")
+        .header(
+            "x-quicmesh-client-id",
+            "spiffe://mesh.local/ns/default/sa/forged",
+        )
         .body(body)
         .expect("request");
     let resp = tokio::time::timeout(Duration::from_secs(30), client.request(req))
@@ -230,18 +242,28 @@ async fn http1_keep_alive_and_chunked_bodies_arrive_byte_for_byte_with_the_verif
         metric(
             &m,
             "quicmesh_requests_total",
-            &["direction=\"outbound\"", "status_code=\"200\"", "service=\"echo.default\""]
+            &[
+                "direction=\"outbound\"",
+                "status_code=\"200\"",
+                "service=\"echo.default\""
+            ]
         ),
         1000.0,
         "{m}"
     );
-    assert!(m.contains("quicmesh_request_duration_seconds_bucket"), "{m}");
+    assert!(
+        m.contains("quicmesh_request_duration_seconds_bucket"),
+        "{m}"
+    );
     let s = server.metrics().await;
     assert_eq!(
         metric(
             &s,
             "quicmesh_requests_total",
-            &["direction=\"inbound\"", "peer=\"spiffe://mesh.local/ns/default/sa/client\""]
+            &[
+                "direction=\"inbound\"",
+                "peer=\"spiffe://mesh.local/ns/default/sa/client\""
+            ]
         ),
         1000.0,
         "{s}"
@@ -327,8 +349,8 @@ async fn a_retry_policy_turns_30_percent_503s_into_successes_for_gets_and_leaves
     }
     let ok = ok.load(Ordering::Relaxed);
     let failed_at_app = seen.failed.load(Ordering::Relaxed);
-    assert!(ok >= 4995, "{ok} of 5000 GETs succeeded");
     let m = client.metrics().await;
+    assert!(ok >= 4995, "{ok} of 5000 GETs succeeded\n{m}");
     let retries = metric(&m, "quicmesh_retries_total", &["reason=\"5xx\""]);
     assert!(failed_at_app > 1000, "the app failed {failed_at_app} times");
     assert!(
@@ -340,12 +362,22 @@ async fn a_retry_policy_turns_30_percent_503s_into_successes_for_gets_and_leaves
     let before = seen.flaky.load(Ordering::Relaxed);
     let mut unavailable = 0;
     for _ in 0..300 {
-        let r = post(&c, target, "/flaky", Full::new(Bytes::from_static(b"x")).boxed()).await;
+        let r = post(
+            &c,
+            target,
+            "/flaky",
+            Full::new(Bytes::from_static(b"x")).boxed(),
+        )
+        .await;
         if r.status() == StatusCode::SERVICE_UNAVAILABLE {
             unavailable += 1;
         }
     }
-    assert_eq!(seen.flaky.load(Ordering::Relaxed) - before, 300, "no POST was retried");
+    assert_eq!(
+        seen.flaky.load(Ordering::Relaxed) - before,
+        300,
+        "no POST was retried"
+    );
     assert!(unavailable > 30, "{unavailable} of 300 POSTs saw the 503");
     let m2 = client.metrics().await;
     assert_eq!(
@@ -472,7 +504,10 @@ fn tokio_stream_from(
     l: TcpListener,
 ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
     futures::stream::unfold(l, |l| async move {
-        let r = l.accept().await.map(|(s, _)| s);
+        let r = l.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
         Some((r, l))
     })
 }
@@ -480,6 +515,7 @@ fn tokio_stream_from(
 async fn grpc_client(target: SocketAddr) -> EchoClient<tonic::transport::Channel> {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
         .expect("endpoint")
+        .tcp_nodelay(true)
         .connect()
         .await
         .expect("connect");
@@ -513,7 +549,11 @@ async fn grpc_unary_and_every_streaming_kind_keep_messages_trailers_and_status()
         let mut c = c.clone();
         let mut m = msg(i);
         m.payload.insert(0, 3);
-        let mut s = c.server_stream(m.clone()).await.expect("server stream").into_inner();
+        let mut s = c
+            .server_stream(m.clone())
+            .await
+            .expect("server stream")
+            .into_inner();
         let mut n = 0;
         while let Some(x) = s.message().await.expect("message") {
             assert_eq!(x, m);
@@ -534,7 +574,10 @@ async fn grpc_unary_and_every_streaming_kind_keep_messages_trailers_and_status()
             .expect("bidi")
             .into_inner();
         for p in &parts {
-            assert_eq!(bidi.message().await.expect("bidi message").as_ref(), Some(p));
+            assert_eq!(
+                bidi.message().await.expect("bidi message").as_ref(),
+                Some(p)
+            );
         }
         assert_eq!(bidi.message().await.expect("end"), None);
     }
@@ -576,16 +619,39 @@ async fn grpc_unary_and_every_streaming_kind_keep_messages_trailers_and_status()
 async fn grpc_timeout_ends_the_call_in_time_and_cancels_it_at_the_backend() {
     let (app_addr, svc) = grpc_app().await;
     let (_pki, server, client) = mesh_pair(app_addr, "grpc", "").await;
-    let mut c = grpc_client(client.outbound(0)).await;
-    let mut req = tonic::Request::new(EchoMessage {
+    // A plain HTTP/2 client sends the call: tonic's client would end it itself at its own timeout.
+    let msg = prost::Message::encode_to_vec(&EchoMessage {
         delay_ms: 2000,
         ..Default::default()
     });
-    req.set_timeout(Duration::from_millis(200));
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(msg.len()).expect("len").to_be_bytes());
+    framed.extend_from_slice(&msg);
+    let req = Request::post(format!(
+        "http://{}/quicmesh.echo.v1.Echo/Unary",
+        client.outbound(0)
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-timeout", "200m")
+    .body(Full::new(Bytes::from(framed)).boxed())
+    .expect("request");
     let t0 = std::time::Instant::now();
-    let err = c.unary(req).await.expect_err("deadline");
+    let resp = h2_client().request(req).await.expect("response");
     let took = t0.elapsed();
-    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.expect("body");
+    let status = parts
+        .headers
+        .get("grpc-status")
+        .or_else(|| collected.trailers().and_then(|t| t.get("grpc-status")))
+        .cloned();
+    assert_eq!(parts.status, StatusCode::OK);
+    assert_eq!(
+        status.as_ref().and_then(|v| v.to_str().ok()),
+        Some("4"),
+        "DEADLINE_EXCEEDED expected: {parts:?}"
+    );
     assert!(
         took >= Duration::from_millis(200) && took < Duration::from_millis(300),
         "answered after {took:?}"

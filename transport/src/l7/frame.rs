@@ -105,12 +105,7 @@ pub fn encode_head(head: &HttpHead) -> BytesMut {
 
 /// Encodes a trailers frame.
 pub fn encode_trailers(t: &HeaderMap) -> BytesMut {
-    encode_message(
-        Kind::Trailers,
-        &HttpTrailers {
-            headers: fields(t),
-        },
-    )
+    encode_message(Kind::Trailers, &HttpTrailers { headers: fields(t) })
 }
 
 fn encode_message<M: Message>(kind: Kind, m: &M) -> BytesMut {
@@ -231,7 +226,10 @@ mod tests {
             parse_prefix(prefix(Kind::Data, MAX_DATA)),
             Ok((Kind::Data, MAX_DATA))
         );
-        assert_eq!(parse_prefix([9, 0, 0, 0, 0]), Err(FrameError::UnknownType(9)));
+        assert_eq!(
+            parse_prefix([9, 0, 0, 0, 0]),
+            Err(FrameError::UnknownType(9))
+        );
     }
 
     #[test]
@@ -259,7 +257,10 @@ mod tests {
         body.put_slice(&encode_trailers(&h));
         assert_eq!(
             decode_body(&body).expect("body"),
-            vec![BodyFrame::Data(Bytes::from_static(b"abc")), BodyFrame::Trailers(h)]
+            vec![
+                BodyFrame::Data(Bytes::from_static(b"abc")),
+                BodyFrame::Trailers(h)
+            ]
         );
     }
 
@@ -276,7 +277,10 @@ mod tests {
         let _ = bad.encode(&mut enc);
         assert!(matches!(
             decode_body(&enc),
-            Err(FrameError::Malformed { what: "trailers", .. })
+            Err(FrameError::Malformed {
+                what: "trailers",
+                ..
+            })
         ));
         // Data after trailers, a head inside a body, truncation.
         let mut t = BytesMut::from(&encode_trailers(&HeaderMap::new())[..]);

@@ -77,7 +77,12 @@ fn refuse_count(m: &Metrics, reason: &'static str) {
         .inc();
 }
 
-fn protocol_error(m: &Metrics, send: &mut SendStream, recv: &mut RecvStream, why: &dyn std::fmt::Display) {
+fn protocol_error(
+    m: &Metrics,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    why: &dyn std::fmt::Display,
+) {
     tracing::warn!(error = %why, "bad request frame");
     m.protocol_errors
         .get_or_create(&ReasonLabels {
@@ -96,14 +101,16 @@ fn app_request(
     peer: &SpiffeId,
     body: ChannelBody,
 ) -> Result<Request<ChannelBody>, String> {
-    let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| "invalid method".to_owned())?;
+    let method =
+        Method::from_bytes(head.method.as_bytes()).map_err(|_| "invalid method".to_owned())?;
     if !head.path.starts_with('/') {
         return Err("path must start with '/'".into());
     }
     let uri: http::Uri = format!("http://{app}{}", head.path)
         .parse()
         .map_err(|_| "invalid path".to_owned())?;
-    let mut headers = frame::header_map(&head.headers, "request head").map_err(|e| e.to_string())?;
+    let mut headers =
+        frame::header_map(&head.headers, "request head").map_err(|e| e.to_string())?;
     strip_hop_by_hop(&mut headers);
     headers.remove(CLIENT_ID_HEADER);
     let id = HeaderValue::from_str(peer.as_str()).map_err(|_| "identity".to_owned())?;
@@ -145,7 +152,7 @@ pub async fn serve(
     });
     let head = match io::read_head(&mut recv, Some(head_by)).await {
         Ok(h) => h,
-        Err(ReadError::Stream(e)) => {
+        Err(e @ (ReadError::Stream(_) | ReadError::Reset(_))) => {
             tracing::debug!(request_id = %rid, error = %e, "stream failed before the request head");
             return;
         }
@@ -163,7 +170,9 @@ pub async fn serve(
     });
     match verdict {
         Admission::Admit { audit: None } => {}
-        Admission::Admit { audit: Some(reason) } => {
+        Admission::Admit {
+            audit: Some(reason),
+        } => {
             tracing::info!(request_id = %rid, %peer, service = %target, method = %clip(&head.method), path = %clip(&head.path), reason, "audit: the policy would refuse this request");
         }
         Admission::Refuse { code, reason } => {
@@ -209,7 +218,10 @@ pub async fn serve(
         .clone();
     let _in_flight = io::InFlight::enter(gauge);
     // Admitted and routed: the caller may send the body. Whether the app answers comes in the head.
-    if tunnel::write_status(&mut send, StatusCode::Ok, "").await.is_err() {
+    if tunnel::write_status(&mut send, StatusCode::Ok, "")
+        .await
+        .is_err()
+    {
         return;
     }
     let sent = client.request(req);
@@ -298,7 +310,10 @@ pub async fn serve(
             peer: peer.to_string(),
             service,
             status_code: status,
-            grpc_status: grpc.or(trailer_grpc).map(|g| g.to_string()).unwrap_or_default(),
+            grpc_status: grpc
+                .or(trailer_grpc)
+                .map(|g| g.to_string())
+                .unwrap_or_default(),
         })
         .inc();
 }

@@ -49,9 +49,22 @@ pub enum ReadError {
     /// The deadline passed.
     #[error("deadline exceeded")]
     Deadline,
-    /// The stream was reset or the connection lost.
+    /// The peer reset the stream with this code (e.g. `DEADLINE_EXCEEDED`).
+    #[error("stream reset by the peer with code {0}")]
+    Reset(u64),
+    /// The connection was lost, or the stream stopped otherwise.
     #[error("stream failed: {0}")]
     Stream(String),
+}
+
+fn read_failure(e: quinn::ReadExactError) -> ReadError {
+    match e {
+        quinn::ReadExactError::FinishedEarly(_) => ReadError::Truncated,
+        quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)) => {
+            ReadError::Reset(code.into_inner())
+        }
+        e => ReadError::Stream(e.to_string()),
+    }
 }
 
 async fn within<T>(
@@ -76,15 +89,11 @@ pub async fn read_frame(
         match recv.read_exact(&mut p).await {
             Ok(()) => {}
             Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(ReadError::Truncated),
-            Err(e) => return Err(ReadError::Stream(e.to_string())),
+            Err(e) => return Err(read_failure(e)),
         }
         let (kind, len) = frame::parse_prefix(p)?;
         let mut body = vec![0u8; len];
-        recv.read_exact(&mut body).await.map_err(|e| match e {
-            quinn::ReadExactError::FinishedEarly(_) => ReadError::Truncated,
-            e => ReadError::Stream(e.to_string()),
-        })?;
+        recv.read_exact(&mut body).await.map_err(read_failure)?;
         Ok(Some((kind, Bytes::from(body))))
     })
     .await?
@@ -172,7 +181,7 @@ pub fn body_from_stream(
             let code = match e {
                 ReadError::Deadline => crate::tunnel::code::DEADLINE_EXCEEDED,
                 ReadError::Frame(_) | ReadError::Truncated => crate::tunnel::code::PROTOCOL_ERROR,
-                ReadError::Stream(_) => crate::tunnel::code::CANCELLED,
+                ReadError::Stream(_) | ReadError::Reset(_) => crate::tunnel::code::CANCELLED,
             };
             let _ = recv.stop(code);
             let _ = tx.send(Err(e.to_string().into())).await;

@@ -46,6 +46,9 @@ use crate::{
 
 type RespBody = BoxBody<Bytes, BoxError>;
 
+/// Longest wait for the rest of a small request body before deciding on a retry.
+const BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves one application connection until it closes or the proxy drains.
 pub(crate) async fn serve(svc: Arc<Service>, tcp: TcpStream, grpc: bool, drain: Drain) {
     let _ = tcp.set_nodelay(true);
@@ -117,7 +120,9 @@ fn failure_response(f: Failure, grpc: bool, detail: &str) -> Response<RespBody> 
         );
         r.headers_mut()
             .insert("grpc-status", HeaderValue::from(grpc_code));
-        if let Ok(v) = HeaderValue::from_str(&detail.replace(|c: char| !c.is_ascii_graphic() && c != ' ', "")) {
+        if let Ok(v) =
+            HeaderValue::from_str(&detail.replace(|c: char| !c.is_ascii_graphic() && c != ' ', ""))
+        {
             r.headers_mut().insert("grpc-message", v);
         }
         r
@@ -285,7 +290,11 @@ fn classification(status: u16, grpc: Option<u32>) -> &'static str {
     }
 }
 
-async fn request(svc: Arc<Service>, mut req: Request<Incoming>, grpc_port: bool) -> Response<RespBody> {
+async fn request(
+    svc: Arc<Service>,
+    mut req: Request<Incoming>,
+    grpc_port: bool,
+) -> Response<RespBody> {
     let started = Instant::now();
     let gauge = svc
         .metrics
@@ -404,7 +413,7 @@ async fn request(svc: Arc<Service>, mut req: Request<Incoming>, grpc_port: bool)
             ),
         };
         let cancel = CancellationToken::new();
-        tokio::spawn(write_task(send, body, deadline, cancel.clone()));
+        let mut writer = tokio::spawn(write_task(send, body, deadline, cancel.clone()));
         let head = io::read_head(&mut recv, try_deadline).await;
         let outcome = match &head {
             Ok(h) if h.mesh_error != 0 => Outcome::NotSent,
@@ -415,7 +424,8 @@ async fn request(svc: Arc<Service>, mut req: Request<Incoming>, grpc_port: bool)
                     .and_then(|m| grpc_status(&m)),
             },
             Err(ReadError::Deadline) if try_deadline != deadline => Outcome::TryTimeout,
-            Err(ReadError::Deadline) => {
+            // The far side's clock ran out a moment before ours: the same deadline.
+            Err(ReadError::Deadline | ReadError::Reset(2)) => {
                 cancel.cancel();
                 let _ = recv.stop(code::DEADLINE_EXCEEDED);
                 tracing::info!(request_id = %rid, %peer, "deadline exceeded");
@@ -424,7 +434,19 @@ async fn request(svc: Arc<Service>, mut req: Request<Incoming>, grpc_port: bool)
             }
             Err(_) => Outcome::Reset,
         };
-        let replayable = rec.lock().unwrap_or_else(|p| p.into_inner()).replayable();
+        let mut replayable = rec.lock().unwrap_or_else(|p| p.into_inner()).replayable();
+        if !replayable && rule.retry(&parts.method, outcome, retries, true).is_some() {
+            // The answer came before the body was all sent (the app did not wait for it): a body still
+            // within the replay limit is worth waiting for briefly, to be able to retry.
+            let overflowed = rec.lock().unwrap_or_else(|p| p.into_inner()).overflowed;
+            if !overflowed {
+                let wait = try_deadline.map_or(BODY_WAIT, |d| {
+                    d.saturating_duration_since(Instant::now()).min(BODY_WAIT)
+                });
+                let _ = tokio::time::timeout(wait, &mut writer).await;
+                replayable = rec.lock().unwrap_or_else(|p| p.into_inner()).replayable();
+            }
+        }
         if let Some(reason) = rule.retry(&parts.method, outcome, retries, replayable) {
             let funded = svc.budget_withdraw(budget_percent, Instant::now().into_std());
             if funded {

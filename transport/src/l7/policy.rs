@@ -166,9 +166,9 @@ impl RetryRule {
                 let has = |c: &str| on.iter().any(|x| x == c);
                 (is_idempotent(method) || has("non-idempotent"))
                     && match outcome {
-                    Outcome::Reset => has("reset"),
-                    Outcome::TryTimeout => has("deadline-exceeded"),
-                    Outcome::Response { .. } => has("5xx"),
+                        Outcome::Reset => has("reset"),
+                        Outcome::TryTimeout => has("deadline-exceeded"),
+                        Outcome::Response { .. } => has("5xx"),
                         Outcome::NotSent => true,
                     }
             }
@@ -213,7 +213,10 @@ mod tests {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
         assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
-        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
         for bad in ["", "m", "123456789m", "1x", "-1m", "1.5S", "١m"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
@@ -243,7 +246,10 @@ mod tests {
         assert_eq!(r.retry(&Method::GET, resp(503), 0, true), Some("5xx"));
         assert_eq!(r.retry(&Method::GET, resp(500), 0, true), None);
         assert_eq!(r.retry(&Method::GET, resp(404), 0, true), None);
-        assert_eq!(r.retry(&Method::PUT, Outcome::Reset, 1, true), Some("reset"));
+        assert_eq!(
+            r.retry(&Method::PUT, Outcome::Reset, 1, true),
+            Some("reset")
+        );
         assert_eq!(r.retry(&Method::POST, resp(503), 0, true), None);
         assert_eq!(r.retry(&Method::POST, Outcome::Reset, 0, true), None);
         // Nothing reached the app: any method.
@@ -252,7 +258,10 @@ mod tests {
             Some("connect_failure")
         );
         // Limits: retries, replayable body.
-        assert_eq!(r.retry(&Method::GET, resp(503), DEFAULT_MAX_RETRIES, true), None);
+        assert_eq!(
+            r.retry(&Method::GET, resp(503), DEFAULT_MAX_RETRIES, true),
+            None
+        );
         assert_eq!(r.retry(&Method::GET, resp(503), 0, false), None);
         assert_eq!(r.retry(&Method::GET, Outcome::TryTimeout, 0, true), None);
         let grpc_unavailable = Outcome::Response {
@@ -318,7 +327,10 @@ mod tests {
 
     #[test]
     fn failures_map_to_http_and_grpc_statuses() {
-        assert_eq!(failure_status(Failure::Deadline).0, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            failure_status(Failure::Deadline).0,
+            StatusCode::GATEWAY_TIMEOUT
+        );
         assert_eq!(failure_status(Failure::Deadline).1, grpc::DEADLINE_EXCEEDED);
         assert_eq!(failure_status(Failure::Unavailable).1, grpc::UNAVAILABLE);
         assert_eq!(failure_status(Failure::Forbidden).0, StatusCode::FORBIDDEN);

@@ -35,9 +35,9 @@ use crate::{
     clip::clip,
     config::InboundConfig,
     identity::{Credentials, SpiffeId},
+    l7::inbound::AppClients,
     metrics::{DecisionLabels, Direction, Metrics, PeerMetrics, ReasonLabels},
     state::{Admission as Verdict, Request, ServiceRef, StateHandle},
-    l7::inbound::AppClients,
     tunnel::{self, FrameError, Protocol, StatusCode, StreamHeader, code},
 };
 
@@ -380,12 +380,12 @@ impl Conn {
             Verdict::Admit { audit: None }
         } else {
             self.state.load().admit(&Request {
-            peer: &peer,
-            service: &target,
-            port,
-            method: None,
-            path: None,
-        })
+                peer: &peer,
+                service: &target,
+                port,
+                method: None,
+                path: None,
+            })
         };
         match verdict {
             Verdict::Admit { audit: None } => {}
@@ -423,7 +423,8 @@ impl Conn {
                 clients: &self.clients,
                 header_timeout: self.cfg.header_timeout,
             };
-            crate::l7::inbound::serve(ctx, send, recv, &header, &peer, &target, app, deadline).await;
+            crate::l7::inbound::serve(ctx, send, recv, &header, &peer, &target, app, deadline)
+                .await;
             return;
         }
         let mut connect_timeout = self.cfg.connect_timeout;

@@ -317,7 +317,10 @@ impl Service {
             Some((p, b)) if *p == percent => f(b),
             slot => {
                 let b = &mut slot
-                    .insert((percent, RetryBudget::new(f64::from(percent) / 100.0, 10, now)))
+                    .insert((
+                        percent,
+                        RetryBudget::new(f64::from(percent) / 100.0, 10, now),
+                    ))
                     .1;
                 f(b)
             }
@@ -356,10 +359,12 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .deposit(started.into_std());
-        let opened =
-            tokio::time::timeout_at(connect_by, self.open(&request_id, connect_by, deadline, &Start::default()))
-                .await
-                .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - started)));
+        let opened = tokio::time::timeout_at(
+            connect_by,
+            self.open(&request_id, connect_by, deadline, &Start::default()),
+        )
+        .await
+        .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - started)));
         let (send, recv, pc) = match opened {
             Ok(x) => x,
             Err(e) => {
@@ -410,7 +415,14 @@ impl Service {
             let addr = order[idx % order.len()];
             attempts += 1;
             let err = match self
-                .attempt(addr, &upstream.servers, request_id, connect_by, deadline, first)
+                .attempt(
+                    addr,
+                    &upstream.servers,
+                    request_id,
+                    connect_by,
+                    deadline,
+                    first,
+                )
                 .await
             {
                 Ok(x) => {
