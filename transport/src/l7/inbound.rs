@@ -225,7 +225,7 @@ pub async fn serve(
         return;
     }
     let sent = client.request(req);
-    let until = deadline.map_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365), |d| d);
+    let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
     let resp = tokio::select! {
         r = tokio::time::timeout_at(until, sent) => r,
         _ = send.stopped() => {
