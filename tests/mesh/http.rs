@@ -666,3 +666,199 @@ async fn grpc_timeout_ends_the_call_in_time_and_cancels_it_at_the_backend() {
     client.shutdown().await;
     server.shutdown().await;
 }
+
+/// Sends raw bytes to `target` and returns what comes back until the server closes (bounded).
+async fn raw_exchange(target: SocketAddr, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(target)
+        .await
+        .expect("connect");
+    let _ = s.write_all(bytes).await;
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut back)).await;
+    String::from_utf8_lossy(&back).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_http_gets_400_and_oversized_heads_get_431_and_the_proxy_serves_on() {
+    let (app_addr, seen) = http_app().await;
+    let (_pki, server, client) = mesh_pair(app_addr, "http", "").await;
+    let target = client.outbound(0);
+    let back = raw_exchange(target, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").await;
+    assert!(back.starts_with("HTTP/1.1 400"), "{back:?}");
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nx-big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 70 * 1024));
+    big.extend_from_slice(b"\r\n\r\n");
+    let back = raw_exchange(target, &big).await;
+    assert!(back.starts_with("HTTP/1.1 431"), "{back:?}");
+    assert_eq!(
+        seen.requests.load(Ordering::Relaxed),
+        0,
+        "nothing reached the app"
+    );
+    // The listener lives on.
+    let r = post(
+        &h1_client(),
+        target,
+        "/echo",
+        Full::new(Bytes::from_static(b"ok")).boxed(),
+    )
+    .await;
+    assert_eq!(r.body().as_ref(), b"ok");
+    client.shutdown().await;
+    server.shutdown().await;
+}
+
+/// An app that answers every request with its `name`, after `delay`, or 503 while `failing`.
+async fn named_app(name: &'static str, delay: Duration, failing: Arc<AtomicBool>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let failing = failing.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let failing = failing.clone();
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let mut r =
+                            Response::new(Full::new(Bytes::from_static(name.as_bytes())).boxed());
+                        if failing.load(Ordering::SeqCst) {
+                            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Two server proxies (both identity `echo`) in front of `apps`, and a client proxy whose mesh file
+/// lists both as endpoints of the `http` port.
+async fn two_endpoints(apps: [SocketAddr; 2]) -> (Pki, Vec<Running>, Running) {
+    let pki = Pki::new();
+    let mut servers = Vec::new();
+    for (i, app) in apps.iter().enumerate() {
+        let name = format!("server{i}");
+        pki.issue(&name, "echo");
+        let cfg = pki.config(
+            &name,
+            &format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"
+            ),
+        );
+        servers.push(start_proxy(&cfg).await);
+    }
+    pki.issue("client", "client");
+    let mut mesh = "kind: Service\nmetadata: {name: echo, namespace: default}\nspec: {ports: [{port: 80, protocol: http}]}\n".to_owned();
+    for (i, s) in servers.iter().enumerate() {
+        mesh.push_str(&format!(
+            "---\nkind: Endpoint\nmetadata: {{name: echo-{i}, namespace: default}}\nspec: {{service: echo, address: \"{}\", spiffe_id: \"spiffe://mesh.local/ns/default/sa/echo\"}}\n",
+            s.inbound()
+        ));
+    }
+    std::fs::write(pki.path().join("mesh.yaml"), mesh).expect("mesh");
+    let cfg = pki.config_with(
+        "client",
+        "mesh = \"mesh.yaml\"",
+        "",
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"echo\"\nport = 80\n",
+    );
+    let client = start_proxy(&cfg).await;
+    (pki, servers, client)
+}
+
+async fn get_body(c: &Client<HttpConnector, Body>, target: SocketAddr) -> (StatusCode, Bytes) {
+    let req = Request::get(format!("http://{target}/"))
+        .body(Full::new(Bytes::new()).boxed())
+        .expect("request");
+    let r = tokio::time::timeout(Duration::from_secs(10), c.request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    let status = r.status();
+    (
+        status,
+        r.into_body().collect().await.expect("body").to_bytes(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_to_the_faster_endpoint() {
+    let ok = Arc::new(AtomicBool::new(false));
+    let fast = named_app("fast", Duration::ZERO, ok.clone()).await;
+    let slow = named_app("slow", Duration::from_millis(50), ok).await;
+    let (_pki, servers, client) = two_endpoints([fast, slow]).await;
+    let c = h1_client();
+    let target = client.outbound(0);
+    // Warm-up: both get measured.
+    for _ in 0..20 {
+        get_body(&c, target).await;
+    }
+    let mut to_fast = 0;
+    for _ in 0..500 {
+        let (status, body) = get_body(&c, target).await;
+        assert_eq!(status, StatusCode::OK);
+        if body.as_ref() == b"fast" {
+            to_fast += 1;
+        }
+    }
+    assert!(to_fast >= 450, "{to_fast} of 500 went to the fast endpoint");
+    client.shutdown().await;
+    for s in servers {
+        s.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_503_is_ejected_then_readmitted_when_it_recovers() {
+    let failing = Arc::new(AtomicBool::new(true));
+    let good = named_app("good", Duration::ZERO, Arc::new(AtomicBool::new(false))).await;
+    let bad = named_app("bad", Duration::ZERO, failing.clone()).await;
+    let (_pki, servers, client) = two_endpoints([good, bad]).await;
+    // POST: never retried without a policy, so each 503 reaches the caller and counts once.
+    let c = h1_client();
+    let target = client.outbound(0);
+    let mut from_bad = 0;
+    for _ in 0..200 {
+        let r = post(&c, target, "/", Full::new(Bytes::new()).boxed()).await;
+        if r.body().as_ref() == b"bad" {
+            from_bad += 1;
+        }
+    }
+    // The bad endpoint is ejected after 5 failures in a row and stays out (2 s, then 4 s, ...).
+    assert!(
+        from_bad <= 15,
+        "{from_bad} requests reached the failing endpoint"
+    );
+    let m = client.metrics().await;
+    assert!(
+        metric(&m, "quicmesh_endpoint_ejections_total", &[]) >= 1.0,
+        "{m}"
+    );
+    // Recovered: back in rotation once its ejection is over (the balancer forgets its failures).
+    failing.store(false, Ordering::SeqCst);
+    let back = eventually(Duration::from_secs(20), || {
+        let c = c.clone();
+        async move {
+            let mut seen_bad = false;
+            for _ in 0..50 {
+                let r = post(&c, target, "/", Full::new(Bytes::new()).boxed()).await;
+                seen_bad |= r.body().as_ref() == b"bad";
+            }
+            seen_bad
+        }
+    })
+    .await;
+    assert!(back, "the recovered endpoint never got traffic again");
+    client.shutdown().await;
+    for s in servers {
+        s.shutdown().await;
+    }
+}

@@ -140,6 +140,8 @@ pub struct RequestMetrics {
     pub duration: Family<LatencyLabels, Histogram>,
     /// Requests in flight.
     pub in_flight: Family<DirectionLabels, Gauge>,
+    /// Endpoints ejected after failures in a row.
+    pub ejections: Counter,
 }
 
 impl Default for RequestMetrics {
@@ -151,6 +153,7 @@ impl Default for RequestMetrics {
                 Histogram::new(exponential_buckets(0.0001, 2.0, 18))
             }),
             in_flight: Family::default(),
+            ejections: Counter::default(),
         }
     }
 }
@@ -361,6 +364,11 @@ impl Metrics {
             "request_duration_seconds",
             "Time from request head to response head",
             m.requests.duration.clone(),
+        );
+        r.register(
+            "endpoint_ejections",
+            "Endpoints ejected from load balancing after failed requests in a row",
+            m.requests.ejections.clone(),
         );
         r.register(
             "requests_in_flight",

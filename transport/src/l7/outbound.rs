@@ -31,7 +31,7 @@ use super::{
     frame::{self, HttpHead, MAX_HEAD},
     io::{self, BoxError, ReadError},
     policy::{
-        CLIENT_ID_HEADER, Failure, MAX_REPLAY_BODY, Outcome, RetryRule, failure_status,
+        self, CLIENT_ID_HEADER, Failure, MAX_REPLAY_BODY, Outcome, RetryRule, failure_status,
         parse_grpc_timeout, request_timeout,
     },
 };
@@ -398,6 +398,9 @@ async fn request(
             }
         };
         let peer = pc.peer.to_string();
+        let addr = pc.conn.remote_address();
+        svc.health.begin(addr);
+        let sent_at = Instant::now();
         let body = match first.take() {
             Some(body) => TryBody::First {
                 body,
@@ -426,6 +429,7 @@ async fn request(
             Err(ReadError::Deadline) if try_deadline != deadline => Outcome::TryTimeout,
             // The far side's clock ran out a moment before ours: the same deadline.
             Err(ReadError::Deadline | ReadError::Reset(2)) => {
+                svc.health.abandon(addr);
                 cancel.cancel();
                 let _ = recv.stop(code::DEADLINE_EXCEEDED);
                 tracing::info!(request_id = %rid, %peer, "deadline exceeded");
@@ -434,6 +438,22 @@ async fn request(
             }
             Err(_) => Outcome::Reset,
         };
+        // What this try teaches the balancer: latency to the answer, success or failure.
+        let failed = match outcome {
+            Outcome::Response { status, grpc } => {
+                status >= 500 || grpc == Some(policy::grpc::UNAVAILABLE)
+            }
+            _ => true,
+        };
+        let latency = matches!(outcome, Outcome::Response { .. }).then(|| sent_at.elapsed());
+        let total = svc.state.load().upstream(&target).endpoints.len();
+        if svc
+            .health
+            .end(addr, latency, !failed, total, Instant::now().into_std())
+        {
+            svc.metrics.requests.ejections.inc();
+            tracing::warn!(%addr, %peer, service = %service, "endpoint ejected after failed requests in a row");
+        }
         let mut replayable = rec.lock().unwrap_or_else(|p| p.into_inner()).replayable();
         if !replayable && rule.retry(&parts.method, outcome, retries, true).is_some() {
             // The answer came before the body was all sent (the app did not wait for it): a body still

@@ -180,7 +180,7 @@ pub(crate) struct Service {
     /// Our identity, whose namespace is the service's when `cfg.service` names none.
     creds: Credentials,
     pool: Arc<Pool>,
-    health: Arc<EndpointHealth>,
+    pub(crate) health: Arc<EndpointHealth>,
     pub(crate) budget: Arc<Mutex<RetryBudget>>,
     /// The budget of a retry policy that sets its own `budget_percent`, with that percentage.
     policy_budget: Mutex<Option<(u32, RetryBudget)>>,
@@ -403,9 +403,18 @@ impl Service {
     ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let upstream = self.state.load().upstream(&self.target());
-        let order =
+        let now = Instant::now().into_std();
+        let order = if first.protocol == tunnel::Protocol::Tcp {
+            self.health.attempt_order(&upstream.endpoints, start, now)
+        } else {
+            // Requests: the better of two random endpoints by latency and load.
+            let draw = (
+                rand::random::<u32>() as usize,
+                rand::random::<u32>() as usize,
+            );
             self.health
-                .attempt_order(&upstream.endpoints, start, Instant::now().into_std());
+                .pick_order(&upstream.endpoints, draw, now, |a| self.pool.rtt(a))
+        };
         if order.is_empty() {
             return Err(OpenError::NoEndpoints);
         }

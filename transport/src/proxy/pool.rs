@@ -275,6 +275,15 @@ impl Pool {
         }
     }
 
+    /// The RTT of the live pooled connection to `addr`, if there is one.
+    pub fn rtt(&self, addr: &SocketAddr) -> Option<Duration> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        match slots.get(addr)?.peek() {
+            Some(Ok(p)) if p.conn.close_reason().is_none() => Some(p.conn.rtt()),
+            _ => None,
+        }
+    }
+
     /// Closes every pooled connection.
     pub fn close_all(&self) {
         for d in self.slots.lock().unwrap_or_else(|p| p.into_inner()).drain() {
