@@ -294,6 +294,8 @@ pub async fn serve(
             },
         })
         .observe(started.elapsed().as_secs_f64());
+    // The status and head went out at control priority; the body at the common one.
+    let _ = send.set_priority(0);
     let mut trailer_grpc = None;
     let body = TrailerSpy {
         inner: body,

@@ -355,6 +355,8 @@ impl Conn {
             }
         };
         let started = Instant::now();
+        // The status goes out before bulk bytes queued on this connection (see `outbound::attempt`).
+        let _ = send.set_priority(super::outbound::CONTROL_PRIORITY);
         let deadline =
             (header.deadline_ms > 0).then(|| started + Duration::from_millis(header.deadline_ms));
         let rid = tunnel::request_id_hex(&header.request_id);
@@ -468,6 +470,7 @@ impl Conn {
         {
             return;
         }
+        let _ = send.set_priority(0);
         if carry(tcp, send, recv, &m, &lane, deadline, &drain.abort).await
             == Err(code::DEADLINE_EXCEEDED)
         {

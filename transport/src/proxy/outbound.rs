@@ -495,6 +495,9 @@ impl Service {
         }
         let stream_err = |e: &dyn std::fmt::Display| stream_failure(addr, &pc, e);
         let (mut send, mut recv) = pc.conn.open_bi().await.map_err(|e| stream_err(&e))?;
+        // The header goes out before other streams' bulk bytes queued on this connection (and the
+        // lane holds their writers back meanwhile); the stream drops to the common priority once open.
+        let _ = send.set_priority(CONTROL_PRIORITY);
         let now = Instant::now();
         let header = StreamHeader {
             service: self.name.clone(),
@@ -523,9 +526,13 @@ impl Service {
                 message: status.message,
             });
         }
+        let _ = send.set_priority(0);
         Ok((send, recv, pc))
     }
 }
+
+/// Send priority of a stream while it carries its header or status, above bulk bytes (0).
+pub(crate) const CONTROL_PRIORITY: i32 = 1;
 
 impl Service {
     /// Counts and logs a peer that may not serve this service; the caller fails over.
