@@ -113,6 +113,8 @@ impl Controller {
     ) -> Result<(), ServeError> {
         let state = self.state.clone();
         let ticker = tokio::spawn(tick_loop(state.clone()));
+        // On a shared store (etcd): what other controllers write reaches this one's watchers.
+        let follower = tokio::spawn(state.clone().follow_store());
 
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -153,6 +155,7 @@ impl Controller {
             )
             .await;
         ticker.abort();
+        follower.abort();
         Ok(result?)
     }
 }

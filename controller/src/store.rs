@@ -16,6 +16,8 @@ use std::{
 use serde::{Serialize, de::DeserializeOwned};
 use sled::Transactional;
 
+pub mod etcd;
+
 /// Schema of the data this build reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -43,7 +45,8 @@ pub enum Tree {
 }
 
 impl Tree {
-    const ALL: [Tree; 9] = [
+    /// Every tree.
+    pub const ALL: [Tree; 9] = [
         Tree::Meta,
         Tree::TrustDomains,
         Tree::Identities,
@@ -68,6 +71,11 @@ impl Tree {
             Tree::Roots => "roots",
             Tree::Audit => "audit",
         }
+    }
+
+    /// The tree of a name, as [`Tree::name`] gives it.
+    pub fn from_name(name: &str) -> Option<Tree> {
+        Tree::ALL.iter().copied().find(|t| t.name() == name)
     }
 
     fn index(self) -> usize {
@@ -106,14 +114,28 @@ pub enum StoreError {
     /// A value could not be encoded.
     #[error("encode {0}")]
     Encode(String),
-    /// The data directory was written by another schema.
-    #[error("data directory has schema version {found}, this build reads version {expected}")]
+    /// The store was written by another schema.
+    #[error("{location} has schema version {found}, this build reads version {expected}{advice}",
+        advice = if found > expected { ": it was written by a newer quicmesh; run that version (or newer) of the controller" } else { "" })]
     Schema {
-        /// Found on disk.
+        /// Which store: the data directory or the etcd prefix.
+        location: String,
+        /// Found in the store.
         found: u64,
         /// What this build knows.
         expected: u64,
     },
+    /// The store cannot be reached now; nothing was written (or, for an ambiguous timeout, the write is
+    /// either whole or absent).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store changed between the checks of a write and its commit (another controller wrote); the
+    /// write was not applied and may be retried on fresh data.
+    #[error("the store changed while this write was checked (another controller wrote); retry")]
+    Conflict,
+    /// The batch exceeds what the store accepts in one transaction.
+    #[error("the write is too large for one store transaction: {0}")]
+    TooLarge(String),
     /// A stored value is not what this build wrote.
     #[error("corrupt value in {tree}/{key}: {problem}")]
     Corrupt {
@@ -154,6 +176,20 @@ pub trait Store: Send + Sync + 'static {
     fn apply(&self, ops: Vec<Op>) -> Result<u64, StoreError>;
     /// Makes every applied batch durable. Concurrent callers share one flush (group commit).
     fn sync(&self) -> Result<(), StoreError>;
+    /// Brings this process's view up to the store's latest committed batch (after a
+    /// [`StoreError::Conflict`]); a store only this process writes is always current.
+    fn catch_up(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// For a store other processes write too: the revision of every batch this process has seen,
+    /// whoever wrote it, so the controller republishes what changed elsewhere.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+    /// Most writes one batch may hold.
+    fn max_ops(&self) -> usize {
+        usize::MAX
+    }
     /// `apply` then `sync`: what to call before acknowledging a write.
     fn commit(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
         let revision = self.apply(ops)?;
@@ -256,6 +292,7 @@ impl SledStore {
                 let found = be_u64(Tree::Meta, meta::SCHEMA, &v)?;
                 if found != SCHEMA_VERSION {
                     return Err(StoreError::Schema {
+                        location: format!("data directory {}", dir.display()),
                         found,
                         expected: SCHEMA_VERSION,
                     });
@@ -422,6 +459,22 @@ impl Db {
         Ok(rev)
     }
 
+    /// See [`Store::catch_up`].
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        blocking(move || store.catch_up()).await
+    }
+
+    /// See [`Store::changes`].
+    pub fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.store.changes()
+    }
+
+    /// See [`Store::max_ops`].
+    pub fn max_ops(&self) -> usize {
+        self.store.max_ops()
+    }
+
     /// One value, decoded.
     pub fn get<T: DeserializeOwned>(&self, tree: Tree, key: &str) -> Result<Option<T>, StoreError> {
         self.store
@@ -523,10 +576,16 @@ mod tests {
             db.flush().expect("flush");
         }
         match SledStore::open(dir.path()) {
-            Err(StoreError::Schema {
-                found: 99,
-                expected,
-            }) => assert_eq!(expected, SCHEMA_VERSION),
+            Err(
+                e @ StoreError::Schema {
+                    found: 99,
+                    expected,
+                    ..
+                },
+            ) => {
+                assert_eq!(expected, SCHEMA_VERSION);
+                assert!(e.to_string().contains("newer quicmesh"), "{e}");
+            }
             other => panic!("expected schema error, got {other:?}"),
         }
     }
