@@ -198,6 +198,7 @@ impl State {
         opts: &StateOptions,
     ) -> Result<(Arc<State>, Option<String>), StartError> {
         let t = now();
+        let base = store.revision();
         let mut ops = Vec::new();
 
         let stored_td: Option<Resource> = store
@@ -294,7 +295,7 @@ impl State {
         )?;
         ops.extend(ca_ops);
         if !ops.is_empty() {
-            store.commit(ops)?;
+            store.commit(base, ops)?;
         }
         // sled and the first start created files: owner-only, whatever the umask was.
         secure_dir(&opts.data_dir)?;

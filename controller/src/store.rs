@@ -171,9 +171,10 @@ pub trait Store: Send + Sync + 'static {
         reverse: bool,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    /// Applies `ops` atomically as revision `revision() + 1` and returns that revision. The batch is visible
-    /// at once but durable only after [`Store::sync`].
-    fn apply(&self, ops: Vec<Op>) -> Result<u64, StoreError>;
+    /// Applies `ops` atomically as the next revision and returns it, if the store is still at revision
+    /// `base` (the one the caller's checks read), else fails with [`StoreError::Conflict`] and applies
+    /// nothing. The batch is visible at once but durable only after [`Store::sync`].
+    fn apply(&self, base: u64, ops: Vec<Op>) -> Result<u64, StoreError>;
     /// Makes every applied batch durable. Concurrent callers share one flush (group commit).
     fn sync(&self) -> Result<(), StoreError>;
     /// Brings this process's view up to the store's latest committed batch (after a
@@ -191,8 +192,8 @@ pub trait Store: Send + Sync + 'static {
         usize::MAX
     }
     /// `apply` then `sync`: what to call before acknowledging a write.
-    fn commit(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
-        let revision = self.apply(ops)?;
+    fn commit(&self, base: u64, ops: Vec<Op>) -> Result<u64, StoreError> {
+        let revision = self.apply(base, ops)?;
         self.sync()?;
         Ok(revision)
     }
@@ -359,9 +360,12 @@ impl Store for SledStore {
         }
     }
 
-    fn apply(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
+    fn apply(&self, base: u64, ops: Vec<Op>) -> Result<u64, StoreError> {
         // Revisions are assigned in commit order; a poisoned lock only means another writer panicked.
         let _guard = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.revision() != base {
+            return Err(StoreError::Conflict);
+        }
         let refs: Vec<&sled::Tree> = self.trees.iter().collect();
         let next = self.revision() + 1;
         refs.as_slice()
@@ -414,6 +418,9 @@ pub fn decode<T: DeserializeOwned>(tree: Tree, key: &str, v: &[u8]) -> Result<T,
 ///
 /// A writer takes [`Db::lock`], reads what its checks need, and hands the guard to [`Db::commit`], which
 /// applies the batch under the lock and flushes after releasing it (concurrent writers share flushes).
+/// The guard remembers the revision the checks read: on a store other controllers write too, a batch
+/// committed elsewhere in between makes the commit fail with [`StoreError::Conflict`], and the caller
+/// checks again on fresh data.
 pub struct Db {
     store: Arc<dyn Store>,
     write: tokio::sync::Mutex<()>,
@@ -427,8 +434,12 @@ impl std::fmt::Debug for Db {
     }
 }
 
-/// The write lock, held from the checks to the apply.
-pub type WriteGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
+/// The write lock, held from the checks to the apply, and the revision the checks read.
+#[derive(Debug)]
+pub struct WriteGuard<'a> {
+    _lock: tokio::sync::MutexGuard<'a, ()>,
+    base: u64,
+}
 
 impl Db {
     /// Wraps a store.
@@ -446,13 +457,18 @@ impl Db {
 
     /// Takes the write lock.
     pub async fn lock(&self) -> WriteGuard<'_> {
-        self.write.lock().await
+        let lock = self.write.lock().await;
+        WriteGuard {
+            _lock: lock,
+            base: self.store.revision(),
+        }
     }
 
     /// Applies `ops` as one batch while `guard` is held, releases it, then waits for the flush.
     pub async fn commit(&self, guard: WriteGuard<'_>, ops: Vec<Op>) -> Result<u64, StoreError> {
         let store = self.store.clone();
-        let rev = blocking(move || store.apply(ops)).await?;
+        let base = guard.base;
+        let rev = blocking(move || store.apply(base, ops)).await?;
         drop(guard);
         let store = self.store.clone();
         blocking(move || store.sync()).await?;
@@ -537,15 +553,22 @@ mod tests {
             let s = SledStore::open(dir.path()).expect("open");
             assert_eq!(s.revision(), 0);
             let r1 = s
-                .commit(vec![
-                    Op::Put(Tree::Services, "shop/a".into(), b"1".to_vec()),
-                    Op::Put(Tree::Services, "shop/b".into(), b"2".to_vec()),
-                    Op::Put(Tree::Services, "zoo/c".into(), b"3".to_vec()),
-                ])
+                .commit(
+                    0,
+                    vec![
+                        Op::Put(Tree::Services, "shop/a".into(), b"1".to_vec()),
+                        Op::Put(Tree::Services, "shop/b".into(), b"2".to_vec()),
+                        Op::Put(Tree::Services, "zoo/c".into(), b"3".to_vec()),
+                    ],
+                )
                 .expect("commit");
             assert_eq!(r1, 1);
+            assert!(matches!(
+                s.commit(0, vec![Op::Delete(Tree::Services, "shop/a".into())]),
+                Err(StoreError::Conflict)
+            ));
             let r2 = s
-                .commit(vec![Op::Delete(Tree::Services, "shop/b".into())])
+                .commit(1, vec![Op::Delete(Tree::Services, "shop/b".into())])
                 .expect("delete");
             assert_eq!(r2, 2);
             let shop = s

@@ -382,7 +382,16 @@ impl Ca {
             let id =
                 auth::join_token_id(join_token).map_err(|m| ApiError::Unauthenticated(m.into()))?;
             let invalid = || ApiError::Unauthenticated("join_token: not valid".into());
-            let rec: TokenRecord = self.db.get(Tree::Tokens, id)?.ok_or_else(invalid)?;
+            let rec: TokenRecord = match self.db.get(Tree::Tokens, id)? {
+                Some(r) => r,
+                // On a shared store the token may have been made on another controller a moment
+                // ago: look again on the latest state (the commit then retries on it).
+                None if self.db.changes().is_some() => {
+                    self.db.catch_up().await?;
+                    self.db.get(Tree::Tokens, id)?.ok_or_else(invalid)?
+                }
+                None => return Err(invalid()),
+            };
             if !auth::constant_time_eq(&auth::sha256_hex(join_token.as_bytes()), &rec.sha256) {
                 return Err(invalid());
             }

@@ -187,6 +187,35 @@ fn etcd_err(e: etcd_client::Error) -> StoreError {
     StoreError::Unavailable(format!("etcd: {text}"))
 }
 
+/// Whether the request failed before it reached a member (a member is down): safe to send again, to
+/// another member.
+fn unsent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+/// Sends what `f` makes until it reaches a member (the caller bounds the time).
+async fn send<T, F, Fut>(mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    loop {
+        match f().await {
+            Err(e) if unsent(&e) => {
+                tracing::debug!(error = %e, "etcd member unreachable; trying another");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r.map_err(etcd_err),
+        }
+    }
+}
+
 fn i64_rev(r: u64) -> i64 {
     i64::try_from(r).unwrap_or(i64::MAX)
 }
@@ -290,7 +319,12 @@ async fn load(kv: &mut KvClient, prefix: &str) -> Result<Mirror, StoreError> {
             if at != 0 {
                 opts = opts.with_revision(at);
             }
-            let resp = kv.get(from.clone(), Some(opts)).await.map_err(etcd_err)?;
+            let resp = send(|| {
+                let mut kv = kv.clone();
+                let (from, opts) = (from.clone(), opts.clone());
+                async move { kv.get(from, Some(opts)).await }
+            })
+            .await?;
             if at == 0 {
                 at = resp.header().map(|h| h.revision()).unwrap_or(0);
             }
@@ -561,8 +595,15 @@ impl EtcdStore {
         if reverse {
             opts = opts.with_sort(SortTarget::Key, SortOrder::Descend);
         }
-        let mut kv = self.kv.clone();
-        let resp = self.run(async move { kv.get(from, Some(opts)).await.map_err(etcd_err) })?;
+        let kv = self.kv.clone();
+        let resp = self.run(async move {
+            send(|| {
+                let mut kv = kv.clone();
+                let (from, opts) = (from.clone(), opts.clone());
+                async move { kv.get(from, Some(opts)).await }
+            })
+            .await
+        })?;
         Ok(resp
             .kvs()
             .iter()
@@ -618,7 +659,7 @@ impl Store for EtcdStore {
         })
     }
 
-    fn apply(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
+    fn apply(&self, base: u64, ops: Vec<Op>) -> Result<u64, StoreError> {
         if ops.len() > self.max_ops {
             return Err(StoreError::TooLarge(format!(
                 "{} writes, the etcd store takes at most {} per transaction (--etcd-max-txn-ops, etcd's --max-txn-ops)",
@@ -626,7 +667,6 @@ impl Store for EtcdStore {
                 self.max_ops
             )));
         }
-        let base = self.revision();
         let rev_key = self.shared.key(Tree::Meta, meta::REVISION);
         let mut txn_ops: Vec<TxnOp> = ops
             .iter()
@@ -643,8 +683,15 @@ impl Store for EtcdStore {
                 i64_rev(base),
             )])
             .and_then(txn_ops);
-        let mut kv = self.kv.clone();
-        let resp = self.run(async move { kv.txn(txn).await.map_err(etcd_err) })?;
+        let kv = self.kv.clone();
+        let resp = self.run(async move {
+            send(|| {
+                let mut kv = kv.clone();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await
+        })?;
         if !resp.succeeded() {
             return Err(StoreError::Conflict);
         }
@@ -681,12 +728,17 @@ impl Store for EtcdStore {
 
     fn catch_up(&self) -> Result<(), StoreError> {
         let key = self.shared.key(Tree::Meta, meta::REVISION);
-        let mut kv = self.kv.clone();
+        let kv = self.kv.clone();
         let mut rx = self.shared.changes.subscribe();
         let shared = self.shared.clone();
         self.run(async move {
             // A linearizable read: the last batch committed by anyone.
-            let resp = kv.get(key, None).await.map_err(etcd_err)?;
+            let resp = send(|| {
+                let mut kv = kv.clone();
+                let key = key.clone();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
             let target = resp
                 .kvs()
                 .first()
