@@ -229,4 +229,48 @@ mod tests {
         assert_eq!(a.leaf_ttl, Some(Duration::from_secs(600)));
         assert!(Cli::try_parse_from(["x", "--audit-retention", "5 weeks ago"]).is_err());
     }
+
+    #[test]
+    fn store_flags_name_etcd_or_sled() {
+        let a = Cli::try_parse_from(["x"]).expect("defaults").args;
+        assert!(a.etcd_options().expect("sled").is_none());
+        let a = Cli::try_parse_from([
+            "x",
+            "--store",
+            "etcd://127.0.0.1:2379,127.0.0.1:22379",
+            "--etcd-prefix",
+            "/m1/",
+            "--etcd-timeout",
+            "2s",
+            "--etcd-max-txn-ops",
+            "1024",
+        ])
+        .expect("parse")
+        .args;
+        let o = a.etcd_options().expect("etcd").expect("etcd options");
+        assert_eq!(o.endpoints, ["127.0.0.1:2379", "127.0.0.1:22379"]);
+        assert_eq!(o.prefix, "/m1/");
+        assert_eq!(o.timeout, Duration::from_secs(2));
+        assert_eq!(o.max_txn_ops, 1024);
+        assert!(o.tls.is_none() && o.user.is_none());
+        for (flags, expect) in [
+            (&["--store", "etcd:/h:1"][..], "--store"),
+            (
+                &["--store", "etcd://h:1", "--etcd-prefix", "m1"][..],
+                "--etcd-prefix",
+            ),
+            (
+                &["--store", "etcd://h:1", "--etcd-max-txn-ops", "1"][..],
+                "max-txn-ops",
+            ),
+        ] {
+            let a = Cli::try_parse_from(["x"].iter().chain(flags))
+                .expect("parse")
+                .args;
+            let e = a.etcd_options().expect_err("refused").to_string();
+            assert!(e.contains(expect), "{flags:?}: {e}");
+        }
+        // A client certificate needs its key and the CA.
+        assert!(Cli::try_parse_from(["x", "--etcd-cert", "c.pem"]).is_err());
+    }
 }

@@ -183,7 +183,8 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
     /// For a store other processes write too: the revision of every batch this process has seen,
-    /// whoever wrote it, so the controller republishes what changed elsewhere.
+    /// whoever wrote it, that changed what proxies see (resources, trust domain settings, roots added
+    /// or removed), so the controller republishes what changed elsewhere.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }

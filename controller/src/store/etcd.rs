@@ -11,8 +11,10 @@
 //! Reads are served from a mirror in memory (every tree but the audit log, which grows with every
 //! certificate and is read from etcd when asked), loaded at open and kept current by an etcd watch on
 //! the prefix; own commits are applied to it at once. So reads and `Watch` keep serving the last state
-//! while etcd is unreachable, and every batch, whichever controller wrote it, is announced on
-//! [`Store::changes`]. Writes fail with [`StoreError::Unavailable`] when etcd does not answer within
+//! while etcd is unreachable, and every batch that changed what proxies see, whichever controller wrote
+//! it, is announced on [`Store::changes`] (join tokens, the audit log and a root's latest leaf expiry,
+//! written with every certificate, are not: they would rebuild every controller's snapshot per
+//! certificate). Writes fail with [`StoreError::Unavailable`] when etcd does not answer within
 //! the request deadline.
 //!
 //! The [`Store`] trait is synchronous (sled is), and its callers already run it on blocking threads.
@@ -152,9 +154,27 @@ impl Mirror {
         &self.trees[t.index()]
     }
 
-    fn tree_mut(&mut self, t: Tree) -> &mut BTreeMap<String, Vec<u8>> {
-        &mut self.trees[t.index()]
+    /// Stores `value`; returns whether proxies' view may have changed: a resource or the trust domain
+    /// settings, or a root added (an update of a root only moves its latest leaf expiry or retires it
+    /// from signing, which arrives with the new root).
+    fn put(&mut self, t: Tree, key: String, value: Vec<u8>) -> bool {
+        let added = self.trees[t.index()].insert(key, value).is_none();
+        visible(t) || (t == Tree::Roots && added)
     }
+
+    /// Removes `key`; returns whether proxies' view may have changed.
+    fn delete(&mut self, t: Tree, key: &str) -> bool {
+        let removed = self.trees[t.index()].remove(key).is_some();
+        removed && (visible(t) || t == Tree::Roots)
+    }
+}
+
+/// Whether `t` holds what snapshots are made of.
+fn visible(t: Tree) -> bool {
+    matches!(
+        t,
+        Tree::TrustDomains | Tree::Identities | Tree::Services | Tree::Endpoints | Tree::Policies
+    )
 }
 
 /// Splits an etcd key under `prefix` into its tree and key; `None` for keys that are not ours.
@@ -249,7 +269,10 @@ fn run_on<T: Send + 'static>(
 struct Shared {
     prefix: String,
     mirror: RwLock<Mirror>,
+    /// Every batch.
     changes: watch::Sender<u64>,
+    /// Batches that changed what proxies see.
+    visible: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -265,14 +288,18 @@ impl Shared {
         format!("{}{}/{}", self.prefix, tree.name(), key)
     }
 
-    fn announce(&self, batch: u64) {
-        self.changes.send_if_modified(|cur| {
+    fn announce(&self, batch: u64, visible: bool) {
+        let raise = |cur: &mut u64| {
             let newer = batch > *cur;
             if newer {
                 *cur = batch;
             }
             newer
-        });
+        };
+        self.changes.send_if_modified(raise);
+        if visible {
+            self.visible.send_if_modified(raise);
+        }
     }
 }
 
@@ -333,7 +360,7 @@ async fn load(kv: &mut KvClient, prefix: &str) -> Result<Mirror, StoreError> {
                     if t == Tree::Meta && key == meta::REVISION {
                         m.batch = u64_rev(kv.mod_revision());
                     }
-                    m.tree_mut(t).insert(key.to_owned(), kv.value().to_vec());
+                    m.put(t, key.to_owned(), kv.value().to_vec());
                 }
                 from = kv.key().to_vec();
                 from.push(0);
@@ -390,7 +417,7 @@ async fn watch_once(
                 let fresh = load(&mut kv, &shared.prefix).await?;
                 let batch = fresh.batch;
                 *shared.write() = fresh;
-                shared.announce(batch);
+                shared.announce(batch, true);
                 tracing::warn!("etcd compacted past the watch; reloaded the whole state");
                 return Ok(());
             }
@@ -402,8 +429,9 @@ async fn watch_once(
         if resp.events().is_empty() {
             continue;
         }
-        let batch = {
+        let (batch, seen) = {
             let mut m = shared.write();
+            let mut seen = false;
             let base = m.applied;
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
@@ -421,18 +449,14 @@ async fn watch_once(
                 if tree == Tree::Meta && key == meta::REVISION {
                     m.batch = m.batch.max(rev);
                 }
-                match ev.event_type() {
-                    EventType::Put => {
-                        m.tree_mut(tree).insert(key.to_owned(), kv.value().to_vec());
-                    }
-                    EventType::Delete => {
-                        m.tree_mut(tree).remove(key);
-                    }
-                }
+                seen |= match ev.event_type() {
+                    EventType::Put => m.put(tree, key.to_owned(), kv.value().to_vec()),
+                    EventType::Delete => m.delete(tree, key),
+                };
             }
-            m.batch
+            (m.batch, seen)
         };
-        shared.announce(batch);
+        shared.announce(batch, seen);
     }
     Ok(())
 }
@@ -486,6 +510,7 @@ impl EtcdStore {
             prefix: opts.prefix.clone(),
             mirror: RwLock::new(Mirror::new()),
             changes: watch::channel(0).0,
+            visible: watch::channel(0).0,
         });
         let location = format!("etcd prefix {}", opts.prefix);
         let mirror = loop {
@@ -560,7 +585,7 @@ impl EtcdStore {
         };
         let batch = mirror.batch;
         *shared.write() = mirror;
-        shared.announce(batch);
+        shared.announce(batch, true);
         let follower = client.clone();
         let s = shared.clone();
         handle.spawn(follow(follower, s));
@@ -696,28 +721,24 @@ impl Store for EtcdStore {
             return Err(StoreError::Conflict);
         }
         let rev = u64_rev(resp.header().map(|h| h.revision()).unwrap_or(0));
+        let mut seen = false;
         {
             let mut m = self.shared.write();
             // The watch may have delivered this batch already.
             if rev > m.applied {
                 for op in ops {
-                    match op {
-                        Op::Put(Tree::Audit, ..) | Op::Delete(Tree::Audit, _) => {}
-                        Op::Put(t, k, v) => {
-                            m.tree_mut(t).insert(k, v);
-                        }
-                        Op::Delete(t, k) => {
-                            m.tree_mut(t).remove(&k);
-                        }
-                    }
+                    seen |= match op {
+                        Op::Put(Tree::Audit, ..) | Op::Delete(Tree::Audit, _) => false,
+                        Op::Put(t, k, v) => m.put(t, k, v),
+                        Op::Delete(t, k) => m.delete(t, &k),
+                    };
                 }
-                m.tree_mut(Tree::Meta)
-                    .insert(meta::REVISION.to_owned(), Vec::new());
+                m.put(Tree::Meta, meta::REVISION.to_owned(), Vec::new());
                 m.applied = rev;
                 m.batch = rev;
             }
         }
-        self.shared.announce(rev);
+        self.shared.announce(rev, seen);
         Ok(rev)
     }
 
@@ -754,7 +775,7 @@ impl Store for EtcdStore {
     }
 
     fn changes(&self) -> Option<watch::Receiver<u64>> {
-        Some(self.shared.changes.subscribe())
+        Some(self.shared.visible.subscribe())
     }
 
     fn max_ops(&self) -> usize {
