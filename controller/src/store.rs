@@ -182,9 +182,9 @@ pub trait Store: Send + Sync + 'static {
     fn catch_up(&self) -> Result<(), StoreError> {
         Ok(())
     }
-    /// For a store other processes write too: the revision of every batch this process has seen,
-    /// whoever wrote it, that changed what proxies see (resources, trust domain settings, roots added
-    /// or removed), so the controller republishes what changed elsewhere.
+    /// For a store other processes write too: the revision of every batch another process committed
+    /// that changed what proxies see (resources, trust domain settings, roots added or removed), so
+    /// the controller republishes what changed elsewhere (its own writes it publishes itself).
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }

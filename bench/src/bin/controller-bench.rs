@@ -69,6 +69,12 @@ async fn main() -> Result<(), AnyError> {
             leaf_ttl: Some(Duration::from_secs(3600)),
             // Every simulated proxy watches with the same certificate: lift the per-identity bound.
             max_watches_per_identity: args.watchers.max(1),
+            // Every watcher connects at the same instant (a reconnect storm): let them all handshake.
+            limits: quicmesh_controller::tls::Limits {
+                max_handshakes: args.watchers.max(1024),
+                max_connections: (args.watchers + 1024).max(8192),
+                handshake_timeout: Duration::from_secs(30),
+            },
             etcd: match &args.store {
                 Some(url) => {
                     let mut o = quicmesh_controller::store::etcd::EtcdOptions::from_url(url)?;

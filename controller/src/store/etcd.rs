@@ -721,24 +721,28 @@ impl Store for EtcdStore {
             return Err(StoreError::Conflict);
         }
         let rev = u64_rev(resp.header().map(|h| h.revision()).unwrap_or(0));
-        let mut seen = false;
         {
             let mut m = self.shared.write();
             // The watch may have delivered this batch already.
             if rev > m.applied {
                 for op in ops {
-                    seen |= match op {
-                        Op::Put(Tree::Audit, ..) | Op::Delete(Tree::Audit, _) => false,
-                        Op::Put(t, k, v) => m.put(t, k, v),
-                        Op::Delete(t, k) => m.delete(t, &k),
-                    };
+                    match op {
+                        Op::Put(Tree::Audit, ..) | Op::Delete(Tree::Audit, _) => {}
+                        Op::Put(t, k, v) => {
+                            m.put(t, k, v);
+                        }
+                        Op::Delete(t, k) => {
+                            m.delete(t, &k);
+                        }
+                    }
                 }
                 m.put(Tree::Meta, meta::REVISION.to_owned(), Vec::new());
                 m.applied = rev;
                 m.batch = rev;
             }
         }
-        self.shared.announce(rev, seen);
+        // The writer publishes its own batch; `changes` is for what others wrote.
+        self.shared.announce(rev, false);
         Ok(rev)
     }
 
