@@ -589,3 +589,67 @@ async fn without_etcd_writes_fail_unavailable_while_reads_and_watch_serve_the_la
         "the open Watch stream got something or ended"
     );
 }
+
+#[tokio::test]
+async fn tls_and_client_certificates_to_etcd() {
+    if skip("tls_and_client_certificates_to_etcd") {
+        return;
+    }
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("ca");
+    let leaf = |names: Vec<String>, ip: bool| {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::new(names).expect("params");
+        if ip {
+            p.subject_alt_names
+                .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        }
+        let cert = p.signed_by(&key, &ca).expect("sign");
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into()], true);
+    let (client_cert, client_key) = leaf(vec!["controller".into()], false);
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let tls = etcd_cluster::ServerTls {
+        cert: write("server.pem", &server_cert),
+        key: write("server-key.pem", &server_key),
+        client_ca: write("ca.pem", &ca.pem()),
+    };
+    let etcd = tokio::task::spawn_blocking(move || EtcdCluster::start_with(3, Some(&tls)))
+        .await
+        .expect("etcd start");
+
+    let open = |identity: Option<(String, String)>| {
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut opts = options(&etcd.url(), data.path(), KEK, Duration::from_secs(3));
+        if let Some(e) = opts.etcd.as_mut() {
+            e.tls = Some(quicmesh_controller::store::etcd::EtcdTls {
+                ca_pem: ca.pem(),
+                identity,
+            });
+        }
+        async move {
+            let r = tokio::task::spawn_blocking(move || State::open(opts).map(|(s, _)| s))
+                .await
+                .expect("task");
+            drop(data);
+            r
+        }
+    };
+    // With the client certificate: a mesh is created and written over TLS.
+    let state = open(Some((client_cert.clone(), client_key.clone())))
+        .await
+        .expect("controller over TLS with a client certificate");
+    assert!(state.revision() > 0);
+    // Without one, the members refuse the connection: a clear start-up error, no hang.
+    let e = open(None).await.expect_err("no client certificate");
+    assert!(e.to_string().contains("store unavailable"), "{e}");
+}

@@ -74,10 +74,28 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// TLS for the members' client port: their certificate and key, and the CA whose client certificates
+/// they require (PEM files).
+#[allow(dead_code)]
+pub struct ServerTls {
+    /// Certificate for 127.0.0.1.
+    pub cert: PathBuf,
+    /// Its key.
+    pub key: PathBuf,
+    /// CA of the client certificates.
+    pub client_ca: PathBuf,
+}
+
 impl EtcdCluster {
     /// Starts `n` members and waits until each is ready. Panics with the members' last log lines if
     /// they are not ready in time.
     pub fn start(n: usize) -> EtcdCluster {
+        Self::start_with(n, None)
+    }
+
+    /// As [`EtcdCluster::start`], the client port serving TLS and requiring client certificates.
+    pub fn start_with(n: usize, tls: Option<&ServerTls>) -> EtcdCluster {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let slot = Slot::take();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut members: Vec<Member> = (0..n)
@@ -98,15 +116,25 @@ impl EtcdCluster {
         let logs: std::sync::Arc<Mutex<Vec<String>>> = Default::default();
         for (i, m) in members.iter_mut().enumerate() {
             let data: PathBuf = dir.path().join(&m.name);
-            let mut child = Command::new("etcd")
+            let mut cmd = Command::new("etcd");
+            if let Some(t) = tls {
+                cmd.arg("--cert-file")
+                    .arg(&t.cert)
+                    .arg("--key-file")
+                    .arg(&t.key)
+                    .arg("--trusted-ca-file")
+                    .arg(&t.client_ca)
+                    .arg("--client-cert-auth");
+            }
+            let mut child = cmd
                 .args(["--name", &m.name])
                 .arg("--data-dir")
                 .arg(&data)
                 .args([
                     "--listen-client-urls",
-                    &format!("http://127.0.0.1:{}", m.client),
+                    &format!("{scheme}://127.0.0.1:{}", m.client),
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{}", m.client),
+                    &format!("{scheme}://127.0.0.1:{}", m.client),
                     "--listen-peer-urls",
                     &format!("http://127.0.0.1:{}", m.peer),
                     "--initial-advertise-peer-urls",
