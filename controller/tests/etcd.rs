@@ -246,6 +246,38 @@ async fn a_write_through_one_controller_reaches_watchers_of_another_within_500ms
         worst < Duration::from_millis(500),
         "a write on A reached B's watcher after {worst:?}"
     );
+
+    // A revocation through A ends the identity's stream on B, and C gives it no certificate.
+    admin_a
+        .revoke_identity(pb::RevokeIdentityRequest {
+            namespace: "shop".into(),
+            service_account: "cart".into(),
+        })
+        .await
+        .expect("revoke on A");
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.message())
+            .await
+            .expect("the stream on B ends in time")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream on B ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), Code::PermissionDenied, "{end}");
+    let (csr, _) = generate_csr(&spiffe).expect("csr");
+    let e = nodes[2]
+        .proxy(Some((&leaf, &key)))
+        .await
+        .certify(pb::CertifyRequest {
+            csr_pem: csr,
+            join_token: String::new(),
+        })
+        .await
+        .expect_err("revoked on C");
+    // C drops a revoked identity's new connections after the handshake, or refuses the call.
+    assert_ne!(e.code(), Code::Ok, "{e}");
 }
 
 #[tokio::test]

@@ -67,11 +67,21 @@ pub struct EtcdCluster {
     _slot: Slot,
 }
 
+/// A port free now, below the ephemeral range (so no outgoing connection takes it before etcd binds
+/// it); a collision with another test is caught by the member exiting, and the cluster starts again.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    for _ in 0..1000 {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000")
+}
+
+enum Event {
+    Ready(usize),
+    Exited(usize),
 }
 
 /// TLS for the members' client port: their certificate and key, and the CA whose client certificates
@@ -95,8 +105,32 @@ impl EtcdCluster {
 
     /// As [`EtcdCluster::start`], the client port serving TLS and requiring client certificates.
     pub fn start_with(n: usize, tls: Option<&ServerTls>) -> EtcdCluster {
-        let scheme = if tls.is_some() { "https" } else { "http" };
         let slot = Slot::take();
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::launch(n, tls) {
+                Ok((members, dir)) => {
+                    return EtcdCluster {
+                        members,
+                        _dir: dir,
+                        _slot: slot,
+                    };
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!(
+            "etcd did not start three times:\n{}",
+            failures.join("\n---\n")
+        );
+    }
+
+    /// One attempt: the members, ready, or why not (every member killed).
+    fn launch(
+        n: usize,
+        tls: Option<&ServerTls>,
+    ) -> Result<(Vec<Member>, tempfile::TempDir), String> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let dir = tempfile::tempdir().expect("tempdir");
         let mut members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -112,7 +146,7 @@ impl EtcdCluster {
             .collect();
         let initial = initial.join(",");
         let token = format!("quicmesh-test-{}", members[0].peer);
-        let (ready_tx, ready_rx) = mpsc::channel::<usize>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Event>();
         let logs: std::sync::Arc<Mutex<Vec<String>>> = Default::default();
         for (i, m) in members.iter_mut().enumerate() {
             let data: PathBuf = dir.path().join(&m.name);
@@ -170,7 +204,7 @@ impl EtcdCluster {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     if line.contains("serving client traffic") {
-                        let _ = tx.send(i);
+                        let _ = tx.send(Event::Ready(i));
                     }
                     let mut l = logs.lock().unwrap_or_else(|e| e.into_inner());
                     if l.len() >= 200 {
@@ -178,30 +212,41 @@ impl EtcdCluster {
                     }
                     l.push(format!("{name}: {line}"));
                 }
+                let _ = tx.send(Event::Exited(i));
             });
             m.child = Some(child);
         }
-        let cluster = EtcdCluster {
-            members,
-            _dir: dir,
-            _slot: slot,
-        };
         let deadline = Instant::now() + READY_WITHIN;
         let mut ready = vec![false; n];
+        let fail = |members: &mut Vec<Member>, why: String| {
+            for m in members.iter_mut() {
+                if let Some(mut c) = m.child.take() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+            }
+            let l = logs.lock().unwrap_or_else(|e| e.into_inner());
+            Err(format!("{why}\n{}", l.join("\n")))
+        };
         while ready.iter().any(|r| !r) {
             let left = deadline.saturating_duration_since(Instant::now());
             match ready_rx.recv_timeout(left) {
-                Ok(i) => ready[i] = true,
+                Ok(Event::Ready(i)) => ready[i] = true,
+                Ok(Event::Exited(i)) => {
+                    return fail(
+                        &mut members,
+                        format!("etcd member m{i} exited while starting"),
+                    );
+                }
                 Err(_) => {
-                    let l = logs.lock().unwrap_or_else(|e| e.into_inner());
-                    panic!(
-                        "etcd members not ready within {READY_WITHIN:?}: {ready:?}\n{}",
-                        l.join("\n")
+                    return fail(
+                        &mut members,
+                        format!("etcd members not ready within {READY_WITHIN:?}: {ready:?}"),
                     );
                 }
             }
         }
-        cluster
+        Ok((members, dir))
     }
 
     /// `etcd://127.0.0.1:A,127.0.0.1:B,...` for `--store`.
