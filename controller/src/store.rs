@@ -133,6 +133,9 @@ pub enum StoreError {
     /// write was not applied and may be retried on fresh data.
     #[error("the store changed while this write was checked (another controller wrote); retry")]
     Conflict,
+    /// The store's settings are not usable.
+    #[error("store settings: {0}")]
+    Settings(String),
     /// The batch exceeds what the store accepts in one transaction.
     #[error("the write is too large for one store transaction: {0}")]
     TooLarge(String),

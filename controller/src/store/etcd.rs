@@ -379,9 +379,24 @@ async fn load(kv: &mut KvClient, prefix: &str) -> Result<Mirror, StoreError> {
 async fn follow(client: Client, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match watch_once(&client, &shared, &mut backoff).await {
-            Ok(()) => tracing::warn!("etcd watch ended; re-establishing it"),
-            Err(e) => tracing::warn!(error = %e, "etcd watch failed; re-establishing it"),
+        // On its own task, so even a panic in the client (it panics on an unknown event type) only
+        // ends this attempt, never the following.
+        // `watch_once` resets the backoff once the watch delivers.
+        let (c, s, mut b) = (client.clone(), shared.clone(), backoff);
+        let attempt = tokio::spawn(async move {
+            let r = watch_once(&c, &s, &mut b).await;
+            (r, b)
+        })
+        .await;
+        match attempt {
+            Ok((r, b)) => {
+                backoff = b;
+                match r {
+                    Ok(()) => tracing::warn!("etcd watch ended; re-establishing it"),
+                    Err(e) => tracing::warn!(error = %e, "etcd watch failed; re-establishing it"),
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "etcd watch task failed; re-establishing it"),
         }
         let jitter = Duration::from_millis(u64::from(rand::random::<u8>()));
         tokio::time::sleep(backoff + jitter).await;
@@ -466,7 +481,7 @@ impl EtcdStore {
     /// schema) and starts following the prefix.
     pub fn open(opts: &EtcdOptions) -> Result<Self, StoreError> {
         if !opts.prefix.starts_with('/') || !opts.prefix.ends_with('/') {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::Settings(format!(
                 "etcd prefix {:?} must start and end with /",
                 opts.prefix
             )));
