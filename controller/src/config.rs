@@ -20,33 +20,10 @@ pub const ETCD_PASSWORD_ENV: &str = "QUICMESH_ETCD_PASSWORD";
 /// Flags of `quicmesh controller`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControllerArgs {
-    /// Where the state lives: `sled` (default: a database in --data-dir) or
-    /// `etcd://host:port[,host:port...]` (an etcd v3 cluster several controllers share; every one of
-    /// them needs the same key-encryption key, --kek-file or QUICMESH_KEK).
-    #[arg(long, env = "QUICMESH_STORE", default_value = "sled")]
-    pub store: String,
-    /// Key prefix of the mesh in etcd (several meshes can share one etcd under different prefixes).
-    #[arg(long, default_value = DEFAULT_PREFIX)]
-    pub etcd_prefix: String,
-    /// CA certificate (PEM) of the etcd members; turns TLS to etcd on.
-    #[arg(long)]
-    pub etcd_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd's client-certificate auth; needs --etcd-key and --etcd-ca.
-    #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
-    pub etcd_cert: Option<PathBuf>,
-    /// Private key (PEM) of --etcd-cert.
-    #[arg(long, requires = "etcd_cert")]
-    pub etcd_key: Option<PathBuf>,
-    /// etcd user name (etcd auth); the password comes from the env variable QUICMESH_ETCD_PASSWORD.
-    #[arg(long)]
-    pub etcd_user: Option<String>,
-    /// Deadline of one etcd request; a write that does not finish in it fails with UNAVAILABLE.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
-    pub etcd_timeout: Duration,
-    /// The etcd cluster's --max-txn-ops (etcd's default 128): a batch takes one operation more than
-    /// its writes, and larger batches are refused before they are sent.
-    #[arg(long, default_value_t = DEFAULT_MAX_TXN_OPS)]
-    pub etcd_max_txn_ops: usize,
+    /// Where the state lives, and how to reach etcd (boxed: the flags of `quicmesh controller` are one
+    /// variant of the CLI's command enum).
+    #[command(flatten)]
+    pub store: Box<StoreArgs>,
     /// Directory for the sled database, the trust bundle file and the default KEK file (created if
     /// missing).
     #[arg(long, env = "QUICMESH_DATA_DIR", default_value = "quicmesh-data")]
@@ -101,7 +78,39 @@ pub struct ControllerArgs {
     pub handshake_timeout: Duration,
 }
 
-impl ControllerArgs {
+/// `--store` and the etcd flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Where the state lives: `sled` (default: a database in --data-dir) or
+    /// `etcd://host:port[,host:port...]` (an etcd v3 cluster several controllers share; every one of
+    /// them needs the same key-encryption key, --kek-file or QUICMESH_KEK).
+    #[arg(long, env = "QUICMESH_STORE", default_value = "sled")]
+    pub store: String,
+    /// Key prefix of the mesh in etcd (several meshes can share one etcd under different prefixes).
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) of the etcd members; turns TLS to etcd on.
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate auth; needs --etcd-key and --etcd-ca.
+    #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user name (etcd auth); the password comes from the env variable QUICMESH_ETCD_PASSWORD.
+    #[arg(long)]
+    pub etcd_user: Option<String>,
+    /// Deadline of one etcd request; a write that does not finish in it fails with UNAVAILABLE.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub etcd_timeout: Duration,
+    /// The etcd cluster's --max-txn-ops (etcd's default 128): a batch takes one operation more than
+    /// its writes, and larger batches are refused before they are sent.
+    #[arg(long, default_value_t = DEFAULT_MAX_TXN_OPS)]
+    pub etcd_max_txn_ops: usize,
+}
+
+impl StoreArgs {
     /// The etcd settings when --store names etcd.
     pub fn etcd_options(&self) -> Result<Option<EtcdOptions>, StartError> {
         if self.store == "sled" {
@@ -148,6 +157,13 @@ impl ControllerArgs {
         o.timeout = self.etcd_timeout;
         o.max_txn_ops = self.etcd_max_txn_ops;
         Ok(Some(o))
+    }
+}
+
+impl ControllerArgs {
+    /// The etcd settings when --store names etcd.
+    pub fn etcd_options(&self) -> Result<Option<EtcdOptions>, StartError> {
+        self.store.etcd_options()
     }
 
     /// Reads the files the flags name and builds the state options.

@@ -685,3 +685,35 @@ async fn tls_and_client_certificates_to_etcd() {
     let e = open(None).await.expect_err("no client certificate");
     assert!(e.to_string().contains("store unavailable"), "{e}");
 }
+
+#[tokio::test]
+async fn controllers_starting_together_on_an_empty_store_make_one_mesh() {
+    if skip("controllers_starting_together_on_an_empty_store_make_one_mesh") {
+        return;
+    }
+    let etcd = cluster().await;
+    let url = etcd.url();
+    let (a, b, c) = tokio::join!(
+        Node::start(&url, KEK, Duration::from_secs(5)),
+        Node::start(&url, KEK, Duration::from_secs(5)),
+        Node::start(&url, KEK, Duration::from_secs(5)),
+    );
+    let tokens: Vec<&String> = [&a, &b, &c]
+        .iter()
+        .filter_map(|n| n.admin_token.as_ref())
+        .collect();
+    assert_eq!(tokens.len(), 1, "one controller created the mesh");
+    assert_eq!(a.bundle, b.bundle, "one root");
+    assert_eq!(a.bundle, c.bundle, "one root");
+    // The admin token works on all three.
+    for n in [&a, &b, &c] {
+        n.admin(tokens[0])
+            .await
+            .list(pb::ListRequest {
+                kind: pb::Kind::Service as i32,
+                namespace: String::new(),
+            })
+            .await
+            .expect("admin token accepted");
+    }
+}

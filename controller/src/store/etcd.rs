@@ -569,6 +569,12 @@ impl EtcdStore {
                             .await
                             .map_err(etcd_err)?;
                         if any.count() > 0 {
+                            // Another controller may have created the mesh since we loaded.
+                            let schema =
+                                kv2.get(schema_key.clone(), None).await.map_err(etcd_err)?;
+                            if !schema.kvs().is_empty() {
+                                return Ok(());
+                            }
                             return Err(StoreError::Corrupt {
                                 tree: Tree::Meta.name(),
                                 key: meta::SCHEMA.into(),
