@@ -6,13 +6,26 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    ca::Retention, error::StartError, keystore::KEK_ENV, state::StateOptions, tls::Limits,
+    ca::Retention,
+    error::StartError,
+    keystore::KEK_ENV,
+    state::StateOptions,
+    store::etcd::{DEFAULT_MAX_TXN_OPS, DEFAULT_PREFIX, EtcdOptions, EtcdTls},
+    tls::Limits,
 };
+
+/// Environment variable holding the etcd password of --etcd-user.
+pub const ETCD_PASSWORD_ENV: &str = "QUICMESH_ETCD_PASSWORD";
 
 /// Flags of `quicmesh controller`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControllerArgs {
-    /// Directory for the sled database and the trust bundle file (created if missing).
+    /// Where the state lives, and how to reach etcd (boxed: the flags of `quicmesh controller` are one
+    /// variant of the CLI's command enum).
+    #[command(flatten)]
+    pub store: Box<StoreArgs>,
+    /// Directory for the sled database, the trust bundle file and the default KEK file (created if
+    /// missing).
     #[arg(long, env = "QUICMESH_DATA_DIR", default_value = "quicmesh-data")]
     pub data_dir: PathBuf,
     /// Address of the gRPC listener (TLS; proxy API, admin API, health, reflection). Port 0 picks one.
@@ -65,7 +78,94 @@ pub struct ControllerArgs {
     pub handshake_timeout: Duration,
 }
 
+/// `--store` and the etcd flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreArgs {
+    /// Where the state lives: `sled` (default: a database in --data-dir) or
+    /// `etcd://host:port[,host:port...]` (an etcd v3 cluster several controllers share; every one of
+    /// them needs the same key-encryption key, --kek-file or QUICMESH_KEK).
+    #[arg(long, env = "QUICMESH_STORE", default_value = "sled")]
+    pub store: String,
+    /// Key prefix of the mesh in etcd (several meshes can share one etcd under different prefixes).
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) of the etcd members; turns TLS to etcd on.
+    #[arg(long)]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate auth; needs --etcd-key and --etcd-ca.
+    #[arg(long, requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert.
+    #[arg(long, requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user name (etcd auth); the password comes from the env variable QUICMESH_ETCD_PASSWORD.
+    #[arg(long)]
+    pub etcd_user: Option<String>,
+    /// Deadline of one etcd request; a write that does not finish in it fails with UNAVAILABLE.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    pub etcd_timeout: Duration,
+    /// The etcd cluster's --max-txn-ops (etcd's default 128): a batch takes one operation more than
+    /// its writes, and larger batches are refused before they are sent.
+    #[arg(long, default_value_t = DEFAULT_MAX_TXN_OPS)]
+    pub etcd_max_txn_ops: usize,
+}
+
+impl StoreArgs {
+    /// The etcd settings when --store names etcd.
+    pub fn etcd_options(&self) -> Result<Option<EtcdOptions>, StartError> {
+        if self.store == "sled" {
+            return Ok(None);
+        }
+        let mut o = EtcdOptions::from_url(&self.store)
+            .map_err(|e| StartError::Config(format!("--store: {e}")))?;
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).map_err(|source| StartError::Io {
+                path: p.clone(),
+                source,
+            })
+        };
+        if !self.etcd_prefix.starts_with('/') || !self.etcd_prefix.ends_with('/') {
+            return Err(StartError::Config(format!(
+                "--etcd-prefix {:?}: must start and end with /",
+                self.etcd_prefix
+            )));
+        }
+        o.prefix = self.etcd_prefix.clone();
+        if let Some(ca) = &self.etcd_ca {
+            let identity = match (&self.etcd_cert, &self.etcd_key) {
+                (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                _ => None,
+            };
+            o.tls = Some(EtcdTls {
+                ca_pem: read(ca)?,
+                identity,
+            });
+        }
+        if let Some(user) = &self.etcd_user {
+            let password = std::env::var(ETCD_PASSWORD_ENV).map_err(|_| {
+                StartError::Config(format!(
+                    "--etcd-user needs the password in {ETCD_PASSWORD_ENV}"
+                ))
+            })?;
+            o.user = Some((user.clone(), password));
+        }
+        if self.etcd_timeout.is_zero() || self.etcd_max_txn_ops < 2 {
+            return Err(StartError::Config(
+                "--etcd-timeout must be positive and --etcd-max-txn-ops at least 2".into(),
+            ));
+        }
+        o.timeout = self.etcd_timeout;
+        o.max_txn_ops = self.etcd_max_txn_ops;
+        Ok(Some(o))
+    }
+}
+
 impl ControllerArgs {
+    /// The etcd settings when --store names etcd.
+    pub fn etcd_options(&self) -> Result<Option<EtcdOptions>, StartError> {
+        self.store.etcd_options()
+    }
+
     /// Reads the files the flags name and builds the state options.
     pub fn state_options(&self) -> Result<StateOptions, StartError> {
         let read = |p: &PathBuf| {
@@ -100,6 +200,7 @@ impl ControllerArgs {
         }
         Ok(StateOptions {
             data_dir: self.data_dir.clone(),
+            etcd: self.etcd_options()?,
             trust_domain: self.trust_domain.clone(),
             leaf_ttl: self.leaf_ttl,
             root_pem,
@@ -143,5 +244,49 @@ mod tests {
         assert_eq!(a.token_retention, Duration::from_secs(90));
         assert_eq!(a.leaf_ttl, Some(Duration::from_secs(600)));
         assert!(Cli::try_parse_from(["x", "--audit-retention", "5 weeks ago"]).is_err());
+    }
+
+    #[test]
+    fn store_flags_name_etcd_or_sled() {
+        let a = Cli::try_parse_from(["x"]).expect("defaults").args;
+        assert!(a.etcd_options().expect("sled").is_none());
+        let a = Cli::try_parse_from([
+            "x",
+            "--store",
+            "etcd://127.0.0.1:2379,127.0.0.1:22379",
+            "--etcd-prefix",
+            "/m1/",
+            "--etcd-timeout",
+            "2s",
+            "--etcd-max-txn-ops",
+            "1024",
+        ])
+        .expect("parse")
+        .args;
+        let o = a.etcd_options().expect("etcd").expect("etcd options");
+        assert_eq!(o.endpoints, ["127.0.0.1:2379", "127.0.0.1:22379"]);
+        assert_eq!(o.prefix, "/m1/");
+        assert_eq!(o.timeout, Duration::from_secs(2));
+        assert_eq!(o.max_txn_ops, 1024);
+        assert!(o.tls.is_none() && o.user.is_none());
+        for (flags, expect) in [
+            (&["--store", "etcd:/h:1"][..], "--store"),
+            (
+                &["--store", "etcd://h:1", "--etcd-prefix", "m1"][..],
+                "--etcd-prefix",
+            ),
+            (
+                &["--store", "etcd://h:1", "--etcd-max-txn-ops", "1"][..],
+                "max-txn-ops",
+            ),
+        ] {
+            let a = Cli::try_parse_from(["x"].iter().chain(flags))
+                .expect("parse")
+                .args;
+            let e = a.etcd_options().expect_err("refused").to_string();
+            assert!(e.contains(expect), "{flags:?}: {e}");
+        }
+        // A client certificate needs its key and the CA.
+        assert!(Cli::try_parse_from(["x", "--etcd-cert", "c.pem"]).is_err());
     }
 }

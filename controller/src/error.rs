@@ -128,7 +128,19 @@ impl ApiError {
             ApiError::Issue(IssueError::Csr(_)) => Code::InvalidArgument,
             ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
             ApiError::InBatch { source, .. } => source.code(),
+            ApiError::Store(StoreError::Unavailable(_)) => Code::Unavailable,
+            ApiError::Store(StoreError::Conflict) => Code::Aborted,
+            ApiError::Store(StoreError::TooLarge(_)) => Code::InvalidArgument,
             ApiError::Store(_) | ApiError::Issue(_) | ApiError::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Whether the store refused the write because another controller committed first.
+    pub fn is_conflict(&self) -> bool {
+        match self {
+            ApiError::Store(StoreError::Conflict) => true,
+            ApiError::InBatch { source, .. } => source.is_conflict(),
+            _ => false,
         }
     }
 

@@ -208,6 +208,17 @@ impl Issuer {
         Ok(changed)
     }
 
+    /// Raises each root's latest leaf expiry to what `stored` records (leaves another controller
+    /// issued from the same root).
+    pub fn merge_leaf_expiry(&mut self, stored: &[RootRecord]) {
+        for r in &mut self.roots {
+            if let Some(s) = stored.iter().find(|s| s.fingerprint == r.fingerprint) {
+                r.max_leaf_not_after_unix =
+                    r.max_leaf_not_after_unix.max(s.max_leaf_not_after_unix);
+            }
+        }
+    }
+
     /// Roots that left the bundle at `now`; they are dropped from memory and returned for deletion.
     pub fn take_retired(&mut self, now: OffsetDateTime) -> Vec<RootRecord> {
         let (keep, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut self.roots)

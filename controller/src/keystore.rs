@@ -43,7 +43,7 @@ pub enum KeyStoreError {
     },
     /// A sealed key does not open with this KEK.
     #[error(
-        "the private key of root {fingerprint} does not decrypt with the key-encryption key from {source_name}: it is not the key this data directory was sealed with, or the record is damaged"
+        "the private key of root {fingerprint} does not decrypt with the key-encryption key from {source_name}: it is not the key the store's roots were sealed with (every controller of a mesh needs the same one), or the record is damaged"
     )]
     Open {
         /// Root fingerprint.
@@ -122,7 +122,7 @@ impl Kek {
                 Self::from_bytes(&key, &name)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(file_err(
-                "missing, but the data directory holds root keys sealed with it: restore the file or set QUICMESH_KEK"
+                "missing, but the store holds root keys sealed with it: restore the file or set QUICMESH_KEK"
                     .into(),
             )),
             Err(e) => Err(file_err(format!("cannot read: {e}"))),

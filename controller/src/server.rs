@@ -19,6 +19,23 @@ use crate::{
     tls,
 };
 
+/// Connections the kernel may queue before they are accepted (capped by `net.core.somaxconn`): after a
+/// controller restart every proxy reconnects at once, and tokio's default of 1,024 dropped the rest of
+/// 10,000 simultaneous connects until their SYN retries timed out.
+const LISTEN_BACKLOG: u32 = 16_384;
+
+fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Deadline of one unary request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -59,12 +76,10 @@ impl Controller {
         let (state, admin_token) = tokio::task::spawn_blocking(move || State::open(opts))
             .await
             .map_err(|e| StartError::Config(format!("start-up task: {e}")))??;
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: listen,
-                source,
-            })?;
+        let listener = listen_on(listen).map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| ServeError::Bind {
             addr: listen,
             source,
@@ -113,6 +128,8 @@ impl Controller {
     ) -> Result<(), ServeError> {
         let state = self.state.clone();
         let ticker = tokio::spawn(tick_loop(state.clone()));
+        // On a shared store (etcd): what other controllers write reaches this one's watchers.
+        let follower = tokio::spawn(state.clone().follow_store());
 
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
@@ -153,6 +170,7 @@ impl Controller {
             )
             .await;
         ticker.abort();
+        follower.abort();
         Ok(result?)
     }
 }

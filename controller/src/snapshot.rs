@@ -4,7 +4,8 @@
 //! snapshot, serving only endpoints that secure naming still allows ([`crate::naming::served`]) and
 //! listing revoked identities. The [`Publisher`] keeps the newest one on a watch channel; each Watch
 //! stream sends the newest it has not sent (intermediate versions may be skipped: a snapshot is whole).
-//! Concurrent writers may publish out of order, so an older snapshot never replaces a newer one.
+//! Concurrent writers may publish out of order, so an older snapshot never replaces a newer one, and
+//! the same snapshot built twice (by a write and by the store's change feed) is sent once.
 
 use std::sync::Arc;
 
@@ -100,10 +101,28 @@ impl Publisher {
         self.tx.borrow().clone()
     }
 
-    /// Publishes `snap` unless a newer one is out already. Returns whether it was published.
+    /// Publishes `snap` if it is newer and differs from the current one in more than its version: a
+    /// batch elsewhere that did not touch what proxies see (a certificate issued) sends nothing.
+    pub fn publish_changed(&self, snap: Snapshot) -> bool {
+        self.tx.send_if_modified(|cur| {
+            let same = Snapshot {
+                version: cur.version,
+                ..snap.clone()
+            } == **cur;
+            if snap.version > cur.version && !same {
+                *cur = Arc::new(snap);
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Publishes `snap` unless a newer one, or the same, is out already. Returns whether it was
+    /// published.
     pub fn publish(&self, snap: Snapshot) -> bool {
         self.tx.send_if_modified(|cur| {
-            if snap.version >= cur.version {
+            if snap.version >= cur.version && snap != **cur {
                 *cur = Arc::new(snap);
                 true
             } else {

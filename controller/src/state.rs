@@ -30,7 +30,10 @@ use crate::{
     registry::{self, ProxyStatus, Registry, WatchGuard, WatchRefusal},
     resources::{Resources, WriteMode},
     snapshot::{self, Publisher, Snapshot},
-    store::{self, Db, Op, SledStore, Store, StoreError, Tree},
+    store::{
+        self, Db, Op, SledStore, Store, StoreError, Tree,
+        etcd::{EtcdOptions, EtcdStore},
+    },
     tls,
 };
 
@@ -40,14 +43,18 @@ pub const DEFAULT_LEAF_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_TRUST_DOMAIN: &str = "quicmesh.local";
 /// How often dead tokens and old audit records are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often a write is checked again on fresh data after another controller committed first.
+const CONFLICT_RETRIES: usize = 8;
 
 pub use crate::ca::BUNDLE_FILE;
 
 /// What the controller needs to open its state.
 #[derive(Debug, Clone)]
 pub struct StateOptions {
-    /// Data directory (sled files and the trust bundle).
+    /// Data directory (sled files, the trust bundle, the default KEK file).
     pub data_dir: PathBuf,
+    /// The state on etcd instead of sled in the data directory.
+    pub etcd: Option<EtcdOptions>,
     /// Trust domain for a new mesh; if set on an existing one it must match.
     pub trust_domain: Option<String>,
     /// Leaf lifetime; if set, replaces the stored setting.
@@ -73,6 +80,7 @@ impl StateOptions {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
+            etcd: None,
             trust_domain: None,
             leaf_ttl: None,
             root_pem: None,
@@ -167,9 +175,30 @@ impl State {
     pub fn open(opts: StateOptions) -> Result<(Arc<State>, Option<String>), StartError> {
         create_private_dir(&opts.data_dir)?;
         secure_dir(&opts.data_dir)?;
-        let sled = Arc::new(SledStore::open(&opts.data_dir.join("db"))?);
-        let store: Arc<dyn Store> = sled;
+        let store: Arc<dyn Store> = match &opts.etcd {
+            Some(e) => Arc::new(EtcdStore::open(e)?),
+            None => Arc::new(SledStore::open(&opts.data_dir.join("db"))?),
+        };
+        // Controllers starting together on a new etcd store: one initialises it, the others start
+        // again on what it wrote.
+        let mut attempt = 0;
+        loop {
+            match Self::open_on(store.clone(), &opts) {
+                Err(StartError::Store(StoreError::Conflict)) if attempt < CONFLICT_RETRIES => {
+                    attempt += 1;
+                    store.catch_up()?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_on(
+        store: Arc<dyn Store>,
+        opts: &StateOptions,
+    ) -> Result<(Arc<State>, Option<String>), StartError> {
         let t = now();
+        let base = store.revision();
         let mut ops = Vec::new();
 
         let stored_td: Option<Resource> = store
@@ -182,7 +211,7 @@ impl State {
                     && *td != o.spec.trust_domain
                 {
                     return Err(StartError::Config(format!(
-                        "--trust-domain {td} does not match the data directory's trust domain {}",
+                        "--trust-domain {td} does not match the store's trust domain {}",
                         o.spec.trust_domain
                     )));
                 }
@@ -266,7 +295,7 @@ impl State {
         )?;
         ops.extend(ca_ops);
         if !ops.is_empty() {
-            store.commit(ops)?;
+            store.commit(base, ops)?;
         }
         // sled and the first start created files: owner-only, whatever the umask was.
         secure_dir(&opts.data_dir)?;
@@ -291,6 +320,47 @@ impl State {
             last_prune: Mutex::new(None),
         });
         Ok((state, admin_token))
+    }
+
+    /// Runs a write again on fresh data while another controller committed between its checks and its
+    /// commit ([`StoreError::Conflict`], only on a store several controllers share).
+    async fn retrying<T, F>(&self, mut write: impl FnMut() -> F) -> Result<T, ApiError>
+    where
+        F: Future<Output = Result<T, ApiError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match write().await {
+                Err(e) if e.is_conflict() && attempt < CONFLICT_RETRIES => {
+                    attempt += 1;
+                    self.db.catch_up().await?;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Follows batches committed by any controller on a shared store (etcd): reloads the leaf
+    /// lifetime and the roots, then publishes a new snapshot if what proxies see changed. Returns at
+    /// once on a store only this process writes.
+    pub async fn follow_store(self: Arc<Self>) {
+        let Some(mut changes) = self.db.changes() else {
+            return;
+        };
+        while changes.changed().await.is_ok() {
+            changes.borrow_and_update();
+            if let Err(e) = self.store_changed().await {
+                tracing::warn!(error = %e, "applying a change of the shared store failed");
+            }
+        }
+    }
+
+    async fn store_changed(self: &Arc<Self>) -> Result<(), ApiError> {
+        if let Some(Resource::TrustDomain(o)) = self.resources.get(Kind::TrustDomain, "default")? {
+            self.ca.set_leaf_ttl(o.spec.leaf_ttl_seconds);
+        }
+        self.ca.refresh_roots()?;
+        self.publish_with(true).await
     }
 
     /// The mesh's trust domain.
@@ -345,6 +415,12 @@ impl State {
 
     /// Rebuilds the snapshot, publishes it, and closes what newly revoked identities hold.
     async fn publish(self: &Arc<Self>) -> Result<(), ApiError> {
+        self.publish_with(false).await
+    }
+
+    /// As [`State::publish`]; with `only_changed`, a snapshot that differs in its version only is not
+    /// sent.
+    async fn publish_with(self: &Arc<Self>, only_changed: bool) -> Result<(), ApiError> {
         let this = self.clone();
         let snap = blocking(move || {
             Ok(snapshot::build(
@@ -356,7 +432,11 @@ impl State {
         })
         .await?;
         let revoked = revoked_set(&snap);
-        self.publisher.publish(snap);
+        if only_changed {
+            self.publisher.publish_changed(snap);
+        } else {
+            self.publisher.publish(snap);
+        }
         let closed = self.registry.set_revoked(revoked);
         if closed > 0 {
             tracing::warn!(
@@ -377,7 +457,9 @@ impl State {
 
     /// Creates, updates or applies a resource.
     pub async fn put(self: &Arc<Self>, r: Resource, mode: WriteMode) -> Result<Resource, ApiError> {
-        let stored = self.resources.put(r, mode).await?;
+        let stored = self
+            .retrying(|| self.resources.put(r.clone(), mode))
+            .await?;
         self.after_write(std::slice::from_ref(&stored));
         self.publish().await?;
         Ok(stored)
@@ -389,7 +471,9 @@ impl State {
         rs: Vec<Resource>,
         mode: WriteMode,
     ) -> Result<(Vec<Resource>, u64), ApiError> {
-        let (stored, rev) = self.resources.put_all(rs, mode).await?;
+        let (stored, rev) = self
+            .retrying(|| self.resources.put_all(rs.clone(), mode))
+            .await?;
         self.after_write(&stored);
         self.publish().await?;
         Ok((stored, rev))
@@ -415,7 +499,9 @@ impl State {
         namespace: &str,
         name: &str,
     ) -> Result<u64, ApiError> {
-        let rev = self.resources.delete(kind, namespace, name).await?;
+        let rev = self
+            .retrying(|| self.resources.delete(kind, namespace, name))
+            .await?;
         self.publish().await?;
         Ok(rev)
     }
@@ -428,14 +514,13 @@ impl State {
         ttl_seconds: u64,
         reusable: bool,
     ) -> Result<(String, TokenRecord), ApiError> {
-        self.ca
-            .create_token(namespace, sa, ttl_seconds, reusable)
+        self.retrying(|| self.ca.create_token(namespace, sa, ttl_seconds, reusable))
             .await
     }
 
     /// Revokes a join token by id.
     pub async fn revoke_token(&self, id: &str) -> Result<TokenRecord, ApiError> {
-        self.ca.revoke_token(id).await
+        self.retrying(|| self.ca.revoke_token(id)).await
     }
 
     /// Every join token (hashes only).
@@ -450,7 +535,9 @@ impl State {
         namespace: &str,
         sa: &str,
     ) -> Result<Resource, ApiError> {
-        let r = self.resources.revoke_identity(namespace, sa).await?;
+        let r = self
+            .retrying(|| self.resources.revoke_identity(namespace, sa))
+            .await?;
         self.publish().await?;
         Ok(r)
     }
@@ -467,7 +554,8 @@ impl State {
         join_token: &str,
         peer: Option<&PeerInfo>,
     ) -> Result<Issued, ApiError> {
-        self.ca.certify(csr_pem, join_token, peer).await
+        self.retrying(|| self.ca.certify(csr_pem, join_token, peer))
+            .await
     }
 
     /// The newest issued certificates, newest first.
@@ -482,7 +570,7 @@ impl State {
 
     /// Starts a root rotation and publishes the new bundle.
     pub async fn rotate_root(self: &Arc<Self>) -> Result<CaStatus, ApiError> {
-        let status = self.ca.rotate_root().await?;
+        let status = self.retrying(|| self.ca.rotate_root()).await?;
         self.publish().await?;
         Ok(status)
     }
@@ -490,7 +578,7 @@ impl State {
     /// Periodic work: root retirement and serving certificate renewal, and pruning once a minute.
     pub async fn tick(self: &Arc<Self>) -> Result<(), ApiError> {
         let t = now();
-        if self.ca.tick(t).await? {
+        if self.retrying(|| self.ca.tick(t)).await? {
             self.publish().await?;
         }
         let due = {
@@ -509,7 +597,7 @@ impl State {
 
     /// Prunes dead join tokens and old audit records as of `t`.
     pub async fn prune(&self, t: OffsetDateTime) -> Result<Pruned, ApiError> {
-        self.ca.prune(t).await
+        self.retrying(|| self.ca.prune(t)).await
     }
 
     /// Records (or refreshes) the caller's endpoint.
@@ -523,7 +611,9 @@ impl State {
                 "identity {peer} is revoked"
             )));
         }
-        let version = self.resources.register_endpoint(obj, peer).await?;
+        let version = self
+            .retrying(|| self.resources.register_endpoint(obj.clone(), peer))
+            .await?;
         self.publish().await?;
         Ok(version)
     }

@@ -16,6 +16,8 @@ use std::{
 use serde::{Serialize, de::DeserializeOwned};
 use sled::Transactional;
 
+pub mod etcd;
+
 /// Schema of the data this build reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
 
@@ -43,7 +45,8 @@ pub enum Tree {
 }
 
 impl Tree {
-    const ALL: [Tree; 9] = [
+    /// Every tree.
+    pub const ALL: [Tree; 9] = [
         Tree::Meta,
         Tree::TrustDomains,
         Tree::Identities,
@@ -68,6 +71,11 @@ impl Tree {
             Tree::Roots => "roots",
             Tree::Audit => "audit",
         }
+    }
+
+    /// The tree of a name, as [`Tree::name`] gives it.
+    pub fn from_name(name: &str) -> Option<Tree> {
+        Tree::ALL.iter().copied().find(|t| t.name() == name)
     }
 
     fn index(self) -> usize {
@@ -106,14 +114,31 @@ pub enum StoreError {
     /// A value could not be encoded.
     #[error("encode {0}")]
     Encode(String),
-    /// The data directory was written by another schema.
-    #[error("data directory has schema version {found}, this build reads version {expected}")]
+    /// The store was written by another schema.
+    #[error("{location} has schema version {found}, this build reads version {expected}{advice}",
+        advice = if found > expected { ": it was written by a newer quicmesh; run that version (or newer) of the controller" } else { "" })]
     Schema {
-        /// Found on disk.
+        /// Which store: the data directory or the etcd prefix.
+        location: String,
+        /// Found in the store.
         found: u64,
         /// What this build knows.
         expected: u64,
     },
+    /// The store cannot be reached now; nothing was written (or, for an ambiguous timeout, the write is
+    /// either whole or absent).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store changed between the checks of a write and its commit (another controller wrote); the
+    /// write was not applied and may be retried on fresh data.
+    #[error("the store changed while this write was checked (another controller wrote); retry")]
+    Conflict,
+    /// The store's settings are not usable.
+    #[error("store settings: {0}")]
+    Settings(String),
+    /// The batch exceeds what the store accepts in one transaction.
+    #[error("the write is too large for one store transaction: {0}")]
+    TooLarge(String),
     /// A stored value is not what this build wrote.
     #[error("corrupt value in {tree}/{key}: {problem}")]
     Corrupt {
@@ -149,14 +174,30 @@ pub trait Store: Send + Sync + 'static {
         reverse: bool,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
-    /// Applies `ops` atomically as revision `revision() + 1` and returns that revision. The batch is visible
-    /// at once but durable only after [`Store::sync`].
-    fn apply(&self, ops: Vec<Op>) -> Result<u64, StoreError>;
+    /// Applies `ops` atomically as the next revision and returns it, if the store is still at revision
+    /// `base` (the one the caller's checks read), else fails with [`StoreError::Conflict`] and applies
+    /// nothing. The batch is visible at once but durable only after [`Store::sync`].
+    fn apply(&self, base: u64, ops: Vec<Op>) -> Result<u64, StoreError>;
     /// Makes every applied batch durable. Concurrent callers share one flush (group commit).
     fn sync(&self) -> Result<(), StoreError>;
+    /// Brings this process's view up to the store's latest committed batch (after a
+    /// [`StoreError::Conflict`]); a store only this process writes is always current.
+    fn catch_up(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// For a store other processes write too: the revision of every batch another process committed
+    /// that changed what proxies see (resources, trust domain settings, roots added or removed), so
+    /// the controller republishes what changed elsewhere (its own writes it publishes itself).
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+    /// Most writes one batch may hold.
+    fn max_ops(&self) -> usize {
+        usize::MAX
+    }
     /// `apply` then `sync`: what to call before acknowledging a write.
-    fn commit(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
-        let revision = self.apply(ops)?;
+    fn commit(&self, base: u64, ops: Vec<Op>) -> Result<u64, StoreError> {
+        let revision = self.apply(base, ops)?;
         self.sync()?;
         Ok(revision)
     }
@@ -256,6 +297,7 @@ impl SledStore {
                 let found = be_u64(Tree::Meta, meta::SCHEMA, &v)?;
                 if found != SCHEMA_VERSION {
                     return Err(StoreError::Schema {
+                        location: format!("data directory {}", dir.display()),
                         found,
                         expected: SCHEMA_VERSION,
                     });
@@ -322,9 +364,12 @@ impl Store for SledStore {
         }
     }
 
-    fn apply(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
+    fn apply(&self, base: u64, ops: Vec<Op>) -> Result<u64, StoreError> {
         // Revisions are assigned in commit order; a poisoned lock only means another writer panicked.
         let _guard = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.revision() != base {
+            return Err(StoreError::Conflict);
+        }
         let refs: Vec<&sled::Tree> = self.trees.iter().collect();
         let next = self.revision() + 1;
         refs.as_slice()
@@ -377,6 +422,9 @@ pub fn decode<T: DeserializeOwned>(tree: Tree, key: &str, v: &[u8]) -> Result<T,
 ///
 /// A writer takes [`Db::lock`], reads what its checks need, and hands the guard to [`Db::commit`], which
 /// applies the batch under the lock and flushes after releasing it (concurrent writers share flushes).
+/// The guard remembers the revision the checks read: on a store other controllers write too, a batch
+/// committed elsewhere in between makes the commit fail with [`StoreError::Conflict`], and the caller
+/// checks again on fresh data.
 pub struct Db {
     store: Arc<dyn Store>,
     write: tokio::sync::Mutex<()>,
@@ -390,8 +438,12 @@ impl std::fmt::Debug for Db {
     }
 }
 
-/// The write lock, held from the checks to the apply.
-pub type WriteGuard<'a> = tokio::sync::MutexGuard<'a, ()>;
+/// The write lock, held from the checks to the apply, and the revision the checks read.
+#[derive(Debug)]
+pub struct WriteGuard<'a> {
+    _lock: tokio::sync::MutexGuard<'a, ()>,
+    base: u64,
+}
 
 impl Db {
     /// Wraps a store.
@@ -409,17 +461,38 @@ impl Db {
 
     /// Takes the write lock.
     pub async fn lock(&self) -> WriteGuard<'_> {
-        self.write.lock().await
+        let lock = self.write.lock().await;
+        WriteGuard {
+            _lock: lock,
+            base: self.store.revision(),
+        }
     }
 
     /// Applies `ops` as one batch while `guard` is held, releases it, then waits for the flush.
     pub async fn commit(&self, guard: WriteGuard<'_>, ops: Vec<Op>) -> Result<u64, StoreError> {
         let store = self.store.clone();
-        let rev = blocking(move || store.apply(ops)).await?;
+        let base = guard.base;
+        let rev = blocking(move || store.apply(base, ops)).await?;
         drop(guard);
         let store = self.store.clone();
         blocking(move || store.sync()).await?;
         Ok(rev)
+    }
+
+    /// See [`Store::catch_up`].
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        blocking(move || store.catch_up()).await
+    }
+
+    /// See [`Store::changes`].
+    pub fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.store.changes()
+    }
+
+    /// See [`Store::max_ops`].
+    pub fn max_ops(&self) -> usize {
+        self.store.max_ops()
     }
 
     /// One value, decoded.
@@ -484,15 +557,22 @@ mod tests {
             let s = SledStore::open(dir.path()).expect("open");
             assert_eq!(s.revision(), 0);
             let r1 = s
-                .commit(vec![
-                    Op::Put(Tree::Services, "shop/a".into(), b"1".to_vec()),
-                    Op::Put(Tree::Services, "shop/b".into(), b"2".to_vec()),
-                    Op::Put(Tree::Services, "zoo/c".into(), b"3".to_vec()),
-                ])
+                .commit(
+                    0,
+                    vec![
+                        Op::Put(Tree::Services, "shop/a".into(), b"1".to_vec()),
+                        Op::Put(Tree::Services, "shop/b".into(), b"2".to_vec()),
+                        Op::Put(Tree::Services, "zoo/c".into(), b"3".to_vec()),
+                    ],
+                )
                 .expect("commit");
             assert_eq!(r1, 1);
+            assert!(matches!(
+                s.commit(0, vec![Op::Delete(Tree::Services, "shop/a".into())]),
+                Err(StoreError::Conflict)
+            ));
             let r2 = s
-                .commit(vec![Op::Delete(Tree::Services, "shop/b".into())])
+                .commit(1, vec![Op::Delete(Tree::Services, "shop/b".into())])
                 .expect("delete");
             assert_eq!(r2, 2);
             let shop = s
@@ -523,10 +603,16 @@ mod tests {
             db.flush().expect("flush");
         }
         match SledStore::open(dir.path()) {
-            Err(StoreError::Schema {
-                found: 99,
-                expected,
-            }) => assert_eq!(expected, SCHEMA_VERSION),
+            Err(
+                e @ StoreError::Schema {
+                    found: 99,
+                    expected,
+                    ..
+                },
+            ) => {
+                assert_eq!(expected, SCHEMA_VERSION);
+                assert!(e.to_string().contains("newer quicmesh"), "{e}");
+            }
             other => panic!("expected schema error, got {other:?}"),
         }
     }

@@ -9,12 +9,23 @@ use quicmesh_controller::{
     Controller,
     client::{self, Admin},
     state::{State, StateOptions},
+    store::etcd::EtcdOptions,
 };
 use quicmesh_proto::controller as pb;
 use quicmesh_transport::identity::{SpiffeId, ca::generate_csr, inspect::CertInfo};
 use tonic::Code;
 
 const TD: &str = "test.mesh";
+
+#[path = "support/etcd.rs"]
+mod etcd_cluster;
+
+/// The store a test runs on: every test here runs on both.
+#[derive(Clone, Copy)]
+enum Backend {
+    Sled,
+    Etcd,
+}
 
 struct Harness {
     state: Arc<State>,
@@ -25,14 +36,27 @@ struct Harness {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
+    _etcd: Option<etcd_cluster::EtcdCluster>,
 }
 
 impl Harness {
-    async fn start(leaf_ttl: Duration) -> Harness {
+    async fn start(store: Backend, leaf_ttl: Duration) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
+        let (etcd, cluster) = match store {
+            Backend::Sled => (None, None),
+            Backend::Etcd => {
+                let cluster = tokio::task::spawn_blocking(|| etcd_cluster::EtcdCluster::start(3))
+                    .await
+                    .expect("etcd start");
+                let mut o = EtcdOptions::from_url(&cluster.url()).expect("url");
+                o.max_txn_ops = etcd_cluster::MAX_TXN_OPS;
+                (Some(o), Some(cluster))
+            }
+        };
         let opts = StateOptions {
             trust_domain: Some(TD.into()),
             leaf_ttl: Some(leaf_ttl),
+            etcd,
             ..StateOptions::new(dir.path())
         };
         let c = Controller::bind(opts, "127.0.0.1:0".parse().expect("addr"))
@@ -66,6 +90,7 @@ impl Harness {
             stop: Some(stop),
             server: Some(server),
             _dir: dir,
+            _etcd: cluster,
         }
     }
 
@@ -195,9 +220,8 @@ async fn next(stream: &mut tonic::Streaming<pb::Snapshot>) -> pb::Snapshot {
         .expect("stream open")
 }
 
-#[tokio::test]
-async fn bootstrap_watch_register_and_renew() {
-    let mut h = Harness::start(Duration::from_secs(600)).await;
+async fn bootstrap_watch_register_and_renew(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(600)).await;
     h.admin
         .apply(service("shop", "cart", 8080))
         .await
@@ -345,9 +369,8 @@ async fn bootstrap_watch_register_and_renew() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn bad_join_tokens_and_csrs_are_refused_and_nothing_is_stored() {
-    let mut h = Harness::start(Duration::from_secs(3600)).await;
+async fn bad_join_tokens_and_csrs_are_refused_and_nothing_is_stored(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
     let good = h.token("shop", "cart", 0, false).await;
     let short = h.token("shop", "cart", 1, true).await;
     let revoked = h.token("shop", "cart", 0, true).await;
@@ -458,9 +481,8 @@ async fn bad_join_tokens_and_csrs_are_refused_and_nothing_is_stored() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn admin_api_needs_the_token_and_validates_every_field() {
-    let mut h = Harness::start(Duration::from_secs(3600)).await;
+async fn admin_api_needs_the_token_and_validates_every_field(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
     let rev0 = h.revision().await;
 
     // No credentials, or wrong ones: refused before anything runs.
@@ -598,9 +620,8 @@ async fn admin_api_needs_the_token_and_validates_every_field() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn revoked_identity_gets_no_certificate_and_loses_its_watch() {
-    let mut h = Harness::start(Duration::from_secs(3600)).await;
+async fn revoked_identity_gets_no_certificate_and_loses_its_watch(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
     let token = h.token("shop", "cart", 0, false).await;
     let (csr, key) = generate_csr(&id("shop", "cart")).expect("csr");
     let resp = h
@@ -705,9 +726,8 @@ impl Harness {
     }
 }
 
-#[tokio::test]
-async fn secure_naming_only_allowed_identities_register_endpoints() {
-    let mut h = Harness::start(Duration::from_secs(3600)).await;
+async fn secure_naming_only_allowed_identities_register_endpoints(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
     h.admin
         .apply(service_for("shop", "web", &["web"]))
         .await
@@ -831,9 +851,8 @@ async fn secure_naming_only_allowed_identities_register_endpoints() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn apply_all_stores_a_whole_batch_or_nothing() {
-    let mut h = Harness::start(Duration::from_secs(3600)).await;
+async fn apply_all_stores_a_whole_batch_or_nothing(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
     let rev0 = h.revision().await;
     let batch = |third_port: u32| pb::ApplyAllRequest {
         resources: vec![
@@ -893,9 +912,8 @@ async fn apply_all_stores_a_whole_batch_or_nothing() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn watch_streams_are_bounded_per_identity() {
-    let mut h = Harness::start(Duration::from_secs(3600)).await;
+async fn watch_streams_are_bounded_per_identity(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
     let (proxy, _, _) = h.joined("shop", "cart").await;
     let attempts = (0..300).map(|i| {
         let mut p = proxy.clone();
@@ -956,9 +974,8 @@ where
     out
 }
 
-#[tokio::test]
-async fn revocation_closes_watch_streams_and_tls_connections() {
-    let mut h = Harness::start(Duration::from_secs(3600)).await;
+async fn revocation_closes_watch_streams_and_tls_connections(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
     let (mut watcher, cert, key) = h.joined("shop", "cart").await;
     let mut stream = watcher
         .watch(pb::WatchRequest::default())
@@ -1013,9 +1030,8 @@ async fn revocation_closes_watch_streams_and_tls_connections() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn dead_tokens_and_old_audit_records_are_pruned_after_the_retention() {
-    let mut h = Harness::start(Duration::from_secs(3600)).await;
+async fn dead_tokens_and_old_audit_records_are_pruned_after_the_retention(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
     let (_p, _, _) = h.joined("shop", "cart").await; // one spent single-use token, one audit record
     let _live = h.token("shop", "web", 30 * 24 * 3600, true).await;
     let revoked = h.token("shop", "db", 0, true).await;
@@ -1061,9 +1077,8 @@ async fn dead_tokens_and_old_audit_records_are_pruned_after_the_retention() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn root_rotation_keeps_old_leaves_trusted_until_they_expire() {
-    let mut h = Harness::start(Duration::from_secs(2)).await;
+async fn root_rotation_keeps_old_leaves_trusted_until_they_expire(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(2)).await;
     let token = h.token("shop", "cart", 0, true).await;
     let (csr, key) = generate_csr(&id("shop", "cart")).expect("csr");
     let old = h
@@ -1147,9 +1162,8 @@ async fn root_rotation_keeps_old_leaves_trusted_until_they_expire() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn health_service_answers_without_credentials() {
-    let h = Harness::start(Duration::from_secs(3600)).await;
+async fn health_service_answers_without_credentials(store: Backend) {
+    let h = Harness::start(store, Duration::from_secs(3600)).await;
     let ch = client::connect(&h.addr, &h.bundle, None, Some(Duration::from_secs(10)))
         .await
         .expect("connect");
@@ -1175,13 +1189,12 @@ async fn health_service_answers_without_credentials() {
     h.stop().await;
 }
 
-#[tokio::test]
-async fn reflection_lists_the_controller_services() {
+async fn reflection_lists_the_controller_services(store: Backend) {
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
-    let h = Harness::start(Duration::from_secs(3600)).await;
+    let h = Harness::start(store, Duration::from_secs(3600)).await;
     let ch = client::connect(&h.addr, &h.bundle, None, Some(Duration::from_secs(10)))
         .await
         .expect("connect");
@@ -1265,15 +1278,14 @@ fn openssl_csr(
     )
 }
 
-#[tokio::test]
-async fn csrs_are_signed_only_for_p256_keys_and_others_are_named() {
+async fn csrs_are_signed_only_for_p256_keys_and_others_are_named(store: Backend) {
     if let Err(why) = openssl() {
         eprintln!(
             "SKIPPED csrs_are_signed_only_for_p256_keys_and_others_are_named: needs the openssl CLI: {why}"
         );
         return;
     }
-    let mut h = Harness::start(Duration::from_secs(3600)).await;
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cart = id("shop", "cart");
     let token = h.token("shop", "cart", 0, true).await;
@@ -1345,3 +1357,46 @@ async fn csrs_are_signed_only_for_p256_keys_and_others_are_named() {
     assert_eq!(next(&mut stream).await.trust_domain, TD);
     h.stop().await;
 }
+
+/// Runs each named test on sled (`sled::NAME`) and on a 3-member etcd (`etcd::NAME`, skipped with a
+/// printed reason without the `etcd` binary).
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sled {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Backend::Sled).await
+                }
+            )*
+        }
+        mod etcd {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(why) = super::etcd_cluster::unavailable() {
+                        eprintln!("SKIPPED etcd::{}: {why}", stringify!($name));
+                        return;
+                    }
+                    super::$name(super::Backend::Etcd).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    bootstrap_watch_register_and_renew,
+    bad_join_tokens_and_csrs_are_refused_and_nothing_is_stored,
+    admin_api_needs_the_token_and_validates_every_field,
+    revoked_identity_gets_no_certificate_and_loses_its_watch,
+    secure_naming_only_allowed_identities_register_endpoints,
+    apply_all_stores_a_whole_batch_or_nothing,
+    watch_streams_are_bounded_per_identity,
+    revocation_closes_watch_streams_and_tls_connections,
+    dead_tokens_and_old_audit_records_are_pruned_after_the_retention,
+    root_rotation_keeps_old_leaves_trusted_until_they_expire,
+    health_service_answers_without_credentials,
+    reflection_lists_the_controller_services,
+    csrs_are_signed_only_for_p256_keys_and_others_are_named,
+);

@@ -2,7 +2,8 @@
 //! watching proxies (simulated in this process, each with its own mTLS connection and Watch stream).
 //!
 //! A program, not a test: it prints what it measured, one JSON line at the end. The controller runs
-//! in-process on 127.0.0.1:0 over a real sled directory and real TLS, exactly as `quicmesh controller` does.
+//! in-process on 127.0.0.1:0 over a real sled directory (or the etcd given with `--store`) and real TLS,
+//! exactly as `quicmesh controller` does.
 //! Needs about 2 file descriptors per watcher (`ulimit -n`).
 
 use std::{
@@ -43,6 +44,13 @@ struct Args {
     /// Policy changes to time.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// The controller's state on etcd (`etcd://host:port,...`, a prefix no other run used) instead of
+    /// sled in a tempdir.
+    #[arg(long)]
+    store: Option<String>,
+    /// etcd key prefix with --store.
+    #[arg(long, default_value = "/quicmesh-bench/")]
+    etcd_prefix: String,
 }
 
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
@@ -61,6 +69,20 @@ async fn main() -> Result<(), AnyError> {
             leaf_ttl: Some(Duration::from_secs(3600)),
             // Every simulated proxy watches with the same certificate: lift the per-identity bound.
             max_watches_per_identity: args.watchers.max(1),
+            // Every watcher connects at the same instant (a reconnect storm): let them all handshake.
+            limits: quicmesh_controller::tls::Limits {
+                max_handshakes: args.watchers.max(1024),
+                max_connections: (args.watchers + 1024).max(8192),
+                handshake_timeout: Duration::from_secs(30),
+            },
+            etcd: match &args.store {
+                Some(url) => {
+                    let mut o = quicmesh_controller::store::etcd::EtcdOptions::from_url(url)?;
+                    o.prefix = args.etcd_prefix.clone();
+                    Some(o)
+                }
+                None => None,
+            },
             ..StateOptions::new(dir.path())
         },
         "127.0.0.1:0".parse()?,

@@ -306,6 +306,66 @@ impl Ca {
         self.data_dir.join(BUNDLE_FILE)
     }
 
+    /// Brings the roots in memory up to the store's, on a store several controllers share (another
+    /// controller rotated, retired, or issued leaves from them): the latest leaf expiries are merged,
+    /// and a changed set of roots is reloaded (keys unsealed with the KEK) and renews the serving
+    /// certificate and the bundle file. Returns whether the set of roots changed.
+    pub fn refresh_roots(&self) -> Result<bool, ApiError> {
+        if self.db.changes().is_none() {
+            return Ok(false);
+        }
+        let stored: Vec<RootRecord> = self
+            .db
+            .scan(Tree::Roots, "", false, usize::MAX)?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
+        if stored.is_empty() {
+            return Ok(false);
+        }
+        let t = now();
+        let mut issuer = self.lock_issuer();
+        let same = stored.len() == issuer.roots().len()
+            && stored.iter().all(|s| {
+                issuer
+                    .roots()
+                    .iter()
+                    .any(|r| r.fingerprint == s.fingerprint && r.active == s.active)
+            });
+        if same {
+            issuer.merge_leaf_expiry(&stored);
+            return Ok(false);
+        }
+        let mut records = Vec::with_capacity(stored.len());
+        for mut r in stored {
+            r.key_pem = match issuer
+                .roots()
+                .iter()
+                .find(|m| m.fingerprint == r.fingerprint && !m.key_pem.is_empty())
+            {
+                Some(m) => m.key_pem.clone(),
+                None => {
+                    let plain = self
+                        .kek
+                        .open(&r.fingerprint, &r.key_sealed)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?;
+                    String::from_utf8(plain).map_err(|_| {
+                        ApiError::Internal(format!("root {}: sealed key is not PEM", r.fingerprint))
+                    })?
+                }
+            };
+            records.push(r);
+        }
+        *issuer = Issuer::from_records(records)?;
+        drop(issuer);
+        self.renew_serving_cert(t)?;
+        self.write_bundle_file()?;
+        tracing::info!(
+            "the roots changed in the store (another controller rotated or retired one): reloaded"
+        );
+        Ok(true)
+    }
+
     /// Signs a CSR for the identity granted by a join token or by the caller's mesh certificate.
     pub async fn certify(
         &self,
@@ -314,13 +374,24 @@ impl Ca {
         peer: Option<&PeerInfo>,
     ) -> Result<Issued, ApiError> {
         let guard = self.db.lock().await;
+        // Sign with the root the store says is active, and record the leaf on top of the store's record.
+        self.refresh_roots()?;
         let t = now();
         let mut ops = Vec::new();
         let (granted, credential) = if !join_token.is_empty() {
             let id =
                 auth::join_token_id(join_token).map_err(|m| ApiError::Unauthenticated(m.into()))?;
             let invalid = || ApiError::Unauthenticated("join_token: not valid".into());
-            let rec: TokenRecord = self.db.get(Tree::Tokens, id)?.ok_or_else(invalid)?;
+            let rec: TokenRecord = match self.db.get(Tree::Tokens, id)? {
+                Some(r) => r,
+                // On a shared store the token may have been made on another controller a moment
+                // ago: look again on the latest state (the commit then retries on it).
+                None if self.db.changes().is_some() => {
+                    self.db.catch_up().await?;
+                    self.db.get(Tree::Tokens, id)?.ok_or_else(invalid)?
+                }
+                None => return Err(invalid()),
+            };
             if !auth::constant_time_eq(&auth::sha256_hex(join_token.as_bytes()), &rec.sha256) {
                 return Err(invalid());
             }
@@ -505,6 +576,7 @@ impl Ca {
     /// Starts a root rotation. The caller publishes the new bundle.
     pub async fn rotate_root(&self) -> Result<CaStatus, ApiError> {
         let guard = self.db.lock().await;
+        self.refresh_roots()?;
         let t = now();
         let mut new = Issuer::generate_root(&self.trust_domain, t)?;
         new.key_sealed = self
@@ -555,6 +627,7 @@ impl Ca {
     /// half-life. Returns whether the trust bundle changed (the caller publishes it).
     pub async fn tick(&self, t: OffsetDateTime) -> Result<bool, ApiError> {
         let guard = self.db.lock().await;
+        self.refresh_roots()?;
         let gone = self.lock_issuer().take_retired(t);
         if !gone.is_empty() {
             let ops = gone
@@ -586,22 +659,21 @@ impl Ca {
         let now = t.unix_timestamp();
         let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
         let guard = self.db.lock().await;
+        // One batch per round, within what the store takes in one transaction.
+        let max = self.db.max_ops().min(PRUNE_BATCH);
         let mut ops = Vec::new();
         let mut pruned = Pruned::default();
         for (key, rec) in self
             .db
             .scan::<TokenRecord>(Tree::Tokens, "", false, usize::MAX)?
         {
-            if rules::token_prunable(&rec, now, secs(self.retention.tokens)) {
+            if ops.len() < max && rules::token_prunable(&rec, now, secs(self.retention.tokens)) {
                 ops.push(Op::Delete(Tree::Tokens, key));
                 pruned.tokens += 1;
             }
         }
-        for (key, rec) in self
-            .db
-            .scan::<AuditRecord>(Tree::Audit, "", false, PRUNE_BATCH)?
-        {
-            if rules::audit_prunable(&rec, now, secs(self.retention.audit)) {
+        for (key, rec) in self.db.scan::<AuditRecord>(Tree::Audit, "", false, max)? {
+            if ops.len() < max && rules::audit_prunable(&rec, now, secs(self.retention.audit)) {
                 ops.push(Op::Delete(Tree::Audit, key));
                 pruned.audit += 1;
             }

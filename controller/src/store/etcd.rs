@@ -1,0 +1,838 @@
+//! [`Store`] on etcd v3, so several controllers can share one replicated state.
+//!
+//! Layout: one etcd key per value, `<prefix><tree>/<key>` (prefix default `/quicmesh/`), plus
+//! `<prefix>meta/revision`, which every batch rewrites. A batch is one etcd transaction that succeeds
+//! only if `meta/revision` still has the modification revision this process last saw: the checks of a
+//! write (a join token is unspent, a resource is at the version asked) were made on the state at that
+//! revision, so two controllers can never both commit on the same state, and the loser gets
+//! [`StoreError::Conflict`] and retries on fresh data. The store revision is the etcd revision of the
+//! last batch; on an etcd that only quicmesh writes it goes up by one per batch, as on sled.
+//!
+//! Reads are served from a mirror in memory (every tree but the audit log, which grows with every
+//! certificate and is read from etcd when asked), loaded at open and kept current by an etcd watch on
+//! the prefix; own commits are applied to it at once. So reads and `Watch` keep serving the last state
+//! while etcd is unreachable, and every batch that changed what proxies see, whichever controller wrote
+//! it, is announced on [`Store::changes`] (join tokens, the audit log and a root's latest leaf expiry,
+//! written with every certificate, are not: they would rebuild every controller's snapshot per
+//! certificate). Writes fail with [`StoreError::Unavailable`] when etcd does not answer within
+//! the request deadline.
+//!
+//! The [`Store`] trait is synchronous (sled is), and its callers already run it on blocking threads.
+//! The etcd client is async, so this store owns a small runtime of its own (one worker): the client,
+//! its connections and the watch live there, a call from any thread hands the request over and waits
+//! on a plain channel with the deadline, and nothing depends on the caller's runtime (or on it not
+//! being one).
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KvClient, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::watch;
+
+use super::{Op, SCHEMA_VERSION, Store, StoreError, Tree, meta};
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "/quicmesh/";
+/// Default deadline of one etcd request.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// etcd's default `--max-txn-ops`.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
+/// Keys per range request when loading the mirror.
+const PAGE: i64 = 1000;
+/// Largest etcd response accepted (a page of values, a watch response of one batch).
+const MAX_MESSAGE: usize = 64 << 20;
+/// Longest pause between two attempts to re-establish the watch.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// TLS to etcd: the CA that signed the members' certificates and, for client-certificate auth, our
+/// certificate and key (PEM).
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// CA certificates, PEM.
+    pub ca_pem: String,
+    /// Client certificate and key, PEM.
+    pub identity: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where and how to reach etcd.
+#[derive(Clone)]
+pub struct EtcdOptions {
+    /// `host:port` of each member.
+    pub endpoints: Vec<String>,
+    /// Key prefix, ending in `/`.
+    pub prefix: String,
+    /// TLS, if the members serve it.
+    pub tls: Option<EtcdTls>,
+    /// User name and password, if etcd auth is on.
+    pub user: Option<(String, String)>,
+    /// Deadline of one request.
+    pub timeout: Duration,
+    /// Most operations one transaction may hold (etcd's `--max-txn-ops`).
+    pub max_txn_ops: usize,
+}
+
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("tls", &self.tls)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .field("timeout", &self.timeout)
+            .field("max_txn_ops", &self.max_txn_ops)
+            .finish()
+    }
+}
+
+impl EtcdOptions {
+    /// Options for `etcd://host:port,host:port`, with defaults for the rest.
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| format!("{url:?}: expected etcd://host:port[,host:port...]"))?;
+        let endpoints: Vec<String> = rest
+            .trim_end_matches('/')
+            .split(',')
+            .map(str::trim)
+            .map(str::to_owned)
+            .collect();
+        for e in &endpoints {
+            let ok = e
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(format!(
+                    "{url:?}: member {e:?} is not host:port (expected etcd://host:port[,host:port...])"
+                ));
+            }
+        }
+        Ok(Self {
+            endpoints,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            tls: None,
+            user: None,
+            timeout: DEFAULT_TIMEOUT,
+            max_txn_ops: DEFAULT_MAX_TXN_OPS,
+        })
+    }
+}
+
+/// The trees as loaded from etcd, at the revision of the last batch.
+#[derive(Debug, Default)]
+struct Mirror {
+    trees: Vec<BTreeMap<String, Vec<u8>>>,
+    /// Highest etcd revision applied.
+    applied: u64,
+    /// Modification revision of `meta/revision`: the last batch.
+    batch: u64,
+}
+
+impl Mirror {
+    fn new() -> Self {
+        Self {
+            trees: vec![BTreeMap::new(); Tree::ALL.len()],
+            applied: 0,
+            batch: 0,
+        }
+    }
+
+    fn tree(&self, t: Tree) -> &BTreeMap<String, Vec<u8>> {
+        &self.trees[t.index()]
+    }
+
+    /// Stores `value`; returns whether proxies' view may have changed: a resource or the trust domain
+    /// settings, or a root added (an update of a root only moves its latest leaf expiry or retires it
+    /// from signing, which arrives with the new root).
+    fn put(&mut self, t: Tree, key: String, value: Vec<u8>) -> bool {
+        let added = self.trees[t.index()].insert(key, value).is_none();
+        visible(t) || (t == Tree::Roots && added)
+    }
+
+    /// Removes `key`; returns whether proxies' view may have changed.
+    fn delete(&mut self, t: Tree, key: &str) -> bool {
+        let removed = self.trees[t.index()].remove(key).is_some();
+        removed && (visible(t) || t == Tree::Roots)
+    }
+}
+
+/// Whether `t` holds what snapshots are made of.
+fn visible(t: Tree) -> bool {
+    matches!(
+        t,
+        Tree::TrustDomains | Tree::Identities | Tree::Services | Tree::Endpoints | Tree::Policies
+    )
+}
+
+/// Splits an etcd key under `prefix` into its tree and key; `None` for keys that are not ours.
+fn split_key<'a>(prefix: &str, full: &'a [u8]) -> Option<(Tree, &'a str)> {
+    let rest = std::str::from_utf8(full).ok()?.strip_prefix(prefix)?;
+    let (tree, key) = rest.split_once('/')?;
+    Some((Tree::from_name(tree)?, key))
+}
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn etcd_err(e: etcd_client::Error) -> StoreError {
+    let text = e.to_string();
+    if text.contains("too many operations in txn request") || text.contains("request is too large")
+    {
+        return StoreError::TooLarge(format!(
+            "etcd refused it ({text}); raise etcd's --max-txn-ops / --max-request-bytes or write less at once"
+        ));
+    }
+    StoreError::Unavailable(format!("etcd: {text}"))
+}
+
+/// Whether the request failed before it reached a member (a member is down): safe to send again, to
+/// another member.
+fn unsent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+/// Sends what `f` makes until it reaches a member (the caller bounds the time).
+async fn send<T, F, Fut>(mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    loop {
+        match f().await {
+            Err(e) if unsent(&e) => {
+                tracing::debug!(error = %e, "etcd member unreachable; trying another");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r.map_err(etcd_err),
+        }
+    }
+}
+
+fn i64_rev(r: u64) -> i64 {
+    i64::try_from(r).unwrap_or(i64::MAX)
+}
+
+fn u64_rev(r: i64) -> u64 {
+    u64::try_from(r).unwrap_or(0)
+}
+
+/// Runs `f` on `handle` and waits for it on this thread, at most `timeout`.
+fn run_on<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    timeout: Duration,
+    f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let r = match tokio::time::timeout(timeout, f).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "etcd did not answer within {}",
+                humantime::format_duration(timeout)
+            ))),
+        };
+        let _ = tx.send(r);
+    });
+    rx.recv()
+        .map_err(|_| StoreError::Unavailable("the etcd client stopped".into()))?
+}
+
+/// What the mirror and the watch share.
+struct Shared {
+    prefix: String,
+    mirror: RwLock<Mirror>,
+    /// Every batch.
+    changes: watch::Sender<u64>,
+    /// Batches that changed what proxies see.
+    visible: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Mirror> {
+        self.mirror.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Mirror> {
+        self.mirror.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn key(&self, tree: Tree, key: &str) -> String {
+        format!("{}{}/{}", self.prefix, tree.name(), key)
+    }
+
+    fn announce(&self, batch: u64, visible: bool) {
+        let raise = |cur: &mut u64| {
+            let newer = batch > *cur;
+            if newer {
+                *cur = batch;
+            }
+            newer
+        };
+        self.changes.send_if_modified(raise);
+        if visible {
+            self.visible.send_if_modified(raise);
+        }
+    }
+}
+
+/// [`Store`] on an etcd cluster.
+pub struct EtcdStore {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    kv: KvClient,
+    shared: Arc<Shared>,
+    timeout: Duration,
+    max_ops: usize,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.shared.prefix)
+            .field("revision", &self.revision())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EtcdStore {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Loads every tree but the audit log at one revision; returns the mirror.
+async fn load(kv: &mut KvClient, prefix: &str) -> Result<Mirror, StoreError> {
+    let mut m = Mirror::new();
+    let mut at = 0i64;
+    for tree in Tree::ALL {
+        if tree == Tree::Audit {
+            continue;
+        }
+        let tree_prefix = format!("{prefix}{}/", tree.name());
+        let end = prefix_end(tree_prefix.as_bytes());
+        let mut from = tree_prefix.clone().into_bytes();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if at != 0 {
+                opts = opts.with_revision(at);
+            }
+            let resp = send(|| {
+                let mut kv = kv.clone();
+                let (from, opts) = (from.clone(), opts.clone());
+                async move { kv.get(from, Some(opts)).await }
+            })
+            .await?;
+            if at == 0 {
+                at = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            for kv in resp.kvs() {
+                if let Some((t, key)) = split_key(prefix, kv.key()) {
+                    if t == Tree::Meta && key == meta::REVISION {
+                        m.batch = u64_rev(kv.mod_revision());
+                    }
+                    m.put(t, key.to_owned(), kv.value().to_vec());
+                }
+                from = kv.key().to_vec();
+                from.push(0);
+            }
+            if !resp.more() || resp.kvs().is_empty() {
+                break;
+            }
+        }
+    }
+    m.applied = u64_rev(at);
+    Ok(m)
+}
+
+/// Follows the prefix from the mirror's revision on, forever, re-establishing the watch (or reloading
+/// after a compaction) with backoff.
+async fn follow(client: Client, shared: Arc<Shared>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        // On its own task, so even a panic in the client (it panics on an unknown event type) only
+        // ends this attempt, never the following.
+        // `watch_once` resets the backoff once the watch delivers.
+        let (c, s, mut b) = (client.clone(), shared.clone(), backoff);
+        let attempt = tokio::spawn(async move {
+            let r = watch_once(&c, &s, &mut b).await;
+            (r, b)
+        })
+        .await;
+        match attempt {
+            Ok((r, b)) => {
+                backoff = b;
+                match r {
+                    Ok(()) => tracing::warn!("etcd watch ended; re-establishing it"),
+                    Err(e) => tracing::warn!(error = %e, "etcd watch failed; re-establishing it"),
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "etcd watch task failed; re-establishing it"),
+        }
+        let jitter = Duration::from_millis(u64::from(rand::random::<u8>()));
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+async fn watch_once(
+    client: &Client,
+    shared: &Shared,
+    backoff: &mut Duration,
+) -> Result<(), StoreError> {
+    let start = shared.read().applied + 1;
+    let mut wc = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+    let mut stream = wc
+        .watch(
+            shared.prefix.clone(),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(i64_rev(start))
+                    .with_progress_notify(),
+            ),
+        )
+        .await
+        .map_err(etcd_err)?;
+    while let Some(resp) = stream.message().await.map_err(etcd_err)? {
+        *backoff = Duration::from_millis(50);
+        if resp.canceled() {
+            if resp.compact_revision() > 0 {
+                // The history we need is gone: start again from a whole copy.
+                let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+                let fresh = load(&mut kv, &shared.prefix).await?;
+                let batch = fresh.batch;
+                *shared.write() = fresh;
+                shared.announce(batch, true);
+                tracing::warn!("etcd compacted past the watch; reloaded the whole state");
+                return Ok(());
+            }
+            return Err(StoreError::Unavailable(format!(
+                "watch canceled: {}",
+                resp.cancel_reason()
+            )));
+        }
+        if resp.events().is_empty() {
+            continue;
+        }
+        let (batch, seen) = {
+            let mut m = shared.write();
+            let mut seen = false;
+            let base = m.applied;
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let rev = u64_rev(kv.mod_revision());
+                if rev <= base {
+                    continue;
+                }
+                m.applied = m.applied.max(rev);
+                let Some((tree, key)) = split_key(&shared.prefix, kv.key()) else {
+                    continue;
+                };
+                if tree == Tree::Audit {
+                    continue;
+                }
+                if tree == Tree::Meta && key == meta::REVISION {
+                    m.batch = m.batch.max(rev);
+                }
+                seen |= match ev.event_type() {
+                    EventType::Put => m.put(tree, key.to_owned(), kv.value().to_vec()),
+                    EventType::Delete => m.delete(tree, key),
+                };
+            }
+            (m.batch, seen)
+        };
+        shared.announce(batch, seen);
+    }
+    Ok(())
+}
+
+impl EtcdStore {
+    /// Connects, loads the state (creating the schema marker in an empty prefix, refusing another
+    /// schema) and starts following the prefix.
+    pub fn open(opts: &EtcdOptions) -> Result<Self, StoreError> {
+        if !opts.prefix.starts_with('/') || !opts.prefix.ends_with('/') {
+            return Err(StoreError::Settings(format!(
+                "etcd prefix {:?} must start and end with /",
+                opts.prefix
+            )));
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd-client")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("etcd client runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let timeout = opts.timeout;
+        let scheme = if opts.tls.is_some() { "https" } else { "http" };
+        let endpoints: Vec<String> = opts
+            .endpoints
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect();
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(10), timeout)
+            .with_require_leader(true);
+        if let Some(tls) = &opts.tls {
+            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            connect = connect.with_tls(t);
+        }
+        if let Some((user, password)) = &opts.user {
+            connect = connect.with_user(user.clone(), password.clone());
+        }
+        let client = run_on(&handle, timeout, async move {
+            Client::connect(endpoints, Some(connect))
+                .await
+                .map_err(etcd_err)
+        })?;
+        let kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let shared = Arc::new(Shared {
+            prefix: opts.prefix.clone(),
+            mirror: RwLock::new(Mirror::new()),
+            changes: watch::channel(0).0,
+            visible: watch::channel(0).0,
+        });
+        let location = format!("etcd prefix {}", opts.prefix);
+        let mirror = loop {
+            let mut kv2 = kv.clone();
+            let prefix = opts.prefix.clone();
+            let m = run_on(
+                &handle,
+                timeout,
+                async move { load(&mut kv2, &prefix).await },
+            )?;
+            match m.tree(Tree::Meta).get(meta::SCHEMA) {
+                Some(v) => {
+                    let arr: [u8; 8] =
+                        v.as_slice().try_into().map_err(|_| StoreError::Corrupt {
+                            tree: Tree::Meta.name(),
+                            key: meta::SCHEMA.into(),
+                            problem: format!("expected 8 bytes, found {}", v.len()),
+                        })?;
+                    let found = u64::from_be_bytes(arr);
+                    if found != SCHEMA_VERSION {
+                        return Err(StoreError::Schema {
+                            location,
+                            found,
+                            expected: SCHEMA_VERSION,
+                        });
+                    }
+                    break m;
+                }
+                None => {
+                    let mut kv2 = kv.clone();
+                    let prefix = opts.prefix.clone();
+                    let schema_key = format!("{prefix}{}/{}", Tree::Meta.name(), meta::SCHEMA);
+                    let rev_key = format!("{prefix}{}/{}", Tree::Meta.name(), meta::REVISION);
+                    run_on(&handle, timeout, async move {
+                        // Anything under the prefix without a schema is not ours to overwrite.
+                        let any = kv2
+                            .get(
+                                prefix.clone(),
+                                Some(GetOptions::new().with_prefix().with_count_only()),
+                            )
+                            .await
+                            .map_err(etcd_err)?;
+                        if any.count() > 0 {
+                            // Another controller may have created the mesh since we loaded.
+                            let schema =
+                                kv2.get(schema_key.clone(), None).await.map_err(etcd_err)?;
+                            if !schema.kvs().is_empty() {
+                                return Ok(());
+                            }
+                            return Err(StoreError::Corrupt {
+                                tree: Tree::Meta.name(),
+                                key: meta::SCHEMA.into(),
+                                problem: format!(
+                                    "etcd prefix {prefix} holds {} keys but no quicmesh schema: not a quicmesh store; choose another --etcd-prefix",
+                                    any.count()
+                                ),
+                            });
+                        }
+                        // Two controllers starting on an empty prefix: one creates it, both then load it.
+                        kv2.txn(
+                            Txn::new()
+                                .when([Compare::create_revision(
+                                    schema_key.clone(),
+                                    CompareOp::Equal,
+                                    0,
+                                )])
+                                .and_then([
+                                    TxnOp::put(schema_key, SCHEMA_VERSION.to_be_bytes(), None),
+                                    TxnOp::put(rev_key, Vec::new(), None),
+                                ]),
+                        )
+                        .await
+                        .map_err(etcd_err)?;
+                        Ok(())
+                    })?;
+                }
+            }
+        };
+        let batch = mirror.batch;
+        *shared.write() = mirror;
+        shared.announce(batch, true);
+        let follower = client.clone();
+        let s = shared.clone();
+        handle.spawn(follow(follower, s));
+        Ok(Self {
+            runtime: Some(runtime),
+            handle,
+            kv,
+            shared,
+            timeout,
+            max_ops: opts.max_txn_ops.saturating_sub(1).max(1),
+        })
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        run_on(&self.handle, self.timeout, f)
+    }
+
+    fn audit_scan(
+        &self,
+        prefix: &str,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let from = self.shared.key(Tree::Audit, prefix);
+        let end = prefix_end(from.as_bytes());
+        let mut opts = GetOptions::new()
+            .with_range(end)
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX).min(PAGE * 100));
+        if reverse {
+            opts = opts.with_sort(SortTarget::Key, SortOrder::Descend);
+        }
+        let kv = self.kv.clone();
+        let resp = self.run(async move {
+            send(|| {
+                let mut kv = kv.clone();
+                let (from, opts) = (from.clone(), opts.clone());
+                async move { kv.get(from, Some(opts)).await }
+            })
+            .await
+        })?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                split_key(&self.shared.prefix, kv.key())
+                    .map(|(_, k)| (k.to_owned(), kv.value().to_vec()))
+            })
+            .collect())
+    }
+}
+
+impl Store for EtcdStore {
+    fn revision(&self) -> u64 {
+        self.shared.read().batch
+    }
+
+    fn get(&self, tree: Tree, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        if tree == Tree::Audit {
+            return Ok(self
+                .audit_scan(key, false, 1)?
+                .into_iter()
+                .find_map(|(k, v)| (k == key).then_some(v)));
+        }
+        Ok(self.shared.read().tree(tree).get(key).cloned())
+    }
+
+    fn scan(
+        &self,
+        tree: Tree,
+        prefix: &str,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        if tree == Tree::Audit {
+            return self.audit_scan(prefix, reverse, limit);
+        }
+        let m = self.shared.read();
+        let matching = m
+            .tree(tree)
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()));
+        Ok(if reverse {
+            let mut all: Vec<_> = matching.collect();
+            all.reverse();
+            all.truncate(limit);
+            all
+        } else {
+            matching.take(limit).collect()
+        })
+    }
+
+    fn apply(&self, base: u64, ops: Vec<Op>) -> Result<u64, StoreError> {
+        if ops.len() > self.max_ops {
+            return Err(StoreError::TooLarge(format!(
+                "{} writes, the etcd store takes at most {} per transaction (--etcd-max-txn-ops, etcd's --max-txn-ops)",
+                ops.len(),
+                self.max_ops
+            )));
+        }
+        let rev_key = self.shared.key(Tree::Meta, meta::REVISION);
+        let mut txn_ops: Vec<TxnOp> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Put(t, k, v) => TxnOp::put(self.shared.key(*t, k), v.clone(), None),
+                Op::Delete(t, k) => TxnOp::delete(self.shared.key(*t, k), None),
+            })
+            .collect();
+        txn_ops.push(TxnOp::put(rev_key.clone(), Vec::new(), None));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                rev_key,
+                CompareOp::Equal,
+                i64_rev(base),
+            )])
+            .and_then(txn_ops);
+        let kv = self.kv.clone();
+        let resp = self.run(async move {
+            send(|| {
+                let mut kv = kv.clone();
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await
+        })?;
+        if !resp.succeeded() {
+            return Err(StoreError::Conflict);
+        }
+        let rev = u64_rev(resp.header().map(|h| h.revision()).unwrap_or(0));
+        {
+            let mut m = self.shared.write();
+            // The watch may have delivered this batch already.
+            if rev > m.applied {
+                for op in ops {
+                    match op {
+                        Op::Put(Tree::Audit, ..) | Op::Delete(Tree::Audit, _) => {}
+                        Op::Put(t, k, v) => {
+                            m.put(t, k, v);
+                        }
+                        Op::Delete(t, k) => {
+                            m.delete(t, &k);
+                        }
+                    }
+                }
+                m.put(Tree::Meta, meta::REVISION.to_owned(), Vec::new());
+                m.applied = rev;
+                m.batch = rev;
+            }
+        }
+        // The writer publishes its own batch; `changes` is for what others wrote.
+        self.shared.announce(rev, false);
+        Ok(rev)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        // etcd acknowledged the transaction once a majority of members had it on disk.
+        Ok(())
+    }
+
+    fn catch_up(&self) -> Result<(), StoreError> {
+        let key = self.shared.key(Tree::Meta, meta::REVISION);
+        let kv = self.kv.clone();
+        let mut rx = self.shared.changes.subscribe();
+        let shared = self.shared.clone();
+        self.run(async move {
+            // A linearizable read: the last batch committed by anyone.
+            let resp = send(|| {
+                let mut kv = kv.clone();
+                let key = key.clone();
+                async move { kv.get(key, None).await }
+            })
+            .await?;
+            let target = resp
+                .kvs()
+                .first()
+                .map(|kv| u64_rev(kv.mod_revision()))
+                .unwrap_or(0);
+            while shared.read().batch < target {
+                rx.changed()
+                    .await
+                    .map_err(|_| StoreError::Unavailable("the etcd watch stopped".into()))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.shared.visible.subscribe())
+    }
+
+    fn max_ops(&self) -> usize {
+        self.max_ops
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_keys_and_ranges() {
+        let o = EtcdOptions::from_url("etcd://127.0.0.1:2379,localhost:22379").expect("url");
+        assert_eq!(o.endpoints, ["127.0.0.1:2379", "localhost:22379"]);
+        assert_eq!(o.prefix, DEFAULT_PREFIX);
+        for bad in [
+            "http://x:1",
+            "etcd://",
+            "etcd://host",
+            "etcd://h:0",
+            "etcd://h:1,:2",
+        ] {
+            assert!(EtcdOptions::from_url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            split_key("/q/", b"/q/services/shop/web"),
+            Some((Tree::Services, "shop/web"))
+        );
+        assert_eq!(split_key("/q/", b"/q/nope/x"), None);
+        assert_eq!(split_key("/q/", b"/other/services/x"), None);
+        assert_eq!(prefix_end(b"/q/"), b"/q0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+}
