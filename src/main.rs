@@ -39,7 +39,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     quicmesh_transport::cli::init_logging();
-    // One crypto provider for the whole process (see STACK.md): ring.
+    // One crypto provider for the whole process, ring: with two compiled in (tonic's dependencies can
+    // pull aws-lc-rs), rustls cannot pick a default and panics on the first TLS config built without one.
     quicmesh_transport::quic::install_provider();
     // One thread per core, except for the proxy: a sidecar runs on one thread unless told otherwise
     // (see `cli::ProxyArgs::workers`). QUICMESH_WORKERS=N sets it for every subcommand.

@@ -19,6 +19,9 @@ const TD: &str = "test.mesh";
 
 #[path = "support/etcd.rs"]
 mod etcd_cluster;
+#[path = "support/resources.rs"]
+mod resources;
+use resources::service;
 
 /// The store a test runs on: every test here runs on both.
 #[derive(Clone, Copy)]
@@ -166,25 +169,6 @@ impl Harness {
 
 fn id(ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::new(TD, ns, sa).expect("id")
-}
-
-fn service(ns: &str, name: &str, port: u32) -> pb::Resource {
-    pb::Resource {
-        resource: Some(pb::resource::Resource::Service(pb::Service {
-            metadata: Some(pb::Metadata {
-                name: name.into(),
-                namespace: ns.into(),
-                ..Default::default()
-            }),
-            ports: vec![pb::ServicePort {
-                port,
-                protocol: pb::PortProtocol::Http as i32,
-                name: String::new(),
-            }],
-            versions: vec!["v1".into(), "v2".into()],
-            identities: vec![],
-        })),
-    }
 }
 
 fn split_policy(ns: &str, v1: u32, v2: u32) -> pb::Resource {

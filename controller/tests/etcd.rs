@@ -4,6 +4,9 @@
 
 #[path = "support/etcd.rs"]
 mod etcd_cluster;
+#[path = "support/resources.rs"]
+mod resources;
+use resources::service;
 
 use std::{
     sync::Arc,
@@ -144,25 +147,6 @@ async fn three(url: &str) -> (Vec<Node>, String) {
     assert_eq!(a.bundle, b.bundle, "one root for the mesh");
     assert_eq!(a.bundle, c.bundle);
     (vec![a, b, c], token)
-}
-
-fn service(ns: &str, name: &str, port: u32) -> pb::Resource {
-    pb::Resource {
-        resource: Some(pb::resource::Resource::Service(pb::Service {
-            metadata: Some(pb::Metadata {
-                name: name.into(),
-                namespace: ns.into(),
-                ..Default::default()
-            }),
-            ports: vec![pb::ServicePort {
-                port,
-                protocol: pb::PortProtocol::Http as i32,
-                name: String::new(),
-            }],
-            versions: vec![],
-            identities: vec![],
-        })),
-    }
 }
 
 async fn join_token(admin: &mut Admin, sa: &str) -> String {

@@ -373,6 +373,22 @@ async fn destination_that_never_accepts_closes_within_the_deadline() {
     drop(fillers);
 }
 
+/// A QUIC connection made by hand (quinn with our certificate for `raw-client`, no proxy) to a proxy's
+/// inbound endpoint, to send it bytes no proxy would.
+pub async fn raw_connection(
+    pki: &Pki,
+    to: std::net::SocketAddr,
+) -> (quinn::Endpoint, quinn::Connection) {
+    pki.issue("raw", "raw-client");
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let conn = ep
+        .connect_with(raw_client_config(pki), to, "peer.quicmesh.invalid")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (ep, conn)
+}
+
 fn raw_client_config(pki: &Pki) -> quinn::ClientConfig {
     use quicmesh_transport::{config::QuicConfig, identity::credentials, quic};
     let provider = quic::provider();
@@ -394,7 +410,7 @@ fn raw_client_config(pki: &Pki) -> quinn::ClientConfig {
 }
 
 /// Opens a stream, sends `bytes` and finishes; returns the reset code the peer answers with, if any.
-async fn send_raw(
+pub async fn send_raw(
     conn: &quinn::Connection,
     bytes: &[u8],
 ) -> Result<Vec<u8>, quinn::ReadToEndError> {
@@ -411,17 +427,7 @@ async fn garbage_truncated_or_oversized_headers_reset_only_that_stream() {
     let pki = Pki::new();
     let echo = echo_server().await;
     let server = server_proxy(&pki, echo).await;
-    pki.issue("raw", "raw-client");
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let conn = ep
-        .connect_with(
-            raw_client_config(&pki),
-            server.inbound(),
-            "peer.quicmesh.invalid",
-        )
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let (_ep, conn) = raw_connection(&pki, server.inbound()).await;
 
     let protocol_error = Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(
         quicmesh_transport::tunnel::code::PROTOCOL_ERROR,
@@ -446,20 +452,12 @@ async fn garbage_truncated_or_oversized_headers_reset_only_that_stream() {
     assert_eq!(send_raw(&conn, &f).await, protocol_error);
 
     // The connection lives on: a proper stream on it still works end to end.
-    let good = StreamHeader {
-        service: "echo".into(),
-        port: 7,
-        ..Default::default()
-    };
-    let mut f = BytesMut::new();
-    f.extend_from_slice(&(good.encoded_len() as u16).to_be_bytes());
-    good.encode(&mut f).expect("encode");
-    f.extend_from_slice(b"still alive");
-    let back = send_raw(&conn, &f).await.expect("good stream");
-    let len = u16::from_be_bytes([back[0], back[1]]) as usize;
-    let status = StreamStatus::decode(&back[2..2 + len]).expect("status");
+    let back = send_raw(&conn, &header_frame("echo", 7, b"still alive"))
+        .await
+        .expect("good stream");
+    let (status, rest) = status_and_rest(&back);
     assert_eq!(status.code, StatusCode::Ok as i32);
-    assert_eq!(&back[2 + len..], b"still alive");
+    assert_eq!(rest, b"still alive");
     assert!(conn.close_reason().is_none());
 
     let m = server.metrics().await;
@@ -572,7 +570,7 @@ fn header_frame(service: &str, port: u32, payload: &[u8]) -> BytesMut {
 }
 
 /// Splits an answer into its status and the bytes after it.
-fn status_and_rest(back: &[u8]) -> (StreamStatus, Vec<u8>) {
+pub fn status_and_rest(back: &[u8]) -> (StreamStatus, Vec<u8>) {
     let len = u16::from_be_bytes([back[0], back[1]]) as usize;
     let status = StreamStatus::decode(&back[2..2 + len]).expect("status");
     (status, back[2 + len..].to_vec())
@@ -591,17 +589,7 @@ async fn each_service_port_reaches_its_own_app_and_other_ports_get_no_route() {
         ),
     ))
     .await;
-    pki.issue("raw", "raw-client");
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    let conn = ep
-        .connect_with(
-            raw_client_config(&pki),
-            server.inbound(),
-            "peer.quicmesh.invalid",
-        )
-        .expect("connect")
-        .await
-        .expect("handshake");
+    let (_ep, conn) = raw_connection(&pki, server.inbound()).await;
 
     let (status, rest) = status_and_rest(
         &send_raw(&conn, &header_frame("echo", 7, b"to 7"))

@@ -862,3 +862,104 @@ async fn an_endpoint_answering_503_is_ejected_then_readmitted_when_it_recovers()
         s.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_request_frames_from_a_peer_reset_only_that_stream() {
+    use bytes::BufMut;
+    use prost::Message;
+    use quicmesh_proto::tunnel::{Protocol, StatusCode as Tunnel, StreamHeader};
+    use quicmesh_transport::l7::frame::{self, HttpHead, HttpHeader, Kind};
+
+    let (app_addr, seen) = http_app().await;
+    let (pki, server, client) = mesh_pair(app_addr, "http", "").await;
+    // No proxy on this side: a QUIC peer with a mesh certificate that writes what it likes.
+    let (_ep, conn) = crate::dataplane::raw_connection(&pki, server.inbound()).await;
+    let opening = |after: &[u8]| {
+        let h = StreamHeader {
+            service: "echo".into(),
+            port: 80,
+            protocol: Protocol::Http1 as i32,
+            ..Default::default()
+        };
+        let mut f = bytes::BytesMut::new();
+        f.put_u16(u16::try_from(h.encoded_len()).expect("len"));
+        h.encode(&mut f).expect("encode");
+        f.extend_from_slice(after);
+        f
+    };
+    let reset = Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(
+        quicmesh_transport::tunnel::code::PROTOCOL_ERROR,
+    )));
+    let head = |method: &str, headers: Vec<HttpHeader>| {
+        frame::encode_head(&HttpHead {
+            method: method.into(),
+            path: "/echo".into(),
+            headers,
+            ..Default::default()
+        })
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown frame type", vec![9, 0, 0, 0, 1, 0]),
+        (
+            "head over 64 KiB",
+            frame::prefix(Kind::Head, 1 << 20).to_vec(),
+        ),
+        ("data before the head", {
+            let mut v = frame::prefix(Kind::Data, 2).to_vec();
+            v.extend_from_slice(b"hi");
+            v
+        }),
+        ("not protobuf", {
+            let mut v = frame::prefix(Kind::Head, 4).to_vec();
+            v.extend_from_slice(&[0xff; 4]);
+            v
+        }),
+        (
+            "invalid header name",
+            head(
+                "GET",
+                vec![HttpHeader {
+                    name: b"bad name".to_vec(),
+                    value: b"v".to_vec(),
+                }],
+            )
+            .to_vec(),
+        ),
+        ("invalid method", head("G E T", vec![]).to_vec()),
+    ];
+    for (what, bytes) in &cases {
+        assert_eq!(
+            crate::dataplane::send_raw(&conn, &opening(bytes)).await,
+            reset,
+            "{what}"
+        );
+    }
+    // The connection lives on and a proper request on it is served.
+    let back = crate::dataplane::send_raw(&conn, &opening(&head("GET", vec![])))
+        .await
+        .expect("good request");
+    let (status, rest) = crate::dataplane::status_and_rest(&back);
+    assert_eq!(status.code, Tunnel::Ok as i32);
+    let (kind, len) = frame::parse_prefix(rest[..5].try_into().expect("prefix")).expect("frame");
+    assert_eq!(kind, Kind::Head);
+    let response = frame::decode_head(&rest[5..5 + len]).expect("response head");
+    assert_eq!(response.status, 200);
+    let m = server.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_protocol_errors_total",
+            &["reason=\"bad_request_frame\""]
+        ),
+        cases.len() as f64,
+        "{m}"
+    );
+    assert_eq!(
+        seen.requests.load(Ordering::Relaxed),
+        1,
+        "only the good request reached the app"
+    );
+    assert!(conn.close_reason().is_none());
+    client.shutdown().await;
+    server.shutdown().await;
+}

@@ -52,7 +52,8 @@ pub enum QuicError {
     Crypto(String),
 }
 
-/// The crypto provider every config uses: ring only (see STACK.md: two providers panic).
+/// The crypto provider every config uses: ring only. Configs name it explicitly, so a second provider
+/// compiled into the process can never make rustls' default choice ambiguous (it panics then).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

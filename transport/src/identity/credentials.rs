@@ -148,6 +148,9 @@ struct Inner {
     trust_domain: String,
     leaf: RwLock<Option<Leaf>>,
     roots: RwLock<Arc<RootCertStore>>,
+    /// The namespace of our identity, known once a leaf is held; a renewal keeps the identity, so it is
+    /// read without locking or cloning the leaf on the per-stream path.
+    namespace: std::sync::OnceLock<Arc<str>>,
     /// Bumped by every `set_leaf`: connections made under an older leaf know they are stale.
     generation: AtomicU64,
     /// Notified on every change of leaf or roots.
@@ -173,8 +176,13 @@ impl Credentials {
     }
 
     fn build(leaf: Option<Leaf>, roots: RootCertStore, trust_domain: String) -> Self {
+        let namespace = std::sync::OnceLock::new();
+        if let Some(l) = &leaf {
+            let _ = namespace.set(Arc::from(l.info.id.namespace()));
+        }
         Self {
             inner: Arc::new(Inner {
+                namespace,
                 trust_domain,
                 leaf: RwLock::new(leaf),
                 roots: RwLock::new(Arc::new(roots)),
@@ -182,6 +190,11 @@ impl Credentials {
                 changed: tokio::sync::watch::Sender::new(0),
             }),
         }
+    }
+
+    /// The namespace of our identity, once a leaf is held.
+    pub fn namespace(&self) -> Option<Arc<str>> {
+        self.inner.namespace.get().cloned()
     }
 
     /// The current leaf, if one is held yet.
@@ -235,6 +248,9 @@ impl Credentials {
 
     /// Presents `leaf` on every handshake from now on.
     pub fn set_leaf(&self, leaf: Leaf) {
+        self.inner
+            .namespace
+            .get_or_init(|| Arc::from(leaf.info.id.namespace()));
         *self.inner.leaf.write().unwrap_or_else(|p| p.into_inner()) = Some(leaf);
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
         self.inner.changed.send_modify(|v| *v += 1);

@@ -310,11 +310,15 @@ async fn request(
     let grpc = grpc_port || is_grpc(req.headers());
     let target = svc.target();
     let service = target.to_string();
-    let timeouts = svc
-        .state
-        .load()
-        .service(&target)
-        .and_then(|s| s.policy.timeouts.clone());
+    // One look at the mesh state per request: the policy and the endpoint count (ejection cap).
+    let (timeouts, endpoints) = {
+        let state = svc.state.load();
+        let svc_state = state.service(&target);
+        (
+            svc_state.and_then(|s| s.policy.timeouts.clone()),
+            svc_state.map_or(0, |s| s.upstream.endpoints.len()),
+        )
+    };
     let client_timeout = req
         .headers()
         .get("grpc-timeout")
@@ -417,14 +421,16 @@ async fn request(
         };
         let cancel = CancellationToken::new();
         let mut writer = tokio::spawn(write_task(send, body, deadline, cancel.clone()));
-        let head = io::read_head(&mut recv, try_deadline).await;
+        // The head and its header fields, decoded once; malformed fields fail the try like a reset.
+        let head = io::read_head(&mut recv, try_deadline).await.and_then(|h| {
+            let fields = frame::header_map(&h.headers, "response head")?;
+            Ok((h, fields))
+        });
         let outcome = match &head {
-            Ok(h) if h.mesh_error != 0 => Outcome::NotSent,
-            Ok(h) => Outcome::Response {
+            Ok((h, _)) if h.mesh_error != 0 => Outcome::NotSent,
+            Ok((h, fields)) => Outcome::Response {
                 status: u16::try_from(h.status).unwrap_or(0),
-                grpc: frame::header_map(&h.headers, "head")
-                    .ok()
-                    .and_then(|m| grpc_status(&m)),
+                grpc: grpc_status(fields),
             },
             Err(ReadError::Deadline) if try_deadline != deadline => Outcome::TryTimeout,
             // The far side's clock ran out a moment before ours: the same deadline.
@@ -446,10 +452,9 @@ async fn request(
             _ => true,
         };
         let latency = matches!(outcome, Outcome::Response { .. }).then(|| sent_at.elapsed());
-        let total = svc.state.load().upstream(&target).endpoints.len();
         if svc
             .health
-            .end(addr, latency, !failed, total, Instant::now().into_std())
+            .end(addr, latency, !failed, endpoints, Instant::now().into_std())
         {
             svc.metrics.requests.ejections.inc();
             tracing::warn!(%addr, %peer, service = %service, "endpoint ejected after failed requests in a row");
@@ -485,8 +490,8 @@ async fn request(
             }
             svc.metrics.retries_denied.inc();
         }
-        let head = match head {
-            Ok(h) if h.mesh_error != 0 => {
+        let (head, mut headers) = match head {
+            Ok((h, _)) if h.mesh_error != 0 => {
                 cancel.cancel();
                 tracing::info!(request_id = %rid, %peer, "the destination could not reach its application");
                 svc.metrics
@@ -499,10 +504,13 @@ async fn request(
                 count(&svc, &peer, &service, 503, grpc.then_some(14));
                 return failure_response(Failure::Unavailable, grpc, "application unreachable");
             }
-            Ok(h) => h,
+            Ok(x) => x,
             Err(e) => {
                 cancel.cancel();
-                let _ = recv.stop(code::CANCELLED);
+                let _ = recv.stop(match e {
+                    ReadError::Frame(_) | ReadError::Truncated => code::PROTOCOL_ERROR,
+                    _ => code::CANCELLED,
+                });
                 let f = if matches!(e, ReadError::Deadline) {
                     Failure::Deadline
                 } else {
@@ -512,15 +520,6 @@ async fn request(
                 let (status, g) = failure_status(f);
                 count(&svc, &peer, &service, status.as_u16(), grpc.then_some(g));
                 return failure_response(f, grpc, &e.to_string());
-            }
-        };
-        let mut headers = match frame::header_map(&head.headers, "response head") {
-            Ok(h) => h,
-            Err(e) => {
-                cancel.cancel();
-                let _ = recv.stop(code::PROTOCOL_ERROR);
-                count(&svc, &peer, &service, 502, grpc.then_some(14));
-                return failure_response(Failure::BadGateway, grpc, &e.to_string());
             }
         };
         strip_hop_by_hop(&mut headers);

@@ -370,8 +370,8 @@ impl Conn {
         let target = ServiceRef {
             namespace: self
                 .creds
-                .id()
-                .map(|id| id.namespace().to_owned())
+                .namespace()
+                .map(|ns| ns.to_string())
                 .unwrap_or_default(),
             name: header.service.clone(),
         };

@@ -179,6 +179,8 @@ pub(crate) struct Service {
     pub(crate) state: StateHandle,
     /// Our identity, whose namespace is the service's when `cfg.service` names none.
     creds: Credentials,
+    /// The destination service, resolved once our namespace is known.
+    resolved: std::sync::OnceLock<ServiceRef>,
     pool: Arc<Pool>,
     pub(crate) health: Arc<EndpointHealth>,
     pub(crate) budget: Arc<Mutex<RetryBudget>>,
@@ -216,6 +218,7 @@ impl Outbound {
                 cfg,
                 state,
                 creds,
+                resolved: std::sync::OnceLock::new(),
                 pool,
                 health,
                 budget,
@@ -328,12 +331,18 @@ impl Service {
     }
 
     /// The destination service, in our namespace unless the listener names one.
-    pub(crate) fn target(&self) -> ServiceRef {
-        let own_ns = self.creds.id();
-        ServiceRef::parse(
-            &self.cfg.service,
-            own_ns.as_ref().map_or("", |id| id.namespace()),
-        )
+    pub(crate) fn target(&self) -> std::borrow::Cow<'_, ServiceRef> {
+        if let Some(t) = self.resolved.get() {
+            return std::borrow::Cow::Borrowed(t);
+        }
+        match self.creds.namespace() {
+            Some(ns) => std::borrow::Cow::Borrowed(
+                self.resolved
+                    .get_or_init(|| ServiceRef::parse(&self.cfg.service, &ns)),
+            ),
+            // No certificate yet (controller mode before the first one): nothing is reachable anyway.
+            None => std::borrow::Cow::Owned(ServiceRef::parse(&self.cfg.service, "")),
+        }
     }
 
     async fn handle(self: Arc<Self>, tcp: TcpStream, drain: Drain) {
