@@ -35,16 +35,16 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// What the backend app saw.
 #[derive(Default)]
-struct Seen {
-    requests: AtomicU64,
-    flaky: AtomicU64,
-    failed: AtomicU64,
+pub(crate) struct Seen {
+    pub(crate) requests: AtomicU64,
+    pub(crate) flaky: AtomicU64,
+    pub(crate) failed: AtomicU64,
 }
 
 /// A hyper app speaking HTTP/1.1 and HTTP/2 (prior knowledge) on one port:
 /// `/echo` answers the body back with `x-seen-client-id` (the identity header it got) and
 /// `x-seen-method`; `/flaky` answers 503 to 30% of requests (random); `/slow` answers after 50 ms.
-async fn http_app() -> (SocketAddr, Arc<Seen>) {
+pub(crate) async fn http_app() -> (SocketAddr, Arc<Seen>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
     let addr = l.local_addr().expect("addr");
     let seen = Arc::new(Seen::default());
@@ -104,7 +104,11 @@ async fn app(req: Request<Incoming>, seen: &Seen) -> Response<Body> {
 
 /// A server proxy (identity `echo`) for `app` on port 80, and a client proxy (identity `client`)
 /// whose mesh file declares the port with `protocol` and the policies in `policies`.
-async fn mesh_pair(app: SocketAddr, protocol: &str, policies: &str) -> (Pki, Running, Running) {
+pub(crate) async fn mesh_pair(
+    app: SocketAddr,
+    protocol: &str,
+    policies: &str,
+) -> (Pki, Running, Running) {
     let pki = Pki::new();
     pki.issue("server", "echo");
     let cfg = pki.config(

@@ -14,3 +14,4 @@ mod http;
 mod naming;
 mod process;
 mod state;
+mod upgrade;

@@ -49,13 +49,24 @@ type RespBody = BoxBody<Bytes, BoxError>;
 /// Longest wait for the rest of a small request body before deciding on a retry.
 const BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Longest wait for the application's answer to an upgrade request.
+const UPGRADE_ANSWER: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves one application connection until it closes or the proxy drains.
 pub(crate) async fn serve(svc: Arc<Service>, tcp: TcpStream, grpc: bool, drain: Drain) {
     let _ = tcp.set_nodelay(true);
     let s = svc.clone();
+    let abort = drain.abort.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let s = s.clone();
-        async move { Ok::<_, Infallible>(request(s, req, grpc).await) }
+        let abort = abort.clone();
+        async move {
+            Ok::<_, Infallible>(if wants_upgrade(&req) {
+                upgrade(s, req, abort).await
+            } else {
+                request(s, req, grpc).await
+            })
+        }
     });
     let mut b = auto::Builder::new(TokioExecutor::new());
     // Heads beyond the limit get 431; malformed requests get 400 and a closed connection (hyper).
@@ -63,7 +74,7 @@ pub(crate) async fn serve(svc: Arc<Service>, tcp: TcpStream, grpc: bool, drain: 
     b.http2()
         .max_header_list_size(u32::try_from(MAX_HEAD).unwrap_or(u32::MAX))
         .max_concurrent_streams(1024);
-    let conn = b.serve_connection(TokioIo::new(tcp), service);
+    let conn = b.serve_connection_with_upgrades(TokioIo::new(tcp), service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -78,6 +89,121 @@ pub(crate) async fn serve(svc: Arc<Service>, tcp: TcpStream, grpc: bool, drain: 
                 _ = drain.abort.cancelled() => {}
             }
         }
+    }
+}
+
+/// What the application is told when no stream could be opened.
+fn open_failure(e: &OpenError, deadline: Option<Instant>) -> Failure {
+    match e {
+        OpenError::Refused {
+            code: StatusCode::Forbidden,
+            ..
+        } => Failure::Forbidden,
+        OpenError::Refused {
+            code: StatusCode::NoRoute,
+            ..
+        } => Failure::NoRoute,
+        OpenError::Timeout(_) if deadline.is_some_and(|d| Instant::now() >= d) => Failure::Deadline,
+        _ => Failure::Unavailable,
+    }
+}
+
+/// A request that asks to leave HTTP: an HTTP/1.1 `Upgrade` (WebSocket and the like) or `CONNECT`.
+fn wants_upgrade<B>(req: &Request<B>) -> bool {
+    req.method() == http::Method::CONNECT
+        || (req.version() == Version::HTTP_11 && req.headers().contains_key(http::header::UPGRADE))
+}
+
+/// An upgrade leaves request-by-request handling: it travels on one opaque stream, like a TCP
+/// connection, with the request written as HTTP/1.1 to the destination's application. If the
+/// application switches protocols (101, or 2xx to a `CONNECT`), the application's connection and
+/// the stream are joined byte for byte until either side closes or the proxy's drain ends; any other
+/// answer is passed back as a response. Opaque streams are admitted without a method or path, so a
+/// policy that allows only some paths refuses upgrades (403).
+async fn upgrade(
+    svc: Arc<Service>,
+    mut req: Request<Incoming>,
+    abort: CancellationToken,
+) -> Response<RespBody> {
+    req.headers_mut().remove(CLIENT_ID_HEADER);
+    let service = svc.target().to_string();
+    let request_id = tunnel::new_request_id();
+    let rid = tunnel::request_id_hex(&request_id);
+    let started = Instant::now();
+    let deadline = svc.cfg.deadline.map(|d| started + d);
+    let connect_by = deadline.map_or(started + svc.cfg.connect_timeout, |d| {
+        d.min(started + svc.cfg.connect_timeout)
+    });
+    let opened = tokio::time::timeout_at(
+        connect_by,
+        svc.open(&request_id, connect_by, deadline, &Start::default()),
+    )
+    .await
+    .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - started)));
+    let (send, recv, pc) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::info!(request_id = %rid, error = %e, "upgrade not delivered");
+            let f = open_failure(&e, deadline);
+            let (status, _) = failure_status(f);
+            count(&svc, "", &service, status.as_u16(), None);
+            return failure_response(f, false, &e.to_string());
+        }
+    };
+    let peer = pc.peer.to_string();
+    let bad_gateway = |svc: &Service, e: &dyn std::fmt::Display| {
+        tracing::info!(request_id = %rid, %peer, error = %e, "upgrade failed");
+        count(svc, &peer, &service, 502, None);
+        failure_response(Failure::BadGateway, false, "upgrade failed")
+    };
+    let stream = TokioIo::new(tokio::io::join(recv, send));
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(stream).await {
+        Ok(x) => x,
+        Err(e) => return bad_gateway(&svc, &e),
+    };
+    tokio::spawn(conn.with_upgrades());
+    let app_side = hyper::upgrade::on(&mut req);
+    let connect = req.method() == http::Method::CONNECT;
+    let answer = tokio::time::timeout_at(
+        deadline.map_or(started + UPGRADE_ANSWER, |d| {
+            d.min(started + UPGRADE_ANSWER)
+        }),
+        sender.send_request(req),
+    )
+    .await;
+    let mut resp = match answer {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return bad_gateway(&svc, &e),
+        Err(_) => return bad_gateway(&svc, &"no answer in time"),
+    };
+    count(&svc, &peer, &service, resp.status().as_u16(), None);
+    let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+        || (connect && resp.status().is_success());
+    if switched {
+        let mesh_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(a), Ok(b)) = tokio::join!(app_side, mesh_side) else {
+                return;
+            };
+            let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "upgraded connection ended");
+                    }
+                }
+                _ = abort.cancelled() => {}
+                _ = sleep_until_opt(deadline) => {}
+            }
+        });
+    }
+    resp.map(|b| b.map_err(BoxError::from).boxed())
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -382,20 +508,7 @@ async fn request(
                     })
                     .inc();
                 tracing::info!(request_id = %rid, error = %e, "request not delivered");
-                let f = match &e {
-                    OpenError::Refused {
-                        code: StatusCode::Forbidden,
-                        ..
-                    } => Failure::Forbidden,
-                    OpenError::Refused {
-                        code: StatusCode::NoRoute,
-                        ..
-                    } => Failure::NoRoute,
-                    OpenError::Timeout(_) if deadline.is_some_and(|d| Instant::now() >= d) => {
-                        Failure::Deadline
-                    }
-                    _ => Failure::Unavailable,
-                };
+                let f = open_failure(&e, deadline);
                 let (status, g) = failure_status(f);
                 count(&svc, "", &service, status.as_u16(), grpc.then_some(g));
                 return failure_response(f, grpc, &e.to_string());
