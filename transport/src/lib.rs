@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod proxy;
 pub mod quic;
+pub mod ratelimit;
 pub mod retry;
 pub mod state;
 pub mod tunnel;

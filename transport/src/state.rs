@@ -72,6 +72,64 @@ pub struct Upstream {
     pub endpoints: Vec<SocketAddr>,
     /// The identities allowed to serve the service; a peer outside this set gets no stream.
     pub servers: ServerNames,
+    /// A traffic split's groups: endpoints of one version each, with the split's weight. Empty
+    /// without a split, or when no version of the split has an endpoint.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub split: Vec<SplitGroup>,
+}
+
+/// The endpoints of one version of a traffic split, and its weight.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SplitGroup {
+    /// Version label.
+    pub version: String,
+    /// Weight from the split (positive).
+    pub weight: u32,
+    /// Endpoints carrying that version label, sorted.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+impl Upstream {
+    /// The endpoints a new request or connection may go to: under a split, those of the version that
+    /// `draw` (uniform over `u32`) falls on, in proportion to the weights; otherwise all of them.
+    pub fn candidates(&self, draw: u32) -> &[SocketAddr] {
+        let total: u64 = self.split.iter().map(|g| u64::from(g.weight)).sum();
+        if total == 0 {
+            return &self.endpoints;
+        }
+        let mut at = u64::from(draw) % total;
+        for g in &self.split {
+            if at < u64::from(g.weight) {
+                return &g.endpoints;
+            }
+            at -= u64::from(g.weight);
+        }
+        &self.endpoints
+    }
+}
+
+/// The groups of `split` over `endpoints`: versions with a positive weight and at least one endpoint.
+fn split_groups(split: Option<&TrafficSplit>, endpoints: &[EndpointState]) -> Vec<SplitGroup> {
+    let Some(split) = split else {
+        return Vec::new();
+    };
+    split
+        .backends
+        .iter()
+        .filter(|b| b.weight > 0)
+        .filter_map(|b| {
+            let endpoints: Vec<SocketAddr> = endpoints
+                .iter()
+                .filter(|e| e.version == b.service_version)
+                .map(|e| e.address)
+                .collect();
+            (!endpoints.is_empty()).then(|| SplitGroup {
+                version: b.service_version.clone(),
+                weight: b.weight,
+                endpoints,
+            })
+        })
+        .collect()
 }
 
 /// One endpoint of a service.
@@ -340,6 +398,7 @@ impl MeshState {
             svc.upstream = Arc::new(Upstream {
                 endpoints: svc.endpoints.iter().map(|e| e.address).collect(),
                 servers,
+                split: split_groups(svc.policy.traffic_split.as_ref(), &svc.endpoints),
             });
         }
         for w in &warnings {
@@ -415,6 +474,7 @@ impl MeshState {
                     &[],
                 )
                 .unwrap_or_default(),
+                split: Vec::new(),
             }),
         }
     }
@@ -496,6 +556,7 @@ fn service_entry<'m>(
             upstream: Arc::new(Upstream {
                 endpoints: Vec::new(),
                 servers,
+                split: Vec::new(),
             }),
         }
     })
@@ -626,6 +687,47 @@ spec: {service: db, address: "127.0.0.1:4"}
         assert!(!db.declared);
         assert_eq!(db.endpoints.len(), 1);
         assert!(db.upstream.servers.allows(&id("spiffe://td/ns/shop/sa/db")));
+    }
+
+    const SPLIT: &str = r#"---
+kind: Policy
+metadata: {name: canary, namespace: shop}
+spec: {target_service: web, traffic_split: {backends: [{service_version: v1, weight: 90}, {service_version: v2, weight: 10}, {service_version: v3, weight: 50}]}}
+"#;
+
+    #[test]
+    fn a_split_sends_each_version_its_weight_and_ignores_versions_without_endpoints() {
+        let s = state(&format!("{SHOP}{SPLIT}"));
+        let up = &s.service(&svc("web", "shop")).expect("web").upstream;
+        // v3 has no endpoint: its weight goes to the others.
+        assert_eq!(up.split.len(), 2);
+        let v1: SocketAddr = "127.0.0.1:2".parse().expect("addr");
+        let v2: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let mut counts = [0u32; 2];
+        for draw in 0..100_000u32 {
+            let c = up.candidates(draw.wrapping_mul(2_654_435_761));
+            assert_eq!(c.len(), 1);
+            counts[usize::from(c[0] == v2)] += 1;
+            assert!(c[0] == v1 || c[0] == v2);
+        }
+        let share = f64::from(counts[1]) / 100_000.0;
+        assert!((share - 0.10).abs() < 0.005, "v2 got {share}");
+        // Without a split every endpoint is a candidate.
+        let plain = state(SHOP);
+        let up = &plain.service(&svc("web", "shop")).expect("web").upstream;
+        assert!(up.split.is_empty());
+        assert_eq!(up.candidates(7).len(), 2);
+    }
+
+    #[test]
+    fn a_split_whose_versions_have_no_endpoints_falls_back_to_all() {
+        let yaml = format!(
+            "{SHOP}---\nkind: Policy\nmetadata: {{name: c, namespace: shop}}\nspec: {{target_service: web, traffic_split: {{backends: [{{service_version: v9, weight: 1}}]}}}}\n"
+        );
+        let s = state(&yaml);
+        let up = &s.service(&svc("web", "shop")).expect("web").upstream;
+        assert!(up.split.is_empty());
+        assert_eq!(up.candidates(3).len(), 2);
     }
 
     #[test]

@@ -201,6 +201,20 @@ pub async fn write_status(
     let status = StreamStatus {
         code: code as i32,
         message: message.to_owned(),
+        retry_after_ms: 0,
+    };
+    send.write_all(&encode_frame(&status)).await
+}
+
+/// Writes a `RATE_LIMITED` status saying when to try again.
+pub async fn write_rate_limited(
+    send: &mut SendStream,
+    retry_after: std::time::Duration,
+) -> Result<(), quinn::WriteError> {
+    let status = StreamStatus {
+        code: StatusCode::RateLimited as i32,
+        message: "rate limited".to_owned(),
+        retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
     };
     send.write_all(&encode_frame(&status)).await
 }
@@ -307,6 +321,7 @@ mod tests {
         let status = StreamStatus {
             code: 0,
             message: "m".repeat(MAX_FRAME - 3),
+            retry_after_ms: 0,
         };
         let f = encode_frame(&status);
         assert_eq!(f.len(), 2 + MAX_FRAME);

@@ -28,6 +28,7 @@ use super::{
 use crate::{
     clip::clip,
     identity::SpiffeId,
+    ratelimit::{Limiters, RateVerdict},
     metrics::{Direction, DirectionLabels, LatencyLabels, Metrics, ReasonLabels, RequestLabels},
     state::{Admission, Request as Facts, ServiceRef, StateHandle},
     tunnel::{self, Protocol, StatusCode, StreamHeader, code},
@@ -64,6 +65,8 @@ pub struct Ctx<'a> {
     pub state: &'a StateHandle,
     /// App clients.
     pub clients: &'a AppClients,
+    /// Rate limit schedules.
+    pub limiters: &'a Limiters,
     /// How long the request head may take to arrive.
     pub header_timeout: Duration,
 }
@@ -182,6 +185,16 @@ pub async fn serve(
             let _ = send.finish();
             return;
         }
+    }
+    if let RateVerdict::Limited { retry_after } =
+        ctx.limiters
+            .check(&ctx.state.load(), target, peer, std::time::Instant::now())
+    {
+        tracing::debug!(request_id = %rid, %peer, service = %target, "request rate limited");
+        refuse_count(ctx.metrics, "rate_limited");
+        let _ = tunnel::write_rate_limited(&mut send, retry_after).await;
+        let _ = send.finish();
+        return;
     }
     let (version, client) = if header.protocol == Protocol::Http1 as i32 {
         (Version::HTTP_11, &ctx.clients.h1)

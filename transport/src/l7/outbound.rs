@@ -103,6 +103,13 @@ fn open_failure(e: &OpenError, deadline: Option<Instant>) -> Failure {
             code: StatusCode::NoRoute,
             ..
         } => Failure::NoRoute,
+        OpenError::Refused {
+            code: StatusCode::RateLimited,
+            retry_after_ms,
+            ..
+        } => Failure::RateLimited {
+            retry_after_s: retry_after_ms.div_ceil(1000).max(1),
+        },
         OpenError::Timeout(_) if deadline.is_some_and(|d| Instant::now() >= d) => Failure::Deadline,
         _ => Failure::Unavailable,
     }
@@ -263,6 +270,10 @@ fn failure_response(f: Failure, grpc: bool, detail: &str) -> Response<RespBody> 
     };
     r.headers_mut()
         .insert("x-quicmesh-error", HeaderValue::from_static("mesh"));
+    if let Failure::RateLimited { retry_after_s } = f {
+        r.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+    }
     r
 }
 

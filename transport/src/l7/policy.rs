@@ -28,6 +28,8 @@ pub mod grpc {
     pub const DEADLINE_EXCEEDED: u32 = 4;
     /// `PERMISSION_DENIED`.
     pub const PERMISSION_DENIED: u32 = 7;
+    /// `RESOURCE_EXHAUSTED`.
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
     /// `UNIMPLEMENTED`.
     pub const UNIMPLEMENTED: u32 = 12;
     /// `UNAVAILABLE`.
@@ -190,6 +192,11 @@ pub enum Failure {
     Forbidden,
     /// The destination does not serve this service or port.
     NoRoute,
+    /// The destination's rate limit refused the request; the caller may retry after this many seconds.
+    RateLimited {
+        /// Whole seconds, at least 1 (the unit of `Retry-After`).
+        retry_after_s: u32,
+    },
 }
 
 /// The HTTP status, and the gRPC status for gRPC callers, a caller gets for `f`.
@@ -200,6 +207,7 @@ pub fn failure_status(f: Failure) -> (StatusCode, u32) {
         Failure::Deadline => (StatusCode::GATEWAY_TIMEOUT, grpc::DEADLINE_EXCEEDED),
         Failure::Forbidden => (StatusCode::FORBIDDEN, grpc::PERMISSION_DENIED),
         Failure::NoRoute => (StatusCode::BAD_GATEWAY, grpc::UNIMPLEMENTED),
+        Failure::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, grpc::RESOURCE_EXHAUSTED),
     }
 }
 
@@ -334,5 +342,9 @@ mod tests {
         assert_eq!(failure_status(Failure::Deadline).1, grpc::DEADLINE_EXCEEDED);
         assert_eq!(failure_status(Failure::Unavailable).1, grpc::UNAVAILABLE);
         assert_eq!(failure_status(Failure::Forbidden).0, StatusCode::FORBIDDEN);
+        assert_eq!(
+            failure_status(Failure::RateLimited { retry_after_s: 1 }),
+            (StatusCode::TOO_MANY_REQUESTS, grpc::RESOURCE_EXHAUSTED)
+        );
     }
 }

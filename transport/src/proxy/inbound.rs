@@ -37,6 +37,7 @@ use crate::{
     identity::{Credentials, SpiffeId},
     l7::inbound::AppClients,
     metrics::{DecisionLabels, Direction, Metrics, PeerMetrics, ReasonLabels},
+    ratelimit::{Limiters, RateVerdict},
     state::{Admission as Verdict, Request, ServiceRef, StateHandle},
     tunnel::{self, FrameError, Protocol, StatusCode, StreamHeader, code},
 };
@@ -49,6 +50,7 @@ pub struct Inbound {
     creds: Credentials,
     state: StateHandle,
     clients: AppClients,
+    limiters: Arc<Limiters>,
     max_streams: u32,
 }
 
@@ -67,6 +69,7 @@ impl Inbound {
         Self {
             endpoint,
             clients: AppClients::new(cfg.connect_timeout),
+            limiters: Arc::new(Limiters::default()),
             cfg: Arc::new(cfg),
             metrics,
             creds,
@@ -126,6 +129,7 @@ impl Inbound {
                 creds: self.creds.clone(),
                 state: self.state.clone(),
                 clients: self.clients.clone(),
+                limiters: self.limiters.clone(),
                 header_waits: header_waits.clone(),
             };
             let span = tracing::debug_span!("inbound", remote = %incoming.remote_address());
@@ -204,6 +208,8 @@ struct Conn {
     state: StateHandle,
     /// Pooled connections to the local apps, for HTTP and gRPC streams.
     clients: AppClients,
+    /// Rate limit schedules.
+    limiters: Arc<Limiters>,
     /// Streams waiting for their header, over all connections.
     header_waits: Arc<Count>,
 }
@@ -418,11 +424,33 @@ impl Conn {
                 return;
             }
         };
+        // A TCP connection is one unit of a rate limit; HTTP streams count each request (`l7::inbound`).
+        if !http
+            && let RateVerdict::Limited { retry_after } = self.limiters.check(
+                &self.state.load(),
+                &target,
+                &peer,
+                std::time::Instant::now(),
+            )
+        {
+            tracing::debug!(request_id = %rid, %peer, service = %target, "stream rate limited");
+            self.metrics
+                .failures
+                .get_or_create(&ReasonLabels {
+                    direction: Direction::Inbound,
+                    reason: "rate_limited",
+                })
+                .inc();
+            let _ = tunnel::write_rate_limited(&mut send, retry_after).await;
+            let _ = send.finish();
+            return;
+        }
         if http {
             let ctx = crate::l7::inbound::Ctx {
                 metrics: &self.metrics,
                 state: &self.state,
                 clients: &self.clients,
+                limiters: &self.limiters,
                 header_timeout: self.cfg.header_timeout,
             };
             crate::l7::inbound::serve(ctx, send, recv, &header, &peer, &target, app, deadline)

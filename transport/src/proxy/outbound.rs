@@ -74,6 +74,8 @@ pub enum OpenError {
         code: StatusCode,
         /// Its message.
         message: String,
+        /// With `RateLimited`: when to try again, milliseconds.
+        retry_after_ms: u32,
     },
     /// A retry was warranted but the retry budget is spent.
     #[error("retry budget exhausted after: {0}")]
@@ -111,6 +113,7 @@ impl OpenError {
                 StatusCode::Forbidden => "forbidden",
                 StatusCode::Unavailable => "unavailable",
                 StatusCode::DeadlineExceeded => "deadline_exceeded",
+                StatusCode::RateLimited => "rate_limited",
                 StatusCode::Ok => "ok",
             },
             Self::BudgetExhausted(_) => "retry_budget_exhausted",
@@ -413,8 +416,10 @@ impl Service {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let upstream = self.state.load().upstream(&self.target());
         let now = Instant::now().into_std();
+        // A traffic split picks the version first, per connection or request.
+        let candidates = upstream.candidates(rand::random());
         let order = if first.protocol == tunnel::Protocol::Tcp {
-            self.health.attempt_order(&upstream.endpoints, start, now)
+            self.health.attempt_order(candidates, start, now)
         } else {
             // Requests: the better of two random endpoints by latency and load.
             let draw = (
@@ -422,7 +427,7 @@ impl Service {
                 rand::random::<u32>() as usize,
             );
             self.health
-                .pick_order(&upstream.endpoints, draw, now, |a| self.pool.rtt(a))
+                .pick_order(candidates, draw, now, |a| self.pool.rtt(a))
         };
         if order.is_empty() {
             return Err(OpenError::NoEndpoints);
@@ -533,6 +538,7 @@ impl Service {
                 peer: pc.peer.to_string(),
                 code,
                 message: status.message,
+                retry_after_ms: status.retry_after_ms,
             });
         }
         let _ = send.set_priority(0);
@@ -635,6 +641,7 @@ mod tests {
             peer: "p".into(),
             code,
             message: String::new(),
+            retry_after_ms: 0,
         };
         let dial = OpenError::Dial(DialError::Timeout(
             SocketAddr::from(([127, 0, 0, 1], 1)),
