@@ -83,7 +83,7 @@ pub(crate) async fn start_controller(dir: &Path, listen: &str, leaf_ttl: &str) -
     .await
 }
 
-async fn admin_client(addr: SocketAddr, bundle: &Path, admin: &str) -> client::Admin {
+pub(crate) async fn admin_client(addr: SocketAddr, bundle: &Path, admin: &str) -> client::Admin {
     let pem = std::fs::read_to_string(bundle).expect("bundle");
     let ch = client::connect(
         &addr.to_string(),

@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 
 use crate::support::*;
 
-type Body = BoxBody<Bytes, Infallible>;
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
 
 /// What the backend app saw.
 #[derive(Default)]
@@ -152,7 +152,7 @@ fn connector() -> HttpConnector {
     c
 }
 
-fn h1_client() -> Client<HttpConnector, Body> {
+pub(crate) fn h1_client() -> Client<HttpConnector, Body> {
     Client::builder(TokioExecutor::new()).build(connector())
 }
 
@@ -714,7 +714,11 @@ async fn malformed_http_gets_400_and_oversized_heads_get_431_and_the_proxy_serve
 }
 
 /// An app that answers every request with its `name`, after `delay`, or 503 while `failing`.
-async fn named_app(name: &'static str, delay: Duration, failing: Arc<AtomicBool>) -> SocketAddr {
+pub(crate) async fn named_app(
+    name: &'static str,
+    delay: Duration,
+    failing: Arc<AtomicBool>,
+) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -778,7 +782,10 @@ async fn two_endpoints(apps: [SocketAddr; 2]) -> (Pki, Vec<Running>, Running) {
     (pki, servers, client)
 }
 
-async fn get_body(c: &Client<HttpConnector, Body>, target: SocketAddr) -> (StatusCode, Bytes) {
+pub(crate) async fn get_body(
+    c: &Client<HttpConnector, Body>,
+    target: SocketAddr,
+) -> (StatusCode, Bytes) {
     let req = Request::get(format!("http://{target}/"))
         .body(Full::new(Bytes::new()).boxed())
         .expect("request");

@@ -12,6 +12,7 @@ mod dataplane;
 mod endpoint;
 mod http;
 mod naming;
+mod policy;
 mod process;
 mod state;
 mod upgrade;

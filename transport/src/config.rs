@@ -129,6 +129,10 @@ pub struct InboundConfig {
     /// Service names this proxy serves; empty accepts any. Streams for others get `NO_ROUTE`.
     #[serde(default)]
     pub services: Vec<String>,
+    /// Version label of the workload behind this proxy (controller mode registers its endpoint with
+    /// it), the unit of traffic splits; empty for none.
+    #[serde(default)]
+    pub version: String,
     /// Longest time to connect to the application when the stream header asks for no shorter one.
     #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,

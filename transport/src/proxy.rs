@@ -321,13 +321,16 @@ impl Proxy {
                 services
                     .into_iter()
                     .map(|service| quicmesh_proto::controller::Endpoint {
+                        // Replicas share an account (and so a default proxy name): the port
+                        // keeps their endpoints apart.
                         metadata: Some(quicmesh_proto::controller::Metadata {
-                            name: format!("{}-{service}", boot.proxy_name),
+                            name: format!("{}-{service}-{}", boot.proxy_name, addr.port()),
                             namespace: id.namespace().to_owned(),
                             ..Default::default()
                         }),
                         service,
                         address: addr.to_string(),
+                        service_version: i.version.clone(),
                         ..Default::default()
                     })
                     .collect()

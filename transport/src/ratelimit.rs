@@ -216,7 +216,10 @@ mod tests {
         }
         assert_eq!(ok, 11, "the burst plus the first request");
         let wait = g.check(tat, now).expect_err("over the limit");
-        assert!(wait > Duration::ZERO && wait <= Duration::from_millis(10), "{wait:?}");
+        assert!(
+            wait > Duration::ZERO && wait <= Duration::from_millis(10),
+            "{wait:?}"
+        );
         assert!(g.check(tat, now + wait).is_ok());
         assert!(Gcra::new(0.0, 1).is_none());
         assert!(Gcra::new(f64::NAN, 1).is_none());
@@ -282,7 +285,10 @@ mod tests {
         let l = Limiters::default();
         let now = Instant::now();
         for i in 0..MAX_SOURCES {
-            assert_eq!(l.check(&s, &api(), &peer(&format!("p{i}")), now), RateVerdict::Allow);
+            assert_eq!(
+                l.check(&s, &api(), &peer(&format!("p{i}")), now),
+                RateVerdict::Allow
+            );
         }
         assert!(matches!(
             l.check(&s, &api(), &peer("one-too-many"), now),
@@ -290,6 +296,9 @@ mod tests {
         ));
         // Once their schedules are behind, old callers make room.
         let later = now + Duration::from_secs(2);
-        assert_eq!(l.check(&s, &api(), &peer("one-too-many"), later), RateVerdict::Allow);
+        assert_eq!(
+            l.check(&s, &api(), &peer("one-too-many"), later),
+            RateVerdict::Allow
+        );
     }
 }

@@ -28,8 +28,8 @@ use super::{
 use crate::{
     clip::clip,
     identity::SpiffeId,
-    ratelimit::{Limiters, RateVerdict},
     metrics::{Direction, DirectionLabels, LatencyLabels, Metrics, ReasonLabels, RequestLabels},
+    ratelimit::{Limiters, RateVerdict},
     state::{Admission, Request as Facts, ServiceRef, StateHandle},
     tunnel::{self, Protocol, StatusCode, StreamHeader, code},
 };

@@ -538,6 +538,7 @@ mod tests {
                 })
                 .collect(),
             services: services.iter().map(|s| s.to_string()).collect(),
+            version: String::new(),
             connect_timeout: Duration::from_secs(1),
             header_timeout: Duration::from_secs(1),
             limits: Default::default(),

@@ -1,0 +1,256 @@
+//! Policies applied with `ctl apply` are enforced live by proxies in controller mode (real processes):
+//! a canary split lands in its proportions and moves under load without failed requests; a rate limit
+//! set on a service holds for the service in total, shared by its endpoints.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use http::StatusCode;
+use tokio::process::Command;
+
+use crate::{
+    controller_mode::{Join, Proc, join_token, proxy_config, spawn, start_controller},
+    http::{get_body, h1_client, named_app},
+    support::*,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
+
+async fn ctl_apply(controller: SocketAddr, bundle: &Path, token: &str, dir: &Path, yaml: &str) {
+    let file = dir.join(format!("apply-{}.yaml", rand::random::<u32>()));
+    std::fs::write(&file, yaml).expect("write");
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(BIN)
+            .arg("ctl")
+            .args(["--controller", &controller.to_string()])
+            .arg("--ca")
+            .arg(bundle)
+            .args(["apply", "-f"])
+            .arg(&file)
+            .env("QUICMESH_ADMIN_TOKEN", token)
+            .env("QUICMESH_LOG", "warn")
+            .output(),
+    )
+    .await
+    .expect("ctl in time")
+    .expect("run ctl");
+    assert!(
+        out.status.success(),
+        "ctl apply: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Waits until the proxy's effective state (`/config`) contains `needle`.
+async fn enforced(p: &Proc, needle: &str) {
+    let admin = p.addr("admin");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            scrape(admin, "/config").await.1.contains(needle)
+        })
+        .await,
+        "{needle} not in the proxy's state within 5 s: {}",
+        scrape(admin, "/config").await.1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_split_and_a_service_rate_limit_apply_live_through_the_controller() {
+    let _heavy = heavy().await;
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let caddr = controller.addr("grpc");
+    let admin = controller.ready["admin_token"]
+        .as_str()
+        .expect("admin token")
+        .to_owned();
+    let bundle =
+        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    ctl_apply(
+        caddr,
+        &bundle,
+        &admin,
+        d,
+        "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}], versions: [v1, v2]}\n",
+    )
+    .await;
+
+    // Two replicas of `web` (one account), versions v1 and v2, each in front of an app naming it.
+    let mut servers = Vec::new();
+    for v in ["v1", "v2"] {
+        let app = named_app(v, Duration::ZERO, Arc::new(AtomicBool::new(false))).await;
+        let j = Join {
+            controller: caddr,
+            bundle: &bundle,
+            token: join_token(caddr, &bundle, &admin, "web").await,
+            sa: "web",
+        };
+        let cfg = proxy_config(
+            d,
+            &format!("web-{v}"),
+            &j,
+            "",
+            &format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\nservices = [\"web\"]\nversion = \"{v}\"\n"
+            ),
+        );
+        servers.push(
+            spawn(
+                &["proxy", "--config", cfg.to_str().expect("utf8")],
+                &d.join(format!("web-{v}.log")),
+            )
+            .await,
+        );
+    }
+    let j = Join {
+        controller: caddr,
+        bundle: &bundle,
+        token: join_token(caddr, &bundle, &admin, "client").await,
+        sa: "client",
+    };
+    let cfg = proxy_config(
+        d,
+        "client",
+        &j,
+        "",
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+    );
+    let client = spawn(
+        &["proxy", "--config", cfg.to_str().expect("utf8")],
+        &d.join("client.log"),
+    )
+    .await;
+    let target = client.outbound();
+    for s in &servers {
+        enforced(&client, &s.addr("inbound").to_string()).await;
+    }
+
+    // 90/10.
+    ctl_apply(caddr, &bundle, &admin, d, "kind: Policy\nmetadata: {name: canary, namespace: default}\nspec: {target_service: web, traffic_split: {backends: [{service_version: v1, weight: 90}, {service_version: v2, weight: 10}]}}\n").await;
+    enforced(&client, "\"weight\": 90").await;
+    let c = h1_client();
+    let v2 = Arc::new(AtomicU64::new(0));
+    let total = 5_000u64;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let (c, v2) = (c.clone(), v2.clone());
+            tokio::spawn(async move {
+                for _ in 0..total / 10 {
+                    let (status, body) = get_body(&c, target).await;
+                    assert_eq!(status, StatusCode::OK);
+                    if body.as_ref() == b"v2" {
+                        v2.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("load task");
+    }
+    let share = v2.load(Ordering::Relaxed) as f64 / total as f64;
+    assert!(
+        (share - 0.10).abs() <= 0.03,
+        "v2 got {share:.3} of requests"
+    );
+
+    // Moved to 0/100 under load: no request fails, and then every request lands on v2.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, stop, failed, sent) = (c.clone(), stop.clone(), failed.clone(), sent.clone());
+            tokio::spawn(async move {
+                // Bounded: at most 20,000 requests per task.
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (status, _) = get_body(&c, target).await;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if status != StatusCode::OK {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    ctl_apply(caddr, &bundle, &admin, d, "kind: Policy\nmetadata: {name: canary, namespace: default}\nspec: {target_service: web, traffic_split: {backends: [{service_version: v1, weight: 0}, {service_version: v2, weight: 100}]}}\n").await;
+    enforced(&client, "\"weight\": 100").await;
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.expect("load task");
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "of {} requests",
+        sent.load(Ordering::Relaxed)
+    );
+    for _ in 0..200 {
+        assert_eq!(get_body(&c, target).await.1.as_ref(), b"v2");
+    }
+
+    // A limit of 40 req/s (burst 4) for the service, shared by its two endpoints; the split is removed
+    // first so both endpoints take traffic.
+    ctl_apply(caddr, &bundle, &admin, d, "kind: Policy\nmetadata: {name: canary, namespace: default}\nspec: {target_service: web, traffic_split: {backends: [{service_version: v1, weight: 50}, {service_version: v2, weight: 50}]}}\n---\nkind: Policy\nmetadata: {name: limit, namespace: default}\nspec: {target_service: web, rate_limit: {requests_per_second: 40, burst: 4}}\n").await;
+    for s in &servers {
+        enforced(s, "\"requests_per_second\": 40").await;
+    }
+    enforced(&client, "\"weight\": 50").await;
+    let started = tokio::time::Instant::now();
+    let window = Duration::from_secs(3);
+    let (mut ok, mut limited, mut retry_after) = (0u64, 0u64, true);
+    while started.elapsed() < window {
+        let req = http::Request::get(format!("http://{target}/"))
+            .body(http_body_util::BodyExt::boxed(http_body_util::Full::new(
+                bytes::Bytes::new(),
+            )))
+            .expect("request");
+        let r = tokio::time::timeout(Duration::from_secs(10), c.request(req))
+            .await
+            .expect("in time")
+            .expect("response");
+        match r.status() {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                limited += 1;
+                retry_after &= r.headers().contains_key("retry-after");
+            }
+            s => panic!("unexpected status {s}"),
+        }
+        let _ = http_body_util::BodyExt::collect(r.into_body()).await;
+        // About 200 requests a second: five times the limit.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // 40/s over 3 s, plus each endpoint's burst (2) and first request.
+    let expected = 40.0 * window.as_secs_f64();
+    assert!(
+        (ok as f64) >= expected * 0.9 && (ok as f64) <= expected * 1.1 + 6.0,
+        "{ok} admitted, {limited} limited, expected about {expected}"
+    );
+    assert!(limited > ok, "{limited} limited of {}", ok + limited);
+    assert!(retry_after, "a 429 without Retry-After");
+    let m = servers[0].metrics().await;
+    assert!(
+        metric(
+            &m,
+            "quicmesh_tunnel_failures_total",
+            &["reason=\"rate_limited\""]
+        ) > 0.0,
+        "{m}"
+    );
+    drop(controller);
+}
