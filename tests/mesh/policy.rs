@@ -17,7 +17,7 @@ use tokio::process::Command;
 
 use crate::{
     controller_mode::{Join, Proc, join_token, proxy_config, spawn, start_controller},
-    http::{get_body, h1_client, named_app},
+    http::{get_body, h1_client, http_app, named_app},
     support::*,
 };
 
@@ -252,5 +252,146 @@ async fn a_canary_split_and_a_service_rate_limit_apply_live_through_the_controll
         ) > 0.0,
         "{m}"
     );
+    drop(controller);
+}
+
+/// `GET path` through `target`: the status.
+async fn get_status(target: SocketAddr, path: &str) -> StatusCode {
+    let req = http::Request::get(format!("http://{target}{path}"))
+        .body(http_body_util::BodyExt::boxed(http_body_util::Full::new(
+            bytes::Bytes::new(),
+        )))
+        .expect("request");
+    let r = tokio::time::timeout(Duration::from_secs(10), h1_client().request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    r.status()
+}
+
+const AUTHZ: &str = "kind: Policy
+metadata: {name: public-only, namespace: default}
+spec:
+  target_service: web
+  authorization:
+    mode: MODE
+    default_action: deny
+    allow: [{from_identities: [\"spiffe://mesh.local/ns/default/sa/good\"], methods: [GET], path_prefixes: [/public/]}]
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_by_default_with_an_allow_rule_then_audit_mode_through_the_controller() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let caddr = controller.addr("grpc");
+    let admin = controller.ready["admin_token"]
+        .as_str()
+        .expect("admin token")
+        .to_owned();
+    let bundle =
+        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    ctl_apply(
+        caddr,
+        &bundle,
+        &admin,
+        d,
+        "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}, {port: 7, protocol: tcp}]}\n",
+    )
+    .await;
+    let (app, _seen) = http_app().await;
+    let echo = echo_server().await;
+    let j = Join {
+        controller: caddr,
+        bundle: &bundle,
+        token: join_token(caddr, &bundle, &admin, "web").await,
+        sa: "web",
+    };
+    let cfg = proxy_config(
+        d,
+        "web",
+        &j,
+        "",
+        &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}, {{ port = 7, app = \"{echo}\" }}]\nservices = [\"web\"]\n"
+        ),
+    );
+    let server = spawn(
+        &["proxy", "--config", cfg.to_str().expect("utf8")],
+        &d.join("web.log"),
+    )
+    .await;
+    let mut clients = Vec::new();
+    for sa in ["good", "bad"] {
+        let j = Join {
+            controller: caddr,
+            bundle: &bundle,
+            token: join_token(caddr, &bundle, &admin, sa).await,
+            sa,
+        };
+        let cfg = proxy_config(
+            d,
+            sa,
+            &j,
+            "",
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n\n[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 7\nmax_attempts = 1\n",
+        );
+        let p = spawn(
+            &["proxy", "--config", cfg.to_str().expect("utf8")],
+            &d.join(format!("{sa}.log")),
+        )
+        .await;
+        enforced(&p, &server.addr("inbound").to_string()).await;
+        clients.push(p);
+    }
+    let http_of = |p: &Proc| ready_addr(&p.ready, "/outbound/0");
+    let tcp_of = |p: &Proc| ready_addr(&p.ready, "/outbound/1");
+    let (good, bad) = (&clients[0], &clients[1]);
+    // No policy: anyone in the mesh gets through.
+    assert_eq!(get_status(http_of(bad), "/admin").await, StatusCode::OK);
+
+    ctl_apply(caddr, &bundle, &admin, d, &AUTHZ.replace("MODE", "enforce")).await;
+    enforced(&server, "/public/").await;
+    assert_eq!(get_status(http_of(good), "/public/x").await, StatusCode::OK);
+    assert_eq!(
+        get_status(http_of(good), "/admin").await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        get_status(http_of(bad), "/public/x").await,
+        StatusCode::FORBIDDEN
+    );
+    // The only allow rule names a path: no opaque connection matches it.
+    for p in [good, bad] {
+        let r = roundtrip(tcp_of(p), b"ping", Duration::from_secs(5)).await;
+        assert!(r.as_ref().map_or(true, |b| b.is_empty()), "{r:?}");
+    }
+    let m = server.metrics().await;
+    let denied = |m: &str, mode: &str| {
+        metric(
+            m,
+            "quicmesh_policy_denials_total",
+            &[
+                "policy=\"authorization\"",
+                &format!("mode=\"{mode}\""),
+                "service=\"web.default\"",
+            ],
+        )
+    };
+    assert_eq!(denied(&m, "enforce"), 4.0, "{m}");
+
+    // Audit: everything passes, the would-be denials are counted.
+    ctl_apply(caddr, &bundle, &admin, d, &AUTHZ.replace("MODE", "audit")).await;
+    enforced(&server, "\"audit\"").await;
+    assert_eq!(get_status(http_of(good), "/admin").await, StatusCode::OK);
+    assert_eq!(get_status(http_of(bad), "/public/x").await, StatusCode::OK);
+    let back = roundtrip(tcp_of(bad), b"ping", Duration::from_secs(5))
+        .await
+        .expect("tcp in audit mode");
+    assert_eq!(back, b"ping");
+    let m = server.metrics().await;
+    assert_eq!(denied(&m, "audit"), 3.0, "{m}");
+    assert_eq!(denied(&m, "enforce"), 4.0, "{m}");
     drop(controller);
 }

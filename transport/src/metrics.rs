@@ -58,6 +58,17 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// Labels of a policy denial.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DenialLabels {
+    /// Destination service (`name.namespace`).
+    pub service: String,
+    /// Which policy denied: `authorization`, `rate_limit`, `revocation`.
+    pub policy: &'static str,
+    /// `enforce` (refused) or `audit` (would have been refused, let through).
+    pub mode: &'static str,
+}
+
 /// Labels keyed by peer identity.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
@@ -181,6 +192,8 @@ pub struct Metrics {
     pub refusals: Family<RefusalLabels, Counter>,
     /// Malformed stream headers from peers, by reason.
     pub protocol_errors: Family<ReasonLabels, Counter>,
+    /// Streams and requests a policy refused (or would have, in audit mode).
+    pub denials: Family<DenialLabels, Counter>,
     /// Live QUIC connections, read at scrape time.
     pub connections: Arc<ConnectionTable>,
     /// QUIC handshakes completed with a verified peer.
@@ -281,6 +294,17 @@ pub struct IdentityMetrics {
 const MAX_SERIALS: usize = 16_384;
 
 impl Metrics {
+    /// Counts a denial of `policy` for `service`; `audit` when it was let through.
+    pub fn deny(&self, service: &impl std::fmt::Display, policy: &'static str, audit: bool) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                service: service.to_string(),
+                policy,
+                mode: if audit { "audit" } else { "enforce" },
+            })
+            .inc();
+    }
+
     /// Creates the metrics and registers them in `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
@@ -294,6 +318,7 @@ impl Metrics {
             handshake_failures: Family::default(),
             refusals: Family::default(),
             protocol_errors: Family::default(),
+            denials: Family::default(),
             connections: Arc::default(),
             handshakes: Family::default(),
             peer_certs_seen: Family::default(),
@@ -348,6 +373,11 @@ impl Metrics {
             "peer_refusals",
             "Peer certificates refused (authentication/authorization failures)",
             m.refusals.clone(),
+        );
+        r.register(
+            "policy_denials",
+            "Streams and requests refused by a policy, or let through by one in audit mode",
+            m.denials.clone(),
         );
         r.register(
             "protocol_errors",

@@ -246,6 +246,15 @@ impl Admission {
     const ADMIT: Admission = Admission::Admit { audit: None };
 }
 
+/// The policy behind an admission refusal's `reason`, for counters.
+pub fn denying_policy(reason: &str) -> &'static str {
+    if reason == "revoked" {
+        "revocation"
+    } else {
+        "authorization"
+    }
+}
+
 impl MeshState {
     /// The state described by `resources` (already validated, e.g. by [`model::Resource::validate`]):
     /// services, endpoints, policies, and revoked identities (`Identity` resources with `revoked`), plus

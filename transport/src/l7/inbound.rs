@@ -30,7 +30,7 @@ use crate::{
     identity::SpiffeId,
     metrics::{Direction, DirectionLabels, LatencyLabels, Metrics, ReasonLabels, RequestLabels},
     ratelimit::{Limiters, RateVerdict},
-    state::{Admission, Request as Facts, ServiceRef, StateHandle},
+    state::{Admission, Request as Facts, ServiceRef, StateHandle, denying_policy},
     tunnel::{self, Protocol, StatusCode, StreamHeader, code},
 };
 
@@ -177,9 +177,11 @@ pub async fn serve(
             audit: Some(reason),
         } => {
             tracing::info!(request_id = %rid, %peer, service = %target, method = %clip(&head.method), path = %clip(&head.path), reason, "audit: the policy would refuse this request");
+            ctx.metrics.deny(target, denying_policy(reason), true);
         }
         Admission::Refuse { code, reason } => {
             tracing::info!(request_id = %rid, %peer, service = %target, method = %clip(&head.method), path = %clip(&head.path), reason, "request refused");
+            ctx.metrics.deny(target, denying_policy(reason), false);
             refuse_count(ctx.metrics, reason);
             let _ = tunnel::write_status(&mut send, code, reason).await;
             let _ = send.finish();
@@ -191,6 +193,7 @@ pub async fn serve(
             .check(&ctx.state.load(), target, peer, std::time::Instant::now())
     {
         tracing::debug!(request_id = %rid, %peer, service = %target, "request rate limited");
+        ctx.metrics.deny(target, "rate_limit", false);
         refuse_count(ctx.metrics, "rate_limited");
         let _ = tunnel::write_rate_limited(&mut send, retry_after).await;
         let _ = send.finish();

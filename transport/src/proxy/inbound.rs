@@ -38,7 +38,7 @@ use crate::{
     l7::inbound::AppClients,
     metrics::{DecisionLabels, Direction, Metrics, PeerMetrics, ReasonLabels},
     ratelimit::{Limiters, RateVerdict},
-    state::{Admission as Verdict, Request, ServiceRef, StateHandle},
+    state::{Admission as Verdict, Request, ServiceRef, StateHandle, denying_policy},
     tunnel::{self, FrameError, Protocol, StatusCode, StreamHeader, code},
 };
 
@@ -401,9 +401,11 @@ impl Conn {
                 audit: Some(reason),
             } => {
                 tracing::info!(request_id = %rid, %peer, service = %target, reason, "audit: the policy would refuse this stream");
+                self.metrics.deny(&target, denying_policy(reason), true);
             }
             Verdict::Refuse { code, reason } => {
                 tracing::info!(request_id = %rid, %peer, service = %target, reason, "stream refused");
+                self.metrics.deny(&target, denying_policy(reason), false);
                 self.fail(&mut send, code, reason, reason).await;
                 return;
             }
@@ -434,6 +436,7 @@ impl Conn {
             )
         {
             tracing::debug!(request_id = %rid, %peer, service = %target, "stream rate limited");
+            self.metrics.deny(&target, "rate_limit", false);
             self.metrics
                 .failures
                 .get_or_create(&ReasonLabels {
