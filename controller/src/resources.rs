@@ -354,6 +354,40 @@ impl Resources {
 
     /// Records (or refreshes) `peer`'s endpoint `obj`: the identity is the caller's, the namespace the
     /// given one or the caller's, and the service must exist and allow the caller.
+    /// Removes the endpoint `namespace/name` if `peer` registered it: the new version, or `None` when
+    /// there was no such endpoint.
+    pub async fn deregister_endpoint(
+        &self,
+        namespace: &str,
+        name: &str,
+        peer: &SpiffeId,
+    ) -> Result<Option<u64>, ApiError> {
+        let namespace = if namespace.is_empty() {
+            peer.namespace()
+        } else {
+            namespace
+        };
+        model::check_name("namespace", namespace)?;
+        model::check_name("name", name)?;
+        let key = model::key_of(Kind::Endpoint, namespace, name);
+        let guard = self.db.lock().await;
+        match self.get(Kind::Endpoint, &key)? {
+            None => Ok(None),
+            Some(Resource::Endpoint(old)) if old.spec.spiffe_id != peer.as_str() => {
+                Err(ApiError::PermissionDenied(format!(
+                    "endpoint {} belongs to {}",
+                    Capped(&key),
+                    old.spec.spiffe_id
+                )))
+            }
+            Some(_) => Ok(Some(
+                self.db
+                    .commit(guard, vec![Op::Delete(tree_of(Kind::Endpoint), key)])
+                    .await?,
+            )),
+        }
+    }
+
     pub async fn register_endpoint(
         &self,
         mut obj: Object<EndpointSpec>,

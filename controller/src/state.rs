@@ -618,6 +618,25 @@ impl State {
         Ok(version)
     }
 
+    /// Withdraws an endpoint `peer` registered; the version without it (0 if there was none).
+    pub async fn deregister_endpoint(
+        self: &Arc<Self>,
+        namespace: &str,
+        name: &str,
+        peer: &SpiffeId,
+    ) -> Result<u64, ApiError> {
+        let removed = self
+            .retrying(|| self.resources.deregister_endpoint(namespace, name, peer))
+            .await?;
+        match removed {
+            Some(v) => {
+                self.publish().await?;
+                Ok(v)
+            }
+            None => Ok(0),
+        }
+    }
+
     /// Admits a Watch stream of `id`.
     pub fn watch(
         &self,

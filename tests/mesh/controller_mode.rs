@@ -47,6 +47,16 @@ impl Proc {
         scrape(self.addr("admin"), "/metrics").await.1
     }
 
+    /// Sends SIGTERM (the proxy drains).
+    pub(crate) fn terminate(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
     async fn stop(&mut self) {
         self.child.start_kill().expect("kill");
         let _ = self.child.wait().await;

@@ -395,3 +395,149 @@ async fn deny_by_default_with_an_allow_rule_then_audit_mode_through_the_controll
     assert_eq!(denied(&m, "enforce"), 4.0, "{m}");
     drop(controller);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_limit_holds_across_three_endpoints_and_is_reshared_when_one_drains() {
+    let _heavy = heavy().await;
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let caddr = controller.addr("grpc");
+    let admin = controller.ready["admin_token"]
+        .as_str()
+        .expect("admin token")
+        .to_owned();
+    let bundle =
+        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    ctl_apply(
+        caddr,
+        &bundle,
+        &admin,
+        d,
+        "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}]}\n---\nkind: Policy\nmetadata: {name: limit, namespace: default}\nspec: {target_service: web, rate_limit: {requests_per_second: 60, burst: 6}}\n",
+    )
+    .await;
+    let mut servers = Vec::new();
+    for name in ["a", "b", "c"] {
+        let app = named_app(name, Duration::ZERO, Arc::new(AtomicBool::new(false))).await;
+        let j = Join {
+            controller: caddr,
+            bundle: &bundle,
+            token: join_token(caddr, &bundle, &admin, "web").await,
+            sa: "web",
+        };
+        let cfg = proxy_config(
+            d,
+            &format!("web-{name}"),
+            &j,
+            "drain_grace = \"1s\"",
+            &format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\nservices = [\"web\"]\n"
+            ),
+        );
+        servers.push(
+            spawn(
+                &["proxy", "--config", cfg.to_str().expect("utf8")],
+                &d.join(format!("web-{name}.log")),
+            )
+            .await,
+        );
+    }
+    let j = Join {
+        controller: caddr,
+        bundle: &bundle,
+        token: join_token(caddr, &bundle, &admin, "client").await,
+        sa: "client",
+    };
+    let cfg = proxy_config(
+        d,
+        "client",
+        &j,
+        "",
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+    );
+    let client = spawn(
+        &["proxy", "--config", cfg.to_str().expect("utf8")],
+        &d.join("client.log"),
+    )
+    .await;
+    for s in &servers {
+        enforced(&client, &s.addr("inbound").to_string()).await;
+        // Each server knows all three endpoints: its share is a third.
+        for other in &servers {
+            enforced(s, &other.addr("inbound").to_string()).await;
+        }
+    }
+    let target = client.outbound();
+    // Three callers at up to 150 requests a second each, over seven times the limit, for `window`: enough that
+    // each endpoint is offered more than its share whatever the balancer's choices; what each app
+    // admitted.
+    let offer = |window: Duration| async move {
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let c = h1_client();
+                    let started = tokio::time::Instant::now();
+                    let mut admitted = std::collections::HashMap::<Vec<u8>, u64>::new();
+                    let mut limited = 0u64;
+                    while started.elapsed() < window {
+                        let (status, body) = get_body(&c, target).await;
+                        match status {
+                            StatusCode::OK => *admitted.entry(body.to_vec()).or_default() += 1,
+                            StatusCode::TOO_MANY_REQUESTS => limited += 1,
+                            s => panic!("unexpected status {s}"),
+                        }
+                        tokio::time::sleep(Duration::from_micros(6600)).await;
+                    }
+                    (admitted, limited)
+                })
+            })
+            .collect();
+        let mut admitted = std::collections::HashMap::<Vec<u8>, u64>::new();
+        let mut limited = 0;
+        for w in workers {
+            let (a, l) = w.await.expect("caller");
+            for (k, v) in a {
+                *admitted.entry(k).or_default() += v;
+            }
+            limited += l;
+        }
+        (admitted, limited)
+    };
+    let window = Duration::from_secs(3);
+    let (admitted, limited) = offer(window).await;
+    let total: u64 = admitted.values().sum();
+    // 60/s in total, plus the bursts (6) and first requests.
+    assert!(
+        (162..=210).contains(&total) && limited > total,
+        "{total} admitted ({admitted:?}), {limited} limited"
+    );
+
+    // One drains: it withdraws its endpoint; the two left enforce half each.
+    servers[2].terminate();
+    let gone = servers[2].addr("inbound").to_string();
+    let admin_of = |p: &Proc| p.addr("admin");
+    let (ca, sa) = (admin_of(&client), admin_of(&servers[0]));
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let gone = gone.clone();
+            async move {
+                !scrape(ca, "/config").await.1.contains(&gone)
+                    && !scrape(sa, "/config").await.1.contains(&gone)
+            }
+        })
+        .await,
+        "the drained endpoint was not withdrawn within 2 s"
+    );
+    let (admitted, limited) = offer(window).await;
+    let total: u64 = admitted.values().sum();
+    assert!(
+        (162..=210).contains(&total) && limited > total,
+        "{total} admitted ({admitted:?}), {limited} limited; server a: {}; client: {}",
+        scrape(sa, "/config").await.1,
+        scrape(ca, "/config").await.1
+    );
+    assert!(!admitted.contains_key(b"c".as_slice()), "{admitted:?}");
+    drop(controller);
+}

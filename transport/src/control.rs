@@ -161,6 +161,37 @@ impl Controller {
     }
 }
 
+impl Controller {
+    /// Withdraws our registered `endpoints` (a draining proxy), each within `limit`; failures are logged:
+    /// the endpoint then stays until the proxy registers again or it is deleted.
+    pub async fn deregister(&self, endpoints: &[pb::Endpoint], limit: Duration) {
+        if endpoints.is_empty() {
+            return;
+        }
+        let work = async {
+            let mut client = self.client(true, Some(limit)).await?;
+            for e in endpoints {
+                let (namespace, name) = e
+                    .metadata
+                    .as_ref()
+                    .map(|m| (m.namespace.clone(), m.name.clone()))
+                    .unwrap_or_default();
+                let r = client
+                    .deregister_endpoint(pb::DeregisterEndpointRequest { namespace, name })
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), clip(s.message())))?;
+                tracing::info!(service = %e.service, version = r.into_inner().version, "endpoint withdrawn");
+            }
+            Ok::<_, String>(())
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not withdraw the endpoint"),
+            Err(_) => tracing::warn!(?limit, "could not withdraw the endpoint in time"),
+        }
+    }
+}
+
 fn status_error(s: &tonic::Status) -> CaClientError {
     use tonic::Code;
     let text = format!("{:?}: {}", s.code(), s.message());

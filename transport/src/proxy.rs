@@ -44,6 +44,9 @@ use crate::{
     state::{MeshState, ServiceRef, StateHandle},
 };
 
+/// Longest a draining proxy waits for the controller to withdraw its endpoints.
+const DEREGISTER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Signals shared by every task of a proxy for an orderly shutdown.
 #[derive(Debug, Clone, Default)]
 pub struct Drain {
@@ -82,6 +85,11 @@ pub struct Proxy {
     drain: Drain,
     /// Controller mode: stops the identity manager and the Watch follower when the proxy goes away.
     control: Option<DropGuard>,
+    /// Controller mode: the controller and our registered endpoints, withdrawn when the drain begins.
+    registered: Option<(
+        control::Controller,
+        Vec<quicmesh_proto::controller::Endpoint>,
+    )>,
     readiness: Readiness,
 }
 
@@ -337,6 +345,9 @@ impl Proxy {
             }
             _ => Vec::new(),
         };
+        if !register.is_empty() {
+            self.registered = Some((controller.clone(), register.clone()));
+        }
         let follower = control::Follower {
             controller: controller.clone(),
             creds: self.creds.clone(),
@@ -513,6 +524,7 @@ impl Proxy {
             addresses,
             drain: Drain::default(),
             control: None,
+            registered: None,
             readiness: Readiness {
                 creds,
                 configured: None,
@@ -588,6 +600,11 @@ impl Proxy {
             })
             .sum();
         tracing::info!(grace = ?self.grace, open, "draining");
+        // Callers stop choosing this endpoint (and a shared rate limit is reshared) while what is in
+        // flight finishes; streams that still arrive are refused as draining and retried elsewhere.
+        if let Some((controller, endpoints)) = &self.registered {
+            controller.deregister(endpoints, DEREGISTER_TIMEOUT).await;
+        }
         drain.stop_accepting.cancel();
         for l in listeners {
             let _ = l.await;

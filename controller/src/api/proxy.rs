@@ -182,4 +182,27 @@ impl ProxyApi for ProxyService {
         })?;
         Ok(Response::new(pb::RegisterEndpointResponse { version }))
     }
+
+    async fn deregister_endpoint(
+        &self,
+        req: Request<pb::DeregisterEndpointRequest>,
+    ) -> Result<Response<pb::DeregisterEndpointResponse>, Status> {
+        let (p, id) = self.live_identity(&req)?;
+        let r = req.into_inner();
+        let version = self
+            .state
+            .deregister_endpoint(&r.namespace, &r.name, &id)
+            .await
+            .map_err(|e| {
+                tracing::info!(
+                    %id, peer = %p.remote, name = %Capped(&r.name), error = %Capped(&e.to_string()),
+                    "DeregisterEndpoint refused"
+                );
+                Status::from(e)
+            })?;
+        if version > 0 {
+            tracing::info!(%id, name = %Capped(&r.name), version, "endpoint withdrawn");
+        }
+        Ok(Response::new(pb::DeregisterEndpointResponse { version }))
+    }
 }

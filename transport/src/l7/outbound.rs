@@ -94,7 +94,7 @@ pub(crate) async fn serve(svc: Arc<Service>, tcp: TcpStream, grpc: bool, drain: 
 
 /// What the application is told when no stream could be opened.
 fn open_failure(e: &OpenError, deadline: Option<Instant>) -> Failure {
-    match e {
+    match e.last() {
         OpenError::Refused {
             code: StatusCode::Forbidden,
             ..

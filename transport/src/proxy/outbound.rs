@@ -101,6 +101,14 @@ pub enum OpenError {
 }
 
 impl OpenError {
+    /// The failure behind retries that ran out (attempts or budget).
+    pub fn last(&self) -> &OpenError {
+        match self {
+            Self::Exhausted { last, .. } | Self::BudgetExhausted(last) => last.last(),
+            e => e,
+        }
+    }
+
     /// Counter label.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -143,8 +151,13 @@ fn classify(e: &OpenError) -> Retry {
             Retry::Failover
         }
         OpenError::Stream(_) => Retry::Budgeted,
+        // A rate-limited endpoint holds only its share of the service's limit: another may have room.
         OpenError::Refused {
-            code: StatusCode::ConnectFailed | StatusCode::Unavailable | StatusCode::NoRoute,
+            code:
+                StatusCode::ConnectFailed
+                | StatusCode::Unavailable
+                | StatusCode::NoRoute
+                | StatusCode::RateLimited,
             ..
         } => Retry::Budgeted,
         _ => Retry::Never,
@@ -667,6 +680,12 @@ mod tests {
             Retry::Budgeted
         );
         assert_eq!(classify(&refused(StatusCode::Forbidden)), Retry::Never);
+        assert_eq!(classify(&refused(StatusCode::RateLimited)), Retry::Budgeted);
+        let spent = OpenError::BudgetExhausted(Box::new(OpenError::Exhausted {
+            attempts: 2,
+            last: Box::new(refused(StatusCode::RateLimited)),
+        }));
+        assert_eq!(spent.last().reason(), "rate_limited");
         assert_eq!(
             classify(&refused(StatusCode::DeadlineExceeded)),
             Retry::Never
