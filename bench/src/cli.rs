@@ -96,7 +96,7 @@ struct CompareArgs {
     /// Protocols of the added-latency figures.
     #[arg(long, value_delimiter = ',', default_value = "http1")]
     latency_protocols: Vec<Protocol>,
-    /// Concurrent requests per HTTP/2 connection.
+    /// Concurrent requests per HTTP/2 connection in the max-throughput scenario.
     #[arg(long, default_value_t = 1)]
     streams: usize,
     /// Connections of the fixed-rate and max-throughput scenarios.

@@ -42,7 +42,8 @@ pub struct CompareSettings {
     /// Protocols of the added-latency figures.
     #[serde(default = "http1_only")]
     pub latency_protocols: Vec<Protocol>,
-    /// Concurrent requests per HTTP/2 connection (closed loop: workers sharing each connection).
+    /// Concurrent requests per HTTP/2 connection in the max-throughput scenario (workers sharing each
+    /// connection).
     #[serde(default = "one")]
     pub streams: usize,
     /// Connections for the fixed-rate and max-throughput figures.
@@ -133,15 +134,17 @@ struct Scenario {
 
 fn scenarios(s: &CompareSettings) -> Vec<Scenario> {
     let mut out = Vec::new();
+    // HTTP/2's concurrent streams per connection apply to the closed loop (max req/s); the fixed-rate
+    // runs keep one request at a time per connection, so their latency is the path's, not a queue's.
     let spec = |p: Protocol, mode: Mode| {
         let mut spec = LoadSpec::new(p, mode, s.connections, s.duration);
-        if p == Protocol::Http2 {
+        if p == Protocol::Http2 && mode == Mode::Closed {
             spec.streams = s.streams.max(1);
         }
         spec
     };
-    let conns = |p: Protocol| {
-        if p == Protocol::Http2 && s.streams > 1 {
+    let conns = |p: Protocol, mode: Mode| {
+        if p == Protocol::Http2 && mode == Mode::Closed && s.streams > 1 {
             format!("{} connections × {} streams", s.connections, s.streams)
         } else {
             format!("{} connections", s.connections)
@@ -160,7 +163,7 @@ fn scenarios(s: &CompareSettings) -> Vec<Scenario> {
                     "{} 1 KiB, open loop {} req/s, {}",
                     p.name(),
                     rate as u64,
-                    conns(p)
+                    conns(p, Mode::Open { rate })
                 ),
                 work: Work::Load(spec(p, Mode::Open { rate })),
             });
@@ -169,7 +172,11 @@ fn scenarios(s: &CompareSettings) -> Vec<Scenario> {
     for &p in &s.protocols {
         out.push(Scenario {
             id: format!("max-{}", p.name()),
-            title: format!("{} 1 KiB, closed loop, {}", p.name(), conns(p)),
+            title: format!(
+                "{} 1 KiB, closed loop, {}",
+                p.name(),
+                conns(p, Mode::Closed)
+            ),
             work: Work::Load(spec(p, Mode::Closed)),
         });
     }
@@ -366,9 +373,8 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
                         }
                     }
                     Work::Bulk => {
-                        let b =
-                            bulk::tcp_bulk(addr, settings.bulk_bytes, settings.bulk_duration)
-                                .await?;
+                        let b = bulk::tcp_bulk(addr, settings.bulk_bytes, settings.bulk_duration)
+                            .await?;
                         if entry.bulk.is_none_or(|prev| b.gbit_s > prev.gbit_s) {
                             entry.bulk = Some(b);
                         }
@@ -510,7 +516,9 @@ fn write_outputs(
         std::fs::write(&p, svg)?;
         println!("plot: {}", p.display());
     }
-    let goals = l7_goals(report).map(|g| g.markdown() + "\n").unwrap_or_default();
+    let goals = l7_goals(report)
+        .map(|g| g.markdown() + "\n")
+        .unwrap_or_default();
     let md = format!(
         "<!-- written by `quicmesh bench compare` at unix time {stamp} on {} ({} cores), {} round(s) of {} -->\n\n{goals}{}\n{}",
         report.machine.cpu,
@@ -694,16 +702,24 @@ pub fn tables(report: &CompareReport) -> (Table, Table) {
         let load = |t: Target| find(report, id, t).and_then(|r| r.load.as_ref());
         if id.starts_with("latency-") {
             let p50 = |t: Target| load(t).map(|l| l.latency_ms.p50);
-            row(format!("{id} p50"), p50(Target::Direct), p50(Target::Direct), &p50, &ms);
-            let p99 = |t: Target| load(t).map(|l| l.latency_ms.p99);
-            row(format!("{id} p99"), p99(Target::Direct), p99(Target::Direct), &p99, &ms);
             row(
-                format!("{id} proxy CPU µs/req"),
-                None,
-                None,
-                &cpu,
-                &|v| format!("{v:.1}"),
+                format!("{id} p50"),
+                p50(Target::Direct),
+                p50(Target::Direct),
+                &p50,
+                &ms,
             );
+            let p99 = |t: Target| load(t).map(|l| l.latency_ms.p99);
+            row(
+                format!("{id} p99"),
+                p99(Target::Direct),
+                p99(Target::Direct),
+                &p99,
+                &ms,
+            );
+            row(format!("{id} proxy CPU µs/req"), None, None, &cpu, &|v| {
+                format!("{v:.1}")
+            });
         } else if id == "bulk" {
             let g = |t: Target| find(report, id, t).and_then(|r| r.bulk).map(|b| b.gbit_s);
             row(
@@ -722,13 +738,9 @@ pub fn tables(report: &CompareReport) -> (Table, Table) {
                 &rps,
                 &|v| format!("{v:.0}"),
             );
-            row(
-                format!("{id} proxy CPU µs/req"),
-                None,
-                None,
-                &cpu,
-                &|v| format!("{v:.1}"),
-            );
+            row(format!("{id} proxy CPU µs/req"), None, None, &cpu, &|v| {
+                format!("{v:.1}")
+            });
         }
     }
     let peak = |t: Target| -> Option<f64> {
@@ -775,7 +787,11 @@ pub fn tables(report: &CompareReport) -> (Table, Table) {
         &mib,
     );
     if let Some(c) = report.quic_ceiling {
-        let gbit = |t: Target| find(report, "bulk", t).and_then(|r| r.bulk).map(|b| b.gbit_s);
+        let gbit = |t: Target| {
+            find(report, "bulk", t)
+                .and_then(|r| r.bulk)
+                .map(|b| b.gbit_s)
+        };
         let fmt = |v: f64| format!("{v:.2}");
         // Shown in the quicmesh column (the first column when quicmesh is not compared).
         let column = if present.contains(&Target::Quicmesh) {

@@ -377,8 +377,7 @@ pub async fn run(
     let mut skipped = BTreeMap::new();
     let mut paths = vec![Path::direct(&placement)];
     for t in s.targets.iter().copied().filter(|t| *t != Target::Direct) {
-        let p =
-            topology::start(t, &placement, &certs, quicmesh_bin.as_deref(), dir.path()).await;
+        let p = topology::start(t, &placement, &certs, quicmesh_bin.as_deref(), dir.path()).await;
         match p {
             Ok(p) => paths.push(p),
             Err(e) => {
