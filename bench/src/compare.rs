@@ -6,6 +6,11 @@
 //! max req/s at 64 connections per protocol (closed loop), bulk Gbit/s on one connection, small
 //! request/response req/s over 100 and 1,000 concurrent connections, proxy CPU per request and peak RSS,
 //! proxy memory idle and with 1,000 open tunneled connections, and the raw QUIC ceiling for context.
+//!
+//! With the HTTP-aware paths among the targets (`quicmesh-l7`, `peer-http`) the same run becomes issue 8's
+//! L7 comparison: fixed-rate latency per protocol, HTTP/2 with many streams per connection, raw-TCP
+//! scenarios skipped on the L7 paths (they carry only HTTP), and a table of the L7 goals in
+//! `latest-l7.md`, so the opaque comparison's `latest.md` stays what it was.
 
 use std::{
     collections::BTreeMap,

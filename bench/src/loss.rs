@@ -3,7 +3,10 @@
 //! dropped packet is one segment, and nftables dropping a share of the packets arriving on each veth end
 //! (`numgen random mod 100 < N`). Loss is switched on only after every connection is up, then many
 //! concurrent request/response exchanges run at a fixed rate (open loop): with quicmesh they are streams
-//! of one QUIC connection, with the TCP paths each is its own TCP connection.
+//! of one QUIC connection, with the TCP paths each is its own TCP connection. With `--protocol http2
+//! --connections 1 --streams N` the app instead multiplexes N requests over one HTTP/2 connection: only
+//! the L7 quicmesh path then gives each request its own stream (and its own loss recovery); every other
+//! path carries that connection as one ordered byte stream.
 //!
 //! Root only: anything missing (root, `ip`, `nft`, `ethtool`) makes the scenario skip with the reason.
 

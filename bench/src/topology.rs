@@ -724,3 +724,55 @@ pub fn find_quicmesh(given: Option<&FsPath>) -> Option<PathBuf> {
     }
     candidates.into_iter().find(|p| p.is_file())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+
+    #[test]
+    fn opaque_paths_take_every_protocol_at_one_entry_and_l7_paths_no_raw_tcp() {
+        let opaque = Path {
+            target: Target::Quicmesh,
+            entry: addr(1),
+            l7: None,
+            procs: Vec::new(),
+        };
+        for p in Protocol::ALL {
+            assert_eq!(opaque.entry_for(p), Some(addr(1)), "{p:?}");
+        }
+        let l7 = Path {
+            target: Target::QuicmeshL7,
+            entry: addr(1),
+            l7: Some(L7Entries {
+                http1: addr(1),
+                http2: addr(2),
+                grpc: addr(3),
+            }),
+            procs: Vec::new(),
+        };
+        assert_eq!(l7.entry_for(Protocol::Tcp), None);
+        assert_eq!(l7.entry_for(Protocol::Http1), Some(addr(1)));
+        assert_eq!(l7.entry_for(Protocol::Http2), Some(addr(2)));
+        assert_eq!(l7.entry_for(Protocol::GrpcUnary), Some(addr(3)));
+        assert_eq!(l7.entry_for(Protocol::GrpcStream), Some(addr(3)));
+        assert!(Target::QuicmeshL7.is_l7() && Target::PeerHttp.is_l7());
+        assert!(!Target::Quicmesh.is_l7() && !Target::Peer.is_l7());
+    }
+
+    #[test]
+    fn target_names_on_the_command_line() {
+        use clap::ValueEnum;
+        for (arg, t) in [
+            ("quicmesh-l7", Target::QuicmeshL7),
+            ("peer-http", Target::PeerHttp),
+            ("peer-haproxy-http", Target::PeerHttp),
+            ("peer", Target::Peer),
+        ] {
+            assert_eq!(Target::from_str(arg, false), Ok(t), "{arg}");
+        }
+    }
+}
