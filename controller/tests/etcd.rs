@@ -18,7 +18,10 @@ use quicmesh_controller::{
     Controller,
     client::{self, Admin},
     state::{State, StateOptions},
-    store::etcd::EtcdOptions,
+    store::etcd::{
+        EtcdOptions,
+        client::{self as etcd_client, pb::etcdserverpb::PutRequest},
+    },
 };
 use quicmesh_proto::controller as pb;
 use quicmesh_transport::identity::{SpiffeId, ca::generate_csr};
@@ -359,15 +362,12 @@ async fn a_controller_with_another_kek_refuses_to_start_and_a_newer_schema_is_re
     assert!(e.to_string().contains("QUICMESH_KEK"), "{e}");
 
     // A store written by a newer schema, under another prefix.
-    let mut kv = etcd_client::Client::connect(
-        url.trim_start_matches("etcd://")
-            .split(',')
-            .collect::<Vec<_>>(),
-        None,
-    )
-    .await
-    .expect("etcd client");
-    kv.put("/newer/meta/schema", 2u64.to_be_bytes(), None)
+    let kv = etcd_client::Client::new(&EtcdOptions::from_url(&url).expect("url")).expect("client");
+    let put = |key: &str, value: &[u8]| PutRequest {
+        key: key.into(),
+        value: value.into(),
+    };
+    kv.put(put("/newer/meta/schema", &2u64.to_be_bytes()))
         .await
         .expect("put");
     let dir3 = tempfile::tempdir().expect("tempdir");
@@ -385,7 +385,7 @@ async fn a_controller_with_another_kek_refuses_to_start_and_a_newer_schema_is_re
         "{msg}"
     );
     // Keys under a prefix that are not a quicmesh store are not taken over.
-    kv.put("/foreign/x", "y", None).await.expect("put");
+    kv.put(put("/foreign/x", b"y")).await.expect("put");
     let dir4 = tempfile::tempdir().expect("tempdir");
     let mut opts = options(&url, dir4.path(), KEK, Duration::from_secs(5));
     if let Some(e) = opts.etcd.as_mut() {
@@ -398,21 +398,24 @@ async fn a_controller_with_another_kek_refuses_to_start_and_a_newer_schema_is_re
     assert!(e.to_string().contains("not a quicmesh store"), "{e}");
 }
 
-/// The member etcd reports as leader, by index.
+/// The member that reports itself leader (the `etcd_server_is_leader` gauge of its `/metrics`, served
+/// on the client port), by index.
 async fn leader(etcd: &EtcdCluster) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let url = etcd.url();
-    let eps: Vec<String> = url
-        .trim_start_matches("etcd://")
-        .split(',')
-        .map(str::to_owned)
-        .collect();
+    let eps: Vec<&str> = url.trim_start_matches("etcd://").split(',').collect();
     for (i, ep) in eps.iter().enumerate() {
-        let mut c = etcd_client::Client::connect([ep.as_str()], None)
+        let mut c = tokio::net::TcpStream::connect(ep).await.expect("connect");
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
             .await
-            .expect("connect");
-        let s = c.status().await.expect("status");
-        let me = s.header().map(|h| h.member_id()).unwrap_or(0);
-        if s.leader() == me {
+            .expect("request");
+        let mut page = String::new();
+        c.read_to_string(&mut page).await.expect("metrics");
+        assert!(
+            page.contains("etcd_server_is_leader"),
+            "{ep}: no leader gauge"
+        );
+        if page.lines().any(|l| l == "etcd_server_is_leader 1") {
             return i;
         }
     }
@@ -700,4 +703,148 @@ async fn controllers_starting_together_on_an_empty_store_make_one_mesh() {
             .await
             .expect("admin token accepted");
     }
+}
+
+#[tokio::test]
+async fn user_and_password_auth_and_a_revoked_token_is_replaced() {
+    let name = "user_and_password_auth_and_a_revoked_token_is_replaced";
+    if skip(name) {
+        return;
+    }
+    if let Some(why) = etcd_cluster::etcdctl_unavailable() {
+        eprintln!("SKIPPED {name}: {why}");
+        return;
+    }
+    let etcd = cluster().await;
+    // A user that may touch only the mesh's prefix, then auth on.
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["role", "add", "mesh"],
+        &[
+            "role",
+            "grant-permission",
+            "mesh",
+            "--prefix=true",
+            "readwrite",
+            "/quicmesh/",
+        ],
+        &["user", "add", "quicmesh:s3cret"],
+        &["user", "grant-role", "quicmesh", "mesh"],
+        &["auth", "enable"],
+    ] {
+        etcd.etcdctl(args, "").expect("etcdctl");
+    }
+    let url = etcd.url();
+    let with_user = |user: Option<(&str, &str)>| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut opts = options(&url, dir.path(), KEK, Duration::from_secs(3));
+        if let Some(e) = opts.etcd.as_mut() {
+            e.user = user.map(|(u, p)| (u.to_owned(), p.to_owned()));
+        }
+        (opts, dir)
+    };
+    let open = |user| {
+        let (opts, dir) = with_user(user);
+        async move {
+            let r = tokio::task::spawn_blocking(move || State::open(opts).map(|_| ()))
+                .await
+                .expect("task");
+            drop(dir);
+            r
+        }
+    };
+    // Refused without a user and with a wrong password, with an error that says why.
+    let e = open(None).await.expect_err("no user");
+    assert!(e.to_string().contains("user name is empty"), "{e}");
+    let e = open(Some(("quicmesh", "wrong")))
+        .await
+        .expect_err("bad password");
+    assert!(
+        e.to_string().contains("user name or password") && e.to_string().contains("--etcd-user"),
+        "{e}"
+    );
+
+    // A controller with the right password creates the mesh and writes.
+    let (opts, _dir) = with_user(Some(("quicmesh", "s3cret")));
+    let c = Controller::bind(opts, "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("controller with etcd auth");
+    let node_addr = c.addr().to_string();
+    let bundle = c.state().bundle();
+    let token = c.admin_token().expect("new mesh").to_owned();
+    let state = c.state().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = c
+            .serve(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    let ch = client::connect(&node_addr, &bundle, None, Some(Duration::from_secs(10)))
+        .await
+        .expect("connect");
+    let mut admin = client::admin(ch, &token).expect("admin");
+    admin
+        .apply(service("shop", "web", 80))
+        .await
+        .expect("apply with a token");
+
+    // A token of our own for the user, good now, and revoked by a password change (to the same password).
+    use quicmesh_controller::store::etcd::client::pb::etcdserverpb::{
+        AuthenticateRequest, auth_client::AuthClient, kv_client::KvClient,
+    };
+    let first = url
+        .trim_start_matches("etcd://")
+        .split(',')
+        .next()
+        .expect("a member");
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{first}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to etcd");
+    let etcd_token = AuthClient::new(ch.clone())
+        .authenticate(AuthenticateRequest {
+            name: "quicmesh".into(),
+            password: "s3cret".into(),
+        })
+        .await
+        .expect("authenticate")
+        .into_inner()
+        .token;
+    let put_with_token = || {
+        let mut req = tonic::Request::new(PutRequest {
+            key: b"/quicmesh/probe".to_vec(),
+            value: Vec::new(),
+        });
+        req.metadata_mut()
+            .insert("token", etcd_token.parse().expect("header"));
+        let mut kv = KvClient::new(ch.clone());
+        async move { kv.put(req).await }
+    };
+    put_with_token().await.expect("a fresh token works");
+    etcd.etcdctl(
+        &[
+            "--user",
+            "root:rootpw",
+            "user",
+            "passwd",
+            "quicmesh",
+            "--interactive=false",
+        ],
+        "s3cret\n",
+    )
+    .expect("passwd");
+    let e = put_with_token().await.expect_err("revoked token");
+    assert!(e.message().contains("invalid auth token"), "{e}");
+
+    // The controller's token was revoked too: its next write authenticates again and goes through.
+    let before = state.revision();
+    admin
+        .apply(service("shop", "api", 81))
+        .await
+        .expect("apply after the token was revoked");
+    assert!(state.revision() > before);
+    let _ = stop.send(());
 }
