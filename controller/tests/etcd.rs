@@ -72,13 +72,19 @@ struct Node {
 
 impl Node {
     async fn start(url: &str, kek: &str, timeout: Duration) -> Node {
+        Self::start_as(url, kek, timeout, None).await
+    }
+
+    /// As [`Node::start`], authenticating to etcd as `user` (name, password).
+    async fn start_as(url: &str, kek: &str, timeout: Duration, user: Option<(&str, &str)>) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = Controller::bind(
-            options(url, dir.path(), kek, timeout),
-            "127.0.0.1:0".parse().expect("addr"),
-        )
-        .await
-        .expect("controller start");
+        let mut opts = options(url, dir.path(), kek, timeout);
+        if let Some(e) = opts.etcd.as_mut() {
+            e.user = user.map(|(u, p)| (u.to_owned(), p.to_owned()));
+        }
+        let c = Controller::bind(opts, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("controller start");
         let addr = c.addr().to_string();
         let admin_token = c.admin_token().map(str::to_owned);
         let bundle = c.state().bundle();
@@ -705,6 +711,25 @@ async fn controllers_starting_together_on_an_empty_store_make_one_mesh() {
     }
 }
 
+/// The names of the services in `shop` a controller lists.
+async fn shop_services(admin: &mut Admin) -> Vec<String> {
+    admin
+        .list(pb::ListRequest {
+            kind: pb::Kind::Service as i32,
+            namespace: "shop".into(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .items
+        .into_iter()
+        .filter_map(|r| match r.resource {
+            Some(pb::resource::Resource::Service(s)) => s.metadata.map(|m| m.name),
+            _ => None,
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn user_and_password_auth_and_a_revoked_token_is_replaced() {
     let name = "user_and_password_auth_and_a_revoked_token_is_replaced";
@@ -715,7 +740,7 @@ async fn user_and_password_auth_and_a_revoked_token_is_replaced() {
         eprintln!("SKIPPED {name}: {why}");
         return;
     }
-    let etcd = cluster().await;
+    let mut etcd = cluster().await;
     // A user that may touch only the mesh's prefix, then auth on.
     for args in [
         &["user", "add", "root:rootpw"][..],
@@ -735,16 +760,12 @@ async fn user_and_password_auth_and_a_revoked_token_is_replaced() {
         etcd.etcdctl(args, "").expect("etcdctl");
     }
     let url = etcd.url();
-    let with_user = |user: Option<(&str, &str)>| {
+    let open = |user: Option<(&str, &str)>| {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut opts = options(&url, dir.path(), KEK, Duration::from_secs(3));
         if let Some(e) = opts.etcd.as_mut() {
             e.user = user.map(|(u, p)| (u.to_owned(), p.to_owned()));
         }
-        (opts, dir)
-    };
-    let open = |user| {
-        let (opts, dir) = with_user(user);
         async move {
             let r = tokio::task::spawn_blocking(move || State::open(opts).map(|_| ()))
                 .await
@@ -765,32 +786,17 @@ async fn user_and_password_auth_and_a_revoked_token_is_replaced() {
     );
 
     // A controller with the right password creates the mesh and writes.
-    let (opts, _dir) = with_user(Some(("quicmesh", "s3cret")));
-    let c = Controller::bind(opts, "127.0.0.1:0".parse().expect("addr"))
-        .await
-        .expect("controller with etcd auth");
-    let node_addr = c.addr().to_string();
-    let bundle = c.state().bundle();
-    let token = c.admin_token().expect("new mesh").to_owned();
-    let state = c.state().clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let _ = c
-            .serve(async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
-    let ch = client::connect(&node_addr, &bundle, None, Some(Duration::from_secs(10)))
-        .await
-        .expect("connect");
-    let mut admin = client::admin(ch, &token).expect("admin");
-    admin
+    let user = Some(("quicmesh", "s3cret"));
+    let a = Node::start_as(&url, KEK, Duration::from_secs(3), user).await;
+    let token = a.admin_token.clone().expect("new mesh");
+    let mut admin_a = a.admin(&token).await;
+    admin_a
         .apply(service("shop", "web", 80))
         .await
-        .expect("apply with a token");
+        .expect("apply with an etcd token");
 
-    // A token of our own for the user, good now, and revoked by a password change (to the same password).
+    // A token of our own for the user works, until a password change (to the same password) revokes
+    // every token of the user, the controller's too.
     use quicmesh_controller::store::etcd::client::pb::etcdserverpb::{
         AuthenticateRequest, auth_client::AuthClient, kv_client::KvClient,
     };
@@ -839,12 +845,28 @@ async fn user_and_password_auth_and_a_revoked_token_is_replaced() {
     let e = put_with_token().await.expect_err("revoked token");
     assert!(e.message().contains("invalid auth token"), "{e}");
 
-    // The controller's token was revoked too: its next write authenticates again and goes through.
-    let before = state.revision();
-    admin
+    // The member A watches through dies: A watches again with its revoked token, is refused, and
+    // authenticates again; a write through controller B then reaches A.
+    etcd.kill(0);
+    let b = Node::start_as(&url, KEK, Duration::from_secs(3), user).await;
+    b.admin(&token)
+        .await
         .apply(service("shop", "api", 81))
         .await
-        .expect("apply after the token was revoked");
-    assert!(state.revision() > before);
-    let _ = stop.send(());
+        .expect("apply on B");
+    let limit = Instant::now() + Duration::from_secs(10);
+    while !shop_services(&mut admin_a)
+        .await
+        .contains(&"api".to_owned())
+    {
+        assert!(Instant::now() < limit, "B's write never reached A's mirror");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And A writes with its new token.
+    let before = a.state.revision();
+    admin_a
+        .apply(service("shop", "cart", 82))
+        .await
+        .expect("apply on A after its token was revoked");
+    assert!(a.state.revision() > before);
 }

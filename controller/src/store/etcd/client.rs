@@ -65,7 +65,8 @@ const STALE_TOKEN: [&str; 3] = [
     "etcdserver: user name is empty",
     "etcdserver: revision of auth store is old",
 ];
-/// Why etcd cancels a watch created with a stale token (it also says so for a watch the user may not make).
+/// Why etcd cancels a watch created with a stale token (it also says so for a watch the user may not make),
+/// inside a longer reason.
 const WATCH_DENIED: &str = "etcdserver: permission denied";
 /// Start of the status a new watch canceled for [`WATCH_DENIED`] or a stale token becomes.
 const WATCH_REFUSED: &str = "etcd refused the watch";
@@ -429,8 +430,8 @@ impl Client {
                 let first = stream.message().await?;
                 if let Some(r) = &first
                     && r.canceled
-                    && (r.cancel_reason == WATCH_DENIED
-                        || STALE_TOKEN.contains(&r.cancel_reason.as_str()))
+                    && (r.cancel_reason.contains(WATCH_DENIED)
+                        || STALE_TOKEN.iter().any(|m| r.cancel_reason.contains(m)))
                 {
                     // As a status, so that `call` authenticates again and reopens it.
                     return Err(Status::unauthenticated(format!(
