@@ -4,9 +4,9 @@
 //! `protoc` in its build.
 //!
 //! Members: one lazily connected HTTP/2 channel per endpoint. Calls go to the current member and move
-//! on to the next only when the request provably never reached a member that could serve it: the
-//! connection (TCP or TLS) failed, or the member has no leader (every request says `hasleader`, so such
-//! a member refuses before doing anything). A request that may have been applied is never resent here.
+//! on to the next only when the request provably did nothing: the connection (TCP or TLS) failed, the
+//! member has no leader (every request says `hasleader`, so such a member refuses before doing
+//! anything), or a read lost its leader. A request that may have been applied is never resent here.
 //! The member that answered stays current, so one controller keeps one connection busy.
 //!
 //! TLS is rustls with ring through our own connector (tonic's TLS features are off in this workspace).
@@ -59,6 +59,8 @@ pub const MAX_MESSAGE: usize = 64 << 20;
 const UNREACHABLE: &str = "etcd member unreachable";
 /// etcd's refusal of a request marked `hasleader` by a member without a leader (nothing was done).
 const NO_LEADER: &str = "etcdserver: no leader";
+/// etcd's failure of a linearizable read when the leader changed under it (a read: nothing was done).
+const LEADER_CHANGED: &str = "etcdserver: leader changed";
 /// etcd's answers to a token it no longer accepts, or to a missing one once auth is on.
 const STALE_TOKEN: [&str; 3] = [
     "etcdserver: invalid auth token",
@@ -94,8 +96,8 @@ impl From<Status> for Error {
 }
 
 impl Error {
-    /// Whether the request reached no member able to serve it (each one tried was unreachable or had
-    /// no leader): nothing was done, so it may be sent again.
+    /// Whether the request did nothing on any member tried (each was unreachable, had no leader, or
+    /// lost it during a read), so it may be sent again.
     pub fn unsent(&self) -> bool {
         matches!(self, Error::Rpc(s) if member_refused(s))
     }
@@ -103,7 +105,9 @@ impl Error {
 
 fn member_refused(s: &Status) -> bool {
     s.code() == tonic::Code::Unavailable
-        && (s.message().starts_with(UNREACHABLE) || s.message() == NO_LEADER)
+        && (s.message().starts_with(UNREACHABLE)
+            || s.message() == NO_LEADER
+            || s.message() == LEADER_CHANGED)
 }
 
 fn stale_token(s: &Status) -> bool {
@@ -457,6 +461,7 @@ mod tests {
         )));
         assert!(refused.unsent());
         assert!(Error::from(Status::unavailable(NO_LEADER)).unsent());
+        assert!(Error::from(Status::unavailable(LEADER_CHANGED)).unsent());
         // A connection that broke with the request in flight: it may have been applied.
         assert!(!Error::from(Status::unavailable("connection reset")).unsent());
         assert!(!Error::from(Status::invalid_argument(STALE_TOKEN[0])).unsent());
