@@ -20,7 +20,7 @@ use quicmesh_controller::{
     state::{State, StateOptions},
     store::etcd::{
         EtcdOptions,
-        client::{self as etcd_client, pb::etcdserverpb::PutRequest},
+        client::{self as etcd_rpc, pb::etcdserverpb::PutRequest},
     },
 };
 use quicmesh_proto::controller as pb;
@@ -368,7 +368,7 @@ async fn a_controller_with_another_kek_refuses_to_start_and_a_newer_schema_is_re
     assert!(e.to_string().contains("QUICMESH_KEK"), "{e}");
 
     // A store written by a newer schema, under another prefix.
-    let kv = etcd_client::Client::new(&EtcdOptions::from_url(&url).expect("url")).expect("client");
+    let kv = etcd_rpc::Client::new(&EtcdOptions::from_url(&url).expect("url")).expect("client");
     let put = |key: &str, value: &[u8]| PutRequest {
         key: key.into(),
         value: value.into(),

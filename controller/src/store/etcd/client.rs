@@ -54,7 +54,7 @@ use pb::etcdserverpb::{
 };
 
 /// Largest etcd response accepted (a page of values, a watch response of one batch).
-pub const MAX_MESSAGE: usize = 64 << 20;
+const MAX_MESSAGE: usize = 64 << 20;
 /// Start of the message of every failed connection to a member (the request was not sent).
 const UNREACHABLE: &str = "etcd member unreachable";
 /// etcd's refusal of a request marked `hasleader` by a member without a leader (nothing was done).
