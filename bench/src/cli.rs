@@ -80,7 +80,8 @@ struct CompareArgs {
     /// The quicmesh binary (default: target/release/quicmesh, or next to this executable).
     #[arg(long)]
     quicmesh_bin: Option<PathBuf>,
-    /// Paths to compare besides direct.
+    /// Paths to compare besides direct: quicmesh, peer (HAProxy `mode tcp`), and the HTTP-aware
+    /// quicmesh-l7 and peer-http (HAProxy `mode http`), which run no raw-TCP scenario.
     #[arg(long, value_delimiter = ',', default_value = "quicmesh,peer")]
     targets: Vec<Target>,
     /// Measured length of each load run.
@@ -92,6 +93,12 @@ struct CompareArgs {
     /// Open-loop rates (req/s) for the added-latency figures.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     rates: Vec<f64>,
+    /// Protocols of the added-latency figures.
+    #[arg(long, value_delimiter = ',', default_value = "http1")]
+    latency_protocols: Vec<Protocol>,
+    /// Concurrent requests per HTTP/2 connection in the max-throughput scenario.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
     /// Connections of the fixed-rate and max-throughput scenarios.
     #[arg(long, default_value_t = 64)]
     connections: usize,
@@ -142,6 +149,9 @@ struct LossArgs {
     /// Concurrent connections (quicmesh: streams over one tunnel).
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// Concurrent requests per connection where the protocol multiplexes (http2, grpc-unary).
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
     /// Measured length of each run.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -182,6 +192,9 @@ struct LoadArgs {
     /// Connections (closed loop: concurrent clients).
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// Concurrent requests per connection where the protocol multiplexes (http2, grpc-unary).
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
     /// Measured length.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -247,6 +260,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 loss_percent: vec![0, 1, 5],
                 rate: 3000.0,
                 connections: 64,
+                streams: 1,
                 duration: Duration::from_secs(10),
                 protocol: Protocol::Http1,
                 targets: vec![Target::Quicmesh, Target::Peer],
@@ -276,9 +290,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             };
             s.rounds = a.rounds.max(1);
             s.protocols = a.protocols;
+            s.latency_protocols = a.latency_protocols;
+            s.streams = a.streams.max(1);
             s.quic_ceiling = !a.no_quic_ceiling;
             s.haproxy_threads = a.haproxy_threads;
-            let quicmesh_bin = if s.targets.contains(&Target::Quicmesh) {
+            let quicmesh_bin = if s
+                .targets
+                .iter()
+                .any(|t| matches!(t, Target::Quicmesh | Target::QuicmeshL7))
+            {
                 topology::find_quicmesh(a.quicmesh_bin.as_deref())
             } else {
                 None
@@ -296,12 +316,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 loss_percent: a.loss,
                 rate: a.rate,
                 connections: a.connections,
+                streams: a.streams.max(1),
                 duration: a.duration,
                 protocol: a.protocol,
                 targets: a.targets.clone(),
                 haproxy_threads: a.haproxy_threads,
             };
-            let quicmesh_bin = if a.targets.contains(&Target::Quicmesh) {
+            let quicmesh_bin = if a
+                .targets
+                .iter()
+                .any(|t| matches!(t, Target::Quicmesh | Target::QuicmeshL7))
+            {
                 topology::find_quicmesh(a.quicmesh_bin.as_deref())
             } else {
                 None
@@ -366,6 +391,7 @@ async fn run_load(a: LoadArgs) -> anyhow::Result<()> {
     };
     let mut spec = LoadSpec::new(a.protocol, mode, a.connections, a.duration);
     spec.payload = a.payload;
+    spec.streams = a.streams.max(1);
     spec.timeout = a.timeout;
     spec.max_requests = a.max_requests;
     let gate = async {

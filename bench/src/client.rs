@@ -1,7 +1,8 @@
 //! One load-generating connection per protocol, behind one `request()` call.
 //!
-//! Every connection carries one request at a time: the load loops decide when requests start, this module
-//! only knows how to send one and check its answer (status and echoed length), and how to name a failure.
+//! Every handle carries one request at a time: the load loops decide when requests start, this module only
+//! knows how to send one and check its answer (status and echoed length), and how to name a failure. HTTP/2
+//! and gRPC unary handles can be [shared](Conn::share), so several requests run at once on one connection.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -190,6 +191,16 @@ impl Conn {
                     rx: resp.into_inner(),
                 })
             }
+        }
+    }
+
+    /// Another handle on the same connection, for protocols that multiplex concurrent requests over one
+    /// connection (HTTP/2, gRPC unary); `None` for the others.
+    pub fn share(&self) -> Option<Conn> {
+        match self {
+            Conn::Http2(send) => Some(Conn::Http2(send.clone())),
+            Conn::GrpcUnary(client) => Some(Conn::GrpcUnary(client.clone())),
+            _ => None,
         }
     }
 

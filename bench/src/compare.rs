@@ -6,6 +6,11 @@
 //! max req/s at 64 connections per protocol (closed loop), bulk Gbit/s on one connection, small
 //! request/response req/s over 100 and 1,000 concurrent connections, proxy CPU per request and peak RSS,
 //! proxy memory idle and with 1,000 open tunneled connections, and the raw QUIC ceiling for context.
+//!
+//! With the HTTP-aware paths among the targets (`quicmesh-l7`, `peer-http`) the same run becomes issue 8's
+//! L7 comparison: fixed-rate latency per protocol, HTTP/2 with many streams per connection, raw-TCP
+//! scenarios skipped on the L7 paths (they carry only HTTP), and a table of the L7 goals in
+//! `latest-l7.md`, so the opaque comparison's `latest.md` stays what it was.
 
 use std::{
     collections::BTreeMap,
@@ -39,6 +44,13 @@ pub struct CompareSettings {
     pub rounds: usize,
     /// Open-loop rates for the added-latency figures.
     pub rates: Vec<f64>,
+    /// Protocols of the added-latency figures.
+    #[serde(default = "http1_only")]
+    pub latency_protocols: Vec<Protocol>,
+    /// Concurrent requests per HTTP/2 connection in the max-throughput scenario (workers sharing each
+    /// connection).
+    #[serde(default = "one")]
+    pub streams: usize,
     /// Connections for the fixed-rate and max-throughput figures.
     pub connections: usize,
     /// Protocols of the max-throughput figure.
@@ -60,6 +72,14 @@ pub struct CompareSettings {
     pub haproxy_threads: usize,
 }
 
+fn http1_only() -> Vec<Protocol> {
+    vec![Protocol::Http1]
+}
+
+fn one() -> usize {
+    1
+}
+
 impl CompareSettings {
     /// The full comparison.
     pub fn full(targets: Vec<Target>) -> Self {
@@ -68,6 +88,8 @@ impl CompareSettings {
             duration: Duration::from_secs(5),
             rounds: 1,
             rates: vec![1000.0, 5000.0],
+            latency_protocols: http1_only(),
+            streams: 1,
             connections: 64,
             protocols: Protocol::ALL.to_vec(),
             rr_connections: vec![100, 1000],
@@ -87,6 +109,8 @@ impl CompareSettings {
             duration: Duration::from_millis(300),
             rounds: 1,
             rates: vec![200.0],
+            latency_protocols: http1_only(),
+            streams: 1,
             connections: 4,
             protocols: Protocol::ALL.to_vec(),
             rr_connections: vec![20],
@@ -115,30 +139,50 @@ struct Scenario {
 
 fn scenarios(s: &CompareSettings) -> Vec<Scenario> {
     let mut out = Vec::new();
-    for &rate in &s.rates {
-        out.push(Scenario {
-            id: format!("latency-{}rps", rate as u64),
-            title: format!(
-                "HTTP/1.1 1 KiB, open loop {} req/s, {} connections",
-                rate as u64, s.connections
-            ),
-            work: Work::Load(LoadSpec::new(
-                Protocol::Http1,
-                Mode::Open { rate },
-                s.connections,
-                s.duration,
-            )),
-        });
+    // HTTP/2's concurrent streams per connection apply to the closed loop (max req/s); the fixed-rate
+    // runs keep one request at a time per connection, so their latency is the path's, not a queue's.
+    let spec = |p: Protocol, mode: Mode| {
+        let mut spec = LoadSpec::new(p, mode, s.connections, s.duration);
+        if p == Protocol::Http2 && mode == Mode::Closed {
+            spec.streams = s.streams.max(1);
+        }
+        spec
+    };
+    let conns = |p: Protocol, mode: Mode| {
+        if p == Protocol::Http2 && mode == Mode::Closed && s.streams > 1 {
+            format!("{} connections × {} streams", s.connections, s.streams)
+        } else {
+            format!("{} connections", s.connections)
+        }
+    };
+    for &p in &s.latency_protocols {
+        for &rate in &s.rates {
+            // HTTP/1.1 keeps the id it has always had, so figures stay comparable across runs.
+            let id = match p {
+                Protocol::Http1 => format!("latency-{}rps", rate as u64),
+                _ => format!("latency-{}-{}rps", p.name(), rate as u64),
+            };
+            out.push(Scenario {
+                id,
+                title: format!(
+                    "{} 1 KiB, open loop {} req/s, {}",
+                    p.name(),
+                    rate as u64,
+                    conns(p, Mode::Open { rate })
+                ),
+                work: Work::Load(spec(p, Mode::Open { rate })),
+            });
+        }
     }
     for &p in &s.protocols {
         out.push(Scenario {
             id: format!("max-{}", p.name()),
             title: format!(
-                "{} 1 KiB, closed loop, {} connections",
+                "{} 1 KiB, closed loop, {}",
                 p.name(),
-                s.connections
+                conns(p, Mode::Closed)
             ),
-            work: Work::Load(LoadSpec::new(p, Mode::Closed, s.connections, s.duration)),
+            work: Work::Load(spec(p, Mode::Closed)),
         });
     }
     for &n in &s.rr_connections {
@@ -272,16 +316,14 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
     );
     let mut idle: BTreeMap<Target, Vec<u64>> = BTreeMap::new();
     for t in targets {
-        let path = match t {
-            Target::Direct => Ok(Path::direct(&placement)),
-            Target::Peer => topology::haproxy_pair(&placement, &certs, dir.path()).await,
-            Target::Quicmesh => match &env.quicmesh_bin {
-                Some(bin) => topology::quicmesh_pair(&placement, &certs, bin, dir.path()).await,
-                None => Err(anyhow::anyhow!(
-                    "no quicmesh binary (build it with `cargo build --release`, or pass --quicmesh-bin)"
-                )),
-            },
-        };
+        let path = topology::start(
+            t,
+            &placement,
+            &certs,
+            env.quicmesh_bin.as_deref(),
+            dir.path(),
+        )
+        .await;
         match path {
             Ok(p) => {
                 idle.insert(t, p.samples().iter().map(|s| s.rss_kib).collect());
@@ -303,6 +345,14 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
         for (si, sc) in list.iter().enumerate() {
             for k in 0..n {
                 let path = &mut paths[(k + si + round) % n];
+                let protocol = match &sc.work {
+                    Work::Load(spec) => spec.protocol,
+                    Work::Bulk => Protocol::Tcp,
+                };
+                // An L7 path carries no raw TCP: those scenarios are not run on it.
+                let Some(addr) = path.entry_for(protocol) else {
+                    continue;
+                };
                 path.check_alive()?;
                 let before: Vec<ProcSample> = path.samples();
                 path.reset_peaks();
@@ -321,16 +371,15 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
                 });
                 match &sc.work {
                     Work::Load(spec) => {
-                        let o = load::run(spec, path.entry, async {}).await?;
+                        let o = load::run(spec, addr, async {}).await?;
                         match &mut entry.outcome {
                             Some(prev) => prev.merge(o)?,
                             None => entry.outcome = Some(o),
                         }
                     }
                     Work::Bulk => {
-                        let b =
-                            bulk::tcp_bulk(path.entry, settings.bulk_bytes, settings.bulk_duration)
-                                .await?;
+                        let b = bulk::tcp_bulk(addr, settings.bulk_bytes, settings.bulk_duration)
+                            .await?;
                         if entry.bulk.is_none_or(|prev| b.gbit_s > prev.gbit_s) {
                             entry.bulk = Some(b);
                         }
@@ -372,8 +421,14 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
             continue;
         }
         path.check_alive()?;
+        // HTTP/1.1 connections on an L7 path (it carries no raw TCP), tunneled TCP ones elsewhere.
+        let protocol = if path.target.is_l7() {
+            Protocol::Http1
+        } else {
+            Protocol::Tcp
+        };
         let (mut conns, failed) = load::connect_all(
-            Protocol::Tcp,
+            protocol,
             path.entry,
             settings.memory_connections,
             Duration::from_secs(10),
@@ -381,7 +436,7 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
         .await;
         let payload = bytes::Bytes::from_static(&[7u8; 64]);
         for c in &mut conns {
-            // One exchange each, so every tunnel stream is fully set up end to end.
+            // One exchange each, so every tunnel stream (or pooled upstream) is fully set up end to end.
             let _ = c.request(&payload, Duration::from_secs(10)).await;
         }
         if failed > 0 {
@@ -430,6 +485,9 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
     };
     let (detail, ratios) = tables(&report);
     println!("\n{detail}\n{ratios}");
+    if let Some(g) = l7_goals(&report) {
+        println!("{g}");
+    }
     if let Some(out) = &env.out {
         write_outputs(&report, out, &detail, &ratios)?;
     }
@@ -463,14 +521,25 @@ fn write_outputs(
         std::fs::write(&p, svg)?;
         println!("plot: {}", p.display());
     }
+    let goals = l7_goals(report)
+        .map(|g| g.markdown() + "\n")
+        .unwrap_or_default();
     let md = format!(
-        "<!-- written by `quicmesh bench compare` at unix time {stamp} on {} ({} cores) -->\n\n{}\n{}",
+        "<!-- written by `quicmesh bench compare` at unix time {stamp} on {} ({} cores), {} round(s) of {} -->\n\n{goals}{}\n{}",
         report.machine.cpu,
         report.machine.cores,
+        report.settings.rounds,
+        humantime::format_duration(report.settings.duration),
         ratios.markdown(),
         detail.markdown()
     );
-    std::fs::write(out.join("latest.md"), md)?;
+    // The L7 comparison keeps its own latest table, so it does not replace the opaque one.
+    let name = if report.settings.targets.iter().any(|t| t.is_l7()) {
+        "latest-l7.md"
+    } else {
+        "latest.md"
+    };
+    std::fs::write(out.join(name), md)?;
     Ok(())
 }
 
@@ -481,7 +550,66 @@ fn find<'a>(report: &'a CompareReport, scenario: &str, t: Target) -> Option<&'a 
         .find(|r| r.scenario == scenario && r.target == t)
 }
 
-/// The detail table (every run) and the ratio table (every figure against direct, quicmesh against peer).
+/// Issue 8's goals for the L7 path against HAProxy `mode http`, per protocol that ran on both: max req/s at
+/// least 1.2x, proxy CPU per request at most 0.8x.
+pub fn l7_goals(report: &CompareReport) -> Option<Table> {
+    let mut t = Table::new(["goal", "quicmesh-l7", "peer-haproxy-http", "ratio", "met"]);
+    for p in [Protocol::Http1, Protocol::Http2, Protocol::GrpcUnary] {
+        let id = format!("max-{}", p.name());
+        let (Some(q), Some(h)) = (
+            find(report, &id, Target::QuicmeshL7),
+            find(report, &id, Target::PeerHttp),
+        ) else {
+            continue;
+        };
+        let rps = |r: &RunResult| r.load.as_ref().map_or(0.0, |l| l.throughput_rps);
+        let (qr, hr) = (rps(q), rps(h));
+        let met = |ok: bool| if ok { "yes" } else { "no" };
+        t.row([
+            format!("{id} req/s ≥ 1.2x"),
+            format!("{qr:.0}"),
+            format!("{hr:.0}"),
+            ratio(qr, hr),
+            met(hr > 0.0 && qr / hr >= 1.2).to_owned(),
+        ]);
+        if let (Some(qc), Some(hc)) = (q.proxy_cpu_us_per_request, h.proxy_cpu_us_per_request) {
+            t.row([
+                format!("{id} proxy CPU µs/req ≤ 0.8x"),
+                format!("{qc:.1}"),
+                format!("{hc:.1}"),
+                ratio(qc, hc),
+                met(hc > 0.0 && qc / hc <= 0.8).to_owned(),
+            ]);
+        }
+    }
+    (!t.is_empty()).then_some(t)
+}
+
+/// Paths in the order of the ratio table's columns.
+const COLUMNS: [Target; 4] = [
+    Target::Quicmesh,
+    Target::QuicmeshL7,
+    Target::Peer,
+    Target::PeerHttp,
+];
+
+/// Head-to-head ratios shown when both paths ran: each quicmesh path against its HAProxy counterpart.
+const PAIRS: [(Target, Target); 2] = [
+    (Target::Quicmesh, Target::Peer),
+    (Target::QuicmeshL7, Target::PeerHttp),
+];
+
+/// Column-header name of a path.
+fn short(t: Target) -> &'static str {
+    match t {
+        Target::Peer => "peer",
+        Target::PeerHttp => "peer-http",
+        t => t.name(),
+    }
+}
+
+/// The detail table (every run) and the ratio table (every figure against direct, each quicmesh path
+/// against its HAProxy counterpart).
 pub fn tables(report: &CompareReport) -> (Table, Table) {
     let mut detail = Table::new([
         "scenario",
@@ -531,40 +659,31 @@ pub fn tables(report: &CompareReport) -> (Table, Table) {
         detail.row(cells);
     }
 
-    let has = |t: Target| report.runs.iter().any(|r| r.target == t);
-    let (q, p) = (has(Target::Quicmesh), has(Target::Peer));
-    let mut ratios = Table::new([
-        "figure",
-        "direct",
-        "quicmesh",
-        "peer-haproxy",
-        "quicmesh/direct",
-        "peer/direct",
-        "quicmesh/peer",
-    ]);
-    let mut fig = |name: String,
-                   get: &dyn Fn(&RunResult) -> Option<f64>,
-                   fmt: &dyn Fn(f64) -> String,
-                   with_direct: bool| {
-        let val = |t: Target, present: bool| {
-            if present {
-                report
-                    .runs
-                    .iter()
-                    .find(|r| r.target == t && get(r).is_some())
-                    .and_then(get)
-            } else {
-                None
-            }
-        };
-        let d = if with_direct {
-            val(Target::Direct, true)
-        } else {
-            None
-        };
-        let qv = val(Target::Quicmesh, q);
-        let pv = val(Target::Peer, p);
-        if d.is_none() && qv.is_none() && pv.is_none() {
+    let present: Vec<Target> = COLUMNS
+        .into_iter()
+        .filter(|t| report.runs.iter().any(|r| r.target == *t))
+        .collect();
+    let pairs: Vec<(Target, Target)> = PAIRS
+        .into_iter()
+        .filter(|(a, b)| present.contains(a) && present.contains(b))
+        .collect();
+    let mut headers = vec!["figure".to_owned(), "direct".to_owned()];
+    headers.extend(present.iter().map(|t| t.name().to_owned()));
+    headers.extend(present.iter().map(|t| format!("{}/direct", short(*t))));
+    headers.extend(
+        pairs
+            .iter()
+            .map(|(a, b)| format!("{}/{}", short(*a), short(*b))),
+    );
+    let mut ratios = Table::new(headers);
+    // One figure: the direct cell, the ratio base (direct, or another baseline), each path's value.
+    let mut row = |name: String,
+                   direct: Option<f64>,
+                   base: Option<f64>,
+                   vals: &dyn Fn(Target) -> Option<f64>,
+                   fmt: &dyn Fn(f64) -> String| {
+        let v: Vec<Option<f64>> = present.iter().map(|t| vals(*t)).collect();
+        if direct.is_none() && v.iter().all(Option::is_none) {
             return;
         }
         let show = |v: Option<f64>| v.map_or("-".into(), fmt);
@@ -572,75 +691,61 @@ pub fn tables(report: &CompareReport) -> (Table, Table) {
             (Some(a), Some(b)) => ratio(a, b),
             _ => "-".into(),
         };
-        ratios.row([
-            name,
-            show(d),
-            show(qv),
-            show(pv),
-            rat(qv, d),
-            rat(pv, d),
-            rat(qv, pv),
-        ]);
+        let mut cells = vec![name, show(direct)];
+        cells.extend(v.iter().map(|x| show(*x)));
+        cells.extend(v.iter().map(|x| rat(*x, base)));
+        cells.extend(pairs.iter().map(|(a, b)| rat(vals(*a), vals(*b))));
+        ratios.row(cells);
     };
-    let ids: Vec<(String, String)> = {
-        let mut v: Vec<(String, String)> = report
-            .runs
-            .iter()
-            .map(|r| (r.scenario.clone(), r.title.clone()))
-            .collect();
+    let ids: Vec<String> = {
+        let mut v: Vec<String> = report.runs.iter().map(|r| r.scenario.clone()).collect();
         v.dedup();
         v
     };
-    for (id, _) in &ids {
-        let id2 = id.clone();
-        let scen = move |r: &RunResult| r.scenario == id2;
+    for id in &ids {
+        let cpu = |t: Target| find(report, id, t).and_then(|r| r.proxy_cpu_us_per_request);
+        let load = |t: Target| find(report, id, t).and_then(|r| r.load.as_ref());
         if id.starts_with("latency-") {
-            let s = scen.clone();
-            fig(
+            let p50 = |t: Target| load(t).map(|l| l.latency_ms.p50);
+            row(
                 format!("{id} p50"),
-                &move |r| {
-                    s(r).then(|| r.load.as_ref().map(|l| l.latency_ms.p50))
-                        .flatten()
-                },
+                p50(Target::Direct),
+                p50(Target::Direct),
+                &p50,
                 &ms,
-                true,
             );
-            let s = scen.clone();
-            fig(
+            let p99 = |t: Target| load(t).map(|l| l.latency_ms.p99);
+            row(
                 format!("{id} p99"),
-                &move |r| {
-                    s(r).then(|| r.load.as_ref().map(|l| l.latency_ms.p99))
-                        .flatten()
-                },
+                p99(Target::Direct),
+                p99(Target::Direct),
+                &p99,
                 &ms,
-                true,
             );
-            let s = scen.clone();
-            fig(
-                format!("{id} proxy CPU µs/req"),
-                &move |r| s(r).then_some(r.proxy_cpu_us_per_request).flatten(),
-                &|v| format!("{v:.1}"),
-                false,
-            );
+            row(format!("{id} proxy CPU µs/req"), None, None, &cpu, &|v| {
+                format!("{v:.1}")
+            });
         } else if id == "bulk" {
-            let s = scen.clone();
-            fig(
+            let g = |t: Target| find(report, id, t).and_then(|r| r.bulk).map(|b| b.gbit_s);
+            row(
                 "bulk Gbit/s (1 conn)".into(),
-                &move |r| s(r).then(|| r.bulk.map(|b| b.gbit_s)).flatten(),
+                g(Target::Direct),
+                g(Target::Direct),
+                &g,
                 &|v| format!("{v:.2}"),
-                true,
             );
         } else {
-            let s = scen.clone();
-            fig(
+            let rps = |t: Target| load(t).map(|l| l.throughput_rps);
+            row(
                 format!("{id} req/s"),
-                &move |r| {
-                    s(r).then(|| r.load.as_ref().map(|l| l.throughput_rps))
-                        .flatten()
-                },
+                rps(Target::Direct),
+                rps(Target::Direct),
+                &rps,
                 &|v| format!("{v:.0}"),
-                true,
             );
+            row(format!("{id} proxy CPU µs/req"), None, None, &cpu, &|v| {
+                format!("{v:.1}")
+            });
         }
     }
     let peak = |t: Target| -> Option<f64> {
@@ -661,71 +766,59 @@ pub fn tables(report: &CompareReport) -> (Table, Table) {
             .max()?;
         Some(v as f64 / 1024.0)
     };
-    let mib = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
-    for (name, qv, pv) in [
-        (
-            "peak RSS per proxy, MiB (max over scenarios)",
-            peak(Target::Quicmesh),
-            peak(Target::Peer),
+    let mib = |v: f64| format!("{v:.1}");
+    row(
+        "peak RSS per proxy, MiB (max over scenarios)".into(),
+        None,
+        None,
+        &peak,
+        &mib,
+    );
+    row(
+        "RSS per proxy idle, MiB".into(),
+        None,
+        None,
+        &|t| mem(t, false),
+        &mib,
+    );
+    row(
+        format!(
+            "RSS per proxy with {} open, MiB",
+            report.settings.memory_connections
         ),
-        (
-            "RSS per proxy idle, MiB",
-            mem(Target::Quicmesh, false),
-            mem(Target::Peer, false),
-        ),
-        (
-            "RSS per proxy with memory_connections open, MiB",
-            mem(Target::Quicmesh, true),
-            mem(Target::Peer, true),
-        ),
-    ] {
-        if qv.is_some() || pv.is_some() {
-            let rat = match (qv, pv) {
-                (Some(a), Some(b)) => ratio(a, b),
-                _ => "-".into(),
-            };
-            let name = name.replace(
-                "memory_connections",
-                &report.settings.memory_connections.to_string(),
-            );
-            ratios.row([
-                name,
-                "-".into(),
-                mib(qv),
-                mib(pv),
-                "-".into(),
-                "-".into(),
-                rat,
-            ]);
-        }
-    }
+        None,
+        None,
+        &|t| mem(t, true),
+        &mib,
+    );
     if let Some(c) = report.quic_ceiling {
-        let d = find(report, "bulk", Target::Direct)
-            .and_then(|r| r.bulk)
-            .map(|b| b.gbit_s);
-        let qb = find(report, "bulk", Target::Quicmesh)
-            .and_then(|r| r.bulk)
-            .map(|b| b.gbit_s);
-        let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
-        ratios.row([
-            "raw QUIC ceiling Gbit/s (quinn alone, 1 stream)".to_owned(),
-            "-".into(),
-            format!("{:.2}", c.gbit_s),
-            "-".into(),
-            d.map_or("-".into(), |d| ratio(c.gbit_s, d)),
-            "-".into(),
-            "-".into(),
-        ]);
-        if qb.is_some() {
-            ratios.row([
-                "quicmesh bulk / raw QUIC ceiling".to_owned(),
-                "-".into(),
-                fmt(qb),
-                "-".into(),
-                qb.map_or("-".into(), |qb| ratio(qb, c.gbit_s)),
-                "-".into(),
-                "-".into(),
-            ]);
+        let gbit = |t: Target| {
+            find(report, "bulk", t)
+                .and_then(|r| r.bulk)
+                .map(|b| b.gbit_s)
+        };
+        let fmt = |v: f64| format!("{v:.2}");
+        // Shown in the quicmesh column (the first column when quicmesh is not compared).
+        let column = if present.contains(&Target::Quicmesh) {
+            Target::Quicmesh
+        } else {
+            present.first().copied().unwrap_or(Target::Quicmesh)
+        };
+        row(
+            "raw QUIC ceiling Gbit/s (quinn alone, 1 stream)".into(),
+            None,
+            gbit(Target::Direct),
+            &|t| (t == column).then_some(c.gbit_s),
+            &fmt,
+        );
+        if gbit(Target::Quicmesh).is_some() {
+            row(
+                "quicmesh bulk / raw QUIC ceiling".into(),
+                None,
+                Some(c.gbit_s),
+                &|t| (t == Target::Quicmesh).then(|| gbit(t)).flatten(),
+                &fmt,
+            );
         }
     }
     (detail, ratios)

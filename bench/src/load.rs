@@ -51,6 +51,10 @@ pub struct LoadSpec {
     pub mode: Mode,
     /// Concurrent connections (closed loop: concurrent clients).
     pub connections: usize,
+    /// Concurrent requests on each connection where the protocol multiplexes (HTTP/2, gRPC unary): each
+    /// connection gets this many workers sharing it. Ignored (1) for the others.
+    #[serde(default = "one")]
+    pub streams: usize,
     /// Length of the measured run.
     #[serde(with = "humantime_serde")]
     pub duration: Duration,
@@ -72,6 +76,7 @@ impl LoadSpec {
             protocol,
             mode,
             connections,
+            streams: 1,
             duration,
             max_requests: 10_000_000,
             payload: 1024,
@@ -79,6 +84,10 @@ impl LoadSpec {
             progress: duration >= Duration::from_secs(10),
         }
     }
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Raw result of one run: histograms in nanoseconds.
@@ -206,6 +215,16 @@ pub async fn run(
     let connected = conns.len();
     if failed > 0 {
         tracing::warn!(failed, connected, %addr, "some connections could not be opened");
+    }
+    // Several workers per connection where it multiplexes requests: a worker still carries one request
+    // at a time, so `streams` workers keep up to `streams` requests in flight on each connection.
+    if spec.streams > 1 {
+        let mut workers = Vec::with_capacity(conns.len() * spec.streams);
+        for c in conns {
+            workers.extend((1..spec.streams).map_while(|_| c.share()));
+            workers.push(c);
+        }
+        conns = workers;
     }
     gate.await;
     let start = Instant::now();

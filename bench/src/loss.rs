@@ -3,7 +3,10 @@
 //! dropped packet is one segment, and nftables dropping a share of the packets arriving on each veth end
 //! (`numgen random mod 100 < N`). Loss is switched on only after every connection is up, then many
 //! concurrent request/response exchanges run at a fixed rate (open loop): with quicmesh they are streams
-//! of one QUIC connection, with the TCP paths each is its own TCP connection.
+//! of one QUIC connection, with the TCP paths each is its own TCP connection. With `--protocol http2
+//! --connections 1 --streams N` the app instead multiplexes N requests over one HTTP/2 connection: only
+//! the L7 quicmesh path then gives each request its own stream (and its own loss recovery); every other
+//! path carries that connection as one ordered byte stream.
 //!
 //! Root only: anything missing (root, `ip`, `nft`, `ethtool`) makes the scenario skip with the reason.
 
@@ -39,6 +42,9 @@ pub struct LossSettings {
     pub rate: f64,
     /// Concurrent connections.
     pub connections: usize,
+    /// Concurrent requests per connection where the protocol multiplexes (HTTP/2, gRPC unary).
+    #[serde(default = "one")]
+    pub streams: usize,
     /// Measured length of each run.
     #[serde(with = "humantime_serde")]
     pub duration: Duration,
@@ -48,6 +54,10 @@ pub struct LossSettings {
     pub targets: Vec<Target>,
     /// `nbthread` of each HAProxy.
     pub haproxy_threads: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One (loss level, path) run.
@@ -298,6 +308,7 @@ async fn load_in(
             &s.rate.to_string(),
         ])
         .args(["--connections", &s.connections.to_string()])
+        .args(["--streams", &s.streams.max(1).to_string()])
         .arg("--duration")
         .arg(format!("{}ms", s.duration.as_millis()))
         .arg("--timeout")
@@ -369,16 +380,7 @@ pub async fn run(
     let mut skipped = BTreeMap::new();
     let mut paths = vec![Path::direct(&placement)];
     for t in s.targets.iter().copied().filter(|t| *t != Target::Direct) {
-        let p = match t {
-            Target::Direct => continue,
-            Target::Peer => topology::haproxy_pair(&placement, &certs, dir.path()).await,
-            Target::Quicmesh => match &quicmesh_bin {
-                Some(bin) => topology::quicmesh_pair(&placement, &certs, bin, dir.path()).await,
-                None => Err(anyhow::anyhow!(
-                    "no quicmesh binary (cargo build --release, or --quicmesh-bin)"
-                )),
-            },
-        };
+        let p = topology::start(t, &placement, &certs, quicmesh_bin.as_deref(), dir.path()).await;
         match p {
             Ok(p) => paths.push(p),
             Err(e) => {
@@ -392,9 +394,12 @@ pub async fn run(
         let n = paths.len();
         for k in 0..n {
             let path = &mut paths[(k + li) % n];
+            let Some(entry) = path.entry_for(s.protocol) else {
+                continue;
+            };
             path.check_alive()?;
             tracing::info!(loss = percent, target_path = path.target.name(), "loss run");
-            let summary = load_in(&net, &bench_bin, path.entry, &s, percent).await?;
+            let summary = load_in(&net, &bench_bin, entry, &s, percent).await?;
             runs.push(LossRun {
                 loss_percent: percent,
                 target: path.target,
@@ -424,34 +429,68 @@ pub async fn run(
                 .map(|r| (r.target.name().to_owned(), r.summary.curve.clone()))
                 .collect();
             let title = format!(
-                "{} at {} req/s, {} connections, {percent}% loss",
+                "{} at {} req/s, {} connections × {} streams, {percent}% loss",
                 report.settings.protocol.name(),
                 report.settings.rate,
-                report.settings.connections
+                report.settings.connections,
+                report.settings.streams.max(1)
             );
             let p = out.join(format!("loss-{stamp}-{percent}pct.svg"));
             std::fs::write(&p, report::percentile_svg(&title, &series))?;
             println!("plot: {}", p.display());
         }
-        std::fs::write(out.join("latest-loss.md"), table.markdown())?;
+        // The L7 comparison keeps its own latest table, so it does not replace the opaque one.
+        let l7 = report.settings.targets.iter().any(|t| t.is_l7());
+        let name = if l7 {
+            "latest-l7-loss.md"
+        } else {
+            "latest-loss.md"
+        };
+        let mut md = format!(
+            "<!-- written by `quicmesh bench loss` at unix time {stamp} on {} ({} cores): {} at {} req/s, \
+{} connections × {} streams, {} per run -->\n\n{}",
+            report.machine.cpu,
+            report.machine.cores,
+            report.settings.protocol.name(),
+            report.settings.rate,
+            report.settings.connections,
+            report.settings.streams.max(1),
+            humantime::format_duration(report.settings.duration),
+            table.markdown()
+        );
+        if let Some(goals) = l7_goals(&report) {
+            md.push('\n');
+            md.push_str(&goals.markdown());
+        }
+        std::fs::write(out.join(name), md)?;
     }
     Ok(LossOutcome::Done(Box::new(report)))
 }
 
+/// The quicmesh path the last column compares against: the L7 one when it ran, else the opaque one.
+fn reference(report: &LossReport) -> Target {
+    if report.runs.iter().any(|r| r.target == Target::QuicmeshL7) {
+        Target::QuicmeshL7
+    } else {
+        Target::Quicmesh
+    }
+}
+
 /// loss | path | p50 | p99 | p99.9 | max | errors | req/s | p99 vs direct | quicmesh p99 vs this
 pub fn table(report: &LossReport) -> Table {
+    let reference = reference(report);
     let mut t = Table::new([
-        "loss",
-        "path",
-        "req/s",
-        "p50",
-        "p99",
-        "p99.9",
-        "max",
-        "errors",
-        "p50/direct",
-        "p99/direct",
-        "quicmesh p99 / this",
+        "loss".to_owned(),
+        "path".to_owned(),
+        "req/s".to_owned(),
+        "p50".to_owned(),
+        "p99".to_owned(),
+        "p99.9".to_owned(),
+        "max".to_owned(),
+        "errors".to_owned(),
+        "p50/direct".to_owned(),
+        "p99/direct".to_owned(),
+        format!("{} p99 / this", reference.name()),
     ]);
     for r in &report.runs {
         let same = |tg: Target| {
@@ -462,7 +501,7 @@ pub fn table(report: &LossReport) -> Table {
                 .map(|x| x.summary.latency_ms)
         };
         let d = same(Target::Direct);
-        let q = same(Target::Quicmesh);
+        let q = same(reference);
         let l = r.summary.latency_ms;
         t.row([
             format!("{}%", r.loss_percent),
@@ -476,10 +515,42 @@ pub fn table(report: &LossReport) -> Table {
             d.map_or("-".into(), |d| ratio(l.p50, d.p50)),
             d.map_or("-".into(), |d| ratio(l.p99, d.p99)),
             match (q, r.target) {
-                (Some(q), tg) if tg != Target::Quicmesh => ratio(q.p99, l.p99),
+                (Some(q), tg) if tg != reference => ratio(q.p99, l.p99),
                 _ => "-".into(),
             },
         ]);
     }
     t
+}
+
+/// The L7 loss goals (p99 ≤ 5 ms at 1% loss, ≤ 10 ms at 5%, no errors) against the `quicmesh-l7` runs,
+/// when there are any.
+pub fn l7_goals(report: &LossReport) -> Option<Table> {
+    let mut t = Table::new(["goal", "measured", "met"]);
+    for r in report
+        .runs
+        .iter()
+        .filter(|r| r.target == Target::QuicmeshL7)
+    {
+        let limit_ms = match r.loss_percent {
+            0 => continue,
+            1 => 5.0,
+            _ => 10.0,
+        };
+        let p99 = r.summary.latency_ms.p99;
+        let errors = r.summary.error_count();
+        t.row([
+            format!(
+                "quicmesh-l7 at {}% loss: p99 ≤ {limit_ms} ms, 0 errors",
+                r.loss_percent
+            ),
+            format!("p99 {}, {errors} errors", ms(p99)),
+            if p99 <= limit_ms && errors == 0 {
+                "yes".to_owned()
+            } else {
+                format!("no ({})", ratio(p99, limit_ms))
+            },
+        ]);
+    }
+    (!t.is_empty()).then_some(t)
 }

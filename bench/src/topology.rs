@@ -1,6 +1,12 @@
 //! The paths a request can take, and the processes that make them: `direct` (client → server), `peer`
 //! (client → HAProxy → mTLS TCP → HAProxy → server, one TLS connection per client connection, as a user
-//! would deploy without a mesh) and `quicmesh` (client → sidecar → QUIC → sidecar → server).
+//! would deploy without a mesh) and `quicmesh` (client → sidecar → QUIC → sidecar → server), each carrying
+//! bytes without looking at them; and their HTTP-aware (L7) counterparts: `peer-http` (the HAProxy pair in
+//! `mode http`, HTTP/1.1 or h2 on each hop as the app speaks) and `quicmesh-l7` (the same sidecars with the
+//! service's ports declared `http` and `grpc`, so each request is its own QUIC stream).
+//!
+//! An L7 path has one entry per protocol family (HTTP/1.1, HTTP/2, gRPC) and none for raw TCP, which it
+//! cannot carry: [`Path::entry_for`] says where a protocol goes in, or that the path does not take it.
 //!
 //! A path is placed either on loopback or across two network namespaces (the loss scenario): the client
 //! side (load generator and client-side proxy) in one, the server side in the other.
@@ -22,6 +28,7 @@ use tokio::{
 
 use crate::{
     certs::Certs,
+    client::Protocol,
     machine::{self, ProcSample},
 };
 
@@ -47,6 +54,13 @@ pub enum Target {
     Quicmesh,
     /// Two HAProxy processes speaking mTLS over TCP.
     Peer,
+    /// The quicmesh sidecars with the ports declared `http` / `grpc`: HTTP-aware, a stream per request.
+    #[value(name = "quicmesh-l7")]
+    #[serde(rename = "quicmesh-l7")]
+    QuicmeshL7,
+    /// Two HAProxy processes in `mode http`, mTLS between them.
+    #[value(name = "peer-http", alias = "peer-haproxy-http")]
+    PeerHttp,
 }
 
 impl Target {
@@ -56,8 +70,26 @@ impl Target {
             Target::Direct => "direct",
             Target::Quicmesh => "quicmesh",
             Target::Peer => "peer-haproxy",
+            Target::QuicmeshL7 => "quicmesh-l7",
+            Target::PeerHttp => "peer-haproxy-http",
         }
     }
+
+    /// Whether the path understands HTTP (and so cannot carry raw TCP).
+    pub fn is_l7(self) -> bool {
+        matches!(self, Target::QuicmeshL7 | Target::PeerHttp)
+    }
+}
+
+/// Where each protocol enters an L7 path.
+#[derive(Debug, Clone, Copy)]
+pub struct L7Entries {
+    /// HTTP/1.1 clients.
+    pub http1: SocketAddr,
+    /// HTTP/2 (prior knowledge) clients.
+    pub http2: SocketAddr,
+    /// gRPC clients.
+    pub grpc: SocketAddr,
 }
 
 /// Where the two sides of a path live.
@@ -136,8 +168,11 @@ impl Proc {
 pub struct Path {
     /// Which path.
     pub target: Target,
-    /// Where the load generator connects (inside the client namespace if there is one).
+    /// Where the load generator connects (inside the client namespace if there is one); on an L7 path
+    /// the HTTP/1.1 entry.
     pub entry: SocketAddr,
+    /// On an L7 path, the entry of each protocol.
+    pub l7: Option<L7Entries>,
     /// The proxy processes, client side first.
     pub procs: Vec<Proc>,
 }
@@ -153,7 +188,20 @@ impl Path {
         Self {
             target: Target::Direct,
             entry,
+            l7: None,
             procs: Vec::new(),
+        }
+    }
+
+    /// Where a client of `protocol` connects; `None` when the path cannot carry it (raw TCP on an L7
+    /// path).
+    pub fn entry_for(&self, protocol: Protocol) -> Option<SocketAddr> {
+        match (&self.l7, protocol) {
+            (None, _) => Some(self.entry),
+            (Some(_), Protocol::Tcp) => None,
+            (Some(e), Protocol::Http1) => Some(e.http1),
+            (Some(e), Protocol::Http2) => Some(e.http2),
+            (Some(e), Protocol::GrpcUnary | Protocol::GrpcStream) => Some(e.grpc),
         }
     }
 
@@ -264,12 +312,54 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
-/// HAProxy settings shared by both sides.
-fn haproxy_global(threads: usize) -> String {
+/// HAProxy settings shared by both sides, in `mode` (`tcp` or `http`).
+fn haproxy_global(threads: usize, mode: &str) -> String {
+    let http = if mode == "http" {
+        "  timeout http-request 10s\n  timeout http-keep-alive 120s\n"
+    } else {
+        ""
+    };
     format!(
         "global\n  maxconn 8000\n  nbthread {threads}\n\
-defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n"
+defaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n{http}"
     )
+}
+
+/// Starts one HAProxy per side with the given configurations (server side first, awaited on each of its
+/// listen addresses); returns them client side first.
+async fn start_haproxies(
+    placement: &Placement,
+    dir: &FsPath,
+    server: (String, Vec<SocketAddr>),
+    client: (String, Vec<SocketAddr>),
+) -> anyhow::Result<Vec<Proc>> {
+    let bin = which("haproxy").ok_or_else(|| {
+        anyhow::anyhow!("haproxy not found on PATH (Debian: apt-get install -y haproxy)")
+    })?;
+    let mut procs = Vec::new();
+    for (name, ns, (cfg, addrs)) in [
+        ("haproxy-server", &placement.server_ns, server),
+        ("haproxy-client", &placement.client_ns, client),
+    ] {
+        let path = dir.join(format!("{name}.cfg"));
+        std::fs::write(&path, cfg)?;
+        let mut cmd = command(ns, &bin);
+        cmd.arg("-db").arg("-f").arg(&path);
+        let mut p = spawn(name, cmd, dir, Stdio::null())?;
+        for addr in addrs {
+            wait_listening(
+                ns,
+                addr,
+                &placement.bench_bin,
+                &mut p,
+                Duration::from_secs(10),
+            )
+            .await?;
+        }
+        procs.push(p);
+    }
+    procs.reverse();
+    Ok(procs)
 }
 
 /// Starts the HAProxy pair: server side terminating mTLS in front of the app, client side originating it.
@@ -278,12 +368,9 @@ pub async fn haproxy_pair(
     certs: &Certs,
     dir: &FsPath,
 ) -> anyhow::Result<Path> {
-    let bin = which("haproxy").ok_or_else(|| {
-        anyhow::anyhow!("haproxy not found on PATH (Debian: apt-get install -y haproxy)")
-    })?;
     let server_port = port_in(&placement.server_ns)?;
     let server_listen = SocketAddr::new(placement.server_ip, server_port);
-    let global = haproxy_global(placement.haproxy_threads.max(1));
+    let global = haproxy_global(placement.haproxy_threads.max(1), "tcp");
     let server_cfg = format!(
         "{global}frontend mtls_in\n  bind {server_listen} ssl crt {} ca-file {} verify required\n  default_backend app\n\
 backend app\n  server app {}\n",
@@ -299,42 +386,73 @@ backend mtls_out\n  server peer {server_listen} ssl crt {} ca-file {} verify req
         certs.client.combined.display(),
         certs.ca.display()
     );
-    let server_path = dir.join("haproxy-server.cfg");
-    let client_path = dir.join("haproxy-client.cfg");
-    std::fs::write(&server_path, server_cfg)?;
-    std::fs::write(&client_path, client_cfg)?;
-    let mut procs = Vec::new();
-    for (name, ns, cfg, addr) in [
-        (
-            "haproxy-server",
-            &placement.server_ns,
-            &server_path,
-            server_listen,
-        ),
-        (
-            "haproxy-client",
-            &placement.client_ns,
-            &client_path,
-            client_listen,
-        ),
-    ] {
-        let mut cmd = command(ns, &bin);
-        cmd.arg("-db").arg("-f").arg(cfg);
-        let mut p = spawn(name, cmd, dir, Stdio::null())?;
-        wait_listening(
-            ns,
-            addr,
-            &placement.bench_bin,
-            &mut p,
-            Duration::from_secs(10),
-        )
-        .await?;
-        procs.push(p);
-    }
-    procs.reverse();
+    let procs = start_haproxies(
+        placement,
+        dir,
+        (server_cfg, vec![server_listen]),
+        (client_cfg, vec![client_listen]),
+    )
+    .await?;
     Ok(Path {
         target: Target::Peer,
         entry: client_listen,
+        l7: None,
+        procs,
+    })
+}
+
+/// Starts the HAProxy pair in `mode http`: each side parses every request. Two lanes, so each hop speaks
+/// what the app speaks: HTTP/1.1 clients → h1 over mTLS (ALPN http/1.1) → h1 to the app; h2 clients (HTTP/2
+/// and gRPC, prior knowledge) → h2 over mTLS (ALPN h2) → h2 to the app (`proto h2`). HAProxy's defaults
+/// otherwise (connection reuse `safe`, 100 concurrent streams per h2 connection).
+pub async fn haproxy_http_pair(
+    placement: &Placement,
+    certs: &Certs,
+    dir: &FsPath,
+) -> anyhow::Result<Path> {
+    let global = haproxy_global(placement.haproxy_threads.max(1), "http");
+    let s_h1 = SocketAddr::new(placement.server_ip, port_in(&placement.server_ns)?);
+    let s_h2 = SocketAddr::new(placement.server_ip, port_in(&placement.server_ns)?);
+    let tls_in = format!(
+        "ssl crt {} ca-file {} verify required",
+        certs.server.combined.display(),
+        certs.ca.display()
+    );
+    let app = placement.app;
+    let server_cfg = format!(
+        "{global}frontend mtls_in_h1\n  bind {s_h1} {tls_in} alpn http/1.1\n  default_backend app_h1\n\
+frontend mtls_in_h2\n  bind {s_h2} {tls_in} alpn h2\n  default_backend app_h2\n\
+backend app_h1\n  server app {app}\n\
+backend app_h2\n  server app {app} proto h2\n"
+    );
+    let c_h1 = SocketAddr::from((Ipv4Addr::LOCALHOST, port_in(&placement.client_ns)?));
+    let c_h2 = SocketAddr::from((Ipv4Addr::LOCALHOST, port_in(&placement.client_ns)?));
+    let tls_out = format!(
+        "ssl crt {} ca-file {} verify required",
+        certs.client.combined.display(),
+        certs.ca.display()
+    );
+    let client_cfg = format!(
+        "{global}frontend plain_in_h1\n  bind {c_h1}\n  default_backend mtls_out_h1\n\
+frontend plain_in_h2\n  bind {c_h2} proto h2\n  default_backend mtls_out_h2\n\
+backend mtls_out_h1\n  server peer {s_h1} {tls_out} alpn http/1.1\n\
+backend mtls_out_h2\n  server peer {s_h2} {tls_out} alpn h2\n"
+    );
+    let procs = start_haproxies(
+        placement,
+        dir,
+        (server_cfg, vec![s_h1, s_h2]),
+        (client_cfg, vec![c_h1, c_h2]),
+    )
+    .await?;
+    Ok(Path {
+        target: Target::PeerHttp,
+        entry: c_h1,
+        l7: Some(L7Entries {
+            http1: c_h1,
+            http2: c_h2,
+            grpc: c_h2,
+        }),
         procs,
     })
 }
@@ -462,8 +580,119 @@ server_identities = [\"server\"]\n",
     Ok(Path {
         target: Target::Quicmesh,
         entry,
+        l7: None,
         procs: vec![client, server],
     })
+}
+
+/// Service ports of the L7 quicmesh path: HTTP (HTTP/1.1 and h2c) and gRPC, both served by the one app.
+const L7_HTTP_PORT: u16 = 80;
+const L7_GRPC_PORT: u16 = 81;
+
+/// Starts the quicmesh sidecars as an HTTP-aware path: the server side serves service ports 80 and 81
+/// from the app; the client side's mesh file declares service `bench` with port 80 `http` and port 81
+/// `grpc` and the server side as its endpoint, and it listens once per port. Each request then crosses as
+/// its own QUIC stream.
+pub async fn quicmesh_l7_pair(
+    placement: &Placement,
+    certs: &Certs,
+    bin: &FsPath,
+    dir: &FsPath,
+) -> anyhow::Result<Path> {
+    let q = |p: &FsPath| format!("{:?}", p.display().to_string());
+    let app = placement.app;
+    let server_cfg = format!(
+        "[identity]\ncert = {}\nkey = {}\ntrust_bundle = {}\n\n[inbound]\nlisten = \"{}\"\n\
+ports = [{{ port = {L7_HTTP_PORT}, app = \"{app}\" }}, {{ port = {L7_GRPC_PORT}, app = \"{app}\" }}]\n\n\
+[admin]\nlisten = \"127.0.0.1:0\"\n",
+        q(&certs.server.cert),
+        q(&certs.server.key),
+        q(&certs.ca),
+        SocketAddr::new(placement.server_ip, 0),
+    );
+    let (server, ready) = start_quicmesh(
+        "quicmesh-l7-server",
+        bin,
+        &placement.server_ns,
+        &server_cfg,
+        dir,
+    )
+    .await?;
+    let inbound = ready
+        .inbound
+        .ok_or_else(|| anyhow::anyhow!("quicmesh-l7-server's ready line has no inbound address"))?;
+    let ns = "bench";
+    let mesh = format!(
+        "kind: Service\nmetadata: {{name: bench, namespace: {ns}}}\n\
+spec: {{ports: [{{port: {L7_HTTP_PORT}, protocol: http}}, {{port: {L7_GRPC_PORT}, protocol: grpc}}], identities: [server]}}\n\
+---\nkind: Endpoint\nmetadata: {{name: bench-0, namespace: {ns}}}\n\
+spec: {{service: bench, address: \"{inbound}\", spiffe_id: \"spiffe://{}/ns/{ns}/sa/server\"}}\n",
+        crate::certs::TRUST_DOMAIN
+    );
+    let mesh_path = dir.join("quicmesh-l7-mesh.yaml");
+    std::fs::write(&mesh_path, mesh)?;
+    let outbound = |port: u16| {
+        format!(
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"bench\"\nport = {port}\nconnect_timeout = \"5s\"\n"
+        )
+    };
+    let client_cfg = format!(
+        "mesh = {}\n\n[identity]\ncert = {}\nkey = {}\ntrust_bundle = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{}\n{}",
+        q(&mesh_path),
+        q(&certs.client.cert),
+        q(&certs.client.key),
+        q(&certs.ca),
+        outbound(L7_HTTP_PORT),
+        outbound(L7_GRPC_PORT),
+    );
+    let (client, ready) = start_quicmesh(
+        "quicmesh-l7-client",
+        bin,
+        &placement.client_ns,
+        &client_cfg,
+        dir,
+    )
+    .await?;
+    let [http, grpc] = ready.outbound[..] else {
+        anyhow::bail!(
+            "quicmesh-l7-client's ready line lists {} outbound addresses, want 2",
+            ready.outbound.len()
+        );
+    };
+    Ok(Path {
+        target: Target::QuicmeshL7,
+        entry: http,
+        l7: Some(L7Entries {
+            http1: http,
+            http2: http,
+            grpc,
+        }),
+        procs: vec![client, server],
+    })
+}
+
+/// Starts the path for `target` (direct needs no process).
+pub async fn start(
+    target: Target,
+    placement: &Placement,
+    certs: &Certs,
+    quicmesh_bin: Option<&FsPath>,
+    dir: &FsPath,
+) -> anyhow::Result<Path> {
+    let need_bin = || {
+        quicmesh_bin.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no quicmesh binary (build it with `cargo build --release -p quicmesh`, or pass --quicmesh-bin)"
+            )
+        })
+    };
+    match target {
+        Target::Direct => Ok(Path::direct(placement)),
+        Target::Peer => haproxy_pair(placement, certs, dir).await,
+        Target::PeerHttp => haproxy_http_pair(placement, certs, dir).await,
+        Target::Quicmesh => quicmesh_pair(placement, certs, need_bin()?, dir).await,
+        Target::QuicmeshL7 => quicmesh_l7_pair(placement, certs, need_bin()?, dir).await,
+    }
 }
 
 /// Finds `name` on PATH (and /usr/sbin, where Debian puts haproxy and nft).
@@ -494,4 +723,56 @@ pub fn find_quicmesh(given: Option<&FsPath>) -> Option<PathBuf> {
         }
     }
     candidates.into_iter().find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+
+    #[test]
+    fn opaque_paths_take_every_protocol_at_one_entry_and_l7_paths_no_raw_tcp() {
+        let opaque = Path {
+            target: Target::Quicmesh,
+            entry: addr(1),
+            l7: None,
+            procs: Vec::new(),
+        };
+        for p in Protocol::ALL {
+            assert_eq!(opaque.entry_for(p), Some(addr(1)), "{p:?}");
+        }
+        let l7 = Path {
+            target: Target::QuicmeshL7,
+            entry: addr(1),
+            l7: Some(L7Entries {
+                http1: addr(1),
+                http2: addr(2),
+                grpc: addr(3),
+            }),
+            procs: Vec::new(),
+        };
+        assert_eq!(l7.entry_for(Protocol::Tcp), None);
+        assert_eq!(l7.entry_for(Protocol::Http1), Some(addr(1)));
+        assert_eq!(l7.entry_for(Protocol::Http2), Some(addr(2)));
+        assert_eq!(l7.entry_for(Protocol::GrpcUnary), Some(addr(3)));
+        assert_eq!(l7.entry_for(Protocol::GrpcStream), Some(addr(3)));
+        assert!(Target::QuicmeshL7.is_l7() && Target::PeerHttp.is_l7());
+        assert!(!Target::Quicmesh.is_l7() && !Target::Peer.is_l7());
+    }
+
+    #[test]
+    fn target_names_on_the_command_line() {
+        use clap::ValueEnum;
+        for (arg, t) in [
+            ("quicmesh-l7", Target::QuicmeshL7),
+            ("peer-http", Target::PeerHttp),
+            ("peer-haproxy-http", Target::PeerHttp),
+            ("peer", Target::Peer),
+        ] {
+            assert_eq!(Target::from_str(arg, false), Ok(t), "{arg}");
+        }
+    }
 }

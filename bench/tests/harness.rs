@@ -115,6 +115,108 @@ async fn smoke_comparison_writes_json_table_and_plots() {
     assert!(md.contains("| max-http1 req/s |"), "{md}");
 }
 
+/// The L7 comparison in smoke form: the HTTP-aware quicmesh path (when a release `quicmesh` is built) and
+/// the HAProxy `mode http` pair (when haproxy is installed) carry HTTP/1.1, HTTP/2 with several streams per
+/// connection, and gRPC without an error, run no raw-TCP scenario, and `latest-l7.md` carries the goals
+/// table. Skips with a printed reason when neither path can start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l7_smoke_comparison() {
+    quicmesh_transport::quic::install_provider();
+    let quicmesh = quicmesh_bench::topology::find_quicmesh(None);
+    let have_haproxy = which("haproxy").is_some();
+    let mut targets = Vec::new();
+    match &quicmesh {
+        Some(_) => targets.push(Target::QuicmeshL7),
+        None => println!(
+            "no release quicmesh binary (cargo build --release -p quicmesh): quicmesh-l7 not run"
+        ),
+    }
+    if have_haproxy {
+        targets.push(Target::PeerHttp);
+    } else {
+        println!("haproxy not installed: peer-haproxy-http not run");
+    }
+    if targets.is_empty() {
+        println!("skipped: neither L7 path can start here");
+        return;
+    }
+    let mut settings = CompareSettings::smoke(targets.clone());
+    settings.duration = Duration::from_millis(250);
+    settings.protocols = vec![
+        Protocol::Tcp,
+        Protocol::Http1,
+        Protocol::Http2,
+        Protocol::GrpcUnary,
+    ];
+    settings.latency_protocols = vec![Protocol::Http2];
+    settings.streams = 4;
+    settings.quic_ceiling = false;
+    let out = tempfile::tempdir().expect("tempdir");
+    let env = CompareEnv {
+        quicmesh_bin: quicmesh,
+        bench_bin: bench_bin(),
+        out: Some(out.path().to_path_buf()),
+    };
+    let report = compare::compare(settings, env)
+        .await
+        .expect("L7 smoke comparison");
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    for t in &targets {
+        let ids: Vec<&str> = report
+            .runs
+            .iter()
+            .filter(|r| r.target == *t)
+            .map(|r| r.scenario.as_str())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "latency-http2-200rps",
+                "max-http1",
+                "max-http2",
+                "max-grpc-unary"
+            ],
+            "{t:?}: HTTP scenarios only"
+        );
+    }
+    for r in report.runs.iter().filter(|r| r.target.is_l7()) {
+        let l = r.load.as_ref().expect("load figures");
+        assert!(
+            l.ok > 0,
+            "{} on {:?}: nothing succeeded",
+            r.scenario,
+            r.target
+        );
+        assert_eq!(
+            l.error_count(),
+            0,
+            "{} on {:?}: {:?}",
+            r.scenario,
+            r.target,
+            l.errors
+        );
+        assert_eq!(
+            r.proxies.len(),
+            2,
+            "both proxies of {:?} are measured",
+            r.target
+        );
+        assert!(r.proxy_cpu_us_per_request.is_some_and(|c| c > 0.0));
+        if r.scenario == "max-http2" {
+            assert_eq!(l.spec.streams, 4);
+        }
+    }
+    let md = std::fs::read_to_string(out.path().join("latest-l7.md")).expect("latest-l7.md");
+    assert!(
+        !out.path().join("latest.md").exists(),
+        "the opaque table is left alone"
+    );
+    if targets.len() == 2 {
+        assert!(md.contains("| max-http2 req/s ≥ 1.2x |"), "{md}");
+        assert!(md.contains("quicmesh-l7/peer-http"), "{md}");
+    }
+}
+
 /// Open loop catches a 1 s stall inside a 10 s run (p99 near a second); closed loop, on the same kind of
 /// server, hides it (p99 stays small, only the max shows it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,6 +281,7 @@ async fn loss_scenario_shortened() {
         loss_percent: vec![0, 5],
         rate: 200.0,
         connections: 8,
+        streams: 1,
         duration: Duration::from_secs(2),
         protocol: Protocol::Http1,
         targets: if have_haproxy {

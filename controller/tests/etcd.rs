@@ -18,7 +18,10 @@ use quicmesh_controller::{
     Controller,
     client::{self, Admin},
     state::{State, StateOptions},
-    store::etcd::EtcdOptions,
+    store::etcd::{
+        EtcdOptions,
+        client::{self as etcd_rpc, pb::etcdserverpb::PutRequest},
+    },
 };
 use quicmesh_proto::controller as pb;
 use quicmesh_transport::identity::{SpiffeId, ca::generate_csr};
@@ -69,13 +72,19 @@ struct Node {
 
 impl Node {
     async fn start(url: &str, kek: &str, timeout: Duration) -> Node {
+        Self::start_as(url, kek, timeout, None).await
+    }
+
+    /// As [`Node::start`], authenticating to etcd as `user` (name, password).
+    async fn start_as(url: &str, kek: &str, timeout: Duration, user: Option<(&str, &str)>) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = Controller::bind(
-            options(url, dir.path(), kek, timeout),
-            "127.0.0.1:0".parse().expect("addr"),
-        )
-        .await
-        .expect("controller start");
+        let mut opts = options(url, dir.path(), kek, timeout);
+        if let Some(e) = opts.etcd.as_mut() {
+            e.user = user.map(|(u, p)| (u.to_owned(), p.to_owned()));
+        }
+        let c = Controller::bind(opts, "127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("controller start");
         let addr = c.addr().to_string();
         let admin_token = c.admin_token().map(str::to_owned);
         let bundle = c.state().bundle();
@@ -359,15 +368,12 @@ async fn a_controller_with_another_kek_refuses_to_start_and_a_newer_schema_is_re
     assert!(e.to_string().contains("QUICMESH_KEK"), "{e}");
 
     // A store written by a newer schema, under another prefix.
-    let mut kv = etcd_client::Client::connect(
-        url.trim_start_matches("etcd://")
-            .split(',')
-            .collect::<Vec<_>>(),
-        None,
-    )
-    .await
-    .expect("etcd client");
-    kv.put("/newer/meta/schema", 2u64.to_be_bytes(), None)
+    let kv = etcd_rpc::Client::new(&EtcdOptions::from_url(&url).expect("url")).expect("client");
+    let put = |key: &str, value: &[u8]| PutRequest {
+        key: key.into(),
+        value: value.into(),
+    };
+    kv.put(put("/newer/meta/schema", &2u64.to_be_bytes()))
         .await
         .expect("put");
     let dir3 = tempfile::tempdir().expect("tempdir");
@@ -385,7 +391,7 @@ async fn a_controller_with_another_kek_refuses_to_start_and_a_newer_schema_is_re
         "{msg}"
     );
     // Keys under a prefix that are not a quicmesh store are not taken over.
-    kv.put("/foreign/x", "y", None).await.expect("put");
+    kv.put(put("/foreign/x", b"y")).await.expect("put");
     let dir4 = tempfile::tempdir().expect("tempdir");
     let mut opts = options(&url, dir4.path(), KEK, Duration::from_secs(5));
     if let Some(e) = opts.etcd.as_mut() {
@@ -398,21 +404,24 @@ async fn a_controller_with_another_kek_refuses_to_start_and_a_newer_schema_is_re
     assert!(e.to_string().contains("not a quicmesh store"), "{e}");
 }
 
-/// The member etcd reports as leader, by index.
+/// The member that reports itself leader (the `etcd_server_is_leader` gauge of its `/metrics`, served
+/// on the client port), by index.
 async fn leader(etcd: &EtcdCluster) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let url = etcd.url();
-    let eps: Vec<String> = url
-        .trim_start_matches("etcd://")
-        .split(',')
-        .map(str::to_owned)
-        .collect();
+    let eps: Vec<&str> = url.trim_start_matches("etcd://").split(',').collect();
     for (i, ep) in eps.iter().enumerate() {
-        let mut c = etcd_client::Client::connect([ep.as_str()], None)
+        let mut c = tokio::net::TcpStream::connect(ep).await.expect("connect");
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
             .await
-            .expect("connect");
-        let s = c.status().await.expect("status");
-        let me = s.header().map(|h| h.member_id()).unwrap_or(0);
-        if s.leader() == me {
+            .expect("request");
+        let mut page = String::new();
+        c.read_to_string(&mut page).await.expect("metrics");
+        assert!(
+            page.contains("etcd_server_is_leader"),
+            "{ep}: no leader gauge"
+        );
+        if page.lines().any(|l| l == "etcd_server_is_leader 1") {
             return i;
         }
     }
@@ -700,4 +709,169 @@ async fn controllers_starting_together_on_an_empty_store_make_one_mesh() {
             .await
             .expect("admin token accepted");
     }
+}
+
+/// The names of the services in `shop` a controller lists.
+async fn shop_services(admin: &mut Admin) -> Vec<String> {
+    admin
+        .list(pb::ListRequest {
+            kind: pb::Kind::Service as i32,
+            namespace: "shop".into(),
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .items
+        .into_iter()
+        .filter_map(|r| match r.resource {
+            Some(pb::resource::Resource::Service(s)) => s.metadata.map(|m| m.name),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn user_and_password_auth_and_a_revoked_token_is_replaced() {
+    let name = "user_and_password_auth_and_a_revoked_token_is_replaced";
+    if skip(name) {
+        return;
+    }
+    if let Some(why) = etcd_cluster::etcdctl_unavailable() {
+        eprintln!("SKIPPED {name}: {why}");
+        return;
+    }
+    let mut etcd = cluster().await;
+    // A user that may touch only the mesh's prefix, then auth on.
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["role", "add", "mesh"],
+        &[
+            "role",
+            "grant-permission",
+            "mesh",
+            "--prefix=true",
+            "readwrite",
+            "/quicmesh/",
+        ],
+        &["user", "add", "quicmesh:s3cret"],
+        &["user", "grant-role", "quicmesh", "mesh"],
+        &["auth", "enable"],
+    ] {
+        etcd.etcdctl(args, "").expect("etcdctl");
+    }
+    let url = etcd.url();
+    let open = |user: Option<(&str, &str)>| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut opts = options(&url, dir.path(), KEK, Duration::from_secs(3));
+        if let Some(e) = opts.etcd.as_mut() {
+            e.user = user.map(|(u, p)| (u.to_owned(), p.to_owned()));
+        }
+        async move {
+            let r = tokio::task::spawn_blocking(move || State::open(opts).map(|_| ()))
+                .await
+                .expect("task");
+            drop(dir);
+            r
+        }
+    };
+    // Refused without a user and with a wrong password, with an error that says why.
+    let e = open(None).await.expect_err("no user");
+    assert!(e.to_string().contains("user name is empty"), "{e}");
+    let e = open(Some(("quicmesh", "wrong")))
+        .await
+        .expect_err("bad password");
+    assert!(
+        e.to_string().contains("user name or password") && e.to_string().contains("--etcd-user"),
+        "{e}"
+    );
+
+    // A controller with the right password creates the mesh and writes.
+    let user = Some(("quicmesh", "s3cret"));
+    let a = Node::start_as(&url, KEK, Duration::from_secs(3), user).await;
+    let token = a.admin_token.clone().expect("new mesh");
+    let mut admin_a = a.admin(&token).await;
+    admin_a
+        .apply(service("shop", "web", 80))
+        .await
+        .expect("apply with an etcd token");
+
+    // A token of our own for the user works, until a password change (to the same password) revokes
+    // every token of the user, the controller's too.
+    use quicmesh_controller::store::etcd::client::pb::etcdserverpb::{
+        AuthenticateRequest, auth_client::AuthClient, kv_client::KvClient,
+    };
+    let first = url
+        .trim_start_matches("etcd://")
+        .split(',')
+        .next()
+        .expect("a member");
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{first}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect to etcd");
+    let etcd_token = AuthClient::new(ch.clone())
+        .authenticate(AuthenticateRequest {
+            name: "quicmesh".into(),
+            password: "s3cret".into(),
+        })
+        .await
+        .expect("authenticate")
+        .into_inner()
+        .token;
+    let put_with_token = || {
+        let mut req = tonic::Request::new(PutRequest {
+            key: b"/quicmesh/probe".to_vec(),
+            value: Vec::new(),
+        });
+        req.metadata_mut()
+            .insert("token", etcd_token.parse().expect("header"));
+        let mut kv = KvClient::new(ch.clone());
+        async move { kv.put(req).await }
+    };
+    put_with_token().await.expect("a fresh token works");
+    etcd.etcdctl(
+        &[
+            "--user",
+            "root:rootpw",
+            "user",
+            "passwd",
+            "quicmesh",
+            "--interactive=false",
+        ],
+        "s3cret\n",
+    )
+    .expect("passwd");
+    // Refused as revoked, or (member 0 not yet past the change) as issued before it.
+    let e = put_with_token().await.expect_err("revoked token");
+    assert!(
+        e.message().contains("invalid auth token")
+            || e.message().contains("revision of auth store is old"),
+        "{e}"
+    );
+
+    // The member A watches through dies: A watches again with its revoked token, is refused, and
+    // authenticates again; a write through controller B then reaches A.
+    etcd.kill(0);
+    let b = Node::start_as(&url, KEK, Duration::from_secs(3), user).await;
+    b.admin(&token)
+        .await
+        .apply(service("shop", "api", 81))
+        .await
+        .expect("apply on B");
+    let limit = Instant::now() + Duration::from_secs(10);
+    while !shop_services(&mut admin_a)
+        .await
+        .contains(&"api".to_owned())
+    {
+        assert!(Instant::now() < limit, "B's write never reached A's mirror");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And A writes with its new token.
+    let before = a.state.revision();
+    admin_a
+        .apply(service("shop", "cart", 82))
+        .await
+        .expect("apply on A after its token was revoked");
+    assert!(a.state.revision() > before);
 }

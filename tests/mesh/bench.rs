@@ -72,6 +72,7 @@ async fn bench_loss_shortened_through_quicmesh() {
         loss_percent: vec![0, 5],
         rate: 200.0,
         connections: 16,
+        streams: 1,
         duration: Duration::from_secs(2),
         protocol: Protocol::Http1,
         targets: vec![Target::Quicmesh],

@@ -22,6 +22,8 @@
 //! its connections and the watch live there, a call from any thread hands the request over and waits
 //! on a plain channel with the deadline, and nothing depends on the caller's runtime (or on it not
 //! being one).
+//!
+//! The client ([`client`]) is our own, on stubs generated from the part of etcd's API this store uses.
 
 use std::{
     collections::BTreeMap,
@@ -29,13 +31,22 @@ use std::{
     time::Duration,
 };
 
-use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    KvClient, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
-};
 use tokio::sync::watch;
 
 use super::{Op, SCHEMA_VERSION, Store, StoreError, Tree, meta};
+
+pub mod client;
+
+use client::{
+    Client,
+    pb::{
+        etcdserverpb::{
+            Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+            WatchCreateRequest, compare, range_request, request_op,
+        },
+        mvccpb::event::EventType,
+    },
+};
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/quicmesh/";
@@ -45,8 +56,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 /// Keys per range request when loading the mirror.
 const PAGE: i64 = 1000;
-/// Largest etcd response accepted (a page of values, a watch response of one batch).
-const MAX_MESSAGE: usize = 64 << 20;
 /// Longest pause between two attempts to re-establish the watch.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -196,7 +205,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-fn etcd_err(e: etcd_client::Error) -> StoreError {
+fn etcd_err(e: client::Error) -> StoreError {
     let text = e.to_string();
     if text.contains("too many operations in txn request") || text.contains("request is too large")
     {
@@ -204,35 +213,60 @@ fn etcd_err(e: etcd_client::Error) -> StoreError {
             "etcd refused it ({text}); raise etcd's --max-txn-ops / --max-request-bytes or write less at once"
         ));
     }
-    StoreError::Unavailable(format!("etcd: {text}"))
-}
-
-/// Whether the request failed before it reached a member (a member is down): safe to send again, to
-/// another member.
-fn unsent(e: &etcd_client::Error) -> bool {
+    if text.contains("authentication failed") {
+        return StoreError::Settings(format!(
+            "etcd refused the user name or password ({text}); check --etcd-user and QUICMESH_ETCD_PASSWORD"
+        ));
+    }
     match e {
-        etcd_client::Error::GRpcStatus(s) => {
-            s.code() == tonic::Code::Unavailable && s.message().contains("connect")
-        }
-        etcd_client::Error::TransportError(_) => true,
-        _ => false,
+        client::Error::Endpoint(..) | client::Error::Tls(_) => StoreError::Settings(text),
+        client::Error::Rpc(_) => StoreError::Unavailable(format!("etcd: {text}")),
     }
 }
 
-/// Sends what `f` makes until it reaches a member (the caller bounds the time).
+/// Sends what `f` makes until it reaches a member (the caller bounds the time): the client has tried
+/// every member once when it reports the request unsent.
 async fn send<T, F, Fut>(mut f: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, etcd_client::Error>>,
+    Fut: Future<Output = Result<T, client::Error>>,
 {
     loop {
         match f().await {
-            Err(e) if unsent(&e) => {
-                tracing::debug!(error = %e, "etcd member unreachable; trying another");
+            Err(e) if e.unsent() => {
+                tracing::debug!(error = %e, "no etcd member took the request; trying again");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             r => return r.map_err(etcd_err),
         }
+    }
+}
+
+/// A range request for `[key, end)`.
+fn range(key: impl Into<Vec<u8>>, end: Vec<u8>) -> RangeRequest {
+    RangeRequest {
+        key: key.into(),
+        range_end: end,
+        ..Default::default()
+    }
+}
+
+fn put_op(key: String, value: Vec<u8>) -> RequestOp {
+    RequestOp {
+        request: Some(request_op::Request::RequestPut(PutRequest {
+            key: key.into_bytes(),
+            value,
+        })),
+    }
+}
+
+/// A comparison `target(key) == value`.
+fn equal(key: String, target: compare::CompareTarget, value: compare::TargetUnion) -> Compare {
+    Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: target as i32,
+        key: key.into_bytes(),
+        target_union: Some(value),
     }
 }
 
@@ -307,7 +341,7 @@ impl Shared {
 pub struct EtcdStore {
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
-    kv: KvClient,
+    client: Client,
     shared: Arc<Shared>,
     timeout: Duration,
     max_ops: usize,
@@ -331,7 +365,7 @@ impl Drop for EtcdStore {
 }
 
 /// Loads every tree but the audit log at one revision; returns the mirror.
-async fn load(kv: &mut KvClient, prefix: &str) -> Result<Mirror, StoreError> {
+async fn load(client: &Client, prefix: &str) -> Result<Mirror, StoreError> {
     let mut m = Mirror::new();
     let mut at = 0i64;
     for tree in Tree::ALL {
@@ -342,30 +376,26 @@ async fn load(kv: &mut KvClient, prefix: &str) -> Result<Mirror, StoreError> {
         let end = prefix_end(tree_prefix.as_bytes());
         let mut from = tree_prefix.clone().into_bytes();
         loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if at != 0 {
-                opts = opts.with_revision(at);
-            }
-            let resp = send(|| {
-                let mut kv = kv.clone();
-                let (from, opts) = (from.clone(), opts.clone());
-                async move { kv.get(from, Some(opts)).await }
-            })
-            .await?;
+            let req = RangeRequest {
+                limit: PAGE,
+                revision: at,
+                ..range(from.clone(), end.clone())
+            };
+            let resp = send(|| client.range(req.clone())).await?;
             if at == 0 {
-                at = resp.header().map(|h| h.revision()).unwrap_or(0);
+                at = resp.header.as_ref().map_or(0, |h| h.revision);
             }
-            for kv in resp.kvs() {
-                if let Some((t, key)) = split_key(prefix, kv.key()) {
+            for kv in resp.kvs.iter() {
+                if let Some((t, key)) = split_key(prefix, &kv.key) {
                     if t == Tree::Meta && key == meta::REVISION {
-                        m.batch = u64_rev(kv.mod_revision());
+                        m.batch = u64_rev(kv.mod_revision);
                     }
-                    m.put(t, key.to_owned(), kv.value().to_vec());
+                    m.put(t, key.to_owned(), kv.value.clone());
                 }
-                from = kv.key().to_vec();
+                from = kv.key.clone();
                 from.push(0);
             }
-            if !resp.more() || resp.kvs().is_empty() {
+            if !resp.more || resp.kvs.is_empty() {
                 break;
             }
         }
@@ -379,8 +409,8 @@ async fn load(kv: &mut KvClient, prefix: &str) -> Result<Mirror, StoreError> {
 async fn follow(client: Client, shared: Arc<Shared>) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        // On its own task, so even a panic in the client (it panics on an unknown event type) only
-        // ends this attempt, never the following.
+        // On its own task, so even a panic while applying events only ends this attempt, never the
+        // following.
         // `watch_once` resets the backoff once the watch delivers.
         let (c, s, mut b) = (client.clone(), shared.clone(), backoff);
         let attempt = tokio::spawn(async move {
@@ -410,26 +440,21 @@ async fn watch_once(
     backoff: &mut Duration,
 ) -> Result<(), StoreError> {
     let start = shared.read().applied + 1;
-    let mut wc = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-    let mut stream = wc
-        .watch(
-            shared.prefix.clone(),
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(i64_rev(start))
-                    .with_progress_notify(),
-            ),
-        )
-        .await
-        .map_err(etcd_err)?;
+    let mut stream = send(|| {
+        client.watch(WatchCreateRequest {
+            key: shared.prefix.clone().into_bytes(),
+            range_end: prefix_end(shared.prefix.as_bytes()),
+            start_revision: i64_rev(start),
+            progress_notify: true,
+        })
+    })
+    .await?;
     while let Some(resp) = stream.message().await.map_err(etcd_err)? {
         *backoff = Duration::from_millis(50);
-        if resp.canceled() {
-            if resp.compact_revision() > 0 {
+        if resp.canceled {
+            if resp.compact_revision > 0 {
                 // The history we need is gone: start again from a whole copy.
-                let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-                let fresh = load(&mut kv, &shared.prefix).await?;
+                let fresh = load(client, &shared.prefix).await?;
                 let batch = fresh.batch;
                 *shared.write() = fresh;
                 shared.announce(batch, true);
@@ -438,24 +463,24 @@ async fn watch_once(
             }
             return Err(StoreError::Unavailable(format!(
                 "watch canceled: {}",
-                resp.cancel_reason()
+                resp.cancel_reason
             )));
         }
-        if resp.events().is_empty() {
+        if resp.events.is_empty() {
             continue;
         }
         let (batch, seen) = {
             let mut m = shared.write();
             let mut seen = false;
             let base = m.applied;
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                let rev = u64_rev(kv.mod_revision());
+            for ev in &resp.events {
+                let Some(kv) = &ev.kv else { continue };
+                let rev = u64_rev(kv.mod_revision);
                 if rev <= base {
                     continue;
                 }
                 m.applied = m.applied.max(rev);
-                let Some((tree, key)) = split_key(&shared.prefix, kv.key()) else {
+                let Some((tree, key)) = split_key(&shared.prefix, &kv.key) else {
                     continue;
                 };
                 if tree == Tree::Audit {
@@ -464,9 +489,13 @@ async fn watch_once(
                 if tree == Tree::Meta && key == meta::REVISION {
                     m.batch = m.batch.max(rev);
                 }
-                seen |= match ev.event_type() {
-                    EventType::Put => m.put(tree, key.to_owned(), kv.value().to_vec()),
-                    EventType::Delete => m.delete(tree, key),
+                seen |= match EventType::try_from(ev.r#type) {
+                    Ok(EventType::Put) => m.put(tree, key.to_owned(), kv.value.clone()),
+                    Ok(EventType::Delete) => m.delete(tree, key),
+                    Err(_) => {
+                        tracing::warn!(event = ev.r#type, "unknown etcd event type; ignored");
+                        false
+                    }
                 };
             }
             (m.batch, seen)
@@ -494,33 +523,11 @@ impl EtcdStore {
             .map_err(|e| StoreError::Unavailable(format!("etcd client runtime: {e}")))?;
         let handle = runtime.handle().clone();
         let timeout = opts.timeout;
-        let scheme = if opts.tls.is_some() { "https" } else { "http" };
-        let endpoints: Vec<String> = opts
-            .endpoints
-            .iter()
-            .map(|e| format!("{scheme}://{e}"))
-            .collect();
-        let mut connect = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(10), timeout)
-            .with_require_leader(true);
-        if let Some(tls) = &opts.tls {
-            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
-            if let Some((cert, key)) = &tls.identity {
-                t = t.identity(Identity::from_pem(cert, key));
-            }
-            connect = connect.with_tls(t);
-        }
-        if let Some((user, password)) = &opts.user {
-            connect = connect.with_user(user.clone(), password.clone());
-        }
-        let client = run_on(&handle, timeout, async move {
-            Client::connect(endpoints, Some(connect))
-                .await
-                .map_err(etcd_err)
-        })?;
-        let kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        // Its connections live on our runtime.
+        let client = {
+            let _on = handle.enter();
+            Client::new(opts).map_err(etcd_err)?
+        };
         let shared = Arc::new(Shared {
             prefix: opts.prefix.clone(),
             mirror: RwLock::new(Mirror::new()),
@@ -529,13 +536,9 @@ impl EtcdStore {
         });
         let location = format!("etcd prefix {}", opts.prefix);
         let mirror = loop {
-            let mut kv2 = kv.clone();
+            let c = client.clone();
             let prefix = opts.prefix.clone();
-            let m = run_on(
-                &handle,
-                timeout,
-                async move { load(&mut kv2, &prefix).await },
-            )?;
+            let m = run_on(&handle, timeout, async move { load(&c, &prefix).await })?;
             match m.tree(Tree::Meta).get(meta::SCHEMA) {
                 Some(v) => {
                     let arr: [u8; 8] =
@@ -555,24 +558,22 @@ impl EtcdStore {
                     break m;
                 }
                 None => {
-                    let mut kv2 = kv.clone();
+                    let c = client.clone();
                     let prefix = opts.prefix.clone();
                     let schema_key = format!("{prefix}{}/{}", Tree::Meta.name(), meta::SCHEMA);
                     let rev_key = format!("{prefix}{}/{}", Tree::Meta.name(), meta::REVISION);
                     run_on(&handle, timeout, async move {
                         // Anything under the prefix without a schema is not ours to overwrite.
-                        let any = kv2
-                            .get(
-                                prefix.clone(),
-                                Some(GetOptions::new().with_prefix().with_count_only()),
-                            )
-                            .await
-                            .map_err(etcd_err)?;
-                        if any.count() > 0 {
+                        let count = RangeRequest {
+                            count_only: true,
+                            ..range(prefix.clone(), prefix_end(prefix.as_bytes()))
+                        };
+                        let any = send(|| c.range(count.clone())).await?;
+                        if any.count > 0 {
                             // Another controller may have created the mesh since we loaded.
                             let schema =
-                                kv2.get(schema_key.clone(), None).await.map_err(etcd_err)?;
-                            if !schema.kvs().is_empty() {
+                                send(|| c.range(range(schema_key.clone(), Vec::new()))).await?;
+                            if !schema.kvs.is_empty() {
                                 return Ok(());
                             }
                             return Err(StoreError::Corrupt {
@@ -580,25 +581,24 @@ impl EtcdStore {
                                 key: meta::SCHEMA.into(),
                                 problem: format!(
                                     "etcd prefix {prefix} holds {} keys but no quicmesh schema: not a quicmesh store; choose another --etcd-prefix",
-                                    any.count()
+                                    any.count
                                 ),
                             });
                         }
                         // Two controllers starting on an empty prefix: one creates it, both then load it.
-                        kv2.txn(
-                            Txn::new()
-                                .when([Compare::create_revision(
-                                    schema_key.clone(),
-                                    CompareOp::Equal,
-                                    0,
-                                )])
-                                .and_then([
-                                    TxnOp::put(schema_key, SCHEMA_VERSION.to_be_bytes(), None),
-                                    TxnOp::put(rev_key, Vec::new(), None),
-                                ]),
-                        )
-                        .await
-                        .map_err(etcd_err)?;
+                        let create = TxnRequest {
+                            compare: vec![equal(
+                                schema_key.clone(),
+                                compare::CompareTarget::Create,
+                                compare::TargetUnion::CreateRevision(0),
+                            )],
+                            success: vec![
+                                put_op(schema_key, SCHEMA_VERSION.to_be_bytes().to_vec()),
+                                put_op(rev_key, Vec::new()),
+                            ],
+                            failure: Vec::new(),
+                        };
+                        send(|| c.txn(create.clone())).await?;
                         Ok(())
                     })?;
                 }
@@ -613,7 +613,7 @@ impl EtcdStore {
         Ok(Self {
             runtime: Some(runtime),
             handle,
-            kv,
+            client,
             shared,
             timeout,
             max_ops: opts.max_txn_ops.saturating_sub(1).max(1),
@@ -635,27 +635,21 @@ impl EtcdStore {
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let from = self.shared.key(Tree::Audit, prefix);
         let end = prefix_end(from.as_bytes());
-        let mut opts = GetOptions::new()
-            .with_range(end)
-            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX).min(PAGE * 100));
+        let mut req = RangeRequest {
+            limit: i64::try_from(limit).unwrap_or(i64::MAX).min(PAGE * 100),
+            ..range(from, end)
+        };
         if reverse {
-            opts = opts.with_sort(SortTarget::Key, SortOrder::Descend);
+            req.sort_target = range_request::SortTarget::Key as i32;
+            req.sort_order = range_request::SortOrder::Descend as i32;
         }
-        let kv = self.kv.clone();
-        let resp = self.run(async move {
-            send(|| {
-                let mut kv = kv.clone();
-                let (from, opts) = (from.clone(), opts.clone());
-                async move { kv.get(from, Some(opts)).await }
-            })
-            .await
-        })?;
+        let c = self.client.clone();
+        let resp = self.run(async move { send(|| c.range(req.clone())).await })?;
         Ok(resp
-            .kvs()
-            .iter()
+            .kvs
+            .into_iter()
             .filter_map(|kv| {
-                split_key(&self.shared.prefix, kv.key())
-                    .map(|(_, k)| (k.to_owned(), kv.value().to_vec()))
+                split_key(&self.shared.prefix, &kv.key).map(|(_, k)| (k.to_owned(), kv.value))
             })
             .collect())
     }
@@ -714,34 +708,36 @@ impl Store for EtcdStore {
             )));
         }
         let rev_key = self.shared.key(Tree::Meta, meta::REVISION);
-        let mut txn_ops: Vec<TxnOp> = ops
+        let mut success: Vec<RequestOp> = ops
             .iter()
             .map(|op| match op {
-                Op::Put(t, k, v) => TxnOp::put(self.shared.key(*t, k), v.clone(), None),
-                Op::Delete(t, k) => TxnOp::delete(self.shared.key(*t, k), None),
+                Op::Put(t, k, v) => put_op(self.shared.key(*t, k), v.clone()),
+                Op::Delete(t, k) => RequestOp {
+                    request: Some(request_op::Request::RequestDeleteRange(
+                        DeleteRangeRequest {
+                            key: self.shared.key(*t, k).into_bytes(),
+                            range_end: Vec::new(),
+                        },
+                    )),
+                },
             })
             .collect();
-        txn_ops.push(TxnOp::put(rev_key.clone(), Vec::new(), None));
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
+        success.push(put_op(rev_key.clone(), Vec::new()));
+        let txn = TxnRequest {
+            compare: vec![equal(
                 rev_key,
-                CompareOp::Equal,
-                i64_rev(base),
-            )])
-            .and_then(txn_ops);
-        let kv = self.kv.clone();
-        let resp = self.run(async move {
-            send(|| {
-                let mut kv = kv.clone();
-                let txn = txn.clone();
-                async move { kv.txn(txn).await }
-            })
-            .await
-        })?;
-        if !resp.succeeded() {
+                compare::CompareTarget::Mod,
+                compare::TargetUnion::ModRevision(i64_rev(base)),
+            )],
+            success,
+            failure: Vec::new(),
+        };
+        let c = self.client.clone();
+        let resp = self.run(async move { send(|| c.txn(txn.clone())).await })?;
+        if !resp.succeeded {
             return Err(StoreError::Conflict);
         }
-        let rev = u64_rev(resp.header().map(|h| h.revision()).unwrap_or(0));
+        let rev = u64_rev(resp.header.map_or(0, |h| h.revision));
         {
             let mut m = self.shared.write();
             // The watch may have delivered this batch already.
@@ -774,22 +770,13 @@ impl Store for EtcdStore {
 
     fn catch_up(&self) -> Result<(), StoreError> {
         let key = self.shared.key(Tree::Meta, meta::REVISION);
-        let kv = self.kv.clone();
+        let c = self.client.clone();
         let mut rx = self.shared.changes.subscribe();
         let shared = self.shared.clone();
         self.run(async move {
             // A linearizable read: the last batch committed by anyone.
-            let resp = send(|| {
-                let mut kv = kv.clone();
-                let key = key.clone();
-                async move { kv.get(key, None).await }
-            })
-            .await?;
-            let target = resp
-                .kvs()
-                .first()
-                .map(|kv| u64_rev(kv.mod_revision()))
-                .unwrap_or(0);
+            let resp = send(|| c.range(range(key.clone(), Vec::new()))).await?;
+            let target = resp.kvs.first().map_or(0, |kv| u64_rev(kv.mod_revision));
             while shared.read().batch < target {
                 rx.changed()
                     .await

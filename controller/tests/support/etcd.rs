@@ -53,6 +53,18 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
+/// Why `etcdctl` (Debian's etcd-client) cannot run here, if it cannot.
+#[allow(dead_code)]
+pub fn etcdctl_unavailable() -> Option<String> {
+    match Command::new("etcdctl").arg("version").output() {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!("`etcdctl version` failed: {}", o.status)),
+        Err(e) => Some(format!(
+            "no etcdctl binary ({e}); install Debian's etcd-client"
+        )),
+    }
+}
+
 struct Member {
     name: String,
     client: u16,
@@ -257,6 +269,42 @@ impl EtcdCluster {
             .map(|m| format!("127.0.0.1:{}", m.client))
             .collect();
         format!("etcd://{}", eps.join(","))
+    }
+
+    /// Runs `etcdctl` on the cluster with `args`, `stdin` as its input; its output, or why it failed.
+    #[allow(dead_code)]
+    pub fn etcdctl(&self, args: &[&str], stdin: &str) -> Result<String, String> {
+        use std::io::Write;
+        let eps: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client))
+            .collect();
+        let mut child = Command::new("etcdctl")
+            .arg(format!("--endpoints={}", eps.join(",")))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("etcdctl: {e}"))?;
+        if let Some(mut i) = child.stdin.take() {
+            i.write_all(stdin.as_bytes())
+                .map_err(|e| format!("etcdctl stdin: {e}"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("etcdctl: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "etcdctl {args:?}: {}: {text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
     }
 
     /// `kill -9` of member `i`.
