@@ -13,7 +13,9 @@ use time::OffsetDateTime;
 
 use crate::{
     error::{ApiError, Capped},
-    model::{self, EndpointSpec, FieldError, IdentitySpec, Kind, Metadata, Object, Resource},
+    model::{
+        self, EndpointSpec, FieldError, IdentitySpec, Kind, Metadata, Object, PolicySpec, Resource,
+    },
     naming,
     snapshot::Inputs,
     store::{self, Db, Op, StoreError, Tree},
@@ -255,7 +257,72 @@ impl Resources {
                 };
                 naming::check_endpoint(&self.trust_domain, ep, service.as_ref())?;
             }
+            (Resource::Policy(p), _) => self.check_policy(p, earlier)?,
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Policy rules that span resources: one authorization policy per service (a second would silently
+    /// combine with the first), and split versions among those the `Service` declares, if it declares any.
+    fn check_policy(&self, p: &Object<PolicySpec>, earlier: &[Resource]) -> Result<(), ApiError> {
+        let ns = &p.metadata.namespace;
+        let target = &p.spec.target_service;
+        if p.spec.authorization.is_some() {
+            let stored = self.list(Kind::Policy, ns)?;
+            let other = earlier
+                .iter()
+                .chain(stored.iter())
+                .filter_map(|r| match r {
+                    Resource::Policy(o) => Some(o),
+                    _ => None,
+                })
+                .find(|o| {
+                    o.metadata.namespace == *ns
+                        && o.metadata.name != p.metadata.name
+                        && o.spec.target_service == *target
+                        && o.spec.authorization.is_some()
+                });
+            if let Some(o) = other {
+                return Err(FieldError::new(
+                    "spec.authorization",
+                    format!(
+                        "service {} already has the authorization policy {}; change that one",
+                        Capped(target),
+                        Capped(&o.metadata.name)
+                    ),
+                )
+                .into());
+            }
+        }
+        if let Some(split) = &p.spec.traffic_split {
+            let key = model::key_of(Kind::Service, ns, target);
+            let service = match earlier.iter().rev().find_map(|o| match o {
+                Resource::Service(s) if o.key() == key => Some(s.clone()),
+                _ => None,
+            }) {
+                Some(s) => Some(s),
+                None => match self.get(Kind::Service, &key)? {
+                    Some(Resource::Service(s)) => Some(s),
+                    _ => None,
+                },
+            };
+            if let Some(svc) = service.filter(|s| !s.spec.versions.is_empty()) {
+                for (i, b) in split.backends.iter().enumerate() {
+                    if !svc.spec.versions.contains(&b.service_version) {
+                        return Err(FieldError::new(
+                            format!("spec.traffic_split.backends[{i}].service_version"),
+                            format!(
+                                "{:?} is not a version of service {} (declared: {})",
+                                b.service_version,
+                                Capped(target),
+                                svc.spec.versions.join(", ")
+                            ),
+                        )
+                        .into());
+                    }
+                }
+            }
         }
         Ok(())
     }

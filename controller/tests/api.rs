@@ -1344,6 +1344,93 @@ async fn csrs_are_signed_only_for_p256_keys_and_others_are_named(store: Backend)
 
 /// Runs each named test on sled (`sled::NAME`) and on a 3-member etcd (`etcd::NAME`, skipped with a
 /// printed reason without the `etcd` binary).
+fn policy(ns: &str, name: &str, kind: pb::policy::Kind) -> pb::Resource {
+    pb::Resource {
+        resource: Some(pb::resource::Resource::Policy(pb::Policy {
+            metadata: Some(pb::Metadata {
+                name: name.into(),
+                namespace: ns.into(),
+                ..Default::default()
+            }),
+            target_service: "cart".into(),
+            kind: Some(kind),
+        })),
+    }
+}
+
+/// Policy rules that span resources are checked at apply time, naming the field; nothing is stored.
+async fn policies_that_conflict_or_name_unknown_versions_are_refused(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
+    h.admin
+        .apply(service("shop", "cart", 80))
+        .await
+        .expect("service with versions v1, v2");
+    let authz = || {
+        pb::policy::Kind::Authorization(pb::Authorization {
+            mode: pb::AuthzMode::Enforce as i32,
+            default_action: pb::AuthzAction::Deny as i32,
+            allow: vec![],
+        })
+    };
+    h.admin
+        .apply(policy("shop", "first", authz()))
+        .await
+        .expect("the first authorization policy");
+    h.admin
+        .apply(policy("shop", "first", authz()))
+        .await
+        .expect("changing it");
+    let rev = h.revision().await;
+    let split = pb::policy::Kind::TrafficSplit(pb::TrafficSplit {
+        backends: vec![
+            pb::SplitBackend {
+                service_version: "v1".into(),
+                weight: 90,
+            },
+            pb::SplitBackend {
+                service_version: "v3".into(),
+                weight: 10,
+            },
+        ],
+    });
+    let timeouts = pb::policy::Kind::Timeouts(pb::Timeouts {
+        request_timeout_ms: 1000,
+        connect_timeout_ms: 0,
+        retry: Some(pb::RetryPolicy {
+            max_retries: 2,
+            per_try_timeout_ms: 2000,
+            budget_percent: 20,
+            retry_on: vec![],
+        }),
+    });
+    for (r, field, says) in [
+        (
+            policy("shop", "second", authz()),
+            "spec.authorization",
+            "first",
+        ),
+        (
+            policy("shop", "canary", split),
+            "spec.traffic_split.backends[1].service_version",
+            "v3",
+        ),
+        (
+            policy("shop", "slow", timeouts),
+            "spec.timeouts.retry.per_try_timeout_ms",
+            "1000",
+        ),
+    ] {
+        let err = h.admin.apply(r).await.expect_err(field);
+        assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+        assert!(
+            err.message().starts_with(field) && err.message().contains(says),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(h.revision().await, rev, "a refused policy stored something");
+}
+
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
         mod sled {
@@ -1371,6 +1458,7 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     bootstrap_watch_register_and_renew,
+    policies_that_conflict_or_name_unknown_versions_are_refused,
     bad_join_tokens_and_csrs_are_refused_and_nothing_is_stored,
     admin_api_needs_the_token_and_validates_every_field,
     revoked_identity_gets_no_certificate_and_loses_its_watch,

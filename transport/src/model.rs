@@ -780,6 +780,15 @@ fn validate_policy(spec: &PolicySpec, trust_domain: &str) -> Result<(), FieldErr
                     format!("must be at most {DAY_MS}, got {}", r.per_try_timeout_ms),
                 ));
             }
+            if t.request_timeout_ms > 0 && r.per_try_timeout_ms > t.request_timeout_ms {
+                return Err(FieldError::new(
+                    "spec.timeouts.retry.per_try_timeout_ms",
+                    format!(
+                        "must not exceed spec.timeouts.request_timeout_ms ({}), got {}",
+                        t.request_timeout_ms, r.per_try_timeout_ms
+                    ),
+                ));
+            }
             for (j, c) in r.retry_on.iter().enumerate() {
                 if !RETRY_ON.contains(&c.as_str()) {
                     return Err(FieldError::new(

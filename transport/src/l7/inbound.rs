@@ -251,6 +251,8 @@ pub async fn serve(
             return;
         }
     };
+    // The request body's own copy of the deadline may end the request a moment before the timer here.
+    let expired = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
     let resp = match resp {
         Err(_) => {
             tracing::info!(request_id = %rid, %app, "deadline exceeded");
@@ -267,6 +269,12 @@ pub async fn serve(
             };
             let _ = send.write_all(&frame::encode_head(&head)).await;
             let _ = send.finish();
+            return;
+        }
+        Ok(Err(_)) if expired(deadline) => {
+            tracing::info!(request_id = %rid, %app, "deadline exceeded");
+            refuse_count(ctx.metrics, "deadline_exceeded");
+            let _ = send.reset(code::DEADLINE_EXCEEDED);
             return;
         }
         Ok(Err(e)) => {
