@@ -85,6 +85,18 @@ pub enum CtlCommand {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
+    /// What the proxies make of a service: its ports, endpoints (those allowed to serve it) with versions
+    /// and weights, the effective policy of each kind, each endpoint's share of its rate limit, the
+    /// traffic split's groups, and any resource left out and why.
+    Describe {
+        /// `service` (the only kind described so far).
+        kind: String,
+        /// Service name.
+        name: String,
+        /// Namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
     /// Deletes a resource.
     Delete {
         /// services, endpoints, policies, identities.
@@ -311,6 +323,11 @@ pub async fn run_ctl(args: CtlArgs) -> Result<(), CtlError> {
                 print_resources(out, &resources)?;
             }
         }
+        CtlCommand::Describe {
+            kind,
+            name,
+            namespace,
+        } => describe(&args, kind, name, namespace).await?,
         CtlCommand::Delete {
             kind,
             name,
@@ -657,6 +674,185 @@ async fn check(args: &CtlArgs) -> Result<(), CtlError> {
         return Err(CtlError::CheckFailed(failed));
     }
     Ok(())
+}
+
+/// The effective state of one service, as the proxies compute it from the same resources.
+#[derive(Serialize)]
+struct Described<'a> {
+    service: String,
+    #[serde(flatten)]
+    state: &'a quicmesh_transport::state::ServiceState,
+    /// The rate limit each endpoint enforces (the service's limit over its endpoints).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limit_per_endpoint: Option<f64>,
+    /// The traffic split's versions that have endpoints, with their weights.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    split: &'a [quicmesh_transport::state::SplitGroup],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+}
+
+async fn describe(args: &CtlArgs, kind: &str, name: &str, ns: &str) -> Result<(), CtlError> {
+    use quicmesh_transport::state::{MeshState, ServiceRef};
+    if !matches!(kind, "service" | "services" | "svc") {
+        return Err(CtlError::Usage(format!(
+            "describe: {kind:?}: only services can be described"
+        )));
+    }
+    let mut admin = connect(args).await?;
+    let mut resources = Vec::new();
+    for kind in [
+        Kind::TrustDomain,
+        Kind::Service,
+        Kind::Endpoint,
+        Kind::Policy,
+    ] {
+        let items = admin
+            .list(pb::ListRequest {
+                kind: convert::kind_to_pb(kind) as i32,
+                namespace: if kind.namespaced() {
+                    ns.to_owned()
+                } else {
+                    String::new()
+                },
+            })
+            .await
+            .map_err(rpc(format!("list {kind}")))?
+            .into_inner()
+            .items;
+        for i in items {
+            resources.push(
+                convert::resource_from_pb(i)
+                    .map_err(|e| CtlError::Usage(format!("controller answer: {e}")))?,
+            );
+        }
+    }
+    let trust_domain = resources
+        .iter()
+        .find_map(|r| match r {
+            Resource::TrustDomain(t) => Some(t.spec.trust_domain.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let target = ServiceRef {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+    };
+    let state = MeshState::from_resources(0, &trust_domain, resources, []);
+    let Some(svc) = state.service(&target) else {
+        return Err(CtlError::Usage(format!(
+            "service {target}: no Service, Endpoint or Policy names it"
+        )));
+    };
+    let per_endpoint = svc.policy.rate_limit.as_ref().map(|l| {
+        quicmesh_transport::ratelimit::share(l, svc.endpoints.len())
+            .map_or(0.0, |g| 1.0 / g.interval.as_secs_f64())
+    });
+    let tag = format!("/{}/", target.name);
+    let view = Described {
+        service: target.to_string(),
+        state: svc,
+        rate_limit_per_endpoint: per_endpoint,
+        split: &svc.upstream.split,
+        warnings: state
+            .warnings
+            .iter()
+            .filter(|w| w.contains(&target.name) || w.contains(&tag))
+            .cloned()
+            .collect(),
+    };
+    emit(args.output, &view, || print_described(&view))
+}
+
+fn print_described(v: &Described<'_>) {
+    let s = v.state;
+    let ports: Vec<String> = s
+        .ports
+        .iter()
+        .map(|p| format!("{}/{:?}", p.port, p.protocol).to_lowercase())
+        .collect();
+    println!(
+        "Service:    {}{}",
+        v.service,
+        if s.declared { "" } else { " (not declared)" }
+    );
+    println!("Ports:      {}", ports.join(", "));
+    if !s.versions.is_empty() {
+        println!("Versions:   {}", s.versions.join(", "));
+    }
+    println!("Serving:    {}", s.upstream.servers);
+    println!("Endpoints:  {}", s.endpoints.len());
+    for e in &s.endpoints {
+        println!(
+            "  {:<22} {:<8} weight {:<5} {}",
+            e.address.to_string(),
+            if e.version.is_empty() {
+                "-"
+            } else {
+                &e.version
+            },
+            e.weight,
+            e.identity.as_ref().map(|i| i.as_str()).unwrap_or("-")
+        );
+    }
+    let p = &s.policy;
+    match &p.authorization {
+        Some(a) => println!(
+            "Authorization: {:?}, default {:?}, {} allow rule(s)",
+            a.mode,
+            a.default_action,
+            a.allow.len()
+        ),
+        None => println!("Authorization: none (any mesh identity may call)"),
+    }
+    if let Some(l) = &p.rate_limit {
+        println!(
+            "Rate limit: {} req/s, burst {}{}; {:.1} req/s per endpoint",
+            l.requests_per_second,
+            l.burst,
+            if l.per_source { ", per caller" } else { "" },
+            v.rate_limit_per_endpoint.unwrap_or(0.0)
+        );
+    }
+    if let Some(t) = &p.timeouts {
+        println!(
+            "Timeouts:   request {} ms, connect {} ms{}",
+            t.request_timeout_ms,
+            t.connect_timeout_ms,
+            t.retry.as_ref().map_or(String::new(), |r| format!(
+                ", {} retries on [{}], per try {} ms",
+                r.max_retries,
+                r.retry_on.join(", "),
+                r.per_try_timeout_ms
+            ))
+        );
+    }
+    if p.traffic_split.is_some() {
+        let groups: Vec<String> = s
+            .upstream
+            .split
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} {} ({} endpoints)",
+                    g.version,
+                    g.weight,
+                    g.endpoints.len()
+                )
+            })
+            .collect();
+        println!(
+            "Split:      {}",
+            if groups.is_empty() {
+                "no version of the split has an endpoint: all endpoints".to_owned()
+            } else {
+                groups.join(", ")
+            }
+        );
+    }
+    for w in &v.warnings {
+        println!("Warning:    {w}");
+    }
 }
 
 // ----- output -----

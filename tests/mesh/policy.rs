@@ -23,9 +23,8 @@ use crate::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
 
-async fn ctl_apply(controller: SocketAddr, bundle: &Path, token: &str, dir: &Path, yaml: &str) {
-    let file = dir.join(format!("apply-{}.yaml", rand::random::<u32>()));
-    std::fs::write(&file, yaml).expect("write");
+/// Runs `quicmesh ctl ARGS` against the controller; its stdout, after checking it succeeded.
+async fn ctl(controller: SocketAddr, bundle: &Path, token: &str, args: &[&str]) -> String {
     let out = tokio::time::timeout(
         Duration::from_secs(30),
         Command::new(BIN)
@@ -33,8 +32,7 @@ async fn ctl_apply(controller: SocketAddr, bundle: &Path, token: &str, dir: &Pat
             .args(["--controller", &controller.to_string()])
             .arg("--ca")
             .arg(bundle)
-            .args(["apply", "-f"])
-            .arg(&file)
+            .args(args)
             .env("QUICMESH_ADMIN_TOKEN", token)
             .env("QUICMESH_LOG", "warn")
             .output(),
@@ -44,10 +42,23 @@ async fn ctl_apply(controller: SocketAddr, bundle: &Path, token: &str, dir: &Pat
     .expect("run ctl");
     assert!(
         out.status.success(),
-        "ctl apply: {}{}",
+        "ctl {args:?}: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn ctl_apply(controller: SocketAddr, bundle: &Path, token: &str, dir: &Path, yaml: &str) {
+    let file = dir.join(format!("apply-{}.yaml", rand::random::<u32>()));
+    std::fs::write(&file, yaml).expect("write");
+    ctl(
+        controller,
+        bundle,
+        token,
+        &["apply", "-f", file.to_str().expect("utf8")],
+    )
+    .await;
 }
 
 /// Waits until the proxy's effective state (`/config`) contains `needle`.
@@ -505,6 +516,25 @@ async fn a_service_limit_holds_across_three_endpoints_and_is_reshared_when_one_d
         }
         (admitted, limited)
     };
+    // `ctl describe` shows the share each endpoint enforces.
+    let described: serde_json::Value = serde_json::from_str(
+        &ctl(
+            caddr,
+            &bundle,
+            &admin,
+            &["-o", "json", "describe", "service", "web"],
+        )
+        .await,
+    )
+    .expect("describe json");
+    assert_eq!(described["rate_limit_per_endpoint"], 20.0, "{described}");
+    assert_eq!(
+        described["endpoints"].as_array().map(Vec::len),
+        Some(3),
+        "{described}"
+    );
+    let table = ctl(caddr, &bundle, &admin, &["describe", "service", "web"]).await;
+    assert!(table.contains("20.0 req/s per endpoint"), "{table}");
     let window = Duration::from_secs(3);
     let (admitted, limited) = offer(window).await;
     let total: u64 = admitted.values().sum();
