@@ -46,6 +46,65 @@ spec: {{service: echo, address: "127.0.0.1:9", spiffe_id: "spiffe://mesh.local/n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_source_rate_limit_refuses_each_callers_tcp_connections_separately() {
+    let pki = Pki::new();
+    let app = echo_server().await;
+    pki.issue("server", "echo");
+    write_mesh(
+        &pki,
+        "server-mesh.yaml",
+        r#"
+kind: Policy
+metadata: {name: limit, namespace: default}
+spec:
+  target_service: echo
+  rate_limit: {requests_per_second: 1, burst: 4, per_source: true}
+"#,
+    );
+    let cfg = pki.config_with(
+        "server",
+        "mesh = \"server-mesh.yaml\"",
+        "",
+        &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 7, app = \"{app}\" }}]\n"
+        ),
+    );
+    let server = start_proxy(&cfg).await;
+    let a = mesh_client(&pki, "a", &client_mesh(server.inbound())).await;
+    let b = mesh_client(&pki, "b", &client_mesh(server.inbound())).await;
+    // Each caller gets its burst and first connection (5), plus at most one more if a second passes.
+    for c in [&a, &b] {
+        let mut ok = 0;
+        for i in 0..10u8 {
+            let msg = [b'r', i];
+            if roundtrip(c.outbound(0), &msg, LONG).await.ok().as_deref() == Some(&msg[..]) {
+                ok += 1;
+            }
+        }
+        assert!((5..=6).contains(&ok), "{ok} of 10 connections got through");
+    }
+    let m = server.metrics().await;
+    let denied = metric(
+        &m,
+        "quicmesh_policy_denials_total",
+        &["policy=\"rate_limit\"", "mode=\"enforce\""],
+    );
+    assert!((8.0..=10.0).contains(&denied), "{denied}: {m}");
+    let c = a.metrics().await;
+    assert!(
+        metric(
+            &c,
+            "quicmesh_tunnel_failures_total",
+            &["reason=\"rate_limited\""]
+        ) >= 4.0,
+        "{c}"
+    );
+    for p in [a, b, server] {
+        p.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_mesh_file_gives_endpoints_and_its_authorization_policy_is_enforced() {
     let pki = Pki::new();
     let app = echo_server().await;
