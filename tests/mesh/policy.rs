@@ -404,6 +404,133 @@ async fn deny_by_default_with_an_allow_rule_then_audit_mode_through_the_controll
     let m = server.metrics().await;
     assert_eq!(denied(&m, "audit"), 3.0, "{m}");
     assert_eq!(denied(&m, "enforce"), 4.0, "{m}");
+
+    // Back to enforce, then the controller goes away: the proxies keep enforcing their last state.
+    ctl_apply(caddr, &bundle, &admin, d, &AUTHZ.replace("MODE", "enforce")).await;
+    enforced(&server, "\"mode\": \"enforce\"").await;
+    drop(controller);
+    assert_eq!(get_status(http_of(good), "/public/x").await, StatusCode::OK);
+    assert_eq!(
+        get_status(http_of(bad), "/public/x").await,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeouts_policy_applied_under_load_takes_effect_within_a_second() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let caddr = controller.addr("grpc");
+    let admin = controller.ready["admin_token"]
+        .as_str()
+        .expect("admin token")
+        .to_owned();
+    let bundle =
+        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    ctl_apply(
+        caddr,
+        &bundle,
+        &admin,
+        d,
+        "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}]}\n",
+    )
+    .await;
+    // Every answer takes 200 ms.
+    let app = named_app(
+        "slow",
+        Duration::from_millis(200),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await;
+    let j = Join {
+        controller: caddr,
+        bundle: &bundle,
+        token: join_token(caddr, &bundle, &admin, "web").await,
+        sa: "web",
+    };
+    let cfg = proxy_config(
+        d,
+        "web",
+        &j,
+        "",
+        &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\nservices = [\"web\"]\n"
+        ),
+    );
+    let server = spawn(
+        &["proxy", "--config", cfg.to_str().expect("utf8")],
+        &d.join("web.log"),
+    )
+    .await;
+    let j = Join {
+        controller: caddr,
+        bundle: &bundle,
+        token: join_token(caddr, &bundle, &admin, "client").await,
+        sa: "client",
+    };
+    let cfg = proxy_config(
+        d,
+        "client",
+        &j,
+        "",
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+    );
+    let client = spawn(
+        &["proxy", "--config", cfg.to_str().expect("utf8")],
+        &d.join("client.log"),
+    )
+    .await;
+    enforced(&client, &server.addr("inbound").to_string()).await;
+    let target = client.outbound();
+    // Load from 8 callers; each records when it last saw a 200 and when it first saw a 504.
+    let stop = Arc::new(AtomicBool::new(false));
+    let callers: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let c = h1_client();
+                let (mut last_ok, mut first_504) = (None, None);
+                // Bounded: at most 200 requests of 200 ms each.
+                for _ in 0..200 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let sent = tokio::time::Instant::now();
+                    match get_body(&c, target).await.0 {
+                        StatusCode::OK => last_ok = Some(sent),
+                        StatusCode::GATEWAY_TIMEOUT => {
+                            first_504.get_or_insert(sent);
+                        }
+                        s => panic!("unexpected status {s}"),
+                    }
+                }
+                (last_ok, first_504)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let applied = tokio::time::Instant::now();
+    ctl_apply(caddr, &bundle, &admin, d, "kind: Policy\nmetadata: {name: fast, namespace: default}\nspec: {target_service: web, timeouts: {request_timeout_ms: 50}}\n").await;
+    // Give the callers time to see the change, then stop them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        let (last_ok, first_504) = c.await.expect("caller");
+        let first_504 = first_504.expect("a caller never saw the timeout");
+        assert!(
+            first_504 < applied + Duration::from_secs(1),
+            "first 504 {:?} after apply began",
+            first_504 - applied
+        );
+        // No request sent a second after the apply got through.
+        assert!(
+            last_ok.is_none_or(|t| t < applied + Duration::from_secs(1)),
+            "a request sent {:?} after apply began still took 200 ms",
+            last_ok.map(|t| t - applied)
+        );
+    }
     drop(controller);
 }
 
