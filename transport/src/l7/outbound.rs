@@ -171,6 +171,8 @@ async fn upgrade(
     tokio::spawn(conn.with_upgrades());
     let app_side = hyper::upgrade::on(&mut req);
     let connect = req.method() == http::Method::CONNECT;
+    // An HTTP/2 `CONNECT` from the app reaches the destination's app as HTTP/1.1.
+    *req.version_mut() = Version::HTTP_11;
     let answer = tokio::time::timeout_at(
         deadline.map_or(started + UPGRADE_ANSWER, |d| {
             d.min(started + UPGRADE_ANSWER)
