@@ -784,6 +784,32 @@ async fn secure_naming_only_allowed_identities_register_endpoints(store: Backend
         vec!["web"]
     );
 
+    // The impostor cannot withdraw it either; an unknown endpoint is not an error.
+    let rev = h.revision().await;
+    let err = evil
+        .deregister_endpoint(pb::DeregisterEndpointRequest {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+        })
+        .await
+        .expect_err("impostor withdrawal");
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(err.message().contains("shop/web-0"), "{}", err.message());
+    let none = evil
+        .deregister_endpoint(pb::DeregisterEndpointRequest {
+            namespace: String::new(),
+            name: "nothing-here".into(),
+        })
+        .await
+        .expect("unknown endpoint")
+        .into_inner();
+    assert_eq!(none.version, 0);
+    assert_eq!(
+        h.revision().await,
+        rev,
+        "a refused withdrawal changed something"
+    );
+
     // Admin-created endpoints follow the same rule: identity required and allowed, service existing.
     let as_resource = |e: pb::Endpoint| pb::Resource {
         resource: Some(pb::resource::Resource::Endpoint(e)),

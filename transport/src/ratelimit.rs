@@ -18,7 +18,7 @@ use std::{
 use crate::{
     identity::SpiffeId,
     model::RateLimit,
-    state::{MeshState, ServiceRef},
+    state::{Admission, MeshState, Request, ServiceRef},
 };
 
 /// Callers tracked per service with `per_source`; beyond it, idle callers are forgotten first and a
@@ -80,6 +80,22 @@ pub enum RateVerdict {
     },
 }
 
+/// A stream or request's admission by policy, then (if admitted) the rate limit, on one look at the
+/// mesh state.
+pub fn decide(
+    state: &MeshState,
+    limiters: &Limiters,
+    req: &Request<'_>,
+    now: Instant,
+) -> (Admission, RateVerdict) {
+    let admission = state.admit(req);
+    let rate = match admission {
+        Admission::Refuse { .. } => RateVerdict::Allow,
+        Admission::Admit { .. } => limiters.check(state, req.service, req.peer, now),
+    };
+    (admission, rate)
+}
+
 struct ServiceLimiter {
     gcra: Gcra,
     per_source: bool,
@@ -111,24 +127,20 @@ impl Limiters {
         let Some(gcra) = share(limit, svc.endpoints.len()) else {
             return RateVerdict::Allow;
         };
+        let fresh = || ServiceLimiter {
+            gcra,
+            per_source: limit.per_source,
+            total: None,
+            sources: HashMap::new(),
+        };
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         let l = match services.get_mut(service) {
             Some(l) => l,
-            None => services.entry(service.clone()).or_insert(ServiceLimiter {
-                gcra,
-                per_source: limit.per_source,
-                total: None,
-                sources: HashMap::new(),
-            }),
+            None => services.entry(service.clone()).or_insert_with(fresh),
         };
         if l.gcra != gcra || l.per_source != limit.per_source {
             // A new limit or share starts from a clean schedule.
-            *l = ServiceLimiter {
-                gcra,
-                per_source: limit.per_source,
-                total: None,
-                sources: HashMap::new(),
-            };
+            *l = fresh();
         }
         let verdict = |r: Result<Instant, Duration>, slot: &mut Option<Instant>| match r {
             Ok(tat) => {
@@ -269,6 +281,31 @@ mod tests {
             .map(|g| g.tolerance),
             Gcra::new(100.0, 4).map(|g| g.tolerance)
         );
+    }
+
+    #[test]
+    fn a_refused_caller_spends_no_token() {
+        let s = state("{requests_per_second: 1}", 1);
+        let l = Limiters::default();
+        let (a, b) = (peer("a"), peer("b"));
+        let svc = api();
+        let req = |p| Request {
+            peer: p,
+            service: &svc,
+            port: 80,
+            method: None,
+            path: None,
+        };
+        let now = Instant::now();
+        let revoked = s.with_revoked([b.clone()]);
+        let (adm, rate) = decide(&revoked, &l, &req(&b), now);
+        assert!(matches!(adm, Admission::Refuse { .. }));
+        assert_eq!(rate, RateVerdict::Allow);
+        assert_eq!(decide(&s, &l, &req(&a), now).1, RateVerdict::Allow);
+        assert!(matches!(
+            decide(&s, &l, &req(&a), now).1,
+            RateVerdict::Limited { .. }
+        ));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::{
     clip::clip,
     identity::SpiffeId,
     metrics::{Direction, DirectionLabels, LatencyLabels, Metrics, ReasonLabels, RequestLabels},
-    ratelimit::{Limiters, RateVerdict},
+    ratelimit::{Limiters, RateVerdict, decide},
     state::{Admission, Request as Facts, ServiceRef, StateHandle, denying_policy},
     tunnel::{self, Protocol, StatusCode, StreamHeader, code},
 };
@@ -164,13 +164,18 @@ pub async fn serve(
             return;
         }
     };
-    let verdict = ctx.state.load().admit(&Facts {
-        peer,
-        service: target,
-        port: u16::try_from(header.port).unwrap_or(0),
-        method: Some(&head.method),
-        path: Some(&head.path),
-    });
+    let (verdict, rate) = decide(
+        &ctx.state.load(),
+        ctx.limiters,
+        &Facts {
+            peer,
+            service: target,
+            port: u16::try_from(header.port).unwrap_or(0),
+            method: Some(&head.method),
+            path: Some(&head.path),
+        },
+        std::time::Instant::now(),
+    );
     match verdict {
         Admission::Admit { audit: None } => {}
         Admission::Admit {
@@ -188,15 +193,9 @@ pub async fn serve(
             return;
         }
     }
-    if let RateVerdict::Limited { retry_after } =
-        ctx.limiters
-            .check(&ctx.state.load(), target, peer, std::time::Instant::now())
-    {
+    if let RateVerdict::Limited { retry_after } = rate {
         tracing::debug!(request_id = %rid, %peer, service = %target, "request rate limited");
-        ctx.metrics.deny(target, "rate_limit", false);
-        refuse_count(ctx.metrics, "rate_limited");
-        let _ = tunnel::write_rate_limited(&mut send, retry_after).await;
-        let _ = send.finish();
+        crate::proxy::inbound::refuse_limited(ctx.metrics, &mut send, target, retry_after).await;
         return;
     }
     let (version, client) = if header.protocol == Protocol::Http1 as i32 {

@@ -37,7 +37,7 @@ use crate::{
     identity::{Credentials, SpiffeId},
     l7::inbound::AppClients,
     metrics::{DecisionLabels, Direction, Metrics, PeerMetrics, ReasonLabels},
-    ratelimit::{Limiters, RateVerdict},
+    ratelimit::{Limiters, RateVerdict, decide},
     state::{Admission as Verdict, Request, ServiceRef, StateHandle, denying_policy},
     tunnel::{self, FrameError, Protocol, StatusCode, StreamHeader, code},
 };
@@ -383,17 +383,23 @@ impl Conn {
         };
         let port = u16::try_from(header.port).unwrap_or(0);
         let http = header.protocol != Protocol::Tcp as i32;
-        // HTTP streams are admitted per request, with the method and path (`l7::inbound`).
-        let verdict = if http {
-            Verdict::Admit { audit: None }
+        // HTTP streams are admitted and rate limited per request, with the method and path
+        // (`l7::inbound`); a TCP connection is one unit of a rate limit.
+        let (verdict, rate) = if http {
+            (Verdict::Admit { audit: None }, RateVerdict::Allow)
         } else {
-            self.state.load().admit(&Request {
-                peer: &peer,
-                service: &target,
-                port,
-                method: None,
-                path: None,
-            })
+            decide(
+                &self.state.load(),
+                &self.limiters,
+                &Request {
+                    peer: &peer,
+                    service: &target,
+                    port,
+                    method: None,
+                    path: None,
+                },
+                std::time::Instant::now(),
+            )
         };
         match verdict {
             Verdict::Admit { audit: None } => {}
@@ -426,26 +432,9 @@ impl Conn {
                 return;
             }
         };
-        // A TCP connection is one unit of a rate limit; HTTP streams count each request (`l7::inbound`).
-        if !http
-            && let RateVerdict::Limited { retry_after } = self.limiters.check(
-                &self.state.load(),
-                &target,
-                &peer,
-                std::time::Instant::now(),
-            )
-        {
+        if let RateVerdict::Limited { retry_after } = rate {
             tracing::debug!(request_id = %rid, %peer, service = %target, "stream rate limited");
-            self.metrics.deny(&target, "rate_limit", false);
-            self.metrics
-                .failures
-                .get_or_create(&ReasonLabels {
-                    direction: Direction::Inbound,
-                    reason: "rate_limited",
-                })
-                .inc();
-            let _ = tunnel::write_rate_limited(&mut send, retry_after).await;
-            let _ = send.finish();
+            refuse_limited(&self.metrics, &mut send, &target, retry_after).await;
             return;
         }
         if http {
@@ -521,6 +510,25 @@ impl Conn {
         let _ = tunnel::write_status(send, code, msg).await;
         let _ = send.finish();
     }
+}
+
+/// Refuses a rate-limited stream or request: counted, and answered with when to try again.
+pub(crate) async fn refuse_limited(
+    metrics: &Metrics,
+    send: &mut SendStream,
+    target: &ServiceRef,
+    retry_after: std::time::Duration,
+) {
+    metrics.deny(target, "rate_limit", false);
+    metrics
+        .failures
+        .get_or_create(&ReasonLabels {
+            direction: Direction::Inbound,
+            reason: "rate_limited",
+        })
+        .inc();
+    let _ = tunnel::write_rate_limited(send, retry_after).await;
+    let _ = send.finish();
 }
 
 #[cfg(test)]
