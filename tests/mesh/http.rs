@@ -241,17 +241,14 @@ async fn http1_keep_alive_and_chunked_bodies_arrive_byte_for_byte_with_the_verif
         t.await.expect("worker");
     }
     assert_eq!(seen.requests.load(Ordering::Relaxed), 1000);
-    let m = client.metrics().await;
+    let labels = [
+        "direction=\"outbound\"",
+        "status_code=\"200\"",
+        "service=\"echo.default\"",
+    ];
+    let m = settled(&client, "quicmesh_requests_total", &labels, 1000.0).await;
     assert_eq!(
-        metric(
-            &m,
-            "quicmesh_requests_total",
-            &[
-                "direction=\"outbound\"",
-                "status_code=\"200\"",
-                "service=\"echo.default\""
-            ]
-        ),
+        metric(&m, "quicmesh_requests_total", &labels),
         1000.0,
         "{m}"
     );
@@ -259,16 +256,13 @@ async fn http1_keep_alive_and_chunked_bodies_arrive_byte_for_byte_with_the_verif
         m.contains("quicmesh_request_duration_seconds_bucket"),
         "{m}"
     );
-    let s = server.metrics().await;
+    let labels = [
+        "direction=\"inbound\"",
+        "peer=\"spiffe://mesh.local/ns/default/sa/client\"",
+    ];
+    let s = settled(&server, "quicmesh_requests_total", &labels, 1000.0).await;
     assert_eq!(
-        metric(
-            &s,
-            "quicmesh_requests_total",
-            &[
-                "direction=\"inbound\"",
-                "peer=\"spiffe://mesh.local/ns/default/sa/client\""
-            ]
-        ),
+        metric(&s, "quicmesh_requests_total", &labels),
         1000.0,
         "{s}"
     );
@@ -301,13 +295,10 @@ async fn http2_carries_a_hundred_concurrent_streams_on_one_app_connection() {
         }
     }
     assert_eq!(seen.requests.load(Ordering::Relaxed), 1000);
-    let m = client.metrics().await;
+    let labels = ["direction=\"outbound\"", "status_code=\"200\""];
+    let m = settled(&client, "quicmesh_requests_total", &labels, 1000.0).await;
     assert_eq!(
-        metric(
-            &m,
-            "quicmesh_requests_total",
-            &["direction=\"outbound\"", "status_code=\"200\""]
-        ),
+        metric(&m, "quicmesh_requests_total", &labels),
         1000.0,
         "{m}"
     );
@@ -596,7 +587,13 @@ async fn grpc_unary_and_every_streaming_kind_keep_messages_trailers_and_status()
         .expect_err("asked to fail");
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert_eq!(err.message(), "asked to fail");
-    let m = client.metrics().await;
+    let m = settled(
+        &client,
+        "quicmesh_requests_total",
+        &["direction=\"outbound\"", "grpc_status=\"0\""],
+        4000.0,
+    )
+    .await;
     assert_eq!(
         metric(
             &m,
@@ -606,15 +603,9 @@ async fn grpc_unary_and_every_streaming_kind_keep_messages_trailers_and_status()
         4000.0,
         "{m}"
     );
-    assert_eq!(
-        metric(
-            &m,
-            "quicmesh_requests_total",
-            &["direction=\"outbound\"", "grpc_status=\"5\""]
-        ),
-        1.0,
-        "{m}"
-    );
+    let failed = ["direction=\"outbound\"", "grpc_status=\"5\""];
+    let m = settled(&client, "quicmesh_requests_total", &failed, 1.0).await;
+    assert_eq!(metric(&m, "quicmesh_requests_total", &failed), 1.0, "{m}");
     client.shutdown().await;
     server.shutdown().await;
 }
@@ -669,6 +660,19 @@ async fn grpc_timeout_ends_the_call_in_time_and_cancels_it_at_the_backend() {
     );
     client.shutdown().await;
     server.shutdown().await;
+}
+
+/// The proxy's metrics once `name{labels}` has reached `want`, or after 5 s: request counters are
+/// bumped when a response body ends, a moment after the client has read all of it.
+async fn settled(p: &Running, name: &str, labels: &[&str], want: f64) -> String {
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = p.metrics().await;
+        if metric(&m, name, labels) >= want || tokio::time::Instant::now() >= until {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Sends raw bytes to `target` and returns what comes back until the server closes (bounded).

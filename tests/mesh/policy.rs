@@ -23,6 +23,67 @@ use crate::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
 
+/// A controller process, and what `ctl` and joining proxies need to reach it.
+struct ControlPlane {
+    dir: tempfile::TempDir,
+    controller: Option<Proc>,
+    addr: SocketAddr,
+    admin: String,
+    bundle: std::path::PathBuf,
+}
+
+impl ControlPlane {
+    async fn start() -> Self {
+        raise_fd_limit();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let controller = start_controller(dir.path(), "127.0.0.1:0", "1h").await;
+        let addr = controller.addr("grpc");
+        let admin = controller.ready["admin_token"]
+            .as_str()
+            .expect("admin token")
+            .to_owned();
+        let bundle =
+            std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+        Self {
+            dir,
+            controller: Some(controller),
+            addr,
+            admin,
+            bundle,
+        }
+    }
+
+    async fn ctl(&self, args: &[&str]) -> String {
+        ctl(self.addr, &self.bundle, &self.admin, args).await
+    }
+
+    async fn apply(&self, yaml: &str) {
+        ctl_apply(self.addr, &self.bundle, &self.admin, self.dir.path(), yaml).await;
+    }
+
+    /// A proxy process `name` joined as account `sa`: top-level keys `top`, then its tables `body`.
+    async fn proxy(&self, name: &str, sa: &str, top: &str, body: &str) -> Proc {
+        let d = self.dir.path();
+        let j = Join {
+            controller: self.addr,
+            bundle: &self.bundle,
+            token: join_token(self.addr, &self.bundle, &self.admin, sa).await,
+            sa,
+        };
+        let cfg = proxy_config(d, name, &j, top, body);
+        spawn(
+            &["proxy", "--config", cfg.to_str().expect("utf8")],
+            &d.join(format!("{name}.log")),
+        )
+        .await
+    }
+
+    /// Kills the controller; the proxies keep running.
+    fn stop_controller(&mut self) {
+        self.controller = None;
+    }
+}
+
 /// Runs `quicmesh ctl ARGS` against the controller; its stdout, after checking it succeeded.
 async fn ctl(controller: SocketAddr, bundle: &Path, token: &str, args: &[&str]) -> String {
     let out = tokio::time::timeout(
@@ -77,23 +138,8 @@ async fn enforced(p: &Proc, needle: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_split_and_a_service_rate_limit_apply_live_through_the_controller() {
     let _heavy = heavy().await;
-    raise_fd_limit();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
-    let caddr = controller.addr("grpc");
-    let admin = controller.ready["admin_token"]
-        .as_str()
-        .expect("admin token")
-        .to_owned();
-    let bundle =
-        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
-    ctl_apply(
-        caddr,
-        &bundle,
-        &admin,
-        d,
-        "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}], versions: [v1, v2]}\n",
+    let mut cp = ControlPlane::start().await;
+    cp.apply("kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}], versions: [v1, v2]}\n",
     )
     .await;
 
@@ -101,54 +147,25 @@ async fn a_canary_split_and_a_service_rate_limit_apply_live_through_the_controll
     let mut servers = Vec::new();
     for v in ["v1", "v2"] {
         let app = named_app(v, Duration::ZERO, Arc::new(AtomicBool::new(false))).await;
-        let j = Join {
-            controller: caddr,
-            bundle: &bundle,
-            token: join_token(caddr, &bundle, &admin, "web").await,
-            sa: "web",
-        };
-        let cfg = proxy_config(
-            d,
-            &format!("web-{v}"),
-            &j,
-            "",
-            &format!(
+        servers.push(cp.proxy(&format!("web-{v}"), "web", "", &format!(
                 "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\nservices = [\"web\"]\nversion = \"{v}\"\n"
-            ),
-        );
-        servers.push(
-            spawn(
-                &["proxy", "--config", cfg.to_str().expect("utf8")],
-                &d.join(format!("web-{v}.log")),
-            )
-            .await,
-        );
+            )).await);
     }
-    let j = Join {
-        controller: caddr,
-        bundle: &bundle,
-        token: join_token(caddr, &bundle, &admin, "client").await,
-        sa: "client",
-    };
-    let cfg = proxy_config(
-        d,
-        "client",
-        &j,
-        "",
-        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
-    );
-    let client = spawn(
-        &["proxy", "--config", cfg.to_str().expect("utf8")],
-        &d.join("client.log"),
-    )
-    .await;
+    let client = cp
+        .proxy(
+            "client",
+            "client",
+            "",
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+        )
+        .await;
     let target = client.outbound();
     for s in &servers {
         enforced(&client, &s.addr("inbound").to_string()).await;
     }
 
     // 90/10.
-    ctl_apply(caddr, &bundle, &admin, d, "kind: Policy\nmetadata: {name: canary, namespace: default}\nspec: {target_service: web, traffic_split: {backends: [{service_version: v1, weight: 90}, {service_version: v2, weight: 10}]}}\n").await;
+    cp.apply("kind: Policy\nmetadata: {name: canary, namespace: default}\nspec: {target_service: web, traffic_split: {backends: [{service_version: v1, weight: 90}, {service_version: v2, weight: 10}]}}\n").await;
     enforced(&client, "\"weight\": 90").await;
     let c = h1_client();
     let v2 = Arc::new(AtomicU64::new(0));
@@ -198,7 +215,7 @@ async fn a_canary_split_and_a_service_rate_limit_apply_live_through_the_controll
             })
         })
         .collect();
-    ctl_apply(caddr, &bundle, &admin, d, "kind: Policy\nmetadata: {name: canary, namespace: default}\nspec: {target_service: web, traffic_split: {backends: [{service_version: v1, weight: 0}, {service_version: v2, weight: 100}]}}\n").await;
+    cp.apply("kind: Policy\nmetadata: {name: canary, namespace: default}\nspec: {target_service: web, traffic_split: {backends: [{service_version: v1, weight: 0}, {service_version: v2, weight: 100}]}}\n").await;
     enforced(&client, "\"weight\": 100").await;
     stop.store(true, Ordering::Relaxed);
     for t in load {
@@ -216,7 +233,7 @@ async fn a_canary_split_and_a_service_rate_limit_apply_live_through_the_controll
 
     // A limit of 40 req/s (burst 4) for the service, shared by its two endpoints; the split is removed
     // first so both endpoints take traffic.
-    ctl_apply(caddr, &bundle, &admin, d, "kind: Policy\nmetadata: {name: canary, namespace: default}\nspec: {target_service: web, traffic_split: {backends: [{service_version: v1, weight: 50}, {service_version: v2, weight: 50}]}}\n---\nkind: Policy\nmetadata: {name: limit, namespace: default}\nspec: {target_service: web, rate_limit: {requests_per_second: 40, burst: 4}}\n").await;
+    cp.apply("kind: Policy\nmetadata: {name: canary, namespace: default}\nspec: {target_service: web, traffic_split: {backends: [{service_version: v1, weight: 50}, {service_version: v2, weight: 50}]}}\n---\nkind: Policy\nmetadata: {name: limit, namespace: default}\nspec: {target_service: web, rate_limit: {requests_per_second: 40, burst: 4}}\n").await;
     for s in &servers {
         enforced(s, "\"requests_per_second\": 40").await;
     }
@@ -263,7 +280,7 @@ async fn a_canary_split_and_a_service_rate_limit_apply_live_through_the_controll
         ) > 0.0,
         "{m}"
     );
-    drop(controller);
+    cp.stop_controller();
 }
 
 /// `GET path` through `target`: the status.
@@ -292,67 +309,25 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deny_by_default_with_an_allow_rule_then_audit_mode_through_the_controller() {
-    raise_fd_limit();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
-    let caddr = controller.addr("grpc");
-    let admin = controller.ready["admin_token"]
-        .as_str()
-        .expect("admin token")
-        .to_owned();
-    let bundle =
-        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
-    ctl_apply(
-        caddr,
-        &bundle,
-        &admin,
-        d,
-        "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}, {port: 7, protocol: tcp}]}\n",
+    let mut cp = ControlPlane::start().await;
+    cp.apply("kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}, {port: 7, protocol: tcp}]}\n",
     )
     .await;
     let (app, _seen) = http_app().await;
     let echo = echo_server().await;
-    let j = Join {
-        controller: caddr,
-        bundle: &bundle,
-        token: join_token(caddr, &bundle, &admin, "web").await,
-        sa: "web",
-    };
-    let cfg = proxy_config(
-        d,
-        "web",
-        &j,
-        "",
-        &format!(
+    let server = cp.proxy("web", "web", "", &format!(
             "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}, {{ port = 7, app = \"{echo}\" }}]\nservices = [\"web\"]\n"
-        ),
-    );
-    let server = spawn(
-        &["proxy", "--config", cfg.to_str().expect("utf8")],
-        &d.join("web.log"),
-    )
-    .await;
+        )).await;
     let mut clients = Vec::new();
     for sa in ["good", "bad"] {
-        let j = Join {
-            controller: caddr,
-            bundle: &bundle,
-            token: join_token(caddr, &bundle, &admin, sa).await,
-            sa,
-        };
-        let cfg = proxy_config(
-            d,
-            sa,
-            &j,
-            "",
-            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n\n[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 7\nmax_attempts = 1\n",
-        );
-        let p = spawn(
-            &["proxy", "--config", cfg.to_str().expect("utf8")],
-            &d.join(format!("{sa}.log")),
-        )
-        .await;
+        let p = cp
+            .proxy(
+                sa,
+                sa,
+                "",
+                "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n\n[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 7\nmax_attempts = 1\n",
+            )
+            .await;
         enforced(&p, &server.addr("inbound").to_string()).await;
         clients.push(p);
     }
@@ -362,7 +337,7 @@ async fn deny_by_default_with_an_allow_rule_then_audit_mode_through_the_controll
     // No policy: anyone in the mesh gets through.
     assert_eq!(get_status(http_of(bad), "/admin").await, StatusCode::OK);
 
-    ctl_apply(caddr, &bundle, &admin, d, &AUTHZ.replace("MODE", "enforce")).await;
+    cp.apply(&AUTHZ.replace("MODE", "enforce")).await;
     enforced(&server, "/public/").await;
     assert_eq!(get_status(http_of(good), "/public/x").await, StatusCode::OK);
     assert_eq!(
@@ -393,7 +368,7 @@ async fn deny_by_default_with_an_allow_rule_then_audit_mode_through_the_controll
     assert_eq!(denied(&m, "enforce"), 4.0, "{m}");
 
     // Audit: everything passes, the would-be denials are counted.
-    ctl_apply(caddr, &bundle, &admin, d, &AUTHZ.replace("MODE", "audit")).await;
+    cp.apply(&AUTHZ.replace("MODE", "audit")).await;
     enforced(&server, "\"audit\"").await;
     assert_eq!(get_status(http_of(good), "/admin").await, StatusCode::OK);
     assert_eq!(get_status(http_of(bad), "/public/x").await, StatusCode::OK);
@@ -406,9 +381,9 @@ async fn deny_by_default_with_an_allow_rule_then_audit_mode_through_the_controll
     assert_eq!(denied(&m, "enforce"), 4.0, "{m}");
 
     // Back to enforce, then the controller goes away: the proxies keep enforcing their last state.
-    ctl_apply(caddr, &bundle, &admin, d, &AUTHZ.replace("MODE", "enforce")).await;
+    cp.apply(&AUTHZ.replace("MODE", "enforce")).await;
     enforced(&server, "\"mode\": \"enforce\"").await;
-    drop(controller);
+    cp.stop_controller();
     assert_eq!(get_status(http_of(good), "/public/x").await, StatusCode::OK);
     assert_eq!(
         get_status(http_of(bad), "/public/x").await,
@@ -418,23 +393,8 @@ async fn deny_by_default_with_an_allow_rule_then_audit_mode_through_the_controll
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeouts_policy_applied_under_load_takes_effect_within_a_second() {
-    raise_fd_limit();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
-    let caddr = controller.addr("grpc");
-    let admin = controller.ready["admin_token"]
-        .as_str()
-        .expect("admin token")
-        .to_owned();
-    let bundle =
-        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
-    ctl_apply(
-        caddr,
-        &bundle,
-        &admin,
-        d,
-        "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}]}\n",
+    let mut cp = ControlPlane::start().await;
+    cp.apply("kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}]}\n",
     )
     .await;
     // Every answer takes 200 ms.
@@ -444,44 +404,17 @@ async fn a_timeouts_policy_applied_under_load_takes_effect_within_a_second() {
         Arc::new(AtomicBool::new(false)),
     )
     .await;
-    let j = Join {
-        controller: caddr,
-        bundle: &bundle,
-        token: join_token(caddr, &bundle, &admin, "web").await,
-        sa: "web",
-    };
-    let cfg = proxy_config(
-        d,
-        "web",
-        &j,
-        "",
-        &format!(
+    let server = cp.proxy("web", "web", "", &format!(
             "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\nservices = [\"web\"]\n"
-        ),
-    );
-    let server = spawn(
-        &["proxy", "--config", cfg.to_str().expect("utf8")],
-        &d.join("web.log"),
-    )
-    .await;
-    let j = Join {
-        controller: caddr,
-        bundle: &bundle,
-        token: join_token(caddr, &bundle, &admin, "client").await,
-        sa: "client",
-    };
-    let cfg = proxy_config(
-        d,
-        "client",
-        &j,
-        "",
-        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
-    );
-    let client = spawn(
-        &["proxy", "--config", cfg.to_str().expect("utf8")],
-        &d.join("client.log"),
-    )
-    .await;
+        )).await;
+    let client = cp
+        .proxy(
+            "client",
+            "client",
+            "",
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+        )
+        .await;
     enforced(&client, &server.addr("inbound").to_string()).await;
     let target = client.outbound();
     // Load from 8 callers; each records when it last saw a 200 and when it first saw a 504.
@@ -512,7 +445,7 @@ async fn a_timeouts_policy_applied_under_load_takes_effect_within_a_second() {
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let applied = tokio::time::Instant::now();
-    ctl_apply(caddr, &bundle, &admin, d, "kind: Policy\nmetadata: {name: fast, namespace: default}\nspec: {target_service: web, timeouts: {request_timeout_ms: 50}}\n").await;
+    cp.apply("kind: Policy\nmetadata: {name: fast, namespace: default}\nspec: {target_service: web, timeouts: {request_timeout_ms: 50}}\n").await;
     // Give the callers time to see the change, then stop them.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::Relaxed);
@@ -531,75 +464,31 @@ async fn a_timeouts_policy_applied_under_load_takes_effect_within_a_second() {
             last_ok.map(|t| t - applied)
         );
     }
-    drop(controller);
+    cp.stop_controller();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_limit_holds_across_three_endpoints_and_is_reshared_when_one_drains() {
     let _heavy = heavy().await;
-    raise_fd_limit();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
-    let caddr = controller.addr("grpc");
-    let admin = controller.ready["admin_token"]
-        .as_str()
-        .expect("admin token")
-        .to_owned();
-    let bundle =
-        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
-    ctl_apply(
-        caddr,
-        &bundle,
-        &admin,
-        d,
-        "kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}]}\n---\nkind: Policy\nmetadata: {name: limit, namespace: default}\nspec: {target_service: web, rate_limit: {requests_per_second: 60, burst: 6}}\n",
+    let mut cp = ControlPlane::start().await;
+    cp.apply("kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}]}\n---\nkind: Policy\nmetadata: {name: limit, namespace: default}\nspec: {target_service: web, rate_limit: {requests_per_second: 60, burst: 6}}\n",
     )
     .await;
     let mut servers = Vec::new();
     for name in ["a", "b", "c"] {
         let app = named_app(name, Duration::ZERO, Arc::new(AtomicBool::new(false))).await;
-        let j = Join {
-            controller: caddr,
-            bundle: &bundle,
-            token: join_token(caddr, &bundle, &admin, "web").await,
-            sa: "web",
-        };
-        let cfg = proxy_config(
-            d,
-            &format!("web-{name}"),
-            &j,
-            "drain_grace = \"1s\"",
-            &format!(
+        servers.push(cp.proxy(&format!("web-{name}"), "web", "drain_grace = \"1s\"", &format!(
                 "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\nservices = [\"web\"]\n"
-            ),
-        );
-        servers.push(
-            spawn(
-                &["proxy", "--config", cfg.to_str().expect("utf8")],
-                &d.join(format!("web-{name}.log")),
-            )
-            .await,
-        );
+            )).await);
     }
-    let j = Join {
-        controller: caddr,
-        bundle: &bundle,
-        token: join_token(caddr, &bundle, &admin, "client").await,
-        sa: "client",
-    };
-    let cfg = proxy_config(
-        d,
-        "client",
-        &j,
-        "",
-        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
-    );
-    let client = spawn(
-        &["proxy", "--config", cfg.to_str().expect("utf8")],
-        &d.join("client.log"),
-    )
-    .await;
+    let client = cp
+        .proxy(
+            "client",
+            "client",
+            "",
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+        )
+        .await;
     for s in &servers {
         enforced(&client, &s.addr("inbound").to_string()).await;
         // Each server knows all three endpoints: its share is a third.
@@ -644,23 +533,16 @@ async fn a_service_limit_holds_across_three_endpoints_and_is_reshared_when_one_d
         (admitted, limited)
     };
     // `ctl describe` shows the share each endpoint enforces.
-    let described: serde_json::Value = serde_json::from_str(
-        &ctl(
-            caddr,
-            &bundle,
-            &admin,
-            &["-o", "json", "describe", "service", "web"],
-        )
-        .await,
-    )
-    .expect("describe json");
+    let described: serde_json::Value =
+        serde_json::from_str(&cp.ctl(&["-o", "json", "describe", "service", "web"]).await)
+            .expect("describe json");
     assert_eq!(described["rate_limit_per_endpoint"], 20.0, "{described}");
     assert_eq!(
         described["endpoints"].as_array().map(Vec::len),
         Some(3),
         "{described}"
     );
-    let table = ctl(caddr, &bundle, &admin, &["describe", "service", "web"]).await;
+    let table = cp.ctl(&["describe", "service", "web"]).await;
     assert!(table.contains("20.0 req/s per endpoint"), "{table}");
     let window = Duration::from_secs(3);
     let (admitted, limited) = offer(window).await;
@@ -696,5 +578,5 @@ async fn a_service_limit_holds_across_three_endpoints_and_is_reshared_when_one_d
         scrape(ca, "/config").await.1
     );
     assert!(!admitted.contains_key(b"c".as_slice()), "{admitted:?}");
-    drop(controller);
+    cp.stop_controller();
 }
