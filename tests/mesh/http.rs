@@ -847,7 +847,8 @@ async fn an_endpoint_answering_503_is_ejected_then_readmitted_when_it_recovers()
             from_bad += 1;
         }
     }
-    // The bad endpoint is ejected after 5 failures in a row and stays out (2 s, then 4 s, ...).
+    // The bad endpoint is ejected after 5 failures in a row and stays out (2 s, then 4 s, ...); each
+    // readmission is a probation its first failure ends.
     assert!(
         from_bad <= 15,
         "{from_bad} requests reached the failing endpoint"

@@ -9,7 +9,8 @@
 //!   is seen at once (peaks are taken whole) and forgiven gradually (decay over 10 s); an endpoint
 //!   without a sample starts from the RTT of its pooled QUIC connection;
 //! - [`EJECT_AFTER`] failures in a row (5xx, reset, unreachable) eject an endpoint for a time that
-//!   doubles with each ejection (2 s up to 5 min), never more than half of a service's endpoints.
+//!   doubles with each ejection (2 s up to 5 min), never more than half of a service's endpoints;
+//!   readmitted, it is on probation: its first answer decides, a failure ejects it again at once.
 //!
 //! Orders are pure functions of the endpoint list, the draw and that record, tested without sockets.
 
@@ -206,7 +207,8 @@ impl EndpointHealth {
         if s.failures_in_row >= EJECT_AFTER && !still && may_eject(ejected, total) {
             s.ejections = s.ejections.saturating_add(1);
             s.ejected_until = Some(now + ejection_time(s.ejections));
-            s.failures_in_row = 0;
+            // Probation once readmitted: one more failure ejects it again.
+            s.failures_in_row = EJECT_AFTER - 1;
             return true;
         }
         false
@@ -347,6 +349,21 @@ mod tests {
         // Readmitted when the time is over; the next ejection lasts twice as long.
         let back = t0 + ejection_time(1);
         assert_eq!(h.pick_order(&e, (0, 0), back, |_| None)[0], e[0]);
+        // On probation: its first failure ejects it again, for twice as long.
+        h.begin(e[0]);
+        assert!(h.end(e[0], None, false, 4, back));
+        assert_eq!(
+            h.pick_order(&e, (0, 0), back + ejection_time(1), |_| None).last(),
+            Some(&e[0])
+        );
+        // A success ends probation: the next ejection takes a full run of failures again.
+        let later = back + ejection_time(2);
+        h.begin(e[0]);
+        assert!(!h.end(e[0], None, true, 4, later));
+        for i in 0..EJECT_AFTER {
+            h.begin(e[0]);
+            assert_eq!(h.end(e[0], None, false, 4, later), i + 1 == EJECT_AFTER);
+        }
         assert_eq!(ejection_time(2), ejection_time(1) * 2);
         assert_eq!(ejection_time(50), MAX_EJECTION);
         assert!(!may_eject(0, 1) && may_eject(0, 2) && !may_eject(1, 2));
