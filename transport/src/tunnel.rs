@@ -198,12 +198,16 @@ pub async fn write_status(
     code: StatusCode,
     message: &str,
 ) -> Result<(), quinn::WriteError> {
-    let status = StreamStatus {
+    send.write_all(&status_frame(code, message)).await
+}
+
+/// A status frame, to write alone or ahead of what follows it.
+pub fn status_frame(code: StatusCode, message: &str) -> BytesMut {
+    encode_frame(&StreamStatus {
         code: code as i32,
         message: message.to_owned(),
         retry_after_ms: 0,
-    };
-    send.write_all(&encode_frame(&status)).await
+    })
 }
 
 /// Writes a `RATE_LIMITED` status saying when to try again.

@@ -8,7 +8,7 @@
 //! error that resets that stream only. Our own framing rather than HTTP/3: measured here, h3 cost twice
 //! the CPU per stream, and the tunnel already carries what QPACK and h3 control streams would.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use prost::Message;
 pub use quicmesh_proto::tunnel::{HttpHead, HttpHeader, HttpTrailers};
@@ -176,37 +176,128 @@ pub enum BodyFrame {
     Trailers(HeaderMap),
 }
 
-/// Decodes a whole sequence of body frames (prefix and body each) as a stream would deliver them:
-/// what the reader applies, pure for tests and fuzzing. Data after trailers is out of order.
-pub fn decode_body(mut bytes: &[u8]) -> Result<Vec<BodyFrame>, FrameError> {
-    let mut out = Vec::new();
-    let mut ended = false;
-    while !bytes.is_empty() {
-        let Some((p, rest)) = bytes.split_first_chunk::<5>() else {
-            return Err(FrameError::Malformed {
-                what: "body",
-                detail: "truncated frame prefix".into(),
-            });
-        };
-        let (kind, len) = parse_prefix(*p)?;
-        if rest.len() < len {
-            return Err(FrameError::Malformed {
-                what: "body",
-                detail: "truncated frame".into(),
-            });
-        }
-        let (body, rest) = rest.split_at(len);
-        if ended || kind == Kind::Head {
-            return Err(FrameError::OutOfOrder(kind));
-        }
-        out.push(match kind {
-            Kind::Data => BodyFrame::Data(Bytes::copy_from_slice(body)),
-            _ => {
-                ended = true;
-                BodyFrame::Trailers(decode_trailers(body)?)
+impl BodyFrame {
+    /// Appends this frame, encoded, to `out`.
+    pub fn encode(&self, out: &mut BytesMut) {
+        match self {
+            Self::Data(d) => {
+                out.put_slice(&prefix(Kind::Data, d.len()));
+                out.put_slice(d);
             }
+            Self::Trailers(t) => out.put_slice(&encode_trailers(t)),
+        }
+    }
+}
+
+/// Where the decoder is in the frame sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum At {
+    /// Between frames.
+    #[default]
+    Boundary,
+    /// Inside a data frame, this many bytes to go.
+    Data(usize),
+    /// A trailers block of this many bytes.
+    Trailers(usize),
+    /// After the trailers: nothing more may come.
+    Ended,
+}
+
+/// Decodes body frames incrementally, from the chunks a stream delivers: what a body reader applies,
+/// pure for tests and fuzzing. Data is handed on as it arrives (a data frame may come out in several
+/// pieces), without copying unless a frame prefix or a trailers block spans chunks; what it holds is
+/// bounded by one chunk plus one trailers block ([`MAX_HEAD`]).
+#[derive(Debug, Default)]
+pub struct BodyDecoder {
+    pending: Bytes,
+    at: At,
+}
+
+impl BodyDecoder {
+    /// Adds bytes read from the stream after those it still holds (copied together only then).
+    pub fn push(&mut self, chunk: Bytes) {
+        if self.pending.is_empty() {
+            self.pending = chunk;
+        } else {
+            let mut joined = BytesMut::with_capacity(self.pending.len() + chunk.len());
+            joined.put_slice(&self.pending);
+            joined.put_slice(&chunk);
+            self.pending = joined.freeze();
+        }
+    }
+
+    /// The next frame (or piece of a data frame) the bytes so far hold, if any.
+    pub fn next_frame(&mut self) -> Result<Option<BodyFrame>, FrameError> {
+        loop {
+            match self.at {
+                At::Boundary | At::Ended => {
+                    if self.pending.is_empty() {
+                        return Ok(None);
+                    }
+                    if self.at == At::Ended {
+                        return Err(match Kind::from_u8(self.pending[0]) {
+                            Some(k) => FrameError::OutOfOrder(k),
+                            None => FrameError::UnknownType(self.pending[0]),
+                        });
+                    }
+                    let Some(&p) = self.pending.first_chunk::<5>() else {
+                        return Ok(None);
+                    };
+                    let (kind, len) = parse_prefix(p)?;
+                    self.pending.advance(5);
+                    self.at = match kind {
+                        Kind::Data if len == 0 => At::Boundary,
+                        Kind::Data => At::Data(len),
+                        Kind::Trailers => At::Trailers(len),
+                        Kind::Head => return Err(FrameError::OutOfOrder(Kind::Head)),
+                    };
+                }
+                At::Data(left) => {
+                    if self.pending.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = left.min(self.pending.len());
+                    let piece = self.pending.split_to(n);
+                    self.at = if n == left {
+                        At::Boundary
+                    } else {
+                        At::Data(left - n)
+                    };
+                    return Ok(Some(BodyFrame::Data(piece)));
+                }
+                At::Trailers(len) => {
+                    if self.pending.len() < len {
+                        return Ok(None);
+                    }
+                    let block = self.pending.split_to(len);
+                    self.at = At::Ended;
+                    return Ok(Some(BodyFrame::Trailers(decode_trailers(&block)?)));
+                }
+            }
+        }
+    }
+
+    /// Whether the bytes so far end exactly between frames (or after the trailers): where a body may
+    /// end. At the stream's end, anything else is a truncated frame.
+    pub fn at_end(&self) -> bool {
+        self.pending.is_empty() && matches!(self.at, At::Boundary | At::Ended)
+    }
+}
+
+/// Decodes a whole sequence of body frames (prefix and body each) as a stream would deliver them,
+/// with [`BodyDecoder`]: for tests and fuzzing. Data after trailers is out of order.
+pub fn decode_body(bytes: &[u8]) -> Result<Vec<BodyFrame>, FrameError> {
+    let mut d = BodyDecoder::default();
+    d.push(Bytes::copy_from_slice(bytes));
+    let mut out = Vec::new();
+    while let Some(f) = d.next_frame()? {
+        out.push(f);
+    }
+    if !d.at_end() {
+        return Err(FrameError::Malformed {
+            what: "body",
+            detail: "truncated frame".into(),
         });
-        bytes = rest;
     }
     Ok(out)
 }
@@ -262,6 +353,44 @@ mod tests {
                 BodyFrame::Trailers(h)
             ]
         );
+    }
+
+    #[test]
+    fn the_decoder_takes_bytes_in_any_split() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", HeaderValue::from_static("0"));
+        let frames = [
+            BodyFrame::Data(Bytes::from_static(b"hello")),
+            BodyFrame::Data(Bytes::new()),
+            BodyFrame::Data(Bytes::from(vec![7u8; 3000])),
+            BodyFrame::Trailers(t.clone()),
+        ];
+        let mut enc = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut enc);
+        }
+        let whole: Vec<u8> = [b"hello".to_vec(), vec![7u8; 3000]].concat();
+        for step in [1, 2, 4, 5, 6, 7, 100, 4096] {
+            let mut d = BodyDecoder::default();
+            let (mut data, mut trailers) = (Vec::new(), None);
+            for c in enc.chunks(step) {
+                d.push(Bytes::copy_from_slice(c));
+                while let Some(f) = d.next_frame().expect("valid") {
+                    match f {
+                        BodyFrame::Data(b) => data.extend_from_slice(&b),
+                        BodyFrame::Trailers(t) => trailers = Some(t),
+                    }
+                }
+            }
+            assert!(d.at_end(), "step {step}");
+            assert_eq!(data, whole, "step {step}");
+            assert_eq!(trailers.as_ref(), Some(&t), "step {step}");
+        }
+        // Cut inside a frame: not at an end.
+        let mut d = BodyDecoder::default();
+        d.push(enc.clone().freeze().slice(..7));
+        while d.next_frame().expect("valid").is_some() {}
+        assert!(!d.at_end());
     }
 
     #[test]

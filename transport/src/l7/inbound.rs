@@ -10,7 +10,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, Version};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::{
     frame::{self, HttpHead, MAX_HEAD},
-    io::{self, ChannelBody, ReadError},
+    io::{self, ReadError, StreamBody},
     outbound::{grpc_status, strip_hop_by_hop},
     policy::CLIENT_ID_HEADER,
 };
@@ -37,8 +37,8 @@ use crate::{
 /// Pooled connections to the local applications, one client per HTTP version.
 #[derive(Clone)]
 pub struct AppClients {
-    h1: Client<HttpConnector, ChannelBody>,
-    h2: Client<HttpConnector, ChannelBody>,
+    h1: Client<HttpConnector, StreamBody>,
+    h2: Client<HttpConnector, StreamBody>,
 }
 
 impl AppClients {
@@ -102,8 +102,8 @@ fn app_request(
     app: SocketAddr,
     version: Version,
     peer: &SpiffeId,
-    body: ChannelBody,
-) -> Result<Request<ChannelBody>, String> {
+    body: StreamBody,
+) -> Result<Request<StreamBody>, String> {
     let method =
         Method::from_bytes(head.method.as_bytes()).map_err(|_| "invalid method".to_owned())?;
     if !head.path.starts_with('/') {
@@ -203,11 +203,18 @@ pub async fn serve(
     } else {
         (Version::HTTP_2, &ctx.clients.h2)
     };
-    let body = io::body_from_stream(recv, deadline, |end| {
+    let mut body = io::StreamBody::new(recv, deadline, |end| {
         if let Err(e) = end.result {
             tracing::debug!(error = %e, "request body cut short");
         }
     });
+    // A request that came whole: its body is here (an empty one ends at once), and the caller waits
+    // for nothing, so the status may wait for the response head and go out in the same write, for up
+    // to half the time the caller gives it to arrive.
+    let defer_status = head.end_stream && header.connect_timeout_ms > 0;
+    if head.end_stream {
+        body.settle();
+    }
     let req = match app_request(&head, app, version, peer, body) {
         Ok(r) => r,
         Err(e) => {
@@ -232,75 +239,123 @@ pub async fn serve(
         })
         .clone();
     let _in_flight = io::InFlight::enter(gauge);
-    // Admitted and routed: the caller may send the body. Whether the app answers comes in the head.
-    if tunnel::write_status(&mut send, StatusCode::Ok, "")
-        .await
-        .is_err()
-    {
-        return;
+    let mut status_sent = false;
+    if !defer_status {
+        // Admitted and routed: the caller may send the body. Whether the app answers comes in the head.
+        if tunnel::write_status(&mut send, StatusCode::Ok, "")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        status_sent = true;
     }
     let sent = client.request(req);
+    tokio::pin!(sent);
     let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
-    let resp = tokio::select! {
-        r = tokio::time::timeout_at(until, sent) => r,
-        _ = send.stopped() => {
-            // The caller gave up: dropping the request cancels it at the application.
-            tracing::info!(request_id = %rid, "caller cancelled the request");
-            refuse_count(ctx.metrics, "cancelled");
-            return;
+    let status_by = if defer_status {
+        (started + Duration::from_millis(u64::from(header.connect_timeout_ms) / 2)).min(until)
+    } else {
+        until
+    };
+    let timer = tokio::time::sleep_until(status_by);
+    tokio::pin!(timer);
+    let resp = loop {
+        tokio::select! {
+            r = &mut sent => break Some(r),
+            _ = &mut timer => {
+                if status_sent {
+                    break None;
+                }
+                if tunnel::write_status(&mut send, StatusCode::Ok, "").await.is_err() {
+                    return;
+                }
+                status_sent = true;
+                timer.as_mut().reset(until);
+            }
+            _ = send.stopped() => {
+                // The caller gave up: dropping the request cancels it at the application.
+                tracing::info!(request_id = %rid, "caller cancelled the request");
+                refuse_count(ctx.metrics, "cancelled");
+                return;
+            }
         }
     };
     // The request body's own copy of the deadline may end the request a moment before the timer here.
     let expired = |d: Option<Instant>| d.is_some_and(|d| Instant::now() >= d);
+    // What goes ahead of the response head: the status, unless it went out already.
+    let mut out = BytesMut::new();
+    if !status_sent {
+        out.extend_from_slice(&tunnel::status_frame(StatusCode::Ok, ""));
+    }
     let resp = match resp {
-        Err(_) => {
+        None => {
             tracing::info!(request_id = %rid, %app, "deadline exceeded");
             refuse_count(ctx.metrics, "deadline_exceeded");
             let _ = send.reset(code::DEADLINE_EXCEEDED);
             return;
         }
-        Ok(Err(e)) if e.is_connect() => {
+        Some(Err(e)) if e.is_connect() => {
             tracing::info!(request_id = %rid, %app, error = %e, "app refused connection");
             refuse_count(ctx.metrics, "app_connect_failed");
             let head = HttpHead {
                 mesh_error: StatusCode::ConnectFailed as u32,
                 ..Default::default()
             };
-            let _ = send.write_all(&frame::encode_head(&head)).await;
+            out.extend_from_slice(&frame::encode_head(&head));
+            let _ = send.write_chunk(out.freeze()).await;
             let _ = send.finish();
             return;
         }
-        Ok(Err(_)) if expired(deadline) => {
+        Some(Err(_)) if expired(deadline) => {
             tracing::info!(request_id = %rid, %app, "deadline exceeded");
             refuse_count(ctx.metrics, "deadline_exceeded");
             let _ = send.reset(code::DEADLINE_EXCEEDED);
             return;
         }
-        Ok(Err(e)) => {
+        Some(Err(e)) => {
             tracing::info!(request_id = %rid, %app, error = %e, "app request failed");
             refuse_count(ctx.metrics, "app_error");
-            let _ = send.reset(code::CONNECTION_RESET);
+            abandon(&mut send, out, code::CONNECTION_RESET).await;
             return;
         }
-        Ok(Ok(r)) => r,
+        Some(Ok(r)) => r,
     };
-    let (parts, body) = resp.into_parts();
+    let (parts, mut body) = resp.into_parts();
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let status = parts.status.as_u16();
     let grpc = grpc_status(&headers);
+    // What of the body is here already goes in the same write as the head; a small response is one
+    // write, FIN included.
+    let mut ready = Vec::new();
+    let complete = match io::take_ready(&mut body, &mut ready, READY_LIMIT) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(request_id = %rid, error = %e, "response body not delivered");
+            abandon(&mut send, out, code::CANCELLED).await;
+            return;
+        }
+    };
+    let mut trailer_grpc = ready.iter().find_map(|f| match f {
+        frame::BodyFrame::Trailers(t) => grpc_status(t),
+        frame::BodyFrame::Data(_) => None,
+    });
     let head = HttpHead {
         status: u32::from(status),
         headers: frame::fields(&headers),
+        end_stream: complete,
         ..Default::default()
     };
     let encoded = frame::encode_head(&head);
     if encoded.len() > MAX_HEAD {
         refuse_count(ctx.metrics, "response_head_too_large");
-        let _ = send.reset(code::PROTOCOL_ERROR);
+        abandon(&mut send, out, code::PROTOCOL_ERROR).await;
         return;
     }
-    if send.write_all(&encoded).await.is_err() {
+    out.extend_from_slice(&encoded);
+    let out = io::with_frames(&out, &ready);
+    if send.write_chunk(out).await.is_err() {
         return;
     }
     let service = target.to_string();
@@ -317,15 +372,18 @@ pub async fn serve(
             },
         })
         .observe(started.elapsed().as_secs_f64());
-    // The status and head went out at control priority; the body at the common one.
-    let _ = send.set_priority(0);
-    let mut trailer_grpc = None;
-    let body = TrailerSpy {
-        inner: body,
-        grpc: &mut trailer_grpc,
-    };
-    if let Err(e) = io::write_body(&mut send, body, deadline).await {
-        tracing::debug!(request_id = %rid, error = %e, "response body not delivered");
+    if complete {
+        let _ = send.finish();
+    } else {
+        // The status and head went out at control priority; the body at the common one.
+        let _ = send.set_priority(0);
+        let body = TrailerSpy {
+            inner: body,
+            grpc: &mut trailer_grpc,
+        };
+        if let Err(e) = io::write_body(&mut send, body, deadline).await {
+            tracing::debug!(request_id = %rid, error = %e, "response body not delivered");
+        }
     }
     ctx.metrics
         .requests
@@ -341,6 +399,21 @@ pub async fn serve(
                 .unwrap_or_default(),
         })
         .inc();
+}
+
+/// Most response body bytes sent in the same write as the head.
+const READY_LIMIT: usize = 64 * 1024;
+
+/// Ends a stream whose request was admitted when no response head can follow: reset with `code`, or,
+/// while the status is still held back (`ahead` holds it), the status and FIN, which the caller reads
+/// as a stream that broke after the request reached the app (never as a refusal it may retry).
+async fn abandon(send: &mut SendStream, ahead: BytesMut, code: quinn::VarInt) {
+    if ahead.is_empty() {
+        let _ = send.reset(code);
+    } else {
+        let _ = send.write_chunk(ahead.freeze()).await;
+        let _ = send.finish();
+    }
 }
 
 /// Notes the `grpc-status` of trailers passing through.

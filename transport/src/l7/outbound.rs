@@ -9,7 +9,6 @@
 //! the verified certificate.
 
 use std::{
-    collections::VecDeque,
     convert::Infallible,
     pin::Pin,
     sync::{Arc, Mutex},
@@ -28,7 +27,7 @@ use tokio::{net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    frame::{self, HttpHead, MAX_HEAD},
+    frame::{self, BodyFrame, HttpHead, MAX_HEAD},
     io::{self, BoxError, ReadError},
     policy::{
         self, CLIENT_ID_HEADER, Failure, MAX_REPLAY_BODY, Outcome, RetryRule, failure_status,
@@ -110,7 +109,8 @@ fn open_failure(e: &OpenError, deadline: Option<Instant>) -> Failure {
         } => Failure::RateLimited {
             retry_after_s: retry_after_ms.div_ceil(1000).max(1),
         },
-        OpenError::Timeout(_) if deadline.is_some_and(|d| Instant::now() >= d) => Failure::Deadline,
+        // Whatever failed last, a request whose deadline passed meanwhile ran out of time.
+        _ if deadline.is_some_and(|d| Instant::now() >= d) => Failure::Deadline,
         _ => Failure::Unavailable,
     }
 }
@@ -285,17 +285,10 @@ fn empty() -> RespBody {
         .boxed()
 }
 
-/// One piece of a recorded request body.
-#[derive(Debug, Clone)]
-enum Part {
-    Data(Bytes),
-    Trailers(HeaderMap),
-}
-
 /// The request body as far as it went by: kept for a replay while it stays within the limit.
 #[derive(Debug, Default)]
 struct Recording {
-    parts: Vec<Part>,
+    parts: Vec<BodyFrame>,
     size: usize,
     complete: bool,
     overflowed: bool,
@@ -305,15 +298,27 @@ impl Recording {
     fn replayable(&self) -> bool {
         self.complete && !self.overflowed
     }
+
+    fn add(&mut self, part: BodyFrame) {
+        if self.overflowed {
+            return;
+        }
+        if let BodyFrame::Data(d) = &part {
+            self.size += d.len();
+        }
+        if self.size > MAX_REPLAY_BODY {
+            self.overflowed = true;
+            self.parts = Vec::new();
+        } else {
+            self.parts.push(part);
+        }
+    }
 }
 
-/// The body one try sends: the application's (recorded as it passes) or a replay of the recording.
-enum TryBody {
-    First {
-        body: Incoming,
-        rec: Arc<Mutex<Recording>>,
-    },
-    Replay(VecDeque<Part>),
+/// The rest of the application's body on the first try, recorded as it passes.
+struct TryBody {
+    body: Incoming,
+    rec: Arc<Mutex<Recording>>,
 }
 
 impl Body for TryBody {
@@ -324,41 +329,25 @@ impl Body for TryBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            TryBody::Replay(parts) => Poll::Ready(parts.pop_front().map(|p| {
-                Ok(match p {
-                    Part::Data(d) => Frame::data(d),
-                    Part::Trailers(t) => Frame::trailers(t),
-                })
-            })),
-            TryBody::First { body, rec } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
-                match &polled {
-                    Poll::Ready(None) => r.complete = true,
-                    Poll::Ready(Some(Ok(f))) if !r.overflowed => {
-                        let part = if let Some(d) = f.data_ref() {
-                            r.size += d.len();
-                            Some(Part::Data(d.clone()))
-                        } else {
-                            f.trailers_ref().map(|t| Part::Trailers(t.clone()))
-                        };
-                        if r.size > MAX_REPLAY_BODY {
-                            r.overflowed = true;
-                            r.parts = Vec::new();
-                        } else {
-                            r.parts.extend(part);
-                        }
-                    }
-                    _ => {}
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        let mut r = this.rec.lock().unwrap_or_else(|p| p.into_inner());
+        match &polled {
+            Poll::Ready(None) => r.complete = true,
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    r.add(BodyFrame::Data(d.clone()));
+                } else if let Some(t) = f.trailers_ref() {
+                    r.add(BodyFrame::Trailers(t.clone()));
                 }
-                polled.map(|o| o.map(|r| r.map_err(BoxError::from)))
             }
+            _ => {}
         }
+        polled.map(|o| o.map(|r| r.map_err(BoxError::from)))
     }
 }
 
-/// Sends one try's body, or resets the stream when the try is abandoned.
+/// Sends the rest of the first try's body, or resets the stream when the try is abandoned.
 async fn write_task(
     mut send: quinn::SendStream,
     body: TryBody,
@@ -403,6 +392,7 @@ fn request_head(parts: &http::request::Parts) -> HttpHead {
         status: 0,
         mesh_error: 0,
         headers: frame::fields(&headers),
+        end_stream: false,
     }
 }
 
@@ -474,8 +464,8 @@ async fn request(
     } else {
         Protocol::Http1
     };
-    let (parts, body) = req.into_parts();
-    let head = frame::encode_head(&request_head(&parts)).freeze();
+    let (parts, mut body) = req.into_parts();
+    let mut req_head = request_head(&parts);
     let request_id = tunnel::new_request_id();
     let rid = tunnel::request_id_hex(&request_id);
     let budget_percent = timeouts
@@ -484,8 +474,28 @@ async fn request(
         .map_or(0, |r| r.budget_percent);
     svc.budget_deposit(budget_percent, started.into_std());
 
-    let rec = Arc::new(Mutex::new(Recording::default()));
-    let mut first = Some(body);
+    // What of the body is here already travels with the head; a small request that came whole is
+    // one write, FIN included, and the destination may answer it in one write too.
+    let mut ready = Vec::new();
+    let complete = match io::take_ready(&mut body, &mut ready, MAX_REPLAY_BODY) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(request_id = %rid, error = %e, "request body failed");
+            count(&svc, "", &service, 400, None);
+            let mut r = Response::new(empty());
+            *r.status_mut() = http::StatusCode::BAD_REQUEST;
+            return r;
+        }
+    };
+    req_head.end_stream = complete;
+    let mut rec = Recording::default();
+    for f in &ready {
+        rec.add(f.clone());
+    }
+    rec.complete = complete;
+    let rec = Arc::new(Mutex::new(rec));
+    let mut opening = io::with_frames(&frame::encode_head(&req_head), &ready);
+    let mut first = (!complete).then_some(body);
     let mut retries = 0u32;
     loop {
         let now = Instant::now();
@@ -502,7 +512,8 @@ async fn request(
         });
         let start = Start {
             protocol,
-            head: Some(head.clone()),
+            head: Some(opening.clone()),
+            finish: first.is_none(),
         };
         let opened = tokio::time::timeout_at(
             connect_by,
@@ -531,22 +542,16 @@ async fn request(
         let addr = pc.conn.remote_address();
         svc.health.begin(addr);
         let sent_at = Instant::now();
-        let body = match first.take() {
-            Some(body) => TryBody::First {
+        let cancel = CancellationToken::new();
+        // The rest of a body that had not all come yet follows from a task; a body sent whole went
+        // with the opening.
+        let mut writer = first.take().map(|body| {
+            let body = TryBody {
                 body,
                 rec: rec.clone(),
-            },
-            None => TryBody::Replay(
-                rec.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .parts
-                    .iter()
-                    .cloned()
-                    .collect(),
-            ),
-        };
-        let cancel = CancellationToken::new();
-        let mut writer = tokio::spawn(write_task(send, body, deadline, cancel.clone()));
+            };
+            tokio::spawn(write_task(send, body, deadline, cancel.clone()))
+        });
         // The head and its header fields, decoded once; malformed fields fail the try like a reset.
         let head = io::read_head(&mut recv, try_deadline).await.and_then(|h| {
             let fields = frame::header_map(&h.headers, "response head")?;
@@ -590,11 +595,11 @@ async fn request(
             // The answer came before the body was all sent (the app did not wait for it): a body still
             // within the replay limit is worth waiting for briefly, to be able to retry.
             let overflowed = rec.lock().unwrap_or_else(|p| p.into_inner()).overflowed;
-            if !overflowed {
+            if let (false, Some(writer)) = (overflowed, writer.as_mut()) {
                 let wait = try_deadline.map_or(BODY_WAIT, |d| {
                     d.saturating_duration_since(Instant::now()).min(BODY_WAIT)
                 });
-                let _ = tokio::time::timeout(wait, &mut writer).await;
+                let _ = tokio::time::timeout(wait, writer).await;
                 replayable = rec.lock().unwrap_or_else(|p| p.into_inner()).replayable();
             }
         }
@@ -604,6 +609,12 @@ async fn request(
                 cancel.cancel();
                 let _ = recv.stop(code::CANCELLED);
                 retries += 1;
+                // A replay is the whole recorded body, sent with the head.
+                req_head.end_stream = true;
+                opening = io::with_frames(
+                    &frame::encode_head(&req_head),
+                    &rec.lock().unwrap_or_else(|p| p.into_inner()).parts,
+                );
                 svc.metrics
                     .retries
                     .get_or_create(&ReasonLabels {
@@ -677,7 +688,10 @@ async fn request(
                 drop(cancel);
             }
         };
-        let body = io::body_from_stream(recv, deadline, done);
+        let mut body = io::StreamBody::new(recv, deadline, done);
+        if head.end_stream {
+            body.settle();
+        }
         let mut resp = Response::new(body.boxed());
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;

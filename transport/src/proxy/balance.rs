@@ -353,7 +353,8 @@ mod tests {
         h.begin(e[0]);
         assert!(h.end(e[0], None, false, 4, back));
         assert_eq!(
-            h.pick_order(&e, (0, 0), back + ejection_time(1), |_| None).last(),
+            h.pick_order(&e, (0, 0), back + ejection_time(1), |_| None)
+                .last(),
             Some(&e[0])
         );
         // A success ends probation: the next ejection takes a full run of failures again.

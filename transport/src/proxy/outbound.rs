@@ -207,11 +207,13 @@ pub(crate) struct Service {
 }
 
 /// What a stream starts with after its header: the protocol named in the header, and for HTTP the
-/// request head, sent at once so the request costs no extra round trip.
+/// request head (and what of the body is here), sent at once so the request costs no extra round trip.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Start {
     pub(crate) protocol: tunnel::Protocol,
     pub(crate) head: Option<bytes::Bytes>,
+    /// Nothing follows: FIN goes with the opening.
+    pub(crate) finish: bool,
 }
 
 impl Outbound {
@@ -543,6 +545,9 @@ impl Service {
             .control(send.write_all(&opening))
             .await
             .map_err(|e| stream_err(&e))?;
+        if first.finish {
+            let _ = send.finish();
+        }
         let status = self.await_status(addr, &pc, &mut recv, connect_by).await?;
         let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::Unavailable);
         if code != StatusCode::Ok {
