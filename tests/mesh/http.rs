@@ -935,8 +935,8 @@ async fn malformed_request_frames_from_a_peer_reset_only_that_stream() {
             head(
                 "GET",
                 vec![HttpHeader {
-                    name: b"bad name".to_vec(),
-                    value: b"v".to_vec(),
+                    name: Bytes::from_static(b"bad name"),
+                    value: Bytes::from_static(b"v"),
                 }],
             )
             .to_vec(),
@@ -958,7 +958,8 @@ async fn malformed_request_frames_from_a_peer_reset_only_that_stream() {
     assert_eq!(status.code, Tunnel::Ok as i32);
     let (kind, len) = frame::parse_prefix(rest[..5].try_into().expect("prefix")).expect("frame");
     assert_eq!(kind, Kind::Head);
-    let response = frame::decode_head(&rest[5..5 + len]).expect("response head");
+    let response =
+        frame::decode_head(Bytes::copy_from_slice(&rest[5..5 + len])).expect("response head");
     assert_eq!(response.status, 200);
     let m = server.metrics().await;
     assert_eq!(

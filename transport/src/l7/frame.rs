@@ -10,7 +10,10 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
-use prost::Message;
+use prost::{
+    Message,
+    encoding::{WireType, encode_key, encode_varint, encoded_len_varint},
+};
 pub use quicmesh_proto::tunnel::{HttpHead, HttpHeader, HttpTrailers};
 
 /// Largest request or response head (or trailer block) accepted, bytes; beyond, HTTP's 431.
@@ -105,7 +108,11 @@ pub fn encode_head(head: &HttpHead) -> BytesMut {
 
 /// Encodes a trailers frame.
 pub fn encode_trailers(t: &HeaderMap) -> BytesMut {
-    encode_message(Kind::Trailers, &HttpTrailers { headers: fields(t) })
+    let len = headers_len(t);
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_slice(&prefix(Kind::Trailers, len));
+    put_headers(TRAILERS_HEADERS, t, &mut buf);
+    buf
 }
 
 fn encode_message<M: Message>(kind: Kind, m: &M) -> BytesMut {
@@ -117,14 +124,64 @@ fn encode_message<M: Message>(kind: Kind, m: &M) -> BytesMut {
     buf
 }
 
-/// Header fields as protobuf.
+/// Header fields as protobuf messages (tests and tools; the data path writes them straight from the
+/// map with [`encode_head_with`]).
 pub fn fields(h: &HeaderMap) -> Vec<HttpHeader> {
     h.iter()
         .map(|(n, v)| HttpHeader {
-            name: n.as_str().as_bytes().to_vec(),
-            value: v.as_bytes().to_vec(),
+            name: Bytes::copy_from_slice(n.as_str().as_bytes()),
+            value: Bytes::copy_from_slice(v.as_bytes()),
         })
         .collect()
+}
+
+/// Field number of `headers` in `HttpHead`, and in `HttpTrailers`.
+const HEAD_HEADERS: u32 = 6;
+const TRAILERS_HEADERS: u32 = 1;
+
+/// The encoded length of one `HttpHeader` as a field, and of the message inside it.
+fn header_field_len(name: &[u8], value: &[u8]) -> (usize, usize) {
+    let inner = 2
+        + encoded_len_varint(name.len() as u64)
+        + name.len()
+        + encoded_len_varint(value.len() as u64)
+        + value.len();
+    (1 + encoded_len_varint(inner as u64) + inner, inner)
+}
+
+fn headers_len(h: &HeaderMap) -> usize {
+    h.iter()
+        .map(|(n, v)| header_field_len(n.as_str().as_bytes(), v.as_bytes()).0)
+        .sum()
+}
+
+/// Writes each header of `h` as a repeated `HttpHeader` field `tag`: the same bytes prost writes for
+/// [`fields`], without building them first.
+fn put_headers(tag: u32, h: &HeaderMap, out: &mut BytesMut) {
+    for (n, v) in h {
+        let (n, v) = (n.as_str().as_bytes(), v.as_bytes());
+        let (_, inner) = header_field_len(n, v);
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(inner as u64, out);
+        encode_key(1, WireType::LengthDelimited, out);
+        encode_varint(n.len() as u64, out);
+        out.put_slice(n);
+        encode_key(2, WireType::LengthDelimited, out);
+        encode_varint(v.len() as u64, out);
+        out.put_slice(v);
+    }
+}
+
+/// Encodes a head frame whose header fields are `headers` (`head.headers` is left empty).
+pub fn encode_head_with(head: &HttpHead, headers: &HeaderMap) -> BytesMut {
+    let own = head.encoded_len();
+    let len = own + headers_len(headers);
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_slice(&prefix(Kind::Head, len));
+    // Enough capacity: cannot fail.
+    let _ = head.encode(&mut buf);
+    put_headers(HEAD_HEADERS, headers, &mut buf);
+    buf
 }
 
 /// Header fields from protobuf, checked (names and values as HTTP allows, at most [`MAX_FIELDS`]).
@@ -141,17 +198,18 @@ pub fn header_map(fields: &[HttpHeader], what: &'static str) -> Result<HeaderMap
             what,
             detail: "invalid header name".into(),
         })?;
-        let value = HeaderValue::from_bytes(&f.value).map_err(|_| FrameError::Malformed {
-            what,
-            detail: format!("invalid value for {name}"),
-        })?;
+        let value =
+            HeaderValue::from_maybe_shared(f.value.clone()).map_err(|_| FrameError::Malformed {
+                what,
+                detail: format!("invalid value for {name}"),
+            })?;
         map.append(name, value);
     }
     Ok(map)
 }
 
-/// Decodes a head frame body.
-pub fn decode_head(body: &[u8]) -> Result<HttpHead, FrameError> {
+/// Decodes a head frame body (header fields as slices of it).
+pub fn decode_head(body: Bytes) -> Result<HttpHead, FrameError> {
     HttpHead::decode(body).map_err(|e| FrameError::Malformed {
         what: "head",
         detail: e.to_string(),
@@ -159,7 +217,7 @@ pub fn decode_head(body: &[u8]) -> Result<HttpHead, FrameError> {
 }
 
 /// Decodes a trailers frame body.
-pub fn decode_trailers(body: &[u8]) -> Result<HeaderMap, FrameError> {
+pub fn decode_trailers(body: Bytes) -> Result<HeaderMap, FrameError> {
     let t = HttpTrailers::decode(body).map_err(|e| FrameError::Malformed {
         what: "trailers",
         detail: e.to_string(),
@@ -271,7 +329,7 @@ impl BodyDecoder {
                     }
                     let block = self.pending.split_to(len);
                     self.at = At::Ended;
-                    return Ok(Some(BodyFrame::Trailers(decode_trailers(&block)?)));
+                    return Ok(Some(BodyFrame::Trailers(decode_trailers(block)?)));
                 }
             }
         }
@@ -338,7 +396,7 @@ mod tests {
         let enc = encode_head(&head);
         let (kind, len) = parse_prefix(enc[..5].try_into().expect("prefix")).expect("ok");
         assert_eq!((kind, len), (Kind::Head, enc.len() - 5));
-        let back = decode_head(&enc[5..]).expect("head");
+        let back = decode_head(enc.clone().freeze().slice(5..)).expect("head");
         assert_eq!(back, head);
         assert_eq!(header_map(&back.headers, "head").expect("map"), h);
 
@@ -353,6 +411,45 @@ mod tests {
                 BodyFrame::Trailers(h)
             ]
         );
+    }
+
+    #[test]
+    fn heads_written_straight_from_the_map_decode_as_prost_would_write_them() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/grpc"));
+        h.append("x-multi", HeaderValue::from_static("a"));
+        h.append("x-multi", HeaderValue::from_static(""));
+        h.insert(
+            "x-long",
+            HeaderValue::from_str(&"v".repeat(300)).expect("value"),
+        );
+        let head = HttpHead {
+            method: "GET".into(),
+            path: "/a".into(),
+            end_stream: true,
+            ..Default::default()
+        };
+        let direct = encode_head_with(&head, &h);
+        let (kind, len) = parse_prefix(direct[..5].try_into().expect("prefix")).expect("ok");
+        assert_eq!((kind, len), (Kind::Head, direct.len() - 5));
+        let back = decode_head(direct.freeze().slice(5..)).expect("head");
+        let via_prost = HttpHead {
+            headers: fields(&h),
+            ..head.clone()
+        };
+        assert_eq!(
+            header_map(&back.headers, "head").expect("map"),
+            header_map(&via_prost.headers, "head").expect("map")
+        );
+        assert_eq!(
+            HttpHead {
+                headers: Vec::new(),
+                ..back
+            },
+            head
+        );
+        let t = encode_trailers(&h);
+        assert_eq!(decode_trailers(t.freeze().slice(5..)).expect("trailers"), h);
     }
 
     #[test]
@@ -397,8 +494,8 @@ mod tests {
     fn bad_frames_are_named() {
         let bad = HttpTrailers {
             headers: vec![HttpHeader {
-                name: b"bad name".to_vec(),
-                value: b"v".to_vec(),
+                name: Bytes::from_static(b"bad name"),
+                value: Bytes::from_static(b"v"),
             }],
         };
         let mut enc = BytesMut::new();

@@ -343,11 +343,10 @@ pub async fn serve(
     });
     let head = HttpHead {
         status: u32::from(status),
-        headers: frame::fields(&headers),
         end_stream: complete,
         ..Default::default()
     };
-    let encoded = frame::encode_head(&head);
+    let encoded = frame::encode_head_with(&head, &headers);
     if encoded.len() > MAX_HEAD {
         refuse_count(ctx.metrics, "response_head_too_large");
         abandon(&mut send, out, code::PROTOCOL_ERROR).await;

@@ -107,7 +107,7 @@ pub async fn read_head(
     deadline: Option<Instant>,
 ) -> Result<frame::HttpHead, ReadError> {
     match read_frame(recv, deadline).await? {
-        Some((Kind::Head, b)) => Ok(frame::decode_head(&b)?),
+        Some((Kind::Head, b)) => Ok(frame::decode_head(b)?),
         Some((k, _)) => Err(FrameError::OutOfOrder(k).into()),
         None => Err(ReadError::Truncated),
     }

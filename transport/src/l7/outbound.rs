@@ -148,7 +148,7 @@ async fn upgrade(
     .await
     .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - started)));
     let (send, recv, pc) = match opened {
-        Ok(x) => x,
+        Ok(o) => (o.send, o.recv, o.pc),
         Err(e) => {
             tracing::info!(request_id = %rid, error = %e, "upgrade not delivered");
             let f = open_failure(&e, deadline);
@@ -366,8 +366,9 @@ async fn write_task(
     }
 }
 
-/// The request head as it travels: hop-by-hop headers removed, authority from the URI or `Host`.
-fn request_head(parts: &http::request::Parts) -> HttpHead {
+/// The request head as it travels (its header fields apart): hop-by-hop headers removed, authority
+/// from the URI or `Host`.
+fn request_head(parts: &http::request::Parts) -> (HttpHead, HeaderMap) {
     let mut headers = parts.headers.clone();
     strip_hop_by_hop(&mut headers);
     let authority = parts
@@ -381,7 +382,7 @@ fn request_head(parts: &http::request::Parts) -> HttpHead {
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    HttpHead {
+    let head = HttpHead {
         method: parts.method.to_string(),
         scheme: parts.uri.scheme_str().unwrap_or("http").to_owned(),
         authority,
@@ -391,9 +392,10 @@ fn request_head(parts: &http::request::Parts) -> HttpHead {
             .map_or_else(|| "/".to_owned(), |p| p.to_string()),
         status: 0,
         mesh_error: 0,
-        headers: frame::fields(&headers),
+        headers: Vec::new(),
         end_stream: false,
-    }
+    };
+    (head, headers)
 }
 
 /// Counts a finished request.
@@ -465,7 +467,7 @@ async fn request(
         Protocol::Http1
     };
     let (parts, mut body) = req.into_parts();
-    let mut req_head = request_head(&parts);
+    let (mut req_head, req_headers) = request_head(&parts);
     let request_id = tunnel::new_request_id();
     let rid = tunnel::request_id_hex(&request_id);
     let budget_percent = timeouts
@@ -494,7 +496,7 @@ async fn request(
     }
     rec.complete = complete;
     let rec = Arc::new(Mutex::new(rec));
-    let mut opening = io::with_frames(&frame::encode_head(&req_head), &ready);
+    let mut opening = io::with_frames(&frame::encode_head_with(&req_head, &req_headers), &ready);
     let mut first = (!complete).then_some(body);
     let mut retries = 0u32;
     loop {
@@ -521,8 +523,8 @@ async fn request(
         )
         .await
         .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - now)));
-        let (send, mut recv, pc) = match opened {
-            Ok(x) => x,
+        let (send, mut recv, pc, sent_at) = match opened {
+            Ok(o) => (o.send, o.recv, o.pc, o.sent_at),
             Err(e) => {
                 svc.metrics
                     .failures
@@ -540,8 +542,7 @@ async fn request(
         };
         let peer = pc.peer.to_string();
         let addr = pc.conn.remote_address();
-        svc.health.begin(addr);
-        let sent_at = Instant::now();
+        // Counted in flight to `addr` since its opening went out (`Service::open`).
         let cancel = CancellationToken::new();
         // The rest of a body that had not all come yet follows from a task; a body sent whole went
         // with the opening.
@@ -612,7 +613,7 @@ async fn request(
                 // A replay is the whole recorded body, sent with the head.
                 req_head.end_stream = true;
                 opening = io::with_frames(
-                    &frame::encode_head(&req_head),
+                    &frame::encode_head_with(&req_head, &req_headers),
                     &rec.lock().unwrap_or_else(|p| p.into_inner()).parts,
                 );
                 svc.metrics

@@ -393,7 +393,7 @@ impl Service {
         .await
         .unwrap_or_else(|_| Err(OpenError::Timeout(connect_by - started)));
         let (send, recv, pc) = match opened {
-            Ok(x) => x,
+            Ok(o) => (o.send, o.recv, o.pc),
             Err(e) => {
                 tracing::warn!(request_id = %tunnel::request_id_hex(&request_id), error = %e, "tunnel not established");
                 self.metrics
@@ -427,7 +427,7 @@ impl Service {
         connect_by: Instant,
         deadline: Option<Instant>,
         first: &Start,
-    ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
+    ) -> Result<Opened, OpenError> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let upstream = self.state.load().upstream(&self.target());
         let now = Instant::now().into_std();
@@ -512,7 +512,7 @@ impl Service {
         connect_by: Instant,
         deadline: Option<Instant>,
         first: &Start,
-    ) -> Result<(SendStream, RecvStream, PeerConn), OpenError> {
+    ) -> Result<Opened, OpenError> {
         let now = Instant::now();
         let left = connect_by.saturating_duration_since(now);
         let pc = self
@@ -548,6 +548,11 @@ impl Service {
         if first.finish {
             let _ = send.finish();
         }
+        let sent_at = Instant::now();
+        // A request counts as in flight to this endpoint from here: a destination may hold its status
+        // back until the app answers (a request sent whole).
+        let in_flight = (first.protocol != tunnel::Protocol::Tcp)
+            .then(|| InFlightTo::begin(self.health.clone(), addr));
         let status = self.await_status(addr, &pc, &mut recv, connect_by).await?;
         let code = StatusCode::try_from(status.code).unwrap_or(StatusCode::Unavailable);
         if code != StatusCode::Ok {
@@ -560,7 +565,54 @@ impl Service {
             });
         }
         let _ = send.set_priority(0);
-        Ok((send, recv, pc))
+        if let Some(f) = in_flight {
+            f.keep();
+        }
+        Ok(Opened {
+            send,
+            recv,
+            pc,
+            sent_at,
+        })
+    }
+}
+
+/// A stream that opened: its halves, its connection, and when its opening went out.
+pub(crate) struct Opened {
+    pub(crate) send: SendStream,
+    pub(crate) recv: RecvStream,
+    pub(crate) pc: PeerConn,
+    pub(crate) sent_at: Instant,
+}
+
+/// A request counted in flight to an endpoint while its stream opens: abandoned (no verdict on the
+/// endpoint) unless the stream opened and the request's handler takes over the count.
+struct InFlightTo {
+    health: Arc<EndpointHealth>,
+    addr: SocketAddr,
+    kept: bool,
+}
+
+impl InFlightTo {
+    fn begin(health: Arc<EndpointHealth>, addr: SocketAddr) -> Self {
+        health.begin(addr);
+        Self {
+            health,
+            addr,
+            kept: false,
+        }
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for InFlightTo {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.health.abandon(self.addr);
+        }
     }
 }
 
