@@ -99,6 +99,9 @@ pub struct PeerInfo {
     pub spiffe_id: Option<SpiffeId>,
     /// Expiry of that certificate, Unix seconds.
     pub cert_not_after_unix: Option<i64>,
+    /// The server's key of this connection in the [`crate::registry::Registry`] (0: not registered, no
+    /// mesh identity); an endpoint registered over it stays live while it is open.
+    pub connection: u64,
 }
 
 #[cfg(test)]

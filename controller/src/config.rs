@@ -76,6 +76,10 @@ pub struct ControllerArgs {
     /// Deadline of one TLS handshake.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
     pub handshake_timeout: Duration,
+    /// How long an endpoint a proxy registered stays after that proxy's connection to this controller
+    /// closed (killed, host gone) before it is withdrawn; a proxy that reconnects registers it again.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub endpoint_grace: Duration,
 }
 
 /// `--store` and the etcd flags.
@@ -212,6 +216,7 @@ impl ControllerArgs {
             kek_file: self.kek_file.clone(),
             kek: std::env::var(KEK_ENV).ok().filter(|v| !v.is_empty()),
             max_watches_per_identity: self.max_watches_per_identity,
+            endpoint_grace: self.endpoint_grace,
             limits: Limits {
                 handshake_timeout: self.handshake_timeout,
                 max_handshakes: self.max_handshakes,

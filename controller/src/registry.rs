@@ -6,11 +6,19 @@
 //! connections are dropped after the handshake. Each stream or connection registers here and gets a
 //! guard: dropping it unregisters, and its [`Closer`] fires when the identity is revoked. Watch streams
 //! are bounded per identity ([`watch_admitted`]), so one certificate cannot pin unbounded streams.
+//!
+//! The same bookkeeping keeps endpoints live. An endpoint registered with `RegisterEndpoint` is held by
+//! the TLS connection the call came on (a proxy registers and watches on one connection); when that
+//! connection goes (the proxy was killed, its host vanished), the endpoint is lost and, after a grace,
+//! [`expired`] names it for withdrawal. A proxy that reconnects registers again and holds it anew. Only
+//! the server assigns connection keys, and only the endpoint's own identity may register it, so no other
+//! identity can hold it alive.
 
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
 };
 
 use quicmesh_transport::identity::SpiffeId;
@@ -57,6 +65,52 @@ pub enum WatchRefusal {
     Revoked(String),
 }
 
+/// An endpoint registered over one of this controller's connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The identity that registered it.
+    pub spiffe_id: String,
+    /// Its record's version as that registration stored it.
+    pub version: u64,
+    /// Key of the connection holding it.
+    pub connection: u64,
+    /// When that connection went; `None` while it is open.
+    pub lost_at: Option<Instant>,
+}
+
+/// An endpoint to withdraw: its key (`namespace/name`) and the record it must still be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expired {
+    /// `namespace/name`.
+    pub key: String,
+    /// The identity that registered it.
+    pub spiffe_id: String,
+    /// The record version the withdrawal expects (compare-and-set).
+    pub version: u64,
+}
+
+/// The endpoints whose connection went at least `grace` before `now`.
+pub fn expired<'a>(
+    held: impl IntoIterator<Item = (&'a String, &'a Held)>,
+    now: Instant,
+    grace: Duration,
+) -> Vec<Expired> {
+    let mut out: Vec<Expired> = held
+        .into_iter()
+        .filter(|(_, h)| {
+            h.lost_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= grace)
+        })
+        .map(|(k, h)| Expired {
+            key: k.clone(),
+            spiffe_id: h.spiffe_id.clone(),
+            version: h.version,
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
 #[derive(Default)]
 struct Inner {
     next: u64,
@@ -64,6 +118,8 @@ struct Inner {
     watches: HashMap<SpiffeId, usize>,
     closers: HashMap<SpiffeId, HashMap<u64, CancellationToken>>,
     revoked: HashSet<SpiffeId>,
+    /// Endpoints held by connections, by `namespace/name`.
+    held: HashMap<String, Held>,
 }
 
 /// The registry.
@@ -232,6 +288,59 @@ impl Registry {
     pub fn open_of(&self, id: &SpiffeId) -> usize {
         self.lock().closers.get(id).map_or(0, HashMap::len)
     }
+
+    /// Records that `id`'s connection `connection` registered endpoint `key` as record `version`: it is
+    /// held while that connection stays open (lost at once if it already went, or is 0: none).
+    pub fn hold_endpoint(
+        &self,
+        key: &str,
+        id: &SpiffeId,
+        version: u64,
+        connection: u64,
+        now: Instant,
+    ) {
+        let mut inner = self.lock();
+        let open = connection != 0
+            && inner
+                .closers
+                .get(id)
+                .is_some_and(|m| m.contains_key(&connection));
+        inner.held.insert(
+            key.to_owned(),
+            Held {
+                spiffe_id: id.to_string(),
+                version,
+                connection,
+                lost_at: (!open).then_some(now),
+            },
+        );
+    }
+
+    /// Stops tracking endpoint `key` (withdrawn by its proxy); with `version`, only if it is still
+    /// that record (a newer registration keeps its own tracking).
+    pub fn release_endpoint(&self, key: &str, version: Option<u64>) {
+        let mut inner = self.lock();
+        if version.is_none_or(|v| inner.held.get(key).is_some_and(|h| h.version == v)) {
+            inner.held.remove(key);
+        }
+    }
+
+    /// Endpoints lost at least `grace` before `now`.
+    pub fn expired_endpoints(&self, now: Instant, grace: Duration) -> Vec<Expired> {
+        expired(&self.lock().held, now, grace)
+    }
+
+    /// The tracked endpoints, by key (for tests and diagnostics).
+    pub fn held_endpoints(&self) -> Vec<(String, Held)> {
+        let mut v: Vec<_> = self
+            .lock()
+            .held
+            .iter()
+            .map(|(k, h)| (k.clone(), h.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
 }
 
 /// Keeps a TLS connection registered.
@@ -248,12 +357,23 @@ impl ConnectionGuard {
     pub fn closer(&self) -> &Closer {
         &self.closer
     }
+
+    /// The connection's key (never 0), which endpoints registered on it are held by.
+    pub fn key(&self) -> u64 {
+        self.key
+    }
 }
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
+        let now = Instant::now();
         let mut inner = self.registry.lock();
         Registry::remove_closer(&mut inner, &self.id, self.key);
+        for h in inner.held.values_mut() {
+            if h.connection == self.key && h.lost_at.is_none() {
+                h.lost_at = Some(now);
+            }
+        }
     }
 }
 
@@ -340,5 +460,89 @@ mod tests {
         assert_eq!(r.set_revoked(HashSet::from([id("a")])), 0);
         drop((conn, watch));
         assert_eq!(r.open_of(&id("a")), 0);
+    }
+
+    fn held(version: u64, lost_at: Option<Instant>) -> Held {
+        Held {
+            spiffe_id: "spiffe://t/ns/shop/sa/a".into(),
+            version,
+            connection: 1,
+            lost_at,
+        }
+    }
+
+    #[test]
+    fn endpoints_expire_a_grace_after_their_connection_went() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(1);
+        let m: HashMap<String, Held> = [
+            ("shop/live".to_owned(), held(3, None)),
+            ("shop/just-lost".to_owned(), held(4, Some(t0))),
+            (
+                "shop/lost-earlier".to_owned(),
+                held(5, Some(t0 + Duration::from_millis(300))),
+            ),
+        ]
+        .into();
+        assert!(expired(&m, t0, grace).is_empty());
+        assert!(expired(&m, t0 + Duration::from_millis(999), grace).is_empty());
+        let at_grace = expired(&m, t0 + grace, grace);
+        assert_eq!(
+            at_grace,
+            vec![Expired {
+                key: "shop/just-lost".into(),
+                spiffe_id: "spiffe://t/ns/shop/sa/a".into(),
+                version: 4,
+            }]
+        );
+        let later: Vec<_> = expired(&m, t0 + Duration::from_secs(60), grace)
+            .into_iter()
+            .map(|e| (e.key, e.version))
+            .collect();
+        assert_eq!(
+            later,
+            vec![
+                ("shop/just-lost".into(), 4),
+                ("shop/lost-earlier".into(), 5)
+            ],
+            "a live endpoint never expires"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_is_held_by_its_connection_and_released_only_as_the_same_record() {
+        let r = Registry::new(8);
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(1);
+        let c1 = r.connection(&id("a")).expect("conn");
+        let c2 = r.connection(&id("a")).expect("conn");
+        // Registered on c1; c2 (same identity, another proxy) going does not affect it.
+        r.hold_endpoint("shop/a-0", &id("a"), 7, c1.key(), t0);
+        drop(c2);
+        assert!(r.expired_endpoints(t0 + grace * 10, grace).is_empty());
+        // c1 goes: lost now, expired after the grace.
+        drop(c1);
+        let lost = r.held_endpoints()[0].1.lost_at.expect("lost");
+        assert!(r.expired_endpoints(lost, grace).is_empty());
+        assert_eq!(r.expired_endpoints(lost + grace, grace)[0].version, 7);
+        // Registered again (a reconnect) on a new connection: live again, as the new record; the
+        // withdrawal of the old record releases nothing.
+        let c3 = r.connection(&id("a")).expect("conn");
+        r.hold_endpoint("shop/a-0", &id("a"), 9, c3.key(), t0);
+        assert!(r.expired_endpoints(lost + grace * 10, grace).is_empty());
+        r.release_endpoint("shop/a-0", Some(7));
+        assert_eq!(r.held_endpoints().len(), 1);
+        r.release_endpoint("shop/a-0", Some(9));
+        assert!(r.held_endpoints().is_empty());
+        // No connection (0) or one already gone: lost at once.
+        r.hold_endpoint("shop/a-1", &id("a"), 10, 0, t0);
+        r.hold_endpoint("shop/a-2", &id("a"), 11, 12345, t0);
+        assert_eq!(r.expired_endpoints(t0 + grace, grace).len(), 2);
+        // Another identity's connection key does not hold it either.
+        let other = r.connection(&id("b")).expect("conn");
+        r.hold_endpoint("shop/a-3", &id("a"), 12, other.key(), t0);
+        assert_eq!(r.expired_endpoints(t0 + grace, grace).len(), 3);
+        r.release_endpoint("shop/a-1", None);
+        assert_eq!(r.expired_endpoints(t0 + grace, grace).len(), 2);
     }
 }

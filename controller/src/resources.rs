@@ -419,8 +419,6 @@ impl Resources {
         Ok(r)
     }
 
-    /// Records (or refreshes) `peer`'s endpoint `obj`: the identity is the caller's, the namespace the
-    /// given one or the caller's, and the service must exist and allow the caller.
     /// Removes the endpoint `namespace/name` if `peer` registered it: the new version, or `None` when
     /// there was no such endpoint.
     pub async fn deregister_endpoint(
@@ -455,11 +453,41 @@ impl Resources {
         }
     }
 
+    /// Withdraws endpoint `key` (`namespace/name`) whose proxy went away, if it is still the record
+    /// `version` of `spiffe_id` (compare-and-set: an endpoint registered again meanwhile stays). The new
+    /// store version, or `None` when nothing was removed.
+    pub async fn withdraw_endpoint(
+        &self,
+        key: &str,
+        spiffe_id: &str,
+        version: u64,
+    ) -> Result<Option<u64>, ApiError> {
+        let guard = self.db.lock().await;
+        match self.get(Kind::Endpoint, key)? {
+            Some(Resource::Endpoint(o))
+                if o.metadata.version == version && o.spec.spiffe_id == spiffe_id =>
+            {
+                Ok(Some(
+                    self.db
+                        .commit(
+                            guard,
+                            vec![Op::Delete(tree_of(Kind::Endpoint), key.to_owned())],
+                        )
+                        .await?,
+                ))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Records (or refreshes) `peer`'s endpoint `obj`: the identity is the caller's, the namespace the
+    /// given one or the caller's, and the service must exist and allow the caller. Returns the
+    /// endpoint's key (`namespace/name`) and the version of its record.
     pub async fn register_endpoint(
         &self,
         mut obj: Object<EndpointSpec>,
         peer: &SpiffeId,
-    ) -> Result<u64, ApiError> {
+    ) -> Result<(String, u64), ApiError> {
         if obj.metadata.namespace.is_empty() {
             obj.metadata.namespace = peer.namespace().to_owned();
         }
@@ -481,6 +509,6 @@ impl Resources {
             )));
         }
         let r = self.put(Resource::Endpoint(obj), WriteMode::Apply).await?;
-        Ok(r.metadata().version)
+        Ok((key, r.metadata().version))
     }
 }

@@ -128,6 +128,7 @@ impl Controller {
     ) -> Result<(), ServeError> {
         let state = self.state.clone();
         let ticker = tokio::spawn(tick_loop(state.clone()));
+        let expiry = tokio::spawn(expiry_loop(state.clone()));
         // On a shared store (etcd): what other controllers write reaches this one's watchers.
         let follower = tokio::spawn(state.clone().follow_store());
 
@@ -170,8 +171,21 @@ impl Controller {
             )
             .await;
         ticker.abort();
+        expiry.abort();
         follower.abort();
         Ok(result?)
+    }
+}
+
+/// Withdraws endpoints whose proxy disconnected longer than the grace ago; checks a few times per grace.
+async fn expiry_loop(state: Arc<State>) {
+    let every =
+        (state.endpoint_grace() / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = state.expire_endpoints(std::time::Instant::now()).await {
+            tracing::warn!(error = %e, "withdrawing endpoints of disconnected proxies failed");
+        }
     }
 }
 

@@ -73,7 +73,13 @@ pub struct StateOptions {
     pub max_watches_per_identity: usize,
     /// Listener bounds.
     pub limits: tls::Limits,
+    /// How long an endpoint outlives the connection of the proxy that registered it.
+    pub endpoint_grace: Duration,
 }
+
+/// Default of [`StateOptions::endpoint_grace`]: short, so that a killed proxy's share of a mesh-wide
+/// limit is given back within two seconds; a proxy that reconnects later registers again.
+pub const DEFAULT_ENDPOINT_GRACE: Duration = Duration::from_secs(1);
 
 impl StateOptions {
     /// Defaults for a data directory.
@@ -89,6 +95,7 @@ impl StateOptions {
             kek_file: None,
             kek: None,
             max_watches_per_identity: registry::DEFAULT_MAX_WATCHES,
+            endpoint_grace: DEFAULT_ENDPOINT_GRACE,
             limits: tls::Limits::default(),
         }
     }
@@ -144,6 +151,7 @@ pub struct State {
     trust_domain: String,
     limits: tls::Limits,
     last_prune: Mutex<Option<Instant>>,
+    endpoint_grace: Duration,
 }
 
 impl std::fmt::Debug for State {
@@ -318,6 +326,7 @@ impl State {
             trust_domain,
             limits: opts.limits,
             last_prune: Mutex::new(None),
+            endpoint_grace: opts.endpoint_grace,
         });
         Ok((state, admin_token))
     }
@@ -600,20 +609,24 @@ impl State {
         self.retrying(|| self.ca.prune(t)).await
     }
 
-    /// Records (or refreshes) the caller's endpoint.
+    /// Records (or refreshes) the caller's endpoint, held live by the caller's connection `connection`
+    /// (see [`PeerInfo::connection`]; 0: none, the endpoint is withdrawn after the grace).
     pub async fn register_endpoint(
         self: &Arc<Self>,
         obj: Object<EndpointSpec>,
         peer: &SpiffeId,
+        connection: u64,
     ) -> Result<u64, ApiError> {
         if self.is_revoked(peer)? {
             return Err(ApiError::PermissionDenied(format!(
                 "identity {peer} is revoked"
             )));
         }
-        let version = self
+        let (key, version) = self
             .retrying(|| self.resources.register_endpoint(obj.clone(), peer))
             .await?;
+        self.registry
+            .hold_endpoint(&key, peer, version, connection, Instant::now());
         self.publish().await?;
         Ok(version)
     }
@@ -628,13 +641,57 @@ impl State {
         let removed = self
             .retrying(|| self.resources.deregister_endpoint(namespace, name, peer))
             .await?;
+        let namespace = if namespace.is_empty() {
+            peer.namespace()
+        } else {
+            namespace
+        };
         match removed {
             Some(v) => {
+                self.registry
+                    .release_endpoint(&crate::model::key_of(Kind::Endpoint, namespace, name), None);
                 self.publish().await?;
                 Ok(v)
             }
             None => Ok(0),
         }
+    }
+
+    /// How long an endpoint outlives the connection of the proxy that registered it.
+    pub fn endpoint_grace(&self) -> Duration {
+        self.endpoint_grace
+    }
+
+    /// Withdraws the endpoints whose proxy's connection went at least the grace before `now`, each
+    /// only if it is still the record that proxy registered. Returns how many were withdrawn.
+    pub async fn expire_endpoints(self: &Arc<Self>, now: Instant) -> Result<usize, ApiError> {
+        let mut withdrawn = 0;
+        for e in self.registry.expired_endpoints(now, self.endpoint_grace) {
+            let removed = self
+                .retrying(|| {
+                    self.resources
+                        .withdraw_endpoint(&e.key, &e.spiffe_id, e.version)
+                })
+                .await?;
+            self.registry.release_endpoint(&e.key, Some(e.version));
+            match removed {
+                Some(v) => {
+                    withdrawn += 1;
+                    tracing::info!(
+                        endpoint = %e.key, id = %e.spiffe_id, version = v,
+                        "endpoint withdrawn: the proxy that registered it disconnected"
+                    );
+                }
+                None => tracing::debug!(
+                    endpoint = %e.key,
+                    "endpoint not withdrawn: registered again or removed meanwhile"
+                ),
+            }
+        }
+        if withdrawn > 0 {
+            self.publish().await?;
+        }
+        Ok(withdrawn)
     }
 
     /// Admits a Watch stream of `id`.

@@ -290,6 +290,7 @@ fn peer_info(remote: SocketAddr, stream: &TlsStream<TcpStream>) -> PeerInfo {
             remote,
             spiffe_id: Some(info.spiffe_id),
             cert_not_after_unix: Some(info.not_after.unix_timestamp()),
+            connection: 0,
         },
         // Chain verified but no SPIFFE ID: treated as no mesh identity.
         Some(Err(e)) => {
@@ -298,12 +299,14 @@ fn peer_info(remote: SocketAddr, stream: &TlsStream<TcpStream>) -> PeerInfo {
                 remote,
                 spiffe_id: None,
                 cert_not_after_unix: None,
+                connection: 0,
             }
         }
         None => PeerInfo {
             remote,
             spiffe_id: None,
             cert_not_after_unix: None,
+            connection: 0,
         },
     }
 }
@@ -370,7 +373,7 @@ pub fn incoming(
                         return;
                     }
                 };
-                let info = peer_info(remote, &stream);
+                let mut info = peer_info(remote, &stream);
                 let registered = match &info.spiffe_id {
                     Some(id) => match registry.connection(id) {
                         Some(g) => Some(g),
@@ -381,6 +384,9 @@ pub fn incoming(
                     },
                     None => None,
                 };
+                if let Some(g) = &registered {
+                    info.connection = g.key();
+                }
                 let revoked = registered.as_ref().map(|g| {
                     let closed = g.closer().closed_owned();
                     // The grace lets a Watch stream deliver its PERMISSION_DENIED before the

@@ -1457,6 +1457,146 @@ async fn policies_that_conflict_or_name_unknown_versions_are_refused(store: Back
     assert_eq!(h.revision().await, rev, "a refused policy stored something");
 }
 
+/// Names of the endpoints a snapshot serves.
+fn endpoint_names(snap: &pb::Snapshot) -> Vec<String> {
+    let mut v: Vec<String> = snap
+        .endpoints
+        .iter()
+        .filter_map(|e| e.metadata.as_ref().map(|m| m.name.clone()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits for a snapshot whose endpoints are `want`.
+async fn until_endpoints(stream: &mut tonic::Streaming<pb::Snapshot>, want: &[&str]) {
+    loop {
+        if endpoint_names(&next(stream).await) == want {
+            return;
+        }
+    }
+}
+
+async fn an_endpoint_lives_while_the_connection_that_registered_it_is_open(store: Backend) {
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
+    let grace = h.state.endpoint_grace();
+    h.admin
+        .apply(service_for("shop", "web", &["web"]))
+        .await
+        .expect("web");
+    let (mut observer, _, _) = h.joined("shop", "observer").await;
+    let mut snaps = observer
+        .watch(pb::WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    next(&mut snaps).await;
+    // Two proxies of one identity, each registering its endpoint on its own connection.
+    let (mut a, cert, key) = h.joined("shop", "web").await;
+    let mut b = h.proxy_mtls(&cert, &key).await;
+    for (client, name) in [(&mut a, "web-a"), (&mut b, "web-b")] {
+        client
+            .register_endpoint(pb::RegisterEndpointRequest {
+                endpoint: Some(endpoint_for(name, "web", "")),
+            })
+            .await
+            .expect("register");
+    }
+    until_endpoints(&mut snaps, &["web-a", "web-b"]).await;
+    // An impostor, connected all along, may not register (and so hold) `web-a`.
+    let (mut evil, _, _) = h.joined("shop", "evil").await;
+    let err = evil
+        .register_endpoint(pb::RegisterEndpointRequest {
+            endpoint: Some(endpoint_for("web-a", "web", "")),
+        })
+        .await
+        .expect_err("impostor");
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+
+    // Proxy a goes away without a word (its connection closes): `web-a` is withdrawn after the grace,
+    // not before; `web-b`, held by the same identity's other connection, stays.
+    let gone = tokio::time::Instant::now();
+    drop(a);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        until_endpoints(&mut snaps, &["web-b"]),
+    )
+    .await
+    .expect("web-a withdrawn within 10 s");
+    assert!(
+        gone.elapsed() >= grace,
+        "withdrawn after {:?}",
+        gone.elapsed()
+    );
+    let get = |name: &str| pb::ResourceRef {
+        kind: pb::Kind::Endpoint as i32,
+        namespace: "shop".into(),
+        name: name.into(),
+    };
+    let err = h.admin.get(get("web-a")).await.expect_err("record deleted");
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+
+    // Compare-and-set: `web-b` is written again elsewhere (as another controller would when the proxy
+    // re-registers there), then b's connection goes. The record b registered is no longer there, so
+    // nothing is withdrawn, whatever the time.
+    let mut again = endpoint_for("web-b", "web", id("shop", "web").as_str());
+    again.address = "127.0.0.1:5544".into();
+    h.admin
+        .apply(pb::Resource {
+            resource: Some(pb::resource::Resource::Endpoint(again)),
+        })
+        .await
+        .expect("rewrite");
+    drop(b);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !h
+        .state
+        .registry()
+        .held_endpoints()
+        .iter()
+        .all(|(_, held)| held.lost_at.is_some())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b's connection not seen closing"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let far = std::time::Instant::now() + Duration::from_secs(3600);
+    assert_eq!(h.state.expire_endpoints(far).await.expect("expire"), 0);
+    assert!(h.state.registry().held_endpoints().is_empty());
+    let kept = h
+        .admin
+        .get(get("web-b"))
+        .await
+        .expect("web-b kept")
+        .into_inner();
+    match kept.resource {
+        Some(pb::resource::Resource::Endpoint(e)) => assert_eq!(e.address, "127.0.0.1:5544"),
+        r => panic!("{r:?}"),
+    }
+
+    // A proxy that reconnects and registers again holds its endpoint anew.
+    let mut c = h.proxy_mtls(&cert, &key).await;
+    c.register_endpoint(pb::RegisterEndpointRequest {
+        endpoint: Some(endpoint_for("web-a", "web", "")),
+    })
+    .await
+    .expect("register again");
+    until_endpoints(&mut snaps, &["web-a", "web-b"]).await;
+    assert_eq!(h.state.expire_endpoints(far).await.expect("expire"), 0);
+    // Withdrawn by its proxy (a drain): no longer tracked.
+    c.deregister_endpoint(pb::DeregisterEndpointRequest {
+        namespace: String::new(),
+        name: "web-a".into(),
+    })
+    .await
+    .expect("deregister");
+    assert!(h.state.registry().held_endpoints().is_empty());
+    drop(evil);
+    h.stop().await;
+}
+
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
         mod sled {
@@ -1484,6 +1624,7 @@ macro_rules! on_both_stores {
 
 on_both_stores!(
     bootstrap_watch_register_and_renew,
+    an_endpoint_lives_while_the_connection_that_registered_it_is_open,
     policies_that_conflict_or_name_unknown_versions_are_refused,
     bad_join_tokens_and_csrs_are_refused_and_nothing_is_stored,
     admin_api_needs_the_token_and_validates_every_field,

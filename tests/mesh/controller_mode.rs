@@ -57,6 +57,11 @@ impl Proc {
         assert!(status.success());
     }
 
+    /// Sends SIGKILL: the process ends without a word to anyone.
+    pub(crate) fn kill(&mut self) {
+        self.child.start_kill().expect("kill");
+    }
+
     async fn stop(&mut self) {
         self.child.start_kill().expect("kill");
         let _ = self.child.wait().await;

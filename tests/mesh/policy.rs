@@ -1,6 +1,7 @@
 //! Policies applied with `ctl apply` are enforced live by proxies in controller mode (real processes):
 //! a canary split lands in its proportions and moves under load without failed requests; a rate limit
-//! set on a service holds for the service in total, shared by its endpoints.
+//! set on a service holds for the service in total, shared by its endpoints, and is shared again when
+//! one drains or is killed.
 
 use std::{
     net::SocketAddr,
@@ -578,5 +579,165 @@ async fn a_service_limit_holds_across_three_endpoints_and_is_reshared_when_one_d
         scrape(ca, "/config").await.1
     );
     assert!(!admitted.contains_key(b"c".as_slice()), "{admitted:?}");
+    cp.stop_controller();
+}
+
+/// One answer seen by a load worker: when, its status, and the app that answered (empty if none).
+type Seen = (tokio::time::Instant, StatusCode, Vec<u8>);
+
+/// Open-loop load on `target`: `workers` callers each sending `rate` requests a second until `stop` or
+/// `limit` (a bound); every answer seen.
+async fn paced_load(
+    target: SocketAddr,
+    workers: usize,
+    rate: f64,
+    limit: Duration,
+    stop: Arc<AtomicBool>,
+) -> Vec<Seen> {
+    let tasks: Vec<_> = (0..workers)
+        .map(|i| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let c = h1_client();
+                let every = Duration::from_secs_f64(1.0 / rate);
+                // Staggered starts, so the callers' requests interleave.
+                let start = tokio::time::Instant::now() + every.mul_f64(i as f64 / workers as f64);
+                let mut tick = tokio::time::interval_at(start, every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let until = tokio::time::Instant::now() + limit;
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < until {
+                    tick.tick().await;
+                    let (status, body) = get_body(&c, target).await;
+                    let app = if status == StatusCode::OK {
+                        body.to_vec()
+                    } else {
+                        Vec::new()
+                    };
+                    seen.push((tokio::time::Instant::now(), status, app));
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("load worker"));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_wide_limit_is_reshared_within_two_seconds_when_an_endpoint_is_killed() {
+    let _heavy = heavy().await;
+    let mut cp = ControlPlane::start().await;
+    cp.apply("kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}]}\n---\nkind: Policy\nmetadata: {name: limit, namespace: default}\nspec: {target_service: web, rate_limit: {requests_per_second: 300, burst: 30}}\n",
+    )
+    .await;
+    let mut servers = Vec::new();
+    for name in ["a", "b", "c"] {
+        let app = named_app(name, Duration::ZERO, Arc::new(AtomicBool::new(false))).await;
+        servers.push(cp.proxy(&format!("web-{name}"), "web", "", &format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\nservices = [\"web\"]\n"
+            )).await);
+    }
+    let client = cp
+        .proxy(
+            "client",
+            "client",
+            "",
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+        )
+        .await;
+    for s in &servers {
+        enforced(&client, &s.addr("inbound").to_string()).await;
+        for other in &servers {
+            enforced(s, &other.addr("inbound").to_string()).await;
+        }
+    }
+    let target = client.outbound();
+    // About 720 requests a second from 12 callers: over twice the limit, so that each endpoint is
+    // offered more than its share before and after the kill.
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = tokio::time::Instant::now();
+    let load = tokio::spawn(paced_load(
+        target,
+        12,
+        60.0,
+        Duration::from_secs(20),
+        stop.clone(),
+    ));
+    // 3 s in the steady state, then kill -9 one of the three.
+    let (warm, steady) = (Duration::from_secs(1), Duration::from_secs(3));
+    tokio::time::sleep(warm + steady).await;
+    let killed = tokio::time::Instant::now();
+    servers[2].kill();
+    let gone = servers[2].addr("inbound").to_string();
+    let (ca, sa, sb) = (
+        client.addr("admin"),
+        servers[0].addr("admin"),
+        servers[1].addr("admin"),
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let gone = gone.clone();
+            async move {
+                !scrape(ca, "/config").await.1.contains(&gone)
+                    && !scrape(sa, "/config").await.1.contains(&gone)
+                    && !scrape(sb, "/config").await.1.contains(&gone)
+            }
+        })
+        .await,
+        "the killed endpoint was not withdrawn within 2 s"
+    );
+    let withdrawn = killed.elapsed();
+    // Measured from 2 s after the kill, for 3 s.
+    let after = (
+        killed + Duration::from_secs(2),
+        killed + Duration::from_secs(5),
+    );
+    tokio::time::sleep_until(after.1).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.await.expect("load");
+
+    let admitted = |from: tokio::time::Instant, to: tokio::time::Instant| {
+        let mut by_app = std::collections::BTreeMap::<String, u64>::new();
+        let mut limited = 0u64;
+        for (t, status, app) in &seen {
+            if *t < from || *t >= to {
+                continue;
+            }
+            match *status {
+                StatusCode::OK => {
+                    *by_app
+                        .entry(String::from_utf8_lossy(app).into_owned())
+                        .or_default() += 1
+                }
+                StatusCode::TOO_MANY_REQUESTS => limited += 1,
+                s => panic!("unexpected status {s} {:?} after the start", *t - started),
+            }
+        }
+        (by_app, limited)
+    };
+    let (before, limited) = admitted(started + warm, started + warm + steady);
+    let total: u64 = before.values().sum();
+    let want = 300.0 * steady.as_secs_f64();
+    assert!(
+        (total as f64 - want).abs() <= want * 0.1 && limited > 0,
+        "{total} admitted in {steady:?} ({before:?}), {limited} limited; want {want} +-10%"
+    );
+    let (two, limited) = admitted(after.0, after.1);
+    let want = 150.0 * (after.1 - after.0).as_secs_f64();
+    for app in ["a", "b"] {
+        let got = two.get(app).copied().unwrap_or(0) as f64;
+        assert!(
+            (got - want).abs() <= want * 0.1,
+            "{app} admitted {got} in 3 s from 2 s after the kill ({two:?}, {limited} limited, withdrawn after {withdrawn:?}); want {want} +-10%"
+        );
+    }
+    assert!(!two.contains_key("c"), "{two:?}");
+    eprintln!(
+        "mesh-wide 300 req/s: {total} admitted in {steady:?} by three ({before:?}); killed one, withdrawn after {withdrawn:?}; from 2 s after the kill, 3 s: {two:?}"
+    );
     cp.stop_controller();
 }

@@ -173,7 +173,11 @@ impl ProxyApi for ProxyService {
             .ok_or_else(|| Status::invalid_argument("endpoint: is required"))?;
         let obj = convert::endpoint_from_pb("endpoint", endpoint).map_err(ApiError::from)?;
         let service = obj.spec.service.clone();
-        let version = self.state.register_endpoint(obj, &id).await.map_err(|e| {
+        let version = self
+            .state
+            .register_endpoint(obj, &id, p.connection)
+            .await
+            .map_err(|e| {
             tracing::info!(
                 %id, peer = %p.remote, service = %Capped(&service), error = %Capped(&e.to_string()),
                 "RegisterEndpoint refused"
