@@ -582,39 +582,51 @@ async fn a_service_limit_holds_across_three_endpoints_and_is_reshared_when_one_d
     cp.stop_controller();
 }
 
-/// One answer seen by a load worker: when, its status, and the app that answered (empty if none).
+/// One answer seen by the load: when its request was sent, its status, and the app that answered
+/// (empty if none).
 type Seen = (tokio::time::Instant, StatusCode, Vec<u8>);
 
-/// Open-loop load on `target`: `workers` callers each sending `rate` requests a second until `stop` or
-/// `limit` (a bound); every answer seen.
+/// Open-loop load on `target`: `pacers` each start a request every `1/rate` s without waiting for
+/// earlier ones, until `stop`, for at most `limit` and `rate * limit` requests each; every answer.
 async fn paced_load(
     target: SocketAddr,
-    workers: usize,
+    pacers: usize,
     rate: f64,
     limit: Duration,
     stop: Arc<AtomicBool>,
 ) -> Vec<Seen> {
-    let tasks: Vec<_> = (0..workers)
+    let c = h1_client();
+    let tasks: Vec<_> = (0..pacers)
         .map(|i| {
-            let stop = stop.clone();
+            let (stop, c) = (stop.clone(), c.clone());
             tokio::spawn(async move {
-                let c = h1_client();
                 let every = Duration::from_secs_f64(1.0 / rate);
-                // Staggered starts, so the callers' requests interleave.
-                let start = tokio::time::Instant::now() + every.mul_f64(i as f64 / workers as f64);
+                // Staggered starts, so the pacers' requests interleave.
+                let start = tokio::time::Instant::now() + every.mul_f64(i as f64 / pacers as f64);
                 let mut tick = tokio::time::interval_at(start, every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let until = tokio::time::Instant::now() + limit;
-                let mut seen = Vec::new();
-                while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < until {
-                    tick.tick().await;
-                    let (status, body) = get_body(&c, target).await;
-                    let app = if status == StatusCode::OK {
-                        body.to_vec()
-                    } else {
-                        Vec::new()
-                    };
-                    seen.push((tokio::time::Instant::now(), status, app));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                let until = start + limit;
+                let bound = (rate * limit.as_secs_f64()).ceil() as usize;
+                let mut requests = Vec::with_capacity(bound);
+                while requests.len() < bound && !stop.load(Ordering::Relaxed) {
+                    let sent = tick.tick().await;
+                    if sent >= until {
+                        break;
+                    }
+                    let c = c.clone();
+                    requests.push(tokio::spawn(async move {
+                        let (status, body) = get_body(&c, target).await;
+                        let app = if status == StatusCode::OK {
+                            body.to_vec()
+                        } else {
+                            Vec::new()
+                        };
+                        (sent, status, app)
+                    }));
+                }
+                let mut seen = Vec::with_capacity(requests.len());
+                for r in requests {
+                    seen.push(r.await.expect("request"));
                 }
                 seen
             })
@@ -622,7 +634,7 @@ async fn paced_load(
         .collect();
     let mut all = Vec::new();
     for t in tasks {
-        all.extend(t.await.expect("load worker"));
+        all.extend(t.await.expect("pacer"));
     }
     all
 }
@@ -739,5 +751,107 @@ async fn a_mesh_wide_limit_is_reshared_within_two_seconds_when_an_endpoint_is_ki
     eprintln!(
         "mesh-wide 300 req/s: {total} admitted in {steady:?} by three ({before:?}); killed one, withdrawn after {withdrawn:?}; from 2 s after the kill, 3 s: {two:?}"
     );
+    cp.stop_controller();
+}
+
+/// A controller, one `web` endpoint limited to 100 req/s with a burst of 10 (`per_source` or for the
+/// service), and a caller proxy for each account in `callers`.
+async fn limited_web(per_source: bool, callers: &[&str]) -> (ControlPlane, Proc, Vec<Proc>) {
+    let cp = ControlPlane::start().await;
+    cp.apply(&format!("kind: Service\nmetadata: {{name: web, namespace: default}}\nspec: {{ports: [{{port: 80, protocol: http}}]}}\n---\nkind: Policy\nmetadata: {{name: limit, namespace: default}}\nspec: {{target_service: web, rate_limit: {{requests_per_second: 100, burst: 10, per_source: {per_source}}}}}\n"))
+    .await;
+    let app = named_app("web", Duration::ZERO, Arc::new(AtomicBool::new(false))).await;
+    let server = cp.proxy("web", "web", "", &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\nservices = [\"web\"]\n"
+        )).await;
+    enforced(&server, "\"requests_per_second\": 100").await;
+    let mut clients = Vec::new();
+    for sa in callers {
+        let p = cp
+            .proxy(
+                sa,
+                sa,
+                "",
+                "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+            )
+            .await;
+        enforced(&p, &server.addr("inbound").to_string()).await;
+        clients.push(p);
+    }
+    (cp, server, clients)
+}
+
+/// Client-side counts of one caller's 10 s at 400 req/s: the admitted rate beyond the burst, after
+/// checking the load was what it should be and every answer a 200 or a 429.
+fn admitted_rate(who: &str, seen: &[Seen]) -> f64 {
+    let first = seen.iter().map(|s| s.0).min().expect("requests");
+    let last = seen.iter().map(|s| s.0).max().expect("requests");
+    let span = (last - first).as_secs_f64();
+    assert!(
+        seen.len() >= 3_900 && span >= 9.5,
+        "{who}: only {} requests over {span:.2} s",
+        seen.len()
+    );
+    let ok = seen.iter().filter(|s| s.1 == StatusCode::OK).count();
+    let limited = seen
+        .iter()
+        .filter(|s| s.1 == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(ok + limited, seen.len(), "{who}: other statuses");
+    let rate = (ok as f64 - 10.0) / span;
+    eprintln!(
+        "{who}: {} requests over {span:.2} s, {ok} admitted ({rate:.1} req/s beyond the burst), {limited} limited",
+        seen.len()
+    );
+    rate
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_of_100_per_second_holds_within_5_percent_against_400_per_second() {
+    let _heavy = heavy().await;
+    let (mut cp, _server, clients) = limited_web(false, &["alice"]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    // 8 pacers at 50 req/s: 400 req/s for 10 s, at most 4,000 requests.
+    let seen = paced_load(
+        clients[0].outbound(),
+        8,
+        50.0,
+        Duration::from_secs(10),
+        stop,
+    )
+    .await;
+    let rate = admitted_rate("alice", &seen);
+    assert!((rate - 100.0).abs() <= 5.0, "{rate:.1} req/s admitted");
+    cp.stop_controller();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_source_limits_hold_separately_for_two_callers() {
+    let _heavy = heavy().await;
+    let (mut cp, _server, clients) = limited_web(true, &["alice", "bob"]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let loads: Vec<_> = clients
+        .iter()
+        .map(|c| {
+            tokio::spawn(paced_load(
+                c.outbound(),
+                8,
+                50.0,
+                Duration::from_secs(10),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let mut rates = Vec::new();
+    for (who, l) in ["alice", "bob"].into_iter().zip(loads) {
+        rates.push(admitted_rate(who, &l.await.expect("load")));
+    }
+    // Each caller gets its own 100 req/s: together twice what one limit for the service would admit.
+    for (who, rate) in ["alice", "bob"].iter().zip(&rates) {
+        assert!(
+            (rate - 100.0).abs() <= 5.0,
+            "{who}: {rate:.1} req/s admitted"
+        );
+    }
     cp.stop_controller();
 }
