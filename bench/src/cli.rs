@@ -81,7 +81,8 @@ struct CompareArgs {
     #[arg(long)]
     quicmesh_bin: Option<PathBuf>,
     /// Paths to compare besides direct: quicmesh, peer (HAProxy `mode tcp`), and the HTTP-aware
-    /// quicmesh-l7 and peer-http (HAProxy `mode http`), which run no raw-TCP scenario.
+    /// quicmesh-l7 and peer-http (HAProxy `mode http`), which run no raw-TCP scenario; quicmesh-l7-policy
+    /// is quicmesh-l7 enforcing 100 authorization rules and a rate limit (compare it with quicmesh-l7).
     #[arg(long, value_delimiter = ',', default_value = "quicmesh,peer")]
     targets: Vec<Target>,
     /// Measured length of each load run.
@@ -294,11 +295,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             s.streams = a.streams.max(1);
             s.quic_ceiling = !a.no_quic_ceiling;
             s.haproxy_threads = a.haproxy_threads;
-            let quicmesh_bin = if s
-                .targets
-                .iter()
-                .any(|t| matches!(t, Target::Quicmesh | Target::QuicmeshL7))
-            {
+            let quicmesh_bin = if s.targets.iter().any(|t| {
+                matches!(
+                    t,
+                    Target::Quicmesh | Target::QuicmeshL7 | Target::QuicmeshL7Policy
+                )
+            }) {
                 topology::find_quicmesh(a.quicmesh_bin.as_deref())
             } else {
                 None
@@ -322,11 +324,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 targets: a.targets.clone(),
                 haproxy_threads: a.haproxy_threads,
             };
-            let quicmesh_bin = if a
-                .targets
-                .iter()
-                .any(|t| matches!(t, Target::Quicmesh | Target::QuicmeshL7))
-            {
+            let quicmesh_bin = if a.targets.iter().any(|t| {
+                matches!(
+                    t,
+                    Target::Quicmesh | Target::QuicmeshL7 | Target::QuicmeshL7Policy
+                )
+            }) {
                 topology::find_quicmesh(a.quicmesh_bin.as_deref())
             } else {
                 None

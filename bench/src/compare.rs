@@ -488,6 +488,9 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
     if let Some(g) = l7_goals(&report) {
         println!("{g}");
     }
+    if let Some(g) = policy_goals(&report) {
+        println!("{g}");
+    }
     if let Some(out) = &env.out {
         write_outputs(&report, out, &detail, &ratios)?;
     }
@@ -521,9 +524,11 @@ fn write_outputs(
         std::fs::write(&p, svg)?;
         println!("plot: {}", p.display());
     }
-    let goals = l7_goals(report)
+    let goals = [l7_goals(report), policy_goals(report)]
+        .into_iter()
+        .flatten()
         .map(|g| g.markdown() + "\n")
-        .unwrap_or_default();
+        .collect::<String>();
     let md = format!(
         "<!-- written by `quicmesh bench compare` at unix time {stamp} on {} ({} cores), {} round(s) of {} -->\n\n{goals}{}\n{}",
         report.machine.cpu,
@@ -533,8 +538,10 @@ fn write_outputs(
         ratios.markdown(),
         detail.markdown()
     );
-    // The L7 comparison keeps its own latest table, so it does not replace the opaque one.
-    let name = if report.settings.targets.iter().any(|t| t.is_l7()) {
+    // The L7 and policy comparisons keep their own latest tables, so they do not replace the opaque one.
+    let name = if report.settings.targets.contains(&Target::QuicmeshL7Policy) {
+        "latest-policy.md"
+    } else if report.settings.targets.iter().any(|t| t.is_l7()) {
         "latest-l7.md"
     } else {
         "latest.md"
@@ -585,18 +592,61 @@ pub fn l7_goals(report: &CompareReport) -> Option<Table> {
     (!t.is_empty()).then_some(t)
 }
 
+/// Issue 9's goal for policy enforcement, per scenario that ran on both `quicmesh-l7-policy` and
+/// `quicmesh-l7` (100 authorization rules and a rate limit that never triggers vs no policy, same run):
+/// req/s and proxy CPU per request within 5%.
+pub fn policy_goals(report: &CompareReport) -> Option<Table> {
+    let mut t = Table::new(["goal", "with policy", "without", "ratio", "met"]);
+    let mut ids: Vec<&str> = report.runs.iter().map(|r| r.scenario.as_str()).collect();
+    ids.dedup();
+    for id in ids {
+        let (Some(p), Some(n)) = (
+            find(report, id, Target::QuicmeshL7Policy),
+            find(report, id, Target::QuicmeshL7),
+        ) else {
+            continue;
+        };
+        let met = |ok: bool| if ok { "yes" } else { "no" };
+        if let (Some(pl), Some(nl)) = (&p.load, &n.load)
+            && id.starts_with("max-")
+        {
+            let (pr, nr) = (pl.throughput_rps, nl.throughput_rps);
+            t.row([
+                format!("{id} req/s ≥ 0.95x"),
+                format!("{pr:.0}"),
+                format!("{nr:.0}"),
+                ratio(pr, nr),
+                met(nr > 0.0 && pr / nr >= 0.95).to_owned(),
+            ]);
+        }
+        if let (Some(pc), Some(nc)) = (p.proxy_cpu_us_per_request, n.proxy_cpu_us_per_request) {
+            t.row([
+                format!("{id} proxy CPU µs/req ≤ 1.05x"),
+                format!("{pc:.1}"),
+                format!("{nc:.1}"),
+                ratio(pc, nc),
+                met(nc > 0.0 && pc / nc <= 1.05).to_owned(),
+            ]);
+        }
+    }
+    (!t.is_empty()).then_some(t)
+}
+
 /// Paths in the order of the ratio table's columns.
-const COLUMNS: [Target; 4] = [
+const COLUMNS: [Target; 5] = [
     Target::Quicmesh,
     Target::QuicmeshL7,
+    Target::QuicmeshL7Policy,
     Target::Peer,
     Target::PeerHttp,
 ];
 
-/// Head-to-head ratios shown when both paths ran: each quicmesh path against its HAProxy counterpart.
-const PAIRS: [(Target, Target); 2] = [
+/// Head-to-head ratios shown when both paths ran: each quicmesh path against its HAProxy counterpart,
+/// and the L7 path with policies against the same path without.
+const PAIRS: [(Target, Target); 3] = [
     (Target::Quicmesh, Target::Peer),
     (Target::QuicmeshL7, Target::PeerHttp),
+    (Target::QuicmeshL7Policy, Target::QuicmeshL7),
 ];
 
 /// Column-header name of a path.

@@ -58,6 +58,12 @@ pub enum Target {
     #[value(name = "quicmesh-l7")]
     #[serde(rename = "quicmesh-l7")]
     QuicmeshL7,
+    /// `quicmesh-l7` with policies the server side enforces on every request: 100 authorization rules
+    /// (deny by default, the caller allowed by the last one) and a rate limit that never triggers. Run
+    /// next to `quicmesh-l7`, it gives the cost of policy enforcement.
+    #[value(name = "quicmesh-l7-policy")]
+    #[serde(rename = "quicmesh-l7-policy")]
+    QuicmeshL7Policy,
     /// Two HAProxy processes in `mode http`, mTLS between them.
     #[value(name = "peer-http", alias = "peer-haproxy-http")]
     PeerHttp,
@@ -71,13 +77,17 @@ impl Target {
             Target::Quicmesh => "quicmesh",
             Target::Peer => "peer-haproxy",
             Target::QuicmeshL7 => "quicmesh-l7",
+            Target::QuicmeshL7Policy => "quicmesh-l7-policy",
             Target::PeerHttp => "peer-haproxy-http",
         }
     }
 
     /// Whether the path understands HTTP (and so cannot carry raw TCP).
     pub fn is_l7(self) -> bool {
-        matches!(self, Target::QuicmeshL7 | Target::PeerHttp)
+        matches!(
+            self,
+            Target::QuicmeshL7 | Target::QuicmeshL7Policy | Target::PeerHttp
+        )
     }
 }
 
@@ -592,17 +602,41 @@ const L7_GRPC_PORT: u16 = 81;
 /// Starts the quicmesh sidecars as an HTTP-aware path: the server side serves service ports 80 and 81
 /// from the app; the client side's mesh file declares service `bench` with port 80 `http` and port 81
 /// `grpc` and the server side as its endpoint, and it listens once per port. Each request then crosses as
-/// its own QUIC stream.
+/// its own QUIC stream. With `policy`, both sides read a mesh file with [`bench_policies`] too, which the
+/// server side enforces (authorization and rate limits are decided by the destination).
 pub async fn quicmesh_l7_pair(
     placement: &Placement,
     certs: &Certs,
     bin: &FsPath,
     dir: &FsPath,
+    policy: bool,
 ) -> anyhow::Result<Path> {
     let q = |p: &FsPath| format!("{:?}", p.display().to_string());
     let app = placement.app;
+    let (target, name) = if policy {
+        (Target::QuicmeshL7Policy, "quicmesh-l7-policy")
+    } else {
+        (Target::QuicmeshL7, "quicmesh-l7")
+    };
+    let ns = "bench";
+    let service = format!(
+        "kind: Service\nmetadata: {{name: bench, namespace: {ns}}}\n\
+spec: {{ports: [{{port: {L7_HTTP_PORT}, protocol: http}}, {{port: {L7_GRPC_PORT}, protocol: grpc}}], identities: [server]}}\n"
+    );
+    let policies = if policy {
+        bench_policies(ns, 100)
+    } else {
+        String::new()
+    };
+    let server_mesh = if policy {
+        let p = dir.join(format!("{name}-server-mesh.yaml"));
+        std::fs::write(&p, format!("{service}{policies}"))?;
+        format!("mesh = {}\n\n", q(&p))
+    } else {
+        String::new()
+    };
     let server_cfg = format!(
-        "[identity]\ncert = {}\nkey = {}\ntrust_bundle = {}\n\n[inbound]\nlisten = \"{}\"\n\
+        "{server_mesh}[identity]\ncert = {}\nkey = {}\ntrust_bundle = {}\n\n[inbound]\nlisten = \"{}\"\n\
 ports = [{{ port = {L7_HTTP_PORT}, app = \"{app}\" }}, {{ port = {L7_GRPC_PORT}, app = \"{app}\" }}]\n\n\
 [admin]\nlisten = \"127.0.0.1:0\"\n",
         q(&certs.server.cert),
@@ -611,7 +645,7 @@ ports = [{{ port = {L7_HTTP_PORT}, app = \"{app}\" }}, {{ port = {L7_GRPC_PORT},
         SocketAddr::new(placement.server_ip, 0),
     );
     let (server, ready) = start_quicmesh(
-        "quicmesh-l7-server",
+        &format!("{name}-server"),
         bin,
         &placement.server_ns,
         &server_cfg,
@@ -620,16 +654,13 @@ ports = [{{ port = {L7_HTTP_PORT}, app = \"{app}\" }}, {{ port = {L7_GRPC_PORT},
     .await?;
     let inbound = ready
         .inbound
-        .ok_or_else(|| anyhow::anyhow!("quicmesh-l7-server's ready line has no inbound address"))?;
-    let ns = "bench";
+        .ok_or_else(|| anyhow::anyhow!("{name}-server's ready line has no inbound address"))?;
     let mesh = format!(
-        "kind: Service\nmetadata: {{name: bench, namespace: {ns}}}\n\
-spec: {{ports: [{{port: {L7_HTTP_PORT}, protocol: http}}, {{port: {L7_GRPC_PORT}, protocol: grpc}}], identities: [server]}}\n\
----\nkind: Endpoint\nmetadata: {{name: bench-0, namespace: {ns}}}\n\
-spec: {{service: bench, address: \"{inbound}\", spiffe_id: \"spiffe://{}/ns/{ns}/sa/server\"}}\n",
+        "{service}---\nkind: Endpoint\nmetadata: {{name: bench-0, namespace: {ns}}}\n\
+spec: {{service: bench, address: \"{inbound}\", spiffe_id: \"spiffe://{}/ns/{ns}/sa/server\"}}\n{policies}",
         crate::certs::TRUST_DOMAIN
     );
-    let mesh_path = dir.join("quicmesh-l7-mesh.yaml");
+    let mesh_path = dir.join(format!("{name}-mesh.yaml"));
     std::fs::write(&mesh_path, mesh)?;
     let outbound = |port: u16| {
         format!(
@@ -646,7 +677,7 @@ spec: {{service: bench, address: \"{inbound}\", spiffe_id: \"spiffe://{}/ns/{ns}
         outbound(L7_GRPC_PORT),
     );
     let (client, ready) = start_quicmesh(
-        "quicmesh-l7-client",
+        &format!("{name}-client"),
         bin,
         &placement.client_ns,
         &client_cfg,
@@ -655,12 +686,12 @@ spec: {{service: bench, address: \"{inbound}\", spiffe_id: \"spiffe://{}/ns/{ns}
     .await?;
     let [http, grpc] = ready.outbound[..] else {
         anyhow::bail!(
-            "quicmesh-l7-client's ready line lists {} outbound addresses, want 2",
+            "{name}-client's ready line lists {} outbound addresses, want 2",
             ready.outbound.len()
         );
     };
     Ok(Path {
-        target: Target::QuicmeshL7,
+        target,
         entry: http,
         l7: Some(L7Entries {
             http1: http,
@@ -669,6 +700,26 @@ spec: {{service: bench, address: \"{inbound}\", spiffe_id: \"spiffe://{}/ns/{ns}
         }),
         procs: vec![client, server],
     })
+}
+
+/// The policies of the `quicmesh-l7-policy` path, for service `bench` in `ns`: deny by default with `rules`
+/// allow rules, of which only the last admits the bench client (each request is checked against all of
+/// them: the worst case), and a service rate limit far above any rate the bench reaches.
+pub fn bench_policies(ns: &str, rules: usize) -> String {
+    let td = crate::certs::TRUST_DOMAIN;
+    let mut allow = String::new();
+    for i in 0..rules.saturating_sub(1) {
+        allow.push_str(&format!(
+            "      - {{from_identities: [\"spiffe://{td}/ns/other-{i}/sa/caller-{i}\"], methods: [GET, POST], path_prefixes: [/api/v{i}/]}}\n"
+        ));
+    }
+    allow.push_str(&format!(
+        "      - {{from_identities: [\"spiffe://{td}/ns/{ns}/sa/client\"]}}\n"
+    ));
+    format!(
+        "---\nkind: Policy\nmetadata: {{name: bench-authz, namespace: {ns}}}\nspec:\n  target_service: bench\n  authorization:\n    mode: enforce\n    default_action: deny\n    allow:\n{allow}\
+---\nkind: Policy\nmetadata: {{name: bench-limit, namespace: {ns}}}\nspec: {{target_service: bench, rate_limit: {{requests_per_second: 10000000, burst: 1000000}}}}\n"
+    )
 }
 
 /// Starts the path for `target` (direct needs no process).
@@ -691,7 +742,10 @@ pub async fn start(
         Target::Peer => haproxy_pair(placement, certs, dir).await,
         Target::PeerHttp => haproxy_http_pair(placement, certs, dir).await,
         Target::Quicmesh => quicmesh_pair(placement, certs, need_bin()?, dir).await,
-        Target::QuicmeshL7 => quicmesh_l7_pair(placement, certs, need_bin()?, dir).await,
+        Target::QuicmeshL7 => quicmesh_l7_pair(placement, certs, need_bin()?, dir, false).await,
+        Target::QuicmeshL7Policy => {
+            quicmesh_l7_pair(placement, certs, need_bin()?, dir, true).await
+        }
     }
 }
 
@@ -768,11 +822,60 @@ mod tests {
         use clap::ValueEnum;
         for (arg, t) in [
             ("quicmesh-l7", Target::QuicmeshL7),
+            ("quicmesh-l7-policy", Target::QuicmeshL7Policy),
             ("peer-http", Target::PeerHttp),
             ("peer-haproxy-http", Target::PeerHttp),
             ("peer", Target::Peer),
         ] {
             assert_eq!(Target::from_str(arg, false), Ok(t), "{arg}");
         }
+    }
+
+    #[test]
+    fn bench_policies_admit_the_bench_client_only_at_the_last_of_100_rules() {
+        use quicmesh_transport::{
+            identity::SpiffeId,
+            model,
+            state::{Admission, MeshState, Request, ServiceRef},
+        };
+        let td = crate::certs::TRUST_DOMAIN;
+        let yaml = format!(
+            "kind: Service\nmetadata: {{name: bench, namespace: bench}}\nspec: {{ports: [{{port: 80, protocol: http}}]}}\n{}",
+            bench_policies("bench", 100)
+        );
+        let resources = model::parse_yaml_documents(&yaml).expect("yaml");
+        for r in &resources {
+            r.validate(td).expect("valid");
+        }
+        let policies = resources
+            .iter()
+            .filter_map(|r| match r {
+                model::Resource::Policy(p) => Some(p),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
+        let rules = policies
+            .iter()
+            .find_map(|p| p.spec.authorization.as_ref())
+            .map(|a| a.allow.len());
+        assert_eq!(rules, Some(100));
+        assert!(policies.iter().any(|p| p.spec.rate_limit.is_some()));
+        let state = MeshState::from_resources(1, td, resources, []);
+        let service = ServiceRef::parse("bench", "bench");
+        let admit = |sa: &str, path: &str| {
+            let peer = SpiffeId::new(td, "bench", sa).expect("id");
+            state.admit(&Request {
+                peer: &peer,
+                service: &service,
+                port: 80,
+                method: Some("GET"),
+                path: Some(path),
+            })
+        };
+        assert!(matches!(
+            admit("client", "/x"),
+            Admission::Admit { audit: None }
+        ));
+        assert!(!matches!(admit("server", "/x"), Admission::Admit { .. }));
     }
 }

@@ -217,6 +217,56 @@ async fn l7_smoke_comparison() {
     }
 }
 
+/// The policy comparison in smoke form: `quicmesh-l7` and `quicmesh-l7-policy` (100 authorization rules
+/// the bench client passes only at the last, a rate limit that never triggers) in one run, every request
+/// answered (a denial or a 429 would count as an error), and `latest-policy.md` with the goals table.
+/// Skips with a printed reason without a release `quicmesh`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_smoke_comparison() {
+    quicmesh_transport::quic::install_provider();
+    let Some(quicmesh) = quicmesh_bench::topology::find_quicmesh(None) else {
+        println!("skipped: no release quicmesh binary (cargo build --release -p quicmesh)");
+        return;
+    };
+    let targets = vec![Target::QuicmeshL7, Target::QuicmeshL7Policy];
+    let mut settings = CompareSettings::smoke(targets.clone());
+    settings.duration = Duration::from_millis(250);
+    settings.protocols = vec![Protocol::Http1, Protocol::GrpcUnary];
+    settings.rr_connections = vec![];
+    settings.quic_ceiling = false;
+    let out = tempfile::tempdir().expect("tempdir");
+    let env = CompareEnv {
+        quicmesh_bin: Some(quicmesh),
+        bench_bin: bench_bin(),
+        out: Some(out.path().to_path_buf()),
+    };
+    let report = compare::compare(settings, env)
+        .await
+        .expect("policy smoke comparison");
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    for r in report.runs.iter().filter(|r| r.target != Target::Direct) {
+        let Some(l) = r.load.as_ref() else { continue };
+        assert!(
+            l.ok > 0,
+            "{} on {:?}: nothing succeeded",
+            r.scenario,
+            r.target
+        );
+        assert_eq!(
+            l.error_count(),
+            0,
+            "{} on {:?}: {:?}",
+            r.scenario,
+            r.target,
+            l.errors
+        );
+    }
+    let md =
+        std::fs::read_to_string(out.path().join("latest-policy.md")).expect("latest-policy.md");
+    assert!(md.contains("| max-http1 req/s ≥ 0.95x |"), "{md}");
+    assert!(md.contains("quicmesh-l7-policy/quicmesh-l7"), "{md}");
+}
+
 /// Open loop catches a 1 s stall inside a 10 s run (p99 near a second); closed loop, on the same kind of
 /// server, hides it (p99 stays small, only the max shows it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
