@@ -357,3 +357,35 @@ async fn loss_scenario_shortened() {
         }
     }
 }
+
+/// `controller-bench --propagation` in small: 20 watchers, 3 rounds; its JSON line says every round
+/// reached all of them, with figures that are times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_bench_propagation_smoke() {
+    let out = tokio::time::timeout(
+        Duration::from_secs(25),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_controller-bench"))
+            .args(["--propagation", "--watchers", "20", "--rounds", "3"])
+            .output(),
+    )
+    .await
+    .expect("in time")
+    .expect("run controller-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("output");
+    let v: serde_json::Value = serde_json::from_str(last).expect("json line");
+    assert_eq!(v["bench"], "propagation", "{v}");
+    assert_eq!(v["watchers"], 20, "{v}");
+    let p50 = v["all_watchers_p50_ms"].as_f64().expect("p50");
+    let p99 = v["all_watchers_p99_ms"].as_f64().expect("p99");
+    assert!(p50 > 0.0 && p99 >= p50, "{v}");
+    assert!(
+        !stdout.contains("certify:"),
+        "no issuance in propagation mode: {stdout}"
+    );
+}
