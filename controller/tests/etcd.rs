@@ -875,3 +875,96 @@ async fn user_and_password_auth_and_a_revoked_token_is_replaced() {
         .expect("apply on A after its token was revoked");
     assert!(a.state.revision() > before);
 }
+
+/// Endpoint liveness across controllers: a proxy that registered its endpoint through A and then again
+/// through B (it failed over) loses its connection to A. A's withdrawal is a compare-and-set on the
+/// record A stored, which B has replaced: the endpoint stays. When the connection to B goes too, B
+/// withdraws it after the grace.
+#[tokio::test]
+async fn an_endpoint_registered_again_through_another_controller_is_not_withdrawn_by_the_first() {
+    if skip("an_endpoint_registered_again_through_another_controller_is_not_withdrawn_by_the_first")
+    {
+        return;
+    }
+    let etcd = cluster().await;
+    let a = Node::start(&etcd.url(), KEK, Duration::from_secs(5)).await;
+    let token = a.admin_token.clone().expect("a creates the mesh");
+    let b = Node::start(&etcd.url(), KEK, Duration::from_secs(5)).await;
+    let mut admin = a.admin(&token).await;
+    admin.apply(service("shop", "web", 80)).await.expect("web");
+    let join = join_token(&mut admin, "web").await;
+    let (csr, key) = generate_csr(&SpiffeId::new(TD, "shop", "web").expect("id")).expect("csr");
+    let leaf = a
+        .proxy(None)
+        .await
+        .certify(pb::CertifyRequest {
+            csr_pem: csr,
+            join_token: join,
+        })
+        .await
+        .expect("certify")
+        .into_inner()
+        .cert_chain_pem[0]
+        .clone();
+    let endpoint = || pb::RegisterEndpointRequest {
+        endpoint: Some(pb::Endpoint {
+            metadata: Some(pb::Metadata {
+                name: "web-0".into(),
+                ..Default::default()
+            }),
+            service: "web".into(),
+            address: "127.0.0.1:4433".into(),
+            ..Default::default()
+        }),
+    };
+    let mut via_a = a.proxy(Some((&leaf, &key))).await;
+    let first = via_a
+        .register_endpoint(endpoint())
+        .await
+        .expect("register through a")
+        .into_inner()
+        .version;
+    let mut via_b = b.proxy(Some((&leaf, &key))).await;
+    let second = via_b
+        .register_endpoint(endpoint())
+        .await
+        .expect("register through b")
+        .into_inner()
+        .version;
+    assert!(second > first);
+    let get = || pb::ResourceRef {
+        kind: pb::Kind::Endpoint as i32,
+        namespace: "shop".into(),
+        name: "web-0".into(),
+    };
+
+    // The connection to A goes: A expires its record after the grace, finds another, keeps it.
+    drop(via_a);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.state.registry().held_endpoints().is_empty() {
+        assert!(Instant::now() < deadline, "a never expired its record");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kept = admin.get(get()).await.expect("still there").into_inner();
+    match kept.resource {
+        Some(pb::resource::Resource::Endpoint(e)) => {
+            assert_eq!(e.metadata.expect("metadata").version, second)
+        }
+        r => panic!("{r:?}"),
+    }
+
+    // The connection to B goes: B withdraws it.
+    drop(via_b);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match admin.get(get()).await {
+            Err(e) if e.code() == Code::NotFound => break,
+            Err(e) => panic!("{e}"),
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "b never withdrew it");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert!(b.state.registry().held_endpoints().is_empty());
+}
