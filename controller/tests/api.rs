@@ -238,6 +238,7 @@ async fn bootstrap_watch_register_and_renew(store: Backend) {
         .watch(pb::WatchRequest {
             proxy_name: "cart-0".into(),
             spiffe_ids: vec![],
+            ..Default::default()
         })
         .await
         .expect("watch")
@@ -931,6 +932,7 @@ async fn watch_streams_are_bounded_per_identity(store: Backend) {
             p.watch(pb::WatchRequest {
                 proxy_name: format!("p{i}"),
                 spiffe_ids: vec![],
+                ..Default::default()
             })
             .await
         }

@@ -198,6 +198,7 @@ async fn main() -> Result<(), AnyError> {
                 .watch(pb::WatchRequest {
                     proxy_name: format!("bench-{w}"),
                     spiffe_ids: vec![],
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

@@ -2,7 +2,8 @@
 //!
 //! Credentials come from the connection, never from a request field: `Certify` accepts a join token or the
 //! verified client certificate, `Watch` and `RegisterEndpoint` only the client certificate, and a revoked
-//! identity gets nothing. A Watch stream sends the current snapshot at once, then the newest one after each
+//! identity gets nothing. A Watch stream sends the current snapshot at once (unless it is the version the
+//! proxy says it holds, when it resumes after losing a controller), then the newest one after each
 //! change (intermediate versions may be skipped: a snapshot is whole); one identity may hold a bounded
 //! number of them (`RESOURCE_EXHAUSTED` past it), and they end with `PERMISSION_DENIED` when the identity
 //! is revoked. Strings a peer sends are capped before they are logged.
@@ -86,25 +87,36 @@ impl PbCache {
     }
 }
 
-/// Sends the current snapshot, then each newer one, until the client goes away or its identity is revoked.
+/// Whether a Watch stream sends `version` first: not when the proxy already holds it.
+fn send_first(version: u64, resume_version: u64) -> bool {
+    resume_version == 0 || version != resume_version
+}
+
+/// Sends the current snapshot (unless the proxy holds that version), then each newer one, until the
+/// client goes away or its identity is revoked.
 async fn forward_snapshots(
     mut rx: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     tx: tokio::sync::mpsc::Sender<Result<pb::Snapshot, Status>>,
     id: SpiffeId,
     guard: WatchGuard,
     cache: Arc<PbCache>,
+    resume_version: u64,
 ) {
     let revoked = || Status::permission_denied(format!("identity {id} was revoked"));
+    let mut first = true;
     loop {
         let snap = rx.borrow_and_update().clone();
         if guard.closer().is_closed() || snap.revoked_spiffe_ids.iter().any(|r| r == id.as_str()) {
             let _ = tx.send(Err(revoked())).await;
             return;
         }
-        let pb = cache.get(&snap);
-        if tx.send(Ok(pb::Snapshot::clone(&pb))).await.is_err() {
-            return;
+        if !first || send_first(snap.version, resume_version) {
+            let pb = cache.get(&snap);
+            if tx.send(Ok(pb::Snapshot::clone(&pb))).await.is_err() {
+                return;
+            }
         }
+        first = false;
         guard.sent(snap.version);
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
@@ -155,9 +167,19 @@ impl ProxyApi for ProxyService {
             Status::from(e)
         })?;
         let rx = self.state.subscribe();
-        tracing::info!(proxy = %Capped(&body.proxy_name), %id, peer = %p.remote, "proxy watching");
+        tracing::info!(
+            proxy = %Capped(&body.proxy_name), %id, peer = %p.remote, resume_version = body.resume_version,
+            "proxy watching"
+        );
         let (tx, out) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(forward_snapshots(rx, tx, id, guard, self.cache.clone()));
+        tokio::spawn(forward_snapshots(
+            rx,
+            tx,
+            id,
+            guard,
+            self.cache.clone(),
+            body.resume_version,
+        ));
         let stream = tokio_stream::wrappers::ReceiverStream::new(out);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -204,5 +226,18 @@ impl ProxyApi for ProxyService {
             tracing::info!(%id, name = %Capped(&r.name), version, "endpoint withdrawn");
         }
         Ok(Response::new(pb::DeregisterEndpointResponse { version }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::send_first;
+
+    #[test]
+    fn a_resumed_watch_skips_only_the_version_it_holds() {
+        assert!(send_first(7, 0), "a new proxy gets the current snapshot");
+        assert!(!send_first(7, 7), "the proxy holds it");
+        assert!(send_first(8, 7), "newer than held");
+        assert!(send_first(6, 7), "another store's history: sent whole");
     }
 }
