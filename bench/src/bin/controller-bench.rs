@@ -1,10 +1,11 @@
 //! Controller benchmark: certificates issued per second, and the time for a policy change to reach N
 //! watching proxies (simulated in this process, each with its own mTLS connection and Watch stream).
 //!
-//! A program, not a test: it prints what it measured, one JSON line at the end. The controller runs
-//! in-process on 127.0.0.1:0 over a real sled directory (or the etcd given with `--store`) and real TLS,
-//! exactly as `quicmesh controller` does.
-//! Needs about 2 file descriptors per watcher (`ulimit -n`).
+//! A program, not a test: it prints what it measured, one JSON line at the end. The controller runs in a
+//! child process (this program again, with `--serve`) on 127.0.0.1:0 over a real sled directory (or the
+//! etcd given with `--store`) and real TLS, exactly as `quicmesh controller` does: its resident memory
+//! is measured apart from the simulated proxies', and each process needs one file descriptor per
+//! watcher (`ulimit -n`). All watchers connect at the same instant, as after a controller restart.
 
 use std::{
     sync::{
@@ -18,7 +19,10 @@ use clap::Parser;
 use hdrhistogram::Histogram;
 use quicmesh_controller::{Controller, client, state::StateOptions};
 use quicmesh_proto::controller as pb;
-use quicmesh_transport::identity::{SpiffeId, ca::generate_csr};
+use quicmesh_transport::{
+    control::failover,
+    identity::{SpiffeId, ca::generate_csr},
+};
 use tokio::sync::watch;
 
 #[derive(Debug, Parser)]
@@ -51,17 +55,25 @@ struct Args {
     /// etcd key prefix with --store.
     #[arg(long, default_value = "/quicmesh-bench/")]
     etcd_prefix: String,
+    /// Internal: be the controller (prints `{"addr","token","bundle"}`, serves until stdin closes).
+    #[arg(long, hide = true)]
+    serve: bool,
 }
 
-type AnyError = Box<dyn std::error::Error + Send + Sync>;
-
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
+/// Resident and peak resident memory of process `pid` in MB (Linux `/proc`), if readable.
+fn rss_mb(pid: u32) -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+    };
+    Some((kb("VmRSS:")? / 1024.0, kb("VmHWM:")? / 1024.0))
 }
 
-#[tokio::main]
-async fn main() -> Result<(), AnyError> {
-    let args = Args::parse();
+/// The controller process: binds, prints where it is, serves until stdin closes.
+async fn serve(args: &Args) -> Result<(), AnyError> {
     let dir = tempfile::tempdir()?;
     let controller = Controller::bind(
         StateOptions {
@@ -88,10 +100,73 @@ async fn main() -> Result<(), AnyError> {
         "127.0.0.1:0".parse()?,
     )
     .await?;
-    let addr = controller.addr().to_string();
-    let token = controller.admin_token().ok_or("no admin token")?.to_owned();
-    let bundle = controller.state().bundle();
+    println!(
+        "{}",
+        serde_json::json!({
+            "addr": controller.addr().to_string(),
+            "token": controller.admin_token().ok_or("no admin token")?,
+            "bundle": controller.state().bundle(),
+        })
+    );
     tokio::spawn(controller.serve(std::future::pending()));
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while tokio::io::AsyncReadExt::read(&mut stdin, &mut buf).await? > 0 {}
+    Ok(())
+}
+
+/// Starts the controller process; its address, admin token, trust bundle.
+async fn spawn_controller(
+    args: &Args,
+) -> Result<(tokio::process::Child, String, String, Vec<String>), AnyError> {
+    use tokio::io::AsyncBufReadExt;
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--serve", "--watchers", &args.watchers.to_string()]);
+    if let Some(s) = &args.store {
+        cmd.args(["--store", s, "--etcd-prefix", &args.etcd_prefix]);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let line = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::io::BufReader::new(out).lines().next_line(),
+    )
+    .await
+    .map_err(|_| "the controller was not ready in 60 s")??
+    .ok_or("the controller exited before it was ready")?;
+    let v: serde_json::Value = serde_json::from_str(&line)?;
+    let text = |k: &str| {
+        v[k].as_str()
+            .map(str::to_owned)
+            .ok_or(format!("{k} in {line}"))
+    };
+    let bundle = v["bundle"]
+        .as_array()
+        .ok_or("bundle")?
+        .iter()
+        .filter_map(|b| b.as_str().map(str::to_owned))
+        .collect();
+    Ok((child, text("addr")?, text("token")?, bundle))
+}
+
+type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+#[tokio::main]
+async fn main() -> Result<(), AnyError> {
+    let args = Args::parse();
+    if args.serve {
+        return serve(&args).await;
+    }
+    let (child, addr, token, bundle) = spawn_controller(&args).await?;
+    let pid = child.id().ok_or("controller pid")?;
     let mut admin = client::admin(
         client::connect(&addr, &bundle, None, Some(Duration::from_secs(30))).await?,
         &token,
@@ -188,20 +263,40 @@ async fn main() -> Result<(), AnyError> {
         Arc::new((0..args.watchers).map(|_| AtomicU64::new(0)).collect());
     let epoch = Instant::now();
     let connect_started = Instant::now();
+    let retries = Arc::new(AtomicU64::new(0));
     let mut connecting = Vec::new();
     for w in 0..args.watchers {
         let (addr, bundle, cert, key) = (addr.clone(), bundle.clone(), cert.clone(), key.clone());
         let (latest, arrival_us, seen_tx) = (latest.clone(), arrival_us.clone(), seen_tx.clone());
+        let retries = retries.clone();
         connecting.push(tokio::spawn(async move {
-            let ch = client::connect(&addr, &bundle, Some((&cert, &key)), None).await?;
-            let mut stream = client::proxy(ch)
-                .watch(pb::WatchRequest {
-                    proxy_name: format!("bench-{w}"),
-                    spiffe_ids: vec![],
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
+            // As a proxy does: a failed attempt (connect or handshake deadline in the storm) is
+            // retried after the jittered delay of `failover::retry_delay`.
+            let mut failures = 0u32;
+            let mut stream = loop {
+                let attempt = async {
+                    let ch = client::connect(&addr, &bundle, Some((&cert, &key)), None).await?;
+                    let stream = client::proxy(ch)
+                        .watch(pb::WatchRequest {
+                            proxy_name: format!("bench-{w}"),
+                            spiffe_ids: vec![],
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_inner();
+                    Ok::<_, AnyError>(stream)
+                };
+                match attempt.await {
+                    Ok(s) => break s,
+                    Err(e) if failures >= 20 => return Err(e),
+                    Err(_) => {
+                        failures += 1;
+                        retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(failover::retry_delay(failures, 1, rand::random()))
+                            .await;
+                    }
+                }
+            };
             tokio::spawn(async move {
                 while let Ok(Some(snap)) = stream.message().await {
                     arrival_us[w].store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -220,11 +315,14 @@ async fn main() -> Result<(), AnyError> {
     while !all_at(1) {
         seen_rx.changed().await?;
     }
+    let connect_s = connect_started.elapsed().as_secs_f64();
+    let (rss_connected, _) = rss_mb(pid).unwrap_or_default();
     println!(
-        "watch: {} watchers connected and holding the first snapshot in {:.1}s",
+        "watch: {} watchers connected at once and holding the first snapshot in {connect_s:.1}s ({} retried attempts); controller RSS {rss_connected:.0} MB",
         args.watchers,
-        connect_started.elapsed().as_secs_f64()
+        retries.load(Ordering::Relaxed),
     );
+    let mut last_receipt = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
 
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
@@ -274,6 +372,7 @@ async fn main() -> Result<(), AnyError> {
         for a in arrival_us.iter() {
             h.record(a.load(Ordering::Relaxed).saturating_sub(sent_us).max(1))?;
         }
+        last_receipt.record(h.max().max(1))?;
         println!(
             "push round {round}: version {version}, write acknowledged after {:.1} ms; reached watchers p50 {:.1} ms, p99 {:.1} ms, all {} in {:.1} ms",
             (acked_us - sent_us) as f64 / 1000.0,
@@ -290,10 +389,24 @@ async fn main() -> Result<(), AnyError> {
             "all_ms": h.max() as f64 / 1000.0,
         }));
     }
+    let (rss, rss_peak) = rss_mb(pid).unwrap_or_default();
+    println!(
+        "apply to the last watcher's receipt over {} rounds: p50 {:.1} ms, p99 {:.1} ms; controller RSS {rss:.0} MB (peak {rss_peak:.0} MB)",
+        args.rounds,
+        ms(&last_receipt, 0.5),
+        ms(&last_receipt, 0.99),
+    );
     println!(
         "{}",
         serde_json::json!({
             "bench": "controller",
+            "store": args.store.as_deref().unwrap_or("sled"),
+            "connect_s": connect_s,
+            "connect_retries": retries.load(Ordering::Relaxed),
+            "last_receipt_p50_ms": ms(&last_receipt, 0.5),
+            "last_receipt_p99_ms": ms(&last_receipt, 0.99),
+            "controller_rss_mb": rss,
+            "controller_rss_peak_mb": rss_peak,
             "certs": certs,
             "cert_seconds": elapsed,
             "certs_per_sec": certs_per_sec,
@@ -304,5 +417,6 @@ async fn main() -> Result<(), AnyError> {
             "push": rounds,
         })
     );
+    drop(child);
     Ok(())
 }
