@@ -972,6 +972,75 @@ async fn watch_streams_are_bounded_per_identity(store: Backend) {
     h.stop().await;
 }
 
+/// Certificates are signed in parallel and committed in groups: a single-use token sent by many callers
+/// at once still buys exactly one certificate, and a reusable one as many, each with its own audit
+/// record.
+async fn concurrent_certify_is_grouped_and_spends_a_token_once(store: Backend) {
+    const CALLERS: usize = 24;
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
+    for reusable in [false, true] {
+        let token = h.token("shop", "cart", 600, reusable).await;
+        let proxy = h.proxy_anon().await;
+        let attempts = (0..CALLERS).map(|_| {
+            let mut p = proxy.clone();
+            let token = token.clone();
+            let (csr, _) = generate_csr(&id("shop", "cart")).expect("csr");
+            async move {
+                p.certify(pb::CertifyRequest {
+                    csr_pem: csr,
+                    join_token: token,
+                })
+                .await
+            }
+        });
+        let mut serials = std::collections::BTreeSet::new();
+        let mut refused = 0;
+        for r in futures_join_all(attempts).await {
+            match r {
+                Ok(c) => assert!(serials.insert(c.into_inner().serial_hex), "serial twice"),
+                Err(e) if e.code() == Code::Unauthenticated => {
+                    assert!(e.message().contains("already used"), "{}", e.message());
+                    refused += 1;
+                }
+                Err(e) => panic!("unexpected: {e}"),
+            }
+        }
+        let expected = if reusable { CALLERS } else { 1 };
+        assert_eq!(
+            (serials.len(), refused),
+            (expected, CALLERS - expected),
+            "reusable {reusable}"
+        );
+        let audit = h
+            .admin
+            .list_issued_certificates(pb::ListIssuedCertificatesRequest { limit: 1000 })
+            .await
+            .expect("audit")
+            .into_inner()
+            .certificates;
+        for s in &serials {
+            assert_eq!(
+                audit.iter().filter(|a| &a.serial_hex == s).count(),
+                1,
+                "one audit record per certificate"
+            );
+        }
+    }
+    let audit = h
+        .admin
+        .list_issued_certificates(pb::ListIssuedCertificatesRequest { limit: 1000 })
+        .await
+        .expect("audit")
+        .into_inner()
+        .certificates;
+    assert_eq!(
+        audit.len(),
+        CALLERS + 1,
+        "nothing recorded for refused attempts"
+    );
+    h.stop().await;
+}
+
 /// Runs every future concurrently (each on its own task) and collects the outputs in order.
 async fn futures_join_all<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
@@ -1499,4 +1568,5 @@ on_both_stores!(
     health_service_answers_without_credentials,
     reflection_lists_the_controller_services,
     csrs_are_signed_only_for_p256_keys_and_others_are_named,
+    concurrent_certify_is_grouped_and_spends_a_token_once,
 );
