@@ -1041,6 +1041,71 @@ async fn concurrent_certify_is_grouped_and_spends_a_token_once(store: Backend) {
     h.stop().await;
 }
 
+/// A Watch that asks for deltas gets the whole snapshot first, then only what changed (and what was
+/// removed), each on the version it was last sent; applied in turn they equal the whole snapshots a
+/// plain Watch receives.
+async fn watch_with_deltas_sends_what_changed(store: Backend) {
+    use quicmesh_transport::control::delta;
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
+    for name in ["a", "b", "c"] {
+        h.admin
+            .apply(service("shop", name, 80))
+            .await
+            .expect("service");
+    }
+    let (mut proxy, _, _) = h.joined("shop", "cart").await;
+    let mut deltas = proxy
+        .watch(pb::WatchRequest {
+            proxy_name: "deltas".into(),
+            deltas: true,
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut whole = proxy
+        .watch(pb::WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = next(&mut deltas).await;
+    assert_eq!(first.base_version, 0, "the first is whole");
+    assert_eq!(first.services.len(), 3);
+    assert_eq!(next(&mut whole).await, first);
+    let mut held = first;
+
+    h.admin
+        .apply(service("shop", "b", 81))
+        .await
+        .expect("change b");
+    let d = next(&mut deltas).await;
+    assert_eq!(d.base_version, held.version);
+    assert_eq!(d.services.len(), 1, "only the changed service: {d:?}");
+    assert_eq!(
+        d.services[0].metadata.as_ref().map(|m| m.name.as_str()),
+        Some("b")
+    );
+    assert!(!d.trust_bundle_pem.is_empty(), "the bundle is always whole");
+    held = delta::apply(Some(&held), &d).expect("applies");
+    assert_eq!(held, next(&mut whole).await);
+
+    h.admin
+        .delete(pb::ResourceRef {
+            kind: pb::Kind::Service as i32,
+            namespace: "shop".into(),
+            name: "c".into(),
+        })
+        .await
+        .expect("delete c");
+    let d = next(&mut deltas).await;
+    assert_eq!(d.base_version, held.version);
+    assert!(d.services.is_empty(), "{d:?}");
+    assert_eq!(d.removed_services, vec!["shop/c".to_owned()]);
+    held = delta::apply(Some(&held), &d).expect("applies");
+    assert_eq!(held, next(&mut whole).await);
+    h.stop().await;
+}
+
 /// Runs every future concurrently (each on its own task) and collects the outputs in order.
 async fn futures_join_all<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
@@ -1569,4 +1634,5 @@ on_both_stores!(
     reflection_lists_the_controller_services,
     csrs_are_signed_only_for_p256_keys_and_others_are_named,
     concurrent_certify_is_grouped_and_spends_a_token_once,
+    watch_with_deltas_sends_what_changed,
 );

@@ -11,6 +11,7 @@
 //! proxy holds, so an unchanged mesh is not sent again. This module only writes the state; what the
 //! proxy does with it is decided in [`crate::state`].
 
+pub mod delta;
 pub mod failover;
 
 use std::{
@@ -319,6 +320,8 @@ struct Held {
     version: u64,
     /// The trust bundle last applied.
     bundle: Vec<String>,
+    /// The whole snapshot last applied (deltas apply to it).
+    snapshot: Option<pb::Snapshot>,
 }
 
 /// What the Watch follower applies snapshots to and registers.
@@ -408,6 +411,7 @@ impl Follower {
             proxy_name: self.proxy_name.clone(),
             spiffe_ids: self.creds.id().map(|i| i.to_string()).into_iter().collect(),
             resume_version: held.version,
+            deltas: true,
         };
         let mut stream = match tokio::time::timeout(CALL_TIMEOUT, client.watch(req)).await {
             Ok(Ok(s)) => s.into_inner(),
@@ -418,7 +422,16 @@ impl Follower {
         tracing::info!(controller = %self.controller.address(at), resume_version = held.version, "watching the controller");
         loop {
             match tokio::time::timeout(WATCH_IDLE, stream.message()).await {
-                Ok(Ok(Some(snap))) => self.apply(&snap, held),
+                Ok(Ok(Some(msg))) => {
+                    // A delta on a version we do not hold: watch again (the controller then sends
+                    // the whole snapshot unless it is the version we hold).
+                    let snap = match delta::apply(held.snapshot.as_ref(), &msg) {
+                        Ok(s) => s,
+                        Err(e) => return e.to_string(),
+                    };
+                    self.apply(&snap, held);
+                    held.snapshot = Some(snap);
+                }
                 Ok(Ok(None)) => return "Watch stream ended".into(),
                 Ok(Err(s)) => return format!("Watch: {:?}: {}", s.code(), s.message()),
                 Err(_) => return format!("no snapshot for {WATCH_IDLE:?}; reconnecting"),

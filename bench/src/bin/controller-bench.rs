@@ -55,6 +55,12 @@ struct Args {
     /// etcd key prefix with --store.
     #[arg(long, default_value = "/quicmesh-bench/")]
     etcd_prefix: String,
+    /// Services created before the watchers connect (a mesh of realistic size for the bytes per change).
+    #[arg(long, default_value_t = 0)]
+    services: usize,
+    /// Watchers ask for whole snapshots only (no deltas), as proxies before incremental Watch.
+    #[arg(long)]
+    whole: bool,
     /// Internal: be the controller (prints `{"addr","token","bundle"}`, serves until stdin closes).
     #[arg(long, hide = true)]
     serve: bool,
@@ -254,6 +260,26 @@ async fn main() -> Result<(), AnyError> {
         .into_iter()
         .next()
         .ok_or("no certificate")?;
+    for i in 0..args.services {
+        admin
+            .apply(pb::Resource {
+                resource: Some(pb::resource::Resource::Service(pb::Service {
+                    metadata: Some(pb::Metadata {
+                        name: format!("svc-{i}"),
+                        namespace: "bench".into(),
+                        ..Default::default()
+                    }),
+                    ports: vec![pb::ServicePort {
+                        port: 8080,
+                        protocol: pb::PortProtocol::Http as i32,
+                        name: String::new(),
+                    }],
+                    versions: vec!["v1".into(), "v2".into()],
+                    identities: vec![],
+                })),
+            })
+            .await?;
+    }
     // Each watcher reports the newest version it received and when.
     let (seen_tx, _) = watch::channel(());
     let seen_tx = Arc::new(seen_tx);
@@ -264,11 +290,15 @@ async fn main() -> Result<(), AnyError> {
     let epoch = Instant::now();
     let connect_started = Instant::now();
     let retries = Arc::new(AtomicU64::new(0));
+    let first_bytes = Arc::new(AtomicU64::new(0));
+    let change_bytes = Arc::new(AtomicU64::new(0));
     let mut connecting = Vec::new();
     for w in 0..args.watchers {
         let (addr, bundle, cert, key) = (addr.clone(), bundle.clone(), cert.clone(), key.clone());
         let (latest, arrival_us, seen_tx) = (latest.clone(), arrival_us.clone(), seen_tx.clone());
         let retries = retries.clone();
+        let (first_bytes, change_bytes, whole) =
+            (first_bytes.clone(), change_bytes.clone(), args.whole);
         connecting.push(tokio::spawn(async move {
             // As a proxy does: a failed attempt (connect or handshake deadline in the storm) is
             // retried after the jittered delay of `failover::retry_delay`.
@@ -280,6 +310,7 @@ async fn main() -> Result<(), AnyError> {
                         .watch(pb::WatchRequest {
                             proxy_name: format!("bench-{w}"),
                             spiffe_ids: vec![],
+                            deltas: !whole,
                             ..Default::default()
                         })
                         .await?
@@ -298,7 +329,15 @@ async fn main() -> Result<(), AnyError> {
                 }
             };
             tokio::spawn(async move {
+                let mut first = true;
                 while let Ok(Some(snap)) = stream.message().await {
+                    let len = prost::Message::encoded_len(&snap) as u64;
+                    if first {
+                        first_bytes.fetch_add(len, Ordering::Relaxed);
+                        first = false;
+                    } else {
+                        change_bytes.fetch_add(len, Ordering::Relaxed);
+                    }
                     arrival_us[w].store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
                     latest[w].store(snap.version, Ordering::Release);
                     seen_tx.send_replace(());
@@ -390,6 +429,19 @@ async fn main() -> Result<(), AnyError> {
         }));
     }
     let (rss, rss_peak) = rss_mb(pid).unwrap_or_default();
+    let watchers = args.watchers.max(1) as f64;
+    let first_per_watcher = first_bytes.load(Ordering::Relaxed) as f64 / watchers;
+    let change_per_watcher =
+        change_bytes.load(Ordering::Relaxed) as f64 / watchers / args.rounds.max(1) as f64;
+    println!(
+        "bytes sent per watcher: first snapshot {first_per_watcher:.0}, per change {change_per_watcher:.0} ({}; {} services)",
+        if args.whole {
+            "whole snapshots"
+        } else {
+            "deltas"
+        },
+        args.services,
+    );
     println!(
         "apply to the last watcher's receipt over {} rounds: p50 {:.1} ms, p99 {:.1} ms; controller RSS {rss:.0} MB (peak {rss_peak:.0} MB)",
         args.rounds,
@@ -402,6 +454,10 @@ async fn main() -> Result<(), AnyError> {
             "bench": "controller",
             "store": args.store.as_deref().unwrap_or("sled"),
             "connect_s": connect_s,
+            "deltas": !args.whole,
+            "services": args.services,
+            "first_snapshot_bytes": first_per_watcher,
+            "bytes_per_change": change_per_watcher,
             "connect_retries": retries.load(Ordering::Relaxed),
             "last_receipt_p50_ms": ms(&last_receipt, 0.5),
             "last_receipt_p99_ms": ms(&last_receipt, 0.99),
