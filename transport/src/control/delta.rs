@@ -3,7 +3,8 @@
 //!
 //! After the first whole snapshot a proxy that asked for deltas receives only the services, endpoints and
 //! policies added or changed since the version it holds, and the keys of those removed; the trust bundle
-//! and the revocation list are small and always whole. A mesh of thousands of proxies then moves a
+//! only when it changed (a mesh always has a root, so an empty one means unchanged), the revocation list
+//! always whole (empty is a real value there). A mesh of thousands of proxies then moves a
 //! few hundred bytes per proxy and change instead of the whole mesh. The controller computes [`diff`]
 //! once per pair of versions; the proxy rebuilds the whole snapshot with [`apply`] and from it its
 //! state, exactly as from a whole snapshot, so the two paths cannot disagree. Pure functions.
@@ -77,7 +78,11 @@ pub fn diff(prev: &pb::Snapshot, next: &pb::Snapshot) -> pb::Snapshot {
         services,
         endpoints,
         policies,
-        trust_bundle_pem: next.trust_bundle_pem.clone(),
+        trust_bundle_pem: if prev.trust_bundle_pem == next.trust_bundle_pem {
+            Vec::new()
+        } else {
+            next.trust_bundle_pem.clone()
+        },
         revoked_spiffe_ids: next.revoked_spiffe_ids.clone(),
         base_version: prev.version,
         removed_services,
@@ -125,7 +130,11 @@ pub fn apply(held: Option<&pb::Snapshot>, msg: &pb::Snapshot) -> Result<pb::Snap
         policies: apply_list(&held.policies, &msg.policies, &msg.removed_policies, |p| {
             p.metadata.as_ref()
         }),
-        trust_bundle_pem: msg.trust_bundle_pem.clone(),
+        trust_bundle_pem: if msg.trust_bundle_pem.is_empty() {
+            held.trust_bundle_pem.clone()
+        } else {
+            msg.trust_bundle_pem.clone()
+        },
         revoked_spiffe_ids: msg.revoked_spiffe_ids.clone(),
         ..Default::default()
     })
@@ -205,8 +214,17 @@ mod tests {
         assert_eq!(d.removed_services, vec!["shop/b".to_owned()]);
         assert_eq!(d.endpoints, vec![endpoint("e3", "127.0.0.1:3")]);
         assert_eq!(d.removed_endpoints, vec!["shop/e2".to_owned()]);
-        assert_eq!(d.trust_bundle_pem, next.trust_bundle_pem, "always whole");
+        assert!(d.trust_bundle_pem.is_empty(), "unchanged bundle left out");
         assert_eq!(apply(Some(&prev), &d), Ok(next.clone()));
+        // A new bundle travels whole.
+        let rotated = pb::Snapshot {
+            version: 10,
+            trust_bundle_pem: vec!["root".into(), "new root".into()],
+            ..next.clone()
+        };
+        let d = diff(&next, &rotated);
+        assert_eq!(d.trust_bundle_pem, rotated.trust_bundle_pem);
+        assert_eq!(apply(Some(&next), &d), Ok(rotated.clone()));
         // Nothing changed: an empty delta, and applying it changes only the version.
         let same = diff(
             &next,
