@@ -11,7 +11,7 @@
 //! test handshakes with. Any other key (P-384, RSA, Ed25519, ...) is refused with its name before the
 //! signature is even checked, and every signed leaf is checked to carry exactly the CSR's public key.
 
-use std::{net::IpAddr, time::Duration};
+use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use quicmesh_transport::identity::{CaError, CertificateAuthority, SpiffeId, inspect};
 use rcgen::{
@@ -119,9 +119,60 @@ pub struct Signed {
     pub root_fingerprint: String,
 }
 
+/// The active root's signing key, shared: what signing a CSR needs (no lock, any thread).
+#[derive(Clone)]
+pub struct Signer {
+    ca: Arc<CertificateAuthority>,
+    root_fingerprint: String,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("root", &self.root_fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// Signs `csr_pem` for `granted`, valid from `now - BACKDATE` for `ttl`: CPU only (CSR signature
+    /// check, signing, checking the leaf carries the CSR's key).
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        granted: &SpiffeId,
+        now: OffsetDateTime,
+        ttl: Duration,
+    ) -> Result<Signed, IssueError> {
+        // Sign the very CSR that was checked (parsed and verified once), not whatever another PEM
+        // reader takes first.
+        let csr = checked_csr(csr_pem, granted)?;
+        let not_before = now - BACKDATE;
+        let not_after = now + ttl;
+        let cert_pem = self
+            .ca
+            .sign_csr_params(&csr, granted, not_before, not_after)
+            .map_err(|e| match e {
+                CaError::Csr(e) => IssueError::Csr(e.to_string()),
+                e => IssueError::Ca(e),
+            })?;
+        let info =
+            inspect::CertInfo::from_pem(&cert_pem).map_err(|e| IssueError::Root(e.to_string()))?;
+        same_public_key(csr_pem, &cert_pem)?;
+        Ok(Signed {
+            cert_pem,
+            spiffe_id: granted.clone(),
+            not_before: info.not_before,
+            not_after: info.not_after,
+            serial_hex: info.serial_hex,
+            root_fingerprint: self.root_fingerprint.clone(),
+        })
+    }
+}
+
 /// The CA state in memory: the active root and every root still in the bundle.
 pub struct Issuer {
-    active: CertificateAuthority,
+    active: Arc<CertificateAuthority>,
     roots: Vec<RootRecord>,
 }
 
@@ -150,7 +201,10 @@ impl Issuer {
             .find(|r| r.active)
             .ok_or_else(|| IssueError::Root("no active root in the store".into()))?;
         let ca = CertificateAuthority::from_pem(&active.cert_pem, &active.key_pem)?;
-        Ok(Self { active: ca, roots })
+        Ok(Self {
+            active: Arc::new(ca),
+            roots,
+        })
     }
 
     /// Generates a new root for `trust_domain`.
@@ -204,7 +258,7 @@ impl Issuer {
         }
         changed.push(new.clone());
         self.roots.push(new);
-        self.active = ca;
+        self.active = Arc::new(ca);
         Ok(changed)
     }
 
@@ -237,40 +291,40 @@ impl Issuer {
         now: OffsetDateTime,
         ttl: Duration,
     ) -> Result<(Signed, RootRecord), IssueError> {
-        // Sign the very block that was checked, not whatever another PEM reader takes first.
-        let der = checked_csr_der(csr_pem, granted)?;
-        let not_before = now - BACKDATE;
-        let not_after = now + ttl;
-        let cert_pem = self
-            .active
-            .sign_csr_der(&der, granted, not_before, not_after)
-            .map_err(|e| match e {
-                CaError::Csr(e) => IssueError::Csr(e.to_string()),
-                e => IssueError::Ca(e),
-            })?;
-        let info =
-            inspect::CertInfo::from_pem(&cert_pem).map_err(|e| IssueError::Root(e.to_string()))?;
-        same_public_key(csr_pem, &cert_pem)?;
+        let signed = self.signer()?.sign(csr_pem, granted, now, ttl)?;
+        let root = self.record_leaf(&signed)?;
+        Ok((signed, root))
+    }
+
+    /// The active root as a [`Signer`]: signing needs no lock on the issuer, so certificates are
+    /// signed in parallel; [`Issuer::record_leaf`] then records each leaf on its root.
+    pub fn signer(&self) -> Result<Signer, IssueError> {
+        let root = self
+            .active_record()
+            .ok_or_else(|| IssueError::Root("no active root".into()))?;
+        Ok(Signer {
+            ca: self.active.clone(),
+            root_fingerprint: root.fingerprint.clone(),
+        })
+    }
+
+    /// Records `signed`'s expiry on the root that signed it (a root leaves the bundle only after its
+    /// last leaf expired); the updated record. Fails if that root is gone (retired meanwhile).
+    pub fn record_leaf(&mut self, signed: &Signed) -> Result<RootRecord, IssueError> {
         let root = self
             .roots
             .iter_mut()
-            .rev()
-            .find(|r| r.active)
-            .ok_or_else(|| IssueError::Root("no active root".into()))?;
+            .find(|r| r.fingerprint == signed.root_fingerprint)
+            .ok_or_else(|| {
+                IssueError::Root(format!(
+                    "root {} left the bundle while the certificate was signed",
+                    signed.root_fingerprint
+                ))
+            })?;
         root.max_leaf_not_after_unix = root
             .max_leaf_not_after_unix
-            .max(info.not_after.unix_timestamp());
-        Ok((
-            Signed {
-                cert_pem,
-                spiffe_id: granted.clone(),
-                not_before: info.not_before,
-                not_after: info.not_after,
-                serial_hex: info.serial_hex,
-                root_fingerprint: root.fingerprint.clone(),
-            },
-            root.clone(),
-        ))
+            .max(signed.not_after.unix_timestamp());
+        Ok(root.clone())
     }
 
     /// Issues the controller's own TLS certificate with a fresh key, signed by the oldest root in the
@@ -369,14 +423,14 @@ fn same_public_key(csr_pem: &str, cert_pem: &str) -> Result<(), IssueError> {
 /// Parses and verifies a CSR: one PEM block, a supported key type (named when refused), a valid
 /// signature; if it carries URI SANs, each must be `granted`.
 pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
-    checked_csr_der(csr_pem, granted).map(|_| ())
+    checked_csr(csr_pem, granted).map(|_| ())
 }
 
-/// [`check_csr`], returning the DER of the checked `CERTIFICATE REQUEST` block.
-fn checked_csr_der(
+/// [`check_csr`], returning the checked (parsed, signature-verified) request.
+fn checked_csr(
     csr_pem: &str,
     granted: &SpiffeId,
-) -> Result<rustls::pki_types::CertificateSigningRequestDer<'static>, IssueError> {
+) -> Result<CertificateSigningRequestParams, IssueError> {
     if csr_pem.is_empty() {
         return Err(IssueError::Csr("must not be empty".into()));
     }
@@ -405,7 +459,7 @@ fn checked_csr_der(
             granted: granted.to_string(),
         });
     }
-    Ok(der)
+    Ok(csr)
 }
 
 /// The one key type issued: ECDSA P-256 signed with SHA-256, what proxies generate and what the handshake

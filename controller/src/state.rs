@@ -144,7 +144,7 @@ fn create_private_dir(dir: &Path) -> Result<(), StartError> {
 pub struct State {
     db: Arc<Db>,
     resources: Arc<Resources>,
-    ca: Ca,
+    ca: Arc<Ca>,
     publisher: Publisher,
     registry: Arc<Registry>,
     admin_sha256: String,
@@ -319,7 +319,7 @@ impl State {
         let state = Arc::new(State {
             db,
             resources,
-            ca,
+            ca: Arc::new(ca),
             publisher: Publisher::new(snap),
             registry,
             admin_sha256,

@@ -238,6 +238,7 @@ async fn bootstrap_watch_register_and_renew(store: Backend) {
         .watch(pb::WatchRequest {
             proxy_name: "cart-0".into(),
             spiffe_ids: vec![],
+            ..Default::default()
         })
         .await
         .expect("watch")
@@ -931,6 +932,7 @@ async fn watch_streams_are_bounded_per_identity(store: Backend) {
             p.watch(pb::WatchRequest {
                 proxy_name: format!("p{i}"),
                 spiffe_ids: vec![],
+                ..Default::default()
             })
             .await
         }
@@ -967,6 +969,143 @@ async fn watch_streams_are_bounded_per_identity(store: Backend) {
             Err(e) => panic!("{e}"),
         }
     }
+    h.stop().await;
+}
+
+/// Certificates are signed in parallel and committed in groups: a single-use token sent by many callers
+/// at once still buys exactly one certificate, and a reusable one as many, each with its own audit
+/// record.
+async fn concurrent_certify_is_grouped_and_spends_a_token_once(store: Backend) {
+    const CALLERS: usize = 24;
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
+    for reusable in [false, true] {
+        let token = h.token("shop", "cart", 600, reusable).await;
+        let proxy = h.proxy_anon().await;
+        let attempts = (0..CALLERS).map(|_| {
+            let mut p = proxy.clone();
+            let token = token.clone();
+            let (csr, _) = generate_csr(&id("shop", "cart")).expect("csr");
+            async move {
+                p.certify(pb::CertifyRequest {
+                    csr_pem: csr,
+                    join_token: token,
+                })
+                .await
+            }
+        });
+        let mut serials = std::collections::BTreeSet::new();
+        let mut refused = 0;
+        for r in futures_join_all(attempts).await {
+            match r {
+                Ok(c) => assert!(serials.insert(c.into_inner().serial_hex), "serial twice"),
+                Err(e) if e.code() == Code::Unauthenticated => {
+                    assert!(e.message().contains("already used"), "{}", e.message());
+                    refused += 1;
+                }
+                Err(e) => panic!("unexpected: {e}"),
+            }
+        }
+        let expected = if reusable { CALLERS } else { 1 };
+        assert_eq!(
+            (serials.len(), refused),
+            (expected, CALLERS - expected),
+            "reusable {reusable}"
+        );
+        let audit = h
+            .admin
+            .list_issued_certificates(pb::ListIssuedCertificatesRequest { limit: 1000 })
+            .await
+            .expect("audit")
+            .into_inner()
+            .certificates;
+        for s in &serials {
+            assert_eq!(
+                audit.iter().filter(|a| &a.serial_hex == s).count(),
+                1,
+                "one audit record per certificate"
+            );
+        }
+    }
+    let audit = h
+        .admin
+        .list_issued_certificates(pb::ListIssuedCertificatesRequest { limit: 1000 })
+        .await
+        .expect("audit")
+        .into_inner()
+        .certificates;
+    assert_eq!(
+        audit.len(),
+        CALLERS + 1,
+        "nothing recorded for refused attempts"
+    );
+    h.stop().await;
+}
+
+/// A Watch that asks for deltas gets the whole snapshot first, then only what changed (and what was
+/// removed), each on the version it was last sent; applied in turn they equal the whole snapshots a
+/// plain Watch receives.
+async fn watch_with_deltas_sends_what_changed(store: Backend) {
+    use quicmesh_transport::control::delta;
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
+    for name in ["a", "b", "c"] {
+        h.admin
+            .apply(service("shop", name, 80))
+            .await
+            .expect("service");
+    }
+    let (mut proxy, _, _) = h.joined("shop", "cart").await;
+    let mut deltas = proxy
+        .watch(pb::WatchRequest {
+            proxy_name: "deltas".into(),
+            deltas: true,
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut whole = proxy
+        .watch(pb::WatchRequest::default())
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = next(&mut deltas).await;
+    assert_eq!(first.base_version, 0, "the first is whole");
+    assert_eq!(first.services.len(), 3);
+    assert_eq!(next(&mut whole).await, first);
+    let mut held = first;
+
+    h.admin
+        .apply(service("shop", "b", 81))
+        .await
+        .expect("change b");
+    let d = next(&mut deltas).await;
+    assert_eq!(d.base_version, held.version);
+    assert_eq!(d.services.len(), 1, "only the changed service: {d:?}");
+    assert_eq!(
+        d.services[0].metadata.as_ref().map(|m| m.name.as_str()),
+        Some("b")
+    );
+    assert!(
+        d.trust_bundle_pem.is_empty(),
+        "an unchanged bundle is left out"
+    );
+    held = delta::apply(Some(&held), &d).expect("applies");
+    assert_eq!(held, next(&mut whole).await);
+
+    h.admin
+        .delete(pb::ResourceRef {
+            kind: pb::Kind::Service as i32,
+            namespace: "shop".into(),
+            name: "c".into(),
+        })
+        .await
+        .expect("delete c");
+    let d = next(&mut deltas).await;
+    assert_eq!(d.base_version, held.version);
+    assert!(d.services.is_empty(), "{d:?}");
+    assert_eq!(d.removed_services, vec!["shop/c".to_owned()]);
+    held = delta::apply(Some(&held), &d).expect("applies");
+    assert_eq!(held, next(&mut whole).await);
     h.stop().await;
 }
 
@@ -1638,4 +1777,6 @@ on_both_stores!(
     health_service_answers_without_credentials,
     reflection_lists_the_controller_services,
     csrs_are_signed_only_for_p256_keys_and_others_are_named,
+    concurrent_certify_is_grouped_and_spends_a_token_once,
+    watch_with_deltas_sends_what_changed,
 );

@@ -476,6 +476,7 @@ async fn peer_strings_are_capped_in_logs_and_watches_bounded() {
             .watch(pb::WatchRequest {
                 proxy_name: long.clone(),
                 spiffe_ids: vec![],
+                ..Default::default()
             })
             .await
         {

@@ -62,7 +62,8 @@ impl Proc {
         self.child.start_kill().expect("kill");
     }
 
-    async fn stop(&mut self) {
+    /// Kills the process (SIGKILL) and reaps it.
+    pub(crate) async fn stop(&mut self) {
         self.child.start_kill().expect("kill");
         let _ = self.child.wait().await;
     }
@@ -113,7 +114,13 @@ pub(crate) async fn admin_client(addr: SocketAddr, bundle: &Path, admin: &str) -
 
 /// Creates the Service `name` in `default` (served, by default, by the account named like it): secure
 /// naming lets an endpoint register only for an existing service whose identities allow it.
-async fn create_service(addr: SocketAddr, bundle: &Path, admin: &str, name: &str, port: u32) {
+pub(crate) async fn create_service(
+    addr: SocketAddr,
+    bundle: &Path,
+    admin: &str,
+    name: &str,
+    port: u32,
+) {
     admin_client(addr, bundle, admin)
         .await
         .apply(pb::Resource {
@@ -254,7 +261,7 @@ impl Mesh {
 }
 
 /// One request/response on a fresh tunneled connection.
-async fn exchange(target: SocketAddr, payload: &[u8]) -> Result<(), String> {
+pub(crate) async fn exchange(target: SocketAddr, payload: &[u8]) -> Result<(), String> {
     let back = roundtrip(target, payload, Duration::from_secs(10))
         .await
         .map_err(|e| e.to_string())?;

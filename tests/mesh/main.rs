@@ -10,6 +10,7 @@ mod controller_hardening;
 mod controller_mode;
 mod dataplane;
 mod endpoint;
+mod failover;
 mod http;
 mod naming;
 mod policy;

@@ -90,7 +90,13 @@ pub struct IdentityConfig {
 #[serde(deny_unknown_fields)]
 pub struct ControllerConfig {
     /// The controller's gRPC address, `host:port` (the host is verified against its certificate).
-    pub address: String,
+    /// Give this, `addresses`, or both (the lists are joined).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Several controllers of one mesh: the proxy starts at a random one and fails over to the next
+    /// when it loses it.
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// CA certificates (PEM) that verify the controller at bootstrap, e.g. its `trust-bundle.pem`.
     pub trust_bundle: PathBuf,
     /// Join token for the first certificate (or use `join_token_file`).
@@ -110,6 +116,19 @@ pub struct ControllerConfig {
     /// Address registered for the inbound endpoint; defaults to the bound one (loopback if unspecified).
     #[serde(default)]
     pub advertise: Option<SocketAddr>,
+}
+
+impl ControllerConfig {
+    /// Every configured controller address, `addresses` then `address`, without repeats.
+    pub fn all_addresses(&self) -> Vec<String> {
+        let mut all: Vec<String> = Vec::new();
+        for a in self.addresses.iter().chain(self.address.as_ref()) {
+            if !all.contains(a) {
+                all.push(a.clone());
+            }
+        }
+        all
+    }
 }
 
 /// The inbound QUIC endpoint.
@@ -497,11 +516,30 @@ impl ProxyConfig {
                     format!("must be between 0.1 and 0.9, got {}", c.renew_fraction),
                 ));
             }
-            if !c.address.contains(':') {
+            if c.address.is_none() && c.addresses.is_empty() {
                 return Err(ConfigError::new(
                     path,
                     "controller.address",
-                    format!("{:?} is not host:port", c.address),
+                    "missing: give address or addresses",
+                ));
+            }
+            if let Some(a) = c.address.as_ref().filter(|a| !a.contains(':')) {
+                return Err(ConfigError::new(
+                    path,
+                    "controller.address",
+                    format!("{a:?} is not host:port"),
+                ));
+            }
+            if let Some((i, a)) = c
+                .addresses
+                .iter()
+                .enumerate()
+                .find(|(_, a)| !a.contains(':'))
+            {
+                return Err(ConfigError::new(
+                    path,
+                    format!("controller.addresses[{i}]"),
+                    format!("{a:?} is not host:port"),
                 ));
             }
         }
@@ -757,6 +795,34 @@ port = 7
         assert_eq!(c.trust_bundle, PathBuf::from("/etc/qm/bundle.pem"));
         assert!((c.renew_fraction - 0.6).abs() < 1e-9);
         assert!(cfg.identity.is_none() && cfg.outbound[0].endpoints.is_empty());
+        assert_eq!(c.all_addresses(), ["127.0.0.1:7443"]);
+    }
+
+    #[test]
+    fn controller_addresses_are_a_list_or_one() {
+        let list = CONTROLLER.replace(
+            "address = \"127.0.0.1:7443\"",
+            "addresses = [\"127.0.0.1:1\", \"127.0.0.1:2\"]",
+        );
+        let cfg = ProxyConfig::parse(Path::new("p.toml"), &list).expect("list");
+        let c = cfg.controller.as_ref().expect("controller");
+        assert_eq!(c.all_addresses(), ["127.0.0.1:1", "127.0.0.1:2"]);
+        let both = CONTROLLER.replace(
+            "address = \"127.0.0.1:7443\"",
+            "address = \"127.0.0.1:2\"\naddresses = [\"127.0.0.1:1\", \"127.0.0.1:2\"]",
+        );
+        let cfg = ProxyConfig::parse(Path::new("p.toml"), &both).expect("both");
+        let c = cfg.controller.as_ref().expect("controller");
+        assert_eq!(c.all_addresses(), ["127.0.0.1:1", "127.0.0.1:2"]);
+        let none = CONTROLLER.replace("address = \"127.0.0.1:7443\"\n", "");
+        let err = ProxyConfig::parse(Path::new("p.toml"), &none).expect_err("none");
+        assert_eq!(err.key, "controller.address");
+        let bad = CONTROLLER.replace(
+            "address = \"127.0.0.1:7443\"",
+            "addresses = [\"127.0.0.1:1\", \"nowhere\"]",
+        );
+        let err = ProxyConfig::parse(Path::new("p.toml"), &bad).expect_err("bad");
+        assert_eq!(err.key, "controller.addresses[1]");
     }
 
     #[test]

@@ -6,13 +6,21 @@
 //! following `Watch`: each snapshot's trust bundle goes to the credentials, everything else becomes the
 //! proxy's [`MeshState`], built once per snapshot and swapped whole. When the controller is unreachable
 //! the proxy keeps working on the last state and its still-valid certificate, and reconnects with
-//! jittered exponential backoff. This module only writes the state; what the proxy does with it is
-//! decided in [`crate::state`].
+//! jittered exponential backoff. With several controllers configured it starts at a random one and
+//! moves to the next when it loses it ([`failover`]); a Watch resumed elsewhere names the version the
+//! proxy holds, so an unchanged mesh is not sent again. This module only writes the state; what the
+//! proxy does with it is decided in [`crate::state`].
+
+pub mod delta;
+pub mod failover;
 
 use std::{
     net::SocketAddr,
     path::Path,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -44,8 +52,8 @@ const STABLE: Duration = Duration::from_secs(10);
 /// What controller mode needs from the configuration file, read and checked.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
-    /// `host:port` of the controller.
-    pub address: String,
+    /// `host:port` of each controller (at least one).
+    pub addresses: Vec<String>,
     /// Roots that verify the controller (the configured bundle).
     pub roots: RootCertStore,
     /// Manager settings (identity, token, renewal share).
@@ -89,7 +97,7 @@ impl Bootstrap {
             )
         })?;
         Ok(Self {
-            address: c.address.clone(),
+            addresses: c.all_addresses(),
             roots,
             proxy_name: c
                 .proxy_name
@@ -121,42 +129,77 @@ fn tls_config(
     Ok(Arc::new(cfg))
 }
 
-/// The controller as seen by this proxy: address, how to verify it, and our credentials for mTLS.
+/// The controllers as seen by this proxy: their addresses, the one in use, how to verify them, and our
+/// credentials for mTLS. Clones share the choice: the identity manager and the Watch follower move
+/// together.
 #[derive(Debug, Clone)]
 pub struct Controller {
-    address: String,
+    addresses: Arc<[String]>,
+    current: Arc<AtomicUsize>,
     bootstrap_roots: RootCertStore,
     creds: Credentials,
 }
 
 impl Controller {
-    /// A client of the controller at `address`.
-    pub fn new(address: String, bootstrap_roots: RootCertStore, creds: Credentials) -> Self {
+    /// A client of the controllers at `addresses` (at least one), starting at a random one.
+    pub fn new(addresses: Vec<String>, bootstrap_roots: RootCertStore, creds: Credentials) -> Self {
+        let start = failover::first_choice(addresses.len(), rand::random());
         Self {
-            address,
+            addresses: addresses.into(),
+            current: Arc::new(AtomicUsize::new(start)),
             bootstrap_roots,
             creds,
         }
     }
 
-    /// Opens a channel; with `mtls` it presents our current certificate.
-    async fn channel(&self, mtls: bool, timeout: Option<Duration>) -> Result<Channel, String> {
+    /// Index of the controller in use.
+    fn current(&self) -> usize {
+        self.current.load(Ordering::Acquire)
+    }
+
+    fn address(&self, i: usize) -> &str {
+        self.addresses
+            .get(i)
+            .or_else(|| self.addresses.first())
+            .map_or("", String::as_str)
+    }
+
+    /// Moves off controller `failed`, unless another caller already did.
+    fn fail_over(&self, failed: usize) -> usize {
+        let next = failover::next_choice(failed, self.addresses.len());
+        match self
+            .current
+            .compare_exchange(failed, next, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => next,
+            Err(now) => now,
+        }
+    }
+
+    /// Opens a channel to controller `i`; with `mtls` it presents our current certificate.
+    async fn channel(
+        &self,
+        i: usize,
+        mtls: bool,
+        timeout: Option<Duration>,
+    ) -> Result<Channel, String> {
         // The configured bundle and the mesh bundle both verify the controller: the first covers an
         // operator-provided root, the second a root rotation learnt from snapshots.
         let mut roots = self.bootstrap_roots.clone();
         roots.roots.extend(self.creds.roots().roots.iter().cloned());
         let tls = tls_config(roots, mtls.then_some(&self.creds)).map_err(|e| e.to_string())?;
-        grpc::connect(&self.address, tls, timeout)
+        grpc::connect(self.address(i), tls, timeout)
             .await
             .map_err(|e| e.to_string())
     }
 
     async fn client(
         &self,
+        i: usize,
         mtls: bool,
         timeout: Option<Duration>,
     ) -> Result<ProxyApiClient<Channel>, String> {
-        Ok(ProxyApiClient::new(self.channel(mtls, timeout).await?)
+        Ok(ProxyApiClient::new(self.channel(i, mtls, timeout).await?)
             .max_decoding_message_size(grpc::MAX_MESSAGE))
     }
 }
@@ -169,7 +212,7 @@ impl Controller {
             return;
         }
         let work = async {
-            let mut client = self.client(true, Some(limit)).await?;
+            let mut client = self.client(self.current(), true, Some(limit)).await?;
             for e in endpoints {
                 let (namespace, name) = e
                     .metadata
@@ -204,16 +247,17 @@ fn status_error(s: &tonic::Status) -> CaClientError {
     }
 }
 
-impl CaClient for Controller {
-    async fn certify(
+impl Controller {
+    async fn certify_at(
         &self,
+        i: usize,
         csr_pem: String,
         join_token: Option<String>,
     ) -> Result<Issued, CaClientError> {
         let bootstrap = join_token.is_some();
         let call = async {
             let mut client = self
-                .client(!bootstrap, Some(CALL_TIMEOUT))
+                .client(i, !bootstrap, Some(CALL_TIMEOUT))
                 .await
                 .map_err(CaClientError::Unavailable)?;
             client
@@ -235,6 +279,31 @@ impl CaClient for Controller {
     }
 }
 
+impl CaClient for Controller {
+    /// Asks the controller in use; one that cannot be reached hands over to the next, each tried once.
+    async fn certify(
+        &self,
+        csr_pem: String,
+        join_token: Option<String>,
+    ) -> Result<Issued, CaClientError> {
+        let mut i = self.current();
+        let mut tried = 0;
+        loop {
+            match self
+                .certify_at(i, csr_pem.clone(), join_token.clone())
+                .await
+            {
+                Err(CaClientError::Unavailable(e)) if tried + 1 < self.addresses.len() => {
+                    tracing::warn!(controller = %self.address(i), error = %e, "controller unavailable for Certify; trying the next");
+                    i = self.fail_over(i);
+                    tried += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Whether a `RegisterEndpoint` error is the controller's answer (not a failure to reach it).
 fn registration_refused(code: tonic::Code) -> bool {
     use tonic::Code;
@@ -242,6 +311,17 @@ fn registration_refused(code: tonic::Code) -> bool {
         code,
         Code::PermissionDenied | Code::NotFound | Code::FailedPrecondition | Code::InvalidArgument
     )
+}
+
+/// What the follower holds from the snapshots it applied.
+#[derive(Debug, Default)]
+struct Held {
+    /// Version of the last snapshot applied (0: none yet), sent when resuming a Watch.
+    version: u64,
+    /// The trust bundle last applied.
+    bundle: Vec<String>,
+    /// The whole snapshot last applied (deltas apply to it).
+    snapshot: Option<pb::Snapshot>,
 }
 
 /// What the Watch follower applies snapshots to and registers.
@@ -271,12 +351,13 @@ impl Follower {
             _ = self.creds.wait_leaf() => {}
         }
         let mut failures = 0u32;
-        let mut last_bundle = Vec::new();
+        let mut held = Held::default();
         loop {
             let started = Instant::now();
+            let at = self.controller.current();
             let err = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                e = self.watch_once(&mut last_bundle) => e,
+                e = self.watch_once(at, &mut held) => e,
             };
             self.metrics.controller_connected.set(0);
             self.metrics.watch_failures.inc();
@@ -285,8 +366,13 @@ impl Follower {
             } else {
                 failures.saturating_add(1)
             };
-            let delay = manager::backoff(failures, rand::random(), Some(Duration::from_secs(40)));
-            tracing::warn!(error = %err, retry_in = ?delay, "controller unreachable; keeping the last configuration");
+            let next = self.controller.fail_over(at);
+            let delay =
+                failover::retry_delay(failures, self.controller.addresses.len(), rand::random());
+            tracing::warn!(
+                controller = %self.controller.address(at), error = %err, next = %self.controller.address(next),
+                retry_in = ?delay, "controller unreachable; keeping the last configuration"
+            );
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -294,8 +380,8 @@ impl Follower {
         }
     }
 
-    async fn watch_once(&self, last_bundle: &mut Vec<String>) -> String {
-        let mut client = match self.controller.client(true, None).await {
+    async fn watch_once(&self, at: usize, held: &mut Held) -> String {
+        let mut client = match self.controller.client(at, true, None).await {
             Ok(c) => c,
             Err(e) => return e,
         };
@@ -324,6 +410,8 @@ impl Follower {
         let req = pb::WatchRequest {
             proxy_name: self.proxy_name.clone(),
             spiffe_ids: self.creds.id().map(|i| i.to_string()).into_iter().collect(),
+            resume_version: held.version,
+            deltas: true,
         };
         let mut stream = match tokio::time::timeout(CALL_TIMEOUT, client.watch(req)).await {
             Ok(Ok(s)) => s.into_inner(),
@@ -331,9 +419,19 @@ impl Follower {
             Err(_) => return "Watch timed out".into(),
         };
         self.metrics.controller_connected.set(1);
+        tracing::info!(controller = %self.controller.address(at), resume_version = held.version, "watching the controller");
         loop {
             match tokio::time::timeout(WATCH_IDLE, stream.message()).await {
-                Ok(Ok(Some(snap))) => self.apply(&snap, last_bundle),
+                Ok(Ok(Some(msg))) => {
+                    // A delta on a version we do not hold: watch again (the controller then sends
+                    // the whole snapshot unless it is the version we hold).
+                    let snap = match delta::apply(held.snapshot.as_ref(), &msg) {
+                        Ok(s) => s,
+                        Err(e) => return e.to_string(),
+                    };
+                    self.apply(&snap, held);
+                    held.snapshot = Some(snap);
+                }
                 Ok(Ok(None)) => return "Watch stream ended".into(),
                 Ok(Err(s)) => return format!("Watch: {:?}: {}", s.code(), s.message()),
                 Err(_) => return format!("no snapshot for {WATCH_IDLE:?}; reconnecting"),
@@ -341,12 +439,13 @@ impl Follower {
         }
     }
 
-    fn apply(&self, snap: &pb::Snapshot, last_bundle: &mut Vec<String>) {
-        if !snap.trust_bundle_pem.is_empty() && snap.trust_bundle_pem != *last_bundle {
+    fn apply(&self, snap: &pb::Snapshot, held: &mut Held) {
+        held.version = snap.version;
+        if !snap.trust_bundle_pem.is_empty() && snap.trust_bundle_pem != held.bundle {
             match roots_from_pem(snap.trust_bundle_pem.join("\n").as_bytes()) {
                 Ok(r) => {
                     self.creds.set_roots(r);
-                    *last_bundle = snap.trust_bundle_pem.clone();
+                    held.bundle = snap.trust_bundle_pem.clone();
                     tracing::info!(roots = snap.trust_bundle_pem.len(), "trust bundle updated");
                 }
                 Err(e) => {

@@ -307,8 +307,11 @@ impl Proxy {
 
     fn start_control(&mut self, cfg: &ProxyConfig, boot: control::Bootstrap) {
         let stop = CancellationToken::new();
-        let controller =
-            control::Controller::new(boot.address.clone(), boot.roots.clone(), self.creds.clone());
+        let controller = control::Controller::new(
+            boot.addresses.clone(),
+            boot.roots.clone(),
+            self.creds.clone(),
+        );
         let register = match (&cfg.inbound, self.addresses.inbound) {
             (Some(i), Some(bound)) => {
                 let addr = boot.advertise.unwrap_or(match bound.ip() {

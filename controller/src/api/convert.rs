@@ -24,6 +24,7 @@ pub fn snapshot_to_pb(s: &Snapshot) -> pb::Snapshot {
         policies: s.policies.iter().map(policy_to_pb).collect(),
         trust_bundle_pem: s.trust_bundle_pem.clone(),
         revoked_spiffe_ids: s.revoked_spiffe_ids.clone(),
+        ..Default::default()
     }
 }
 

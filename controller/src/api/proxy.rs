@@ -2,15 +2,19 @@
 //!
 //! Credentials come from the connection, never from a request field: `Certify` accepts a join token or the
 //! verified client certificate, `Watch` and `RegisterEndpoint` only the client certificate, and a revoked
-//! identity gets nothing. A Watch stream sends the current snapshot at once, then the newest one after each
-//! change (intermediate versions may be skipped: a snapshot is whole); one identity may hold a bounded
+//! identity gets nothing. A Watch stream sends the current snapshot at once (unless it is the version the
+//! proxy says it holds, when it resumes after losing a controller), then the newest one after each
+//! change (intermediate versions may be skipped: a snapshot is whole), or to a proxy that asked for
+//! deltas only what changed since the version it was last sent (`quicmesh_transport::control::delta`,
+//! computed once per pair of versions; whole again when the delta would not be smaller); one identity
+//! may hold a bounded
 //! number of them (`RESOURCE_EXHAUSTED` past it), and they end with `PERMISSION_DENIED` when the identity
 //! is revoked. Strings a peer sends are capped before they are logged.
 
 use std::{pin::Pin, sync::Arc};
 
 use quicmesh_proto::controller::{self as pb, proxy_api_server::ProxyApi};
-use quicmesh_transport::identity::SpiffeId;
+use quicmesh_transport::{control::delta, identity::SpiffeId};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -68,11 +72,37 @@ fn mesh_identity<T>(req: &Request<T>) -> Result<(PeerInfo, SpiffeId), Status> {
     Ok((p, id))
 }
 
-/// The proto form of the newest snapshot, converted once per version for every watcher.
+/// The proto form of the newest snapshot, converted once per version for every watcher, and the newest
+/// delta, computed once for every watcher moving between the same two versions.
 #[derive(Debug, Default)]
-struct PbCache(std::sync::Mutex<Option<Arc<pb::Snapshot>>>);
+struct PbCache(
+    std::sync::Mutex<Option<Arc<pb::Snapshot>>>,
+    std::sync::Mutex<Option<Arc<pb::Snapshot>>>,
+);
 
 impl PbCache {
+    /// What to send a delta-watching stream that was last sent `prev`: the delta to `next`, or `next`
+    /// whole when the delta is not smaller.
+    fn delta(&self, prev: &pb::Snapshot, next: &Arc<pb::Snapshot>) -> Arc<pb::Snapshot> {
+        use prost::Message;
+        let mut cur = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cur {
+            Some(d) if d.base_version == prev.version && d.version == next.version => d.clone(),
+            _ => {
+                let d = delta::diff(prev, next);
+                let d = if d.encoded_len() < next.encoded_len() {
+                    Arc::new(d)
+                } else {
+                    next.clone()
+                };
+                if d.base_version != 0 {
+                    *cur = Some(d.clone());
+                }
+                d
+            }
+        }
+    }
+
     fn get(&self, snap: &Snapshot) -> Arc<pb::Snapshot> {
         let mut cur = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match &*cur {
@@ -86,15 +116,26 @@ impl PbCache {
     }
 }
 
-/// Sends the current snapshot, then each newer one, until the client goes away or its identity is revoked.
+/// Whether a Watch stream sends `version` first: not when the proxy already holds it.
+fn send_first(version: u64, resume_version: u64) -> bool {
+    resume_version == 0 || version != resume_version
+}
+
+/// Sends the current snapshot (unless the proxy holds that version), then each newer one, until the
+/// client goes away or its identity is revoked.
 async fn forward_snapshots(
     mut rx: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     tx: tokio::sync::mpsc::Sender<Result<pb::Snapshot, Status>>,
     id: SpiffeId,
     guard: WatchGuard,
     cache: Arc<PbCache>,
+    resume_version: u64,
+    deltas: bool,
 ) {
     let revoked = || Status::permission_denied(format!("identity {id} was revoked"));
+    let mut first = true;
+    // What this stream's proxy holds (deltas are computed from it).
+    let mut held: Option<Arc<pb::Snapshot>> = None;
     loop {
         let snap = rx.borrow_and_update().clone();
         if guard.closer().is_closed() || snap.revoked_spiffe_ids.iter().any(|r| r == id.as_str()) {
@@ -102,9 +143,17 @@ async fn forward_snapshots(
             return;
         }
         let pb = cache.get(&snap);
-        if tx.send(Ok(pb::Snapshot::clone(&pb))).await.is_err() {
-            return;
+        if !first || send_first(snap.version, resume_version) {
+            let msg = match (&held, deltas) {
+                (Some(prev), true) => cache.delta(prev, &pb),
+                _ => pb.clone(),
+            };
+            if tx.send(Ok(pb::Snapshot::clone(&msg))).await.is_err() {
+                return;
+            }
         }
+        held = Some(pb);
+        first = false;
         guard.sent(snap.version);
         tokio::select! {
             changed = rx.changed() => if changed.is_err() { return },
@@ -155,9 +204,20 @@ impl ProxyApi for ProxyService {
             Status::from(e)
         })?;
         let rx = self.state.subscribe();
-        tracing::info!(proxy = %Capped(&body.proxy_name), %id, peer = %p.remote, "proxy watching");
+        tracing::info!(
+            proxy = %Capped(&body.proxy_name), %id, peer = %p.remote, resume_version = body.resume_version,
+            "proxy watching"
+        );
         let (tx, out) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(forward_snapshots(rx, tx, id, guard, self.cache.clone()));
+        tokio::spawn(forward_snapshots(
+            rx,
+            tx,
+            id,
+            guard,
+            self.cache.clone(),
+            body.resume_version,
+            body.deltas,
+        ));
         let stream = tokio_stream::wrappers::ReceiverStream::new(out);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -208,5 +268,18 @@ impl ProxyApi for ProxyService {
             tracing::info!(%id, name = %Capped(&r.name), version, "endpoint withdrawn");
         }
         Ok(Response::new(pb::DeregisterEndpointResponse { version }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::send_first;
+
+    #[test]
+    fn a_resumed_watch_skips_only_the_version_it_holds() {
+        assert!(send_first(7, 0), "a new proxy gets the current snapshot");
+        assert!(!send_first(7, 7), "the proxy holds it");
+        assert!(send_first(8, 7), "newer than held");
+        assert!(send_first(6, 7), "another store's history: sent whole");
     }
 }

@@ -4,7 +4,12 @@
 //! Decisions are the pure functions of [`rules`] (token validity, who may get which identity, retention)
 //! and of [`crate::issuer`] (what a CSR may contain, the roots' lifecycle); this module reads the records
 //! they need under the store's write lock, asks, and writes the outcome as one batch, flushed before the
-//! answer. Root private keys are sealed with the key-encryption key before they are stored
+//! answer. Issuance is built for rate: the credential is checked and the CSR signed without the lock
+//! (signing on the blocking pool, so certificates are signed in parallel), then the leaf joins a queue;
+//! whoever takes the write lock next checks every queued leaf's credential again (a single-use token
+//! spent meanwhile, by another controller or by an earlier leaf of the same group, refuses it) and
+//! commits the whole group as one batch (group commit: one store write and one flush for many audit
+//! records and token spends). Root private keys are sealed with the key-encryption key before they are stored
 //! ([`crate::keystore`]).
 
 pub mod rules;
@@ -25,7 +30,7 @@ use self::rules::{AuditRecord, TokenRecord};
 use crate::{
     auth::{self, PeerInfo},
     error::{ApiError, StartError},
-    issuer::{Issuer, RootRecord},
+    issuer::{Issuer, RootRecord, Signed},
     keystore::Kek,
     model::{self, FieldError},
     resources::Resources,
@@ -41,6 +46,30 @@ const SERVING_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub const BUNDLE_FILE: &str = "trust-bundle.pem";
 /// Audit records looked at per pruning round (oldest first), to bound one batch.
 const PRUNE_BATCH: usize = 10_000;
+/// Most certificates committed in one batch (each is up to two writes; etcd's `--max-txn-ops` is 128
+/// by default).
+const ISSUE_GROUP: usize = 32;
+
+/// A signed leaf waiting for its group commit.
+struct Pending {
+    /// The join token it spends, if any.
+    token_id: Option<String>,
+    granted: SpiffeId,
+    signed: Signed,
+    audit: AuditRecord,
+    reply: tokio::sync::oneshot::Sender<Result<(), ApiError>>,
+}
+
+/// An error of a group's commit, for each of its members (conflicts stay conflicts: they are retried).
+fn group_error(e: &store::StoreError) -> ApiError {
+    match e {
+        store::StoreError::Conflict => ApiError::Store(store::StoreError::Conflict),
+        store::StoreError::Unavailable(m) => {
+            ApiError::Store(store::StoreError::Unavailable(m.clone()))
+        }
+        e => ApiError::Internal(e.to_string()),
+    }
+}
 
 /// How long dead join tokens and audit records are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +159,8 @@ pub struct Ca {
     tls: tls::ServingConfig,
     data_dir: PathBuf,
     retention: Retention,
+    /// Signed leaves waiting for the next group commit.
+    pending: Mutex<Vec<Pending>>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -270,6 +301,7 @@ impl Ca {
                     not_after,
                 }),
                 tls,
+                pending: Mutex::default(),
                 data_dir: s.data_dir,
                 retention: s.retention,
             },
@@ -368,17 +400,16 @@ impl Ca {
 
     /// Signs a CSR for the identity granted by a join token or by the caller's mesh certificate.
     pub async fn certify(
-        &self,
+        self: &Arc<Self>,
         csr_pem: &str,
         join_token: &str,
         peer: Option<&PeerInfo>,
     ) -> Result<Issued, ApiError> {
-        let guard = self.db.lock().await;
-        // Sign with the root the store says is active, and record the leaf on top of the store's record.
+        // Sign with the root the store says is active.
         self.refresh_roots()?;
         let t = now();
-        let mut ops = Vec::new();
-        let (granted, credential) = if !join_token.is_empty() {
+        // Who: checked here without the lock, and again under it before the commit.
+        let (granted, credential, token_id) = if !join_token.is_empty() {
             let id =
                 auth::join_token_id(join_token).map_err(|m| ApiError::Unauthenticated(m.into()))?;
             let invalid = || ApiError::Unauthenticated("join_token: not valid".into());
@@ -401,14 +432,9 @@ impl Ca {
                 .spiffe_id
                 .parse()
                 .map_err(|e| ApiError::Internal(format!("stored token identity: {e}")))?;
-            ops.push(Op::Put(
-                Tree::Tokens,
-                id.to_owned(),
-                store::encode(&rules::token_used(&rec, t.unix_timestamp()))?,
-            ));
-            (granted, format!("join-token:{id}"))
+            (granted, format!("join-token:{id}"), Some(id.to_owned()))
         } else if let Some(id) = peer.and_then(|p| p.spiffe_id.clone()) {
-            (id, "mtls".to_owned())
+            (id, "mtls".to_owned(), None)
         } else {
             return Err(ApiError::Unauthenticated(
                 "Certify needs a join_token or a mesh client certificate".into(),
@@ -416,14 +442,12 @@ impl Ca {
         };
         rules::may_issue(&granted, self.resources.is_revoked(&granted)?)
             .map_err(|r| ApiError::PermissionDenied(r.to_string()))?;
-        let (signed, root) = self
-            .lock_issuer()
-            .sign(csr_pem, &granted, t, self.leaf_ttl())?;
-        ops.push(Op::Put(
-            Tree::Roots,
-            root.fingerprint.clone(),
-            store::encode(&stored_form(&root))?,
-        ));
+        // Sign off the async threads, in parallel with other callers.
+        let signer = self.lock_issuer().signer()?;
+        let (csr, id, ttl) = (csr_pem.to_owned(), granted.clone(), self.leaf_ttl());
+        let signed = tokio::task::spawn_blocking(move || signer.sign(&csr, &id, t, ttl))
+            .await
+            .map_err(|e| ApiError::Internal(format!("signing task: {e}")))??;
         let audit = AuditRecord {
             serial_hex: signed.serial_hex.clone(),
             spiffe_id: granted.to_string(),
@@ -433,21 +457,141 @@ impl Ca {
             root_fingerprint: signed.root_fingerprint.clone(),
             peer_address: peer.map(|p| p.remote.to_string()).unwrap_or_default(),
         };
-        ops.push(Op::Put(
-            Tree::Audit,
-            format!("{:020}", self.db.revision() + 1),
-            store::encode(&audit)?,
-        ));
-        self.db.commit(guard, ops).await?;
-        tracing::info!(spiffe_id = %granted, serial = %signed.serial_hex, credential = %audit.credential, "issued certificate");
-        Ok(Issued {
-            cert_pem: signed.cert_pem,
-            trust_bundle_pem: self.bundle(),
+        let issued = Issued {
+            cert_pem: signed.cert_pem.clone(),
+            trust_bundle_pem: Vec::new(),
             spiffe_id: granted.to_string(),
             not_before_unix: signed.not_before.unix_timestamp(),
             not_after_unix: signed.not_after.unix_timestamp(),
-            serial_hex: signed.serial_hex,
+            serial_hex: signed.serial_hex.clone(),
+        };
+        let (reply, done) = tokio::sync::oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Pending {
+                token_id,
+                granted,
+                signed,
+                audit,
+                reply,
+            });
+        // The commit runs on its own task: a caller that goes away does not abandon the group.
+        let ca = self.clone();
+        tokio::spawn(async move { ca.commit_pending().await });
+        done.await
+            .map_err(|_| ApiError::Internal("the issuance group was dropped".into()))??;
+        tracing::info!(spiffe_id = %issued.spiffe_id, serial = %issued.serial_hex, "issued certificate");
+        Ok(Issued {
+            trust_bundle_pem: self.bundle(),
+            ..issued
         })
+    }
+
+    /// Takes the write lock and commits the queued leaves (up to [`ISSUE_GROUP`]) as one batch, each
+    /// checked again on the state under the lock; answers each. Nothing to do if another task took them.
+    async fn commit_pending(&self) {
+        let guard = self.db.lock().await;
+        let group: Vec<Pending> = {
+            let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let n = q.len().min(ISSUE_GROUP);
+            q.drain(..n).collect()
+        };
+        if group.is_empty() {
+            return;
+        }
+        let t = now().unix_timestamp();
+        let mut tokens: std::collections::BTreeMap<String, TokenRecord> = Default::default();
+        let mut roots: std::collections::BTreeMap<String, RootRecord> = Default::default();
+        let mut accepted = Vec::with_capacity(group.len());
+        let base = self.db.revision() + 1;
+        let mut audit_ops = Vec::with_capacity(group.len());
+        for p in group {
+            let check =
+                (|| {
+                    if let Some(id) = &p.token_id {
+                        let rec =
+                            match tokens.get(id) {
+                                Some(r) => r.clone(),
+                                None => self.db.get::<TokenRecord>(Tree::Tokens, id)?.ok_or_else(
+                                    || ApiError::Unauthenticated("join_token: not valid".into()),
+                                )?,
+                            };
+                        rules::check_token(&rec, t)
+                            .map_err(|r| ApiError::Unauthenticated(r.to_string()))?;
+                        tokens.insert(id.clone(), rules::token_used(&rec, t));
+                    }
+                    rules::may_issue(&p.granted, self.resources.is_revoked(&p.granted)?)
+                        .map_err(|r| ApiError::PermissionDenied(r.to_string()))?;
+                    let root = self.lock_issuer().record_leaf(&p.signed)?;
+                    roots.insert(root.fingerprint.clone(), stored_form(&root));
+                    Ok::<_, ApiError>(())
+                })();
+            match check {
+                Ok(()) => {
+                    // One key per leaf: the batch's revision, then its place in the group.
+                    let key = match audit_ops.len() {
+                        0 => format!("{base:020}"),
+                        i => format!("{base:020}.{i:04}"),
+                    };
+                    match store::encode(&p.audit) {
+                        Ok(v) => {
+                            audit_ops.push(Op::Put(Tree::Audit, key, v));
+                            accepted.push(p);
+                        }
+                        Err(e) => {
+                            let _ = p.reply.send(Err(e.into()));
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = p.reply.send(Err(e));
+                }
+            }
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        let mut ops = Vec::with_capacity(tokens.len() + roots.len() + audit_ops.len());
+        for (id, rec) in tokens {
+            match store::encode(&rec) {
+                Ok(v) => ops.push(Op::Put(Tree::Tokens, id, v)),
+                Err(e) => {
+                    let msg = e.to_string();
+                    for p in accepted {
+                        let _ = p.reply.send(Err(ApiError::Internal(msg.clone())));
+                    }
+                    return;
+                }
+            }
+        }
+        for (fp, rec) in roots {
+            match store::encode(&rec) {
+                Ok(v) => ops.push(Op::Put(Tree::Roots, fp, v)),
+                Err(e) => {
+                    let msg = e.to_string();
+                    for p in accepted {
+                        let _ = p.reply.send(Err(ApiError::Internal(msg.clone())));
+                    }
+                    return;
+                }
+            }
+        }
+        ops.extend(audit_ops);
+        let n = accepted.len();
+        match self.db.commit(guard, ops).await {
+            Ok(_) => {
+                tracing::debug!(certificates = n, "issuance group committed");
+                for p in accepted {
+                    let _ = p.reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                for p in accepted {
+                    let _ = p.reply.send(Err(group_error(&e)));
+                }
+            }
+        }
     }
 
     /// Creates a join token for `namespace/sa`, creating the identity if it does not exist.
