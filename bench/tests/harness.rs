@@ -115,6 +115,24 @@ async fn smoke_comparison_writes_json_table_and_plots() {
     assert!(md.contains("| max-http1 req/s |"), "{md}");
 }
 
+/// Something of scenario `r` succeeded and nothing failed.
+fn assert_all_succeeded(r: &compare::RunResult, l: &load::Summary) {
+    assert!(
+        l.ok > 0,
+        "{} on {:?}: nothing succeeded",
+        r.scenario,
+        r.target
+    );
+    assert_eq!(
+        l.error_count(),
+        0,
+        "{} on {:?}: {:?}",
+        r.scenario,
+        r.target,
+        l.errors
+    );
+}
+
 /// The L7 comparison in smoke form: the HTTP-aware quicmesh path (when a release `quicmesh` is built) and
 /// the HAProxy `mode http` pair (when haproxy is installed) carry HTTP/1.1, HTTP/2 with several streams per
 /// connection, and gRPC without an error, run no raw-TCP scenario, and `latest-l7.md` carries the goals
@@ -181,20 +199,7 @@ async fn l7_smoke_comparison() {
     }
     for r in report.runs.iter().filter(|r| r.target.is_l7()) {
         let l = r.load.as_ref().expect("load figures");
-        assert!(
-            l.ok > 0,
-            "{} on {:?}: nothing succeeded",
-            r.scenario,
-            r.target
-        );
-        assert_eq!(
-            l.error_count(),
-            0,
-            "{} on {:?}: {:?}",
-            r.scenario,
-            r.target,
-            l.errors
-        );
+        assert_all_succeeded(r, l);
         assert_eq!(
             r.proxies.len(),
             2,
@@ -246,20 +251,7 @@ async fn policy_smoke_comparison() {
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
     for r in report.runs.iter().filter(|r| r.target != Target::Direct) {
         let Some(l) = r.load.as_ref() else { continue };
-        assert!(
-            l.ok > 0,
-            "{} on {:?}: nothing succeeded",
-            r.scenario,
-            r.target
-        );
-        assert_eq!(
-            l.error_count(),
-            0,
-            "{} on {:?}: {:?}",
-            r.scenario,
-            r.target,
-            l.errors
-        );
+        assert_all_succeeded(r, l);
     }
     let md =
         std::fs::read_to_string(out.path().join("latest-policy.md")).expect("latest-policy.md");

@@ -468,17 +468,23 @@ async fn a_timeouts_policy_applied_under_load_takes_effect_within_a_second() {
     cp.stop_controller();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_service_limit_holds_across_three_endpoints_and_is_reshared_when_one_drains() {
-    let _heavy = heavy().await;
-    let mut cp = ControlPlane::start().await;
-    cp.apply("kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}]}\n---\nkind: Policy\nmetadata: {name: limit, namespace: default}\nspec: {target_service: web, rate_limit: {requests_per_second: 60, burst: 6}}\n",
+/// A controller, service `web` (HTTP port 80) limited to `rps` with `burst` mesh-wide, three inbound
+/// proxies `web-a`..`web-c` (each with `server_top` in its config) in front of apps naming themselves, and
+/// a client proxy; returns once the client and every server enforce all three endpoints (each server's
+/// share is then a third).
+async fn three_limited_endpoints(
+    rps: u32,
+    burst: u32,
+    server_top: &str,
+) -> (ControlPlane, Vec<Proc>, Proc) {
+    let cp = ControlPlane::start().await;
+    cp.apply(&format!("kind: Service\nmetadata: {{name: web, namespace: default}}\nspec: {{ports: [{{port: 80, protocol: http}}]}}\n---\nkind: Policy\nmetadata: {{name: limit, namespace: default}}\nspec: {{target_service: web, rate_limit: {{requests_per_second: {rps}, burst: {burst}}}}}\n"),
     )
     .await;
     let mut servers = Vec::new();
     for name in ["a", "b", "c"] {
         let app = named_app(name, Duration::ZERO, Arc::new(AtomicBool::new(false))).await;
-        servers.push(cp.proxy(&format!("web-{name}"), "web", "drain_grace = \"1s\"", &format!(
+        servers.push(cp.proxy(&format!("web-{name}"), "web", server_top, &format!(
                 "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\nservices = [\"web\"]\n"
             )).await);
     }
@@ -492,11 +498,17 @@ async fn a_service_limit_holds_across_three_endpoints_and_is_reshared_when_one_d
         .await;
     for s in &servers {
         enforced(&client, &s.addr("inbound").to_string()).await;
-        // Each server knows all three endpoints: its share is a third.
         for other in &servers {
             enforced(s, &other.addr("inbound").to_string()).await;
         }
     }
+    (cp, servers, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_limit_holds_across_three_endpoints_and_is_reshared_when_one_drains() {
+    let _heavy = heavy().await;
+    let (mut cp, servers, client) = three_limited_endpoints(60, 6, "drain_grace = \"1s\"").await;
     let target = client.outbound();
     // Three callers at up to 150 requests a second each, over seven times the limit, for `window`: enough that
     // each endpoint is offered more than its share whatever the balancer's choices; what each app
@@ -642,31 +654,7 @@ async fn paced_load(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_wide_limit_is_reshared_within_two_seconds_when_an_endpoint_is_killed() {
     let _heavy = heavy().await;
-    let mut cp = ControlPlane::start().await;
-    cp.apply("kind: Service\nmetadata: {name: web, namespace: default}\nspec: {ports: [{port: 80, protocol: http}]}\n---\nkind: Policy\nmetadata: {name: limit, namespace: default}\nspec: {target_service: web, rate_limit: {requests_per_second: 300, burst: 30}}\n",
-    )
-    .await;
-    let mut servers = Vec::new();
-    for name in ["a", "b", "c"] {
-        let app = named_app(name, Duration::ZERO, Arc::new(AtomicBool::new(false))).await;
-        servers.push(cp.proxy(&format!("web-{name}"), "web", "", &format!(
-                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\nservices = [\"web\"]\n"
-            )).await);
-    }
-    let client = cp
-        .proxy(
-            "client",
-            "client",
-            "",
-            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
-        )
-        .await;
-    for s in &servers {
-        enforced(&client, &s.addr("inbound").to_string()).await;
-        for other in &servers {
-            enforced(s, &other.addr("inbound").to_string()).await;
-        }
-    }
+    let (mut cp, mut servers, client) = three_limited_endpoints(300, 30, "").await;
     let target = client.outbound();
     // About 720 requests a second from 12 callers: over twice the limit, so that each endpoint is
     // offered more than its share before and after the kill.
