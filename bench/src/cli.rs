@@ -55,6 +55,9 @@ enum BenchCommand {
         /// Time cap.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         duration: Duration,
+        /// Print the outcome as one JSON line.
+        #[arg(long)]
+        json: bool,
     },
     /// Bulk throughput of quinn alone (one stream, loopback): the ceiling for the tunnel.
     QuicCeiling {
@@ -131,6 +134,9 @@ struct CompareArgs {
     /// Seconds-long run with tiny rates (what the smoke test runs).
     #[arg(long)]
     smoke: bool,
+    /// Lines of a `[quic]` section for the quicmesh proxies, e.g. `congestion_controller = "bbr"`.
+    #[arg(long, default_value = "")]
+    quic_toml: String,
     /// Results directory.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -168,6 +174,13 @@ struct LossArgs {
     /// `nbthread` of each HAProxy.
     #[arg(long, default_value_t = 1)]
     haproxy_threads: usize,
+    /// Bulk transfer (one TCP connection) at each loss level on each path that carries raw TCP; `0s`
+    /// skips it.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    bulk_duration: Duration,
+    /// Lines of a `[quic]` section for the quicmesh proxies, e.g. `congestion_controller = "bbr"`.
+    #[arg(long, default_value = "")]
+    quic_toml: String,
     /// The harness binary run inside the namespaces (default: this executable).
     #[arg(long)]
     bench_bin: Option<PathBuf>,
@@ -266,6 +279,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 protocol: Protocol::Http1,
                 targets: vec![Target::Quicmesh, Target::Peer],
                 haproxy_threads: 1,
+                bulk_duration: Duration::from_secs(5),
+                quic_toml: String::new(),
             };
             if let loss::LossOutcome::Skipped(why) =
                 loss::run(settings, bin, bench_bin(None)?, Some(out)).await?
@@ -295,6 +310,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             s.streams = a.streams.max(1);
             s.quic_ceiling = !a.no_quic_ceiling;
             s.haproxy_threads = a.haproxy_threads;
+            s.quic_toml = a.quic_toml.clone();
             let quicmesh_bin = if s.targets.iter().any(|t| {
                 matches!(
                     t,
@@ -323,6 +339,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 protocol: a.protocol,
                 targets: a.targets.clone(),
                 haproxy_threads: a.haproxy_threads,
+                bulk_duration: a.bulk_duration,
+                quic_toml: a.quic_toml.clone(),
             };
             let quicmesh_bin = if a.targets.iter().any(|t| {
                 matches!(
@@ -362,8 +380,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             target,
             bytes,
             duration,
+            json,
         } => {
             let b = bulk::tcp_bulk(target, bytes, duration).await?;
+            if json {
+                println!("{}", serde_json::to_string(&b)?);
+                return Ok(());
+            }
             println!(
                 "one TCP connection to {target}: {:.2} Gbit/s ({} MiB in {:.2} s)",
                 b.gbit_s,

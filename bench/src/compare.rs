@@ -70,6 +70,9 @@ pub struct CompareSettings {
     pub quic_ceiling: bool,
     /// `nbthread` of each HAProxy.
     pub haproxy_threads: usize,
+    /// `[quic]` lines given to the quicmesh proxies (empty: their defaults).
+    #[serde(default)]
+    pub quic_toml: String,
 }
 
 fn http1_only() -> Vec<Protocol> {
@@ -99,6 +102,7 @@ impl CompareSettings {
             memory_connections: 1000,
             quic_ceiling: true,
             haproxy_threads: 1,
+            quic_toml: String::new(),
         }
     }
 
@@ -120,6 +124,7 @@ impl CompareSettings {
             memory_connections: 20,
             quic_ceiling: true,
             haproxy_threads: 1,
+            quic_toml: String::new(),
         }
     }
 }
@@ -304,6 +309,7 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
     let app = AppServer::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), None).await?;
     let mut placement = Placement::loopback(app.addr(), env.bench_bin.clone());
     placement.haproxy_threads = settings.haproxy_threads;
+    placement.quic_toml = settings.quic_toml.clone();
     let mut skipped = BTreeMap::new();
     let mut paths: Vec<Path> = Vec::new();
     let mut targets = vec![Target::Direct];

@@ -25,6 +25,7 @@ use tokio::{
 };
 
 use crate::{
+    bulk::BulkOutcome,
     certs,
     client::Protocol,
     load::Summary,
@@ -54,6 +55,13 @@ pub struct LossSettings {
     pub targets: Vec<Target>,
     /// `nbthread` of each HAProxy.
     pub haproxy_threads: usize,
+    /// Length of the bulk transfer (one TCP connection into the sink) at each loss level on each path
+    /// that carries raw TCP; zero skips it.
+    #[serde(default, with = "humantime_serde")]
+    pub bulk_duration: Duration,
+    /// `[quic]` lines given to the quicmesh proxies (empty: their defaults).
+    #[serde(default)]
+    pub quic_toml: String,
 }
 
 fn one() -> usize {
@@ -69,6 +77,9 @@ pub struct LossRun {
     pub target: Target,
     /// Load figures.
     pub summary: Summary,
+    /// Bulk transfer under the same loss, when the path carries raw TCP and bulk runs were asked for.
+    #[serde(default)]
+    pub bulk: Option<BulkOutcome>,
 }
 
 /// The JSON file of the loss scenario.
@@ -352,6 +363,40 @@ async fn load_in(
     Ok(summary)
 }
 
+/// One bulk transfer from the client namespace through `entry` into the sink, with `percent` loss each
+/// way for its whole length (connection setup included: a TCP path pays its handshake under loss, the
+/// quicmesh path reuses its established QUIC connection, as each would in production).
+async fn bulk_in(
+    net: &Netns,
+    bench_bin: &FsPath,
+    entry: SocketAddr,
+    duration: Duration,
+    percent: u32,
+) -> anyhow::Result<BulkOutcome> {
+    net.set_loss(percent).await?;
+    let out = tokio::time::timeout(
+        duration + Duration::from_secs(60),
+        Command::new("ip")
+            .args(["netns", "exec", &net.client])
+            .arg(bench_bin)
+            .args(["bench", "bulk", "--json", "--target", &entry.to_string()])
+            .arg("--duration")
+            .arg(format!("{}ms", duration.as_millis()))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await;
+    net.set_loss(0).await?;
+    let out = out.map_err(|_| anyhow::anyhow!("bulk run through {entry} did not finish"))??;
+    anyhow::ensure!(
+        out.status.success(),
+        "bulk run through {entry} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 /// Runs the loss scenario (or says why it cannot), prints its table, writes JSON and plots into `out`.
 pub async fn run(
     s: LossSettings,
@@ -376,6 +421,7 @@ pub async fn run(
         app,
         bench_bin: bench_bin.clone(),
         haproxy_threads: s.haproxy_threads,
+        quic_toml: s.quic_toml.clone(),
     };
     let mut skipped = BTreeMap::new();
     let mut paths = vec![Path::direct(&placement)];
@@ -400,10 +446,19 @@ pub async fn run(
             path.check_alive()?;
             tracing::info!(loss = percent, target_path = path.target.name(), "loss run");
             let summary = load_in(&net, &bench_bin, entry, &s, percent).await?;
+            let bulk = match path.entry_for(Protocol::Tcp) {
+                Some(tcp) if !s.bulk_duration.is_zero() => {
+                    path.check_alive()?;
+                    tracing::info!(loss = percent, target_path = path.target.name(), "bulk run");
+                    Some(bulk_in(&net, &bench_bin, tcp, s.bulk_duration, percent).await?)
+                }
+                _ => None,
+            };
             runs.push(LossRun {
                 loss_percent: percent,
                 target: path.target,
                 summary,
+                bulk,
             });
         }
     }
@@ -417,6 +472,10 @@ pub async fn run(
     };
     let table = table(&report);
     println!("\n{table}");
+    let bulk = bulk_table(&report);
+    if let Some(b) = &bulk {
+        println!("\n{b}");
+    }
     if let Some(out) = out {
         let stamp = report.machine.unix_time;
         let path = report::write_json(&out, &format!("loss-{stamp}.json"), &report)?;
@@ -458,6 +517,10 @@ pub async fn run(
             humantime::format_duration(report.settings.duration),
             table.markdown()
         );
+        if let Some(b) = &bulk {
+            md.push('\n');
+            md.push_str(&b.markdown());
+        }
         if let Some(goals) = l7_goals(&report) {
             md.push('\n');
             md.push_str(&goals.markdown());
@@ -521,6 +584,35 @@ pub fn table(report: &LossReport) -> Table {
         ]);
     }
     t
+}
+
+/// loss | path | bulk Gbit/s | /direct | this / peer-haproxy: bulk under loss, one TCP connection, when
+/// any run measured it.
+pub fn bulk_table(report: &LossReport) -> Option<Table> {
+    let mut t = Table::new(["loss", "path", "bulk Gbit/s", "/ direct", "/ peer-haproxy"]);
+    let gbit = |percent: u32, tg: Target| {
+        report
+            .runs
+            .iter()
+            .find(|x| x.loss_percent == percent && x.target == tg)
+            .and_then(|x| x.bulk)
+            .map(|b| b.gbit_s)
+    };
+    for r in &report.runs {
+        let Some(b) = r.bulk else { continue };
+        let vs = |tg: Target| match gbit(r.loss_percent, tg) {
+            Some(base) if tg != r.target => ratio(b.gbit_s, base),
+            _ => "-".into(),
+        };
+        t.row([
+            format!("{}%", r.loss_percent),
+            r.target.name().to_owned(),
+            format!("{:.2}", b.gbit_s),
+            vs(Target::Direct),
+            vs(Target::Peer),
+        ]);
+    }
+    (!t.is_empty()).then_some(t)
 }
 
 /// The L7 loss goals (p99 ≤ 5 ms at 1% loss, ≤ 10 ms at 5%, no errors) against the `quicmesh-l7` runs,

@@ -117,6 +117,9 @@ pub struct Placement {
     pub bench_bin: PathBuf,
     /// HAProxy `nbthread` of each peer proxy.
     pub haproxy_threads: usize,
+    /// Lines of a `[quic]` section given to every quicmesh proxy (empty: the proxy's defaults), to
+    /// measure transport settings side by side with the peers.
+    pub quic_toml: String,
 }
 
 impl Placement {
@@ -129,6 +132,7 @@ impl Placement {
             app,
             bench_bin,
             haproxy_threads: 1,
+            quic_toml: String::new(),
         }
     }
 }
@@ -478,12 +482,18 @@ struct Ready {
 async fn start_quicmesh(
     name: &str,
     bin: &FsPath,
+    placement: &Placement,
     ns: &Option<String>,
     config: &str,
     dir: &FsPath,
 ) -> anyhow::Result<(Proc, Ready)> {
     let cfg_path = dir.join(format!("{name}.toml"));
-    std::fs::write(&cfg_path, config)?;
+    let quic = placement.quic_toml.trim();
+    if quic.is_empty() {
+        std::fs::write(&cfg_path, config)?;
+    } else {
+        std::fs::write(&cfg_path, format!("{config}\n[quic]\n{quic}\n"))?;
+    }
     // The slim sidecar binary when it was built next to `quicmesh` (what a deployment runs), else the
     // `proxy` subcommand of `quicmesh` itself.
     let slim = bin.with_file_name("quicmesh-proxy");
@@ -558,6 +568,7 @@ pub async fn quicmesh_pair(
     let (server, ready) = start_quicmesh(
         "quicmesh-server",
         bin,
+        placement,
         &placement.server_ns,
         &server_cfg,
         dir,
@@ -578,6 +589,7 @@ server_identities = [\"server\"]\n",
     let (client, ready) = start_quicmesh(
         "quicmesh-client",
         bin,
+        placement,
         &placement.client_ns,
         &client_cfg,
         dir,
@@ -647,6 +659,7 @@ ports = [{{ port = {L7_HTTP_PORT}, app = \"{app}\" }}, {{ port = {L7_GRPC_PORT},
     let (server, ready) = start_quicmesh(
         &format!("{name}-server"),
         bin,
+        placement,
         &placement.server_ns,
         &server_cfg,
         dir,
@@ -679,6 +692,7 @@ spec: {{service: bench, address: \"{inbound}\", spiffe_id: \"spiffe://{}/ns/{ns}
     let (client, ready) = start_quicmesh(
         &format!("{name}-client"),
         bin,
+        placement,
         &placement.client_ns,
         &client_cfg,
         dir,

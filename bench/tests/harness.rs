@@ -332,6 +332,8 @@ async fn loss_scenario_shortened() {
             vec![]
         },
         haproxy_threads: 1,
+        bulk_duration: Duration::from_millis(500),
+        quic_toml: String::new(),
     };
     let outcome = loss::run(settings, None, bench_bin(), None)
         .await
@@ -343,6 +345,8 @@ async fn loss_scenario_shortened() {
     assert_eq!(report.runs.len(), 2 * paths, "{:#?}", report.runs);
     for r in &report.runs {
         assert!(r.summary.ok > 0, "{r:?}");
+        // Bulk under the same loss ran on every path (all carry raw TCP) and moved bytes.
+        assert!(r.bulk.is_some_and(|b| b.bytes > 0), "{r:?}");
         if r.loss_percent == 0 {
             assert_eq!(r.summary.error_count(), 0, "{r:?}");
             assert!(r.summary.ok >= 390, "{r:?}");

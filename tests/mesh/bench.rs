@@ -77,6 +77,8 @@ async fn bench_loss_shortened_through_quicmesh() {
         protocol: Protocol::Http1,
         targets: vec![Target::Quicmesh],
         haproxy_threads: 1,
+        bulk_duration: Duration::from_secs(1),
+        quic_toml: String::new(),
     };
     let outcome = loss::run(settings, Some(quicmesh()), quicmesh(), None)
         .await
@@ -88,6 +90,8 @@ async fn bench_loss_shortened_through_quicmesh() {
     assert_eq!(report.runs.len(), 4, "{:#?}", report.runs);
     for r in &report.runs {
         assert!(r.summary.ok > 0, "{r:?}");
+        // Bulk under the same loss ran on every path (all carry raw TCP) and moved bytes.
+        assert!(r.bulk.is_some_and(|b| b.bytes > 0), "{r:?}");
         if r.loss_percent == 0 {
             assert_eq!(r.summary.error_count(), 0, "{r:?}");
         }

@@ -324,6 +324,14 @@ pub struct QuicConfig {
     /// Congestion controller: `cubic` (default), `bbr` (quinn marks it experimental) or `newreno`.
     #[serde(default)]
     pub congestion_controller: CongestionController,
+    /// Share of bytes lost over the last two RTTs from which a loss is congestion even on a path with
+    /// no queueing delay; below it, and with no queue, a loss is retransmitted and the window kept.
+    /// 0 makes every loss congestion (RFC 9002). See `quic::loss`.
+    #[serde(default = "defaults::loss_threshold")]
+    pub loss_threshold: f64,
+    /// Smoothed RTT above the path's minimum from which every loss is congestion.
+    #[serde(default = "defaults::queue_delay", with = "humantime_serde")]
+    pub queue_delay: Duration,
 }
 
 /// QUIC congestion controllers quinn offers.
@@ -350,6 +358,8 @@ impl Default for QuicConfig {
             keep_alive: defaults::keep_alive(),
             max_ack_delay: defaults::max_ack_delay(),
             congestion_controller: CongestionController::default(),
+            loss_threshold: defaults::loss_threshold(),
+            queue_delay: defaults::queue_delay(),
         }
     }
 }
@@ -416,6 +426,12 @@ mod defaults {
     }
     pub fn max_ack_delay() -> Duration {
         Duration::from_millis(1)
+    }
+    pub fn loss_threshold() -> f64 {
+        0.1
+    }
+    pub fn queue_delay() -> Duration {
+        Duration::from_millis(2)
     }
     pub fn renew_fraction() -> f64 {
         0.6
@@ -660,6 +676,13 @@ impl ProxyConfig {
                 "must be positive",
             ));
         }
+        if !(0.0..1.0).contains(&self.quic.loss_threshold) {
+            return Err(ConfigError::new(
+                path,
+                "quic.loss_threshold",
+                "must be a share in [0, 1), e.g. 0.1 for 10%",
+            ));
+        }
         Ok(())
     }
 }
@@ -773,6 +796,9 @@ connect_timeout = "2s"
         let text = BASE.replace("127.0.0.1:9000", "not-an-address");
         let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("addr");
         assert_eq!(err.key, "outbound.listen");
+        let text = format!("{BASE}\n[quic]\nloss_threshold = 1.5\n");
+        let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("share");
+        assert_eq!(err.key, "quic.loss_threshold");
     }
 
     const CONTROLLER: &str = r#"

@@ -15,6 +15,8 @@
 //! instance held with a reset their peers recognise, and they redial at once instead of waiting out the
 //! idle timeout.
 
+pub mod loss;
+
 use std::{net::SocketAddr, sync::Arc};
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
@@ -80,17 +82,19 @@ pub fn transport_config(cfg: &QuicConfig) -> TransportConfig {
     let mut ack = AckFrequencyConfig::default();
     ack.max_ack_delay(Some(cfg.max_ack_delay));
     t.ack_frequency_config(Some(ack));
-    match cfg.congestion_controller {
-        CongestionController::Cubic => {
-            t.congestion_controller_factory(Arc::new(congestion::CubicConfig::default()))
-        }
-        CongestionController::Bbr => {
-            t.congestion_controller_factory(Arc::new(congestion::BbrConfig::default()))
-        }
-        CongestionController::NewReno => {
-            t.congestion_controller_factory(Arc::new(congestion::NewRenoConfig::default()))
-        }
-    };
+    let inner: Arc<dyn congestion::ControllerFactory + Send + Sync> =
+        match cfg.congestion_controller {
+            CongestionController::Cubic => Arc::new(congestion::CubicConfig::default()),
+            CongestionController::Bbr => Arc::new(congestion::BbrConfig::default()),
+            CongestionController::NewReno => Arc::new(congestion::NewRenoConfig::default()),
+        };
+    t.congestion_controller_factory(Arc::new(loss::FilteredFactory::new(
+        inner,
+        loss::LossFilterConfig {
+            loss_threshold: cfg.loss_threshold,
+            queue_delay: cfg.queue_delay,
+        },
+    )));
     t
 }
 
