@@ -10,6 +10,7 @@ use crate::{
     bulk,
     client::Protocol,
     compare::{self, CompareEnv, CompareSettings},
+    instructions::{self, InstructionOutcome, InstructionSettings},
     load::{self, LoadSpec, Mode},
     loss::{self, LossSettings},
     report,
@@ -39,6 +40,8 @@ enum BenchCommand {
     Compare(CompareArgs),
     /// Packet loss: client and server side in two network namespaces, loss by nftables (root only).
     Loss(LossArgs),
+    /// Instructions per tunneled request and per tunneled MiB in every proxy, counted by callgrind.
+    Instructions(InstructionArgs),
     /// One load run against an address.
     Load(LoadArgs),
     /// Serve TCP echo/sink, HTTP/1.1, HTTP/2 and gRPC echo on one port.
@@ -137,6 +140,44 @@ struct CompareArgs {
     /// Lines of a `[quic]` section for the quicmesh proxies, e.g. `congestion_controller = "bbr"`.
     #[arg(long, default_value = "")]
     quic_toml: String,
+    /// Results directory.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Write no files.
+    #[arg(long)]
+    no_write: bool,
+}
+
+#[derive(Debug, Args)]
+struct InstructionArgs {
+    /// Paths (every proxy runs under callgrind).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "quicmesh,peer,quicmesh-l7,peer-http"
+    )]
+    targets: Vec<Target>,
+    /// Requests of the request/response run.
+    #[arg(long, default_value_t = 2000)]
+    requests: u64,
+    /// Its concurrent connections.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Bytes per request and response.
+    #[arg(long, default_value_t = 128)]
+    payload: usize,
+    /// MiB of the bulk run (opaque paths); 0 skips it.
+    #[arg(long, default_value_t = 32)]
+    bulk_mib: u64,
+    /// Keep the callgrind dumps (for `callgrind_annotate`); their directory is printed.
+    #[arg(long)]
+    keep_dumps: bool,
+    /// Lines of a `[quic]` section for the quicmesh proxies.
+    #[arg(long, default_value = "")]
+    quic_toml: String,
+    /// The quicmesh binary.
+    #[arg(long)]
+    quicmesh_bin: Option<PathBuf>,
     /// Results directory.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -356,6 +397,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             match loss::run(settings, quicmesh_bin, bench_bin(a.bench_bin)?, out).await? {
                 loss::LossOutcome::Skipped(why) => println!("loss scenario skipped: {why}"),
                 loss::LossOutcome::Done(_) => {}
+            }
+            Ok(())
+        }
+        BenchCommand::Instructions(a) => {
+            let settings = InstructionSettings {
+                targets: a.targets.clone(),
+                requests: a.requests,
+                connections: a.connections.max(1),
+                payload: a.payload,
+                bulk_mib: a.bulk_mib,
+                keep_dumps: a.keep_dumps,
+                quic_toml: a.quic_toml.clone(),
+            };
+            let quicmesh_bin = topology::find_quicmesh(a.quicmesh_bin.as_deref());
+            let out = (!a.no_write).then_some(a.out);
+            if let InstructionOutcome::Skipped(why) =
+                instructions::run(settings, quicmesh_bin, bench_bin(None)?, out).await?
+            {
+                println!("instruction count skipped: {why}");
             }
             Ok(())
         }

@@ -422,6 +422,7 @@ pub async fn run(
         bench_bin: bench_bin.clone(),
         haproxy_threads: s.haproxy_threads,
         quic_toml: s.quic_toml.clone(),
+        wrapper: Vec::new(),
     };
     let mut skipped = BTreeMap::new();
     let mut paths = vec![Path::direct(&placement)];

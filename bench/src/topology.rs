@@ -120,6 +120,32 @@ pub struct Placement {
     /// Lines of a `[quic]` section given to every quicmesh proxy (empty: the proxy's defaults), to
     /// measure transport settings side by side with the peers.
     pub quic_toml: String,
+    /// A command every proxy (quicmesh and HAProxy) runs under, e.g. valgrind's callgrind (empty:
+    /// none). Start-up deadlines grow tenfold with one.
+    pub wrapper: Vec<String>,
+}
+
+impl Placement {
+    /// `program` in `ns`, under the wrapper if there is one.
+    fn proxy_command(&self, ns: &Option<String>, program: &FsPath) -> Command {
+        match self.wrapper.split_first() {
+            None => command(ns, program),
+            Some((first, rest)) => {
+                let mut c = command(ns, FsPath::new(first));
+                c.args(rest).arg(program);
+                c
+            }
+        }
+    }
+
+    /// How long a proxy may take to come up.
+    fn start_timeout(&self, base: Duration) -> Duration {
+        if self.wrapper.is_empty() {
+            base
+        } else {
+            base * 10
+        }
+    }
 }
 
 impl Placement {
@@ -133,6 +159,7 @@ impl Placement {
             bench_bin,
             haproxy_threads: 1,
             quic_toml: String::new(),
+            wrapper: Vec::new(),
         }
     }
 }
@@ -357,7 +384,7 @@ async fn start_haproxies(
     ] {
         let path = dir.join(format!("{name}.cfg"));
         std::fs::write(&path, cfg)?;
-        let mut cmd = command(ns, &bin);
+        let mut cmd = placement.proxy_command(ns, &bin);
         cmd.arg("-db").arg("-f").arg(&path);
         let mut p = spawn(name, cmd, dir, Stdio::null())?;
         for addr in addrs {
@@ -366,7 +393,7 @@ async fn start_haproxies(
                 addr,
                 &placement.bench_bin,
                 &mut p,
-                Duration::from_secs(10),
+                placement.start_timeout(Duration::from_secs(10)),
             )
             .await?;
         }
@@ -498,9 +525,9 @@ async fn start_quicmesh(
     // `proxy` subcommand of `quicmesh` itself.
     let slim = bin.with_file_name("quicmesh-proxy");
     let mut cmd = if slim.is_file() {
-        command(ns, &slim)
+        placement.proxy_command(ns, &slim)
     } else {
-        let mut c = command(ns, bin);
+        let mut c = placement.proxy_command(ns, bin);
         c.arg("proxy");
         c
     };
@@ -512,7 +539,8 @@ async fn start_quicmesh(
         .take()
         .ok_or_else(|| anyhow::anyhow!("{name}: no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(20), async {
+    let deadline = placement.start_timeout(Duration::from_secs(20));
+    let ready = tokio::time::timeout(deadline, async {
         while let Some(line) = lines.next_line().await? {
             if let Ok(r) = serde_json::from_str::<Ready>(&line)
                 && r.event == "ready"
@@ -534,7 +562,7 @@ async fn start_quicmesh(
             )
         }
         Err(_) => anyhow::bail!(
-            "{name} printed no ready line within 20 s; log tail:\n{}",
+            "{name} printed no ready line within {deadline:?}; log tail:\n{}",
             p.log_tail()
         ),
     };

@@ -21,8 +21,8 @@ use std::{net::SocketAddr, sync::Arc};
 
 use prometheus_client::metrics::{counter::Counter, family::Family};
 use quinn::{
-    AckFrequencyConfig, Endpoint, EndpointConfig, IdleTimeout, TokioRuntime, TransportConfig,
-    VarInt, congestion,
+    AckFrequencyConfig, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TokioRuntime,
+    TransportConfig, VarInt, congestion,
     crypto::rustls::{QuicClientConfig, QuicServerConfig},
 };
 use quinn_proto::HashedConnectionIdGenerator;
@@ -79,6 +79,12 @@ pub fn transport_config(cfg: &QuicConfig) -> TransportConfig {
     if let Ok(idle) = IdleTimeout::try_from(cfg.idle_timeout) {
         t.max_idle_timeout(Some(idle));
     }
+    // Path MTU discovery searches up to the configured datagram size: on loopback and jumbo-frame links
+    // bigger packets mean fewer per-packet costs (AEAD calls, headers, acknowledgements); on a
+    // 1500-byte path the probes above it are lost and the search settles below.
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
     let mut ack = AckFrequencyConfig::default();
     ack.max_ack_delay(Some(cfg.max_ack_delay));
     t.ack_frequency_config(Some(ack));
@@ -211,15 +217,20 @@ impl hkdf::KeyType for Len {
     }
 }
 
-fn endpoint_config(secret: Option<&[u8]>, addr: SocketAddr) -> EndpointConfig {
-    let Some(secret) = secret else {
-        return EndpointConfig::default();
+fn endpoint_config(secret: Option<&[u8]>, addr: SocketAddr, cfg: &QuicConfig) -> EndpointConfig {
+    let mut c = match secret {
+        None => EndpointConfig::default(),
+        Some(secret) => {
+            let (reset, cid_key) = endpoint_keys(secret, addr);
+            let mut c = EndpointConfig::new(Arc::new(reset));
+            // Connection IDs are checked against this key before a stateless reset is sent: a
+            // restarted endpoint must recognise the IDs its previous instance issued.
+            c.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+            c
+        }
     };
-    let (reset, cid_key) = endpoint_keys(secret, addr);
-    let mut c = EndpointConfig::new(Arc::new(reset));
-    // Connection IDs are checked against this key before a stateless reset is sent: a restarted
-    // endpoint must recognise the IDs its previous instance issued.
-    c.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+    // The largest datagram this endpoint accepts (a transport parameter); validated with the config.
+    let _ = c.max_udp_payload_size(cfg.max_udp_payload);
     c
 }
 
@@ -253,7 +264,7 @@ pub fn endpoint(
         .unwrap_or(0);
     let bound = std_socket.local_addr().map_err(bind)?;
     let ep = Endpoint::new(
-        endpoint_config(secret, bound),
+        endpoint_config(secret, bound, cfg),
         server,
         std_socket,
         Arc::new(TokioRuntime),
