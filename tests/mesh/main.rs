@@ -15,5 +15,6 @@ mod http;
 mod naming;
 mod policy;
 mod process;
+mod run;
 mod state;
 mod upgrade;

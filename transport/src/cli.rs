@@ -31,9 +31,15 @@ pub enum RunError {
     /// The ready line could not be encoded.
     #[error("encoding the ready line: {0}")]
     Encode(#[from] serde_json::Error),
-    /// The runtime could not be built.
+    /// The runtime (or a signal handler) could not be set up.
     #[error("starting the runtime: {0}")]
     Runtime(#[from] std::io::Error),
+    /// `quicmesh run`: the sidecar did not become ready, so the app was not started.
+    #[error("the sidecar is not ready, the app was not started: {0}")]
+    NotReady(String),
+    /// `quicmesh run` without a command after `--`.
+    #[error("no command to run (give it after `--`)")]
+    NoCommand,
 }
 
 /// Logs to stderr, filtered by `QUICMESH_LOG` (default `info`); the same for every quicmesh binary.

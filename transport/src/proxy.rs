@@ -99,6 +99,8 @@ pub struct Proxy {
 pub struct Readiness {
     creds: Credentials,
     configured: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Controller mode: why the first certificate has not come yet.
+    problem: Option<tokio::sync::watch::Receiver<Option<manager::BootstrapProblem>>>,
 }
 
 impl Readiness {
@@ -109,6 +111,24 @@ impl Readiness {
             // An error means the follower is gone (shutdown): nothing more to wait for.
             let _ = rx.wait_for(|c| *c).await;
         }
+    }
+
+    /// The last reason the first certificate could not be obtained (controller mode), if any.
+    pub fn problem(&self) -> Option<manager::BootstrapProblem> {
+        self.problem.as_ref().and_then(|rx| rx.borrow().clone())
+    }
+
+    /// Resolves when the controller refuses the bootstrap credential (it will not change its mind for
+    /// the same token); never in static mode.
+    pub async fn refused(&self) -> manager::BootstrapProblem {
+        if let Some(mut rx) = self.problem.clone() {
+            if let Ok(p) = rx.wait_for(|p| p.as_ref().is_some_and(|p| p.refused)).await {
+                if let Some(p) = p.clone() {
+                    return p;
+                }
+            }
+        }
+        std::future::pending().await
     }
 }
 
@@ -361,11 +381,14 @@ impl Proxy {
             configured: tokio::sync::watch::Sender::new(false),
         };
         self.readiness.configured = Some(follower.configured.subscribe());
+        let problems = tokio::sync::watch::Sender::new(None);
+        self.readiness.problem = Some(problems.subscribe());
         tokio::spawn(manager::run(
             controller,
             self.creds.clone(),
             boot.manager,
             self.metrics.identity.clone(),
+            problems,
             stop.clone(),
         ));
         tokio::spawn(follower.run(stop.clone()));
@@ -531,6 +554,7 @@ impl Proxy {
             readiness: Readiness {
                 creds,
                 configured: None,
+                problem: None,
             },
         })
     }

@@ -93,6 +93,17 @@ pub struct ManagerConfig {
     pub renew_fraction: f64,
 }
 
+/// Why the first certificate has not come yet, published for whoever waits on it (`quicmesh run` fails
+/// with it instead of waiting in silence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapProblem {
+    /// The last failure, in words.
+    pub message: String,
+    /// The controller answered and said no (a bad or spent token): retrying the same credential will
+    /// not help. Otherwise the controller was unreachable.
+    pub refused: bool,
+}
+
 /// First retry delay after a failure; doubled per consecutive failure.
 const BASE_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest retry delay.
@@ -195,11 +206,13 @@ pub async fn obtain<C: CaClient>(
 }
 
 /// The worker: obtains the first certificate, then renews it for as long as `shutdown` is not cancelled.
+/// Until the first certificate is held, each failure is published on `problems`.
 pub async fn run<C: CaClient>(
     ca: C,
     creds: Credentials,
     cfg: ManagerConfig,
     metrics: IdentityMetrics,
+    problems: tokio::sync::watch::Sender<Option<BootstrapProblem>>,
     shutdown: CancellationToken,
 ) {
     let mut failures = 0u32;
@@ -290,10 +303,16 @@ pub async fn run<C: CaClient>(
                         error = %e, failures, retry_in = ?delay, join_token_file = ?cfg.join_token_file,
                         "the certificate has expired and bootstrapping again failed; peers refuse it until a fresh join token is in join_token_file"
                     ),
-                    None => tracing::warn!(
-                        error = %e, failures, retry_in = ?delay,
-                        "cannot obtain the first certificate"
-                    ),
+                    None => {
+                        tracing::warn!(
+                            error = %e, failures, retry_in = ?delay,
+                            "cannot obtain the first certificate"
+                        );
+                        problems.send_replace(Some(BootstrapProblem {
+                            refused: matches!(e, ObtainError::Ca(CaClientError::Refused(_))),
+                            message: e.to_string(),
+                        }));
+                    }
                 }
             }
         }
@@ -451,7 +470,14 @@ mod tests {
             join_token_file: None,
             renew_fraction: 0.5,
         };
-        let task = tokio::spawn(run(fake, creds.clone(), cfg, metrics.clone(), stop.clone()));
+        let task = tokio::spawn(run(
+            fake,
+            creds.clone(),
+            cfg,
+            metrics.clone(),
+            tokio::sync::watch::Sender::new(None),
+            stop.clone(),
+        ));
 
         creds.wait_leaf().await;
         let first = creds.leaf().expect("leaf");
@@ -538,6 +564,7 @@ mod tests {
             creds.clone(),
             cfg,
             IdentityMetrics::default(),
+            tokio::sync::watch::Sender::new(None),
             stop.clone(),
         ));
         creds.wait_leaf().await;
