@@ -12,6 +12,7 @@ mod dataplane;
 mod endpoint;
 mod failover;
 mod http;
+mod k8s;
 mod naming;
 mod policy;
 mod process;

@@ -105,6 +105,11 @@ pub struct ControllerConfig {
     /// File holding the join token (kept out of the configuration file).
     #[serde(default)]
     pub join_token_file: Option<PathBuf>,
+    /// Kubernetes: the projected service-account token file (audience: the controller's
+    /// `--k8s-audience`), used instead of a join token and read again for every bootstrap, since the
+    /// kubelet rotates it. The controller issues the identity of the token's namespace and account.
+    #[serde(default)]
+    pub service_account_token_file: Option<PathBuf>,
     /// The SPIFFE ID asked for, `spiffe://<trust domain>/ns/<ns>/sa/<sa>`; the token must grant it.
     pub identity: String,
     /// Share of a certificate's lifetime after which it is renewed (jittered by ±0.1).
@@ -466,6 +471,7 @@ impl ProxyConfig {
         if let Some(c) = &mut cfg.controller {
             paths.push(&mut c.trust_bundle);
             paths.extend(c.join_token_file.as_mut());
+            paths.extend(c.service_account_token_file.as_mut());
         }
         for p in paths {
             if p.is_relative() {
@@ -502,11 +508,16 @@ impl ProxyConfig {
             ));
         }
         if let Some(c) = &self.controller {
-            if c.join_token.is_some() == c.join_token_file.is_some() {
+            let given = [
+                c.join_token.is_some(),
+                c.join_token_file.is_some(),
+                c.service_account_token_file.is_some(),
+            ];
+            if given.iter().filter(|g| **g).count() != 1 {
                 return Err(ConfigError::new(
                     path,
                     "controller.join_token",
-                    "give exactly one of join_token and join_token_file",
+                    "give exactly one of join_token, join_token_file and service_account_token_file",
                 ));
             }
             if !(0.1..=0.9).contains(&c.renew_fraction) {

@@ -331,7 +331,8 @@ impl Proxy {
             boot.addresses.clone(),
             boot.roots.clone(),
             self.creds.clone(),
-        );
+        )
+        .with_token_kind(boot.manager.kind);
         let register = match (&cfg.inbound, self.addresses.inbound) {
             (Some(i), Some(bound)) => {
                 let addr = boot.advertise.unwrap_or(match bound.ip() {

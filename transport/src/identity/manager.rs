@@ -80,11 +80,24 @@ pub enum ObtainError {
     },
 }
 
+/// What the bootstrap credential is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A quicmesh join token (`qmt_...`), made with `quicmesh ctl tokens create`.
+    #[default]
+    Join,
+    /// A Kubernetes projected service-account token (a JWT the kubelet rotates in its file): read
+    /// again from the file for every bootstrap.
+    ServiceAccount,
+}
+
 /// Settings of the manager.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
     /// The identity asked for.
     pub id: SpiffeId,
+    /// What `join_token` is.
+    pub kind: TokenKind,
     /// The bootstrap credential; spent by the first success.
     pub join_token: String,
     /// Where `join_token` was read from, re-read to bootstrap again after the certificate expired.
@@ -237,6 +250,10 @@ pub async fn run<C: CaClient>(
         }
         was_expired = expired;
         let token = match credential {
+            // A service-account token is rotated by the kubelet: the file's current one, every time.
+            Credential::FirstToken if cfg.kind == TokenKind::ServiceAccount => {
+                fresh_token(&cfg).await.map(Some)
+            }
             Credential::FirstToken => Ok(Some(cfg.join_token.clone())),
             Credential::Certificate => Ok(None),
             Credential::FreshToken => fresh_token(&cfg).await.map(Some),
@@ -466,6 +483,7 @@ mod tests {
         let stop = CancellationToken::new();
         let cfg = ManagerConfig {
             id: "spiffe://t.test/ns/a/sa/b".parse().expect("id"),
+            kind: TokenKind::Join,
             join_token: "qmj_one".into(),
             join_token_file: None,
             renew_fraction: 0.5,
@@ -555,6 +573,7 @@ mod tests {
         let stop = CancellationToken::new();
         let cfg = ManagerConfig {
             id: "spiffe://t.test/ns/a/sa/b".parse().expect("id"),
+            kind: TokenKind::Join,
             join_token: "qmt_first".into(),
             join_token_file: Some(file.clone()),
             renew_fraction: 0.5,
