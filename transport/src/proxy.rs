@@ -121,12 +121,11 @@ impl Readiness {
     /// Resolves when the controller refuses the bootstrap credential (it will not change its mind for
     /// the same token); never in static mode.
     pub async fn refused(&self) -> manager::BootstrapProblem {
-        if let Some(mut rx) = self.problem.clone() {
-            if let Ok(p) = rx.wait_for(|p| p.as_ref().is_some_and(|p| p.refused)).await {
-                if let Some(p) = p.clone() {
-                    return p;
-                }
-            }
+        if let Some(mut rx) = self.problem.clone()
+            && let Ok(p) = rx.wait_for(|p| p.as_ref().is_some_and(|p| p.refused)).await
+            && let Some(p) = p.clone()
+        {
+            return p;
         }
         std::future::pending().await
     }
