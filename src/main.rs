@@ -28,6 +28,10 @@ enum Command {
     /// Run an app behind its sidecar: start the proxy, wait until ready, run `-- CMD ARGS`, pass signals
     /// on, drain when the app exits and exit with its code.
     Run(quicmesh_transport::run::RunArgs),
+    /// Transparent capture: install or remove the nftables rules that redirect an app's connections to
+    /// the services' real addresses to the proxy.
+    #[command(subcommand)]
+    Capture(quicmesh_transport::cli::CaptureCommand),
     /// A development certificate authority: create a root, issue workload certificates.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -69,6 +73,7 @@ fn main() -> anyhow::Result<ExitCode> {
             // The app's own exit code, whatever it is.
             Command::Run(a) => return Ok(ExitCode::from(quicmesh_transport::run::run(&a).await?)),
             Command::Ca(c) => ca::run(c)?,
+            Command::Capture(c) => quicmesh_transport::cli::capture(&c)?,
             Command::Up(a) => up::run(a).await?,
             Command::Controller(a) => quicmesh_controller::run_controller(a).await?,
             Command::Ctl(a) => quicmesh_controller::run_ctl(a).await?,

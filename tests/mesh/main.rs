@@ -4,6 +4,7 @@
 mod support;
 
 mod bench;
+mod capture;
 mod certificates;
 mod controller;
 mod controller_hardening;

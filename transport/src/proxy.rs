@@ -7,6 +7,7 @@
 
 pub mod admission;
 pub mod balance;
+pub mod capture;
 pub mod inbound;
 pub mod lane;
 pub mod outbound;
@@ -67,6 +68,9 @@ pub struct ProxyAddresses {
     pub inbound: Option<SocketAddr>,
     /// Outbound TCP listeners, in configuration order.
     pub outbound: Vec<SocketAddr>,
+    /// The capture listener, if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<SocketAddr>,
 }
 
 /// A bound, not yet running proxy.
@@ -75,6 +79,7 @@ pub struct Proxy {
     state: StateHandle,
     inbound: Option<inbound::Inbound>,
     outbound: Vec<outbound::Outbound>,
+    capture: Option<capture::Capture>,
     admin: Admin,
     pool: Arc<pool::Pool>,
     inbound_endpoint: Option<quinn::Endpoint>,
@@ -495,6 +500,27 @@ impl Proxy {
                 })?;
             outbound.push(ob);
         }
+        let capture = match &cfg.capture {
+            Some(c) => {
+                let routes = cfg
+                    .outbound
+                    .iter()
+                    .zip(&outbound)
+                    .filter_map(|(o, ob)| o.capture.map(|a| (a, ob.tunnel())))
+                    .collect();
+                Some(
+                    capture::Capture::bind(c.listen, routes, metrics.clone())
+                        .await
+                        .map_err(|e| {
+                            err(
+                                "capture.listen".into(),
+                                &format!("cannot bind {}: {e}", c.listen),
+                            )
+                        })?,
+                )
+            }
+            None => None,
+        };
         let ready = Arc::new(AtomicBool::new(false));
         let listeners = serde_json::json!({
             "inbound": cfg.inbound.as_ref().map(|i| serde_json::json!({
@@ -506,8 +532,9 @@ impl Proxy {
                 },
             })),
             "outbound": cfg.outbound.iter().map(|o| serde_json::json!({
-                "listen": o.listen, "service": o.service, "port": o.port,
+                "listen": o.listen, "service": o.service, "port": o.port, "capture": o.capture,
             })).collect::<Vec<_>>(),
+            "capture": cfg.capture.as_ref().map(|c| c.listen),
         });
         let view = crate::admin::ConfigView {
             state: state.clone(),
@@ -535,12 +562,17 @@ impl Proxy {
                 .enumerate()
                 .map(|(i, o)| local(o.local_addr(), &format!("outbound[{i}].listen")))
                 .collect::<Result<_, _>>()?,
+            capture: match &capture {
+                Some(c) => Some(local(c.local_addr(), "capture.listen")?),
+                None => None,
+            },
         };
         Ok(Self {
             creds: creds.clone(),
             state,
             inbound,
             outbound,
+            capture,
             admin,
             pool,
             inbound_endpoint,
@@ -594,6 +626,9 @@ impl Proxy {
         }
         for o in self.outbound {
             listeners.push(tokio::spawn(o.run(drain.clone())));
+        }
+        if let Some(c) = self.capture {
+            listeners.push(tokio::spawn(c.run(drain.clone())));
         }
         // Ready once a certificate is held: at once in static mode, after bootstrap and the first
         // snapshot in controller mode.

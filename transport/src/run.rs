@@ -209,6 +209,7 @@ mod tests {
                 "127.0.0.1:9000".parse().expect("addr"),
                 "127.0.0.1:9001".parse().expect("addr"),
             ],
+            capture: None,
         };
         let env = app_env(&a);
         assert_eq!(
