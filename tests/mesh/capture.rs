@@ -214,6 +214,28 @@ async fn an_app_dialing_a_service_address_is_captured_into_the_mesh() {
         "{m}"
     );
 
+    // A connection for an address no service claims (here: straight to the listener) is refused and
+    // counted, never passed through.
+    let direct = APP.replace("\"10.96.0.10\", 80", "\"127.0.0.1\", 15001");
+    assert!(
+        ns.sh(&format!("python3 -c '{direct}'"))
+            .map_or(true, |out| out.trim().is_empty()),
+        "nothing comes back from an unclaimed destination"
+    );
+    let client_admin = ready_addr(&ready, "/admin");
+    let m = ns
+        .sh(&format!("curl -s http://{client_admin}/metrics"))
+        .expect("scrape");
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_tunnel_failures_total",
+            &["reason=\"capture_unknown_destination\""]
+        ),
+        1.0,
+        "{m}"
+    );
+
     quicmesh_in(&ns, &["capture", "remove"]).expect("capture remove");
     let all = ns.sh("nft list ruleset").expect("ruleset");
     assert!(!all.contains("quicmesh"), "no rule left behind: {all}");
