@@ -6,6 +6,8 @@
 mod ca;
 mod up;
 
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -23,6 +25,13 @@ struct Cli {
 enum Command {
     /// Run a sidecar proxy: static certificate files, or bootstrapped and configured by the controller.
     Proxy(quicmesh_transport::cli::ProxyArgs),
+    /// Run an app behind its sidecar: start the proxy, wait until ready, run `-- CMD ARGS`, pass signals
+    /// on, drain when the app exits and exit with its code.
+    Run(quicmesh_transport::run::RunArgs),
+    /// Transparent capture: install or remove the nftables rules that redirect an app's connections to
+    /// the services' real addresses to the proxy.
+    #[command(subcommand)]
+    Capture(quicmesh_transport::cli::CaptureCommand),
     /// A development certificate authority: create a root, issue workload certificates.
     #[command(subcommand)]
     Ca(ca::CaCommand),
@@ -36,7 +45,7 @@ enum Command {
     Bench(quicmesh_bench::BenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     quicmesh_transport::cli::init_logging();
     // One crypto provider for the whole process, ring: with two compiled in (tonic's dependencies can
@@ -46,6 +55,7 @@ fn main() -> anyhow::Result<()> {
     // (see `cli::ProxyArgs::workers`). QUICMESH_WORKERS=N sets it for every subcommand.
     let workers = match &cli.command {
         Command::Proxy(a) => Some(a.workers),
+        Command::Run(a) => Some(a.workers),
         _ => std::env::var("QUICMESH_WORKERS")
             .ok()
             .and_then(|w| w.parse::<usize>().ok())
@@ -59,12 +69,16 @@ fn main() -> anyhow::Result<()> {
     };
     rt.block_on(async {
         match cli.command {
-            Command::Proxy(a) => Ok(quicmesh_transport::cli::run(&a).await?),
-            Command::Ca(c) => ca::run(c),
-            Command::Up(a) => up::run(a).await,
-            Command::Controller(a) => Ok(quicmesh_controller::run_controller(a).await?),
-            Command::Ctl(a) => Ok(quicmesh_controller::run_ctl(a).await?),
-            Command::Bench(a) => quicmesh_bench::run(a).await,
+            Command::Proxy(a) => quicmesh_transport::cli::run(&a).await?,
+            // The app's own exit code, whatever it is.
+            Command::Run(a) => return Ok(ExitCode::from(quicmesh_transport::run::run(&a).await?)),
+            Command::Ca(c) => ca::run(c)?,
+            Command::Capture(c) => quicmesh_transport::cli::capture(&c)?,
+            Command::Up(a) => up::run(a).await?,
+            Command::Controller(a) => quicmesh_controller::run_controller(a).await?,
+            Command::Ctl(a) => quicmesh_controller::run_ctl(a).await?,
+            Command::Bench(a) => quicmesh_bench::run(a).await?,
         }
+        Ok(ExitCode::SUCCESS)
     })
 }

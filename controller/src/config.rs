@@ -80,6 +80,17 @@ pub struct ControllerArgs {
     /// closed (killed, host gone) before it is withdrawn; a proxy that reconnects registers it again.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     pub endpoint_grace: Duration,
+    /// Kubernetes bootstrap: the cluster's service-account issuer keys as a JWKS file (`kubectl get
+    /// --raw /openid/v1/jwks`). With it, a proxy may bootstrap with its projected service-account token
+    /// instead of a join token; the file is read again when it changes. Needs --k8s-issuer.
+    #[arg(long, requires = "k8s_issuer")]
+    pub k8s_jwks: Option<PathBuf>,
+    /// The `iss` the service-account tokens must carry (the cluster's --service-account-issuer).
+    #[arg(long, requires = "k8s_jwks")]
+    pub k8s_issuer: Option<String>,
+    /// An audience the tokens must carry (repeatable): what the pod's projected token asks for.
+    #[arg(long = "k8s-audience", default_value = "quicmesh")]
+    pub k8s_audiences: Vec<String>,
 }
 
 /// `--store` and the etcd flags.
@@ -202,7 +213,19 @@ impl ControllerArgs {
                     .into(),
             ));
         }
+        let service_account_tokens = match (&self.k8s_jwks, &self.k8s_issuer) {
+            (Some(jwks), Some(issuer)) => Some(std::sync::Arc::new(
+                crate::k8s::TokenAuthority::load(
+                    jwks.clone(),
+                    issuer.clone(),
+                    self.k8s_audiences.clone(),
+                )
+                .map_err(|e| StartError::Config(format!("--k8s-jwks {e}")))?,
+            )),
+            _ => None,
+        };
         Ok(StateOptions {
+            service_account_tokens,
             data_dir: self.data_dir.clone(),
             etcd: self.etcd_options()?,
             trust_domain: self.trust_domain.clone(),

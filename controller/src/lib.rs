@@ -11,7 +11,7 @@
 //! pruning; its rules in [`ca::rules`]), [`keystore`] (root keys sealed at rest), [`snapshot`] (what
 //! proxies see), [`registry`] (connected proxies and connections per identity), [`state`] (the parts
 //! wired together, independent of gRPC), [`api`] (the gRPC services; the only place protobuf types
-//! appear), [`auth`] (tokens and peer identity), [`tls`] and [`client`] (rustls with `ring`), [`server`]
+//! appear), [`auth`] (tokens and peer identity), [`k8s`] (Kubernetes service-account tokens), [`tls`] and [`client`] (rustls with `ring`), [`server`]
 //! (start-up and readiness), [`config`] (flags), [`ctl`] (the CLI).
 
 #![forbid(unsafe_code)]
@@ -24,6 +24,7 @@ pub mod config;
 pub mod ctl;
 pub mod error;
 pub mod issuer;
+pub mod k8s;
 pub mod keystore;
 pub mod model;
 pub mod naming;

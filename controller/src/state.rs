@@ -75,6 +75,8 @@ pub struct StateOptions {
     pub limits: tls::Limits,
     /// How long an endpoint outlives the connection of the proxy that registered it.
     pub endpoint_grace: Duration,
+    /// Kubernetes bootstrap: the service-account token issuer this controller trusts, if any.
+    pub service_account_tokens: Option<Arc<crate::k8s::TokenAuthority>>,
 }
 
 /// Default of [`StateOptions::endpoint_grace`]: short, so that a killed proxy's share of a mesh-wide
@@ -97,6 +99,7 @@ impl StateOptions {
             max_watches_per_identity: registry::DEFAULT_MAX_WATCHES,
             endpoint_grace: DEFAULT_ENDPOINT_GRACE,
             limits: tls::Limits::default(),
+            service_account_tokens: None,
         }
     }
 }
@@ -152,6 +155,7 @@ pub struct State {
     limits: tls::Limits,
     last_prune: Mutex<Option<Instant>>,
     endpoint_grace: Duration,
+    service_account_tokens: Option<Arc<crate::k8s::TokenAuthority>>,
 }
 
 impl std::fmt::Debug for State {
@@ -327,6 +331,7 @@ impl State {
             limits: opts.limits,
             last_prune: Mutex::new(None),
             endpoint_grace: opts.endpoint_grace,
+            service_account_tokens: opts.service_account_tokens.clone(),
         });
         Ok((state, admin_token))
     }
@@ -556,14 +561,39 @@ impl State {
         Ok(self.registry.is_revoked(id) || self.resources.is_revoked(id)?)
     }
 
-    /// Signs a CSR for the identity granted by a join token or by the caller's mesh certificate.
+    /// Signs a CSR for the identity granted by a join token, a Kubernetes service-account token, or
+    /// the caller's mesh certificate.
     pub async fn certify(
         &self,
         csr_pem: &str,
         join_token: &str,
+        service_account_token: &str,
         peer: Option<&PeerInfo>,
     ) -> Result<Issued, ApiError> {
-        self.retrying(|| self.ca.certify(csr_pem, join_token, peer))
+        let verified = if service_account_token.is_empty() {
+            None
+        } else {
+            if !join_token.is_empty() {
+                return Err(ApiError::Unauthenticated(
+                    "give a join_token or a service_account_token, not both".into(),
+                ));
+            }
+            let Some(authority) = &self.service_account_tokens else {
+                return Err(ApiError::Unauthenticated(
+                    "service_account_token: this controller accepts no Kubernetes tokens (start it with --k8s-jwks)".into(),
+                ));
+            };
+            let refused = |e: crate::k8s::TokenError| {
+                ApiError::Unauthenticated(format!("service_account_token: {e}"))
+            };
+            let sa = authority
+                .verifier()
+                .verify(service_account_token, now().unix_timestamp())
+                .map_err(refused)?;
+            let id = sa.spiffe_id(&self.trust_domain).map_err(refused)?;
+            Some((id, format!("k8s-sa:{}/{}", sa.namespace, sa.name)))
+        };
+        self.retrying(|| self.ca.certify(csr_pem, join_token, verified.clone(), peer))
             .await
     }
 

@@ -220,6 +220,7 @@ async fn bootstrap_watch_register_and_renew(store: Backend) {
         .certify(pb::CertifyRequest {
             csr_pem: csr.clone(),
             join_token: token,
+            ..Default::default()
         })
         .await
         .expect("certify")
@@ -325,6 +326,7 @@ async fn bootstrap_watch_register_and_renew(store: Backend) {
         .certify(pb::CertifyRequest {
             csr_pem: csr2,
             join_token: String::new(),
+            ..Default::default()
         })
         .await
         .expect("renew")
@@ -431,6 +433,7 @@ async fn bad_join_tokens_and_csrs_are_refused_and_nothing_is_stored(store: Backe
             .certify(pb::CertifyRequest {
                 csr_pem: csr_pem.into(),
                 join_token: token.into(),
+                ..Default::default()
             })
             .await
             .expect_err(token);
@@ -448,6 +451,7 @@ async fn bad_join_tokens_and_csrs_are_refused_and_nothing_is_stored(store: Backe
     anon.certify(pb::CertifyRequest {
         csr_pem: csr.clone(),
         join_token: good.clone(),
+        ..Default::default()
     })
     .await
     .expect("first use");
@@ -456,6 +460,7 @@ async fn bad_join_tokens_and_csrs_are_refused_and_nothing_is_stored(store: Backe
         .certify(pb::CertifyRequest {
             csr_pem: csr,
             join_token: good,
+            ..Default::default()
         })
         .await
         .expect_err("reuse");
@@ -615,6 +620,7 @@ async fn revoked_identity_gets_no_certificate_and_loses_its_watch(store: Backend
         .certify(pb::CertifyRequest {
             csr_pem: csr.clone(),
             join_token: token,
+            ..Default::default()
         })
         .await
         .expect("certify")
@@ -642,6 +648,7 @@ async fn revoked_identity_gets_no_certificate_and_loses_its_watch(store: Backend
         .certify(pb::CertifyRequest {
             csr_pem: csr,
             join_token: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("revoked renewal");
@@ -702,6 +709,7 @@ impl Harness {
             .certify(pb::CertifyRequest {
                 csr_pem: csr,
                 join_token: token,
+                ..Default::default()
             })
             .await
             .expect("certify")
@@ -989,6 +997,7 @@ async fn concurrent_certify_is_grouped_and_spends_a_token_once(store: Backend) {
                 p.certify(pb::CertifyRequest {
                     csr_pem: csr,
                     join_token: token,
+                    ..Default::default()
                 })
                 .await
             }
@@ -1236,6 +1245,7 @@ async fn root_rotation_keeps_old_leaves_trusted_until_they_expire(store: Backend
         .certify(pb::CertifyRequest {
             csr_pem: csr.clone(),
             join_token: token.clone(),
+            ..Default::default()
         })
         .await
         .expect("certify")
@@ -1257,6 +1267,7 @@ async fn root_rotation_keeps_old_leaves_trusted_until_they_expire(store: Backend
             .certify(pb::CertifyRequest {
                 csr_pem: csr.clone(),
                 join_token: String::new(),
+                ..Default::default()
             })
             .await
             .expect("renew across rotation")
@@ -1461,6 +1472,7 @@ async fn csrs_are_signed_only_for_p256_keys_and_others_are_named(store: Backend)
             .certify(pb::CertifyRequest {
                 csr_pem: csr,
                 join_token: token.clone(),
+                ..Default::default()
             })
             .await
             .expect_err(name);
@@ -1491,6 +1503,7 @@ async fn csrs_are_signed_only_for_p256_keys_and_others_are_named(store: Backend)
         .certify(pb::CertifyRequest {
             csr_pem: csr,
             join_token: token,
+            ..Default::default()
         })
         .await
         .expect("P-256 is signed")

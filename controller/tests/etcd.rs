@@ -190,6 +190,7 @@ async fn a_write_through_one_controller_reaches_watchers_of_another_within_500ms
         .certify(pb::CertifyRequest {
             csr_pem: csr,
             join_token: join,
+            ..Default::default()
         })
         .await
         .expect("certify on C with a token made on A")
@@ -266,6 +267,7 @@ async fn a_write_through_one_controller_reaches_watchers_of_another_within_500ms
         .certify(pb::CertifyRequest {
             csr_pem: csr,
             join_token: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("revoked on C");
@@ -297,6 +299,7 @@ async fn a_join_token_spent_on_one_controller_is_refused_on_the_others() {
                 .certify(pb::CertifyRequest {
                     csr_pem: csr,
                     join_token: join,
+                    ..Default::default()
                 })
                 .await
         }
@@ -552,6 +555,7 @@ async fn without_etcd_writes_fail_unavailable_while_reads_and_watch_serve_the_la
         .certify(pb::CertifyRequest {
             csr_pem: csr.clone(),
             join_token: join,
+            ..Default::default()
         })
         .await
         .expect("certify")
@@ -583,6 +587,7 @@ async fn without_etcd_writes_fail_unavailable_while_reads_and_watch_serve_the_la
         .certify(pb::CertifyRequest {
             csr_pem: csr,
             join_token: String::new(),
+            ..Default::default()
         })
         .await
         .expect_err("no etcd");
@@ -900,6 +905,7 @@ async fn an_endpoint_registered_again_through_another_controller_is_not_withdraw
         .certify(pb::CertifyRequest {
             csr_pem: csr,
             join_token: join,
+            ..Default::default()
         })
         .await
         .expect("certify")

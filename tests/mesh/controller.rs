@@ -199,6 +199,7 @@ async fn controller_process_bootstrap_ctl_and_bad_input() {
         .certify(pb::CertifyRequest {
             csr_pem: csr.clone(),
             join_token: join.clone(),
+            ..Default::default()
         })
         .await
         .expect("certify")
@@ -212,6 +213,7 @@ async fn controller_process_bootstrap_ctl_and_bad_input() {
         .certify(pb::CertifyRequest {
             csr_pem: csr,
             join_token: join,
+            ..Default::default()
         })
         .await
         .expect_err("reused token");

@@ -149,6 +149,7 @@ impl Ctl {
             .certify(pb::CertifyRequest {
                 csr_pem: csr,
                 join_token: token,
+                ..Default::default()
             })
             .await
             .expect("certify")

@@ -4,6 +4,7 @@
 mod support;
 
 mod bench;
+mod capture;
 mod certificates;
 mod controller;
 mod controller_hardening;
@@ -12,8 +13,10 @@ mod dataplane;
 mod endpoint;
 mod failover;
 mod http;
+mod k8s;
 mod naming;
 mod policy;
 mod process;
+mod run;
 mod state;
 mod upgrade;

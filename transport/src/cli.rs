@@ -31,9 +31,92 @@ pub enum RunError {
     /// The ready line could not be encoded.
     #[error("encoding the ready line: {0}")]
     Encode(#[from] serde_json::Error),
-    /// The runtime could not be built.
+    /// The runtime (or a signal handler) could not be set up.
     #[error("starting the runtime: {0}")]
     Runtime(#[from] std::io::Error),
+    /// `quicmesh run`: the sidecar did not become ready, so the app was not started.
+    #[error("the sidecar is not ready, the app was not started: {0}")]
+    NotReady(String),
+    /// `quicmesh run` without a command after `--`.
+    #[error("no command to run (give it after `--`)")]
+    NoCommand,
+}
+
+/// `quicmesh capture install|remove`: the nftables rules of transparent capture.
+#[derive(Debug, clap::Subcommand)]
+pub enum CaptureCommand {
+    /// Writes (or replaces) the `inet quicmesh` table: locally originated TCP to each `capture`
+    /// address of the proxy's `[[outbound]]` tables is redirected to its `[capture]` listener.
+    Install {
+        /// The proxy's configuration file.
+        #[arg(long, short, env = "QUICMESH_CONFIG")]
+        config: PathBuf,
+        /// The user the proxy runs as: its own connections are never redirected.
+        #[arg(long)]
+        exempt_uid: Option<u32>,
+    },
+    /// Removes the `inet quicmesh` table; nothing else. Succeeds when it is already gone.
+    Remove,
+}
+
+/// Why `quicmesh capture` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The configuration is unusable for capture.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `nft` could not be run.
+    #[error("cannot run nft: {0}")]
+    Spawn(#[from] std::io::Error),
+    /// `nft` refused the rules.
+    #[error("nft failed: {0}")]
+    Nft(String),
+}
+
+/// Runs `quicmesh capture`.
+pub fn capture(cmd: &CaptureCommand) -> Result<(), CaptureError> {
+    use crate::proxy::capture;
+    let script = match cmd {
+        CaptureCommand::Install { config, exempt_uid } => {
+            let cfg = ProxyConfig::load(config)?;
+            let Some(c) = &cfg.capture else {
+                return Err(
+                    ConfigError::new(config, "capture", "missing: no [capture] listener").into(),
+                );
+            };
+            let captured: Vec<_> = cfg.outbound.iter().filter_map(|o| o.capture).collect();
+            if captured.is_empty() {
+                return Err(ConfigError::new(
+                    config,
+                    "outbound",
+                    "no [[outbound]] table has a capture address",
+                )
+                .into());
+            }
+            capture::nft_install_script(&captured, c.listen.port(), *exempt_uid)
+        }
+        CaptureCommand::Remove => capture::nft_remove_script(),
+    };
+    nft(&script)
+}
+
+fn nft(script: &str) -> Result<(), CaptureError> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(CaptureError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// Logs to stderr, filtered by `QUICMESH_LOG` (default `info`); the same for every quicmesh binary.

@@ -52,6 +52,10 @@ pub struct ProxyConfig {
     /// Plain TCP listeners on loopback, each tunnelling to one upstream service.
     #[serde(default)]
     pub outbound: Vec<OutboundConfig>,
+    /// Transparent capture: the listener nftables redirects the app's connections to (see
+    /// `quicmesh capture install`); each `[[outbound]]` with a `capture` address is reachable there.
+    #[serde(default)]
+    pub capture: Option<CaptureConfig>,
     /// Static mode: a file of mesh resources (`Service`, `Endpoint`, `Policy`, revoked `Identity`) in
     /// the YAML `quicmesh ctl apply` takes: what the controller would otherwise send.
     #[serde(default)]
@@ -105,6 +109,11 @@ pub struct ControllerConfig {
     /// File holding the join token (kept out of the configuration file).
     #[serde(default)]
     pub join_token_file: Option<PathBuf>,
+    /// Kubernetes: the projected service-account token file (audience: the controller's
+    /// `--k8s-audience`), used instead of a join token and read again for every bootstrap, since the
+    /// kubelet rotates it. The controller issues the identity of the token's namespace and account.
+    #[serde(default)]
+    pub service_account_token_file: Option<PathBuf>,
     /// The SPIFFE ID asked for, `spiffe://<trust domain>/ns/<ns>/sa/<sa>`; the token must grant it.
     pub identity: String,
     /// Share of a certificate's lifetime after which it is renewed (jittered by ±0.1).
@@ -243,6 +252,15 @@ impl InboundConfig {
     }
 }
 
+/// The capture listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// TCP address nftables redirects to (loopback: locally originated connections are redirected to
+    /// 127.0.0.1 and this port).
+    pub listen: SocketAddr,
+}
+
 /// One outbound listener.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -274,6 +292,10 @@ pub struct OutboundConfig {
     /// (the namespace after a `.` in `service`, else ours). In controller mode the Service resource says.
     #[serde(default)]
     pub server_identities: Vec<String>,
+    /// Transparent capture: the service's real address (e.g. its cluster IP and port). Connections the
+    /// app makes to it are redirected to the `[capture]` listener and tunneled like this listener's.
+    #[serde(default)]
+    pub capture: Option<SocketAddr>,
 }
 
 /// The admin HTTP endpoint.
@@ -492,6 +514,7 @@ impl ProxyConfig {
         if let Some(c) = &mut cfg.controller {
             paths.push(&mut c.trust_bundle);
             paths.extend(c.join_token_file.as_mut());
+            paths.extend(c.service_account_token_file.as_mut());
         }
         for p in paths {
             if p.is_relative() {
@@ -527,12 +550,36 @@ impl ProxyConfig {
                 "static mode only: in controller mode the controller sends the mesh",
             ));
         }
+        let mut captured = std::collections::HashSet::new();
+        for (i, o) in self.outbound.iter().enumerate() {
+            if let Some(a) = o.capture {
+                if self.capture.is_none() {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("outbound[{i}].capture"),
+                        "needs a [capture] listener",
+                    ));
+                }
+                if !captured.insert(a) {
+                    return Err(ConfigError::new(
+                        path,
+                        format!("outbound[{i}].capture"),
+                        format!("{a} is captured by an earlier outbound listener too"),
+                    ));
+                }
+            }
+        }
         if let Some(c) = &self.controller {
-            if c.join_token.is_some() == c.join_token_file.is_some() {
+            let given = [
+                c.join_token.is_some(),
+                c.join_token_file.is_some(),
+                c.service_account_token_file.is_some(),
+            ];
+            if given.iter().filter(|g| **g).count() != 1 {
                 return Err(ConfigError::new(
                     path,
                     "controller.join_token",
-                    "give exactly one of join_token and join_token_file",
+                    "give exactly one of join_token, join_token_file and service_account_token_file",
                 ));
             }
             if !(0.1..=0.9).contains(&c.renew_fraction) {
@@ -889,6 +936,48 @@ port = 7
         );
         let err = ProxyConfig::parse(Path::new("p.toml"), &two_tokens).expect_err("two");
         assert_eq!(err.key, "controller.join_token");
+        let sa = CONTROLLER.replace(
+            "join_token = \"qmj_x\"",
+            "service_account_token_file = \"token\"",
+        );
+        let cfg = ProxyConfig::parse(Path::new("/etc/qm/p.toml"), &sa).expect("k8s token");
+        let c = cfg.controller.as_ref().expect("controller");
+        assert_eq!(
+            c.service_account_token_file.as_deref(),
+            Some(Path::new("/etc/qm/token"))
+        );
+        let join_and_sa = CONTROLLER.replace(
+            "join_token = \"qmj_x\"",
+            "join_token = \"qmj_x\"\nservice_account_token_file = \"t\"",
+        );
+        let err = ProxyConfig::parse(Path::new("p.toml"), &join_and_sa).expect_err("two");
+        assert_eq!(err.key, "controller.join_token");
+    }
+
+    #[test]
+    fn capture_addresses_need_the_listener_and_are_unique() {
+        let with = |top: &str, captures: &[&str]| {
+            let mut text = format!(
+                "{top}\n{}",
+                &CONTROLLER[..CONTROLLER.find("[[outbound]]").unwrap_or(0)]
+            );
+            for (i, c) in captures.iter().enumerate() {
+                text.push_str(&format!(
+                    "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"s{i}\"\nport = 80\ncapture = \"{c}\"\n"
+                ));
+            }
+            ProxyConfig::parse(Path::new("p.toml"), &text)
+        };
+        let listener = "[capture]\nlisten = \"127.0.0.1:15001\"";
+        let cfg = with(listener, &["10.96.0.10:80", "10.96.0.11:80"]).expect("valid");
+        assert_eq!(
+            cfg.outbound[1].capture,
+            Some("10.96.0.11:80".parse().expect("addr"))
+        );
+        let err = with("", &["10.96.0.10:80"]).expect_err("no listener");
+        assert_eq!(err.key, "outbound[0].capture");
+        let err = with(listener, &["10.96.0.10:80", "10.96.0.10:80"]).expect_err("twice");
+        assert_eq!(err.key, "outbound[1].capture");
     }
 }
 

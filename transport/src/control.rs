@@ -75,18 +75,36 @@ impl Bootstrap {
         let bundle = read("controller.trust_bundle", &c.trust_bundle)?;
         let roots = roots_from_pem(&bundle)
             .map_err(|e| ConfigError::new(file, "controller.trust_bundle", e))?;
-        let join_token = match (&c.join_token, &c.join_token_file) {
-            (Some(t), _) => t.trim().to_owned(),
-            (None, Some(p)) => String::from_utf8_lossy(&read("controller.join_token_file", p)?)
-                .trim()
-                .to_owned(),
-            (None, None) => String::new(),
+        let (join_token, kind, token_file) = match (
+            &c.join_token,
+            &c.join_token_file,
+            &c.service_account_token_file,
+        ) {
+            (Some(t), _, _) => (t.trim().to_owned(), manager::TokenKind::Join, None),
+            (None, Some(p), _) => (
+                String::from_utf8_lossy(&read("controller.join_token_file", p)?)
+                    .trim()
+                    .to_owned(),
+                manager::TokenKind::Join,
+                Some(p.clone()),
+            ),
+            (None, None, Some(p)) => (
+                String::from_utf8_lossy(&read("controller.service_account_token_file", p)?)
+                    .trim()
+                    .to_owned(),
+                manager::TokenKind::ServiceAccount,
+                Some(p.clone()),
+            ),
+            (None, None, None) => (String::new(), manager::TokenKind::Join, None),
         };
         if join_token.is_empty() {
             return Err(ConfigError::new(
                 file,
-                "controller.join_token",
-                "the join token is empty",
+                match kind {
+                    manager::TokenKind::Join => "controller.join_token",
+                    manager::TokenKind::ServiceAccount => "controller.service_account_token_file",
+                },
+                "the token is empty",
             ));
         }
         let id: SpiffeId = c.identity.parse().map_err(|e| {
@@ -105,8 +123,9 @@ impl Bootstrap {
                 .unwrap_or_else(|| id.service_account().to_owned()),
             manager: manager::ManagerConfig {
                 id,
+                kind,
                 join_token,
-                join_token_file: c.join_token_file.clone(),
+                join_token_file: token_file,
                 renew_fraction: c.renew_fraction,
             },
             advertise: c.advertise,
@@ -138,6 +157,7 @@ pub struct Controller {
     current: Arc<AtomicUsize>,
     bootstrap_roots: RootCertStore,
     creds: Credentials,
+    token_kind: manager::TokenKind,
 }
 
 impl Controller {
@@ -149,7 +169,14 @@ impl Controller {
             current: Arc::new(AtomicUsize::new(start)),
             bootstrap_roots,
             creds,
+            token_kind: manager::TokenKind::Join,
         }
+    }
+
+    /// Bootstrap tokens sent to Certify are of `kind` (a join token unless told).
+    pub fn with_token_kind(mut self, kind: manager::TokenKind) -> Self {
+        self.token_kind = kind;
+        self
     }
 
     /// Index of the controller in use.
@@ -261,9 +288,17 @@ impl Controller {
                 .await
                 .map_err(CaClientError::Unavailable)?;
             client
-                .certify(pb::CertifyRequest {
-                    csr_pem,
-                    join_token: join_token.unwrap_or_default(),
+                .certify(match self.token_kind {
+                    manager::TokenKind::Join => pb::CertifyRequest {
+                        csr_pem,
+                        join_token: join_token.unwrap_or_default(),
+                        ..Default::default()
+                    },
+                    manager::TokenKind::ServiceAccount => pb::CertifyRequest {
+                        csr_pem,
+                        service_account_token: join_token.unwrap_or_default(),
+                        ..Default::default()
+                    },
                 })
                 .await
                 .map_err(|s| status_error(&s))

@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod quic;
 pub mod ratelimit;
 pub mod retry;
+pub mod run;
 pub mod state;
 pub mod tunnel;
 

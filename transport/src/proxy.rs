@@ -7,6 +7,7 @@
 
 pub mod admission;
 pub mod balance;
+pub mod capture;
 pub mod inbound;
 pub mod lane;
 pub mod outbound;
@@ -67,6 +68,9 @@ pub struct ProxyAddresses {
     pub inbound: Option<SocketAddr>,
     /// Outbound TCP listeners, in configuration order.
     pub outbound: Vec<SocketAddr>,
+    /// The capture listener, if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capture: Option<SocketAddr>,
 }
 
 /// A bound, not yet running proxy.
@@ -75,6 +79,7 @@ pub struct Proxy {
     state: StateHandle,
     inbound: Option<inbound::Inbound>,
     outbound: Vec<outbound::Outbound>,
+    capture: Option<capture::Capture>,
     admin: Admin,
     pool: Arc<pool::Pool>,
     inbound_endpoint: Option<quinn::Endpoint>,
@@ -99,6 +104,8 @@ pub struct Proxy {
 pub struct Readiness {
     creds: Credentials,
     configured: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Controller mode: why the first certificate has not come yet.
+    problem: Option<tokio::sync::watch::Receiver<Option<manager::BootstrapProblem>>>,
 }
 
 impl Readiness {
@@ -109,6 +116,23 @@ impl Readiness {
             // An error means the follower is gone (shutdown): nothing more to wait for.
             let _ = rx.wait_for(|c| *c).await;
         }
+    }
+
+    /// The last reason the first certificate could not be obtained (controller mode), if any.
+    pub fn problem(&self) -> Option<manager::BootstrapProblem> {
+        self.problem.as_ref().and_then(|rx| rx.borrow().clone())
+    }
+
+    /// Resolves when the controller refuses the bootstrap credential (it will not change its mind for
+    /// the same token); never in static mode.
+    pub async fn refused(&self) -> manager::BootstrapProblem {
+        if let Some(mut rx) = self.problem.clone()
+            && let Ok(p) = rx.wait_for(|p| p.as_ref().is_some_and(|p| p.refused)).await
+            && let Some(p) = p.clone()
+        {
+            return p;
+        }
+        std::future::pending().await
     }
 }
 
@@ -311,7 +335,8 @@ impl Proxy {
             boot.addresses.clone(),
             boot.roots.clone(),
             self.creds.clone(),
-        );
+        )
+        .with_token_kind(boot.manager.kind);
         let register = match (&cfg.inbound, self.addresses.inbound) {
             (Some(i), Some(bound)) => {
                 let addr = boot.advertise.unwrap_or(match bound.ip() {
@@ -361,11 +386,14 @@ impl Proxy {
             configured: tokio::sync::watch::Sender::new(false),
         };
         self.readiness.configured = Some(follower.configured.subscribe());
+        let problems = tokio::sync::watch::Sender::new(None);
+        self.readiness.problem = Some(problems.subscribe());
         tokio::spawn(manager::run(
             controller,
             self.creds.clone(),
             boot.manager,
             self.metrics.identity.clone(),
+            problems,
             stop.clone(),
         ));
         tokio::spawn(follower.run(stop.clone()));
@@ -472,6 +500,27 @@ impl Proxy {
                 })?;
             outbound.push(ob);
         }
+        let capture = match &cfg.capture {
+            Some(c) => {
+                let routes = cfg
+                    .outbound
+                    .iter()
+                    .zip(&outbound)
+                    .filter_map(|(o, ob)| o.capture.map(|a| (a, ob.tunnel())))
+                    .collect();
+                Some(
+                    capture::Capture::bind(c.listen, routes, metrics.clone())
+                        .await
+                        .map_err(|e| {
+                            err(
+                                "capture.listen".into(),
+                                &format!("cannot bind {}: {e}", c.listen),
+                            )
+                        })?,
+                )
+            }
+            None => None,
+        };
         let ready = Arc::new(AtomicBool::new(false));
         let listeners = serde_json::json!({
             "inbound": cfg.inbound.as_ref().map(|i| serde_json::json!({
@@ -483,8 +532,9 @@ impl Proxy {
                 },
             })),
             "outbound": cfg.outbound.iter().map(|o| serde_json::json!({
-                "listen": o.listen, "service": o.service, "port": o.port,
+                "listen": o.listen, "service": o.service, "port": o.port, "capture": o.capture,
             })).collect::<Vec<_>>(),
+            "capture": cfg.capture.as_ref().map(|c| c.listen),
         });
         let view = crate::admin::ConfigView {
             state: state.clone(),
@@ -512,12 +562,17 @@ impl Proxy {
                 .enumerate()
                 .map(|(i, o)| local(o.local_addr(), &format!("outbound[{i}].listen")))
                 .collect::<Result<_, _>>()?,
+            capture: match &capture {
+                Some(c) => Some(local(c.local_addr(), "capture.listen")?),
+                None => None,
+            },
         };
         Ok(Self {
             creds: creds.clone(),
             state,
             inbound,
             outbound,
+            capture,
             admin,
             pool,
             inbound_endpoint,
@@ -531,6 +586,7 @@ impl Proxy {
             readiness: Readiness {
                 creds,
                 configured: None,
+                problem: None,
             },
         })
     }
@@ -570,6 +626,9 @@ impl Proxy {
         }
         for o in self.outbound {
             listeners.push(tokio::spawn(o.run(drain.clone())));
+        }
+        if let Some(c) = self.capture {
+            listeners.push(tokio::spawn(c.run(drain.clone())));
         }
         // Ready once a certificate is held: at once in static mode, after bootstrap and the first
         // snapshot in controller mode.

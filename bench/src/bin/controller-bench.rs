@@ -260,6 +260,7 @@ async fn main() -> Result<(), AnyError> {
                     .certify(pb::CertifyRequest {
                         csr_pem: csrs[n % csrs.len()].clone(),
                         join_token: join.clone(),
+                        ..Default::default()
                     })
                     .await;
                 if let Err(e) = r {
@@ -297,6 +298,7 @@ async fn main() -> Result<(), AnyError> {
         .certify(pb::CertifyRequest {
             csr_pem: csr,
             join_token: join.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner()

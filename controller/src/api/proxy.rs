@@ -178,7 +178,12 @@ impl ProxyApi for ProxyService {
         let body = req.into_inner();
         let issued = self
             .state
-            .certify(&body.csr_pem, &body.join_token, p.as_ref())
+            .certify(
+                &body.csr_pem,
+                &body.join_token,
+                &body.service_account_token,
+                p.as_ref(),
+            )
             .await
             .map_err(|e| {
                 tracing::info!(

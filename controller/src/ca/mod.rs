@@ -398,18 +398,23 @@ impl Ca {
         Ok(true)
     }
 
-    /// Signs a CSR for the identity granted by a join token or by the caller's mesh certificate.
+    /// Signs a CSR for the identity granted by a join token, by a credential verified elsewhere
+    /// (`verified`: the identity and how it was proven, e.g. a Kubernetes service-account token), or by
+    /// the caller's mesh certificate.
     pub async fn certify(
         self: &Arc<Self>,
         csr_pem: &str,
         join_token: &str,
+        verified: Option<(SpiffeId, String)>,
         peer: Option<&PeerInfo>,
     ) -> Result<Issued, ApiError> {
         // Sign with the root the store says is active.
         self.refresh_roots()?;
         let t = now();
         // Who: checked here without the lock, and again under it before the commit.
-        let (granted, credential, token_id) = if !join_token.is_empty() {
+        let (granted, credential, token_id) = if let Some((id, credential)) = verified {
+            (id, credential, None)
+        } else if !join_token.is_empty() {
             let id =
                 auth::join_token_id(join_token).map_err(|m| ApiError::Unauthenticated(m.into()))?;
             let invalid = || ApiError::Unauthenticated("join_token: not valid".into());

@@ -80,17 +80,41 @@ pub enum ObtainError {
     },
 }
 
+/// What the bootstrap credential is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A quicmesh join token (`qmt_...`), made with `quicmesh ctl tokens create`.
+    #[default]
+    Join,
+    /// A Kubernetes projected service-account token (a JWT the kubelet rotates in its file): read
+    /// again from the file for every bootstrap.
+    ServiceAccount,
+}
+
 /// Settings of the manager.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
     /// The identity asked for.
     pub id: SpiffeId,
+    /// What `join_token` is.
+    pub kind: TokenKind,
     /// The bootstrap credential; spent by the first success.
     pub join_token: String,
     /// Where `join_token` was read from, re-read to bootstrap again after the certificate expired.
     pub join_token_file: Option<PathBuf>,
     /// Share of the lifetime after which a certificate is renewed (jittered by ±0.1).
     pub renew_fraction: f64,
+}
+
+/// Why the first certificate has not come yet, published for whoever waits on it (`quicmesh run` fails
+/// with it instead of waiting in silence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootstrapProblem {
+    /// The last failure, in words.
+    pub message: String,
+    /// The controller answered and said no (a bad or spent token): retrying the same credential will
+    /// not help. Otherwise the controller was unreachable.
+    pub refused: bool,
 }
 
 /// First retry delay after a failure; doubled per consecutive failure.
@@ -195,11 +219,13 @@ pub async fn obtain<C: CaClient>(
 }
 
 /// The worker: obtains the first certificate, then renews it for as long as `shutdown` is not cancelled.
+/// Until the first certificate is held, each failure is published on `problems`.
 pub async fn run<C: CaClient>(
     ca: C,
     creds: Credentials,
     cfg: ManagerConfig,
     metrics: IdentityMetrics,
+    problems: tokio::sync::watch::Sender<Option<BootstrapProblem>>,
     shutdown: CancellationToken,
 ) {
     let mut failures = 0u32;
@@ -224,6 +250,10 @@ pub async fn run<C: CaClient>(
         }
         was_expired = expired;
         let token = match credential {
+            // A service-account token is rotated by the kubelet: the file's current one, every time.
+            Credential::FirstToken if cfg.kind == TokenKind::ServiceAccount => {
+                fresh_token(&cfg).await.map(Some)
+            }
             Credential::FirstToken => Ok(Some(cfg.join_token.clone())),
             Credential::Certificate => Ok(None),
             Credential::FreshToken => fresh_token(&cfg).await.map(Some),
@@ -290,10 +320,16 @@ pub async fn run<C: CaClient>(
                         error = %e, failures, retry_in = ?delay, join_token_file = ?cfg.join_token_file,
                         "the certificate has expired and bootstrapping again failed; peers refuse it until a fresh join token is in join_token_file"
                     ),
-                    None => tracing::warn!(
-                        error = %e, failures, retry_in = ?delay,
-                        "cannot obtain the first certificate"
-                    ),
+                    None => {
+                        tracing::warn!(
+                            error = %e, failures, retry_in = ?delay,
+                            "cannot obtain the first certificate"
+                        );
+                        problems.send_replace(Some(BootstrapProblem {
+                            refused: matches!(e, ObtainError::Ca(CaClientError::Refused(_))),
+                            message: e.to_string(),
+                        }));
+                    }
                 }
             }
         }
@@ -447,11 +483,19 @@ mod tests {
         let stop = CancellationToken::new();
         let cfg = ManagerConfig {
             id: "spiffe://t.test/ns/a/sa/b".parse().expect("id"),
+            kind: TokenKind::Join,
             join_token: "qmj_one".into(),
             join_token_file: None,
             renew_fraction: 0.5,
         };
-        let task = tokio::spawn(run(fake, creds.clone(), cfg, metrics.clone(), stop.clone()));
+        let task = tokio::spawn(run(
+            fake,
+            creds.clone(),
+            cfg,
+            metrics.clone(),
+            tokio::sync::watch::Sender::new(None),
+            stop.clone(),
+        ));
 
         creds.wait_leaf().await;
         let first = creds.leaf().expect("leaf");
@@ -529,6 +573,7 @@ mod tests {
         let stop = CancellationToken::new();
         let cfg = ManagerConfig {
             id: "spiffe://t.test/ns/a/sa/b".parse().expect("id"),
+            kind: TokenKind::Join,
             join_token: "qmt_first".into(),
             join_token_file: Some(file.clone()),
             renew_fraction: 0.5,
@@ -538,6 +583,7 @@ mod tests {
             creds.clone(),
             cfg,
             IdentityMetrics::default(),
+            tokio::sync::watch::Sender::new(None),
             stop.clone(),
         ));
         creds.wait_leaf().await;

@@ -257,6 +257,11 @@ impl Outbound {
         &self.svc.cfg.service
     }
 
+    /// The tunnel side of this listener, for connections accepted elsewhere (the capture listener).
+    pub(crate) fn tunnel(&self) -> Arc<Service> {
+        self.svc.clone()
+    }
+
     /// Accepts until the drain begins. A spare file descriptor is held so that, when the process runs
     /// out of them, waiting clients are refused at once instead of hanging in the listen backlog.
     pub async fn run(self, drain: Drain) {
@@ -363,7 +368,7 @@ impl Service {
         }
     }
 
-    async fn handle(self: Arc<Self>, tcp: TcpStream, drain: Drain) {
+    pub(crate) async fn handle(self: Arc<Self>, tcp: TcpStream, drain: Drain) {
         // The port's declared protocol decides: HTTP and gRPC ports are served request by request,
         // everything else is an opaque tunnel.
         let protocol = self
