@@ -7,6 +7,7 @@ use std::{path::PathBuf, time::Duration};
 use quicmesh_bench::{
     client::Protocol,
     compare::{self, CompareEnv, CompareSettings},
+    instructions::{self, InstructionOutcome, InstructionSettings},
     loss::{self, LossOutcome, LossSettings},
     topology::Target,
 };
@@ -96,4 +97,41 @@ async fn bench_loss_shortened_through_quicmesh() {
             assert_eq!(r.summary.error_count(), 0, "{r:?}");
         }
     }
+}
+
+/// `bench instructions` in small: both quicmesh proxies run under callgrind, the counts of a few requests
+/// and of a 1 MiB transfer come back from their dumps, and they are plausible: more than a few thousand
+/// instructions per request (a tunneled exchange is at least that), and per MiB more than the bytes
+/// themselves (every byte is encrypted and decrypted). Skips without valgrind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_instructions_counts_both_proxies() {
+    if let Some(why) = instructions::missing_prerequisite() {
+        println!("skipped: {why}");
+        return;
+    }
+    let settings = InstructionSettings {
+        targets: vec![Target::Quicmesh],
+        requests: 50,
+        connections: 2,
+        payload: 128,
+        bulk_mib: 1,
+        keep_dumps: false,
+        quic_toml: String::new(),
+    };
+    let outcome = instructions::run(settings, Some(quicmesh()), quicmesh(), None)
+        .await
+        .expect("instruction count");
+    let InstructionOutcome::Done(report) = outcome else {
+        panic!("prerequisites were checked above");
+    };
+    assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+    let [requests, bulk] = &report.runs[..] else {
+        panic!("want a request run and a bulk run: {:#?}", report.runs);
+    };
+    assert_eq!(requests.work, "requests");
+    assert!(requests.units >= 50.0, "{requests:?}");
+    assert_eq!(requests.per_proxy.len(), 2, "{requests:?}");
+    assert!(requests.per_unit > 5_000.0, "{requests:?}");
+    assert_eq!(bulk.work, "bulk");
+    assert!(bulk.per_unit > f64::from(1 << 20), "{bulk:?}");
 }
