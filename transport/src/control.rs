@@ -13,6 +13,7 @@
 
 pub mod delta;
 pub mod failover;
+pub mod report;
 
 use std::{
     net::SocketAddr,
@@ -62,6 +63,8 @@ pub struct Bootstrap {
     pub proxy_name: String,
     /// Address to register for the inbound endpoint, if it differs from the bound one.
     pub advertise: Option<SocketAddr>,
+    /// How often traffic summaries go to the controller (zero: never).
+    pub report_interval: Duration,
 }
 
 impl Bootstrap {
@@ -110,6 +113,7 @@ impl Bootstrap {
                 renew_fraction: c.renew_fraction,
             },
             advertise: c.advertise,
+            report_interval: c.report_interval,
         })
     }
 }

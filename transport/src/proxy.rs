@@ -362,13 +362,22 @@ impl Proxy {
         };
         self.readiness.configured = Some(follower.configured.subscribe());
         tokio::spawn(manager::run(
-            controller,
+            controller.clone(),
             self.creds.clone(),
             boot.manager,
             self.metrics.identity.clone(),
             stop.clone(),
         ));
         tokio::spawn(follower.run(stop.clone()));
+        if !boot.report_interval.is_zero() {
+            let reporter = control::report::Reporter {
+                controller: controller.clone(),
+                edges: self.metrics.edges.clone(),
+                interval: boot.report_interval,
+                metrics: self.metrics.identity.clone(),
+            };
+            tokio::spawn(reporter.run(stop.clone()));
+        }
         self.control = Some(stop.drop_guard());
     }
 

@@ -9,7 +9,10 @@
 //! computed once per pair of versions; whole again when the delta would not be smaller); one identity
 //! may hold a bounded
 //! number of them (`RESOURCE_EXHAUSTED` past it), and they end with `PERMISSION_DENIED` when the identity
-//! is revoked. Strings a peer sends are capped before they are logged.
+//! is revoked. `Report` takes traffic summaries only from an identity with a Watch stream open, checks
+//! them ([`stats::validate`]: an inbound edge only for a service the reporter may serve, an outbound one
+//! always with the reporter as its source) and files them in [`StatsStore`]; refusals are counted by
+//! reason. Strings a peer sends are capped before they are logged.
 
 use std::{pin::Pin, sync::Arc};
 
@@ -25,6 +28,7 @@ use crate::{
     registry::WatchGuard,
     snapshot::Snapshot,
     state::State,
+    stats::{self, StatsStore},
 };
 
 /// Largest request a proxy may send.
@@ -35,14 +39,16 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub struct ProxyService {
     state: Arc<State>,
     cache: Arc<PbCache>,
+    stats: Arc<StatsStore>,
 }
 
 impl ProxyService {
-    /// A service over `state`.
-    pub fn new(state: Arc<State>) -> Self {
+    /// A service over `state`, filing traffic reports in `stats`.
+    pub fn new(state: Arc<State>, stats: Arc<StatsStore>) -> Self {
         Self {
             state,
             cache: Arc::default(),
+            stats,
         }
     }
 
@@ -268,6 +274,66 @@ impl ProxyApi for ProxyService {
             tracing::info!(%id, name = %Capped(&r.name), version, "endpoint withdrawn");
         }
         Ok(Response::new(pb::DeregisterEndpointResponse { version }))
+    }
+
+    async fn report(
+        &self,
+        req: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let refuse = |reason: &'static str, status: Status| {
+            self.stats.lock().refuse(reason);
+            status
+        };
+        let (p, id) = self
+            .live_identity(&req)
+            .map_err(|s| refuse("unauthenticated", s))?;
+        if !self.state.registry().is_watching(&id) {
+            return Err(refuse(
+                "not_connected",
+                Status::permission_denied(format!(
+                    "{id} has no Watch stream open: only connected proxies report"
+                )),
+            ));
+        }
+        let body = req.into_inner();
+        let snap = self.state.subscribe().borrow().clone();
+        let services: std::collections::HashMap<String, _> = snap
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    format!("{}.{}", s.metadata.name, s.metadata.namespace),
+                    s,
+                )
+            })
+            .collect();
+        let td = self.state.trust_domain();
+        let edges = stats::validate(
+            &id,
+            &body,
+            |svc| services.contains_key(svc),
+            |svc| {
+                services.get(svc).is_some_and(|s| {
+                    crate::naming::server_names(td, s).is_ok_and(|n| n.allows(&id))
+                })
+            },
+        )
+        .map_err(|e| {
+            tracing::info!(%id, peer = %p.remote, error = %Capped(&e.to_string()), "Report refused");
+            refuse(e.reason(), Status::invalid_argument(e.to_string()))
+        })?;
+        let now = self.stats.now_ms();
+        let end = now.saturating_sub(u64::from(body.age_ms));
+        let accepted = self.stats.lock().record(
+            id.as_str(),
+            edges,
+            end,
+            u64::from(body.interval_ms),
+            now,
+        );
+        Ok(Response::new(pb::ReportResponse {
+            accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
+        }))
     }
 }
 

@@ -28,7 +28,10 @@ use super::{
 use crate::{
     clip::clip,
     identity::SpiffeId,
-    metrics::{Direction, DirectionLabels, LatencyLabels, Metrics, ReasonLabels, RequestLabels},
+    metrics::{
+        Direction, DirectionLabels, LatencyLabels, Metrics, ReasonLabels, RequestClass,
+        RequestLabels,
+    },
     ratelimit::{Limiters, RateVerdict, decide},
     state::{Admission, Request as Facts, ServiceRef, StateHandle, denying_policy},
     tunnel::{self, Protocol, StatusCode, StreamHeader, code},
@@ -358,6 +361,7 @@ pub async fn serve(
         return;
     }
     let service = target.to_string();
+    let took = started.elapsed().as_secs_f64();
     ctx.metrics
         .requests
         .duration
@@ -370,7 +374,12 @@ pub async fn serve(
                 "failure"
             },
         })
-        .observe(started.elapsed().as_secs_f64());
+        .observe(took);
+    let edge = ctx
+        .metrics
+        .edges
+        .edge(Direction::Inbound, peer.as_str(), &service);
+    edge.latency(took);
     if complete {
         let _ = send.finish();
     } else {
@@ -398,6 +407,7 @@ pub async fn serve(
                 .unwrap_or_default(),
         })
         .inc();
+    edge.request(RequestClass::of(status, grpc.or(trailer_grpc)), true);
 }
 
 /// Most response body bytes sent in the same write as the head.
