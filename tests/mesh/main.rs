@@ -13,6 +13,7 @@ mod endpoint;
 mod failover;
 mod http;
 mod naming;
+mod observe;
 mod policy;
 mod process;
 mod state;
