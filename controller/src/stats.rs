@@ -252,7 +252,12 @@ pub fn validate(
         let side = match pb::EdgeDirection::try_from(e.direction) {
             Ok(pb::EdgeDirection::Inbound) => Side::Inbound,
             Ok(pb::EdgeDirection::Outbound) => Side::Outbound,
-            _ => return Err(bad(format!("direction {} is not inbound or outbound", e.direction))),
+            _ => {
+                return Err(bad(format!(
+                    "direction {} is not inbound or outbound",
+                    e.direction
+                )));
+            }
         };
         let source = match side {
             Side::Outbound if e.source.is_empty() => reporter.to_string(),
@@ -555,12 +560,10 @@ impl Stats {
         let per_creator = &mut self.per_creator;
         self.edges.retain(|_, st| {
             let keep = st.opened > st.closed || !st.rings[2].sum(&hour, now_ms).is_empty();
-            if !keep {
-                if let Some(n) = per_creator.get_mut(&st.creator) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        per_creator.remove(&st.creator);
-                    }
+            if !keep && let Some(n) = per_creator.get_mut(&st.creator) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_creator.remove(&st.creator);
                 }
             }
             keep
@@ -600,9 +603,7 @@ impl Stats {
                 })
             })
             .collect();
-        out.sort_by(|a, b| {
-            (&a.service, &a.source, a.side).cmp(&(&b.service, &b.source, b.side))
-        });
+        out.sort_by(|a, b| (&a.service, &a.source, a.side).cmp(&(&b.service, &b.source, b.side)));
         out
     }
 
@@ -655,10 +656,16 @@ mod tests {
     use super::*;
 
     fn id(s: &str) -> SpiffeId {
-        s.parse().unwrap()
+        s.parse().expect("spiffe id")
     }
 
-    fn edge(dir: pb::EdgeDirection, source: &str, service: &str, ok: u64, failed: u64) -> pb::EdgeSummary {
+    fn edge(
+        dir: pb::EdgeDirection,
+        source: &str,
+        service: &str,
+        ok: u64,
+        failed: u64,
+    ) -> pb::EdgeSummary {
         pb::EdgeSummary {
             direction: dir as i32,
             source: source.into(),
@@ -681,11 +688,13 @@ mod tests {
         }
     }
 
+    const W1: Window = WINDOWS[0];
+    const W10: Window = WINDOWS[1];
     const CLIENT: &str = "spiffe://td/ns/shop/sa/client";
     const WEB: &str = "spiffe://td/ns/shop/sa/web";
 
     fn ok(r: &pb::ReportRequest, who: &str) -> Vec<EdgeInput> {
-        validate(&id(who), r, |_| true, |_| true).unwrap()
+        validate(&id(who), r, |_| true, |_| true).expect("valid report")
     }
 
     #[test]
@@ -693,10 +702,22 @@ mod tests {
         let mut s = Stats::default();
         // 10 s of reports, one a second, 100 requests each of which 10 fail.
         for t in 1..=10u64 {
-            let r = report(vec![edge(pb::EdgeDirection::Outbound, "", "web.shop", 90, 10)]);
-            s.record(CLIENT, ok(&r, CLIENT), 100_000 + t * 1000, 1000, 100_000 + t * 1000);
+            let r = report(vec![edge(
+                pb::EdgeDirection::Outbound,
+                "",
+                "web.shop",
+                90,
+                10,
+            )]);
+            s.record(
+                CLIENT,
+                ok(&r, CLIENT),
+                100_000 + t * 1000,
+                1000,
+                100_000 + t * 1000,
+            );
         }
-        let w = Window::of(60).unwrap();
+        let w = W1;
         let now = 111_000;
         let f = &s.services(w, now, None)[0];
         assert_eq!((f.agg.requests, f.agg.successes), (1000, 900));
@@ -704,12 +725,16 @@ mod tests {
         assert!((f.success_rate() - 0.9).abs() < 1e-9);
         assert!((f.quantile_ms(0.99) / 10.0 - 1.0).abs() < 0.05);
         assert_eq!(f.side, Side::Outbound);
-        assert_eq!(s.edges(w, now, None)[0].source, CLIENT, "outbound source is the reporter");
+        assert_eq!(
+            s.edges(w, now, None)[0].source,
+            CLIENT,
+            "outbound source is the reporter"
+        );
         // A minute of silence later the 1-minute window is empty, the 10-minute one still holds it,
         // its rate diluted over the time since.
         let later = 200_000;
         assert!(s.services(w, later, None).is_empty());
-        let f = &s.services(Window::of(600).unwrap(), later, None)[0];
+        let f = &s.services(W10, later, None)[0];
         assert_eq!(f.agg.requests, 1000);
         assert!((f.rps - 10.0).abs() < 0.5, "{}", f.rps);
     }
@@ -717,9 +742,15 @@ mod tests {
     #[test]
     fn the_window_slides_slot_by_slot() {
         let mut s = Stats::default();
-        let w = Window::of(60).unwrap();
+        let w = W1;
         for t in 0..120u64 {
-            let r = report(vec![edge(pb::EdgeDirection::Outbound, "", "web.shop", 10, 0)]);
+            let r = report(vec![edge(
+                pb::EdgeDirection::Outbound,
+                "",
+                "web.shop",
+                10,
+                0,
+            )]);
             s.record(CLIENT, ok(&r, CLIENT), (t + 1) * 1000, 1000, (t + 1) * 1000);
         }
         let f = &s.services(w, 120_000, None)[0];
@@ -731,32 +762,53 @@ mod tests {
     #[test]
     fn a_late_summary_lands_where_its_interval_ended() {
         let mut s = Stats::default();
-        let r = report(vec![edge(pb::EdgeDirection::Outbound, "", "web.shop", 10, 0)]);
+        let r = report(vec![edge(
+            pb::EdgeDirection::Outbound,
+            "",
+            "web.shop",
+            10,
+            0,
+        )]);
         // Arrives at 200 s, ended 130 s before: outside the last minute.
         s.record(CLIENT, ok(&r, CLIENT), 70_000, 1000, 200_000);
-        assert!(s.services(Window::of(60).unwrap(), 200_000, None).is_empty());
-        assert_eq!(
-            s.services(Window::of(600).unwrap(), 200_000, None)[0].agg.requests,
-            10
-        );
+        assert!(s.services(W1, 200_000, None).is_empty());
+        assert_eq!(s.services(W10, 200_000, None)[0].agg.requests, 10);
     }
 
     #[test]
     fn services_prefer_the_callers_side_and_sum_edges() {
         let mut s = Stats::default();
-        let r = report(vec![edge(pb::EdgeDirection::Inbound, CLIENT, "web.shop", 50, 0)]);
+        let r = report(vec![edge(
+            pb::EdgeDirection::Inbound,
+            CLIENT,
+            "web.shop",
+            50,
+            0,
+        )]);
         s.record(WEB, ok(&r, WEB), 10_000, 1000, 10_000);
-        let f = s.services(Window::of(60).unwrap(), 10_000, Some("web"));
+        let f = s.services(W1, 10_000, Some("web"));
         assert_eq!((f[0].side, f[0].agg.requests), (Side::Inbound, 50));
-        let r = report(vec![edge(pb::EdgeDirection::Outbound, "", "web.shop", 40, 10)]);
+        let r = report(vec![edge(
+            pb::EdgeDirection::Outbound,
+            "",
+            "web.shop",
+            40,
+            10,
+        )]);
         s.record(CLIENT, ok(&r, CLIENT), 10_000, 1000, 10_000);
         let other = "spiffe://td/ns/shop/sa/other";
-        let r = report(vec![edge(pb::EdgeDirection::Outbound, "", "web.shop", 5, 0)]);
+        let r = report(vec![edge(
+            pb::EdgeDirection::Outbound,
+            "",
+            "web.shop",
+            5,
+            0,
+        )]);
         s.record(other, ok(&r, other), 10_000, 1000, 10_000);
-        let f = s.services(Window::of(60).unwrap(), 10_000, Some("web.shop"));
+        let f = s.services(W1, 10_000, Some("web.shop"));
         assert_eq!((f[0].side, f[0].agg.requests), (Side::Outbound, 55));
-        assert_eq!(s.edges(Window::of(60).unwrap(), 10_000, None).len(), 3);
-        assert!(s.services(Window::of(60).unwrap(), 10_000, Some("api")).is_empty());
+        assert_eq!(s.edges(W1, 10_000, None).len(), 3);
+        assert!(s.services(W1, 10_000, Some("api")).is_empty());
     }
 
     #[test]
@@ -771,14 +823,14 @@ mod tests {
         let r = report(vec![e]);
         let db = "spiffe://td/ns/shop/sa/db";
         s.record(db, ok(&r, db), 1000, 1000, 1000);
-        let f = &s.services(Window::of(60).unwrap(), 1000, None)[0];
+        let f = &s.services(W1, 1000, None)[0];
         assert_eq!((f.tcp_open, f.agg.tcp[2], f.agg.bytes), (3, 1, 100));
         assert!((f.mtls_share() - 1.0).abs() < 1e-9);
         // Outbound requests that found no peer did not cross mTLS.
         let mut e = edge(pb::EdgeDirection::Outbound, "", "web.shop", 4, 0);
         e.mtls_requests = 3;
         s.record(CLIENT, ok(&report(vec![e]), CLIENT), 1000, 1000, 1000);
-        let f = s.services(Window::of(60).unwrap(), 1000, Some("web.shop"));
+        let f = s.services(W1, 1000, Some("web.shop"));
         assert!((f[0].mtls_share() - 0.75).abs() < 1e-9);
     }
 
@@ -786,44 +838,53 @@ mod tests {
     fn malformed_and_foreign_reports_are_refused() {
         let me = id(WEB);
         let check = |e: pb::EdgeSummary| {
-            validate(&me, &report(vec![e]), |s| s == "web.shop", |s| s == "web.shop")
+            validate(
+                &me,
+                &report(vec![e]),
+                |s| s == "web.shop",
+                |s| s == "web.shop",
+            )
         };
         let good = edge(pb::EdgeDirection::Inbound, CLIENT, "web.shop", 1, 0);
         assert!(check(good.clone()).is_ok());
         let mut e = good.clone();
         e.requests = 5;
-        assert_eq!(check(e).unwrap_err().reason(), "malformed");
+        assert_eq!(check(e).expect_err("refused").reason(), "malformed");
         let mut e = good.clone();
         e.direction = 0;
-        assert_eq!(check(e).unwrap_err().reason(), "malformed");
+        assert_eq!(check(e).expect_err("refused").reason(), "malformed");
         let mut e = good.clone();
         e.source = "not-an-id".into();
-        assert_eq!(check(e).unwrap_err().reason(), "malformed");
+        assert_eq!(check(e).expect_err("refused").reason(), "malformed");
         let mut e = good.clone();
         e.service = "Web/../x".into();
-        assert_eq!(check(e).unwrap_err().reason(), "malformed");
+        assert_eq!(check(e).expect_err("refused").reason(), "malformed");
         let mut e = good.clone();
         e.latency_offset = LatencyBuckets::COUNT as u32;
-        assert_eq!(check(e).unwrap_err().reason(), "malformed");
+        assert_eq!(check(e).expect_err("refused").reason(), "malformed");
         let mut e = good.clone();
         e.tcp_closed_failed = 1;
-        assert_eq!(check(e).unwrap_err().reason(), "malformed");
+        assert_eq!(check(e).expect_err("refused").reason(), "malformed");
         // Inbound for a service the reporter does not serve; outbound naming another source.
         let e = edge(pb::EdgeDirection::Inbound, CLIENT, "pay.shop", 1, 0);
-        assert_eq!(check(e).unwrap_err().reason(), "not_allowed");
+        assert_eq!(check(e).expect_err("refused").reason(), "not_allowed");
         let e = edge(pb::EdgeDirection::Outbound, CLIENT, "web.shop", 1, 0);
-        assert_eq!(check(e).unwrap_err().reason(), "malformed");
+        assert_eq!(check(e).expect_err("refused").reason(), "malformed");
         let e = edge(pb::EdgeDirection::Outbound, "", "nope.shop", 1, 0);
-        assert_eq!(check(e).unwrap_err().reason(), "not_allowed");
+        assert_eq!(check(e).expect_err("refused").reason(), "not_allowed");
         let many = report(vec![good.clone(); MAX_REPORT_EDGES + 1]);
         assert_eq!(
-            validate(&me, &many, |_| true, |_| true).unwrap_err().reason(),
+            validate(&me, &many, |_| true, |_| true)
+                .expect_err("refused")
+                .reason(),
             "too_many_edges"
         );
         let mut old = report(vec![good]);
         old.age_ms = u32::MAX;
         assert_eq!(
-            validate(&me, &old, |_| true, |_| true).unwrap_err().reason(),
+            validate(&me, &old, |_| true, |_| true)
+                .expect_err("refused")
+                .reason(),
             "stale"
         );
     }
@@ -841,12 +902,16 @@ mod tests {
                     1,
                     0,
                 );
-                let inputs = validate(&id(&reporter), &report(vec![e]), |_| true, |_| true).unwrap();
+                let inputs =
+                    validate(&id(&reporter), &report(vec![e]), |_| true, |_| true).expect("valid");
                 s.record(&reporter, inputs, 1000, 1000, 1000);
             }
         }
         assert_eq!(s.len(), 100, "the table bound");
-        assert!(s.per_creator.values().all(|n| *n <= 30), "the per-reporter bound");
+        assert!(
+            s.per_creator.values().all(|n| *n <= 30),
+            "the per-reporter bound"
+        );
         assert_eq!(s.refused.get("edges_full"), Some(&400));
         // An hour of silence frees them all.
         s.record("x", Vec::new(), 0, 0, 1000 + 3_700_000);
@@ -860,7 +925,7 @@ mod tests {
         a.add(10, &[1, 2]);
         a.add(5, &[3]);
         a.add(20, &[4]);
-        let mut dense = vec![0u64; 21];
+        let mut dense = [0u64; 21];
         dense[5] = 3;
         dense[10] = 1;
         dense[11] = 2;

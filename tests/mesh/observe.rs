@@ -71,7 +71,15 @@ async fn failing_app(served: Arc<AtomicU64>) -> SocketAddr {
 }
 
 /// A controller-mode proxy configuration reporting every 200 ms.
-fn config(dir: &Path, name: &str, controller: SocketAddr, bundle: &Path, sa: &str, token: &str, body: &str) -> String {
+fn config(
+    dir: &Path,
+    name: &str,
+    controller: SocketAddr,
+    bundle: &Path,
+    sa: &str,
+    token: &str,
+    body: &str,
+) -> String {
     std::fs::write(dir.join(format!("{name}.token")), token).expect("token file");
     let text = format!(
         "[controller]\naddress = \"{controller}\"\ntrust_bundle = \"{}\"\njoin_token_file = \"{name}.token\"\nidentity = \"spiffe://{TD}/ns/default/sa/{sa}\"\nreport_interval = \"200ms\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{body}",
@@ -134,7 +142,12 @@ where
     }
 }
 
-async fn ctl_stat(controller: SocketAddr, bundle: &Path, token: &str, args: &[&str]) -> serde_json::Value {
+async fn ctl_stat(
+    controller: SocketAddr,
+    bundle: &Path,
+    token: &str,
+    args: &[&str],
+) -> serde_json::Value {
     let out = tokio::time::timeout(
         Duration::from_secs(30),
         Command::new(BIN)
@@ -186,7 +199,8 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         .as_str()
         .expect("admin token")
         .to_owned();
-    let bundle = std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    let bundle =
+        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
     let mut a = admin_client(addr, &bundle, &admin).await;
     let mut apply = Vec::new();
     for (name, port, protocol) in [
@@ -226,9 +240,17 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         ("db", "db", 5432, db_app),
     ] {
         let token = join_token(addr, &bundle, &admin, sa).await;
-        let cfg = config(d, name, addr, &bundle, sa, &token, &format!(
-            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = {port}, app = \"{app}\" }}]\nservices = [\"{sa}\"]\n"
-        ));
+        let cfg = config(
+            d,
+            name,
+            addr,
+            &bundle,
+            sa,
+            &token,
+            &format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = {port}, app = \"{app}\" }}]\nservices = [\"{sa}\"]\n"
+            ),
+        );
         servers.push(spawn(&["proxy", "--config", &cfg], &d.join(format!("{name}.log"))).await);
     }
     let token = join_token(addr, &bundle, &admin, "client").await;
@@ -250,7 +272,10 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         let inbound = s.addr("inbound").to_string();
         assert!(
             eventually(Duration::from_secs(5), || async {
-                scrape(client.addr("admin"), "/config").await.1.contains(&inbound)
+                scrape(client.addr("admin"), "/config")
+                    .await
+                    .1
+                    .contains(&inbound)
             })
             .await,
             "{inbound} not in the client's state"
@@ -331,7 +356,13 @@ async fn ctl_stat_agrees_with_the_load_generator() {
                 .await
                 .expect("GetStats")
                 .into_inner();
-            let of = |s: &str| r.services.iter().find(|x| x.service == s).cloned().unwrap_or_default();
+            let of = |s: &str| {
+                r.services
+                    .iter()
+                    .find(|x| x.service == s)
+                    .cloned()
+                    .unwrap_or_default()
+            };
             of("web.default").requests == sent_web
                 && of("api.default").requests == sent_api
                 && of("db.default").tcp_opened == sent_db
@@ -355,28 +386,52 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         sent_api as f64 / ran,
         ma.p99_ms(),
     );
-    within("web req/s", f(web_s, "requests_per_second"), sent_web as f64 / ran, 0.10);
-    within("api req/s", f(api_s, "requests_per_second"), sent_api as f64 / ran, 0.10);
+    within(
+        "web req/s",
+        f(web_s, "requests_per_second"),
+        sent_web as f64 / ran,
+        0.10,
+    );
+    within(
+        "api req/s",
+        f(api_s, "requests_per_second"),
+        sent_api as f64 / ran,
+        0.10,
+    );
     let web_rate = mw.ok.load(Ordering::Relaxed) as f64 / sent_web as f64;
     assert!(
         (f(web_s, "success_rate") - web_rate).abs() <= 0.01,
         "web success rate: ctl stat {}, generator {web_rate:.4}",
         f(web_s, "success_rate")
     );
-    assert!((0.89..=0.91).contains(&web_rate), "the app fails 10%: {web_rate}");
+    assert!(
+        (0.89..=0.91).contains(&web_rate),
+        "the app fails 10%: {web_rate}"
+    );
     assert_eq!(f(api_s, "success_rate"), 1.0);
     assert_eq!(ma.ok.load(Ordering::Relaxed), sent_api);
     within("web p99", f(web_s, "p99_ms"), mw.p99_ms(), 0.20);
     within("api p99", f(api_s, "p99_ms"), ma.p99_ms(), 0.20);
-    assert_eq!(md.ok.load(Ordering::Relaxed), sent_db, "every TCP exchange succeeded");
+    assert_eq!(
+        md.ok.load(Ordering::Relaxed),
+        sent_db,
+        "every TCP exchange succeeded"
+    );
     assert_eq!(db_s["tcp_opened"], sent_db);
     assert_eq!(db_s["tcp_open"], 0);
-    assert_eq!(db_s["bytes"], sent_db * 16, "8 bytes each way per connection");
+    assert_eq!(
+        db_s["bytes"],
+        sent_db * 16,
+        "8 bytes each way per connection"
+    );
     for s in [web_s, api_s, db_s] {
         assert_eq!(f(s, "mtls_share"), 1.0, "{s}");
         assert_eq!(s["direction"], "outbound", "callers' view: {s}");
     }
-    assert_eq!(web_s["failures"]["server"], sent_web - mw.ok.load(Ordering::Relaxed));
+    assert_eq!(
+        web_s["failures"]["server"],
+        sent_web - mw.ok.load(Ordering::Relaxed)
+    );
 
     // Edges: the client's view and each destination's, with the client's identity as the source.
     let edges = ctl_stat(addr, &bundle, &admin, &["--edges", "web"]).await;

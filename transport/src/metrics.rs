@@ -683,7 +683,7 @@ impl LatencyBuckets {
 
     /// The bucket of a latency in seconds.
     pub fn index(secs: f64) -> usize {
-        if !(secs >= Self::FIRST) {
+        if secs.is_nan() || secs < Self::FIRST {
             // Below the first bound, zero or NaN.
             return 0;
         }
@@ -720,7 +720,11 @@ impl LatencyBuckets {
             seen += c;
             if seen >= rank {
                 let (lo, hi) = Self::bounds(i);
-                return if lo == 0.0 { hi / 2.0 } else { (lo * hi).sqrt() };
+                return if lo == 0.0 {
+                    hi / 2.0
+                } else {
+                    (lo * hi).sqrt()
+                };
             }
         }
         Self::bounds(counts.len().saturating_sub(1)).1
@@ -832,7 +836,8 @@ impl EdgeCounters {
             self.tcp_failed.fetch_add(1, Ordering::Relaxed);
         }
         self.bytes_to.fetch_add(to_destination, Ordering::Relaxed);
-        self.bytes_from.fetch_add(from_destination, Ordering::Relaxed);
+        self.bytes_from
+            .fetch_add(from_destination, Ordering::Relaxed);
     }
 }
 

@@ -300,12 +300,7 @@ impl ProxyApi for ProxyService {
         let services: std::collections::HashMap<String, _> = snap
             .services
             .iter()
-            .map(|s| {
-                (
-                    format!("{}.{}", s.metadata.name, s.metadata.namespace),
-                    s,
-                )
-            })
+            .map(|s| (format!("{}.{}", s.metadata.name, s.metadata.namespace), s))
             .collect();
         let td = self.state.trust_domain();
         let edges = stats::validate(
@@ -324,13 +319,10 @@ impl ProxyApi for ProxyService {
         })?;
         let now = self.stats.now_ms();
         let end = now.saturating_sub(u64::from(body.age_ms));
-        let accepted = self.stats.lock().record(
-            id.as_str(),
-            edges,
-            end,
-            u64::from(body.interval_ms),
-            now,
-        );
+        let accepted =
+            self.stats
+                .lock()
+                .record(id.as_str(), edges, end, u64::from(body.interval_ms), now);
         Ok(Response::new(pb::ReportResponse {
             accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
         }))

@@ -375,7 +375,11 @@ mod tests {
             LatencyBuckets::index(0.004) - LatencyBuckets::index(0.002) + 1
         );
         assert_eq!(
-            (e.tcp_opened, e.bytes_to_destination, e.bytes_from_destination),
+            (
+                e.tcp_opened,
+                e.bytes_to_destination,
+                e.bytes_from_destination
+            ),
             (1, 10, 20)
         );
         // A quiet interval still names the edge, with nothing in it.
@@ -405,7 +409,11 @@ mod tests {
             assert!(req.encoded_len() <= 4096 + 64, "{}", req.encoded_len());
         }
         assert_eq!(calls.iter().map(Vec::len).sum::<usize>(), 1000);
-        assert_eq!(split(&[], 10, 10).len(), 1, "an empty summary is still sent");
+        assert_eq!(
+            split(&[], 10, 10).len(),
+            1,
+            "an empty summary is still sent"
+        );
     }
 
     #[test]

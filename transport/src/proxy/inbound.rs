@@ -499,7 +499,7 @@ impl Conn {
             ),
             at_destination: true,
         };
-        if carry(tcp, send, recv, &m, &edge, &lane, deadline, &drain.abort).await
+        if carry(tcp, (send, recv), &m, &edge, &lane, deadline, &drain.abort).await
             == Err(code::DEADLINE_EXCEEDED)
         {
             tracing::info!(request_id = %rid, "deadline exceeded");

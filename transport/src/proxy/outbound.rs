@@ -409,17 +409,15 @@ impl Service {
             }
         };
         let edge = EdgeTraffic {
-            counters: self.metrics.edges.edge(
-                Direction::Outbound,
-                "",
-                &self.target().to_string(),
-            ),
+            counters: self
+                .metrics
+                .edges
+                .edge(Direction::Outbound, "", &self.target().to_string()),
             at_destination: false,
         };
         let _ = carry(
             tcp,
-            send,
-            recv,
+            (send, recv),
             &pc.metrics,
             &edge,
             &pc.lane,

@@ -185,8 +185,7 @@ async fn write_all_vectored(
 /// On any failure the stream is reset and the app connection gets an RST. Returns the reset code, if any.
 pub async fn carry(
     mut tcp: TcpStream,
-    mut send: SendStream,
-    mut recv: RecvStream,
+    (mut send, mut recv): (SendStream, RecvStream),
     m: &PeerMetrics,
     edge: &EdgeTraffic,
     lane: &Lane,
