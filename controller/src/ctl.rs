@@ -145,6 +145,23 @@ pub enum CtlCommand {
         #[arg(long, default_value = "1m")]
         window: String,
     },
+    /// Live requests served by a service's proxies (method, path, status, latency, caller and
+    /// destination identities, request id), sampled at most `--max-rate` a second; never bodies or
+    /// header values. Runs until `--count` requests, `--duration`, or Ctrl-C; the proxies stop sampling
+    /// when the last tap ends.
+    Tap {
+        /// Service, `name` (namespace `default`) or `name.namespace`.
+        service: String,
+        /// Most requests a second (at most 100).
+        #[arg(long, default_value_t = 10)]
+        max_rate: u32,
+        /// Stop after this many requests.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long, e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
 }
 
 /// `quicmesh ctl tokens` subcommands.
@@ -375,6 +392,12 @@ pub async fn run_ctl(args: CtlArgs) -> Result<(), CtlError> {
             edges,
             window,
         } => stat(&args, service.as_deref(), *edges, window).await?,
+        CtlCommand::Tap {
+            service,
+            max_rate,
+            count,
+            duration,
+        } => tap(&args, service, *max_rate, *count, *duration).await?,
         CtlCommand::RevokeIdentity {
             namespace,
             service_account,
@@ -910,6 +933,114 @@ async fn stat(
         rows,
     };
     emit(args.output, &view, || print_stat(&view))
+}
+
+async fn tap(
+    args: &CtlArgs,
+    service: &str,
+    max_rate: u32,
+    count: Option<u64>,
+    duration: Option<Duration>,
+) -> Result<(), CtlError> {
+    let token = args.token.clone().ok_or_else(|| {
+        CtlError::Usage("no admin token: pass --token or set QUICMESH_ADMIN_TOKEN".into())
+    })?;
+    let bundle = std::fs::read_to_string(&args.ca)
+        .map_err(|e| CtlError::Usage(format!("--ca {}: {e}", args.ca.display())))?;
+    // A tap is a long stream: no per-call deadline (the connect still has its own).
+    let channel = client::connect(&args.controller, &[bundle], None, None).await?;
+    let mut admin = client::admin(channel, &token)?;
+    let mut stream = tokio::time::timeout(
+        args.timeout,
+        admin.tap(pb::TapRequest {
+            service: service.to_owned(),
+            max_per_second: max_rate,
+        }),
+    )
+    .await
+    .map_err(|_| {
+        CtlError::Usage(format!(
+            "tap {service}: no answer within {:?}",
+            args.timeout
+        ))
+    })?
+    .map_err(rpc(format!("tap {service}")))?
+    .into_inner();
+    let until = duration.map(|d| tokio::time::Instant::now() + d);
+    let mut seen = 0u64;
+    while count.is_none_or(|c| seen < c) {
+        let next = async {
+            match until {
+                Some(u) => tokio::time::timeout_at(u, stream.message()).await.ok(),
+                None => Some(stream.message().await),
+            }
+        };
+        let e = match next.await {
+            None => break,
+            Some(Ok(Some(e))) => e,
+            Some(Ok(None)) => break,
+            Some(Err(s)) => return Err(rpc(format!("tap {service}"))(s)),
+        };
+        seen += 1;
+        let row = TapRow::from(&e);
+        match args.output {
+            Output::Table => println!(
+                "{} {} -> {} {} {} {}{} {:.1}ms id={}",
+                fmt_time(e.unix_ms / 1000),
+                row.source,
+                row.destination,
+                row.method,
+                row.path,
+                row.status,
+                row.grpc_status
+                    .map(|g| format!(" grpc-status={g}"))
+                    .unwrap_or_default(),
+                row.latency_ms,
+                row.request_id
+            ),
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string(&row).map_err(|e| CtlError::Usage(e.to_string()))?
+            ),
+            Output::Yaml => print!(
+                "---\n{}",
+                serde_yaml_ng::to_string(&row).map_err(|e| CtlError::Usage(e.to_string()))?
+            ),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct TapRow {
+    service: String,
+    method: String,
+    path: String,
+    status: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_status: Option<u32>,
+    latency_ms: f64,
+    source: String,
+    destination: String,
+    request_id: String,
+    unix_ms: i64,
+}
+
+impl From<&pb::TapEvent> for TapRow {
+    fn from(e: &pb::TapEvent) -> Self {
+        Self {
+            service: e.service.clone(),
+            method: e.method.clone(),
+            path: e.path.clone(),
+            status: e.status,
+            grpc_status: e.grpc_status_plus_one.checked_sub(1),
+            latency_ms: e.latency_us as f64 / 1000.0,
+            source: e.source.clone(),
+            destination: e.destination.clone(),
+            request_id: e.request_id.clone(),
+            unix_ms: e.unix_ms,
+        }
+    }
 }
 
 fn print_stat(v: &StatView) {

@@ -17,6 +17,7 @@ use crate::{
     error::StartError,
     state::{State, StateOptions},
     stats::StatsStore,
+    tap::TapHub,
     tls,
 };
 
@@ -145,10 +146,12 @@ impl Controller {
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         let stats = Arc::new(StatsStore::default());
-        let proxy_svc = ProxyApiServer::new(ProxyService::new(state.clone(), stats.clone()))
-            .max_decoding_message_size(proxy::MAX_REQUEST);
+        let tap = Arc::new(TapHub::default());
+        let proxy_svc =
+            ProxyApiServer::new(ProxyService::new(state.clone(), stats.clone(), tap.clone()))
+                .max_decoding_message_size(proxy::MAX_REQUEST);
         let admin_svc = tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(AdminService::new(state.clone(), stats))
+            AdminServer::new(AdminService::new(state.clone(), stats, tap))
                 .max_decoding_message_size(admin::MAX_REQUEST),
             AdminAuth::new(state.admin_sha256()),
         );

@@ -445,3 +445,190 @@ async fn ctl_stat_agrees_with_the_load_generator() {
     drop(client);
     drop(servers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let addr = controller.addr("grpc");
+    let admin = controller.ready["admin_token"]
+        .as_str()
+        .expect("admin token")
+        .to_owned();
+    let bundle =
+        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    let mut a = admin_client(addr, &bundle, &admin).await;
+    a.apply(pb::Resource {
+        resource: Some(pb::resource::Resource::Service(pb::Service {
+            metadata: Some(pb::Metadata {
+                name: "web".into(),
+                namespace: "default".into(),
+                ..Default::default()
+            }),
+            ports: vec![pb::ServicePort {
+                port: 80,
+                protocol: pb::PortProtocol::Http as i32,
+                name: String::new(),
+            }],
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("service");
+    let app = failing_app(Arc::new(AtomicU64::new(0))).await;
+    let token = join_token(addr, &bundle, &admin, "web").await;
+    let cfg = config(
+        d,
+        "web",
+        addr,
+        &bundle,
+        "web",
+        &token,
+        &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"
+        ),
+    );
+    let server = spawn(&["proxy", "--config", &cfg], &d.join("web.log")).await;
+    let token = join_token(addr, &bundle, &admin, "client").await;
+    let cfg = config(
+        d,
+        "client",
+        addr,
+        &bundle,
+        "client",
+        &token,
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+    );
+    let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
+    let web = client.outbound();
+    let h1 = h1_client();
+    let get = |path: &'static str| {
+        let h1 = h1.clone();
+        async move {
+            let req = Request::get(format!("http://{web}{path}"))
+                .header("x-secret", "hunter2")
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("request");
+            let r = tokio::time::timeout(Duration::from_secs(5), h1.request(req))
+                .await
+                .expect("in time")
+                .expect("response");
+            let _ = r.into_body().collect().await;
+        }
+    };
+    get("/warm").await;
+    let tapping = |on: bool| {
+        let admin = server.addr("admin");
+        async move {
+            eventually(Duration::from_secs(5), || async {
+                let m = scrape(admin, "/metrics").await.1;
+                (metric(&m, "quicmesh_tap_active", &[]) == 1.0) == on
+            })
+            .await
+        }
+    };
+    assert!(tapping(false).await, "nobody taps yet");
+
+    // Without the admin token: UNAUTHENTICATED.
+    let pem = std::fs::read_to_string(&bundle).expect("bundle");
+    let ch = quicmesh_controller::client::connect(&addr.to_string(), &[pem], None, None)
+        .await
+        .expect("connect");
+    let mut stranger = quicmesh_controller::client::admin(ch, "qma_not-the-token").expect("client");
+    let e = stranger
+        .tap(pb::TapRequest {
+            service: "web".into(),
+            max_per_second: 10,
+        })
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    assert!(tapping(false).await, "a refused tap starts nothing");
+
+    let mut stream = a
+        .tap(pb::TapRequest {
+            service: "web".into(),
+            max_per_second: 50,
+        })
+        .await
+        .expect("tap")
+        .into_inner();
+    assert!(
+        tapping(true).await,
+        "the server's proxy never started sampling"
+    );
+    let sent = Instant::now();
+    get("/orders?id=7").await;
+    let e = tokio::time::timeout(Duration::from_secs(1), stream.message())
+        .await
+        .expect("a tapped request within 1 s")
+        .expect("tap stream")
+        .expect("an event");
+    let took = sent.elapsed();
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(e.service, "web.default");
+    assert_eq!(
+        (e.method.as_str(), e.path.as_str()),
+        ("GET", "/orders?id=7")
+    );
+    assert_eq!(e.source, format!("spiffe://{TD}/ns/default/sa/client"));
+    assert_eq!(e.destination, format!("spiffe://{TD}/ns/default/sa/web"));
+    assert!(matches!(e.status, 200 | 500), "{e:?}");
+    assert_eq!(e.request_id.len(), 32, "{e:?}");
+    assert!(e.latency_us > 0);
+    assert!(
+        !format!("{e:?}").contains("hunter2"),
+        "no header values: {e:?}"
+    );
+
+    // The operator goes away: the proxies stop sampling.
+    drop(stream);
+    assert!(tapping(false).await, "sampling went on after the tap ended");
+
+    // The same through `ctl tap`, as an operator runs it.
+    let mut ctl = Command::new(BIN)
+        .arg("ctl")
+        .args(["--controller", &addr.to_string()])
+        .arg("--ca")
+        .arg(&bundle)
+        .args([
+            "tap",
+            "web",
+            "--count",
+            "1",
+            "--duration",
+            "20s",
+            "-o",
+            "json",
+        ])
+        .env("QUICMESH_ADMIN_TOKEN", &admin)
+        .env("QUICMESH_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ctl tap");
+    assert!(tapping(true).await, "ctl tap never started sampling");
+    get("/from-ctl").await;
+    let out = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut s = String::new();
+        let mut o = ctl.stdout.take().expect("stdout");
+        tokio::io::AsyncReadExt::read_to_string(&mut o, &mut s)
+            .await
+            .expect("read");
+        s
+    })
+    .await
+    .expect("ctl tap ended after one request");
+    let row: serde_json::Value =
+        serde_json::from_str(out.lines().next().expect("a line")).expect("json");
+    assert_eq!(row["path"], "/from-ctl", "{row}");
+    assert_eq!(row["method"], "GET");
+    assert!(
+        tapping(false).await,
+        "sampling went on after ctl tap exited"
+    );
+    drop(client);
+    drop(server);
+}

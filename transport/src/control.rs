@@ -14,6 +14,7 @@
 pub mod delta;
 pub mod failover;
 pub mod report;
+pub mod tap;
 
 use std::{
     net::SocketAddr,

@@ -211,6 +211,8 @@ pub struct Metrics {
     pub endpoint: EndpointMetrics,
     /// Traffic per edge, for the reports to the controller (controller mode).
     pub edges: Arc<EdgeTable>,
+    /// Live request samples for `ctl tap` (controller mode).
+    pub tap: Arc<Tap>,
 }
 
 /// Labels of an admission decision.
@@ -336,6 +338,7 @@ impl Metrics {
             requests: RequestMetrics::default(),
             endpoint: EndpointMetrics::default(),
             edges: Arc::default(),
+            tap: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("quicmesh");
         r.register(
@@ -479,6 +482,21 @@ impl Metrics {
             "controller_reports_dropped",
             "Traffic summaries dropped unsent because the queue was full",
             id.reports_dropped.clone(),
+        );
+        r.register(
+            "tap_active",
+            "1 while the controller has this proxy sample requests for a live tap",
+            m.tap.active.clone(),
+        );
+        r.register(
+            "tap_samples",
+            "Request samples sent to a live tap",
+            m.tap.sent.clone(),
+        );
+        r.register(
+            "tap_samples_skipped",
+            "Request samples not sent (rate bound or full queue)",
+            m.tap.skipped.clone(),
         );
         m.endpoint.register(r);
         m
@@ -891,5 +909,98 @@ impl EdgeTable {
     pub fn all(&self) -> Vec<(EdgeKey, Arc<EdgeCounters>)> {
         let edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
         edges.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// One finished request offered to a live tap.
+#[derive(Debug, Clone)]
+pub struct TapSample {
+    /// `name.namespace`.
+    pub service: String,
+    /// Request line: method and path (with query).
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Status code.
+    pub status: u16,
+    /// gRPC status, if any.
+    pub grpc: Option<u32>,
+    /// Request head to response head.
+    pub latency: std::time::Duration,
+    /// Caller identity.
+    pub source: String,
+    /// Request id, hex.
+    pub request_id: String,
+}
+
+/// Live tap of the requests this proxy serves (`quicmesh ctl tap`): off unless the controller names
+/// tapped services. Off, it costs the data plane one relaxed atomic load per request; on, a set lookup,
+/// a rate check (at most `max_per_second`, the rest skipped) and a `try_send` that never waits.
+#[derive(Debug, Default)]
+pub struct Tap {
+    on: std::sync::atomic::AtomicBool,
+    inner: Mutex<TapInner>,
+    /// 1 while some service is tapped.
+    pub active: Gauge,
+    /// Samples sent, and skipped (rate bound or full channel).
+    pub sent: Counter,
+    /// Samples skipped.
+    pub skipped: Counter,
+}
+
+#[derive(Debug, Default)]
+struct TapInner {
+    services: std::collections::HashSet<String>,
+    max_per_second: u32,
+    window: Option<std::time::Instant>,
+    in_window: u32,
+    tx: Option<tokio::sync::mpsc::Sender<TapSample>>,
+}
+
+impl Tap {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TapInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Taps `services` (empty: off), sending at most `max_per_second` samples to `tx`.
+    pub fn set(
+        &self,
+        services: impl IntoIterator<Item = String>,
+        max_per_second: u32,
+        tx: Option<tokio::sync::mpsc::Sender<TapSample>>,
+    ) {
+        let mut i = self.lock();
+        i.services = services.into_iter().collect();
+        i.max_per_second = max_per_second;
+        i.tx = tx;
+        let on = !i.services.is_empty() && i.tx.is_some();
+        self.on.store(on, Ordering::Relaxed);
+        self.active.set(i64::from(on));
+    }
+
+    /// Whether requests for `service` are tapped now (cheap when nothing is).
+    pub fn wants(&self, service: &impl std::fmt::Display) -> bool {
+        self.on.load(Ordering::Relaxed) && self.lock().services.contains(&service.to_string())
+    }
+
+    /// Offers a sample; sent if the rate bound allows and the channel has room.
+    pub fn offer(&self, s: TapSample) {
+        let mut i = self.lock();
+        let now = std::time::Instant::now();
+        if i.window
+            .is_none_or(|w| now.duration_since(w) >= std::time::Duration::from_secs(1))
+        {
+            i.window = Some(now);
+            i.in_window = 0;
+        }
+        let sent = i.in_window < i.max_per_second
+            && i.services.contains(&s.service)
+            && i.tx.as_ref().is_some_and(|tx| tx.try_send(s).is_ok());
+        if sent {
+            i.in_window += 1;
+            self.sent.inc();
+        } else {
+            self.skipped.inc();
+        }
     }
 }

@@ -378,6 +378,11 @@ impl Proxy {
             };
             tokio::spawn(reporter.run(stop.clone()));
         }
+        let tapper = control::tap::Tapper {
+            controller: controller.clone(),
+            tap: self.metrics.tap.clone(),
+        };
+        tokio::spawn(tapper.run(stop.clone()));
         self.control = Some(stop.drop_guard());
     }
 

@@ -18,6 +18,7 @@ use crate::{
     resources::WriteMode,
     state::State,
     stats::{Figures, StatsStore, Window},
+    tap::TapHub,
 };
 
 /// Largest request an operator may send.
@@ -64,12 +65,13 @@ impl tonic::service::Interceptor for AdminAuth {
 pub struct AdminService {
     state: Arc<State>,
     stats: Arc<StatsStore>,
+    tap: Arc<TapHub>,
 }
 
 impl AdminService {
-    /// A service over `state`, reading traffic statistics from `stats`.
-    pub fn new(state: Arc<State>, stats: Arc<StatsStore>) -> Self {
-        Self { state, stats }
+    /// A service over `state`, reading traffic statistics from `stats` and live samples from `tap`.
+    pub fn new(state: Arc<State>, stats: Arc<StatsStore>, tap: Arc<TapHub>) -> Self {
+        Self { state, stats, tap }
     }
 
     async fn put(
@@ -278,6 +280,41 @@ impl Admin for AdminService {
         Ok(Response::new(convert::ca_status_to_pb(
             self.state.rotate_root().await?,
         )))
+    }
+
+    type TapStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::TapEvent, Status>> + Send>>;
+
+    async fn tap(&self, req: Request<pb::TapRequest>) -> Result<Response<Self::TapStream>, Status> {
+        let r = req.into_inner();
+        let service = if r.service.contains('.') {
+            r.service
+        } else {
+            format!("{}.default", r.service)
+        };
+        let snap = self.state.subscribe().borrow().clone();
+        let known = snap.services.iter().any(|s| {
+            service
+                .split_once('.')
+                .is_some_and(|(n, ns)| s.metadata.name == n && s.metadata.namespace == ns)
+        });
+        if !known {
+            return Err(Status::not_found(format!(
+                "service {} does not exist",
+                Capped(&service)
+            )));
+        }
+        tracing::info!(service = %service, "tap started");
+        let (sub, rx) = self.tap.subscribe(service, r.max_per_second);
+        // The subscription lives as long as the stream: the caller going away ends the tap.
+        let stream = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            move |e| {
+                let _ = &sub;
+                Ok(e)
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn get_stats(
