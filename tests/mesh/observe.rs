@@ -632,3 +632,74 @@ async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
     drop(client);
     drop(server);
 }
+
+/// Every series name a Prometheus text exposition declares, with the suffixes its type implies.
+fn exposed_names(text: &str) -> std::collections::HashSet<String> {
+    let mut names = std::collections::HashSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        for s in suffixes {
+            names.insert(format!("{name}{s}"));
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_uses_only_metric_names_the_proxy_exposes() {
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana-dashboard.json"),
+    )
+    .expect("deploy/grafana-dashboard.json");
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let exprs: Vec<String> = json["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    let mut used = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("quicmesh_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            used.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+    }
+    assert!(used.len() >= 10, "the dashboard uses {used:?}");
+    // What a client and a server proxy expose after one HTTP request between them (families with
+    // labels appear with their first sample).
+    let (app, _) = crate::http::http_app().await;
+    let (_pki, server, client) = crate::http::mesh_pair(app, "http", "").await;
+    let req = Request::get(format!("http://{}/echo", client.outbound(0)))
+        .body(Full::new(Bytes::new()).boxed())
+        .expect("request");
+    let r = h1_client().request(req).await.expect("response");
+    assert_eq!(r.status(), StatusCode::OK);
+    let _ = r.into_body().collect().await;
+    let mut exposed = exposed_names(&server.metrics().await);
+    exposed.extend(exposed_names(&client.metrics().await));
+    let unknown: Vec<_> = used.iter().filter(|n| !exposed.contains(*n)).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard names metrics the proxy does not expose: {unknown:?}"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
