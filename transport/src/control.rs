@@ -143,6 +143,9 @@ pub struct Controller {
     current: Arc<AtomicUsize>,
     bootstrap_roots: RootCertStore,
     creds: Credentials,
+    /// One mTLS channel (one TLS connection) shared by the traffic reports and the tap call, and
+    /// which controller it goes to.
+    shared: Arc<tokio::sync::Mutex<Option<(usize, Channel)>>>,
 }
 
 impl Controller {
@@ -154,7 +157,29 @@ impl Controller {
             current: Arc::new(AtomicUsize::new(start)),
             bootstrap_roots,
             creds,
+            shared: Arc::default(),
         }
+    }
+
+    /// A client on the shared mTLS channel to the controller in use (no per-call deadline: callers
+    /// bound their calls), opened on first use or after [`Controller::drop_shared`].
+    async fn shared_client(&self) -> Result<ProxyApiClient<Channel>, String> {
+        let at = self.current();
+        let mut shared = self.shared.lock().await;
+        let ch = match &*shared {
+            Some((i, ch)) if *i == at => ch.clone(),
+            _ => {
+                let ch = self.channel(at, true, None).await?;
+                *shared = Some((at, ch.clone()));
+                ch
+            }
+        };
+        Ok(ProxyApiClient::new(ch).max_decoding_message_size(grpc::MAX_MESSAGE))
+    }
+
+    /// Forgets the shared channel after a failure, so the next call connects again.
+    async fn drop_shared(&self) {
+        *self.shared.lock().await = None;
     }
 
     /// Index of the controller in use.

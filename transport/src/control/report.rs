@@ -17,9 +17,8 @@ use std::{
 };
 
 use prost::Message;
-use quicmesh_proto::controller::{self as pb, proxy_api_client::ProxyApiClient};
+use quicmesh_proto::controller as pb;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use super::Controller;
 use crate::{
@@ -269,7 +268,6 @@ impl Reporter {
         // Counts from before the first report belong to no interval the controller can place.
         let _ = summary(&self.edges.all(), &mut last, Instant::now(), self.interval);
         let mut queue = Queue::new(QUEUE);
-        let mut client: Option<(usize, ProxyApiClient<Channel>)> = None;
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -289,33 +287,22 @@ impl Reporter {
             // Each call is bounded well inside the interval, so a slow controller delays only the
             // reports, never the next reading.
             let limit = self.interval.min(super::CALL_TIMEOUT);
-            if let Err(e) = tokio::time::timeout(limit, self.send(&mut queue, &mut client))
+            if let Err(e) = tokio::time::timeout(limit, self.send(&mut queue))
                 .await
                 .unwrap_or_else(|_| Err("timed out".into()))
             {
-                client = None;
+                self.controller.drop_shared().await;
                 self.metrics.reports_failed.inc();
                 tracing::debug!(error = %clip(&e), waiting = queue.len(), "traffic report not sent");
             }
         }
     }
 
-    async fn send(
-        &self,
-        queue: &mut Queue,
-        client: &mut Option<(usize, ProxyApiClient<Channel>)>,
-    ) -> Result<(), String> {
-        let at = self.controller.current();
-        let c = match client {
-            Some((i, c)) if *i == at => c,
-            _ => {
-                let c = self
-                    .controller
-                    .client(at, true, Some(super::CALL_TIMEOUT))
-                    .await?;
-                &mut client.insert((at, c)).1
-            }
-        };
+    async fn send(&self, queue: &mut Queue) -> Result<(), String> {
+        if queue.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.controller.shared_client().await?;
         while let Some(s) = queue.front() {
             let age = s.ended.elapsed();
             let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);

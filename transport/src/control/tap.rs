@@ -59,6 +59,7 @@ impl Tapper {
                 e = self.once() => e,
             };
             self.tap.set(Vec::new(), 0, None);
+            self.controller.drop_shared().await;
             tracing::debug!(error = %clip(&err), "tap call ended");
             let pause = Duration::from_millis(500 + rand::random::<u64>() % 1500);
             tokio::select! {
@@ -70,11 +71,7 @@ impl Tapper {
     }
 
     async fn once(&self) -> String {
-        let mut client = match self
-            .controller
-            .client(self.controller.current(), true, None)
-            .await
-        {
+        let mut client = match self.controller.shared_client().await {
             Ok(c) => c,
             Err(e) => return e,
         };
