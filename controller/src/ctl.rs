@@ -132,6 +132,36 @@ pub enum CtlCommand {
     RotateRoot,
     /// Checks the controller is reachable, its CA valid, clocks agree and proxies are up to date.
     Check,
+    /// Golden metrics from the proxies' traffic reports: req/s, success rate, latency p50/p95/p99,
+    /// TCP connections and mTLS share, per service (as their callers' proxies saw them, or their own
+    /// proxies when no caller reported), or per edge with `--edges`.
+    Stat {
+        /// One service, `name` or `name.namespace` (default: every service).
+        service: Option<String>,
+        /// Per edge: caller identity -> service, as each side counted it.
+        #[arg(long)]
+        edges: bool,
+        /// Sliding window: 1m, 10m or 1h.
+        #[arg(long, default_value = "1m")]
+        window: String,
+    },
+    /// Live requests served by a service's proxies (method, path, status, latency, caller and
+    /// destination identities, request id), sampled at most `--max-rate` a second; never bodies or
+    /// header values. Runs until `--count` requests, `--duration`, or Ctrl-C; the proxies stop sampling
+    /// when the last tap ends.
+    Tap {
+        /// Service, `name` (namespace `default`) or `name.namespace`.
+        service: String,
+        /// Most requests a second (at most 100).
+        #[arg(long, default_value_t = 10)]
+        max_rate: u32,
+        /// Stop after this many requests.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long, e.g. 30s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+    },
 }
 
 /// `quicmesh ctl tokens` subcommands.
@@ -357,6 +387,17 @@ pub async fn run_ctl(args: CtlArgs) -> Result<(), CtlError> {
             )?;
         }
         CtlCommand::Tokens { command } => tokens(&args, command).await?,
+        CtlCommand::Stat {
+            service,
+            edges,
+            window,
+        } => stat(&args, service.as_deref(), *edges, window).await?,
+        CtlCommand::Tap {
+            service,
+            max_rate,
+            count,
+            duration,
+        } => tap(&args, service, *max_rate, *count, *duration).await?,
         CtlCommand::RevokeIdentity {
             namespace,
             service_account,
@@ -855,6 +896,259 @@ fn print_described(v: &Described<'_>) {
     }
 }
 
+/// Seconds of a `--window` value: 1m, 10m or 1h (any spelling humantime reads, e.g. 60s).
+fn parse_window(s: &str) -> Result<u32, CtlError> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| CtlError::Usage(format!("--window {s:?}: {e}")))?;
+    match d.as_secs() {
+        secs @ (60 | 600 | 3600) if d.subsec_nanos() == 0 => Ok(secs as u32),
+        _ => Err(CtlError::Usage(format!(
+            "--window {s:?}: the controller keeps 1m, 10m and 1h windows"
+        ))),
+    }
+}
+
+async fn stat(
+    args: &CtlArgs,
+    service: Option<&str>,
+    edges: bool,
+    window: &str,
+) -> Result<(), CtlError> {
+    let window_seconds = parse_window(window)?;
+    let mut admin = connect(args).await?;
+    let resp = admin
+        .get_stats(pb::StatsRequest {
+            window_seconds,
+            service: service.unwrap_or_default().to_owned(),
+            edges,
+        })
+        .await
+        .map_err(rpc("stat"))?
+        .into_inner();
+    let list = if edges { &resp.edges } else { &resp.services };
+    let rows: Vec<StatRow> = list.iter().map(StatRow::from).collect();
+    let view = StatView {
+        window: window.to_owned(),
+        edges,
+        rows,
+    };
+    emit(args.output, &view, || print_stat(&view))
+}
+
+async fn tap(
+    args: &CtlArgs,
+    service: &str,
+    max_rate: u32,
+    count: Option<u64>,
+    duration: Option<Duration>,
+) -> Result<(), CtlError> {
+    let token = args.token.clone().ok_or_else(|| {
+        CtlError::Usage("no admin token: pass --token or set QUICMESH_ADMIN_TOKEN".into())
+    })?;
+    let bundle = std::fs::read_to_string(&args.ca)
+        .map_err(|e| CtlError::Usage(format!("--ca {}: {e}", args.ca.display())))?;
+    // A tap is a long stream: no per-call deadline (the connect still has its own).
+    let channel = client::connect(&args.controller, &[bundle], None, None).await?;
+    let mut admin = client::admin(channel, &token)?;
+    let mut stream = tokio::time::timeout(
+        args.timeout,
+        admin.tap(pb::TapRequest {
+            service: service.to_owned(),
+            max_per_second: max_rate,
+        }),
+    )
+    .await
+    .map_err(|_| {
+        CtlError::Usage(format!(
+            "tap {service}: no answer within {:?}",
+            args.timeout
+        ))
+    })?
+    .map_err(rpc(format!("tap {service}")))?
+    .into_inner();
+    let until = duration.map(|d| tokio::time::Instant::now() + d);
+    let mut seen = 0u64;
+    while count.is_none_or(|c| seen < c) {
+        let next = async {
+            match until {
+                Some(u) => tokio::time::timeout_at(u, stream.message()).await.ok(),
+                None => Some(stream.message().await),
+            }
+        };
+        let e = match next.await {
+            None => break,
+            Some(Ok(Some(e))) => e,
+            Some(Ok(None)) => break,
+            Some(Err(s)) => return Err(rpc(format!("tap {service}"))(s)),
+        };
+        seen += 1;
+        let row = TapRow::from(&e);
+        match args.output {
+            Output::Table => println!(
+                "{} {} -> {} {} {} {}{} {:.1}ms id={}",
+                fmt_time(e.unix_ms / 1000),
+                row.source,
+                row.destination,
+                row.method,
+                row.path,
+                row.status,
+                row.grpc_status
+                    .map(|g| format!(" grpc-status={g}"))
+                    .unwrap_or_default(),
+                row.latency_ms,
+                row.request_id
+            ),
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string(&row).map_err(|e| CtlError::Usage(e.to_string()))?
+            ),
+            Output::Yaml => print!(
+                "---\n{}",
+                serde_yaml_ng::to_string(&row).map_err(|e| CtlError::Usage(e.to_string()))?
+            ),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct TapRow {
+    service: String,
+    method: String,
+    path: String,
+    status: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_status: Option<u32>,
+    latency_ms: f64,
+    source: String,
+    destination: String,
+    request_id: String,
+    unix_ms: i64,
+}
+
+impl From<&pb::TapEvent> for TapRow {
+    fn from(e: &pb::TapEvent) -> Self {
+        Self {
+            service: e.service.clone(),
+            method: e.method.clone(),
+            path: e.path.clone(),
+            status: e.status,
+            grpc_status: e.grpc_status_plus_one.checked_sub(1),
+            latency_ms: e.latency_us as f64 / 1000.0,
+            source: e.source.clone(),
+            destination: e.destination.clone(),
+            request_id: e.request_id.clone(),
+            unix_ms: e.unix_ms,
+        }
+    }
+}
+
+fn print_stat(v: &StatView) {
+    if v.rows.is_empty() {
+        println!("no traffic reported in the last {}", v.window);
+        return;
+    }
+    let pct = |x: f64| format!("{:.2}%", x * 100.0);
+    let ms = |x: f64| format!("{x:.1}ms");
+    let mut headers = vec!["SERVICE"];
+    if v.edges {
+        headers.extend(["SOURCE", "SIDE"]);
+    }
+    headers.extend([
+        "SUCCESS", "RPS", "P50", "P95", "P99", "TCP_CONN", "MTLS", "REQUESTS",
+    ]);
+    let rows = v
+        .rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![r.service.clone()];
+            if v.edges {
+                row.extend([r.source.clone(), r.direction.clone()]);
+            }
+            let has_req = r.requests > 0;
+            let or_dash = |s: String| if has_req { s } else { "-".into() };
+            row.extend([
+                or_dash(pct(r.success_rate)),
+                format!("{:.1}", r.requests_per_second),
+                or_dash(ms(r.p50_ms)),
+                or_dash(ms(r.p95_ms)),
+                or_dash(ms(r.p99_ms)),
+                r.tcp_open.to_string(),
+                pct(r.mtls_share),
+                r.requests.to_string(),
+            ]);
+            row
+        })
+        .collect();
+    print_table(&headers, rows);
+}
+
+#[derive(Debug, Serialize)]
+struct StatView {
+    window: String,
+    edges: bool,
+    rows: Vec<StatRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct StatRow {
+    service: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    source: String,
+    direction: String,
+    requests: u64,
+    successes: u64,
+    requests_per_second: f64,
+    success_rate: f64,
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    tcp_open: i64,
+    tcp_opened: u64,
+    tcp_failed: u64,
+    mtls_share: f64,
+    bytes: u64,
+    failures: FailureRow,
+    covered_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct FailureRow {
+    timeout: u64,
+    unavailable: u64,
+    server: u64,
+    grpc: u64,
+}
+
+impl From<&pb::TrafficStats> for StatRow {
+    fn from(t: &pb::TrafficStats) -> Self {
+        Self {
+            service: t.service.clone(),
+            source: t.source.clone(),
+            direction: t.direction.clone(),
+            requests: t.requests,
+            successes: t.successes,
+            requests_per_second: t.requests_per_second,
+            success_rate: t.success_rate,
+            p50_ms: t.p50_ms,
+            p95_ms: t.p95_ms,
+            p99_ms: t.p99_ms,
+            tcp_open: t.tcp_open,
+            tcp_opened: t.tcp_opened,
+            tcp_failed: t.tcp_failed,
+            mtls_share: t.mtls_share,
+            bytes: t.bytes,
+            failures: FailureRow {
+                timeout: t.failures_timeout,
+                unavailable: t.failures_unavailable,
+                server: t.failures_server,
+                grpc: t.failures_grpc,
+            },
+            covered_seconds: t.covered_seconds,
+        }
+    }
+}
+
 // ----- output -----
 
 fn emit<T: Serialize>(out: Output, value: &T, table: impl FnOnce()) -> Result<(), CtlError> {
@@ -1148,6 +1442,16 @@ mod tests {
             t,
             "NAME          PORTS\ncart          80/http\ncheckout-api  9090/grpc\n"
         );
+    }
+
+    #[test]
+    fn stat_windows_from_the_command_line() {
+        assert_eq!(super::parse_window("1m").ok(), Some(60));
+        assert_eq!(super::parse_window("10m").ok(), Some(600));
+        assert_eq!(super::parse_window("1h").ok(), Some(3600));
+        assert_eq!(super::parse_window("60s").ok(), Some(60));
+        assert!(super::parse_window("5m").is_err());
+        assert!(super::parse_window("soon").is_err());
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! may exist and be served, pure), [`store`] (durable storage trait + sled), [`resources`] (stored
 //! resources), [`issuer`] (roots and CSR signing), [`ca`] (tokens, issuance, audit, serving certificate,
 //! pruning; its rules in [`ca::rules`]), [`keystore`] (root keys sealed at rest), [`snapshot`] (what
-//! proxies see), [`registry`] (connected proxies and connections per identity), [`state`] (the parts
+//! proxies see), [`registry`] (connected proxies and connections per identity), [`stats`] (traffic reports
+//! summed over sliding windows, pure), [`tap`] (live request samples), [`state`] (the parts
 //! wired together, independent of gRPC), [`api`] (the gRPC services; the only place protobuf types
 //! appear), [`auth`] (tokens and peer identity), [`k8s`] (Kubernetes service-account tokens), [`tls`] and [`client`] (rustls with `ring`), [`server`]
 //! (start-up and readiness), [`config`] (flags), [`ctl`] (the CLI).
@@ -33,7 +34,9 @@ pub mod resources;
 pub mod server;
 pub mod snapshot;
 pub mod state;
+pub mod stats;
 pub mod store;
+pub mod tap;
 pub mod tls;
 
 pub use config::ControllerArgs;

@@ -284,6 +284,11 @@ impl Registry {
         v
     }
 
+    /// Whether `id` has a Watch stream open (a connected proxy).
+    pub fn is_watching(&self, id: &SpiffeId) -> bool {
+        self.lock().watches.get(id).is_some_and(|n| *n > 0)
+    }
+
     /// Live TLS connections and Watch streams of `id`.
     pub fn open_of(&self, id: &SpiffeId) -> usize {
         self.lock().closers.get(id).map_or(0, HashMap::len)

@@ -16,6 +16,8 @@ use crate::{
     },
     error::StartError,
     state::{State, StateOptions},
+    stats::StatsStore,
+    tap::TapHub,
     tls,
 };
 
@@ -143,10 +145,13 @@ impl Controller {
             .register_encoded_file_descriptor_set(quicmesh_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
-        let proxy_svc = ProxyApiServer::new(ProxyService::new(state.clone()))
-            .max_decoding_message_size(proxy::MAX_REQUEST);
+        let stats = Arc::new(StatsStore::default());
+        let tap = Arc::new(TapHub::default());
+        let proxy_svc =
+            ProxyApiServer::new(ProxyService::new(state.clone(), stats.clone(), tap.clone()))
+                .max_decoding_message_size(proxy::MAX_REQUEST);
         let admin_svc = tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(AdminService::new(state.clone()))
+            AdminServer::new(AdminService::new(state.clone(), stats, tap))
                 .max_decoding_message_size(admin::MAX_REQUEST),
             AdminAuth::new(state.admin_sha256()),
         );

@@ -1793,3 +1793,129 @@ on_both_stores!(
     concurrent_certify_is_grouped_and_spends_a_token_once,
     watch_with_deltas_sends_what_changed,
 );
+
+fn edge(dir: pb::EdgeDirection, source: &str, service: &str, ok: u64) -> pb::EdgeSummary {
+    pb::EdgeSummary {
+        direction: dir as i32,
+        source: source.into(),
+        service: service.into(),
+        requests: ok,
+        successes: ok,
+        mtls_requests: ok,
+        ..Default::default()
+    }
+}
+
+fn report(edges: Vec<pb::EdgeSummary>) -> pb::ReportRequest {
+    pb::ReportRequest {
+        interval_ms: 1000,
+        age_ms: 0,
+        edges,
+    }
+}
+
+/// Traffic reports are taken only from connected proxies, and only for edges they are part of;
+/// everything else is refused with a status naming why, and counted. Stats are in memory, so one
+/// store is enough.
+#[tokio::test]
+async fn reports_come_only_from_connected_proxies_about_their_own_edges() {
+    let mut h = Harness::start(Backend::Sled, Duration::from_secs(3600)).await;
+    h.admin
+        .apply(service_for("shop", "web", &[]))
+        .await
+        .expect("service");
+    let outbound = || edge(pb::EdgeDirection::Outbound, "", "web.shop", 10);
+    // No client certificate.
+    let e = h
+        .proxy_anon()
+        .await
+        .report(report(vec![outbound()]))
+        .await
+        .expect_err("anonymous");
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    // A mesh identity without a Watch stream is not a connected proxy.
+    let (mut client, _, _) = h.joined("shop", "client").await;
+    let e = client
+        .report(report(vec![outbound()]))
+        .await
+        .expect_err("not watching");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let _watch = client
+        .watch(pb::WatchRequest::default())
+        .await
+        .expect("watch");
+    let r = client
+        .report(report(vec![outbound()]))
+        .await
+        .expect("report")
+        .into_inner();
+    assert_eq!(r.accepted, 1);
+    // The client may not speak for web's inbound side, name another source outbound, report a
+    // service that does not exist, or send counts that do not add up.
+    let client_id = format!("spiffe://{TD}/ns/shop/sa/client");
+    let mut bad_sum = outbound();
+    bad_sum.successes = 3;
+    for (what, e) in [
+        (
+            "inbound for a service it does not serve",
+            edge(pb::EdgeDirection::Inbound, &client_id, "web.shop", 1),
+        ),
+        (
+            "outbound with a source",
+            edge(pb::EdgeDirection::Outbound, &client_id, "web.shop", 1),
+        ),
+        (
+            "unknown service",
+            edge(pb::EdgeDirection::Outbound, "", "pay.shop", 1),
+        ),
+        ("counts that do not add up", bad_sum),
+    ] {
+        let err = client.report(report(vec![e])).await.expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err}");
+    }
+    let mut many = report(vec![outbound(); 513]);
+    many.interval_ms = 1;
+    assert_eq!(
+        client.report(many).await.expect_err("too many").code(),
+        Code::InvalidArgument
+    );
+    // web's own proxy may report its inbound side.
+    let (mut web, _, _) = h.joined("shop", "web").await;
+    let _web_watch = web.watch(pb::WatchRequest::default()).await.expect("watch");
+    web.report(report(vec![edge(
+        pb::EdgeDirection::Inbound,
+        &client_id,
+        "web.shop",
+        10,
+    )]))
+    .await
+    .expect("inbound report");
+
+    let stats = h
+        .admin
+        .get_stats(pb::StatsRequest {
+            window_seconds: 60,
+            service: "web".into(),
+            edges: true,
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.services.len(), 1);
+    assert_eq!(stats.services[0].requests, 10);
+    assert_eq!(stats.services[0].direction, "outbound");
+    assert_eq!(stats.edges.len(), 2, "{:?}", stats.edges);
+    assert!(stats.edges.iter().all(|e| e.source == client_id));
+    assert_eq!(stats.reports_accepted, 2);
+    assert_eq!(stats.reports_refused, 7);
+    let e = h
+        .admin
+        .get_stats(pb::StatsRequest {
+            window_seconds: 120,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no such window");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    h.stop().await;
+}

@@ -386,7 +386,7 @@ async fn a_retry_policy_turns_30_percent_503s_into_successes_for_gets_and_leaves
 
 /// The tonic Echo service; `cancelled` turns true when a request's handler is dropped unfinished.
 #[derive(Default, Clone)]
-struct EchoSvc {
+pub(crate) struct EchoSvc {
     cancelled: Arc<AtomicBool>,
 }
 
@@ -481,7 +481,7 @@ where
     Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))
 }
 
-async fn grpc_app() -> (SocketAddr, EchoSvc) {
+pub(crate) async fn grpc_app() -> (SocketAddr, EchoSvc) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let svc = EchoSvc::default();
@@ -507,7 +507,7 @@ fn tokio_stream_from(
     })
 }
 
-async fn grpc_client(target: SocketAddr) -> EchoClient<tonic::transport::Channel> {
+pub(crate) async fn grpc_client(target: SocketAddr) -> EchoClient<tonic::transport::Channel> {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
         .expect("endpoint")
         .tcp_nodelay(true)

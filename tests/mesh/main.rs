@@ -15,6 +15,7 @@ mod failover;
 mod http;
 mod k8s;
 mod naming;
+mod observe;
 mod policy;
 mod process;
 mod run;

@@ -125,6 +125,10 @@ pub struct ControllerConfig {
     /// Address registered for the inbound endpoint; defaults to the bound one (loopback if unspecified).
     #[serde(default)]
     pub advertise: Option<SocketAddr>,
+    /// How often the proxy sends the controller a traffic summary (`quicmesh ctl stat`); `0s` turns
+    /// the reports off. At least 100 ms.
+    #[serde(default = "defaults::report_interval", with = "humantime_serde")]
+    pub report_interval: Duration,
 }
 
 impl ControllerConfig {
@@ -465,6 +469,9 @@ mod defaults {
     pub fn queue_delay() -> Duration {
         Duration::from_millis(2)
     }
+    pub fn report_interval() -> Duration {
+        Duration::from_secs(5)
+    }
     pub fn renew_fraction() -> f64 {
         0.6
     }
@@ -580,6 +587,16 @@ impl ProxyConfig {
                     path,
                     "controller.join_token",
                     "give exactly one of join_token, join_token_file and service_account_token_file",
+                ));
+            }
+            if !c.report_interval.is_zero() && c.report_interval < Duration::from_millis(100) {
+                return Err(ConfigError::new(
+                    path,
+                    "controller.report_interval",
+                    format!(
+                        "must be 0s (off) or at least 100ms, got {:?}",
+                        c.report_interval
+                    ),
                 ));
             }
             if !(0.1..=0.9).contains(&c.renew_fraction) {

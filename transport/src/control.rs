@@ -13,6 +13,8 @@
 
 pub mod delta;
 pub mod failover;
+pub mod report;
+pub mod tap;
 
 use std::{
     net::SocketAddr,
@@ -62,6 +64,8 @@ pub struct Bootstrap {
     pub proxy_name: String,
     /// Address to register for the inbound endpoint, if it differs from the bound one.
     pub advertise: Option<SocketAddr>,
+    /// How often traffic summaries go to the controller (zero: never).
+    pub report_interval: Duration,
 }
 
 impl Bootstrap {
@@ -129,6 +133,7 @@ impl Bootstrap {
                 renew_fraction: c.renew_fraction,
             },
             advertise: c.advertise,
+            report_interval: c.report_interval,
         })
     }
 }
@@ -158,6 +163,9 @@ pub struct Controller {
     bootstrap_roots: RootCertStore,
     creds: Credentials,
     token_kind: manager::TokenKind,
+    /// One mTLS channel (one TLS connection) shared by the traffic reports and the tap call, and
+    /// which controller it goes to.
+    shared: Arc<tokio::sync::Mutex<Option<(usize, Channel)>>>,
 }
 
 impl Controller {
@@ -170,6 +178,7 @@ impl Controller {
             bootstrap_roots,
             creds,
             token_kind: manager::TokenKind::Join,
+            shared: Arc::default(),
         }
     }
 
@@ -177,6 +186,27 @@ impl Controller {
     pub fn with_token_kind(mut self, kind: manager::TokenKind) -> Self {
         self.token_kind = kind;
         self
+    }
+
+    /// A client on the shared mTLS channel to the controller in use (no per-call deadline: callers
+    /// bound their calls), opened on first use or after [`Controller::drop_shared`].
+    async fn shared_client(&self) -> Result<ProxyApiClient<Channel>, String> {
+        let at = self.current();
+        let mut shared = self.shared.lock().await;
+        let ch = match &*shared {
+            Some((i, ch)) if *i == at => ch.clone(),
+            _ => {
+                let ch = self.channel(at, true, None).await?;
+                *shared = Some((at, ch.clone()));
+                ch
+            }
+        };
+        Ok(ProxyApiClient::new(ch).max_decoding_message_size(grpc::MAX_MESSAGE))
+    }
+
+    /// Forgets the shared channel after a failure, so the next call connects again.
+    async fn drop_shared(&self) {
+        *self.shared.lock().await = None;
     }
 
     /// Index of the controller in use.

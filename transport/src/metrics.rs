@@ -28,7 +28,7 @@ use prometheus_client::{
 };
 
 /// Which side of a tunnel a proxy is on.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Direction {
     /// This proxy accepted the QUIC connection (it fronts the destination app).
     Inbound,
@@ -209,6 +209,10 @@ pub struct Metrics {
     pub requests: RequestMetrics,
     /// What peers cost the endpoints: admissions, handshakes and header waits, dead connections.
     pub endpoint: EndpointMetrics,
+    /// Traffic per edge, for the reports to the controller (controller mode).
+    pub edges: Arc<EdgeTable>,
+    /// Live request samples for `ctl tap` (controller mode).
+    pub tap: Arc<Tap>,
 }
 
 /// Labels of an admission decision.
@@ -288,6 +292,12 @@ pub struct IdentityMetrics {
     pub watch_failures: Counter,
     /// Endpoint registrations the controller refused (e.g. an identity not allowed to serve the service).
     pub registrations_refused: Counter,
+    /// Traffic summaries the controller accepted.
+    pub reports: Counter,
+    /// Attempts to send the waiting summaries that failed (they stay queued).
+    pub reports_failed: Counter,
+    /// Summaries dropped unsent because newer ones filled the queue.
+    pub reports_dropped: Counter,
 }
 
 /// Most serials remembered for [`Metrics::peer_certs_seen`]; the set is cleared beyond it.
@@ -327,6 +337,8 @@ impl Metrics {
             identity: IdentityMetrics::default(),
             requests: RequestMetrics::default(),
             endpoint: EndpointMetrics::default(),
+            edges: Arc::default(),
+            tap: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("quicmesh");
         r.register(
@@ -455,6 +467,36 @@ impl Metrics {
             "controller_registrations_refused",
             "Inbound endpoint registrations the controller refused",
             id.registrations_refused.clone(),
+        );
+        r.register(
+            "controller_reports",
+            "Traffic summaries the controller accepted",
+            id.reports.clone(),
+        );
+        r.register(
+            "controller_reports_failed",
+            "Attempts to send traffic summaries that failed (the summaries stay queued)",
+            id.reports_failed.clone(),
+        );
+        r.register(
+            "controller_reports_dropped",
+            "Traffic summaries dropped unsent because the queue was full",
+            id.reports_dropped.clone(),
+        );
+        r.register(
+            "tap_active",
+            "1 while the controller has this proxy sample requests for a live tap",
+            m.tap.active.clone(),
+        );
+        r.register(
+            "tap_samples",
+            "Request samples sent to a live tap",
+            m.tap.sent.clone(),
+        );
+        r.register(
+            "tap_samples_skipped",
+            "Request samples not sent (rate bound or full queue)",
+            m.tap.skipped.clone(),
         );
         m.endpoint.register(r);
         m
@@ -640,5 +682,325 @@ impl Collector for ConnectionTable {
             ConstGauge::new(s.path.cwnd as i64).encode(e.encode_family(l)?)?;
         }
         Ok(())
+    }
+}
+
+/// The fixed, mergeable latency buckets of traffic reports: bucket 0 holds latencies below
+/// [`LatencyBuckets::FIRST`], bucket `i` those in `[FIRST·2^((i-1)/8), FIRST·2^(i/8))`, the last one
+/// everything above. Eight buckets per doubling keep a quantile read at a bucket's geometric middle
+/// within ±4.5% of the truth; summing the counts of two histograms merges them exactly.
+pub struct LatencyBuckets;
+
+impl LatencyBuckets {
+    /// Upper bound of bucket 0, seconds (50 µs).
+    pub const FIRST: f64 = 50e-6;
+    /// Buckets per doubling.
+    pub const PER_DOUBLING: f64 = 8.0;
+    /// Number of buckets: up to 50 µs · 2^21 ≈ 105 s, then one open bucket.
+    pub const COUNT: usize = 170;
+
+    /// The bucket of a latency in seconds.
+    pub fn index(secs: f64) -> usize {
+        if secs.is_nan() || secs < Self::FIRST {
+            // Below the first bound, zero or NaN.
+            return 0;
+        }
+        let i = ((secs / Self::FIRST).log2() * Self::PER_DOUBLING).floor() + 1.0;
+        if i >= (Self::COUNT - 1) as f64 {
+            Self::COUNT - 1
+        } else {
+            i as usize
+        }
+    }
+
+    /// The lower and upper bounds of bucket `i`, seconds (the last bucket's upper bound is its lower
+    /// bound doubled: a reading there is at least that slow).
+    pub fn bounds(i: usize) -> (f64, f64) {
+        let at = |k: usize| Self::FIRST * 2f64.powf(k as f64 / Self::PER_DOUBLING);
+        match i {
+            0 => (0.0, Self::FIRST),
+            i if i >= Self::COUNT - 1 => (at(Self::COUNT - 2), at(Self::COUNT - 2) * 2.0),
+            i => (at(i - 1), at(i)),
+        }
+    }
+
+    /// Quantile `q` (0..=1) of a histogram of these buckets, seconds: the geometric middle of the
+    /// bucket holding it (0 for an empty histogram).
+    pub fn quantile(counts: &[u64], q: f64) -> f64 {
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        // The rank of the quantile, 1-based: p99 of 100 readings is the 99th.
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                let (lo, hi) = Self::bounds(i);
+                return if lo == 0.0 {
+                    hi / 2.0
+                } else {
+                    (lo * hi).sqrt()
+                };
+            }
+        }
+        Self::bounds(counts.len().saturating_sub(1)).1
+    }
+}
+
+/// Failure class of a finished request, as traffic reports count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestClass {
+    /// Below 500, gRPC OK or none.
+    Success,
+    /// 504 or gRPC `DEADLINE_EXCEEDED`.
+    Timeout,
+    /// 502/503 or gRPC `UNAVAILABLE`.
+    Unavailable,
+    /// Any other 5xx.
+    Server,
+    /// Any other gRPC status.
+    Grpc,
+}
+
+impl RequestClass {
+    /// Classifies an HTTP status and an optional gRPC status.
+    pub fn of(status: u16, grpc: Option<u32>) -> Self {
+        match (status, grpc) {
+            (504, _) | (_, Some(4)) => Self::Timeout,
+            (502 | 503, _) | (_, Some(14)) => Self::Unavailable,
+            (s, _) if s >= 500 => Self::Server,
+            (_, Some(g)) if g != 0 => Self::Grpc,
+            _ => Self::Success,
+        }
+    }
+}
+
+/// Running totals of one edge (source identity -> destination service, one direction), updated with
+/// relaxed atomic adds; the report sender reads them and sends the differences.
+#[derive(Debug)]
+pub struct EdgeCounters {
+    /// Requests finished.
+    pub requests: AtomicU64,
+    /// Of them, successes.
+    pub successes: AtomicU64,
+    /// Failures by class: timeout, unavailable, server, grpc.
+    pub failures: [AtomicU64; 4],
+    /// Requests that crossed a verified hop between proxies.
+    pub mtls: AtomicU64,
+    /// Latency histogram on [`LatencyBuckets`].
+    pub latency: [AtomicU64; LatencyBuckets::COUNT],
+    /// TCP connections opened.
+    pub tcp_opened: AtomicU64,
+    /// TCP connections closed.
+    pub tcp_closed: AtomicU64,
+    /// Of them, closed by a reset or deadline.
+    pub tcp_failed: AtomicU64,
+    /// Bytes towards the destination app.
+    pub bytes_to: AtomicU64,
+    /// Bytes from the destination app.
+    pub bytes_from: AtomicU64,
+}
+
+impl Default for EdgeCounters {
+    fn default() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+            failures: Default::default(),
+            mtls: AtomicU64::new(0),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            tcp_opened: AtomicU64::new(0),
+            tcp_closed: AtomicU64::new(0),
+            tcp_failed: AtomicU64::new(0),
+            bytes_to: AtomicU64::new(0),
+            bytes_from: AtomicU64::new(0),
+        }
+    }
+}
+
+impl EdgeCounters {
+    /// Counts a finished request: its class and whether it crossed mTLS.
+    pub fn request(&self, class: RequestClass, mtls: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let slot = match class {
+            RequestClass::Success => &self.successes,
+            RequestClass::Timeout => &self.failures[0],
+            RequestClass::Unavailable => &self.failures[1],
+            RequestClass::Server => &self.failures[2],
+            RequestClass::Grpc => &self.failures[3],
+        };
+        slot.fetch_add(1, Ordering::Relaxed);
+        if mtls {
+            self.mtls.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a request's latency (request head to response head), seconds.
+    pub fn latency(&self, secs: f64) {
+        self.latency[LatencyBuckets::index(secs)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an opened TCP connection.
+    pub fn tcp_open(&self) {
+        self.tcp_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a closed TCP connection and the bytes it carried.
+    pub fn tcp_close(&self, failed: bool, to_destination: u64, from_destination: u64) {
+        self.tcp_closed.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.tcp_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.bytes_to.fetch_add(to_destination, Ordering::Relaxed);
+        self.bytes_from
+            .fetch_add(from_destination, Ordering::Relaxed);
+    }
+}
+
+/// Identity of an edge in a proxy's table.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EdgeKey {
+    /// Side that counted it.
+    pub direction: Direction,
+    /// Caller identity (inbound; empty outbound, where it is this proxy).
+    pub source: String,
+    /// Destination service, `name.namespace`.
+    pub service: String,
+}
+
+/// Most edges a proxy keeps apart; traffic of further edges is counted under [`EdgeTable::OVERFLOW`].
+pub const MAX_EDGES: usize = 256;
+
+/// The edges this proxy has seen, for the traffic reports. Bounded by [`MAX_EDGES`] (≈1.5 KB each):
+/// a caller cycling through identities or services cannot grow it.
+#[derive(Debug, Default)]
+pub struct EdgeTable {
+    edges: Mutex<HashMap<EdgeKey, Arc<EdgeCounters>>>,
+}
+
+impl EdgeTable {
+    /// Service name under which edges past the bound are counted.
+    pub const OVERFLOW: &'static str = "_overflow";
+
+    /// The counters of an edge, created on first use.
+    pub fn edge(&self, direction: Direction, source: &str, service: &str) -> Arc<EdgeCounters> {
+        let mut key = EdgeKey {
+            direction,
+            source: source.to_owned(),
+            service: service.to_owned(),
+        };
+        let mut edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = edges.get(&key) {
+            return e.clone();
+        }
+        if edges.len() >= MAX_EDGES {
+            key = EdgeKey {
+                direction,
+                source: String::new(),
+                service: Self::OVERFLOW.to_owned(),
+            };
+        }
+        edges.entry(key).or_default().clone()
+    }
+
+    /// Every edge and its counters.
+    pub fn all(&self) -> Vec<(EdgeKey, Arc<EdgeCounters>)> {
+        let edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
+        edges.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// One finished request offered to a live tap.
+#[derive(Debug, Clone)]
+pub struct TapSample {
+    /// `name.namespace`.
+    pub service: String,
+    /// Request line: method and path (with query).
+    pub method: String,
+    /// Path and query.
+    pub path: String,
+    /// Status code.
+    pub status: u16,
+    /// gRPC status, if any.
+    pub grpc: Option<u32>,
+    /// Request head to response head.
+    pub latency: std::time::Duration,
+    /// Caller identity.
+    pub source: String,
+    /// Request id, hex.
+    pub request_id: String,
+}
+
+/// Live tap of the requests this proxy serves (`quicmesh ctl tap`): off unless the controller names
+/// tapped services. Off, it costs the data plane one relaxed atomic load per request; on, a set lookup,
+/// a rate check (at most `max_per_second`, the rest skipped) and a `try_send` that never waits.
+#[derive(Debug, Default)]
+pub struct Tap {
+    on: std::sync::atomic::AtomicBool,
+    inner: Mutex<TapInner>,
+    /// 1 while some service is tapped.
+    pub active: Gauge,
+    /// Samples sent, and skipped (rate bound or full channel).
+    pub sent: Counter,
+    /// Samples skipped.
+    pub skipped: Counter,
+}
+
+#[derive(Debug, Default)]
+struct TapInner {
+    services: std::collections::HashSet<String>,
+    max_per_second: u32,
+    window: Option<std::time::Instant>,
+    in_window: u32,
+    tx: Option<tokio::sync::mpsc::Sender<TapSample>>,
+}
+
+impl Tap {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TapInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Taps `services` (empty: off), sending at most `max_per_second` samples to `tx`.
+    pub fn set(
+        &self,
+        services: impl IntoIterator<Item = String>,
+        max_per_second: u32,
+        tx: Option<tokio::sync::mpsc::Sender<TapSample>>,
+    ) {
+        let mut i = self.lock();
+        i.services = services.into_iter().collect();
+        i.max_per_second = max_per_second;
+        i.tx = tx;
+        let on = !i.services.is_empty() && i.tx.is_some();
+        self.on.store(on, Ordering::Relaxed);
+        self.active.set(i64::from(on));
+    }
+
+    /// Whether requests for `service` are tapped now (cheap when nothing is).
+    pub fn wants(&self, service: &impl std::fmt::Display) -> bool {
+        self.on.load(Ordering::Relaxed) && self.lock().services.contains(&service.to_string())
+    }
+
+    /// Offers a sample; sent if the rate bound allows and the channel has room.
+    pub fn offer(&self, s: TapSample) {
+        let mut i = self.lock();
+        let now = std::time::Instant::now();
+        if i.window
+            .is_none_or(|w| now.duration_since(w) >= std::time::Duration::from_secs(1))
+        {
+            i.window = Some(now);
+            i.in_window = 0;
+        }
+        let sent = i.in_window < i.max_per_second
+            && i.services.contains(&s.service)
+            && i.tx.as_ref().is_some_and(|tx| tx.try_send(s).is_ok());
+        if sent {
+            i.in_window += 1;
+            self.sent.inc();
+        } else {
+            self.skipped.inc();
+        }
     }
 }

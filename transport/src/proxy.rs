@@ -389,7 +389,7 @@ impl Proxy {
         let problems = tokio::sync::watch::Sender::new(None);
         self.readiness.problem = Some(problems.subscribe());
         tokio::spawn(manager::run(
-            controller,
+            controller.clone(),
             self.creds.clone(),
             boot.manager,
             self.metrics.identity.clone(),
@@ -397,6 +397,20 @@ impl Proxy {
             stop.clone(),
         ));
         tokio::spawn(follower.run(stop.clone()));
+        if !boot.report_interval.is_zero() {
+            let reporter = control::report::Reporter {
+                controller: controller.clone(),
+                edges: self.metrics.edges.clone(),
+                interval: boot.report_interval,
+                metrics: self.metrics.identity.clone(),
+            };
+            tokio::spawn(reporter.run(stop.clone()));
+        }
+        let tapper = control::tap::Tapper {
+            controller: controller.clone(),
+            tap: self.metrics.tap.clone(),
+        };
+        tokio::spawn(tapper.run(stop.clone()));
         self.control = Some(stop.drop_guard());
     }
 

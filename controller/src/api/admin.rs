@@ -17,6 +17,8 @@ use crate::{
     model::{FieldError, Kind},
     resources::WriteMode,
     state::State,
+    stats::{Figures, StatsStore, Window},
+    tap::TapHub,
 };
 
 /// Largest request an operator may send.
@@ -62,12 +64,14 @@ impl tonic::service::Interceptor for AdminAuth {
 #[derive(Debug, Clone)]
 pub struct AdminService {
     state: Arc<State>,
+    stats: Arc<StatsStore>,
+    tap: Arc<TapHub>,
 }
 
 impl AdminService {
-    /// A service over `state`.
-    pub fn new(state: Arc<State>) -> Self {
-        Self { state }
+    /// A service over `state`, reading traffic statistics from `stats` and live samples from `tap`.
+    pub fn new(state: Arc<State>, stats: Arc<StatsStore>, tap: Arc<TapHub>) -> Self {
+        Self { state, stats, tap }
     }
 
     async fn put(
@@ -276,5 +280,97 @@ impl Admin for AdminService {
         Ok(Response::new(convert::ca_status_to_pb(
             self.state.rotate_root().await?,
         )))
+    }
+
+    type TapStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::TapEvent, Status>> + Send>>;
+
+    async fn tap(&self, req: Request<pb::TapRequest>) -> Result<Response<Self::TapStream>, Status> {
+        let r = req.into_inner();
+        let service = if r.service.contains('.') {
+            r.service
+        } else {
+            format!("{}.default", r.service)
+        };
+        let snap = self.state.subscribe().borrow().clone();
+        let known = snap.services.iter().any(|s| {
+            service
+                .split_once('.')
+                .is_some_and(|(n, ns)| s.metadata.name == n && s.metadata.namespace == ns)
+        });
+        if !known {
+            return Err(Status::not_found(format!(
+                "service {} does not exist",
+                Capped(&service)
+            )));
+        }
+        tracing::info!(service = %service, "tap started");
+        let (sub, rx) = self.tap.subscribe(service, r.max_per_second);
+        // The subscription lives as long as the stream: the caller going away ends the tap.
+        let stream = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            move |e| {
+                let _ = &sub;
+                Ok(e)
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_stats(
+        &self,
+        req: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        let r = req.into_inner();
+        let w = Window::of(r.window_seconds).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "window_seconds: {} is not one of 60, 600, 3600",
+                r.window_seconds
+            ))
+        })?;
+        let service = (!r.service.is_empty()).then_some(r.service.as_str());
+        let now = self.stats.now_ms();
+        let stats = self.stats.lock();
+        let services = stats.services(w, now, service);
+        let edges = if r.edges {
+            stats.edges(w, now, service)
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::StatsResponse {
+            window_seconds: w.seconds,
+            services: services.iter().map(figures_to_pb).collect(),
+            edges: edges.iter().map(figures_to_pb).collect(),
+            reports_accepted: stats.accepted,
+            reports_refused: stats.refused.values().sum(),
+            edges_held: stats.len() as u64,
+            edges_max: stats.max_edges() as u64,
+        }))
+    }
+}
+
+fn figures_to_pb(f: &Figures) -> pb::TrafficStats {
+    let a = &f.agg;
+    pb::TrafficStats {
+        service: f.service.clone(),
+        source: f.source.clone(),
+        direction: f.side.as_str().to_owned(),
+        requests: a.requests,
+        successes: a.successes,
+        requests_per_second: f.rps,
+        success_rate: f.success_rate(),
+        p50_ms: f.quantile_ms(0.5),
+        p95_ms: f.quantile_ms(0.95),
+        p99_ms: f.quantile_ms(0.99),
+        tcp_opened: a.tcp[0],
+        tcp_open: f.tcp_open,
+        tcp_failed: a.tcp[2],
+        mtls_share: f.mtls_share(),
+        bytes: a.bytes,
+        failures_timeout: a.failures[0],
+        failures_unavailable: a.failures[1],
+        failures_server: a.failures[2],
+        failures_grpc: a.failures[3],
+        covered_seconds: f.covered_s,
     }
 }

@@ -9,7 +9,10 @@
 //! computed once per pair of versions; whole again when the delta would not be smaller); one identity
 //! may hold a bounded
 //! number of them (`RESOURCE_EXHAUSTED` past it), and they end with `PERMISSION_DENIED` when the identity
-//! is revoked. Strings a peer sends are capped before they are logged.
+//! is revoked. `Report` takes traffic summaries only from an identity with a Watch stream open, checks
+//! them ([`stats::validate`]: an inbound edge only for a service the reporter may serve, an outbound one
+//! always with the reporter as its source) and files them in [`StatsStore`]; refusals are counted by
+//! reason. Strings a peer sends are capped before they are logged.
 
 use std::{pin::Pin, sync::Arc};
 
@@ -25,7 +28,31 @@ use crate::{
     registry::WatchGuard,
     snapshot::Snapshot,
     state::State,
+    stats::{self, StatsStore},
+    tap::TapHub,
 };
+
+/// Whether `id` may serve `service` (`name.namespace`) in the current snapshot.
+fn serves(state: &State, id: &SpiffeId, service: &str) -> bool {
+    let snap = state.subscribe().borrow().clone();
+    snap.services.iter().any(|s| {
+        service
+            .split_once('.')
+            .is_some_and(|(n, ns)| s.metadata.name == n && s.metadata.namespace == ns)
+            && crate::naming::server_names(state.trust_domain(), s).is_ok_and(|n| n.allows(id))
+    })
+}
+
+/// Caps a string a proxy sent in a tap sample.
+fn cap(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
 
 /// Largest request a proxy may send.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -35,14 +62,18 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub struct ProxyService {
     state: Arc<State>,
     cache: Arc<PbCache>,
+    stats: Arc<StatsStore>,
+    tap: Arc<TapHub>,
 }
 
 impl ProxyService {
-    /// A service over `state`.
-    pub fn new(state: Arc<State>) -> Self {
+    /// A service over `state`, filing traffic reports in `stats` and tap samples in `tap`.
+    pub fn new(state: Arc<State>, stats: Arc<StatsStore>, tap: Arc<TapHub>) -> Self {
         Self {
             state,
             cache: Arc::default(),
+            stats,
+            tap,
         }
     }
 
@@ -273,6 +304,105 @@ impl ProxyApi for ProxyService {
             tracing::info!(%id, name = %Capped(&r.name), version, "endpoint withdrawn");
         }
         Ok(Response::new(pb::DeregisterEndpointResponse { version }))
+    }
+
+    type TapStream = Pin<Box<dyn Stream<Item = Result<pb::TapControl, Status>> + Send>>;
+
+    async fn tap(
+        &self,
+        req: Request<tonic::Streaming<pb::TapEvent>>,
+    ) -> Result<Response<Self::TapStream>, Status> {
+        let (_, id) = self.live_identity(&req)?;
+        if !self.state.registry().is_watching(&id) {
+            return Err(Status::permission_denied(format!(
+                "{id} has no Watch stream open: only connected proxies tap"
+            )));
+        }
+        let mut events = req.into_inner();
+        let mut control = self.tap.control();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let c = control.borrow_and_update().clone();
+                if tx.send(Ok(c)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    changed = control.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        let (hub, state) = (self.tap.clone(), self.state.clone());
+        tokio::spawn(async move {
+            // Samples only for services this proxy serves, and it is named as their destination.
+            while let Ok(Some(mut e)) = events.message().await {
+                if !serves(&state, &id, &e.service) {
+                    continue;
+                }
+                e.destination = id.to_string();
+                cap(&mut e.method, 32);
+                cap(&mut e.path, 256);
+                cap(&mut e.source, 512);
+                cap(&mut e.request_id, 64);
+                hub.publish_event(&e);
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn report(
+        &self,
+        req: Request<pb::ReportRequest>,
+    ) -> Result<Response<pb::ReportResponse>, Status> {
+        let refuse = |reason: &'static str, status: Status| {
+            self.stats.lock().refuse(reason);
+            status
+        };
+        let (p, id) = self
+            .live_identity(&req)
+            .map_err(|s| refuse("unauthenticated", s))?;
+        if !self.state.registry().is_watching(&id) {
+            return Err(refuse(
+                "not_connected",
+                Status::permission_denied(format!(
+                    "{id} has no Watch stream open: only connected proxies report"
+                )),
+            ));
+        }
+        let body = req.into_inner();
+        let snap = self.state.subscribe().borrow().clone();
+        let services: std::collections::HashMap<String, _> = snap
+            .services
+            .iter()
+            .map(|s| (format!("{}.{}", s.metadata.name, s.metadata.namespace), s))
+            .collect();
+        let td = self.state.trust_domain();
+        let edges = stats::validate(
+            &id,
+            &body,
+            |svc| services.contains_key(svc),
+            |svc| {
+                services.get(svc).is_some_and(|s| {
+                    crate::naming::server_names(td, s).is_ok_and(|n| n.allows(&id))
+                })
+            },
+        )
+        .map_err(|e| {
+            tracing::info!(%id, peer = %p.remote, error = %Capped(&e.to_string()), "Report refused");
+            refuse(e.reason(), Status::invalid_argument(e.to_string()))
+        })?;
+        let now = self.stats.now_ms();
+        let end = now.saturating_sub(u64::from(body.age_ms));
+        let accepted =
+            self.stats
+                .lock()
+                .record(id.as_str(), edges, end, u64::from(body.interval_ms), now);
+        Ok(Response::new(pb::ReportResponse {
+            accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
+        }))
     }
 }
 

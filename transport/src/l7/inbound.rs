@@ -28,7 +28,10 @@ use super::{
 use crate::{
     clip::clip,
     identity::SpiffeId,
-    metrics::{Direction, DirectionLabels, LatencyLabels, Metrics, ReasonLabels, RequestLabels},
+    metrics::{
+        Direction, DirectionLabels, LatencyLabels, Metrics, ReasonLabels, RequestClass,
+        RequestLabels, TapSample,
+    },
     ratelimit::{Limiters, RateVerdict, decide},
     state::{Admission, Request as Facts, ServiceRef, StateHandle, denying_policy},
     tunnel::{self, Protocol, StatusCode, StreamHeader, code},
@@ -341,6 +344,12 @@ pub async fn serve(
         frame::BodyFrame::Trailers(t) => grpc_status(t),
         frame::BodyFrame::Data(_) => None,
     });
+    // The request line, kept only while a live tap wants this service.
+    let tapped = ctx
+        .metrics
+        .tap
+        .wants(target)
+        .then(|| (head.method.clone(), clip_path(&head.path)));
     let head = HttpHead {
         status: u32::from(status),
         end_stream: complete,
@@ -358,6 +367,7 @@ pub async fn serve(
         return;
     }
     let service = target.to_string();
+    let took = started.elapsed().as_secs_f64();
     ctx.metrics
         .requests
         .duration
@@ -370,7 +380,12 @@ pub async fn serve(
                 "failure"
             },
         })
-        .observe(started.elapsed().as_secs_f64());
+        .observe(took);
+    let edge = ctx
+        .metrics
+        .edges
+        .edge(Direction::Inbound, peer.as_str(), &service);
+    edge.latency(took);
     if complete {
         let _ = send.finish();
     } else {
@@ -398,6 +413,28 @@ pub async fn serve(
                 .unwrap_or_default(),
         })
         .inc();
+    edge.request(RequestClass::of(status, grpc.or(trailer_grpc)), true);
+    if let Some((method, path)) = tapped {
+        ctx.metrics.tap.offer(TapSample {
+            service: target.to_string(),
+            method,
+            path,
+            status,
+            grpc: grpc.or(trailer_grpc),
+            latency: std::time::Duration::from_secs_f64(took),
+            source: peer.to_string(),
+            request_id: rid.to_string(),
+        });
+    }
+}
+
+/// A path as a tap shows it: at most 256 bytes, cut at a character boundary.
+fn clip_path(p: &str) -> String {
+    let mut end = p.len().min(256);
+    while !p.is_char_boundary(end) {
+        end -= 1;
+    }
+    p[..end].to_owned()
 }
 
 /// Most response body bytes sent in the same write as the head.

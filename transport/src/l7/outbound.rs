@@ -35,7 +35,9 @@ use super::{
     },
 };
 use crate::{
-    metrics::{Direction, DirectionLabels, LatencyLabels, ReasonLabels, RequestLabels},
+    metrics::{
+        Direction, DirectionLabels, LatencyLabels, ReasonLabels, RequestClass, RequestLabels,
+    },
     proxy::{
         Drain,
         outbound::{OpenError, Service, Start},
@@ -411,6 +413,10 @@ fn count(svc: &Service, peer: &str, service: &str, status: u16, grpc: Option<u32
             grpc_status: grpc.map(|g| g.to_string()).unwrap_or_default(),
         })
         .inc();
+    svc.metrics
+        .edges
+        .edge(Direction::Outbound, "", service)
+        .request(RequestClass::of(status, grpc), !peer.is_empty());
 }
 
 fn classification(status: u16, grpc: Option<u32>) -> &'static str {
@@ -666,6 +672,7 @@ async fn request(
             .and_then(|s| http::StatusCode::from_u16(s).ok())
             .unwrap_or(http::StatusCode::BAD_GATEWAY);
         let head_grpc = grpc_status(&headers);
+        let took = started.elapsed().as_secs_f64();
         svc.metrics
             .requests
             .duration
@@ -674,7 +681,11 @@ async fn request(
                 service: service.clone(),
                 classification: classification(status.as_u16(), head_grpc),
             })
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took);
+        svc.metrics
+            .edges
+            .edge(Direction::Outbound, "", &service)
+            .latency(took);
         // Counted when the body ends: a streamed gRPC status arrives in the trailers.
         let done = {
             let svc = svc.clone();

@@ -29,7 +29,7 @@ use super::{
     },
     lane::Lane,
     pool::peer_identity,
-    splice::carry,
+    splice::{EdgeTraffic, carry},
 };
 use crate::{
     clip::clip,
@@ -491,7 +491,15 @@ impl Conn {
             return;
         }
         let _ = send.set_priority(0);
-        if carry(tcp, send, recv, &m, &lane, deadline, &drain.abort).await
+        let edge = EdgeTraffic {
+            counters: self.metrics.edges.edge(
+                Direction::Inbound,
+                peer.as_str(),
+                &target.to_string(),
+            ),
+            at_destination: true,
+        };
+        if carry(tcp, (send, recv), &m, &edge, &lane, deadline, &drain.abort).await
             == Err(code::DEADLINE_EXCEEDED)
         {
             tracing::info!(request_id = %rid, "deadline exceeded");

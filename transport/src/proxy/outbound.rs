@@ -33,7 +33,7 @@ use super::{
     Drain,
     balance::EndpointHealth,
     pool::{DialError, PeerConn, Pool},
-    splice::carry,
+    splice::{EdgeTraffic, carry},
 };
 use crate::{
     clip::clip,
@@ -413,11 +413,18 @@ impl Service {
                 return;
             }
         };
+        let edge = EdgeTraffic {
+            counters: self
+                .metrics
+                .edges
+                .edge(Direction::Outbound, "", &self.target().to_string()),
+            at_destination: false,
+        };
         let _ = carry(
             tcp,
-            send,
-            recv,
+            (send, recv),
             &pc.metrics,
+            &edge,
             &pc.lane,
             deadline,
             &drain.abort,

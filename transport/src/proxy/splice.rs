@@ -185,17 +185,18 @@ async fn write_all_vectored(
 /// On any failure the stream is reset and the app connection gets an RST. Returns the reset code, if any.
 pub async fn carry(
     mut tcp: TcpStream,
-    mut send: SendStream,
-    mut recv: RecvStream,
+    (mut send, mut recv): (SendStream, RecvStream),
     m: &PeerMetrics,
+    edge: &EdgeTraffic,
     lane: &Lane,
     deadline: Option<tokio::time::Instant>,
     abort: &tokio_util::sync::CancellationToken,
 ) -> Result<(), VarInt> {
     m.opened.inc();
     m.active.inc();
+    edge.counters.tcp_open();
     let outcome = tokio::select! {
-        r = splice(&mut tcp, &mut send, &mut recv, m, lane) => r.map(drop).map_err(|e| {
+        r = splice(&mut tcp, &mut send, &mut recv, m, lane) => r.map_err(|e| {
             tracing::debug!(error = %e, "tunneled connection failed");
             // Both proxies enforce the same deadline; whichever fires first resets the stream, and the
             // other side counts the same outcome.
@@ -212,10 +213,19 @@ pub async fn carry(
     };
     m.active.dec();
     match outcome {
-        Ok(()) => {
+        Ok(t) => {
             m.closed_ok.inc();
+            // to_peer flows towards the destination on the caller's side, away from it on its own.
+            let (to, from) = if edge.at_destination {
+                (t.from_peer, t.to_peer)
+            } else {
+                (t.to_peer, t.from_peer)
+            };
+            edge.counters.tcp_close(false, to, from);
+            Ok(())
         }
         Err(c) => {
+            edge.counters.tcp_close(true, 0, 0);
             let counter = if c == code::DEADLINE_EXCEEDED {
                 &m.closed_deadline
             } else {
@@ -224,9 +234,18 @@ pub async fn carry(
             counter.inc();
             tunnel::reset(&mut send, &mut recv, c);
             abort_tcp(tcp);
+            Err(c)
         }
     }
-    outcome
+}
+
+/// The traffic-report edge a tunneled connection counts under.
+#[derive(Debug, Clone)]
+pub struct EdgeTraffic {
+    /// Its counters.
+    pub counters: std::sync::Arc<crate::metrics::EdgeCounters>,
+    /// Whether this proxy fronts the destination (inbound), so bytes to the peer come from it.
+    pub at_destination: bool,
 }
 
 /// Sleeps until `deadline`, forever when there is none.

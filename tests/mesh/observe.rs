@@ -1,0 +1,705 @@
+//! Observability acceptance (real processes): a controller, three services (HTTP `web` on two
+//! replicas failing 10% of requests, gRPC `api`, TCP `db`) and five proxies; a bounded open-loop load
+//! generator drives mixed traffic through the client's proxy and measures it itself; `quicmesh ctl stat
+//! -o json` must agree with it: each service's req/s within ±10%, success rate within ±1 point, p99
+//! within ±20%, and every TCP connection counted and closed.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Incoming};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use quicmesh_proto::{controller as pb, echo::EchoMessage};
+use tokio::{net::TcpListener, process::Command};
+
+use crate::{
+    controller_mode::{Proc, admin_client, join_token, spawn, start_controller},
+    http::{Body, grpc_app, grpc_client, h1_client},
+    support::*,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
+/// How long the generator runs, and its rates (requests or connections per second).
+const LOAD: Duration = Duration::from_secs(8);
+const WEB_RPS: u64 = 100;
+const API_RPS: u64 = 50;
+const DB_CPS: u64 = 10;
+
+/// An HTTP app answering after 5-25 ms, 500 to every tenth request it gets (`served` is shared by
+/// the replicas, so the service fails 10% whichever replica answers).
+async fn failing_app(served: Arc<AtomicU64>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let _ = tcp.set_nodelay(true);
+            let served = served.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let n = served.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let ms = 5 + rand::random::<u64>() % 21;
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                        let mut r: Response<Body> =
+                            Response::new(Full::new(Bytes::from_static(b"ok")).boxed());
+                        if n % 10 == 9 {
+                            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                        }
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A controller-mode proxy configuration reporting every 200 ms.
+fn config(
+    dir: &Path,
+    name: &str,
+    controller: SocketAddr,
+    bundle: &Path,
+    sa: &str,
+    token: &str,
+    body: &str,
+) -> String {
+    std::fs::write(dir.join(format!("{name}.token")), token).expect("token file");
+    let text = format!(
+        "[controller]\naddress = \"{controller}\"\ntrust_bundle = \"{}\"\njoin_token_file = \"{name}.token\"\nidentity = \"spiffe://{TD}/ns/default/sa/{sa}\"\nreport_interval = \"200ms\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{body}",
+        bundle.display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("config");
+    path.to_str().expect("utf8").to_owned()
+}
+
+/// What the generator measured for one service.
+#[derive(Default)]
+struct Measured {
+    sent: AtomicU64,
+    ok: AtomicU64,
+    latencies: Mutex<Vec<Duration>>,
+}
+
+impl Measured {
+    fn record(&self, ok: bool, took: Duration) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            self.ok.fetch_add(1, Ordering::Relaxed);
+        }
+        self.latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(took);
+    }
+
+    fn p99_ms(&self) -> f64 {
+        let mut l = self
+            .latencies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        l.sort();
+        let rank = ((l.len() as f64 * 0.99).ceil() as usize).clamp(1, l.len().max(1));
+        l.get(rank - 1).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    }
+}
+
+/// Fires `per_second` tasks a second for `LOAD`, open loop (one task per request), and waits for them
+/// (each bounded by its own timeout).
+async fn open_loop<F, Fut>(per_second: u64, f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let every = Duration::from_secs(1) / per_second as u32;
+    let n = LOAD.as_secs() * per_second;
+    let mut tick = tokio::time::interval(every);
+    let mut tasks = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        tick.tick().await;
+        tasks.push(tokio::spawn(f()));
+    }
+    for t in tasks {
+        t.await.expect("load task");
+    }
+}
+
+async fn ctl_stat(
+    controller: SocketAddr,
+    bundle: &Path,
+    token: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(BIN)
+            .arg("ctl")
+            .args(["--controller", &controller.to_string()])
+            .arg("--ca")
+            .arg(bundle)
+            .args(["stat", "-o", "json"])
+            .args(args)
+            .env("QUICMESH_ADMIN_TOKEN", token)
+            .env("QUICMESH_LOG", "warn")
+            .output(),
+    )
+    .await
+    .expect("ctl in time")
+    .expect("run ctl");
+    assert!(
+        out.status.success(),
+        "ctl stat {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("ctl stat -o json")
+}
+
+fn row<'a>(stat: &'a serde_json::Value, service: &str) -> &'a serde_json::Value {
+    stat["rows"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["service"] == service))
+        .unwrap_or_else(|| panic!("{service} in {stat:#}"))
+}
+
+fn within(what: &str, got: f64, want: f64, share: f64) {
+    assert!(
+        (got - want).abs() <= want * share,
+        "{what}: ctl stat says {got:.3}, the generator measured {want:.3} (±{:.0}%)",
+        share * 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_stat_agrees_with_the_load_generator() {
+    let _heavy = heavy().await;
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let addr = controller.addr("grpc");
+    let admin = controller.ready["admin_token"]
+        .as_str()
+        .expect("admin token")
+        .to_owned();
+    let bundle =
+        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    let mut a = admin_client(addr, &bundle, &admin).await;
+    let mut apply = Vec::new();
+    for (name, port, protocol) in [
+        ("web", 80, pb::PortProtocol::Http),
+        ("api", 50051, pb::PortProtocol::Grpc),
+        ("db", 5432, pb::PortProtocol::Tcp),
+    ] {
+        apply.push(pb::Resource {
+            resource: Some(pb::resource::Resource::Service(pb::Service {
+                metadata: Some(pb::Metadata {
+                    name: name.into(),
+                    namespace: "default".into(),
+                    ..Default::default()
+                }),
+                ports: vec![pb::ServicePort {
+                    port,
+                    protocol: protocol as i32,
+                    name: String::new(),
+                }],
+                ..Default::default()
+            })),
+        });
+    }
+    a.apply_all(pb::ApplyAllRequest { resources: apply })
+        .await
+        .expect("services");
+
+    // Five proxies: web twice (one account), api, db, and the client calling all three.
+    let served = Arc::new(AtomicU64::new(0));
+    let (api_app, _) = grpc_app().await;
+    let db_app = echo_server().await;
+    let mut servers: Vec<Proc> = Vec::new();
+    for (name, sa, port, app) in [
+        ("web-0", "web", 80, failing_app(served.clone()).await),
+        ("web-1", "web", 80, failing_app(served.clone()).await),
+        ("api", "api", 50051, api_app),
+        ("db", "db", 5432, db_app),
+    ] {
+        let token = join_token(addr, &bundle, &admin, sa).await;
+        let cfg = config(
+            d,
+            name,
+            addr,
+            &bundle,
+            sa,
+            &token,
+            &format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = {port}, app = \"{app}\" }}]\nservices = [\"{sa}\"]\n"
+            ),
+        );
+        servers.push(spawn(&["proxy", "--config", &cfg], &d.join(format!("{name}.log"))).await);
+    }
+    let token = join_token(addr, &bundle, &admin, "client").await;
+    let mut body = String::new();
+    for (svc, port) in [("web", 80), ("api", 50051), ("db", 5432)] {
+        body.push_str(&format!(
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"{svc}\"\nport = {port}\n\n"
+        ));
+    }
+    let cfg = config(d, "client", addr, &bundle, "client", &token, &body);
+    let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
+    let (web, api, db) = (
+        ready_addr(&client.ready, "/outbound/0"),
+        ready_addr(&client.ready, "/outbound/1"),
+        ready_addr(&client.ready, "/outbound/2"),
+    );
+    // Every server's endpoint is in the client's state before the load starts.
+    for s in &servers {
+        let inbound = s.addr("inbound").to_string();
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                scrape(client.addr("admin"), "/config")
+                    .await
+                    .1
+                    .contains(&inbound)
+            })
+            .await,
+            "{inbound} not in the client's state"
+        );
+    }
+
+    let (mw, ma, md) = (
+        Arc::new(Measured::default()),
+        Arc::new(Measured::default()),
+        Arc::new(Measured::default()),
+    );
+    let h1 = h1_client();
+    let grpc = grpc_client(api).await;
+    let started = Instant::now();
+    let load_web = open_loop(WEB_RPS, || {
+        let (h1, m) = (h1.clone(), mw.clone());
+        async move {
+            let t = Instant::now();
+            let req = Request::get(format!("http://{web}/"))
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("request");
+            let ok = match tokio::time::timeout(Duration::from_secs(5), h1.request(req)).await {
+                Ok(Ok(r)) => {
+                    let ok = r.status() == StatusCode::OK;
+                    let _ = r.into_body().collect().await;
+                    ok
+                }
+                _ => false,
+            };
+            m.record(ok, t.elapsed());
+        }
+    });
+    let load_api = open_loop(API_RPS, || {
+        let (mut g, m) = (grpc.clone(), ma.clone());
+        async move {
+            let t = Instant::now();
+            let msg = EchoMessage {
+                payload: vec![7; 64],
+                delay_ms: 5 + rand::random::<u64>() % 21,
+                fail_with: 0,
+            };
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(5), g.unary(msg)).await,
+                Ok(Ok(_))
+            );
+            m.record(ok, t.elapsed());
+        }
+    });
+    let load_db = open_loop(DB_CPS, || {
+        let m = md.clone();
+        async move {
+            let t = Instant::now();
+            let ok = roundtrip(db, b"select 1", Duration::from_secs(5))
+                .await
+                .is_ok_and(|b| b == b"select 1");
+            m.record(ok, t.elapsed());
+        }
+    });
+    tokio::join!(load_web, load_api, load_db);
+    let ran = started.elapsed().as_secs_f64();
+
+    // Wait (bounded) until the reports hold every request the generator finished.
+    let admin_api = admin_client(addr, &bundle, &admin).await;
+    let (sent_web, sent_api, sent_db) = (
+        mw.sent.load(Ordering::Relaxed),
+        ma.sent.load(Ordering::Relaxed),
+        md.sent.load(Ordering::Relaxed),
+    );
+    let complete = eventually(Duration::from_secs(5), || {
+        let mut admin_api = admin_api.clone();
+        async move {
+            let r = admin_api
+                .get_stats(pb::StatsRequest {
+                    window_seconds: 60,
+                    service: String::new(),
+                    edges: false,
+                })
+                .await
+                .expect("GetStats")
+                .into_inner();
+            let of = |s: &str| {
+                r.services
+                    .iter()
+                    .find(|x| x.service == s)
+                    .cloned()
+                    .unwrap_or_default()
+            };
+            of("web.default").requests == sent_web
+                && of("api.default").requests == sent_api
+                && of("db.default").tcp_opened == sent_db
+                && of("db.default").tcp_open == 0
+        }
+    })
+    .await;
+    let stat = ctl_stat(addr, &bundle, &admin, &[]).await;
+    assert!(complete, "the reports never held all the traffic: {stat:#}");
+    let (web_s, api_s, db_s) = (
+        row(&stat, "web.default"),
+        row(&stat, "api.default"),
+        row(&stat, "db.default"),
+    );
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {v}"));
+    println!(
+        "generator: web {sent_web} ({:.1}/s, ok {}, p99 {:.1} ms), api {sent_api} ({:.1}/s, p99 {:.1} ms), db {sent_db} connections, in {ran:.1} s\nctl stat: {stat:#}",
+        sent_web as f64 / ran,
+        mw.ok.load(Ordering::Relaxed),
+        mw.p99_ms(),
+        sent_api as f64 / ran,
+        ma.p99_ms(),
+    );
+    within(
+        "web req/s",
+        f(web_s, "requests_per_second"),
+        sent_web as f64 / ran,
+        0.10,
+    );
+    within(
+        "api req/s",
+        f(api_s, "requests_per_second"),
+        sent_api as f64 / ran,
+        0.10,
+    );
+    let web_rate = mw.ok.load(Ordering::Relaxed) as f64 / sent_web as f64;
+    assert!(
+        (f(web_s, "success_rate") - web_rate).abs() <= 0.01,
+        "web success rate: ctl stat {}, generator {web_rate:.4}",
+        f(web_s, "success_rate")
+    );
+    assert!(
+        (0.89..=0.91).contains(&web_rate),
+        "the app fails 10%: {web_rate}"
+    );
+    assert_eq!(f(api_s, "success_rate"), 1.0);
+    assert_eq!(ma.ok.load(Ordering::Relaxed), sent_api);
+    within("web p99", f(web_s, "p99_ms"), mw.p99_ms(), 0.20);
+    within("api p99", f(api_s, "p99_ms"), ma.p99_ms(), 0.20);
+    assert_eq!(
+        md.ok.load(Ordering::Relaxed),
+        sent_db,
+        "every TCP exchange succeeded"
+    );
+    assert_eq!(db_s["tcp_opened"], sent_db);
+    assert_eq!(db_s["tcp_open"], 0);
+    assert_eq!(
+        db_s["bytes"],
+        sent_db * 16,
+        "8 bytes each way per connection"
+    );
+    for s in [web_s, api_s, db_s] {
+        assert_eq!(f(s, "mtls_share"), 1.0, "{s}");
+        assert_eq!(s["direction"], "outbound", "callers' view: {s}");
+    }
+    assert_eq!(
+        web_s["failures"]["server"],
+        sent_web - mw.ok.load(Ordering::Relaxed)
+    );
+
+    // Edges: the client's view and each destination's, with the client's identity as the source.
+    let edges = ctl_stat(addr, &bundle, &admin, &["--edges", "web"]).await;
+    let rows = edges["rows"].as_array().expect("rows");
+    let client_id = format!("spiffe://{TD}/ns/default/sa/client");
+    assert_eq!(rows.len(), 2, "{edges:#}");
+    for r in rows {
+        assert_eq!(r["source"], client_id.as_str());
+        assert_eq!(r["requests"], sent_web, "{r}");
+    }
+    drop(client);
+    drop(servers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let addr = controller.addr("grpc");
+    let admin = controller.ready["admin_token"]
+        .as_str()
+        .expect("admin token")
+        .to_owned();
+    let bundle =
+        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    let mut a = admin_client(addr, &bundle, &admin).await;
+    a.apply(pb::Resource {
+        resource: Some(pb::resource::Resource::Service(pb::Service {
+            metadata: Some(pb::Metadata {
+                name: "web".into(),
+                namespace: "default".into(),
+                ..Default::default()
+            }),
+            ports: vec![pb::ServicePort {
+                port: 80,
+                protocol: pb::PortProtocol::Http as i32,
+                name: String::new(),
+            }],
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("service");
+    let app = failing_app(Arc::new(AtomicU64::new(0))).await;
+    let token = join_token(addr, &bundle, &admin, "web").await;
+    let cfg = config(
+        d,
+        "web",
+        addr,
+        &bundle,
+        "web",
+        &token,
+        &format!(
+            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"
+        ),
+    );
+    let server = spawn(&["proxy", "--config", &cfg], &d.join("web.log")).await;
+    let token = join_token(addr, &bundle, &admin, "client").await;
+    let cfg = config(
+        d,
+        "client",
+        addr,
+        &bundle,
+        "client",
+        &token,
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+    );
+    let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
+    let web = client.outbound();
+    let h1 = h1_client();
+    let get = |path: &'static str| {
+        let h1 = h1.clone();
+        async move {
+            let req = Request::get(format!("http://{web}{path}"))
+                .header("x-secret", "hunter2")
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("request");
+            let r = tokio::time::timeout(Duration::from_secs(5), h1.request(req))
+                .await
+                .expect("in time")
+                .expect("response");
+            let _ = r.into_body().collect().await;
+        }
+    };
+    get("/warm").await;
+    let tapping = |on: bool| {
+        let admin = server.addr("admin");
+        async move {
+            eventually(Duration::from_secs(5), || async {
+                let m = scrape(admin, "/metrics").await.1;
+                (metric(&m, "quicmesh_tap_active", &[]) == 1.0) == on
+            })
+            .await
+        }
+    };
+    assert!(tapping(false).await, "nobody taps yet");
+
+    // Without the admin token: UNAUTHENTICATED.
+    let pem = std::fs::read_to_string(&bundle).expect("bundle");
+    let ch = quicmesh_controller::client::connect(&addr.to_string(), &[pem], None, None)
+        .await
+        .expect("connect");
+    let mut stranger = quicmesh_controller::client::admin(ch, "qma_not-the-token").expect("client");
+    let e = stranger
+        .tap(pb::TapRequest {
+            service: "web".into(),
+            max_per_second: 10,
+        })
+        .await
+        .expect_err("no token");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    assert!(tapping(false).await, "a refused tap starts nothing");
+
+    let mut stream = a
+        .tap(pb::TapRequest {
+            service: "web".into(),
+            max_per_second: 50,
+        })
+        .await
+        .expect("tap")
+        .into_inner();
+    assert!(
+        tapping(true).await,
+        "the server's proxy never started sampling"
+    );
+    let sent = Instant::now();
+    get("/orders?id=7").await;
+    let e = tokio::time::timeout(Duration::from_secs(1), stream.message())
+        .await
+        .expect("a tapped request within 1 s")
+        .expect("tap stream")
+        .expect("an event");
+    let took = sent.elapsed();
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert_eq!(e.service, "web.default");
+    assert_eq!(
+        (e.method.as_str(), e.path.as_str()),
+        ("GET", "/orders?id=7")
+    );
+    assert_eq!(e.source, format!("spiffe://{TD}/ns/default/sa/client"));
+    assert_eq!(e.destination, format!("spiffe://{TD}/ns/default/sa/web"));
+    assert!(matches!(e.status, 200 | 500), "{e:?}");
+    assert_eq!(e.request_id.len(), 32, "{e:?}");
+    assert!(e.latency_us > 0);
+    assert!(
+        !format!("{e:?}").contains("hunter2"),
+        "no header values: {e:?}"
+    );
+
+    // The operator goes away: the proxies stop sampling.
+    drop(stream);
+    assert!(tapping(false).await, "sampling went on after the tap ended");
+
+    // The same through `ctl tap`, as an operator runs it.
+    let mut ctl = Command::new(BIN)
+        .arg("ctl")
+        .args(["--controller", &addr.to_string()])
+        .arg("--ca")
+        .arg(&bundle)
+        .args([
+            "tap",
+            "web",
+            "--count",
+            "1",
+            "--duration",
+            "20s",
+            "-o",
+            "json",
+        ])
+        .env("QUICMESH_ADMIN_TOKEN", &admin)
+        .env("QUICMESH_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ctl tap");
+    assert!(tapping(true).await, "ctl tap never started sampling");
+    get("/from-ctl").await;
+    let out = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut s = String::new();
+        let mut o = ctl.stdout.take().expect("stdout");
+        tokio::io::AsyncReadExt::read_to_string(&mut o, &mut s)
+            .await
+            .expect("read");
+        s
+    })
+    .await
+    .expect("ctl tap ended after one request");
+    let row: serde_json::Value =
+        serde_json::from_str(out.lines().next().expect("a line")).expect("json");
+    assert_eq!(row["path"], "/from-ctl", "{row}");
+    assert_eq!(row["method"], "GET");
+    assert!(
+        tapping(false).await,
+        "sampling went on after ctl tap exited"
+    );
+    drop(client);
+    drop(server);
+}
+
+/// Every series name a Prometheus text exposition declares, with the suffixes its type implies.
+fn exposed_names(text: &str) -> std::collections::HashSet<String> {
+    let mut names = std::collections::HashSet::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            _ => &[""],
+        };
+        for s in suffixes {
+            names.insert(format!("{name}{s}"));
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_uses_only_metric_names_the_proxy_exposes() {
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana-dashboard.json"),
+    )
+    .expect("deploy/grafana-dashboard.json");
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard JSON");
+    let exprs: Vec<String> = json["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    let mut used = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("quicmesh_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            used.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+    }
+    assert!(used.len() >= 10, "the dashboard uses {used:?}");
+    // What a client and a server proxy expose after one HTTP request between them (families with
+    // labels appear with their first sample).
+    let (app, _) = crate::http::http_app().await;
+    let (_pki, server, client) = crate::http::mesh_pair(app, "http", "").await;
+    let req = Request::get(format!("http://{}/echo", client.outbound(0)))
+        .body(Full::new(Bytes::new()).boxed())
+        .expect("request");
+    let r = h1_client().request(req).await.expect("response");
+    assert_eq!(r.status(), StatusCode::OK);
+    let _ = r.into_body().collect().await;
+    let mut exposed = exposed_names(&server.metrics().await);
+    exposed.extend(exposed_names(&client.metrics().await));
+    let unknown: Vec<_> = used.iter().filter(|n| !exposed.contains(*n)).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard names metrics the proxy does not expose: {unknown:?}"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+}
