@@ -76,13 +76,7 @@ pub struct InstructionReport {
 }
 
 /// Ran, or skipped with a reason.
-#[derive(Debug)]
-pub enum InstructionOutcome {
-    /// Why nothing ran.
-    Skipped(String),
-    /// The report.
-    Done(Box<InstructionReport>),
-}
+pub type InstructionOutcome = report::Outcome<InstructionReport>;
 
 /// Why the count cannot run here, if it cannot.
 pub fn missing_prerequisite() -> Option<String> {

@@ -96,13 +96,7 @@ pub struct LossReport {
 }
 
 /// Ran, or skipped with a reason.
-#[derive(Debug)]
-pub enum LossOutcome {
-    /// Why nothing ran.
-    Skipped(String),
-    /// The report.
-    Done(Box<LossReport>),
-}
+pub type LossOutcome = report::Outcome<LossReport>;
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 233, 0, 1);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 233, 0, 2);

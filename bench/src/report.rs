@@ -8,6 +8,15 @@ use std::{
 
 use serde::Serialize;
 
+/// A scenario that ran, or was skipped with the reason (not root, a tool missing).
+#[derive(Debug)]
+pub enum Outcome<R> {
+    /// Why nothing ran.
+    Skipped(String),
+    /// The report.
+    Done(Box<R>),
+}
+
 /// Writes `value` as pretty JSON to `dir/name`, creating `dir`.
 pub fn write_json(dir: &Path, name: &str, value: &impl Serialize) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir)

@@ -142,34 +142,17 @@ where
     }
 }
 
+/// `quicmesh ctl stat -o json ARGS`, parsed.
 async fn ctl_stat(
     controller: SocketAddr,
     bundle: &Path,
     token: &str,
     args: &[&str],
 ) -> serde_json::Value {
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        Command::new(BIN)
-            .arg("ctl")
-            .args(["--controller", &controller.to_string()])
-            .arg("--ca")
-            .arg(bundle)
-            .args(["stat", "-o", "json"])
-            .args(args)
-            .env("QUICMESH_ADMIN_TOKEN", token)
-            .env("QUICMESH_LOG", "warn")
-            .output(),
-    )
-    .await
-    .expect("ctl in time")
-    .expect("run ctl");
-    assert!(
-        out.status.success(),
-        "ctl stat {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("ctl stat -o json")
+    let mut all = vec!["stat", "-o", "json"];
+    all.extend_from_slice(args);
+    let out = crate::policy::ctl(controller, bundle, token, &all).await;
+    serde_json::from_str(&out).expect("ctl stat -o json")
 }
 
 fn row<'a>(stat: &'a serde_json::Value, service: &str) -> &'a serde_json::Value {

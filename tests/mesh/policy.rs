@@ -86,7 +86,12 @@ impl ControlPlane {
 }
 
 /// Runs `quicmesh ctl ARGS` against the controller; its stdout, after checking it succeeded.
-async fn ctl(controller: SocketAddr, bundle: &Path, token: &str, args: &[&str]) -> String {
+pub(crate) async fn ctl(
+    controller: SocketAddr,
+    bundle: &Path,
+    token: &str,
+    args: &[&str],
+) -> String {
     let out = tokio::time::timeout(
         Duration::from_secs(30),
         Command::new(BIN)
