@@ -35,6 +35,19 @@ pub(crate) async fn spawn(args: &[&str], log: &Path) -> Proc {
 }
 
 impl Proc {
+    /// The admin token a controller prints on its first start (the one that creates the mesh).
+    pub(crate) fn admin_token(&self) -> String {
+        self.ready["admin_token"]
+            .as_str()
+            .expect("a first start prints the admin token")
+            .to_owned()
+    }
+
+    /// The trust bundle a controller's ready line names.
+    pub(crate) fn trust_bundle(&self) -> PathBuf {
+        PathBuf::from(self.ready["trust_bundle"].as_str().expect("bundle"))
+    }
+
     pub(crate) fn addr(&self, key: &str) -> SocketAddr {
         ready_addr(&self.ready, &format!("/{key}"))
     }
@@ -187,11 +200,8 @@ impl Mesh {
         let d = dir.path();
         let controller = start_controller(d, listen, leaf_ttl).await;
         let controller_addr = controller.addr("grpc");
-        let admin_token = controller.ready["admin_token"]
-            .as_str()
-            .expect("first start prints the admin token")
-            .to_owned();
-        let bundle = PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+        let admin_token = controller.admin_token();
+        let bundle = controller.trust_bundle();
 
         let echo = echo_server().await;
         let join = |sa| Join {

@@ -156,15 +156,8 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
         controllers.push(start_controller(d, n, &etcd.url(), &kek).await);
     }
     let addrs: Vec<SocketAddr> = controllers.iter().map(|c| c.addr("grpc")).collect();
-    let admin = controllers[0].ready["admin_token"]
-        .as_str()
-        .expect("the first controller creates the mesh")
-        .to_owned();
-    let bundle = PathBuf::from(
-        controllers[0].ready["trust_bundle"]
-            .as_str()
-            .expect("bundle"),
-    );
+    let admin = controllers[0].admin_token();
+    let bundle = controllers[0].trust_bundle();
 
     let echo = echo_server().await;
     create_service(addrs[0], &bundle, &admin, "echo", 7).await;

@@ -171,8 +171,7 @@ async fn service_account_tokens_bootstrap_exactly_their_identity() {
     )
     .await;
     let addr = controller.addr("grpc");
-    let bundle =
-        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    let bundle = controller.trust_bundle();
     let pem = std::fs::read_to_string(&bundle).expect("bundle");
     let ch = client::connect(
         &addr.to_string(),

@@ -157,12 +157,8 @@ async fn controller_mode_impostor_of_the_same_namespace_gets_no_connection() {
     let d = dir.path();
     let controller = start_controller(d, "127.0.0.1:0", "1h").await;
     let addr = controller.addr("grpc");
-    let admin = controller.ready["admin_token"]
-        .as_str()
-        .expect("admin token")
-        .to_owned();
-    let bundle =
-        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    let admin = controller.admin_token();
+    let bundle = controller.trust_bundle();
     let ctl_apply = |yaml: String| {
         let file = d.join(format!("apply-{}.yaml", rand::random::<u32>()));
         std::fs::write(&file, yaml).expect("yaml");

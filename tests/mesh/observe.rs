@@ -178,12 +178,8 @@ async fn ctl_stat_agrees_with_the_load_generator() {
     let d = dir.path();
     let controller = start_controller(d, "127.0.0.1:0", "1h").await;
     let addr = controller.addr("grpc");
-    let admin = controller.ready["admin_token"]
-        .as_str()
-        .expect("admin token")
-        .to_owned();
-    let bundle =
-        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    let admin = controller.admin_token();
+    let bundle = controller.trust_bundle();
     let mut a = admin_client(addr, &bundle, &admin).await;
     let mut apply = Vec::new();
     for (name, port, protocol) in [
@@ -436,12 +432,8 @@ async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
     let d = dir.path();
     let controller = start_controller(d, "127.0.0.1:0", "1h").await;
     let addr = controller.addr("grpc");
-    let admin = controller.ready["admin_token"]
-        .as_str()
-        .expect("admin token")
-        .to_owned();
-    let bundle =
-        std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+    let admin = controller.admin_token();
+    let bundle = controller.trust_bundle();
     let mut a = admin_client(addr, &bundle, &admin).await;
     a.apply(pb::Resource {
         resource: Some(pb::resource::Resource::Service(pb::Service {

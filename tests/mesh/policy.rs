@@ -39,12 +39,8 @@ impl ControlPlane {
         let dir = tempfile::tempdir().expect("tempdir");
         let controller = start_controller(dir.path(), "127.0.0.1:0", "1h").await;
         let addr = controller.addr("grpc");
-        let admin = controller.ready["admin_token"]
-            .as_str()
-            .expect("admin token")
-            .to_owned();
-        let bundle =
-            std::path::PathBuf::from(controller.ready["trust_bundle"].as_str().expect("bundle"));
+        let admin = controller.admin_token();
+        let bundle = controller.trust_bundle();
         Self {
             dir,
             controller: Some(controller),
