@@ -8,6 +8,7 @@
 //! with the method and path. Ports declared `tcp`, and undeclared ones, keep the opaque tunnel.
 
 pub mod frame;
+pub mod headers;
 pub mod inbound;
 pub mod io;
 pub mod outbound;

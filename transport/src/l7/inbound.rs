@@ -1,6 +1,6 @@
 //! The destination side of HTTP and gRPC: a request read from a tunnel stream is forwarded to the local
 //! application over a pooled hyper client (HTTP/1.1 keep-alive, or one multiplexed HTTP/2 connection for
-//! HTTP/2 and gRPC), with the verified caller identity in [`CLIENT_ID_HEADER`].
+//! HTTP/2 and gRPC), with the verified caller identity in [`CLIENT_ID`].
 //!
 //! Admission sees the method and path. The stream status answers as soon as the request is admitted and
 //! routed (so the caller sends the body while the application works); a response head with
@@ -21,9 +21,8 @@ use tokio::time::Instant;
 
 use super::{
     frame::{self, HttpHead, MAX_HEAD},
+    headers::{CLIENT_ID, grpc_status, strip_hop_by_hop},
     io::{self, ReadError, StreamBody},
-    outbound::{grpc_status, strip_hop_by_hop},
-    policy::CLIENT_ID_HEADER,
 };
 use crate::{
     clip::clip,
@@ -112,15 +111,23 @@ fn app_request(
     if !head.path.starts_with('/') {
         return Err("path must start with '/'".into());
     }
-    let uri: http::Uri = format!("http://{app}{}", head.path)
-        .parse()
-        .map_err(|_| "invalid path".to_owned())?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(
+        http::uri::Authority::try_from(app.to_string())
+            .map_err(|_| "application address".to_owned())?,
+    );
+    uri.path_and_query = Some(
+        http::uri::PathAndQuery::try_from(head.path.as_str())
+            .map_err(|_| "invalid path".to_owned())?,
+    );
+    let uri = http::Uri::from_parts(uri).map_err(|_| "invalid path".to_owned())?;
     let mut headers =
         frame::header_map(&head.headers, "request head").map_err(|e| e.to_string())?;
     strip_hop_by_hop(&mut headers);
-    headers.remove(CLIENT_ID_HEADER);
+    // Replaces any copy the caller sent.
     let id = HeaderValue::from_str(peer.as_str()).map_err(|_| "identity".to_owned())?;
-    headers.insert(CLIENT_ID_HEADER, id);
+    headers.insert(CLIENT_ID, id);
     if version == Version::HTTP_11
         && !headers.contains_key(http::header::HOST)
         && let Ok(h) = HeaderValue::from_str(&head.authority)
