@@ -413,9 +413,18 @@ async fn ctl_stat_agrees_with_the_load_generator() {
     );
 
     // Edges: the client's view and each destination's, with the client's identity as the source.
-    let edges = ctl_stat(addr, &bundle, &admin, &["--edges", "web"]).await;
-    let rows = edges["rows"].as_array().expect("rows");
+    // The destinations report on their own schedule: wait (bounded) for both views to hold it all.
     let client_id = format!("spiffe://{TD}/ns/default/sa/client");
+    let mut edges = serde_json::Value::Null;
+    for _ in 0..50 {
+        edges = ctl_stat(addr, &bundle, &admin, &["--edges", "web"]).await;
+        let rows = edges["rows"].as_array().map_or(&[][..], Vec::as_slice);
+        if rows.len() == 2 && rows.iter().all(|r| r["requests"] == sent_web) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = edges["rows"].as_array().expect("rows");
     assert_eq!(rows.len(), 2, "{edges:#}");
     for r in rows {
         assert_eq!(r["source"], client_id.as_str());

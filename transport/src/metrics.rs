@@ -128,7 +128,7 @@ pub struct RequestLabels {
     /// HTTP status code the caller got.
     pub status_code: u16,
     /// gRPC status, for gRPC requests that carried one (empty otherwise).
-    pub grpc_status: String,
+    pub grpc_status: Option<u32>,
 }
 
 /// Labels of the request latency histogram.
@@ -153,17 +153,36 @@ pub struct RequestMetrics {
     pub in_flight: Family<DirectionLabels, Gauge>,
     /// Endpoints ejected after failures in a row.
     pub ejections: Counter,
+    /// The two gauges of `in_flight` (inbound, outbound), found once rather than per request.
+    in_flight_by_direction: [Gauge; 2],
+}
+
+impl RequestMetrics {
+    /// The in-flight gauge of one direction.
+    pub fn in_flight(&self, direction: Direction) -> Gauge {
+        self.in_flight_by_direction[match direction {
+            Direction::Inbound => 0,
+            Direction::Outbound => 1,
+        }]
+        .clone()
+    }
 }
 
 impl Default for RequestMetrics {
     fn default() -> Self {
+        let in_flight = Family::<DirectionLabels, Gauge>::default();
         Self {
             total: Family::default(),
             // 100 µs to ~13 s.
             duration: Family::new_with_constructor(|| {
                 Histogram::new(exponential_buckets(0.0001, 2.0, 18))
             }),
-            in_flight: Family::default(),
+            in_flight_by_direction: [Direction::Inbound, Direction::Outbound].map(|direction| {
+                in_flight
+                    .get_or_create(&DirectionLabels { direction })
+                    .clone()
+            }),
+            in_flight,
             ejections: Counter::default(),
         }
     }

@@ -25,8 +25,7 @@ use crate::{
     clip::clip,
     identity::SpiffeId,
     metrics::{
-        Direction, DirectionLabels, LatencyLabels, Metrics, ReasonLabels, RequestClass,
-        RequestLabels, TapSample,
+        Direction, LatencyLabels, Metrics, ReasonLabels, RequestClass, RequestLabels, TapSample,
     },
     ratelimit::{Limiters, RateVerdict, decide},
     state::{Admission, Request as Facts, ServiceRef, StateHandle, denying_policy},
@@ -215,14 +214,7 @@ pub async fn serve(
             return;
         }
     };
-    let gauge = ctx
-        .metrics
-        .requests
-        .in_flight
-        .get_or_create(&DirectionLabels {
-            direction: Direction::Inbound,
-        })
-        .clone();
+    let gauge = ctx.metrics.requests.in_flight(Direction::Inbound);
     let _in_flight = io::InFlight::enter(gauge);
     let mut status_sent = false;
     if !defer_status {
@@ -389,10 +381,7 @@ pub async fn serve(
             peer: peer.to_string(),
             service,
             status_code: status,
-            grpc_status: grpc
-                .or(trailer_grpc)
-                .map(|g| g.to_string())
-                .unwrap_or_default(),
+            grpc_status: grpc.or(trailer_grpc),
         })
         .inc();
     edge.request(RequestClass::of(status, grpc.or(trailer_grpc)), true);

@@ -36,9 +36,7 @@ use super::{
     },
 };
 use crate::{
-    metrics::{
-        Direction, DirectionLabels, LatencyLabels, ReasonLabels, RequestClass, RequestLabels,
-    },
+    metrics::{Direction, LatencyLabels, ReasonLabels, RequestClass, RequestLabels},
     proxy::{
         Drain,
         outbound::{OpenError, Service, Start},
@@ -384,7 +382,7 @@ fn count(svc: &Service, peer: &str, service: &str, status: u16, grpc: Option<u32
             peer: peer.to_owned(),
             service: service.to_owned(),
             status_code: status,
-            grpc_status: grpc.map(|g| g.to_string()).unwrap_or_default(),
+            grpc_status: grpc,
         })
         .inc();
     svc.metrics
@@ -407,14 +405,7 @@ async fn request(
     grpc_port: bool,
 ) -> Response<RespBody> {
     let started = Instant::now();
-    let gauge = svc
-        .metrics
-        .requests
-        .in_flight
-        .get_or_create(&DirectionLabels {
-            direction: Direction::Outbound,
-        })
-        .clone();
+    let gauge = svc.metrics.requests.in_flight(Direction::Outbound);
     let in_flight = io::InFlight::enter(gauge);
     // No application may claim an identity: the destination's proxy sets this header.
     req.headers_mut().remove(headers::CLIENT_ID);
