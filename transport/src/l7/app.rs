@@ -31,6 +31,9 @@ use super::io::StreamBody;
 /// Idle HTTP/1.1 connections kept per application address; more are closed when they come back.
 const MAX_IDLE: usize = 256;
 
+/// How long a connection that is still busy may take to become free before it is closed.
+const IDLE_WAIT: Duration = Duration::from_secs(90);
+
 /// Why a request did not get a response head from the application.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -169,8 +172,29 @@ impl AppClients {
         loop {
             let pooled = app.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let (mut sender, fresh) = match pooled {
-                Some(s) if !s.is_closed() => (s, false),
-                Some(_) => continue,
+                Some(mut s) => {
+                    // Only a connection that is free now: one still sending an earlier request's
+                    // body (its answer came first) must not hold this request back.
+                    let mut cx = Context::from_waker(std::task::Waker::noop());
+                    match s.poll_ready(&mut cx) {
+                        Poll::Ready(Ok(())) => (s, false),
+                        Poll::Ready(Err(_)) => continue,
+                        Poll::Pending => {
+                            let app = app.clone();
+                            tokio::spawn(async move {
+                                if let Ok(Ok(())) = tokio::time::timeout(IDLE_WAIT, s.ready()).await
+                                {
+                                    let mut idle =
+                                        app.idle.lock().unwrap_or_else(|p| p.into_inner());
+                                    if idle.len() < MAX_IDLE {
+                                        idle.push(s);
+                                    }
+                                }
+                            });
+                            continue;
+                        }
+                    }
+                }
                 None => {
                     let io = self.connect(app.addr).await?;
                     let (sender, conn) = http1::handshake(io)
