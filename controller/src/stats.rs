@@ -211,6 +211,18 @@ pub enum Refusal {
     Stale(String),
 }
 
+/// Every reason a report or edge is counted as refused under (`Refusal::reason`, the API's own
+/// checks, and `edges_full`), so `/metrics` shows each from the start.
+pub const REFUSAL_REASONS: [&str; 7] = [
+    "unauthenticated",
+    "not_connected",
+    "too_many_edges",
+    "malformed",
+    "not_allowed",
+    "stale",
+    "edges_full",
+];
+
 impl Refusal {
     /// The label it is counted under.
     pub fn reason(&self) -> &'static str {
@@ -500,6 +512,42 @@ impl Stats {
     /// The bound on edges.
     pub fn max_edges(&self) -> usize {
         self.max_edges
+    }
+
+    /// Heap and inline bytes the edges take, estimated from their sizes and capacities (what
+    /// `/metrics` shows as `quicmesh_controller_stats_bytes`; allocator overhead not included).
+    pub fn approx_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let slot = size_of::<Option<(u64, Agg)>>();
+        let edges: usize = self
+            .edges
+            .iter()
+            .map(|(id, st)| {
+                let rings: usize = st
+                    .rings
+                    .iter()
+                    .map(|r| {
+                        r.slots.capacity() * slot
+                            + r.slots
+                                .iter()
+                                .flatten()
+                                .map(|(_, a)| a.latency.counts.capacity() * size_of::<u64>())
+                                .sum::<usize>()
+                    })
+                    .sum();
+                size_of::<(EdgeId, EdgeStats)>()
+                    + id.service.capacity()
+                    + id.source.capacity()
+                    + st.creator.capacity()
+                    + rings
+            })
+            .sum();
+        let creators: usize = self
+            .per_creator
+            .keys()
+            .map(|k| size_of::<(String, usize)>() + k.capacity())
+            .sum();
+        size_of::<Self>() + edges + creators
     }
 
     /// Adds a validated report of `reporter` whose interval of `interval_ms` ended at `end_ms`, at

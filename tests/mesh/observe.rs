@@ -2,7 +2,9 @@
 //! replicas failing 10% of requests, gRPC `api`, TCP `db`) and five proxies; a bounded open-loop load
 //! generator drives mixed traffic through the client's proxy and measures it itself; `quicmesh ctl stat
 //! -o json` must agree with it: each service's req/s within ±10%, success rate within ±1 point, p99
-//! within ±20%, and every TCP connection counted and closed.
+//! within ±20%, and every TCP connection counted and closed. The controller's own `/metrics` must
+//! say the same, and its dashboard (curl as the browser: token login, session cookie, JSON) must show
+//! every service, the caller's edge and each proxy's certificate expiry, and refuse strangers.
 
 use std::{
     net::SocketAddr,
@@ -155,6 +157,59 @@ async fn ctl_stat(
     serde_json::from_str(&out).expect("ctl stat -o json")
 }
 
+/// A controller serving `/metrics` and the dashboard too.
+async fn start_observed_controller(d: &Path) -> Proc {
+    let data = d.join("data");
+    spawn(
+        &[
+            "controller",
+            "--data-dir",
+            data.to_str().expect("utf8"),
+            "--listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            TD,
+            "--leaf-ttl",
+            "1h",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--dashboard-addr",
+            "127.0.0.1:0",
+        ],
+        &d.join("controller.log"),
+    )
+    .await
+}
+
+/// `curl ARGS` (an independent HTTP client): status code and body.
+async fn curl(args: &[&str]) -> (u16, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        Command::new("curl")
+            .args(["-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}"])
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("curl in time")
+    .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The dashboard's overview through the session in cookie `jar`.
+async fn overview(base: &str, jar: &Path) -> serde_json::Value {
+    let (code, body) = curl(&[
+        "-b",
+        jar.to_str().expect("utf8"),
+        &format!("{base}/api/overview"),
+    ])
+    .await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("overview JSON")
+}
+
 fn row<'a>(stat: &'a serde_json::Value, service: &str) -> &'a serde_json::Value {
     stat["rows"]
         .as_array()
@@ -176,7 +231,7 @@ async fn ctl_stat_agrees_with_the_load_generator() {
     raise_fd_limit();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let controller = start_observed_controller(d).await;
     let addr = controller.addr("grpc");
     let admin = controller.admin_token();
     let bundle = controller.trust_bundle();
@@ -258,6 +313,42 @@ async fn ctl_stat_agrees_with_the_load_generator() {
             })
             .await,
             "{inbound} not in the client's state"
+        );
+    }
+
+    // The dashboard: its data needs the token (refused without, or with a wrong one); a login
+    // gives a session cookie; the overview before the load shows every service, idle.
+    let base = format!("http://{}", controller.addr("dashboard"));
+    let (code, page) = curl(&[&format!("{base}/")]).await;
+    assert!(code == 200 && page.contains("<svg"), "{code} {page}");
+    let (code, body) = curl(&[&format!("{base}/api/overview")]).await;
+    assert_eq!(code, 401, "no token: {body}");
+    let (code, _) = curl(&["-d", "token=qma_wrong", &format!("{base}/login")]).await;
+    assert_eq!(code, 401, "wrong token");
+    let (code, _) = curl(&[
+        "-H",
+        "authorization: Bearer qma_wrong",
+        &format!("{base}/api/overview"),
+    ])
+    .await;
+    assert_eq!(code, 401, "wrong bearer");
+    let jar = d.join("cookies.txt");
+    let (code, body) = curl(&[
+        "-c",
+        jar.to_str().expect("utf8"),
+        "--data-urlencode",
+        &format!("token={admin}"),
+        &format!("{base}/login"),
+    ])
+    .await;
+    assert_eq!(code, 303, "login: {body}");
+    let before = overview(&base, &jar).await;
+    for s in ["web.default", "api.default", "db.default"] {
+        assert!(
+            before["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|x| x == s)),
+            "{s} in the graph: {before:#}"
         );
     }
 
@@ -421,6 +512,111 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         assert_eq!(r["source"], client_id.as_str());
         assert_eq!(r["requests"], sent_web, "{r}");
     }
+
+    // The controller's own /metrics says what ctl stat says.
+    let (code, m) = scrape(controller.addr("metrics"), "/metrics").await;
+    assert_eq!(code, 200);
+    let web_l = ["service=\"web.default\"", "direction=\"outbound\""];
+    let series = |name: &str, extra: &[&str]| {
+        let mut l = web_l.to_vec();
+        l.extend_from_slice(extra);
+        metric(&m, name, &l)
+    };
+    assert_eq!(
+        series("quicmesh_controller_service_requests", &[]),
+        sent_web as f64,
+        "{m}"
+    );
+    within(
+        "web req/s (/metrics)",
+        series("quicmesh_controller_service_requests_per_second", &[]),
+        sent_web as f64 / ran,
+        0.10,
+    );
+    assert!(
+        (series("quicmesh_controller_service_success_rate", &[]) - web_rate).abs() <= 0.01,
+        "{m}"
+    );
+    within(
+        "web p99 (/metrics)",
+        series(
+            "quicmesh_controller_service_latency_seconds",
+            &["quantile=\"0.99\""],
+        ) * 1000.0,
+        mw.p99_ms(),
+        0.20,
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_controller_edge_requests",
+            &[
+                "service=\"web.default\"",
+                "direction=\"inbound\"",
+                &format!("source=\"{client_id}\""),
+            ]
+        ),
+        sent_web as f64
+    );
+    assert_eq!(metric(&m, "quicmesh_controller_proxies_connected", &[]), 5.0);
+    assert!(metric(&m, "quicmesh_controller_reports_accepted_total", &[]) > 0.0);
+    assert_eq!(
+        metric(&m, "quicmesh_controller_reports_refused_total", &[]),
+        0.0,
+        "{m}"
+    );
+    assert!(metric(&m, "quicmesh_controller_stats_bytes", &[]) > 0.0);
+
+    // The dashboard after the load: the client's arrow to web with the generator's requests (it
+    // was not there before), each proxy's certificate expiry within the 1 h leaf lifetime.
+    let after = overview(&base, &jar).await;
+    let arrow = |o: &serde_json::Value| {
+        o["edges"].as_array().and_then(|e| {
+            e.iter()
+                .find(|e| e["from"] == client_id.as_str() && e["to"] == "web.default")
+                .cloned()
+        })
+    };
+    assert!(arrow(&before).is_none(), "{before:#}");
+    let web_arrow = arrow(&after).unwrap_or_else(|| panic!("client -> web in {after:#}"));
+    assert_eq!(web_arrow["requests"], sent_web);
+    within(
+        "web req/s (dashboard)",
+        f(&web_arrow, "rps"),
+        sent_web as f64 / ran,
+        0.10,
+    );
+    assert!(f(&web_arrow, "p99_ms") > 0.0);
+    let proxies = after["proxies"].as_array().expect("proxies");
+    assert_eq!(proxies.len(), 5, "{after:#}");
+    for p in proxies {
+        let left = p["cert_expires_in_s"].as_i64().expect("expiry");
+        assert!((1..=3600).contains(&left), "{p}");
+    }
+    // A bearer token reads it too; after logging out the cookie reads nothing.
+    let (code, _) = curl(&[
+        "-H",
+        &format!("authorization: Bearer {admin}"),
+        &format!("{base}/api/overview"),
+    ])
+    .await;
+    assert_eq!(code, 200);
+    let (code, _) = curl(&[
+        "-b",
+        jar.to_str().expect("utf8"),
+        "-X",
+        "POST",
+        &format!("{base}/logout"),
+    ])
+    .await;
+    assert_eq!(code, 303);
+    let (code, _) = curl(&[
+        "-b",
+        jar.to_str().expect("utf8"),
+        &format!("{base}/api/overview"),
+    ])
+    .await;
+    assert_eq!(code, 401, "the session ended");
     drop(client);
     drop(servers);
 }
@@ -603,6 +799,43 @@ async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
     assert!(
         tapping(false).await,
         "sampling went on after ctl tap exited"
+    );
+
+    // `ctl top`: the busiest paths of the tapped service, refreshed; ends after its iterations.
+    let top = crate::policy::ctl(
+        addr,
+        &bundle,
+        &admin,
+        &[
+            "top",
+            "web",
+            "--iterations",
+            "5",
+            "--interval",
+            "500ms",
+            "-o",
+            "json",
+        ],
+    );
+    let traffic = async {
+        assert!(tapping(true).await, "ctl top never started sampling");
+        for _ in 0..3 {
+            get("/top-busy").await;
+        }
+        get("/top-quiet").await;
+    };
+    let (out, ()) = tokio::join!(top, traffic);
+    let last: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("a refresh")).expect("json");
+    assert_eq!(out.lines().count(), 5, "one line per refresh: {out}");
+    let rows = last["rows"].as_array().expect("rows");
+    assert_eq!(rows[0]["path"], "/top-busy", "{last:#}");
+    assert_eq!(rows[0]["count"], 3);
+    assert_eq!(rows[1]["path"], "/top-quiet");
+    assert_eq!(rows[0]["source"], format!("spiffe://{TD}/ns/default/sa/client"));
+    assert!(
+        tapping(false).await,
+        "sampling went on after ctl top exited"
     );
     drop(client);
     drop(server);

@@ -72,6 +72,9 @@ pub struct ProxyConfig {
     /// How long open streams may run after SIGTERM before they are reset.
     #[serde(default = "defaults::drain_grace", with = "humantime_serde")]
     pub drain_grace: Duration,
+    /// One JSON line per request and tunneled connection, to stdout or a file (off unless given).
+    #[serde(default)]
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
 }
 
 /// Certificate, key and trust bundle, as PEM files.
@@ -528,6 +531,12 @@ impl ProxyConfig {
                 *p = base.join(&*p);
             }
         }
+        if let Some(a) = &mut cfg.access_log
+            && a.path != "-"
+            && Path::new(&a.path).is_relative()
+        {
+            a.path = base.join(&a.path).to_string_lossy().into_owned();
+        }
         cfg.check(path)?;
         Ok(cfg)
     }
@@ -556,6 +565,10 @@ impl ProxyConfig {
                 "mesh",
                 "static mode only: in controller mode the controller sends the mesh",
             ));
+        }
+        if let Some(a) = &self.access_log {
+            a.check()
+                .map_err(|(k, m)| ConfigError::new(path, format!("access_log.{k}"), m))?;
         }
         let mut captured = std::collections::HashSet::new();
         for (i, o) in self.outbound.iter().enumerate() {
