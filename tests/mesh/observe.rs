@@ -274,6 +274,12 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         ("db", "db", 5432, db_app),
     ] {
         let token = join_token(addr, &bundle, &admin, sa).await;
+        // The TCP service's proxy and the client keep access logs.
+        let log = if name == "db" {
+            "[access_log]\npath = \"db-access.log\"\n\n"
+        } else {
+            ""
+        };
         let cfg = config(
             d,
             name,
@@ -282,13 +288,13 @@ async fn ctl_stat_agrees_with_the_load_generator() {
             sa,
             &token,
             &format!(
-                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = {port}, app = \"{app}\" }}]\nservices = [\"{sa}\"]\n"
+                "{log}[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = {port}, app = \"{app}\" }}]\nservices = [\"{sa}\"]\n"
             ),
         );
         servers.push(spawn(&["proxy", "--config", &cfg], &d.join(format!("{name}.log"))).await);
     }
     let token = join_token(addr, &bundle, &admin, "client").await;
-    let mut body = String::new();
+    let mut body = String::from("[access_log]\npath = \"client-access.log\"\n\n");
     for (svc, port) in [("web", 80), ("api", 50051), ("db", 5432)] {
         body.push_str(&format!(
             "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"{svc}\"\nport = {port}\n\n"
@@ -593,6 +599,27 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         let left = p["cert_expires_in_s"].as_i64().expect("expiry");
         assert!((1..=3600).contains(&left), "{p}");
     }
+    // Every TCP connection has its access log line on both sides, with its bytes.
+    let db_lines = json_lines(&d.join("db-access.log"), sent_db as usize).await;
+    assert_eq!(db_lines.len() as u64, sent_db);
+    for l in &db_lines {
+        assert_eq!(l["kind"], "tcp", "{l}");
+        assert_eq!(l["direction"], "inbound");
+        assert_eq!(l["service"], "db.default");
+        assert_eq!(l["source"], client_id.as_str());
+        assert_eq!(l["bytes"], 16);
+        assert_eq!(l["ok"], true);
+    }
+    let client_lines = json_lines(&d.join("client-access.log"), sent_db as usize).await;
+    let tcp_out: Vec<_> = client_lines.iter().filter(|l| l["kind"] == "tcp").collect();
+    assert_eq!(tcp_out.len() as u64, sent_db);
+    assert!(
+        tcp_out
+            .iter()
+            .all(|l| l["direction"] == "outbound" && l["destination"] == format!("spiffe://{TD}/ns/default/sa/db")),
+        "{tcp_out:#?}"
+    );
+
     // A bearer token reads it too; after logging out the cookie reads nothing.
     let (code, _) = curl(&[
         "-H",
@@ -837,6 +864,184 @@ async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
         tapping(false).await,
         "sampling went on after ctl top exited"
     );
+    drop(client);
+    drop(server);
+}
+
+/// An HTTP app answering 200 with the `traceparent` it received (empty if none) as the body.
+async fn trace_app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let seen = req
+                        .headers()
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(
+                            Full::new(Bytes::from(seen)).boxed(),
+                        ))
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Lines of a JSON-lines file, once it holds at least `n` (bounded wait: the writer is asynchronous).
+async fn json_lines(path: &Path, n: usize) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    eventually(Duration::from_secs(5), || {
+        lines = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect();
+        let got = lines.len();
+        async move { got >= n }
+    })
+    .await;
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_and_traceparent_across_both_hops() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let addr = controller.addr("grpc");
+    let admin = controller.admin_token();
+    let bundle = controller.trust_bundle();
+    let mut a = admin_client(addr, &bundle, &admin).await;
+    a.apply(pb::Resource {
+        resource: Some(pb::resource::Resource::Service(pb::Service {
+            metadata: Some(pb::Metadata {
+                name: "web".into(),
+                namespace: "default".into(),
+                ..Default::default()
+            }),
+            ports: vec![pb::ServicePort {
+                port: 80,
+                protocol: pb::PortProtocol::Http as i32,
+                name: String::new(),
+            }],
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("web speaks HTTP");
+    let app = trace_app().await;
+    let token = join_token(addr, &bundle, &admin, "web").await;
+    let cfg = config(
+        d,
+        "web",
+        addr,
+        &bundle,
+        "web",
+        &token,
+        &format!(
+            "[access_log]\npath = \"web-access.log\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"
+        ),
+    );
+    let server = spawn(&["proxy", "--config", &cfg], &d.join("web.log")).await;
+    let token = join_token(addr, &bundle, &admin, "client").await;
+    let cfg = config(
+        d,
+        "client",
+        addr,
+        &bundle,
+        "client",
+        &token,
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+    );
+    let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
+    let web = client.outbound();
+    let h1 = h1_client();
+    let get = |path: &'static str, traceparent: Option<&'static str>| {
+        let h1 = h1.clone();
+        async move {
+            let mut req = Request::get(format!("http://{web}{path}"));
+            if let Some(t) = traceparent {
+                req = req.header("traceparent", t);
+            }
+            let req = req
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("request");
+            let r = tokio::time::timeout(Duration::from_secs(5), h1.request(req))
+                .await
+                .expect("in time")
+                .expect("response");
+            assert_eq!(r.status(), StatusCode::OK);
+            let body = r.into_body().collect().await.expect("body").to_bytes();
+            String::from_utf8(body.to_vec()).expect("utf8")
+        }
+    };
+    // The endpoint may take a moment to reach the client's state.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let req = Request::get(format!("http://{web}/warm"))
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("request");
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), h1.request(req)).await,
+                Ok(Ok(r)) if r.status() == StatusCode::OK
+            )
+        })
+        .await,
+        "web never answered"
+    );
+
+    // A caller's trace goes on: same trace id and flags, a new span per hop (two hops: the app
+    // sees neither the caller's span nor the client proxy's).
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const SENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let seen = get("/traced?x=1", Some(SENT)).await;
+    let parts: Vec<&str> = seen.split('-').collect();
+    assert_eq!(parts.len(), 4, "{seen:?}");
+    assert_eq!((parts[0], parts[1], parts[3]), ("00", TRACE, "01"), "{seen}");
+    assert_ne!(parts[2], "00f067aa0ba902b7", "a child span");
+    // None sent: the mesh starts a trace.
+    let fresh = get("/untraced", None).await;
+    assert_eq!(fresh.len(), 55, "{fresh:?}");
+    assert!(fresh.starts_with("00-") && !fresh.contains(TRACE), "{fresh}");
+
+    // The web proxy's access log: one line per request, with identities, status and trace.
+    let lines = json_lines(&d.join("web-access.log"), 1).await;
+    let traced = lines
+        .iter()
+        .find(|l| l["path"] == "/traced?x=1")
+        .unwrap_or_else(|| panic!("/traced in {lines:#?}"));
+    assert_eq!(traced["kind"], "http");
+    assert_eq!(traced["direction"], "inbound");
+    assert_eq!(traced["method"], "GET");
+    assert_eq!(traced["status"], 200);
+    assert_eq!(traced["service"], "web.default");
+    assert_eq!(
+        traced["source"],
+        format!("spiffe://{TD}/ns/default/sa/client")
+    );
+    assert_eq!(
+        traced["destination"],
+        format!("spiffe://{TD}/ns/default/sa/web")
+    );
+    assert_eq!(traced["request_id"].as_str().map(str::len), Some(32));
+    assert!(traced["duration_ms"].as_f64().is_some_and(|d| d > 0.0));
+    let hop = traced["traceparent"].as_str().expect("traceparent logged");
+    assert!(hop.contains(TRACE) && !hop.contains("00f067aa0ba902b7"), "{hop}");
+    assert!(lines.iter().any(|l| l["path"] == "/untraced"));
+    let m = server.metrics().await;
+    assert!(metric(&m, "quicmesh_access_log_lines_total", &[]) >= 2.0, "{m}");
+    assert_eq!(metric(&m, "quicmesh_access_log_dropped_total", &[]), 0.0);
     drop(client);
     drop(server);
 }

@@ -261,7 +261,7 @@ pub struct EdgeTraffic {
 }
 
 /// What the access log says of a tunneled connection besides its outcome.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ConnLog {
     /// The log.
     pub access: std::sync::Arc<crate::access_log::AccessLog>,
