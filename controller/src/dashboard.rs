@@ -287,8 +287,11 @@ pub fn overview(i: &Inputs<'_>, serving: impl Fn(&str) -> Option<String>) -> Ove
         tcp_open: f.tcp_open,
         mtls_share: f.mtls_share(),
     };
-    let mut services: BTreeMap<String, ServiceRow> =
-        i.services.iter().map(|f| (f.service.clone(), row(f))).collect();
+    let mut services: BTreeMap<String, ServiceRow> = i
+        .services
+        .iter()
+        .map(|f| (f.service.clone(), row(f)))
+        .collect();
     for s in i.mesh_services {
         services.entry(s.clone()).or_insert_with(|| ServiceRow {
             service: s.clone(),
@@ -345,9 +348,7 @@ pub fn overview(i: &Inputs<'_>, serving: impl Fn(&str) -> Option<String>) -> Ove
             cert_expires_in_s: p.cert_not_after_unix - i.now_unix,
         })
         .collect();
-    proxies.sort_by(|a, b| {
-        (a.cert_not_after_unix, &a.name).cmp(&(b.cert_not_after_unix, &b.name))
-    });
+    proxies.sort_by(|a, b| (a.cert_not_after_unix, &a.name).cmp(&(b.cert_not_after_unix, &b.name)));
     proxies.truncate(MAX_PROXIES);
     Overview {
         window_seconds: i.window_seconds,
@@ -446,7 +447,10 @@ impl Dashboard {
     pub fn router(self: Arc<Self>) -> Router {
         Router::new()
             .route("/", get(index))
-            .route("/app.js", get(|| async { asset("text/javascript", APP_JS) }))
+            .route(
+                "/app.js",
+                get(|| async { asset("text/javascript", APP_JS) }),
+            )
             .route("/style.css", get(|| async { asset("text/css", STYLE_CSS) }))
             .route("/login", post(login))
             .route("/logout", post(logout))
@@ -597,7 +601,10 @@ mod tests {
             s.add(format!("s{i}"), t0 + Duration::from_secs(1 + i as u64));
         }
         assert_eq!(s.len(), MAX_SESSIONS);
-        assert!(!s.is_live("a", t0 + Duration::from_secs(100)), "oldest dropped");
+        assert!(
+            !s.is_live("a", t0 + Duration::from_secs(100)),
+            "oldest dropped"
+        );
         assert!(s.is_live(
             &format!("s{}", MAX_SESSIONS + 9),
             t0 + Duration::from_secs(100)
@@ -611,9 +618,15 @@ mod tests {
 
     #[test]
     fn cookies_and_form_values_are_read() {
-        assert_eq!(cookie("a=1; quicmesh_session=xyz; b=2", COOKIE), Some("xyz"));
+        assert_eq!(
+            cookie("a=1; quicmesh_session=xyz; b=2", COOKIE),
+            Some("xyz")
+        );
         assert_eq!(cookie("quicmesh_sessionx=1", COOKIE), None);
-        assert_eq!(form_value(b"token=ab%2Bc+d&x=1", "token").as_deref(), Some("ab+c d"));
+        assert_eq!(
+            form_value(b"token=ab%2Bc+d&x=1", "token").as_deref(),
+            Some("ab+c d")
+        );
         assert_eq!(form_value(b"x=1", "token"), None);
         assert_eq!(form_value(b"token=%zz", "token"), None);
         assert_eq!(form_value(b"token=%4", "token"), None);
@@ -633,12 +646,37 @@ mod tests {
             m
         };
         assert!(!authorized(&HeaderMap::new(), &sha, &sessions, now));
-        assert!(authorized(&h(header::AUTHORIZATION, "Bearer secret"), &sha, &sessions, now));
-        assert!(!authorized(&h(header::AUTHORIZATION, "Bearer wrong"), &sha, &sessions, now));
-        assert!(authorized(&h(header::COOKIE, "quicmesh_session=s1"), &sha, &sessions, now));
-        assert!(!authorized(&h(header::COOKIE, "quicmesh_session=s2"), &sha, &sessions, now));
+        assert!(authorized(
+            &h(header::AUTHORIZATION, "Bearer secret"),
+            &sha,
+            &sessions,
+            now
+        ));
+        assert!(!authorized(
+            &h(header::AUTHORIZATION, "Bearer wrong"),
+            &sha,
+            &sessions,
+            now
+        ));
+        assert!(authorized(
+            &h(header::COOKIE, "quicmesh_session=s1"),
+            &sha,
+            &sessions,
+            now
+        ));
+        assert!(!authorized(
+            &h(header::COOKIE, "quicmesh_session=s2"),
+            &sha,
+            &sessions,
+            now
+        ));
         assert!(
-            !authorized(&h(header::COOKIE, "quicmesh_session=s1"), &sha, &sessions, now + SESSION_TTL),
+            !authorized(
+                &h(header::COOKIE, "quicmesh_session=s1"),
+                &sha,
+                &sessions,
+                now + SESSION_TTL
+            ),
             "expired"
         );
     }
@@ -708,9 +746,19 @@ mod tests {
             |id| (id == WEB).then(|| "web.a".to_owned()),
         );
         assert_eq!(o.nodes, ["api.a", "db.a", "web.a", CLIENT]);
-        assert_eq!(o.edges.len(), 2, "the inbound copy of web's edge is not drawn");
-        assert_eq!((o.edges[0].from.as_str(), o.edges[0].to.as_str()), (CLIENT, "web.a"));
-        assert_eq!((o.edges[1].from.as_str(), o.edges[1].to.as_str()), ("web.a", "api.a"));
+        assert_eq!(
+            o.edges.len(),
+            2,
+            "the inbound copy of web's edge is not drawn"
+        );
+        assert_eq!(
+            (o.edges[0].from.as_str(), o.edges[0].to.as_str()),
+            (CLIENT, "web.a")
+        );
+        assert_eq!(
+            (o.edges[1].from.as_str(), o.edges[1].to.as_str()),
+            ("web.a", "api.a")
+        );
         assert_eq!(o.services.len(), 3, "idle db has a row");
         assert_eq!(o.proxies[0].name, "soon");
         assert_eq!(o.proxies[0].cert_expires_in_s, 500);

@@ -79,7 +79,11 @@ fn family(
 /// Families for services (`edge` false) or edges.
 fn golden(out: &mut String, scope: &str, rows: &[Figures], edge: bool, window: u32) {
     let labels = move |f: &Figures| {
-        let mut l = format!("service=\"{}\",direction=\"{}\"", escape(&f.service), f.side.as_str());
+        let mut l = format!(
+            "service=\"{}\",direction=\"{}\"",
+            escape(&f.service),
+            f.side.as_str()
+        );
         if edge {
             let _ = write!(l, ",source=\"{}\"", escape(&f.source));
         }
@@ -335,6 +339,8 @@ mod tests {
             ..Scrape::default()
         });
         assert!(!text.contains("quantile="), "{text}");
-        assert!(text.contains("quicmesh_controller_service_tcp_connections_open{service=\"idle.shop\""));
+        assert!(
+            text.contains("quicmesh_controller_service_tcp_connections_open{service=\"idle.shop\"")
+        );
     }
 }

@@ -284,7 +284,10 @@ fn metrics_router(state: Arc<State>, stats: Arc<StatsStore>, tap: Arc<TapHub>) -
                     proxies_connected,
                     tap_subscribers: tap.subscribers(),
                 });
-                ([(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body)
+                (
+                    [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+                    body,
+                )
             }
         }),
     )

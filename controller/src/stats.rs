@@ -799,7 +799,10 @@ mod tests {
         );
         assert_eq!(s.len(), MAX_EDGES);
         assert!(bytes <= WORST_CASE_BYTES, "{bytes} bytes");
-        assert!(bytes >= WORST_CASE_BYTES / 2, "the case is the worst: {bytes} bytes");
+        assert!(
+            bytes >= WORST_CASE_BYTES / 2,
+            "the case is the worst: {bytes} bytes"
+        );
     }
 
     const W1: Window = WINDOWS[0];

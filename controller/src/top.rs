@@ -147,7 +147,10 @@ mod tests {
         let rows = t.rows(10);
         assert_eq!(rows[0].path, "/orders");
         assert_eq!((rows[0].count, rows[0].successes), (3, 2));
-        assert_eq!((rows[0].best_ms, rows[0].worst_ms, rows[0].last_ms), (1.0, 3.0, 2.0));
+        assert_eq!(
+            (rows[0].best_ms, rows[0].worst_ms, rows[0].last_ms),
+            (1.0, 3.0, 2.0)
+        );
         assert_eq!(rows[1].path, "/health", "ties by path");
         assert_eq!(rows[2].successes, 0, "a gRPC error is a failure");
         assert_eq!(t.rows(1).len(), 1);

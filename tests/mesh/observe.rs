@@ -564,7 +564,10 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         ),
         sent_web as f64
     );
-    assert_eq!(metric(&m, "quicmesh_controller_proxies_connected", &[]), 5.0);
+    assert_eq!(
+        metric(&m, "quicmesh_controller_proxies_connected", &[]),
+        5.0
+    );
     assert!(metric(&m, "quicmesh_controller_reports_accepted_total", &[]) > 0.0);
     assert_eq!(
         metric(&m, "quicmesh_controller_reports_refused_total", &[]),
@@ -615,9 +618,8 @@ async fn ctl_stat_agrees_with_the_load_generator() {
     let tcp_out: Vec<_> = client_lines.iter().filter(|l| l["kind"] == "tcp").collect();
     assert_eq!(tcp_out.len() as u64, sent_db);
     assert!(
-        tcp_out
-            .iter()
-            .all(|l| l["direction"] == "outbound" && l["destination"] == format!("spiffe://{TD}/ns/default/sa/db")),
+        tcp_out.iter().all(|l| l["direction"] == "outbound"
+            && l["destination"] == format!("spiffe://{TD}/ns/default/sa/db")),
         "{tcp_out:#?}"
     );
 
@@ -860,7 +862,10 @@ async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
     assert_eq!(rows[0]["path"], "/top-busy", "{last:#}");
     assert_eq!(rows[0]["count"], 3);
     assert_eq!(rows[1]["path"], "/top-quiet");
-    assert_eq!(rows[0]["source"], format!("spiffe://{TD}/ns/default/sa/client"));
+    assert_eq!(
+        rows[0]["source"],
+        format!("spiffe://{TD}/ns/default/sa/client")
+    );
     assert!(
         tapping(false).await,
         "sampling went on after ctl top exited"
@@ -979,9 +984,7 @@ async fn access_log_lines_and_traceparent_across_both_hops() {
             if let Some(t) = traceparent {
                 req = req.header("traceparent", t);
             }
-            let req = req
-                .body(Full::new(Bytes::new()).boxed())
-                .expect("request");
+            let req = req.body(Full::new(Bytes::new()).boxed()).expect("request");
             let r = tokio::time::timeout(Duration::from_secs(5), h1.request(req))
                 .await
                 .expect("in time")
@@ -1013,12 +1016,19 @@ async fn access_log_lines_and_traceparent_across_both_hops() {
     let seen = get("/traced?x=1", Some(SENT)).await;
     let parts: Vec<&str> = seen.split('-').collect();
     assert_eq!(parts.len(), 4, "{seen:?}");
-    assert_eq!((parts[0], parts[1], parts[3]), ("00", TRACE, "01"), "{seen}");
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("00", TRACE, "01"),
+        "{seen}"
+    );
     assert_ne!(parts[2], "00f067aa0ba902b7", "a child span");
     // None sent: the mesh starts a trace.
     let fresh = get("/untraced", None).await;
     assert_eq!(fresh.len(), 55, "{fresh:?}");
-    assert!(fresh.starts_with("00-") && !fresh.contains(TRACE), "{fresh}");
+    assert!(
+        fresh.starts_with("00-") && !fresh.contains(TRACE),
+        "{fresh}"
+    );
 
     // The web proxy's access log: one line per request, with identities, status and trace.
     let lines = json_lines(&d.join("web-access.log"), |l| {
@@ -1047,10 +1057,16 @@ async fn access_log_lines_and_traceparent_across_both_hops() {
     assert_eq!(traced["request_id"].as_str().map(str::len), Some(32));
     assert!(traced["duration_ms"].as_f64().is_some_and(|d| d > 0.0));
     let hop = traced["traceparent"].as_str().expect("traceparent logged");
-    assert!(hop.contains(TRACE) && !hop.contains("00f067aa0ba902b7"), "{hop}");
+    assert!(
+        hop.contains(TRACE) && !hop.contains("00f067aa0ba902b7"),
+        "{hop}"
+    );
     assert!(lines.iter().any(|l| l["path"] == "/untraced"));
     let m = server.metrics().await;
-    assert!(metric(&m, "quicmesh_access_log_lines_total", &[]) >= 2.0, "{m}");
+    assert!(
+        metric(&m, "quicmesh_access_log_lines_total", &[]) >= 2.0,
+        "{m}"
+    );
     assert_eq!(metric(&m, "quicmesh_access_log_dropped_total", &[]), 0.0);
     drop(client);
     drop(server);

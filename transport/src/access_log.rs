@@ -230,10 +230,7 @@ async fn write_loop(
     }
 }
 
-async fn write_line(
-    w: &mut (impl AsyncWrite + Unpin),
-    line: &str,
-) -> std::io::Result<()> {
+async fn write_line(w: &mut (impl AsyncWrite + Unpin), line: &str) -> std::io::Result<()> {
     w.write_all(line.as_bytes()).await?;
     w.write_all(b"\n").await
 }

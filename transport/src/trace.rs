@@ -28,7 +28,9 @@ pub struct Parent<'a> {
 }
 
 fn lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Parses `value` as a `traceparent` (version 00, or a later version's first four fields as the
@@ -107,7 +109,9 @@ mod tests {
         assert!(child(Some(unsampled), [1; 8], [7; 16]).ends_with("-00"));
         // A later version: its first four fields count, extra fields are dropped.
         let v1 = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra";
-        assert!(child(Some(v1), [1; 8], [7; 16]).starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(
+            child(Some(v1), [1; 8], [7; 16]).starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")
+        );
     }
 
     #[test]

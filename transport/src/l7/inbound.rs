@@ -351,7 +351,10 @@ pub async fn serve(
         let trace = head
             .headers
             .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(crate::trace::TRACEPARENT.as_bytes()))
+            .find(|h| {
+                h.name
+                    .eq_ignore_ascii_case(crate::trace::TRACEPARENT.as_bytes())
+            })
             .and_then(|h| std::str::from_utf8(&h.value).ok())
             .map(str::to_owned);
         (head.method.clone(), clip_path(&head.path), trace)

@@ -274,7 +274,13 @@ pub struct ConnLog {
 }
 
 impl ConnLog {
-    fn record(&self, direction: crate::metrics::Direction, took: std::time::Duration, ok: bool, bytes: u64) {
+    fn record(
+        &self,
+        direction: crate::metrics::Direction,
+        took: std::time::Duration,
+        ok: bool,
+        bytes: u64,
+    ) {
         self.access.record(&crate::access_log::Entry {
             kind: "tcp",
             direction,
