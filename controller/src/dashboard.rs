@@ -35,7 +35,6 @@ use crate::{
     registry::ProxyStatus,
     state::State,
     stats::{Figures, Side, StatsStore, Window},
-    tap::TapHub,
 };
 
 /// Sessions held at once; a new login past it drops the oldest.
@@ -380,7 +379,7 @@ pub struct Dashboard {
 
 impl Dashboard {
     /// Over the controller's state and statistics.
-    pub fn new(state: Arc<State>, stats: Arc<StatsStore>, _tap: Arc<TapHub>) -> Arc<Self> {
+    pub fn new(state: Arc<State>, stats: Arc<StatsStore>) -> Arc<Self> {
         Arc::new(Self {
             state,
             stats,

@@ -196,7 +196,7 @@ impl Controller {
             http.push(tokio::spawn(serve_http("metrics", l, app)));
         }
         if let Some((l, _)) = self.dashboard {
-            let app = Dashboard::new(state.clone(), stats.clone(), tap.clone()).router();
+            let app = Dashboard::new(state.clone(), stats.clone()).router();
             http.push(tokio::spawn(serve_http("dashboard", l, app)));
         }
         let proxy_svc =

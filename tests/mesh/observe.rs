@@ -210,6 +210,33 @@ async fn overview(base: &str, jar: &Path) -> serde_json::Value {
     serde_json::from_str(&body).expect("overview JSON")
 }
 
+/// The dashboard as its script draws it (`dashboard_dom.js` under node, a minimal DOM, real HTTP),
+/// or `None` when node is not installed.
+async fn drawn_dashboard(base: &str, token: &str) -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        Command::new("node")
+            .arg(format!("{dir}/tests/mesh/dashboard_dom.js"))
+            .arg(format!("{dir}/controller/src/dashboard/app.js"))
+            .arg(base)
+            .arg(token)
+            .output(),
+    )
+    .await
+    .expect("node in time");
+    let Ok(out) = out else {
+        println!("node is not installed: the dashboard's script is not run");
+        return None;
+    };
+    assert!(
+        out.status.success(),
+        "dashboard script: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn row<'a>(stat: &'a serde_json::Value, service: &str) -> &'a serde_json::Value {
     stat["rows"]
         .as_array()
@@ -427,11 +454,18 @@ async fn ctl_stat_agrees_with_the_load_generator() {
                 .get_stats(pb::StatsRequest {
                     window_seconds: 60,
                     service: String::new(),
-                    edges: false,
+                    edges: true,
                 })
                 .await
                 .expect("GetStats")
                 .into_inner();
+            // The web proxies' own (inbound) reports may trail the client's by an interval.
+            let inbound_web: u64 = r
+                .edges
+                .iter()
+                .filter(|e| e.service == "web.default" && e.direction == "inbound")
+                .map(|e| e.requests)
+                .sum();
             let of = |s: &str| {
                 r.services
                     .iter()
@@ -440,6 +474,7 @@ async fn ctl_stat_agrees_with_the_load_generator() {
                     .unwrap_or_default()
             };
             of("web.default").requests == sent_web
+                && inbound_web == sent_web
                 && of("api.default").requests == sent_api
                 && of("db.default").tcp_opened == sent_db
                 && of("db.default").tcp_open == 0
@@ -602,6 +637,37 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         let left = p["cert_expires_in_s"].as_i64().expect("expiry");
         assert!((1..=3600).contains(&left), "{p}");
     }
+    // The page's own script draws it: every service a node, the client's arrow to web labelled with
+    // its numbers (node runs app.js over a minimal DOM; the arrow was absent before the load).
+    if let Some(page) = drawn_dashboard(&base, &admin).await {
+        for s in ["web.default", "api.default", "db.default"] {
+            assert!(
+                page.contains(&format!("data-node=\"{s}\"")),
+                "{s} in\n{page}"
+            );
+        }
+        let arrow = page
+            .lines()
+            .skip_while(|l| {
+                !l.contains(&format!(
+                    "data-from=\"{client_id}\" data-to=\"web.default\""
+                ))
+            })
+            .take(4)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let rps: f64 = arrow
+            .split_once(" rps · ")
+            .and_then(|(before, _)| before.rsplit(['>', ' ']).next()?.parse().ok())
+            .unwrap_or_else(|| panic!("req/s on the client -> web arrow: {arrow}\n{page}"));
+        assert!(rps > 0.0 && arrow.contains("p99 "), "{arrow}");
+        std::fs::write(
+            std::env::temp_dir().join("quicmesh-dashboard-drawn.txt"),
+            &page,
+        )
+        .expect("keep the drawn page");
+    }
+
     // Every TCP connection has its access log line on both sides, with its bytes.
     let db_lines = json_lines(&d.join("db-access.log"), |l| l.len() as u64 >= sent_db).await;
     assert_eq!(db_lines.len() as u64, sent_db);
