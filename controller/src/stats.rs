@@ -12,8 +12,8 @@
 //! Memory is bounded: at most [`MAX_EDGES`] edges, at most [`MAX_EDGES_PER_REPORTER`] of them created
 //! by one identity (one proxy cannot fill the table), edges with no traffic in the last hour are
 //! dropped, and a slot's histogram spans at most the fixed bucket count. The worst case is
-//! [`MAX_EDGES`] × 34 slots × (170 × 4 + ~120) bytes ≈ 56 MB; a mesh's real edges use a small part of
-//! it. Everything here is pure over a caller-given clock (milliseconds on any monotonic scale) and
+//! [`MAX_EDGES`] × 34 slots × (170 × 8 + ~120) bytes ≈ 104 MB (measured by the flood test: RSS grew
+//! 107 MB; [`WORST_CASE_BYTES`]); a mesh's real edges use a small part of it. Everything here is pure over a caller-given clock (milliseconds on any monotonic scale) and
 //! unit-tested with fake time; `api/` only applies it.
 
 use std::collections::{BTreeMap, HashMap};

@@ -1127,6 +1127,10 @@ async fn access_log_lines_and_traceparent_across_both_hops() {
         hop.contains(TRACE) && !hop.contains("00f067aa0ba902b7"),
         "{hop}"
     );
+    assert!(
+        !hop.contains(parts[2]),
+        "each hop its own span: {hop} vs {seen}"
+    );
     assert!(lines.iter().any(|l| l["path"] == "/untraced"));
     let m = server.metrics().await;
     assert!(
