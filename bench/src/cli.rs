@@ -160,6 +160,12 @@ struct InstructionArgs {
     /// Requests of the request/response run.
     #[arg(long, default_value_t = 2000)]
     requests: u64,
+    /// Protocol of the requests on the HTTP-aware paths (the opaque ones echo TCP).
+    #[arg(long, default_value = "http1")]
+    l7_protocol: Protocol,
+    /// Concurrent requests per connection where that protocol multiplexes (http2, grpc-unary).
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
     /// Its concurrent connections.
     #[arg(long, default_value_t = 16)]
     connections: usize,
@@ -404,6 +410,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             let settings = InstructionSettings {
                 targets: a.targets.clone(),
                 requests: a.requests,
+                l7_protocol: a.l7_protocol,
+                streams: a.streams,
                 connections: a.connections.max(1),
                 payload: a.payload,
                 bulk_mib: a.bulk_mib,

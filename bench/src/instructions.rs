@@ -31,8 +31,14 @@ use crate::{
 pub struct InstructionSettings {
     /// Paths.
     pub targets: Vec<Target>,
-    /// Requests of the request/response run (TCP echo on opaque paths, HTTP/1.1 on L7 paths).
+    /// Requests of the request/response run (TCP echo on opaque paths, `l7_protocol` on L7 paths).
     pub requests: u64,
+    /// Protocol of the requests on L7 paths.
+    #[serde(default = "http1")]
+    pub l7_protocol: Protocol,
+    /// Concurrent requests per connection where `l7_protocol` multiplexes (HTTP/2, gRPC unary).
+    #[serde(default = "one")]
+    pub streams: usize,
     /// Concurrent connections of that run.
     pub connections: usize,
     /// Bytes each request and response carries.
@@ -45,6 +51,14 @@ pub struct InstructionSettings {
     /// `[quic]` lines given to the quicmesh proxies (empty: their defaults).
     #[serde(default)]
     pub quic_toml: String,
+}
+
+fn http1() -> Protocol {
+    Protocol::Http1
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Counts of one run on one path.
@@ -163,7 +177,7 @@ async fn count_path(
 ) -> anyhow::Result<Vec<Counted>> {
     let mut runs = Vec::new();
     let protocol = if path.target.is_l7() {
-        Protocol::Http1
+        s.l7_protocol
     } else {
         Protocol::Tcp
     };
@@ -177,6 +191,7 @@ async fn count_path(
         Duration::from_secs(300),
     );
     spec.max_requests = s.requests;
+    spec.streams = s.streams.max(1);
     spec.payload = s.payload;
     spec.timeout = Duration::from_secs(30);
     spec.progress = false;

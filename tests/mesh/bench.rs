@@ -112,6 +112,8 @@ async fn bench_instructions_counts_both_proxies() {
     let settings = InstructionSettings {
         targets: vec![Target::Quicmesh],
         requests: 50,
+        l7_protocol: Protocol::Http1,
+        streams: 1,
         connections: 2,
         payload: 128,
         bulk_mib: 1,

@@ -7,7 +7,9 @@
 //! when the mesh fails — are pure functions in [`policy`]; admission is [`crate::state::MeshState::admit`]
 //! with the method and path. Ports declared `tcp`, and undeclared ones, keep the opaque tunnel.
 
+pub mod app;
 pub mod frame;
+pub mod headers;
 pub mod inbound;
 pub mod io;
 pub mod outbound;

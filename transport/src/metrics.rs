@@ -887,10 +887,25 @@ pub struct EdgeKey {
 pub const MAX_EDGES: usize = 256;
 
 /// The edges this proxy has seen, for the traffic reports. Bounded by [`MAX_EDGES`] (≈1.5 KB each):
-/// a caller cycling through identities or services cannot grow it.
+/// a caller cycling through identities or services cannot grow it. Found per request on both proxies,
+/// so the lookup borrows the names (service, then source, per direction) and allocates nothing.
 #[derive(Debug, Default)]
 pub struct EdgeTable {
-    edges: Mutex<HashMap<EdgeKey, Arc<EdgeCounters>>>,
+    edges: Mutex<Edges>,
+}
+
+/// Per direction (inbound, outbound): service -> source -> counters.
+#[derive(Debug, Default)]
+struct Edges {
+    by_direction: [HashMap<String, HashMap<String, Arc<EdgeCounters>>>; 2],
+    len: usize,
+}
+
+fn slot(direction: Direction) -> usize {
+    match direction {
+        Direction::Inbound => 0,
+        Direction::Outbound => 1,
+    }
 }
 
 impl EdgeTable {
@@ -899,29 +914,50 @@ impl EdgeTable {
 
     /// The counters of an edge, created on first use.
     pub fn edge(&self, direction: Direction, source: &str, service: &str) -> Arc<EdgeCounters> {
-        let mut key = EdgeKey {
-            direction,
-            source: source.to_owned(),
-            service: service.to_owned(),
-        };
         let mut edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = edges.get(&key) {
+        let edges = &mut *edges;
+        let map = &mut edges.by_direction[slot(direction)];
+        if let Some(e) = map.get(service).and_then(|m| m.get(source)) {
             return e.clone();
         }
-        if edges.len() >= MAX_EDGES {
-            key = EdgeKey {
-                direction,
-                source: String::new(),
-                service: Self::OVERFLOW.to_owned(),
-            };
-        }
-        edges.entry(key).or_default().clone()
+        let (source, service) = if edges.len >= MAX_EDGES {
+            ("", Self::OVERFLOW)
+        } else {
+            (source, service)
+        };
+        let counters = map
+            .entry(service.to_owned())
+            .or_default()
+            .entry(source.to_owned())
+            .or_insert_with(|| {
+                edges.len += 1;
+                Arc::default()
+            });
+        counters.clone()
     }
 
     /// Every edge and its counters.
     pub fn all(&self) -> Vec<(EdgeKey, Arc<EdgeCounters>)> {
         let edges = self.edges.lock().unwrap_or_else(|p| p.into_inner());
-        edges.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        let mut out = Vec::with_capacity(edges.len);
+        for (direction, map) in [Direction::Inbound, Direction::Outbound]
+            .into_iter()
+            .zip(&edges.by_direction)
+        {
+            for (service, sources) in map {
+                for (source, counters) in sources {
+                    out.push((
+                        EdgeKey {
+                            direction,
+                            source: source.clone(),
+                            service: service.clone(),
+                        },
+                        counters.clone(),
+                    ));
+                }
+            }
+        }
+        out
     }
 }
 

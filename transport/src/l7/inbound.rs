@@ -1,6 +1,6 @@
 //! The destination side of HTTP and gRPC: a request read from a tunnel stream is forwarded to the local
 //! application over a pooled hyper client (HTTP/1.1 keep-alive, or one multiplexed HTTP/2 connection for
-//! HTTP/2 and gRPC), with the verified caller identity in [`CLIENT_ID_HEADER`].
+//! HTTP/2 and gRPC), with the verified caller identity in [`CLIENT_ID`].
 //!
 //! Admission sees the method and path. The stream status answers as soon as the request is admitted and
 //! routed (so the caller sends the body while the application works); a response head with
@@ -12,18 +12,14 @@ use std::{net::SocketAddr, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Request, Version};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use quinn::{RecvStream, SendStream};
 use tokio::time::Instant;
 
+pub use super::app::AppClients;
 use super::{
     frame::{self, HttpHead, MAX_HEAD},
+    headers::{CLIENT_ID, grpc_status, strip_hop_by_hop},
     io::{self, ReadError, StreamBody},
-    outbound::{grpc_status, strip_hop_by_hop},
-    policy::CLIENT_ID_HEADER,
 };
 use crate::{
     clip::clip,
@@ -36,29 +32,6 @@ use crate::{
     state::{Admission, Request as Facts, ServiceRef, StateHandle, denying_policy},
     tunnel::{self, Protocol, StatusCode, StreamHeader, code},
 };
-
-/// Pooled connections to the local applications, one client per HTTP version.
-#[derive(Clone)]
-pub struct AppClients {
-    h1: Client<HttpConnector, StreamBody>,
-    h2: Client<HttpConnector, StreamBody>,
-}
-
-impl AppClients {
-    /// Clients that connect within `connect_timeout`.
-    pub fn new(connect_timeout: Duration) -> Self {
-        let mut c = HttpConnector::new();
-        c.set_connect_timeout(Some(connect_timeout));
-        c.set_nodelay(true);
-        let h1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(c.clone());
-        let h2 = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .build(c);
-        Self { h1, h2 }
-    }
-}
 
 /// What the inbound side needs to serve one HTTP stream.
 pub struct Ctx<'a> {
@@ -99,10 +72,12 @@ fn protocol_error(
     tunnel::reset(send, recv, code::PROTOCOL_ERROR);
 }
 
-/// Builds the request for the application from the head a peer sent.
+/// Builds the request for the application from the head a peer sent: HTTP/1.1 in origin form with a
+/// `Host` (the caller's, else the application's address), HTTP/2 with the absolute URI its
+/// pseudo-headers come from.
 fn app_request(
     head: &HttpHead,
-    app: SocketAddr,
+    app: &http::uri::Authority,
     version: Version,
     peer: &SpiffeId,
     body: StreamBody,
@@ -112,26 +87,33 @@ fn app_request(
     if !head.path.starts_with('/') {
         return Err("path must start with '/'".into());
     }
-    let uri: http::Uri = format!("http://{app}{}", head.path)
-        .parse()
+    let path = http::uri::PathAndQuery::try_from(head.path.as_str())
         .map_err(|_| "invalid path".to_owned())?;
     let mut headers =
         frame::header_map(&head.headers, "request head").map_err(|e| e.to_string())?;
     strip_hop_by_hop(&mut headers);
-    headers.remove(CLIENT_ID_HEADER);
+    // Replaces any copy the caller sent.
     let id = HeaderValue::from_str(peer.as_str()).map_err(|_| "identity".to_owned())?;
-    headers.insert(CLIENT_ID_HEADER, id);
+    headers.insert(CLIENT_ID, id);
     crate::trace::hop(&mut headers);
-    if version == Version::HTTP_11
-        && !headers.contains_key(http::header::HOST)
-        && let Ok(h) = HeaderValue::from_str(&head.authority)
-        && !head.authority.is_empty()
-    {
-        headers.insert(http::header::HOST, h);
-    }
-    if version == Version::HTTP_2 {
+    let uri = if version == Version::HTTP_2 {
         headers.remove(http::header::HOST);
-    }
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(app.clone());
+        uri.path_and_query = Some(path);
+        http::Uri::from_parts(uri).map_err(|_| "invalid path".to_owned())?
+    } else {
+        if !headers.contains_key(http::header::HOST) {
+            let host = HeaderValue::from_str(&head.authority)
+                .ok()
+                .filter(|_| !head.authority.is_empty())
+                .map_or_else(|| HeaderValue::from_str(app.as_str()), Ok)
+                .map_err(|_| "invalid authority".to_owned())?;
+            headers.insert(http::header::HOST, host);
+        }
+        http::Uri::from(path)
+    };
     let mut req = Request::new(body);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -202,10 +184,10 @@ pub async fn serve(
         crate::proxy::inbound::refuse_limited(ctx.metrics, &mut send, target, retry_after).await;
         return;
     }
-    let (version, client) = if header.protocol == Protocol::Http1 as i32 {
-        (Version::HTTP_11, &ctx.clients.h1)
+    let version = if header.protocol == Protocol::Http1 as i32 {
+        Version::HTTP_11
     } else {
-        (Version::HTTP_2, &ctx.clients.h2)
+        Version::HTTP_2
     };
     let mut body = io::StreamBody::new(recv, deadline, |end| {
         if let Err(e) = end.result {
@@ -219,7 +201,7 @@ pub async fn serve(
     if head.end_stream {
         body.settle();
     }
-    let req = match app_request(&head, app, version, peer, body) {
+    let req = match app_request(&head, &ctx.clients.authority(app), version, peer, body) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(request_id = %rid, error = %e, "bad request head");
@@ -254,7 +236,7 @@ pub async fn serve(
         }
         status_sent = true;
     }
-    let sent = client.request(req);
+    let sent = ctx.clients.send(app, version == Version::HTTP_2, req);
     tokio::pin!(sent);
     let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
     let status_by = if defer_status {

@@ -251,7 +251,7 @@ impl Body for StreamBody {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
                 Ok(Some(frame::BodyFrame::Trailers(t))) => {
-                    this.grpc_status = super::outbound::grpc_status(&t);
+                    this.grpc_status = super::headers::grpc_status(&t);
                     return Poll::Ready(Some(Ok(Frame::trailers(t))));
                 }
                 Ok(None) => {}

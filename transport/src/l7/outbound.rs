@@ -28,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     frame::{self, BodyFrame, HttpHead, MAX_HEAD},
+    headers::{self, grpc_status, is_grpc, strip_hop_by_hop},
     io::{self, BoxError, ReadError},
     policy::{
-        self, CLIENT_ID_HEADER, Failure, MAX_REPLAY_BODY, Outcome, RetryRule, failure_status,
-        parse_grpc_timeout, request_timeout,
+        self, Failure, MAX_REPLAY_BODY, Outcome, RetryRule, failure_status, parse_grpc_timeout,
+        request_timeout,
     },
 };
 use crate::{
@@ -134,7 +135,7 @@ async fn upgrade(
     mut req: Request<Incoming>,
     abort: CancellationToken,
 ) -> Response<RespBody> {
-    req.headers_mut().remove(CLIENT_ID_HEADER);
+    req.headers_mut().remove(headers::CLIENT_ID);
     let service = svc.target().to_string();
     let request_id = tunnel::new_request_id();
     let rid = tunnel::request_id_hex(&request_id);
@@ -218,33 +219,6 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Headers that describe one hop's connection, not the request: never forwarded.
-pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        h.remove(name);
-    }
-    if h.get("te").is_some_and(|v| v != "trailers") {
-        h.remove("te");
-    }
-}
-
-/// The gRPC status in a header block, if any.
-pub(crate) fn grpc_status(h: &HeaderMap) -> Option<u32> {
-    h.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
-}
-
-fn is_grpc(h: &HeaderMap) -> bool {
-    h.get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
-}
-
 /// What the caller gets when the mesh could not get it a response.
 fn failure_response(f: Failure, grpc: bool, detail: &str) -> Response<RespBody> {
     let (status, grpc_code) = failure_status(f);
@@ -256,11 +230,11 @@ fn failure_response(f: Failure, grpc: bool, detail: &str) -> Response<RespBody> 
             HeaderValue::from_static("application/grpc"),
         );
         r.headers_mut()
-            .insert("grpc-status", HeaderValue::from(grpc_code));
+            .insert(headers::GRPC_STATUS, HeaderValue::from(grpc_code));
         if let Ok(v) =
             HeaderValue::from_str(&detail.replace(|c: char| !c.is_ascii_graphic() && c != ' ', ""))
         {
-            r.headers_mut().insert("grpc-message", v);
+            r.headers_mut().insert(headers::GRPC_MESSAGE, v);
         }
         r
     } else {
@@ -273,7 +247,7 @@ fn failure_response(f: Failure, grpc: bool, detail: &str) -> Response<RespBody> 
         r
     };
     r.headers_mut()
-        .insert("x-quicmesh-error", HeaderValue::from_static("mesh"));
+        .insert(headers::MESH_ERROR, HeaderValue::from_static("mesh"));
     if let Failure::RateLimited { retry_after_s } = f {
         r.headers_mut()
             .insert(http::header::RETRY_AFTER, HeaderValue::from(retry_after_s));
@@ -368,10 +342,10 @@ async fn write_task(
     }
 }
 
-/// The request head as it travels (its header fields apart): hop-by-hop headers removed, authority
-/// from the URI or `Host`.
-fn request_head(parts: &http::request::Parts) -> (HttpHead, HeaderMap) {
-    let mut headers = parts.headers.clone();
+/// The request head as it travels and its header fields, taken out of `parts`: hop-by-hop headers
+/// removed, authority from the URI or `Host`.
+fn request_head(parts: &mut http::request::Parts) -> (HttpHead, HeaderMap) {
+    let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers);
     let authority = parts
         .uri
@@ -443,7 +417,7 @@ async fn request(
         .clone();
     let in_flight = io::InFlight::enter(gauge);
     // No application may claim an identity: the destination's proxy sets this header.
-    req.headers_mut().remove(CLIENT_ID_HEADER);
+    req.headers_mut().remove(headers::CLIENT_ID);
     crate::trace::hop(req.headers_mut());
     let grpc = grpc_port || is_grpc(req.headers());
     let target = svc.target();
@@ -459,7 +433,7 @@ async fn request(
     };
     let client_timeout = req
         .headers()
-        .get("grpc-timeout")
+        .get(headers::GRPC_TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
     let deadline = request_timeout(timeouts.as_ref(), client_timeout)
@@ -473,8 +447,8 @@ async fn request(
     } else {
         Protocol::Http1
     };
-    let (parts, mut body) = req.into_parts();
-    let (mut req_head, req_headers) = request_head(&parts);
+    let (mut parts, mut body) = req.into_parts();
+    let (mut req_head, req_headers) = request_head(&mut parts);
     let request_id = tunnel::new_request_id();
     let rid = tunnel::request_id_hex(&request_id);
     let budget_percent = timeouts

@@ -16,9 +16,6 @@ use crate::model::{RetryPolicy, Timeouts};
 
 /// Largest request body kept for replay, bytes; a request with a larger body is never retried.
 pub const MAX_REPLAY_BODY: usize = 64 * 1024;
-/// The header that tells an application which verified identity called it. Set by the destination's
-/// proxy from the peer certificate; any copy an application sends is removed by its own proxy.
-pub const CLIENT_ID_HEADER: &str = "x-quicmesh-client-id";
 /// Retries per request when no policy says otherwise.
 pub const DEFAULT_MAX_RETRIES: u32 = 2;
 

@@ -135,6 +135,10 @@ impl EndpointHealth {
         now: Instant,
         rtt: impl Fn(&SocketAddr) -> Option<Duration>,
     ) -> Vec<SocketAddr> {
+        // One endpoint (or none) has one order, however it is doing.
+        if endpoints.len() < 2 {
+            return endpoints.to_vec();
+        }
         let down = self.down.lock().unwrap_or_else(|p| p.into_inner());
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         let avoided = |a: &SocketAddr| {
