@@ -35,6 +35,14 @@ pub struct ControllerArgs {
         default_value = "127.0.0.1:7443"
     )]
     pub listen: SocketAddr,
+    /// Address of the controller's own Prometheus `/metrics` (plain HTTP, no token: the mesh's golden
+    /// metrics and the controller's counters). Off unless given; port 0 picks one.
+    #[arg(long, env = "QUICMESH_CONTROLLER_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Address of the web dashboard (plain HTTP; its data needs the admin token). Off unless given;
+    /// keep it on loopback and reach it through a tunnel.
+    #[arg(long, env = "QUICMESH_CONTROLLER_DASHBOARD_ADDR")]
+    pub dashboard_addr: Option<SocketAddr>,
     /// Trust domain of a new mesh (default quicmesh.local); must match an existing data directory.
     #[arg(long)]
     pub trust_domain: Option<String>,

@@ -162,6 +162,25 @@ pub enum CtlCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
     },
+    /// The busiest request paths of a service, from its live tap (like `linkerd viz top`): samples
+    /// per caller, method and path with success rate and best, worst and last latency, redrawn every
+    /// `--interval` until Ctrl-C or `--iterations` refreshes.
+    Top {
+        /// Service, `name` (namespace `default`) or `name.namespace`.
+        service: String,
+        /// Most samples a second the proxies send (at most 100).
+        #[arg(long, default_value_t = 100)]
+        max_rate: u32,
+        /// Time between refreshes, e.g. 1s.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        interval: Duration,
+        /// Stop after this many refreshes.
+        #[arg(long)]
+        iterations: Option<u64>,
+        /// Rows shown.
+        #[arg(long, default_value_t = 20)]
+        rows: usize,
+    },
 }
 
 /// `quicmesh ctl tokens` subcommands.
@@ -398,6 +417,13 @@ pub async fn run_ctl(args: CtlArgs) -> Result<(), CtlError> {
             count,
             duration,
         } => tap(&args, service, *max_rate, *count, *duration).await?,
+        CtlCommand::Top {
+            service,
+            max_rate,
+            interval,
+            iterations,
+            rows,
+        } => top(&args, service, *max_rate, *interval, *iterations, *rows).await?,
         CtlCommand::RevokeIdentity {
             namespace,
             service_account,
@@ -935,13 +961,12 @@ async fn stat(
     emit(args.output, &view, || print_stat(&view))
 }
 
-async fn tap(
+/// Opens a tap on `service`: the stream of its samples.
+async fn open_tap(
     args: &CtlArgs,
     service: &str,
     max_rate: u32,
-    count: Option<u64>,
-    duration: Option<Duration>,
-) -> Result<(), CtlError> {
+) -> Result<tonic::Streaming<pb::TapEvent>, CtlError> {
     let token = args.token.clone().ok_or_else(|| {
         CtlError::Usage("no admin token: pass --token or set QUICMESH_ADMIN_TOKEN".into())
     })?;
@@ -950,7 +975,7 @@ async fn tap(
     // A tap is a long stream: no per-call deadline (the connect still has its own).
     let channel = client::connect(&args.controller, &[bundle], None, None).await?;
     let mut admin = client::admin(channel, &token)?;
-    let mut stream = tokio::time::timeout(
+    let stream = tokio::time::timeout(
         args.timeout,
         admin.tap(pb::TapRequest {
             service: service.to_owned(),
@@ -966,6 +991,17 @@ async fn tap(
     })?
     .map_err(rpc(format!("tap {service}")))?
     .into_inner();
+    Ok(stream)
+}
+
+async fn tap(
+    args: &CtlArgs,
+    service: &str,
+    max_rate: u32,
+    count: Option<u64>,
+    duration: Option<Duration>,
+) -> Result<(), CtlError> {
+    let mut stream = open_tap(args, service, max_rate).await?;
     let until = duration.map(|d| tokio::time::Instant::now() + d);
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {
@@ -1009,6 +1045,99 @@ async fn tap(
         }
     }
     Ok(())
+}
+
+async fn top(
+    args: &CtlArgs,
+    service: &str,
+    max_rate: u32,
+    interval: Duration,
+    iterations: Option<u64>,
+    rows: usize,
+) -> Result<(), CtlError> {
+    use std::io::IsTerminal;
+    if interval.is_zero() {
+        return Err(CtlError::Usage("--interval must be above zero".into()));
+    }
+    let mut stream = open_tap(args, service, max_rate).await?;
+    let mut table = crate::top::Top::default();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let clear = std::io::stdout().is_terminal() && args.output == Output::Table;
+    let mut done = 0u64;
+    let mut open = true;
+    while iterations.is_none_or(|n| done < n) {
+        tokio::select! {
+            m = stream.message(), if open => match m {
+                Ok(Some(e)) => table.add(&e),
+                Ok(None) => open = false,
+                Err(s) => return Err(rpc(format!("top {service}"))(s)),
+            },
+            _ = tick.tick() => {
+                done += 1;
+                let view = TopView { service: service.to_owned(), rows: table.rows(rows) };
+                match args.output {
+                    Output::Table => {
+                        if clear {
+                            // Cursor home, clear screen: the table redraws in place.
+                            print!("\x1b[H\x1b[2J");
+                        }
+                        print_top(&view);
+                    }
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::to_string(&view).map_err(|e| CtlError::Usage(e.to_string()))?
+                    ),
+                    Output::Yaml => print!(
+                        "---\n{}",
+                        serde_yaml_ng::to_string(&view).map_err(|e| CtlError::Usage(e.to_string()))?
+                    ),
+                }
+                if !open {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct TopView {
+    service: String,
+    rows: Vec<crate::top::TopRow>,
+}
+
+fn print_top(v: &TopView) {
+    println!(
+        "{} {}: busiest paths (sampled)",
+        fmt_time(OffsetDateTime::now_utc().unix_timestamp()),
+        v.service
+    );
+    if v.rows.is_empty() {
+        println!("no requests yet");
+        return;
+    }
+    let ms = |x: f64| format!("{x:.1}ms");
+    print_table(
+        &[
+            "SOURCE", "METHOD", "PATH", "COUNT", "SUCCESS", "BEST", "WORST", "LAST",
+        ],
+        v.rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.source.clone(),
+                    r.method.clone(),
+                    r.path.clone(),
+                    r.count.to_string(),
+                    format!("{:.2}%", r.success_rate * 100.0),
+                    ms(r.best_ms),
+                    ms(r.worst_ms),
+                    ms(r.last_ms),
+                ]
+            })
+            .collect(),
+    );
 }
 
 #[derive(Debug, Serialize)]

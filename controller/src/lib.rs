@@ -10,7 +10,8 @@
 //! resources), [`issuer`] (roots and CSR signing), [`ca`] (tokens, issuance, audit, serving certificate,
 //! pruning; its rules in [`ca::rules`]), [`keystore`] (root keys sealed at rest), [`snapshot`] (what
 //! proxies see), [`registry`] (connected proxies and connections per identity), [`stats`] (traffic reports
-//! summed over sliding windows, pure), [`tap`] (live request samples), [`state`] (the parts
+//! summed over sliding windows, pure), [`tap`] (live request samples), [`top`] (busiest paths from a tap, pure), [`metrics`] (the controller's
+//! own `/metrics`), [`dashboard`] (the web dashboard), [`state`] (the parts
 //! wired together, independent of gRPC), [`api`] (the gRPC services; the only place protobuf types
 //! appear), [`auth`] (tokens and peer identity), [`k8s`] (Kubernetes service-account tokens), [`tls`] and [`client`] (rustls with `ring`), [`server`]
 //! (start-up and readiness), [`config`] (flags), [`ctl`] (the CLI).
@@ -23,10 +24,12 @@ pub mod ca;
 pub mod client;
 pub mod config;
 pub mod ctl;
+pub mod dashboard;
 pub mod error;
 pub mod issuer;
 pub mod k8s;
 pub mod keystore;
+pub mod metrics;
 pub mod model;
 pub mod naming;
 pub mod registry;
@@ -38,6 +41,7 @@ pub mod stats;
 pub mod store;
 pub mod tap;
 pub mod tls;
+pub mod top;
 
 pub use config::ControllerArgs;
 pub use ctl::{CtlArgs, run_ctl};
@@ -52,7 +56,10 @@ pub async fn run_controller(args: ControllerArgs) -> Result<(), ServeError> {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let opts = args.state_options()?;
     tracing::info!(?args, "starting controller");
-    let controller = Controller::bind(opts, args.listen).await?;
+    let controller = Controller::bind(opts, args.listen)
+        .await?
+        .bind_http(args.metrics_addr, args.dashboard_addr)
+        .await?;
     if let Some(token) = controller.admin_token() {
         tracing::warn!(
             "new mesh: the admin token is printed once in the ready line; store it now (token prefix {})",

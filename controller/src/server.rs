@@ -14,7 +14,9 @@ use crate::{
         admin::{self, AdminAuth, AdminService},
         proxy::{self, ProxyService},
     },
+    dashboard::Dashboard,
     error::StartError,
+    metrics,
     state::{State, StateOptions},
     stats::StatsStore,
     tap::TapHub,
@@ -70,6 +72,28 @@ pub struct Controller {
     listener: TcpListener,
     addr: SocketAddr,
     admin_token: Option<String>,
+    /// `/metrics` listener, when asked for.
+    metrics: Option<(TcpListener, SocketAddr)>,
+    /// Dashboard listener, when asked for.
+    dashboard: Option<(TcpListener, SocketAddr)>,
+}
+
+/// Binds a plain HTTP listener of the controller.
+async fn bind_plain(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    let bound = l
+        .local_addr()
+        .map_err(|source| ServeError::Bind { addr, source })?;
+    Ok((l, bound))
+}
+
+/// Serves `app` on `listener` until the task is aborted.
+async fn serve_http(what: &'static str, listener: TcpListener, app: axum::Router) {
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "{what} endpoint failed");
+    }
 }
 
 impl Controller {
@@ -91,7 +115,24 @@ impl Controller {
             listener,
             addr,
             admin_token,
+            metrics: None,
+            dashboard: None,
         })
+    }
+
+    /// Binds the optional plain HTTP listeners: the controller's `/metrics` and the dashboard.
+    pub async fn bind_http(
+        mut self,
+        metrics: Option<SocketAddr>,
+        dashboard: Option<SocketAddr>,
+    ) -> Result<Self, ServeError> {
+        if let Some(a) = metrics {
+            self.metrics = Some(bind_plain(a).await?);
+        }
+        if let Some(a) = dashboard {
+            self.dashboard = Some(bind_plain(a).await?);
+        }
+        Ok(self)
     }
 
     /// The bound address.
@@ -119,6 +160,8 @@ impl Controller {
             "leaf_ttl_seconds": self.state.leaf_ttl().as_secs(),
             "store_version": self.state.revision(),
             "admin_token": self.admin_token,
+            "metrics": self.metrics.as_ref().map(|(_, a)| a.to_string()),
+            "dashboard": self.dashboard.as_ref().map(|(_, a)| a.to_string()),
         })
         .to_string()
     }
@@ -147,6 +190,15 @@ impl Controller {
             .map_err(|e| ServeError::Reflection(e.to_string()))?;
         let stats = Arc::new(StatsStore::default());
         let tap = Arc::new(TapHub::default());
+        let mut http = Vec::new();
+        if let Some((l, _)) = self.metrics {
+            let app = metrics_router(state.clone(), stats.clone(), tap.clone());
+            http.push(tokio::spawn(serve_http("metrics", l, app)));
+        }
+        if let Some((l, _)) = self.dashboard {
+            let app = Dashboard::new(state.clone(), stats.clone()).router();
+            http.push(tokio::spawn(serve_http("dashboard", l, app)));
+        }
         let proxy_svc =
             ProxyApiServer::new(ProxyService::new(state.clone(), stats.clone(), tap.clone()))
                 .max_decoding_message_size(proxy::MAX_REQUEST);
@@ -178,6 +230,9 @@ impl Controller {
         ticker.abort();
         expiry.abort();
         follower.abort();
+        for h in http {
+            h.abort();
+        }
         Ok(result?)
     }
 }
@@ -202,4 +257,38 @@ async fn tick_loop(state: Arc<State>) {
             tracing::warn!(error = %e, "periodic CA maintenance failed");
         }
     }
+}
+
+/// `/metrics`: a [`metrics::Scrape`] of the 1-minute window, rendered.
+fn metrics_router(state: Arc<State>, stats: Arc<StatsStore>, tap: Arc<TapHub>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let (state, stats, tap) = (state.clone(), stats.clone(), tap.clone());
+            async move {
+                let w = crate::stats::WINDOWS[0];
+                let proxies_connected = state.registry().proxies().len();
+                let now = stats.now_ms();
+                let s = stats.lock();
+                let services = s.services(w, now, None);
+                let edges = s.edges(w, now, None);
+                let body = metrics::render(&metrics::Scrape {
+                    window_seconds: w.seconds,
+                    services: &services,
+                    edges: &edges,
+                    reports_accepted: s.accepted,
+                    reports_refused: Some(&s.refused),
+                    edges_held: s.len(),
+                    edges_max: s.max_edges(),
+                    stats_bytes: s.approx_bytes(),
+                    proxies_connected,
+                    tap_subscribers: tap.subscribers(),
+                });
+                (
+                    [(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+                    body,
+                )
+            }
+        }),
+    )
 }

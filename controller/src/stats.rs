@@ -12,8 +12,8 @@
 //! Memory is bounded: at most [`MAX_EDGES`] edges, at most [`MAX_EDGES_PER_REPORTER`] of them created
 //! by one identity (one proxy cannot fill the table), edges with no traffic in the last hour are
 //! dropped, and a slot's histogram spans at most the fixed bucket count. The worst case is
-//! [`MAX_EDGES`] × 34 slots × (170 × 4 + ~120) bytes ≈ 56 MB; a mesh's real edges use a small part of
-//! it. Everything here is pure over a caller-given clock (milliseconds on any monotonic scale) and
+//! [`MAX_EDGES`] × 34 slots × (170 × 8 + ~120) bytes ≈ 104 MB (measured by the flood test: RSS grew
+//! 107 MB; [`WORST_CASE_BYTES`]); a mesh's real edges use a small part of it. Everything here is pure over a caller-given clock (milliseconds on any monotonic scale) and
 //! unit-tested with fake time; `api/` only applies it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -23,6 +23,9 @@ use quicmesh_transport::{identity::SpiffeId, metrics::LatencyBuckets};
 
 /// Most edges held.
 pub const MAX_EDGES: usize = 2048;
+/// What [`MAX_EDGES`] edges take at worst ([`Stats::approx_bytes`]: every slot of every ring holding
+/// every latency bucket), with room for long names; measured by the flood test.
+pub const WORST_CASE_BYTES: usize = 120_000_000;
 /// Most edges one reporting identity may create.
 pub const MAX_EDGES_PER_REPORTER: usize = 512;
 /// Most edges in one report (a proxy splits larger summaries).
@@ -210,6 +213,18 @@ pub enum Refusal {
     #[error("{0}")]
     Stale(String),
 }
+
+/// Every reason a report or edge is counted as refused under (`Refusal::reason`, the API's own
+/// checks, and `edges_full`), so `/metrics` shows each from the start.
+pub const REFUSAL_REASONS: [&str; 7] = [
+    "unauthenticated",
+    "not_connected",
+    "too_many_edges",
+    "malformed",
+    "not_allowed",
+    "stale",
+    "edges_full",
+];
 
 impl Refusal {
     /// The label it is counted under.
@@ -502,6 +517,42 @@ impl Stats {
         self.max_edges
     }
 
+    /// Heap and inline bytes the edges take, estimated from their sizes and capacities (what
+    /// `/metrics` shows as `quicmesh_controller_stats_bytes`; allocator overhead not included).
+    pub fn approx_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let slot = size_of::<Option<(u64, Agg)>>();
+        let edges: usize = self
+            .edges
+            .iter()
+            .map(|(id, st)| {
+                let rings: usize = st
+                    .rings
+                    .iter()
+                    .map(|r| {
+                        r.slots.capacity() * slot
+                            + r.slots
+                                .iter()
+                                .flatten()
+                                .map(|(_, a)| a.latency.counts.capacity() * size_of::<u64>())
+                                .sum::<usize>()
+                    })
+                    .sum();
+                size_of::<(EdgeId, EdgeStats)>()
+                    + id.service.capacity()
+                    + id.source.capacity()
+                    + st.creator.capacity()
+                    + rings
+            })
+            .sum();
+        let creators: usize = self
+            .per_creator
+            .keys()
+            .map(|k| size_of::<(String, usize)>() + k.capacity())
+            .sum();
+        size_of::<Self>() + edges + creators
+    }
+
     /// Adds a validated report of `reporter` whose interval of `interval_ms` ended at `end_ms`, at
     /// `now_ms`. Returns how many edges were taken; edges that would pass a bound are counted as
     /// refused (`edges_full`) and left out.
@@ -686,6 +737,72 @@ mod tests {
             age_ms: 0,
             edges,
         }
+    }
+
+    /// Resident set size of this process, bytes (Linux; 0 elsewhere).
+    fn rss_bytes() -> usize {
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
+            .map_or(0, |pages| pages * 4096)
+    }
+
+    /// The flood bound, measured: eight identities each report 512 edges with every latency bucket
+    /// filled, at moments that fill every slot of every ring. Only the bound's edges are held and
+    /// their bytes stay under the stated worst case. `cargo test -p quicmesh-controller --release
+    /// --lib stats::tests::a_flood -- --nocapture` prints the figures.
+    #[test]
+    fn a_flood_of_reports_fills_the_table_only_to_its_bound() {
+        let full = vec![1u64; LatencyBuckets::COUNT];
+        let mut latency = Hist::default();
+        latency.add(0, &full);
+        let agg = Agg {
+            requests: LatencyBuckets::COUNT as u64,
+            successes: LatencyBuckets::COUNT as u64,
+            mtls: LatencyBuckets::COUNT as u64,
+            latency,
+            ..Agg::default()
+        };
+        let hour = 3_600_000u64;
+        let end = 10 * hour;
+        let mut times: Vec<u64> = (0..12).map(|i| end - hour + 300_000 * i + 1).collect();
+        times.extend((0..10).map(|i| end - 600_000 + 60_000 * i + 2));
+        times.extend((0..12).map(|i| end - 60_000 + 5_000 * i + 3));
+        times.sort_unstable();
+        let rss0 = rss_bytes();
+        let mut s = Stats::default();
+        for t in times {
+            for r in 0..8 {
+                let who = format!("spiffe://td/ns/flood/sa/proxy-{r}");
+                let edges = (0..MAX_EDGES_PER_REPORTER)
+                    .map(|e| EdgeInput {
+                        id: EdgeId {
+                            service: format!("service-{e}.flood"),
+                            source: who.clone(),
+                            side: Side::Outbound,
+                        },
+                        agg: agg.clone(),
+                    })
+                    .collect();
+                s.record(&who, edges, t, 5_000, t);
+            }
+        }
+        let rss = rss_bytes().saturating_sub(rss0);
+        let bytes = s.approx_bytes();
+        println!(
+            "flood: {} edges held of {} offered per report round, {:.1} MB estimated, RSS grew {:.1} MB, {} edges refused",
+            s.len(),
+            8 * MAX_EDGES_PER_REPORTER,
+            bytes as f64 / 1e6,
+            rss as f64 / 1e6,
+            s.refused.get("edges_full").copied().unwrap_or(0)
+        );
+        assert_eq!(s.len(), MAX_EDGES);
+        assert!(bytes <= WORST_CASE_BYTES, "{bytes} bytes");
+        assert!(
+            bytes >= WORST_CASE_BYTES / 2,
+            "the case is the worst: {bytes} bytes"
+        );
     }
 
     const W1: Window = WINDOWS[0];

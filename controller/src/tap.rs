@@ -124,6 +124,11 @@ impl TapHub {
         )
     }
 
+    /// Operators' taps open now.
+    pub fn subscribers(&self) -> usize {
+        self.lock().1.len()
+    }
+
     /// What proxies should sample, now and on every change.
     pub fn control(&self) -> watch::Receiver<pb::TapControl> {
         self.control.subscribe()

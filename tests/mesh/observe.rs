@@ -2,7 +2,9 @@
 //! replicas failing 10% of requests, gRPC `api`, TCP `db`) and five proxies; a bounded open-loop load
 //! generator drives mixed traffic through the client's proxy and measures it itself; `quicmesh ctl stat
 //! -o json` must agree with it: each service's req/s within ±10%, success rate within ±1 point, p99
-//! within ±20%, and every TCP connection counted and closed.
+//! within ±20%, and every TCP connection counted and closed. The controller's own `/metrics` must
+//! say the same, and its dashboard (curl as the browser: token login, session cookie, JSON) must show
+//! every service, the caller's edge and each proxy's certificate expiry, and refuse strangers.
 
 use std::{
     net::SocketAddr,
@@ -155,6 +157,86 @@ async fn ctl_stat(
     serde_json::from_str(&out).expect("ctl stat -o json")
 }
 
+/// A controller serving `/metrics` and the dashboard too.
+async fn start_observed_controller(d: &Path) -> Proc {
+    let data = d.join("data");
+    spawn(
+        &[
+            "controller",
+            "--data-dir",
+            data.to_str().expect("utf8"),
+            "--listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            TD,
+            "--leaf-ttl",
+            "1h",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--dashboard-addr",
+            "127.0.0.1:0",
+        ],
+        &d.join("controller.log"),
+    )
+    .await
+}
+
+/// `curl ARGS` (an independent HTTP client): status code and body.
+async fn curl(args: &[&str]) -> (u16, String) {
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        Command::new("curl")
+            .args(["-sS", "--max-time", "5", "-o", "-", "-w", "\n%{http_code}"])
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("curl in time")
+    .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// The dashboard's overview through the session in cookie `jar`.
+async fn overview(base: &str, jar: &Path) -> serde_json::Value {
+    let (code, body) = curl(&[
+        "-b",
+        jar.to_str().expect("utf8"),
+        &format!("{base}/api/overview"),
+    ])
+    .await;
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("overview JSON")
+}
+
+/// The dashboard as its script draws it (`dashboard_dom.js` under node, a minimal DOM, real HTTP),
+/// or `None` when node is not installed.
+async fn drawn_dashboard(base: &str, token: &str) -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        Command::new("node")
+            .arg(format!("{dir}/tests/mesh/dashboard_dom.js"))
+            .arg(format!("{dir}/controller/src/dashboard/app.js"))
+            .arg(base)
+            .arg(token)
+            .output(),
+    )
+    .await
+    .expect("node in time");
+    let Ok(out) = out else {
+        println!("node is not installed: the dashboard's script is not run");
+        return None;
+    };
+    assert!(
+        out.status.success(),
+        "dashboard script: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn row<'a>(stat: &'a serde_json::Value, service: &str) -> &'a serde_json::Value {
     stat["rows"]
         .as_array()
@@ -176,7 +258,7 @@ async fn ctl_stat_agrees_with_the_load_generator() {
     raise_fd_limit();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let controller = start_observed_controller(d).await;
     let addr = controller.addr("grpc");
     let admin = controller.admin_token();
     let bundle = controller.trust_bundle();
@@ -219,6 +301,12 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         ("db", "db", 5432, db_app),
     ] {
         let token = join_token(addr, &bundle, &admin, sa).await;
+        // The TCP service's proxy and the client keep access logs.
+        let log = if name == "db" {
+            "[access_log]\npath = \"db-access.log\"\n\n"
+        } else {
+            ""
+        };
         let cfg = config(
             d,
             name,
@@ -227,13 +315,13 @@ async fn ctl_stat_agrees_with_the_load_generator() {
             sa,
             &token,
             &format!(
-                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = {port}, app = \"{app}\" }}]\nservices = [\"{sa}\"]\n"
+                "{log}[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = {port}, app = \"{app}\" }}]\nservices = [\"{sa}\"]\n"
             ),
         );
         servers.push(spawn(&["proxy", "--config", &cfg], &d.join(format!("{name}.log"))).await);
     }
     let token = join_token(addr, &bundle, &admin, "client").await;
-    let mut body = String::new();
+    let mut body = String::from("[access_log]\npath = \"client-access.log\"\n\n");
     for (svc, port) in [("web", 80), ("api", 50051), ("db", 5432)] {
         body.push_str(&format!(
             "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"{svc}\"\nport = {port}\n\n"
@@ -258,6 +346,42 @@ async fn ctl_stat_agrees_with_the_load_generator() {
             })
             .await,
             "{inbound} not in the client's state"
+        );
+    }
+
+    // The dashboard: its data needs the token (refused without, or with a wrong one); a login
+    // gives a session cookie; the overview before the load shows every service, idle.
+    let base = format!("http://{}", controller.addr("dashboard"));
+    let (code, page) = curl(&[&format!("{base}/")]).await;
+    assert!(code == 200 && page.contains("<svg"), "{code} {page}");
+    let (code, body) = curl(&[&format!("{base}/api/overview")]).await;
+    assert_eq!(code, 401, "no token: {body}");
+    let (code, _) = curl(&["-d", "token=qma_wrong", &format!("{base}/login")]).await;
+    assert_eq!(code, 401, "wrong token");
+    let (code, _) = curl(&[
+        "-H",
+        "authorization: Bearer qma_wrong",
+        &format!("{base}/api/overview"),
+    ])
+    .await;
+    assert_eq!(code, 401, "wrong bearer");
+    let jar = d.join("cookies.txt");
+    let (code, body) = curl(&[
+        "-c",
+        jar.to_str().expect("utf8"),
+        "--data-urlencode",
+        &format!("token={admin}"),
+        &format!("{base}/login"),
+    ])
+    .await;
+    assert_eq!(code, 303, "login: {body}");
+    let before = overview(&base, &jar).await;
+    for s in ["web.default", "api.default", "db.default"] {
+        assert!(
+            before["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|x| x == s)),
+            "{s} in the graph: {before:#}"
         );
     }
 
@@ -330,11 +454,18 @@ async fn ctl_stat_agrees_with_the_load_generator() {
                 .get_stats(pb::StatsRequest {
                     window_seconds: 60,
                     service: String::new(),
-                    edges: false,
+                    edges: true,
                 })
                 .await
                 .expect("GetStats")
                 .into_inner();
+            // The web proxies' own (inbound) reports may trail the client's by an interval.
+            let inbound_web: u64 = r
+                .edges
+                .iter()
+                .filter(|e| e.service == "web.default" && e.direction == "inbound")
+                .map(|e| e.requests)
+                .sum();
             let of = |s: &str| {
                 r.services
                     .iter()
@@ -343,6 +474,7 @@ async fn ctl_stat_agrees_with_the_load_generator() {
                     .unwrap_or_default()
             };
             of("web.default").requests == sent_web
+                && inbound_web == sent_web
                 && of("api.default").requests == sent_api
                 && of("db.default").tcp_opened == sent_db
                 && of("db.default").tcp_open == 0
@@ -430,6 +562,166 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         assert_eq!(r["source"], client_id.as_str());
         assert_eq!(r["requests"], sent_web, "{r}");
     }
+
+    // The controller's own /metrics says what ctl stat says.
+    let (code, m) = scrape(controller.addr("metrics"), "/metrics").await;
+    assert_eq!(code, 200);
+    let web_l = ["service=\"web.default\"", "direction=\"outbound\""];
+    let series = |name: &str, extra: &[&str]| {
+        let mut l = web_l.to_vec();
+        l.extend_from_slice(extra);
+        metric(&m, name, &l)
+    };
+    assert_eq!(
+        series("quicmesh_controller_service_requests", &[]),
+        sent_web as f64,
+        "{m}"
+    );
+    within(
+        "web req/s (/metrics)",
+        series("quicmesh_controller_service_requests_per_second", &[]),
+        sent_web as f64 / ran,
+        0.10,
+    );
+    assert!(
+        (series("quicmesh_controller_service_success_rate", &[]) - web_rate).abs() <= 0.01,
+        "{m}"
+    );
+    within(
+        "web p99 (/metrics)",
+        series(
+            "quicmesh_controller_service_latency_seconds",
+            &["quantile=\"0.99\""],
+        ) * 1000.0,
+        mw.p99_ms(),
+        0.20,
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_controller_edge_requests",
+            &[
+                "service=\"web.default\"",
+                "direction=\"inbound\"",
+                &format!("source=\"{client_id}\""),
+            ]
+        ),
+        sent_web as f64
+    );
+    assert_eq!(
+        metric(&m, "quicmesh_controller_proxies_connected", &[]),
+        5.0
+    );
+    assert!(metric(&m, "quicmesh_controller_reports_accepted_total", &[]) > 0.0);
+    assert_eq!(
+        metric(&m, "quicmesh_controller_reports_refused_total", &[]),
+        0.0,
+        "{m}"
+    );
+    assert!(metric(&m, "quicmesh_controller_stats_bytes", &[]) > 0.0);
+
+    // The dashboard after the load: the client's arrow to web with the generator's requests (it
+    // was not there before), each proxy's certificate expiry within the 1 h leaf lifetime.
+    let after = overview(&base, &jar).await;
+    let arrow = |o: &serde_json::Value| {
+        o["edges"].as_array().and_then(|e| {
+            e.iter()
+                .find(|e| e["from"] == client_id.as_str() && e["to"] == "web.default")
+                .cloned()
+        })
+    };
+    assert!(arrow(&before).is_none(), "{before:#}");
+    let web_arrow = arrow(&after).unwrap_or_else(|| panic!("client -> web in {after:#}"));
+    assert_eq!(web_arrow["requests"], sent_web);
+    within(
+        "web req/s (dashboard)",
+        f(&web_arrow, "rps"),
+        sent_web as f64 / ran,
+        0.10,
+    );
+    assert!(f(&web_arrow, "p99_ms") > 0.0);
+    let proxies = after["proxies"].as_array().expect("proxies");
+    assert_eq!(proxies.len(), 5, "{after:#}");
+    for p in proxies {
+        let left = p["cert_expires_in_s"].as_i64().expect("expiry");
+        assert!((1..=3600).contains(&left), "{p}");
+    }
+    // The page's own script draws it: every service a node, the client's arrow to web labelled with
+    // its numbers (node runs app.js over a minimal DOM; the arrow was absent before the load).
+    if let Some(page) = drawn_dashboard(&base, &admin).await {
+        for s in ["web.default", "api.default", "db.default"] {
+            assert!(
+                page.contains(&format!("data-node=\"{s}\"")),
+                "{s} in\n{page}"
+            );
+        }
+        let arrow = page
+            .lines()
+            .skip_while(|l| {
+                !l.contains(&format!(
+                    "data-from=\"{client_id}\" data-to=\"web.default\""
+                ))
+            })
+            .take(4)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let rps: f64 = arrow
+            .split_once(" rps · ")
+            .and_then(|(before, _)| before.rsplit(['>', ' ']).next()?.parse().ok())
+            .unwrap_or_else(|| panic!("req/s on the client -> web arrow: {arrow}\n{page}"));
+        assert!(rps > 0.0 && arrow.contains("p99 "), "{arrow}");
+        std::fs::write(
+            std::env::temp_dir().join("quicmesh-dashboard-drawn.txt"),
+            &page,
+        )
+        .expect("keep the drawn page");
+    }
+
+    // Every TCP connection has its access log line on both sides, with its bytes.
+    let db_lines = json_lines(&d.join("db-access.log"), |l| l.len() as u64 >= sent_db).await;
+    assert_eq!(db_lines.len() as u64, sent_db);
+    for l in &db_lines {
+        assert_eq!(l["kind"], "tcp", "{l}");
+        assert_eq!(l["direction"], "inbound");
+        assert_eq!(l["service"], "db.default");
+        assert_eq!(l["source"], client_id.as_str());
+        assert_eq!(l["bytes"], 16);
+        assert_eq!(l["ok"], true);
+    }
+    let client_lines =
+        json_lines(&d.join("client-access.log"), |l| l.len() as u64 >= sent_db).await;
+    let tcp_out: Vec<_> = client_lines.iter().filter(|l| l["kind"] == "tcp").collect();
+    assert_eq!(tcp_out.len() as u64, sent_db);
+    assert!(
+        tcp_out.iter().all(|l| l["direction"] == "outbound"
+            && l["destination"] == format!("spiffe://{TD}/ns/default/sa/db")),
+        "{tcp_out:#?}"
+    );
+
+    // A bearer token reads it too; after logging out the cookie reads nothing.
+    let (code, _) = curl(&[
+        "-H",
+        &format!("authorization: Bearer {admin}"),
+        &format!("{base}/api/overview"),
+    ])
+    .await;
+    assert_eq!(code, 200);
+    let (code, _) = curl(&[
+        "-b",
+        jar.to_str().expect("utf8"),
+        "-X",
+        "POST",
+        &format!("{base}/logout"),
+    ])
+    .await;
+    assert_eq!(code, 303);
+    let (code, _) = curl(&[
+        "-b",
+        jar.to_str().expect("utf8"),
+        &format!("{base}/api/overview"),
+    ])
+    .await;
+    assert_eq!(code, 401, "the session ended");
     drop(client);
     drop(servers);
 }
@@ -613,6 +905,248 @@ async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
         tapping(false).await,
         "sampling went on after ctl tap exited"
     );
+
+    // `ctl top`: the busiest paths of the tapped service, refreshed; ends after its iterations.
+    let top = crate::policy::ctl(
+        addr,
+        &bundle,
+        &admin,
+        &[
+            "top",
+            "web",
+            "--iterations",
+            "5",
+            "--interval",
+            "500ms",
+            "-o",
+            "json",
+        ],
+    );
+    let traffic = async {
+        assert!(tapping(true).await, "ctl top never started sampling");
+        for _ in 0..3 {
+            get("/top-busy").await;
+        }
+        get("/top-quiet").await;
+    };
+    let (out, ()) = tokio::join!(top, traffic);
+    let last: serde_json::Value =
+        serde_json::from_str(out.lines().last().expect("a refresh")).expect("json");
+    assert_eq!(out.lines().count(), 5, "one line per refresh: {out}");
+    let rows = last["rows"].as_array().expect("rows");
+    assert_eq!(rows[0]["path"], "/top-busy", "{last:#}");
+    assert_eq!(rows[0]["count"], 3);
+    assert_eq!(rows[1]["path"], "/top-quiet");
+    assert_eq!(
+        rows[0]["source"],
+        format!("spiffe://{TD}/ns/default/sa/client")
+    );
+    assert!(
+        tapping(false).await,
+        "sampling went on after ctl top exited"
+    );
+    drop(client);
+    drop(server);
+}
+
+/// An HTTP app answering 200 with the `traceparent` it received (empty if none) as the body.
+async fn trace_app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let seen = req
+                        .headers()
+                        .get("traceparent")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(
+                            Full::new(Bytes::from(seen)).boxed(),
+                        ))
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Lines of a JSON-lines file once `done` holds for them (bounded wait: the writer is
+/// asynchronous); the lines as they are when the wait ends either way.
+async fn json_lines(
+    path: &Path,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    eventually(Duration::from_secs(5), || {
+        lines = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect();
+        let ok = done(&lines);
+        async move { ok }
+    })
+    .await;
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_and_traceparent_across_both_hops() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let addr = controller.addr("grpc");
+    let admin = controller.admin_token();
+    let bundle = controller.trust_bundle();
+    let mut a = admin_client(addr, &bundle, &admin).await;
+    a.apply(pb::Resource {
+        resource: Some(pb::resource::Resource::Service(pb::Service {
+            metadata: Some(pb::Metadata {
+                name: "web".into(),
+                namespace: "default".into(),
+                ..Default::default()
+            }),
+            ports: vec![pb::ServicePort {
+                port: 80,
+                protocol: pb::PortProtocol::Http as i32,
+                name: String::new(),
+            }],
+            ..Default::default()
+        })),
+    })
+    .await
+    .expect("web speaks HTTP");
+    let app = trace_app().await;
+    let token = join_token(addr, &bundle, &admin, "web").await;
+    let cfg = config(
+        d,
+        "web",
+        addr,
+        &bundle,
+        "web",
+        &token,
+        &format!(
+            "[access_log]\npath = \"web-access.log\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"
+        ),
+    );
+    let server = spawn(&["proxy", "--config", &cfg], &d.join("web.log")).await;
+    let token = join_token(addr, &bundle, &admin, "client").await;
+    let cfg = config(
+        d,
+        "client",
+        addr,
+        &bundle,
+        "client",
+        &token,
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+    );
+    let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
+    let web = client.outbound();
+    let h1 = h1_client();
+    let get = |path: &'static str, traceparent: Option<&'static str>| {
+        let h1 = h1.clone();
+        async move {
+            let mut req = Request::get(format!("http://{web}{path}"));
+            if let Some(t) = traceparent {
+                req = req.header("traceparent", t);
+            }
+            let req = req.body(Full::new(Bytes::new()).boxed()).expect("request");
+            let r = tokio::time::timeout(Duration::from_secs(5), h1.request(req))
+                .await
+                .expect("in time")
+                .expect("response");
+            assert_eq!(r.status(), StatusCode::OK);
+            let body = r.into_body().collect().await.expect("body").to_bytes();
+            String::from_utf8(body.to_vec()).expect("utf8")
+        }
+    };
+    // The endpoint may take a moment to reach the client's state.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let req = Request::get(format!("http://{web}/warm"))
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("request");
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), h1.request(req)).await,
+                Ok(Ok(r)) if r.status() == StatusCode::OK
+            )
+        })
+        .await,
+        "web never answered"
+    );
+
+    // A caller's trace goes on: same trace id and flags, a new span per hop (two hops: the app
+    // sees neither the caller's span nor the client proxy's).
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const SENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let seen = get("/traced?x=1", Some(SENT)).await;
+    let parts: Vec<&str> = seen.split('-').collect();
+    assert_eq!(parts.len(), 4, "{seen:?}");
+    assert_eq!(
+        (parts[0], parts[1], parts[3]),
+        ("00", TRACE, "01"),
+        "{seen}"
+    );
+    assert_ne!(parts[2], "00f067aa0ba902b7", "a child span");
+    // None sent: the mesh starts a trace.
+    let fresh = get("/untraced", None).await;
+    assert_eq!(fresh.len(), 55, "{fresh:?}");
+    assert!(
+        fresh.starts_with("00-") && !fresh.contains(TRACE),
+        "{fresh}"
+    );
+
+    // The web proxy's access log: one line per request, with identities, status and trace.
+    let lines = json_lines(&d.join("web-access.log"), |l| {
+        ["/traced?x=1", "/untraced"]
+            .iter()
+            .all(|p| l.iter().any(|x| x["path"] == *p))
+    })
+    .await;
+    let traced = lines
+        .iter()
+        .find(|l| l["path"] == "/traced?x=1")
+        .unwrap_or_else(|| panic!("/traced in {lines:#?}"));
+    assert_eq!(traced["kind"], "http");
+    assert_eq!(traced["direction"], "inbound");
+    assert_eq!(traced["method"], "GET");
+    assert_eq!(traced["status"], 200);
+    assert_eq!(traced["service"], "web.default");
+    assert_eq!(
+        traced["source"],
+        format!("spiffe://{TD}/ns/default/sa/client")
+    );
+    assert_eq!(
+        traced["destination"],
+        format!("spiffe://{TD}/ns/default/sa/web")
+    );
+    assert_eq!(traced["request_id"].as_str().map(str::len), Some(32));
+    assert!(traced["duration_ms"].as_f64().is_some_and(|d| d > 0.0));
+    let hop = traced["traceparent"].as_str().expect("traceparent logged");
+    assert!(
+        hop.contains(TRACE) && !hop.contains("00f067aa0ba902b7"),
+        "{hop}"
+    );
+    assert!(
+        !hop.contains(parts[2]),
+        "each hop its own span: {hop} vs {seen}"
+    );
+    assert!(lines.iter().any(|l| l["path"] == "/untraced"));
+    let m = server.metrics().await;
+    assert!(
+        metric(&m, "quicmesh_access_log_lines_total", &[]) >= 2.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "quicmesh_access_log_dropped_total", &[]), 0.0);
     drop(client);
     drop(server);
 }

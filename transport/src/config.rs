@@ -72,6 +72,9 @@ pub struct ProxyConfig {
     /// How long open streams may run after SIGTERM before they are reset.
     #[serde(default = "defaults::drain_grace", with = "humantime_serde")]
     pub drain_grace: Duration,
+    /// One JSON line per request and tunneled connection, to stdout or a file (off unless given).
+    #[serde(default)]
+    pub access_log: Option<crate::access_log::AccessLogConfig>,
 }
 
 /// Certificate, key and trust bundle, as PEM files.
@@ -528,6 +531,13 @@ impl ProxyConfig {
                 *p = base.join(&*p);
             }
         }
+        if let Some(a) = &mut cfg.access_log
+            && a.path != "-"
+            && !a.path.is_empty()
+            && Path::new(&a.path).is_relative()
+        {
+            a.path = base.join(&a.path).to_string_lossy().into_owned();
+        }
         cfg.check(path)?;
         Ok(cfg)
     }
@@ -556,6 +566,10 @@ impl ProxyConfig {
                 "mesh",
                 "static mode only: in controller mode the controller sends the mesh",
             ));
+        }
+        if let Some(a) = &self.access_log {
+            a.check()
+                .map_err(|(k, m)| ConfigError::new(path, format!("access_log.{k}"), m))?;
         }
         let mut captured = std::collections::HashSet::new();
         for (i, o) in self.outbound.iter().enumerate() {
@@ -817,6 +831,38 @@ connect_timeout = "2s"
         assert_eq!(cfg.outbound[0].connect_timeout, Duration::from_secs(2));
         assert_eq!(cfg.outbound[0].max_attempts, 3);
         assert!(cfg.inbound.is_none());
+    }
+
+    #[test]
+    fn the_access_log_is_off_unless_given_and_its_settings_are_checked() {
+        let cfg = ProxyConfig::parse(Path::new("/etc/qm/p.toml"), BASE).expect("valid");
+        assert!(cfg.access_log.is_none());
+        let with = |body: &str| {
+            ProxyConfig::parse(
+                Path::new("/etc/qm/p.toml"),
+                &format!("[access_log]\n{body}\n{BASE}"),
+            )
+        };
+        let file = with("path = \"access.log\"").expect("a file");
+        let a = file.access_log.as_ref().expect("on");
+        assert_eq!((a.path.as_str(), a.queue), ("/etc/qm/access.log", 4096));
+        assert_eq!(
+            with("path = \"-\"")
+                .expect("stdout")
+                .access_log
+                .map(|a| a.path),
+            Some("-".to_owned())
+        );
+        for (body, key) in [
+            ("path = \"\"", "access_log.path"),
+            ("path = \"-\"\nqueue = 0", "access_log.queue"),
+            ("path = \"-\"\nformat = \"text\"", "access_log.format"),
+        ] {
+            let err = with(body).expect_err(body);
+            assert_eq!(err.key, key, "{body}: {err}");
+        }
+        let err = with("queue = 10").expect_err("no path");
+        assert!(err.problem.contains("missing field `path`"), "{err}");
     }
 
     #[test]

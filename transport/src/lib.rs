@@ -4,6 +4,7 @@
 //! peer proxy) → a stream opened with a [`tunnel`] header → the peer's [`proxy::inbound`] → its app.
 //! Identity and trust live in [`identity`]; every QUIC setting in [`quic`].
 
+pub mod access_log;
 pub mod admin;
 pub mod cli;
 pub mod clip;
@@ -20,6 +21,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod run;
 pub mod state;
+pub mod trace;
 pub mod tunnel;
 
 pub use config::{ConfigError, ProxyConfig};

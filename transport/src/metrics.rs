@@ -232,6 +232,8 @@ pub struct Metrics {
     pub edges: Arc<EdgeTable>,
     /// Live request samples for `ctl tap` (controller mode).
     pub tap: Arc<Tap>,
+    /// The access log (`[access_log]`; off unless configured).
+    pub access_log: Arc<crate::access_log::AccessLog>,
 }
 
 /// Labels of an admission decision.
@@ -358,6 +360,7 @@ impl Metrics {
             endpoint: EndpointMetrics::default(),
             edges: Arc::default(),
             tap: Arc::default(),
+            access_log: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("quicmesh");
         r.register(
@@ -516,6 +519,16 @@ impl Metrics {
             "tap_samples_skipped",
             "Request samples not sent (rate bound or full queue)",
             m.tap.skipped.clone(),
+        );
+        r.register(
+            "access_log_lines",
+            "Access log lines queued for writing",
+            m.access_log.lines.clone(),
+        );
+        r.register(
+            "access_log_dropped",
+            "Access log lines dropped (the writer fell behind or failed)",
+            m.access_log.dropped.clone(),
         );
         m.endpoint.register(r);
         m

@@ -94,6 +94,7 @@ fn app_request(
     // Replaces any copy the caller sent.
     let id = HeaderValue::from_str(peer.as_str()).map_err(|_| "identity".to_owned())?;
     headers.insert(CLIENT_ID, id);
+    crate::trace::hop(&mut headers);
     let uri = if version == Version::HTTP_2 {
         headers.remove(http::header::HOST);
         let mut uri = http::uri::Parts::default();
@@ -318,12 +319,20 @@ pub async fn serve(
         frame::BodyFrame::Trailers(t) => grpc_status(t),
         frame::BodyFrame::Data(_) => None,
     });
-    // The request line, kept only while a live tap wants this service.
-    let tapped = ctx
-        .metrics
-        .tap
-        .wants(target)
-        .then(|| (head.method.clone(), clip_path(&head.path)));
+    // The request line, kept only while a live tap wants this service or the access log is on.
+    let tapped = ctx.metrics.tap.wants(target);
+    let request_line = (tapped || ctx.metrics.access_log.is_on()).then(|| {
+        let trace = head
+            .headers
+            .iter()
+            .find(|h| {
+                h.name
+                    .eq_ignore_ascii_case(crate::trace::TRACEPARENT.as_bytes())
+            })
+            .and_then(|h| std::str::from_utf8(&h.value).ok())
+            .map(str::to_owned);
+        (head.method.clone(), clip_path(&head.path), trace)
+    });
     let head = HttpHead {
         status: u32::from(status),
         end_stream: complete,
@@ -385,17 +394,35 @@ pub async fn serve(
         })
         .inc();
     edge.request(RequestClass::of(status, grpc.or(trailer_grpc)), true);
-    if let Some((method, path)) = tapped {
-        ctx.metrics.tap.offer(TapSample {
-            service: target.to_string(),
-            method,
-            path,
-            status,
-            grpc: grpc.or(trailer_grpc),
-            latency: std::time::Duration::from_secs_f64(took),
-            source: peer.to_string(),
-            request_id: rid.to_string(),
+    if let Some((method, path, trace)) = request_line {
+        let service = target.to_string();
+        ctx.metrics.access_log.record(&crate::access_log::Entry {
+            kind: "http",
+            direction: Direction::Inbound,
+            peer: peer.as_str(),
+            service: &service,
+            method: Some(&method),
+            path: Some(&path),
+            status: Some(status),
+            grpc_status: grpc.or(trailer_grpc),
+            duration: std::time::Duration::from_secs_f64(took),
+            bytes: None,
+            ok: None,
+            request_id: &rid.to_string(),
+            traceparent: trace.as_deref(),
         });
+        if tapped {
+            ctx.metrics.tap.offer(TapSample {
+                service,
+                method,
+                path,
+                status,
+                grpc: grpc.or(trailer_grpc),
+                latency: std::time::Duration::from_secs_f64(took),
+                source: peer.to_string(),
+                request_id: rid.to_string(),
+            });
+        }
     }
 }
 

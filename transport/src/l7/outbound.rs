@@ -409,6 +409,7 @@ async fn request(
     let in_flight = io::InFlight::enter(gauge);
     // No application may claim an identity: the destination's proxy sets this header.
     req.headers_mut().remove(headers::CLIENT_ID);
+    crate::trace::hop(req.headers_mut());
     let grpc = grpc_port || is_grpc(req.headers());
     let target = svc.target();
     let service = target.to_string();

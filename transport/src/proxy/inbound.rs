@@ -29,7 +29,7 @@ use super::{
     },
     lane::Lane,
     pool::peer_identity,
-    splice::{EdgeTraffic, carry},
+    splice::{ConnLog, EdgeTraffic, carry},
 };
 use crate::{
     clip::clip,
@@ -498,6 +498,12 @@ impl Conn {
                 &target.to_string(),
             ),
             at_destination: true,
+            log: self.metrics.access_log.is_on().then(|| ConnLog {
+                access: self.metrics.access_log.clone(),
+                peer: peer.to_string(),
+                service: target.to_string(),
+                request_id: rid.to_string(),
+            }),
         };
         if carry(tcp, (send, recv), &m, &edge, &lane, deadline, &drain.abort).await
             == Err(code::DEADLINE_EXCEEDED)

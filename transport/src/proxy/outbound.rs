@@ -33,7 +33,7 @@ use super::{
     Drain,
     balance::EndpointHealth,
     pool::{DialError, PeerConn, Pool},
-    splice::{EdgeTraffic, carry},
+    splice::{ConnLog, EdgeTraffic, carry},
 };
 use crate::{
     clip::clip,
@@ -419,6 +419,12 @@ impl Service {
                 .edges
                 .edge(Direction::Outbound, "", &self.target().to_string()),
             at_destination: false,
+            log: self.metrics.access_log.is_on().then(|| ConnLog {
+                access: self.metrics.access_log.clone(),
+                peer: pc.peer.to_string(),
+                service: self.target().to_string(),
+                request_id: tunnel::request_id_hex(&request_id).to_string(),
+            }),
         };
         let _ = carry(
             tcp,

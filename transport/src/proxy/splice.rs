@@ -192,6 +192,7 @@ pub async fn carry(
     deadline: Option<tokio::time::Instant>,
     abort: &tokio_util::sync::CancellationToken,
 ) -> Result<(), VarInt> {
+    let started = edge.log.as_ref().map(|_| std::time::Instant::now());
     m.opened.inc();
     m.active.inc();
     edge.counters.tcp_open();
@@ -212,6 +213,15 @@ pub async fn carry(
         _ = abort.cancelled() => Err(code::DRAINING),
     };
     m.active.dec();
+    if let (Some(log), Some(t0)) = (&edge.log, started) {
+        let direction = if edge.at_destination {
+            crate::metrics::Direction::Inbound
+        } else {
+            crate::metrics::Direction::Outbound
+        };
+        let bytes = outcome.as_ref().map_or(0, |t| t.to_peer + t.from_peer);
+        log.record(direction, t0.elapsed(), outcome.is_ok(), bytes);
+    }
     match outcome {
         Ok(t) => {
             m.closed_ok.inc();
@@ -246,6 +256,47 @@ pub struct EdgeTraffic {
     pub counters: std::sync::Arc<crate::metrics::EdgeCounters>,
     /// Whether this proxy fronts the destination (inbound), so bytes to the peer come from it.
     pub at_destination: bool,
+    /// The access log's line for this connection, when the log is on.
+    pub log: Option<ConnLog>,
+}
+
+/// What the access log says of a tunneled connection besides its outcome.
+#[derive(Debug, Clone)]
+pub struct ConnLog {
+    /// The log.
+    pub access: std::sync::Arc<crate::access_log::AccessLog>,
+    /// The peer proxy's identity.
+    pub peer: String,
+    /// Destination service.
+    pub service: String,
+    /// Request id, hex.
+    pub request_id: String,
+}
+
+impl ConnLog {
+    fn record(
+        &self,
+        direction: crate::metrics::Direction,
+        took: std::time::Duration,
+        ok: bool,
+        bytes: u64,
+    ) {
+        self.access.record(&crate::access_log::Entry {
+            kind: "tcp",
+            direction,
+            peer: &self.peer,
+            service: &self.service,
+            method: None,
+            path: None,
+            status: None,
+            grpc_status: None,
+            duration: took,
+            bytes: Some(bytes),
+            ok: Some(ok),
+            request_id: &self.request_id,
+            traceparent: None,
+        });
+    }
 }
 
 /// Sleeps until `deadline`, forever when there is none.
