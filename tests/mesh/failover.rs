@@ -247,21 +247,24 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
         "failover: controller {victim} killed, client proxy watching controller {moved_to} after {took:?}"
     );
 
-    // A change applied through a live controller reaches both proxies.
+    // A change applied through a live controller reaches both proxies: one to the service the client
+    // calls and the echo proxy serves (a change to another service would not concern them, and
+    // proxies receive only what concerns them).
+    let port = |port| pb::ServicePort {
+        port,
+        protocol: pb::PortProtocol::Tcp as i32,
+        name: String::new(),
+    };
     let applied = admin_client(addrs[live[0]], &bundle, &admin)
         .await
         .apply(pb::Resource {
             resource: Some(pb::resource::Resource::Service(pb::Service {
                 metadata: Some(pb::Metadata {
-                    name: "after-failover".into(),
+                    name: "echo".into(),
                     namespace: "default".into(),
                     ..Default::default()
                 }),
-                ports: vec![pb::ServicePort {
-                    port: 80,
-                    protocol: pb::PortProtocol::Tcp as i32,
-                    name: String::new(),
-                }],
+                ports: vec![port(7), port(8)],
                 versions: vec![],
                 identities: vec![],
             })),
