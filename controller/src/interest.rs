@@ -272,23 +272,43 @@ mod tests {
                 endpoint("shop", "web", 4),
             ],
             policies: vec![
-                policy("pay", "x-split", "x", PolicySpec {
-                    traffic_split: Some(TrafficSplit::default()),
-                    ..Default::default()
-                }),
+                policy(
+                    "pay",
+                    "x-split",
+                    "x",
+                    PolicySpec {
+                        traffic_split: Some(TrafficSplit::default()),
+                        ..Default::default()
+                    },
+                ),
                 policy("shop", "cart-authz", "cart", authz.clone()),
-                policy("shop", "cart-limit", "cart", PolicySpec {
-                    rate_limit: Some(RateLimit::default()),
-                    ..Default::default()
-                }),
-                policy("shop", "cart-split", "cart", PolicySpec {
-                    traffic_split: Some(TrafficSplit::default()),
-                    ..Default::default()
-                }),
-                policy("shop", "cart-timeouts", "cart", PolicySpec {
-                    timeouts: Some(Timeouts::default()),
-                    ..Default::default()
-                }),
+                policy(
+                    "shop",
+                    "cart-limit",
+                    "cart",
+                    PolicySpec {
+                        rate_limit: Some(RateLimit::default()),
+                        ..Default::default()
+                    },
+                ),
+                policy(
+                    "shop",
+                    "cart-split",
+                    "cart",
+                    PolicySpec {
+                        traffic_split: Some(TrafficSplit::default()),
+                        ..Default::default()
+                    },
+                ),
+                policy(
+                    "shop",
+                    "cart-timeouts",
+                    "cart",
+                    PolicySpec {
+                        timeouts: Some(Timeouts::default()),
+                        ..Default::default()
+                    },
+                ),
                 policy("shop", "web-authz", "web", authz),
             ],
             trust_bundle_pem: vec!["ROOT".into()],

@@ -1158,8 +1158,14 @@ async fn watch_with_interest_sends_only_what_the_proxy_needs(store: Backend) {
 
     // x is neither served nor called: its change sends nothing, y's change is the next message,
     // a delta on the version the proxy holds.
-    h.admin.apply(service("shop", "x", 81)).await.expect("change x");
-    h.admin.apply(service("shop", "y", 81)).await.expect("change y");
+    h.admin
+        .apply(service("shop", "x", 81))
+        .await
+        .expect("change x");
+    h.admin
+        .apply(service("shop", "y", 81))
+        .await
+        .expect("change y");
     let d = next(&mut a).await;
     assert_eq!(d.base_version, first.version, "{d:?}");
     assert_eq!(service_names(&d), ["y"], "{d:?}");

@@ -2,7 +2,9 @@
 //! etcd, two proxies configured with all three addresses and traffic through their tunnel. The
 //! controller the client proxy watches is killed with SIGKILL: both proxies must be watching a live
 //! controller within 5 s, a change applied through another controller must reach them, and not one
-//! tunneled request may fail. Skips with a printed reason without the `etcd` binary.
+//! tunneled request may fail. Then the etcd leader is killed too: writes through the live controllers
+//! go on with none acknowledged and lost, changes still reach the proxies, and still no request fails.
+//! Skips with a printed reason without the `etcd` binary.
 
 use std::{
     net::SocketAddr,
@@ -144,7 +146,7 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
     }
     raise_fd_limit();
     let _heavy = heavy().await;
-    let etcd = tokio::task::spawn_blocking(|| etcd_cluster::EtcdCluster::start(3))
+    let mut etcd = tokio::task::spawn_blocking(|| etcd_cluster::EtcdCluster::start(3))
         .await
         .expect("etcd start");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -301,6 +303,132 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
         })
         .await,
         "traffic stalled after the failover"
+    );
+
+    // Then the etcd leader dies too (kill -9; two members of three remain): writes through both live
+    // controllers go on (some may be refused during the election, none acknowledged and lost), a
+    // change still reaches the proxies, and traffic does not notice.
+    let member = etcd_cluster::leader(&etcd).await;
+    etcd.kill(member);
+    let killed = Instant::now();
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    let mut admins = Vec::new();
+    for &i in &live {
+        admins.push(admin_client(addrs[i], &bundle, &admin).await);
+    }
+    for n in 0..20usize {
+        if killed.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        let name = format!("after-etcd-{n}");
+        let svc = pb::Resource {
+            resource: Some(pb::resource::Resource::Service(pb::Service {
+                metadata: Some(pb::Metadata {
+                    name: name.clone(),
+                    namespace: "default".into(),
+                    ..Default::default()
+                }),
+                ports: vec![port(80)],
+                versions: vec![],
+                identities: vec![],
+            })),
+        };
+        match admins[n % admins.len()].apply(svc).await {
+            Ok(_) => acked.push(name),
+            Err(s) => {
+                assert!(
+                    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Aborted),
+                    "write {n} refused with {s:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    eprintln!(
+        "etcd member {member} (leader) killed: {} writes acknowledged, {refused} refused, in {:?}",
+        acked.len(),
+        killed.elapsed()
+    );
+    assert!(
+        acked.len() >= 10,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+    for (a, &i) in admins.iter_mut().zip(&live) {
+        let complete = eventually(Duration::from_secs(5), || {
+            let mut a = a.clone();
+            let acked = acked.clone();
+            async move {
+                let Ok(list) = a
+                    .list(pb::ListRequest {
+                        kind: pb::Kind::Service as i32,
+                        namespace: "default".into(),
+                    })
+                    .await
+                else {
+                    return false;
+                };
+                let names: Vec<String> = list
+                    .into_inner()
+                    .items
+                    .into_iter()
+                    .filter_map(|r| match r.resource {
+                        Some(pb::resource::Resource::Service(s)) => s.metadata.map(|m| m.name),
+                        _ => None,
+                    })
+                    .collect();
+                acked.iter().all(|n| names.contains(n))
+            }
+        })
+        .await;
+        assert!(
+            complete,
+            "controller {i} lacks acknowledged writes\n{}",
+            logs(d)
+        );
+    }
+    let applied = admins[0]
+        .apply(pb::Resource {
+            resource: Some(pb::resource::Resource::Service(pb::Service {
+                metadata: Some(pb::Metadata {
+                    name: "echo".into(),
+                    namespace: "default".into(),
+                    ..Default::default()
+                }),
+                ports: vec![port(7), port(9)],
+                versions: vec![],
+                identities: vec![],
+            })),
+        })
+        .await
+        .expect("apply with one etcd member down")
+        .into_inner();
+    let version = match applied.resource {
+        Some(pb::resource::Resource::Service(s)) => s.metadata.map(|m| m.version).unwrap_or(0),
+        other => panic!("apply answered {other:?}"),
+    };
+    for (who, at) in [("client", client_admin), ("echo", server_admin)] {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                metric(
+                    &scrape(at, "/metrics").await.1,
+                    "quicmesh_controller_snapshot_version",
+                    &[],
+                ) >= version as f64
+            })
+            .await,
+            "{who} proxy did not receive version {version} with an etcd member down\n{}",
+            logs(d)
+        );
+    }
+    let after = ok.load(Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            ok.load(Ordering::Relaxed) > after + 20
+        })
+        .await,
+        "traffic stalled after the etcd member was killed"
     );
     stop.store(true, Ordering::Relaxed);
     let mut errors = Vec::new();

@@ -557,8 +557,14 @@ async fn main() -> Result<(), AnyError> {
     let (rss, rss_peak) = rss_mb(pid).unwrap_or_default();
     let watchers = args.watchers.max(1) as f64;
     let first_per_watcher = first_bytes.load(Ordering::Relaxed) as f64 / watchers;
-    let changes = args.rounds.max(1) * (1 + if args.services > 0 { args.background } else { 0 });
-    let change_per_watcher = change_bytes.load(Ordering::Relaxed) as f64 / watchers / changes as f64;
+    let changes = args.rounds.max(1)
+        * (1 + if args.services > 0 {
+            args.background
+        } else {
+            0
+        });
+    let change_per_watcher =
+        change_bytes.load(Ordering::Relaxed) as f64 / watchers / changes as f64;
     println!(
         "bytes sent per watcher: first snapshot {first_per_watcher:.0}, per change {change_per_watcher:.0} ({}{}; {} services, {changes} changes)",
         if args.whole {

@@ -205,7 +205,10 @@ impl PbCache {
         if let Some(pb) = cache.by_interest.get(interest) {
             return pb.clone();
         }
-        let view = cache.view.clone().unwrap_or_else(|| Arc::new(View::new(snap.clone())));
+        let view = cache
+            .view
+            .clone()
+            .unwrap_or_else(|| Arc::new(View::new(snap.clone())));
         let pb = Arc::new(convert::snapshot_to_pb(&view.filter(interest)));
         if cache.by_interest.len() < CACHE_ENTRIES {
             cache.by_interest.insert(interest.clone(), pb.clone());
