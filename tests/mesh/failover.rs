@@ -334,7 +334,8 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
                 identities: vec![],
             })),
         };
-        match admins[n % admins.len()].apply(svc).await {
+        let via = n % admins.len();
+        match admins[via].apply(svc).await {
             Ok(_) => acked.push(name),
             Err(s) => {
                 assert!(
@@ -355,7 +356,7 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
         "only {} writes acknowledged",
         acked.len()
     );
-    for (a, &i) in admins.iter_mut().zip(&live) {
+    for (a, &i) in admins.iter().zip(&live) {
         let complete = eventually(Duration::from_secs(5), || {
             let mut a = a.clone();
             let acked = acked.clone();
