@@ -6,9 +6,9 @@
 //! proxy says it holds, when it resumes after losing a controller), then the newest one after each
 //! change (intermediate versions may be skipped: a snapshot is whole), or to a proxy that asked for
 //! deltas only what changed since the version it was last sent (`quicmesh_transport::control::delta`,
-//! computed once per pair of versions; whole again when the delta would not be smaller); one identity
-//! may hold a bounded
-//! number of them (`RESOURCE_EXHAUSTED` past it), and they end with `PERMISSION_DENIED` when the identity
+//! computed once per pair of snapshots; whole again when the delta would not be smaller), and to a proxy
+//! that declared an interest only its part of the mesh ([`crate::interest`]); one identity may hold a
+//! bounded number of them (`RESOURCE_EXHAUSTED` past it), and they end with `PERMISSION_DENIED` when the identity
 //! is revoked. `Report` takes traffic summaries only from an identity with a Watch stream open, checks
 //! them ([`stats::validate`]: an inbound edge only for a service the reporter may serve, an outbound one
 //! always with the reporter as its source) and files them in [`StatsStore`]; refusals are counted by
