@@ -448,14 +448,17 @@ async fn main() -> Result<(), AnyError> {
     let mut each = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut background = 0usize;
     for round in 0..args.rounds {
-        if args.services > 0 {
-            for _ in 0..args.background {
-                let port = 8081 + (background / args.services) as u32 % 1000;
-                admin
-                    .apply(bench_service(background % args.services, port))
-                    .await?;
-                background += 1;
-            }
+        // Each pass over the services moves them to the next port (a real change every time).
+        for _ in 0..args.background {
+            let (Some(pass), Some(i)) = (
+                background.checked_div(args.services),
+                background.checked_rem(args.services),
+            ) else {
+                break;
+            };
+            let port = 8081 + (pass % 1000) as u32;
+            admin.apply(bench_service(i, port)).await?;
+            background += 1;
         }
         let sent_us = epoch.elapsed().as_micros() as u64;
         let change = if args.propagation {
