@@ -557,3 +557,19 @@ impl Follower {
         tracing::debug!(version = snap.version, "snapshot applied");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_interest_lists_each_called_service_once_and_gives_up_past_the_cap() {
+        let calls = ["cart".to_owned(), "web.shop".to_owned(), "cart".to_owned()];
+        let i = interest(&calls).expect("interest");
+        assert_eq!(i.calls, ["cart", "web.shop"]);
+        // No outbound listener: only what it serves, which the controller works out.
+        assert_eq!(interest(&[]).map(|i| i.calls.len()), Some(0));
+        let many: Vec<String> = (0..=MAX_CALLS).map(|n| format!("s{n}")).collect();
+        assert!(interest(&many).is_none(), "past the cap: the whole mesh");
+    }
+}
