@@ -146,7 +146,7 @@ impl Signer {
     ) -> Result<Signed, IssueError> {
         // Sign the very CSR that was checked (parsed and verified once), not whatever another PEM
         // reader takes first.
-        let csr = checked_csr(csr_pem, granted)?;
+        let (csr, csr_key) = checked_csr(csr_pem, granted)?;
         let not_before = now - BACKDATE;
         let not_after = now + ttl;
         let cert_pem = self
@@ -156,9 +156,11 @@ impl Signer {
                 CaError::Csr(e) => IssueError::Csr(e.to_string()),
                 e => IssueError::Ca(e),
             })?;
+        let cert_der = pem_der(&cert_pem, SectionKind::Certificate)
+            .map_err(|e| IssueError::Root(e.to_string()))?;
+        same_public_key(&csr_key, &cert_der)?;
         let info =
-            inspect::CertInfo::from_pem(&cert_pem).map_err(|e| IssueError::Root(e.to_string()))?;
-        same_public_key(csr_pem, &cert_pem)?;
+            inspect::CertInfo::from_der(&cert_der).map_err(|e| IssueError::Root(e.to_string()))?;
         Ok(Signed {
             cert_pem,
             spiffe_id: granted.clone(),
@@ -402,17 +404,13 @@ fn pem_der(pem: &str, kind: SectionKind) -> Result<Vec<u8>, IssueError> {
         .map_err(|e| IssueError::Csr(e.to_string()))
 }
 
-/// Checks that the signed leaf carries exactly the CSR's public key (guards the signer itself).
-fn same_public_key(csr_pem: &str, cert_pem: &str) -> Result<(), IssueError> {
+/// Checks that the signed leaf (DER) carries exactly `csr_key`, the CSR's subject public key info
+/// (guards the signer itself).
+fn same_public_key(csr_key: &[u8], cert_der: &[u8]) -> Result<(), IssueError> {
     use x509_parser::prelude::FromDer;
-    let csr_der = pem_der(csr_pem, SectionKind::Csr)?;
-    let (_, csr) = x509_parser::certification_request::X509CertificationRequest::from_der(&csr_der)
-        .map_err(|e| IssueError::Csr(format!("not a PKCS#10 request: {e}")))?;
-    let cert_der =
-        pem_der(cert_pem, SectionKind::Certificate).map_err(|e| IssueError::Root(e.to_string()))?;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&cert_der)
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
         .map_err(|e| IssueError::Root(format!("signed leaf does not parse: {e}")))?;
-    if cert.tbs_certificate.subject_pki.raw != csr.certification_request_info.subject_pki.raw {
+    if cert.tbs_certificate.subject_pki.raw != csr_key {
         return Err(IssueError::Root(
             "the signed leaf does not carry the CSR's public key; refusing to hand it out".into(),
         ));
@@ -426,11 +424,12 @@ pub fn check_csr(csr_pem: &str, granted: &SpiffeId) -> Result<(), IssueError> {
     checked_csr(csr_pem, granted).map(|_| ())
 }
 
-/// [`check_csr`], returning the checked (parsed, signature-verified) request.
+/// [`check_csr`], returning the checked (parsed, signature-verified) request and its subject public key
+/// info (DER), read once.
 fn checked_csr(
     csr_pem: &str,
     granted: &SpiffeId,
-) -> Result<CertificateSigningRequestParams, IssueError> {
+) -> Result<(CertificateSigningRequestParams, Vec<u8>), IssueError> {
     if csr_pem.is_empty() {
         return Err(IssueError::Csr("must not be empty".into()));
     }
@@ -441,7 +440,7 @@ fn checked_csr(
         )));
     }
     let der = pem_der(csr_pem, SectionKind::Csr)?;
-    check_key_type(&der)?;
+    let key = check_key_type(&der)?;
     let der = rustls::pki_types::CertificateSigningRequestDer::from(der);
     let csr = CertificateSigningRequestParams::from_der(&der)
         .map_err(|e| IssueError::Csr(e.to_string()))?;
@@ -459,14 +458,15 @@ fn checked_csr(
             granted: granted.to_string(),
         });
     }
-    Ok(csr)
+    Ok((csr, key))
 }
 
 /// The one key type issued: ECDSA P-256 signed with SHA-256, what proxies generate and what the handshake
 /// tests use. rcgen derives the leaf's key algorithm from the CSR's *signature* algorithm, so any other
 /// pairing (e.g. a P-384 key signed with SHA-256) would yield a leaf whose key OID contradicts its key.
 /// Checked before the signature, so an unsupported key is refused by name, not as "invalid signature".
-fn check_key_type(der: &[u8]) -> Result<(), IssueError> {
+/// Returns the request's subject public key info (DER).
+fn check_key_type(der: &[u8]) -> Result<Vec<u8>, IssueError> {
     use x509_parser::{
         certification_request::X509CertificationRequest, oid_registry as oid, prelude::FromDer,
     };
@@ -484,7 +484,7 @@ fn check_key_type(der: &[u8]) -> Result<(), IssueError> {
             "signature algorithm {sig} does not match its ECDSA P-256 key: sign with ecdsa-with-SHA256"
         )));
     }
-    Ok(())
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
 }
 
 #[cfg(test)]

@@ -9,9 +9,10 @@
 //! may exist and be served, pure), [`store`] (durable storage trait + sled), [`resources`] (stored
 //! resources), [`issuer`] (roots and CSR signing), [`ca`] (tokens, issuance, audit, serving certificate,
 //! pruning; its rules in [`ca::rules`]), [`keystore`] (root keys sealed at rest), [`snapshot`] (what
-//! proxies see), [`registry`] (connected proxies and connections per identity), [`stats`] (traffic reports
-//! summed over sliding windows, pure), [`tap`] (live request samples), [`top`] (busiest paths from a tap, pure), [`metrics`] (the controller's
-//! own `/metrics`), [`dashboard`] (the web dashboard), [`state`] (the parts
+//! proxies see), [`interest`] (what one proxy needs of it, pure), [`registry`] (connected proxies and
+//! connections per identity), [`stats`] (traffic reports summed over sliding windows, pure), [`tap`] (live
+//! request samples), [`top`] (busiest paths from a tap, pure), [`metrics`] (the controller's own
+//! `/metrics`), [`dashboard`] (the web dashboard), [`state`] (the parts
 //! wired together, independent of gRPC), [`api`] (the gRPC services; the only place protobuf types
 //! appear), [`auth`] (tokens and peer identity), [`k8s`] (Kubernetes service-account tokens), [`tls`] and [`client`] (rustls with `ring`), [`server`]
 //! (start-up and readiness), [`config`] (flags), [`ctl`] (the CLI).
@@ -26,6 +27,7 @@ pub mod config;
 pub mod ctl;
 pub mod dashboard;
 pub mod error;
+pub mod interest;
 pub mod issuer;
 pub mod k8s;
 pub mod keystore;

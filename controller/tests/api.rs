@@ -1118,6 +1118,79 @@ async fn watch_with_deltas_sends_what_changed(store: Backend) {
     h.stop().await;
 }
 
+fn service_names(snap: &pb::Snapshot) -> Vec<String> {
+    snap.services
+        .iter()
+        .filter_map(|s| s.metadata.as_ref().map(|m| m.name.clone()))
+        .collect()
+}
+
+/// A Watch that declares an interest gets the services its identity serves and those it calls, not
+/// the rest of the mesh; a change to the rest sends it nothing, and a Watch declaring that service too
+/// gets it. A bad declaration is refused naming the field.
+async fn watch_with_interest_sends_only_what_the_proxy_needs(store: Backend) {
+    use quicmesh_transport::control::delta;
+    let mut h = Harness::start(store, Duration::from_secs(3600)).await;
+    for name in ["cart", "x", "y"] {
+        h.admin
+            .apply(service("shop", name, 80))
+            .await
+            .expect("service");
+    }
+    // The proxy of shop/cart serves cart (the default identity rule) and calls y.
+    let (mut proxy, _, _) = h.joined("shop", "cart").await;
+    let watch = |calls: &[&str]| pb::WatchRequest {
+        proxy_name: "interest".into(),
+        deltas: true,
+        interest: Some(pb::Interest {
+            calls: calls.iter().map(|c| (*c).to_owned()).collect(),
+        }),
+        ..Default::default()
+    };
+    let mut a = proxy
+        .watch(watch(&["y"]))
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = next(&mut a).await;
+    assert_eq!(service_names(&first), ["cart", "y"], "{first:?}");
+    assert!(!first.trust_bundle_pem.is_empty());
+
+    // x is neither served nor called: its change sends nothing, y's change is the next message,
+    // a delta on the version the proxy holds.
+    h.admin
+        .apply(service("shop", "x", 81))
+        .await
+        .expect("change x");
+    h.admin
+        .apply(service("shop", "y", 81))
+        .await
+        .expect("change y");
+    let d = next(&mut a).await;
+    assert_eq!(d.base_version, first.version, "{d:?}");
+    assert_eq!(service_names(&d), ["y"], "{d:?}");
+    let held = delta::apply(Some(&first), &d).expect("applies");
+    assert_eq!(service_names(&held), ["cart", "y"]);
+
+    // Declaring x (by its full name) brings it.
+    let mut b = proxy
+        .watch(watch(&["y", "x.shop"]))
+        .await
+        .expect("watch")
+        .into_inner();
+    let got = next(&mut b).await;
+    assert_eq!(service_names(&got), ["cart", "x", "y"], "{got:?}");
+    assert_eq!(got.version, d.version);
+
+    let e = proxy
+        .watch(watch(&["y", "Not A Name"]))
+        .await
+        .expect_err("bad call");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("interest.calls[1]"), "{}", e.message());
+    h.stop().await;
+}
+
 /// Runs every future concurrently (each on its own task) and collects the outputs in order.
 async fn futures_join_all<F>(fs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
@@ -1792,6 +1865,7 @@ on_both_stores!(
     csrs_are_signed_only_for_p256_keys_and_others_are_named,
     concurrent_certify_is_grouped_and_spends_a_token_once,
     watch_with_deltas_sends_what_changed,
+    watch_with_interest_sends_only_what_the_proxy_needs,
 );
 
 fn edge(dir: pb::EdgeDirection, source: &str, service: &str, ok: u64) -> pb::EdgeSummary {

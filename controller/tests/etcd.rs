@@ -407,30 +407,6 @@ async fn a_controller_with_another_kek_refuses_to_start_and_a_newer_schema_is_re
     assert!(e.to_string().contains("not a quicmesh store"), "{e}");
 }
 
-/// The member that reports itself leader (the `etcd_server_is_leader` gauge of its `/metrics`, served
-/// on the client port), by index.
-async fn leader(etcd: &EtcdCluster) -> usize {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let url = etcd.url();
-    let eps: Vec<&str> = url.trim_start_matches("etcd://").split(',').collect();
-    for (i, ep) in eps.iter().enumerate() {
-        let mut c = tokio::net::TcpStream::connect(ep).await.expect("connect");
-        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .await
-            .expect("request");
-        let mut page = String::new();
-        c.read_to_string(&mut page).await.expect("metrics");
-        assert!(
-            page.contains("etcd_server_is_leader"),
-            "{ep}: no leader gauge"
-        );
-        if page.lines().any(|l| l == "etcd_server_is_leader 1") {
-            return i;
-        }
-    }
-    panic!("no leader among {eps:?}");
-}
-
 #[tokio::test]
 async fn kill_9_of_the_etcd_leader_under_writes_loses_no_acknowledged_write() {
     if skip("kill_9_of_the_etcd_leader_under_writes_loses_no_acknowledged_write") {
@@ -478,7 +454,7 @@ async fn kill_9_of_the_etcd_leader_under_writes_loses_no_acknowledged_write() {
     while acked.len() < 50 {
         acked.push(acked_rx.recv().await.expect("writes go on"));
     }
-    let victim = leader(&etcd).await;
+    let victim = etcd_cluster::leader(&etcd).await;
     etcd.kill(victim);
     eprintln!(
         "killed etcd member {victim} (the leader) after {} acknowledged writes",

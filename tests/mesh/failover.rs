@@ -2,7 +2,9 @@
 //! etcd, two proxies configured with all three addresses and traffic through their tunnel. The
 //! controller the client proxy watches is killed with SIGKILL: both proxies must be watching a live
 //! controller within 5 s, a change applied through another controller must reach them, and not one
-//! tunneled request may fail. Skips with a printed reason without the `etcd` binary.
+//! tunneled request may fail. Then the etcd leader is killed too: writes through the live controllers
+//! go on with none acknowledged and lost, changes still reach the proxies, and still no request fails.
+//! Skips with a printed reason without the `etcd` binary.
 
 use std::{
     net::SocketAddr,
@@ -25,7 +27,7 @@ use crate::{
 #[path = "../../controller/tests/support/etcd.rs"]
 mod etcd_cluster;
 
-async fn start_controller(dir: &Path, n: usize, store: &str, kek: &Path) -> Proc {
+async fn start_controller(dir: &Path, n: usize, store: &str, kek: &Path, leaf_ttl: &str) -> Proc {
     let data = dir.join(format!("c{n}"));
     spawn(
         &[
@@ -43,7 +45,7 @@ async fn start_controller(dir: &Path, n: usize, store: &str, kek: &Path) -> Proc
             "--trust-domain",
             TD,
             "--leaf-ttl",
-            "1h",
+            leaf_ttl,
         ],
         &dir.join(format!("controller{n}.log")),
     )
@@ -136,6 +138,136 @@ fn logs(dir: &Path) -> String {
     .join("\n")
 }
 
+/// Three controllers on a 3-member etcd, an echo proxy serving `echo` and a client proxy calling it,
+/// both given the three addresses.
+struct EtcdMesh {
+    etcd: etcd_cluster::EtcdCluster,
+    dir: tempfile::TempDir,
+    controllers: Vec<Proc>,
+    addrs: Vec<SocketAddr>,
+    admin: String,
+    bundle: PathBuf,
+    server: Proc,
+    client: Proc,
+}
+
+impl EtcdMesh {
+    /// Starts it with leaves living `leaf_ttl`, and checks one exchange through the tunnel.
+    async fn start(leaf_ttl: &str) -> EtcdMesh {
+        let etcd = tokio::task::spawn_blocking(|| etcd_cluster::EtcdCluster::start(3))
+            .await
+            .expect("etcd start");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let kek = d.join("kek");
+        // The first controller creates the mesh (and the KEK file); the others find it.
+        let mut controllers = vec![start_controller(d, 0, &etcd.url(), &kek, leaf_ttl).await];
+        for n in 1..3 {
+            controllers.push(start_controller(d, n, &etcd.url(), &kek, leaf_ttl).await);
+        }
+        let addrs: Vec<SocketAddr> = controllers.iter().map(|c| c.addr("grpc")).collect();
+        let admin = controllers[0].admin_token();
+        let bundle = controllers[0].trust_bundle();
+
+        let echo = echo_server().await;
+        create_service(addrs[0], &bundle, &admin, "echo", 7).await;
+        let token = join_token(addrs[1], &bundle, &admin, "echo").await;
+        let cfg = proxy_config(
+            d,
+            "echo",
+            &addrs,
+            &bundle,
+            &token,
+            &format!(
+                "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 7, app = \"{echo}\" }}]\nservices = [\"echo\"]\n"
+            ),
+        );
+        let server = spawn(
+            &["proxy", "--config", cfg.to_str().expect("utf8")],
+            &d.join("echo.log"),
+        )
+        .await;
+        let token = join_token(addrs[2], &bundle, &admin, "client").await;
+        let cfg = proxy_config(
+            d,
+            "client",
+            &addrs,
+            &bundle,
+            &token,
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"echo\"\nport = 7\n",
+        );
+        let client = spawn(
+            &["proxy", "--config", cfg.to_str().expect("utf8")],
+            &d.join("client.log"),
+        )
+        .await;
+        exchange(client.outbound(), b"first")
+            .await
+            .unwrap_or_else(|e| panic!("first exchange: {e}\n{}", logs(d)));
+        EtcdMesh {
+            etcd,
+            dir,
+            controllers,
+            addrs,
+            admin,
+            bundle,
+            server,
+            client,
+        }
+    }
+}
+
+/// Tunneled exchanges from four workers until [`Traffic::finish`].
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    workers: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Traffic {
+    fn start(target: SocketAddr) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let mut workers = Vec::new();
+        for w in 0..4u8 {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            workers.push(tokio::spawn(async move {
+                let mut errors = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match exchange(target, &[w; 512]).await {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => errors.push(e),
+                    }
+                }
+                errors
+            }));
+        }
+        Traffic { stop, ok, workers }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// Whether 20 more exchanges succeed within 5 s.
+    async fn flowing(&self) -> bool {
+        let after = self.ok();
+        eventually(Duration::from_secs(5), || async { self.ok() > after + 20 }).await
+    }
+
+    /// Stops the workers: successful exchanges, and the errors.
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for w in self.workers {
+            errors.extend(w.await.expect("worker"));
+        }
+        (self.ok.load(Ordering::Relaxed), errors)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_fail_over_to_another_controller_without_failed_requests() {
     if let Some(why) = etcd_cluster::unavailable() {
@@ -144,77 +276,19 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
     }
     raise_fd_limit();
     let _heavy = heavy().await;
-    let etcd = tokio::task::spawn_blocking(|| etcd_cluster::EtcdCluster::start(3))
-        .await
-        .expect("etcd start");
-    let dir = tempfile::tempdir().expect("tempdir");
+    let EtcdMesh {
+        mut etcd,
+        dir,
+        mut controllers,
+        addrs,
+        admin,
+        bundle,
+        server,
+        client,
+    } = EtcdMesh::start("1h").await;
     let d = dir.path();
-    let kek = d.join("kek");
-    // The first controller creates the mesh (and the KEK file); the others find it.
-    let mut controllers = vec![start_controller(d, 0, &etcd.url(), &kek).await];
-    for n in 1..3 {
-        controllers.push(start_controller(d, n, &etcd.url(), &kek).await);
-    }
-    let addrs: Vec<SocketAddr> = controllers.iter().map(|c| c.addr("grpc")).collect();
-    let admin = controllers[0].admin_token();
-    let bundle = controllers[0].trust_bundle();
-
-    let echo = echo_server().await;
-    create_service(addrs[0], &bundle, &admin, "echo", 7).await;
-    let token = join_token(addrs[1], &bundle, &admin, "echo").await;
-    let cfg = proxy_config(
-        d,
-        "echo",
-        &addrs,
-        &bundle,
-        &token,
-        &format!(
-            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 7, app = \"{echo}\" }}]\nservices = [\"echo\"]\n"
-        ),
-    );
-    let server = spawn(
-        &["proxy", "--config", cfg.to_str().expect("utf8")],
-        &d.join("echo.log"),
-    )
-    .await;
-    let token = join_token(addrs[2], &bundle, &admin, "client").await;
-    let cfg = proxy_config(
-        d,
-        "client",
-        &addrs,
-        &bundle,
-        &token,
-        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"echo\"\nport = 7\n",
-    );
-    let client = spawn(
-        &["proxy", "--config", cfg.to_str().expect("utf8")],
-        &d.join("client.log"),
-    )
-    .await;
-    let target = client.outbound();
-    exchange(target, b"first")
-        .await
-        .unwrap_or_else(|e| panic!("first exchange: {e}\n{}", logs(d)));
-
     // Traffic through the tunnel for the whole test.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let mut workers = Vec::new();
-    for w in 0..4u8 {
-        let (stop, ok) = (stop.clone(), ok.clone());
-        workers.push(tokio::spawn(async move {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match exchange(target, &[w; 512]).await {
-                    Ok(()) => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => errors.push(e),
-                }
-            }
-            errors
-        }));
-    }
+    let traffic = Traffic::start(client.outbound());
 
     let all = [0, 1, 2];
     let watched = poll(Duration::from_secs(15), || {
@@ -225,7 +299,7 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
         panic!("the client proxy watches no controller\n{}", logs(d));
     };
     let live: Vec<usize> = all.into_iter().filter(|&i| i != victim).collect();
-    let before = ok.load(Ordering::Relaxed);
+    let before = traffic.ok();
     controllers[victim].stop().await;
     let killed = Instant::now();
 
@@ -247,21 +321,24 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
         "failover: controller {victim} killed, client proxy watching controller {moved_to} after {took:?}"
     );
 
-    // A change applied through a live controller reaches both proxies.
+    // A change applied through a live controller reaches both proxies: one to the service the client
+    // calls and the echo proxy serves (a change to another service would not concern them, and
+    // proxies receive only what concerns them).
+    let port = |port| pb::ServicePort {
+        port,
+        protocol: pb::PortProtocol::Tcp as i32,
+        name: String::new(),
+    };
     let applied = admin_client(addrs[live[0]], &bundle, &admin)
         .await
         .apply(pb::Resource {
             resource: Some(pb::resource::Resource::Service(pb::Service {
                 metadata: Some(pb::Metadata {
-                    name: "after-failover".into(),
+                    name: "echo".into(),
                     namespace: "default".into(),
                     ..Default::default()
                 }),
-                ports: vec![pb::ServicePort {
-                    port: 80,
-                    protocol: pb::PortProtocol::Tcp as i32,
-                    name: String::new(),
-                }],
+                ports: vec![port(7), port(8)],
                 versions: vec![],
                 identities: vec![],
             })),
@@ -291,20 +368,134 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
         );
     }
     // Traffic kept flowing across the failover.
-    let after = ok.load(Ordering::Relaxed);
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            ok.load(Ordering::Relaxed) > after + 20
-        })
-        .await,
+        traffic.flowing().await,
         "traffic stalled after the failover"
     );
-    stop.store(true, Ordering::Relaxed);
-    let mut errors = Vec::new();
-    for w in workers {
-        errors.extend(w.await.expect("worker"));
+
+    // Then the etcd leader dies too (kill -9; two members of three remain): writes through both live
+    // controllers go on (some may be refused during the election, none acknowledged and lost), a
+    // change still reaches the proxies, and traffic does not notice.
+    let member = etcd_cluster::leader(&etcd).await;
+    etcd.kill(member);
+    let killed = Instant::now();
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    let mut admins = Vec::new();
+    for &i in &live {
+        admins.push(admin_client(addrs[i], &bundle, &admin).await);
     }
-    let total = ok.load(Ordering::Relaxed);
+    for n in 0..20usize {
+        if killed.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        let name = format!("after-etcd-{n}");
+        let svc = pb::Resource {
+            resource: Some(pb::resource::Resource::Service(pb::Service {
+                metadata: Some(pb::Metadata {
+                    name: name.clone(),
+                    namespace: "default".into(),
+                    ..Default::default()
+                }),
+                ports: vec![port(80)],
+                versions: vec![],
+                identities: vec![],
+            })),
+        };
+        let via = n % admins.len();
+        match admins[via].apply(svc).await {
+            Ok(_) => acked.push(name),
+            Err(s) => {
+                assert!(
+                    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Aborted),
+                    "write {n} refused with {s:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    eprintln!(
+        "etcd member {member} (leader) killed: {} writes acknowledged, {refused} refused, in {:?}",
+        acked.len(),
+        killed.elapsed()
+    );
+    assert!(
+        acked.len() >= 10,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+    for (a, &i) in admins.iter().zip(&live) {
+        let complete = eventually(Duration::from_secs(5), || {
+            let mut a = a.clone();
+            let acked = acked.clone();
+            async move {
+                let Ok(list) = a
+                    .list(pb::ListRequest {
+                        kind: pb::Kind::Service as i32,
+                        namespace: "default".into(),
+                    })
+                    .await
+                else {
+                    return false;
+                };
+                let names: Vec<String> = list
+                    .into_inner()
+                    .items
+                    .into_iter()
+                    .filter_map(|r| match r.resource {
+                        Some(pb::resource::Resource::Service(s)) => s.metadata.map(|m| m.name),
+                        _ => None,
+                    })
+                    .collect();
+                acked.iter().all(|n| names.contains(n))
+            }
+        })
+        .await;
+        assert!(
+            complete,
+            "controller {i} lacks acknowledged writes\n{}",
+            logs(d)
+        );
+    }
+    let applied = admins[0]
+        .apply(pb::Resource {
+            resource: Some(pb::resource::Resource::Service(pb::Service {
+                metadata: Some(pb::Metadata {
+                    name: "echo".into(),
+                    namespace: "default".into(),
+                    ..Default::default()
+                }),
+                ports: vec![port(7), port(9)],
+                versions: vec![],
+                identities: vec![],
+            })),
+        })
+        .await
+        .expect("apply with one etcd member down")
+        .into_inner();
+    let version = match applied.resource {
+        Some(pb::resource::Resource::Service(s)) => s.metadata.map(|m| m.version).unwrap_or(0),
+        other => panic!("apply answered {other:?}"),
+    };
+    for (who, at) in [("client", client_admin), ("echo", server_admin)] {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                metric(
+                    &scrape(at, "/metrics").await.1,
+                    "quicmesh_controller_snapshot_version",
+                    &[],
+                ) >= version as f64
+            })
+            .await,
+            "{who} proxy did not receive version {version} with an etcd member down\n{}",
+            logs(d)
+        );
+    }
+    assert!(
+        traffic.flowing().await,
+        "traffic stalled after the etcd member was killed"
+    );
+    let (total, errors) = traffic.finish().await;
     eprintln!(
         "failover: {total} tunneled requests ok ({} during/after the kill), {} failed",
         total - before,
@@ -319,4 +510,108 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
     );
     assert!(total > 50, "too little traffic: {total}");
     drop(etcd);
+}
+
+/// The active root of the mesh, as controller `addr` sees it.
+async fn active_root(
+    addr: SocketAddr,
+    bundle: &Path,
+    admin: &str,
+) -> Option<(String, Vec<String>)> {
+    let status = admin_client(addr, bundle, admin)
+        .await
+        .ca_status(pb::CaStatusRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    let active = status.roots.iter().find(|r| r.active)?.fingerprint.clone();
+    Some((
+        active,
+        status.roots.into_iter().map(|r| r.fingerprint).collect(),
+    ))
+}
+
+/// Root rotation through one of three controllers under traffic, with 5 s leaves: every controller signs
+/// with the new root and keeps the old one in the bundle, both proxies renew with leaves of the new
+/// root while the other may still hold an old one (so each trusts both), and no tunneled request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_through_one_of_three_controllers_under_traffic() {
+    if let Some(why) = etcd_cluster::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    raise_fd_limit();
+    let _heavy = heavy().await;
+    let mesh = EtcdMesh::start("5s").await;
+    let d = mesh.dir.path();
+    let (bundle, admin) = (&mesh.bundle, mesh.admin.as_str());
+    let traffic = Traffic::start(mesh.client.outbound());
+    let (old, _) = active_root(mesh.addrs[0], bundle, admin)
+        .await
+        .expect("CA status");
+    let status = admin_client(mesh.addrs[1], bundle, admin)
+        .await
+        .rotate_root(pb::RotateRootRequest {})
+        .await
+        .expect("rotate")
+        .into_inner();
+    let rotated = Instant::now();
+    let new = status
+        .roots
+        .iter()
+        .find(|r| r.active)
+        .map(|r| r.fingerprint.clone())
+        .expect("an active root");
+    assert_ne!(new, old);
+    for (i, &addr) in mesh.addrs.iter().enumerate() {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                active_root(addr, bundle, admin)
+                    .await
+                    .is_some_and(|(active, all)| active == new && all.contains(&old))
+            })
+            .await,
+            "controller {i} did not follow the rotation\n{}",
+            logs(d)
+        );
+    }
+    for who in ["echo", "client"] {
+        let id = format!("spiffe://{TD}/ns/default/sa/{who}");
+        let renewed = eventually(Duration::from_secs(15), || async {
+            let Ok(list) = admin_client(mesh.addrs[2], bundle, admin)
+                .await
+                .list_issued_certificates(pb::ListIssuedCertificatesRequest { limit: 1000 })
+                .await
+            else {
+                return false;
+            };
+            list.into_inner()
+                .certificates
+                .iter()
+                .any(|c| c.spiffe_id == id && c.root_fingerprint == new)
+        })
+        .await;
+        assert!(
+            renewed,
+            "the {who} proxy holds no leaf of the new root\n{}",
+            logs(d)
+        );
+    }
+    let took = rotated.elapsed();
+    assert!(
+        traffic.flowing().await,
+        "traffic stalled after the rotation"
+    );
+    let (total, errors) = traffic.finish().await;
+    eprintln!(
+        "root rotation: both proxies renewed with the new root within {took:?}; {total} tunneled requests ok, {} failed",
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "{} failed tunneled requests, e.g. {:?}\n{}",
+        errors.len(),
+        &errors[..errors.len().min(5)],
+        logs(d)
+    );
 }

@@ -369,6 +369,18 @@ impl CaClient for Controller {
     }
 }
 
+/// Most services a Watch may declare it calls (the controller refuses more).
+pub const MAX_CALLS: usize = 1024;
+
+/// The Watch interest of a proxy whose outbound listeners call `calls`, each once; `None` (the whole
+/// mesh) past [`MAX_CALLS`] services.
+pub fn interest(calls: &[String]) -> Option<pb::Interest> {
+    let calls: std::collections::BTreeSet<&String> = calls.iter().collect();
+    (calls.len() <= MAX_CALLS).then(|| pb::Interest {
+        calls: calls.into_iter().cloned().collect(),
+    })
+}
+
 /// Whether a `RegisterEndpoint` error is the controller's answer (not a failure to reach it).
 fn registration_refused(code: tonic::Code) -> bool {
     use tonic::Code;
@@ -402,6 +414,9 @@ pub struct Follower {
     pub state: StateHandle,
     /// Endpoints to register (our inbound), re-registered on every reconnect.
     pub register: Vec<pb::Endpoint>,
+    /// Services our outbound listeners call (`name` or `name.namespace`): the Watch's interest, so the
+    /// controller sends only what this proxy serves and calls ([`interest`]). `None`: the whole mesh.
+    pub calls: Option<Vec<String>>,
     /// Metrics.
     pub metrics: IdentityMetrics,
     /// Set to true once the first snapshot is applied.
@@ -477,6 +492,7 @@ impl Follower {
             spiffe_ids: self.creds.id().map(|i| i.to_string()).into_iter().collect(),
             resume_version: held.version,
             deltas: true,
+            interest: self.calls.as_deref().and_then(interest),
         };
         let mut stream = match tokio::time::timeout(CALL_TIMEOUT, client.watch(req)).await {
             Ok(Ok(s)) => s.into_inner(),
@@ -539,5 +555,21 @@ impl Follower {
         self.metrics.snapshots.inc();
         self.configured.send_replace(true);
         tracing::debug!(version = snap.version, "snapshot applied");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_interest_lists_each_called_service_once_and_gives_up_past_the_cap() {
+        let calls = ["cart".to_owned(), "web.shop".to_owned(), "cart".to_owned()];
+        let i = interest(&calls).expect("interest");
+        assert_eq!(i.calls, ["cart", "web.shop"]);
+        // No outbound listener: only what it serves, which the controller works out.
+        assert_eq!(interest(&[]).map(|i| i.calls.len()), Some(0));
+        let many: Vec<String> = (0..=MAX_CALLS).map(|n| format!("s{n}")).collect();
+        assert!(interest(&many).is_none(), "past the cap: the whole mesh");
     }
 }

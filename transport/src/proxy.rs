@@ -382,6 +382,7 @@ impl Proxy {
             proxy_name: boot.proxy_name.clone(),
             state: self.state.clone(),
             register,
+            calls: Some(cfg.outbound.iter().map(|o| o.service.clone()).collect()),
             metrics: self.metrics.identity.clone(),
             configured: tokio::sync::watch::Sender::new(false),
         };

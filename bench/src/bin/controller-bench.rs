@@ -71,6 +71,14 @@ struct Args {
     /// Watchers ask for whole snapshots only (no deltas), as proxies before incremental Watch.
     #[arg(long)]
     whole: bool,
+    /// Watchers declare an interest, as proxies do: each calls `cart` and one of the `--services`
+    /// (watcher i: `svc-<i mod services>`), so it receives only those (without it: the whole mesh).
+    #[arg(long)]
+    interest: bool,
+    /// Changes to other services per round before the timed one (round-robin over `--services`): the
+    /// mesh's other traffic, which a watcher with an interest mostly does not receive.
+    #[arg(long, default_value_t = 0)]
+    background: usize,
     /// Internal: be the controller (prints `{"addr","token","bundle"}`, serves until stdin closes).
     #[arg(long, hide = true)]
     serve: bool,
@@ -99,6 +107,26 @@ fn authz_policy(round: usize) -> pb::Resource {
                 default_action: pb::AuthzAction::Deny as i32,
                 allow,
             })),
+        })),
+    }
+}
+
+/// Service `bench/svc-<i>` with one HTTP `port` and two versions.
+fn bench_service(i: usize, port: u32) -> pb::Resource {
+    pb::Resource {
+        resource: Some(pb::resource::Resource::Service(pb::Service {
+            metadata: Some(pb::Metadata {
+                name: format!("svc-{i}"),
+                namespace: "bench".into(),
+                ..Default::default()
+            }),
+            ports: vec![pb::ServicePort {
+                port,
+                protocol: pb::PortProtocol::Http as i32,
+                name: String::new(),
+            }],
+            versions: vec!["v1".into(), "v2".into()],
+            identities: vec![],
         })),
     }
 }
@@ -307,24 +335,7 @@ async fn main() -> Result<(), AnyError> {
         .next()
         .ok_or("no certificate")?;
     for i in 0..args.services {
-        admin
-            .apply(pb::Resource {
-                resource: Some(pb::resource::Resource::Service(pb::Service {
-                    metadata: Some(pb::Metadata {
-                        name: format!("svc-{i}"),
-                        namespace: "bench".into(),
-                        ..Default::default()
-                    }),
-                    ports: vec![pb::ServicePort {
-                        port: 8080,
-                        protocol: pb::PortProtocol::Http as i32,
-                        name: String::new(),
-                    }],
-                    versions: vec!["v1".into(), "v2".into()],
-                    identities: vec![],
-                })),
-            })
-            .await?;
+        admin.apply(bench_service(i, 8080)).await?;
     }
     // Each watcher reports the newest version it received and when.
     let (seen_tx, _) = watch::channel(());
@@ -346,6 +357,11 @@ async fn main() -> Result<(), AnyError> {
         let retries = retries.clone();
         let (first_bytes, change_bytes, whole) =
             (first_bytes.clone(), change_bytes.clone(), args.whole);
+        let interest = args.interest.then(|| pb::Interest {
+            calls: std::iter::once("cart".to_owned())
+                .chain((args.services > 0).then(|| format!("svc-{}", w % args.services)))
+                .collect(),
+        });
         connecting.push(tokio::spawn(async move {
             // As a proxy does: a failed attempt (connect or handshake deadline in the storm) is
             // retried after the jittered delay of `failover::retry_delay`.
@@ -358,6 +374,7 @@ async fn main() -> Result<(), AnyError> {
                             proxy_name: format!("bench-{w}"),
                             spiffe_ids: vec![],
                             deltas: !whole,
+                            interest: interest.clone(),
                             ..Default::default()
                         })
                         .await?
@@ -429,7 +446,20 @@ async fn main() -> Result<(), AnyError> {
     let mut rounds = Vec::new();
     // Propagation: Apply → enforced for every (watcher, round), and for all watchers of each round.
     let mut each = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut background = 0usize;
     for round in 0..args.rounds {
+        // Each pass over the services moves them to the next port (a real change every time).
+        for _ in 0..args.background {
+            let (Some(pass), Some(i)) = (
+                background.checked_div(args.services),
+                background.checked_rem(args.services),
+            ) else {
+                break;
+            };
+            let port = 8081 + (pass % 1000) as u32;
+            admin.apply(bench_service(i, port)).await?;
+            background += 1;
+        }
         let sent_us = epoch.elapsed().as_micros() as u64;
         let change = if args.propagation {
             authz_policy(round)
@@ -530,15 +560,22 @@ async fn main() -> Result<(), AnyError> {
     let (rss, rss_peak) = rss_mb(pid).unwrap_or_default();
     let watchers = args.watchers.max(1) as f64;
     let first_per_watcher = first_bytes.load(Ordering::Relaxed) as f64 / watchers;
+    let changes = args.rounds.max(1)
+        * (1 + if args.services > 0 {
+            args.background
+        } else {
+            0
+        });
     let change_per_watcher =
-        change_bytes.load(Ordering::Relaxed) as f64 / watchers / args.rounds.max(1) as f64;
+        change_bytes.load(Ordering::Relaxed) as f64 / watchers / changes as f64;
     println!(
-        "bytes sent per watcher: first snapshot {first_per_watcher:.0}, per change {change_per_watcher:.0} ({}; {} services)",
+        "bytes sent per watcher: first snapshot {first_per_watcher:.0}, per change {change_per_watcher:.0} ({}{}; {} services, {changes} changes)",
         if args.whole {
             "whole snapshots"
         } else {
             "deltas"
         },
+        if args.interest { ", interest" } else { "" },
         args.services,
     );
     println!(
@@ -554,7 +591,9 @@ async fn main() -> Result<(), AnyError> {
             "store": args.store.as_deref().unwrap_or("sled"),
             "connect_s": connect_s,
             "deltas": !args.whole,
+            "interest": args.interest,
             "services": args.services,
+            "changes": changes,
             "first_snapshot_bytes": first_per_watcher,
             "bytes_per_change": change_per_watcher,
             "connect_retries": retries.load(Ordering::Relaxed),

@@ -6,15 +6,15 @@
 //! proxy says it holds, when it resumes after losing a controller), then the newest one after each
 //! change (intermediate versions may be skipped: a snapshot is whole), or to a proxy that asked for
 //! deltas only what changed since the version it was last sent (`quicmesh_transport::control::delta`,
-//! computed once per pair of versions; whole again when the delta would not be smaller); one identity
-//! may hold a bounded
-//! number of them (`RESOURCE_EXHAUSTED` past it), and they end with `PERMISSION_DENIED` when the identity
+//! computed once per pair of snapshots; whole again when the delta would not be smaller), and to a proxy
+//! that declared an interest only its part of the mesh ([`crate::interest`]); one identity may hold a
+//! bounded number of them (`RESOURCE_EXHAUSTED` past it), and they end with `PERMISSION_DENIED` when the identity
 //! is revoked. `Report` takes traffic summaries only from an identity with a Watch stream open, checks
 //! them ([`stats::validate`]: an inbound edge only for a service the reporter may serve, an outbound one
 //! always with the reporter as its source) and files them in [`StatsStore`]; refusals are counted by
 //! reason. Strings a peer sends are capped before they are logged.
 
-use std::{pin::Pin, sync::Arc};
+use std::{collections::HashMap, pin::Pin, sync::Arc};
 
 use quicmesh_proto::controller::{self as pb, proxy_api_server::ProxyApi};
 use quicmesh_transport::{control::delta, identity::SpiffeId};
@@ -25,6 +25,7 @@ use super::convert;
 use crate::{
     auth::PeerInfo,
     error::{ApiError, Capped},
+    interest::{Interest, View},
     registry::WatchGuard,
     snapshot::Snapshot,
     state::State,
@@ -103,39 +104,80 @@ fn mesh_identity<T>(req: &Request<T>) -> Result<(PeerInfo, SpiffeId), Status> {
     Ok((p, id))
 }
 
-/// The proto form of the newest snapshot, converted once per version for every watcher, and the newest
-/// delta, computed once for every watcher moving between the same two versions.
+/// Most filtered snapshots, or deltas, kept for one version; past it more are computed per stream.
+const CACHE_ENTRIES: usize = 4096;
+
+/// The proto form of the newest snapshot, converted once per version for every watcher; the newest
+/// snapshot filtered for each interest, once per version and interest; and the deltas to the newest
+/// version, once for every watcher moving between the same two snapshots.
 #[derive(Debug, Default)]
-struct PbCache(
-    std::sync::Mutex<Option<Arc<pb::Snapshot>>>,
-    std::sync::Mutex<Option<Arc<pb::Snapshot>>>,
-);
+struct PbCache {
+    whole: std::sync::Mutex<Option<Arc<pb::Snapshot>>>,
+    filtered: std::sync::Mutex<FilteredCache>,
+    deltas: std::sync::Mutex<DeltaCache>,
+}
+
+#[derive(Debug, Default)]
+struct FilteredCache {
+    view: Option<Arc<View>>,
+    by_interest: HashMap<Interest, Arc<pb::Snapshot>>,
+}
+
+/// Deltas to snapshots of `version`, by (held, next) snapshot; the key's snapshots are kept alive by
+/// the entry, so their addresses are not reused while it exists.
+#[derive(Debug, Default)]
+struct DeltaCache {
+    version: u64,
+    entries: HashMap<(usize, usize), DeltaEntry>,
+}
+
+#[derive(Debug)]
+struct DeltaEntry {
+    _held: Arc<pb::Snapshot>,
+    _next: Arc<pb::Snapshot>,
+    delta: Arc<pb::Snapshot>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 impl PbCache {
     /// What to send a delta-watching stream that was last sent `prev`: the delta to `next`, or `next`
     /// whole when the delta is not smaller.
-    fn delta(&self, prev: &pb::Snapshot, next: &Arc<pb::Snapshot>) -> Arc<pb::Snapshot> {
+    fn delta(&self, prev: &Arc<pb::Snapshot>, next: &Arc<pb::Snapshot>) -> Arc<pb::Snapshot> {
         use prost::Message;
-        let mut cur = self.1.lock().unwrap_or_else(|e| e.into_inner());
-        match &*cur {
-            Some(d) if d.base_version == prev.version && d.version == next.version => d.clone(),
-            _ => {
-                let d = delta::diff(prev, next);
-                let d = if d.encoded_len() < next.encoded_len() {
-                    Arc::new(d)
-                } else {
-                    next.clone()
-                };
-                if d.base_version != 0 {
-                    *cur = Some(d.clone());
-                }
-                d
-            }
+        let key = (Arc::as_ptr(prev) as usize, Arc::as_ptr(next) as usize);
+        let mut cache = lock(&self.deltas);
+        if cache.version != next.version {
+            cache.version = next.version;
+            cache.entries.clear();
         }
+        if let Some(e) = cache.entries.get(&key) {
+            return e.delta.clone();
+        }
+        let d = delta::diff(prev, next);
+        let d = if d.encoded_len() < next.encoded_len() {
+            Arc::new(d)
+        } else {
+            next.clone()
+        };
+        if cache.entries.len() < CACHE_ENTRIES {
+            cache.entries.insert(
+                key,
+                DeltaEntry {
+                    _held: prev.clone(),
+                    _next: next.clone(),
+                    delta: d.clone(),
+                },
+            );
+        }
+        d
     }
 
+    /// The whole snapshot as proto.
     fn get(&self, snap: &Snapshot) -> Arc<pb::Snapshot> {
-        let mut cur = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cur = lock(&self.whole);
         match &*cur {
             Some(pb) if pb.version == snap.version => pb.clone(),
             _ => {
@@ -145,6 +187,44 @@ impl PbCache {
             }
         }
     }
+
+    /// `snap` as a proxy with `interest` sees it, as proto.
+    fn filtered(&self, snap: &Arc<Snapshot>, interest: &Interest) -> Arc<pb::Snapshot> {
+        let mut cache = lock(&self.filtered);
+        let current = cache.view.as_ref().map(|v| v.snapshot().version);
+        if current.is_some_and(|v| v > snap.version) {
+            // A stream behind the newest version (it moves to the newest next): not cached.
+            return Arc::new(convert::snapshot_to_pb(
+                &View::new(snap.clone()).filter(interest),
+            ));
+        }
+        if current != Some(snap.version) {
+            cache.view = Some(Arc::new(View::new(snap.clone())));
+            cache.by_interest.clear();
+        }
+        if let Some(pb) = cache.by_interest.get(interest) {
+            return pb.clone();
+        }
+        let view = cache
+            .view
+            .clone()
+            .unwrap_or_else(|| Arc::new(View::new(snap.clone())));
+        let pb = Arc::new(convert::snapshot_to_pb(&view.filter(interest)));
+        if cache.by_interest.len() < CACHE_ENTRIES {
+            cache.by_interest.insert(interest.clone(), pb.clone());
+        }
+        pb
+    }
+}
+
+/// Whether two snapshots configure a proxy the same way (only their versions may differ).
+fn same_config(a: &pb::Snapshot, b: &pb::Snapshot) -> bool {
+    a.trust_domain == b.trust_domain
+        && a.services == b.services
+        && a.endpoints == b.endpoints
+        && a.policies == b.policies
+        && a.trust_bundle_pem == b.trust_bundle_pem
+        && a.revoked_spiffe_ids == b.revoked_spiffe_ids
 }
 
 /// Whether a Watch stream sends `version` first: not when the proxy already holds it.
@@ -152,16 +232,25 @@ fn send_first(version: u64, resume_version: u64) -> bool {
     resume_version == 0 || version != resume_version
 }
 
+/// What one Watch stream asked for.
+#[derive(Debug)]
+struct WatchArgs {
+    resume_version: u64,
+    deltas: bool,
+    /// `None`: the whole mesh.
+    interest: Option<Interest>,
+}
+
 /// Sends the current snapshot (unless the proxy holds that version), then each newer one, until the
-/// client goes away or its identity is revoked.
+/// client goes away or its identity is revoked. A proxy with an interest gets its part of each, and
+/// nothing when its part did not change.
 async fn forward_snapshots(
     mut rx: tokio::sync::watch::Receiver<Arc<Snapshot>>,
     tx: tokio::sync::mpsc::Sender<Result<pb::Snapshot, Status>>,
     id: SpiffeId,
     guard: WatchGuard,
     cache: Arc<PbCache>,
-    resume_version: u64,
-    deltas: bool,
+    args: WatchArgs,
 ) {
     let revoked = || Status::permission_denied(format!("identity {id} was revoked"));
     let mut first = true;
@@ -173,17 +262,25 @@ async fn forward_snapshots(
             let _ = tx.send(Err(revoked())).await;
             return;
         }
-        let pb = cache.get(&snap);
-        if !first || send_first(snap.version, resume_version) {
-            let msg = match (&held, deltas) {
-                (Some(prev), true) => cache.delta(prev, &pb),
-                _ => pb.clone(),
-            };
-            if tx.send(Ok(pb::Snapshot::clone(&msg))).await.is_err() {
-                return;
+        let pb = match &args.interest {
+            Some(i) => cache.filtered(&snap, i),
+            None => cache.get(&snap),
+        };
+        // Filtered: a change elsewhere in the mesh leaves the proxy on the version it holds.
+        let unchanged =
+            args.interest.is_some() && held.as_ref().is_some_and(|h| same_config(h, &pb));
+        if !unchanged {
+            if !first || send_first(snap.version, args.resume_version) {
+                let msg = match (&held, args.deltas) {
+                    (Some(prev), true) => cache.delta(prev, &pb),
+                    _ => pb.clone(),
+                };
+                if tx.send(Ok(pb::Snapshot::clone(&msg))).await.is_err() {
+                    return;
+                }
             }
+            held = Some(pb);
         }
-        held = Some(pb);
         first = false;
         guard.sent(snap.version);
         tokio::select! {
@@ -235,6 +332,11 @@ impl ProxyApi for ProxyService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let (p, id) = self.live_identity(&req)?;
         let body = req.into_inner();
+        let interest = body
+            .interest
+            .map(|i| Interest::declared(id.clone(), &i.calls))
+            .transpose()
+            .map_err(|e| Status::from(ApiError::from(e)))?;
         let guard = self.state.watch(&body.proxy_name, &p, &id).map_err(|e| {
             tracing::info!(%id, peer = %p.remote, error = %e, "Watch refused");
             Status::from(e)
@@ -242,7 +344,7 @@ impl ProxyApi for ProxyService {
         let rx = self.state.subscribe();
         tracing::info!(
             proxy = %Capped(&body.proxy_name), %id, peer = %p.remote, resume_version = body.resume_version,
-            "proxy watching"
+            calls = interest.as_ref().map(|i| i.calls.len()), "proxy watching"
         );
         let (tx, out) = tokio::sync::mpsc::channel(1);
         tokio::spawn(forward_snapshots(
@@ -251,8 +353,11 @@ impl ProxyApi for ProxyService {
             id,
             guard,
             self.cache.clone(),
-            body.resume_version,
-            body.deltas,
+            WatchArgs {
+                resume_version: body.resume_version,
+                deltas: body.deltas,
+                interest,
+            },
         ));
         let stream = tokio_stream::wrappers::ReceiverStream::new(out);
         Ok(Response::new(Box::pin(stream)))

@@ -323,3 +323,28 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// The member that reports itself leader (the `etcd_server_is_leader` gauge of its `/metrics`, served
+/// on the client port), by index.
+#[allow(dead_code)]
+pub async fn leader(etcd: &EtcdCluster) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let url = etcd.url();
+    let eps: Vec<&str> = url.trim_start_matches("etcd://").split(',').collect();
+    for (i, ep) in eps.iter().enumerate() {
+        let mut c = tokio::net::TcpStream::connect(ep).await.expect("connect");
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .expect("request");
+        let mut page = String::new();
+        c.read_to_string(&mut page).await.expect("metrics");
+        assert!(
+            page.contains("etcd_server_is_leader"),
+            "{ep}: no leader gauge"
+        );
+        if page.lines().any(|l| l == "etcd_server_is_leader 1") {
+            return i;
+        }
+    }
+    panic!("no leader among {eps:?}");
+}
