@@ -11,7 +11,7 @@
 //! Pure: [`child`] decides the header from what arrived and the random ids given; [`hop`] applies
 //! it to a header map.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// The header.
 pub const TRACEPARENT: &str = "traceparent";
@@ -27,27 +27,30 @@ pub struct Parent<'a> {
     pub flags: &'a str,
 }
 
-fn lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+fn lower_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Parses `value` as a `traceparent` (version 00, or a later version's first four fields as the
-/// spec asks); `None` when it is not one.
+/// spec asks); `None` when it is not one. The fields sit at fixed offsets (`vv-` 32 `-` 16 `-` 2).
 pub fn parse(value: &str) -> Option<Parent<'_>> {
-    let mut it = value.split('-');
-    let (version, trace_id, span_id, flags) = (it.next()?, it.next()?, it.next()?, it.next()?);
-    let rest_ok = match version {
-        "00" => it.next().is_none(),
-        "ff" => return None,
-        v if lower_hex(v, 2) => true,
-        _ => return None,
-    };
-    (rest_ok
-        && lower_hex(trace_id, 32)
-        && lower_hex(span_id, 16)
-        && lower_hex(flags, 2)
+    let b = value.as_bytes();
+    if b.len() < 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+        return None;
+    }
+    let version = value.get(..2)?;
+    if !lower_hex(version) || version == "ff" {
+        return None;
+    }
+    // Version 00 has exactly four fields; a later one may add fields after a dash.
+    if b.len() > 55 && (version == "00" || b[55] != b'-') {
+        return None;
+    }
+    let (trace_id, span_id, flags) = (value.get(3..35)?, value.get(36..52)?, value.get(53..55)?);
+    (lower_hex(trace_id)
+        && lower_hex(span_id)
+        && lower_hex(flags)
         && trace_id.bytes().any(|b| b != b'0')
         && span_id.bytes().any(|b| b != b'0'))
     .then_some(Parent {
@@ -57,38 +60,69 @@ pub fn parse(value: &str) -> Option<Parent<'_>> {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Appends `bytes` as lowercase hex (a table, not the formatter: this runs twice per request).
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
 }
 
 /// The `traceparent` this hop sends on: the child of `incoming` with span id `span`, or a new trace
 /// `new_trace` when `incoming` is absent or invalid. All-zero random ids are nudged to non-zero.
 pub fn child(incoming: Option<&str>, span: [u8; 8], new_trace: [u8; 16]) -> String {
+    child_of(incoming.and_then(parse), span, new_trace)
+}
+
+fn child_of(parent: Option<Parent<'_>>, span: [u8; 8], new_trace: [u8; 16]) -> String {
     let mut span = span;
     if span == [0; 8] {
         span[7] = 1;
     }
-    match incoming.and_then(parse) {
-        Some(p) => format!("00-{}-{}-{}", p.trace_id, hex(&span), p.flags),
+    let mut out = String::with_capacity(55);
+    out.push_str("00-");
+    match parent {
+        Some(p) => {
+            out.push_str(p.trace_id);
+            out.push('-');
+            push_hex(&mut out, &span);
+            out.push('-');
+            out.push_str(p.flags);
+        }
         None => {
             let mut t = new_trace;
             if t == [0; 16] {
                 t[15] = 1;
             }
-            format!("00-{}-{}-01", hex(&t), hex(&span))
+            push_hex(&mut out, &t);
+            out.push('-');
+            push_hex(&mut out, &span);
+            out.push_str("-01");
         }
     }
+    out
 }
+
+/// The header's name, for lookups without parsing it per request.
+const NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
 
 /// Replaces the `traceparent` of `headers` with this hop's child span (or a new trace); returns it.
 pub fn hop(headers: &mut HeaderMap) -> String {
     let incoming = headers
-        .get(TRACEPARENT)
+        .get(NAME)
         .and_then(|v| v.to_str().ok())
         .map(str::trim);
-    let value = child(incoming, rand::random(), rand::random());
+    // A trace id is drawn only for a request that starts a trace.
+    let parent = incoming.and_then(parse);
+    let new_trace = if parent.is_some() {
+        [0; 16]
+    } else {
+        rand::random()
+    };
+    let value = child_of(parent, rand::random(), new_trace);
     if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(TRACEPARENT, v);
+        headers.insert(NAME, v);
     }
     value
 }
