@@ -726,11 +726,18 @@ async fn ctl_stat_agrees_with_the_load_generator() {
     drop(servers);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
-    raise_fd_limit();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
+/// A controller, the `web` service declared HTTP, its proxy in front of `app` (`web_extra`: config
+/// lines ahead of its `[inbound]`) and a client proxy calling it.
+struct WebHop {
+    controller: Proc,
+    addr: SocketAddr,
+    admin: String,
+    bundle: std::path::PathBuf,
+    server: Proc,
+    client: Proc,
+}
+
+async fn web_hop(d: &Path, app: SocketAddr, web_extra: &str) -> WebHop {
     let controller = start_controller(d, "127.0.0.1:0", "1h").await;
     let addr = controller.addr("grpc");
     let admin = controller.admin_token();
@@ -753,7 +760,6 @@ async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
     })
     .await
     .expect("service");
-    let app = failing_app(Arc::new(AtomicU64::new(0))).await;
     let token = join_token(addr, &bundle, &admin, "web").await;
     let cfg = config(
         d,
@@ -763,7 +769,7 @@ async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
         "web",
         &token,
         &format!(
-            "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"
+            "{web_extra}[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"
         ),
     );
     let server = spawn(&["proxy", "--config", &cfg], &d.join("web.log")).await;
@@ -778,6 +784,31 @@ async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
         "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
     );
     let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
+    WebHop {
+        controller,
+        addr,
+        admin,
+        bundle,
+        server,
+        client,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let app = failing_app(Arc::new(AtomicU64::new(0))).await;
+    let WebHop {
+        controller: _controller,
+        addr,
+        admin,
+        bundle,
+        server,
+        client,
+    } = web_hop(d, app, "").await;
+    let mut a = admin_client(addr, &bundle, &admin).await;
     let web = client.outbound();
     let h1 = h1_client();
     let get = |path: &'static str| {
@@ -1003,53 +1034,14 @@ async fn access_log_lines_and_traceparent_across_both_hops() {
     raise_fd_limit();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
-    let addr = controller.addr("grpc");
-    let admin = controller.admin_token();
-    let bundle = controller.trust_bundle();
-    let mut a = admin_client(addr, &bundle, &admin).await;
-    a.apply(pb::Resource {
-        resource: Some(pb::resource::Resource::Service(pb::Service {
-            metadata: Some(pb::Metadata {
-                name: "web".into(),
-                namespace: "default".into(),
-                ..Default::default()
-            }),
-            ports: vec![pb::ServicePort {
-                port: 80,
-                protocol: pb::PortProtocol::Http as i32,
-                name: String::new(),
-            }],
-            ..Default::default()
-        })),
-    })
-    .await
-    .expect("web speaks HTTP");
     let app = trace_app().await;
-    let token = join_token(addr, &bundle, &admin, "web").await;
-    let cfg = config(
-        d,
-        "web",
-        addr,
-        &bundle,
-        "web",
-        &token,
-        &format!(
-            "[access_log]\npath = \"web-access.log\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{{ port = 80, app = \"{app}\" }}]\n"
-        ),
-    );
-    let server = spawn(&["proxy", "--config", &cfg], &d.join("web.log")).await;
-    let token = join_token(addr, &bundle, &admin, "client").await;
-    let cfg = config(
-        d,
-        "client",
-        addr,
-        &bundle,
-        "client",
-        &token,
-        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
-    );
-    let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
+    // The controller lives as long as its handle.
+    let WebHop {
+        controller: _controller,
+        server,
+        client,
+        ..
+    } = web_hop(d, app, "[access_log]\npath = \"web-access.log\"\n\n").await;
     let web = client.outbound();
     let h1 = h1_client();
     let get = |path: &'static str, traceparent: Option<&'static str>| {
