@@ -324,32 +324,13 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
     // A change applied through a live controller reaches both proxies: one to the service the client
     // calls and the echo proxy serves (a change to another service would not concern them, and
     // proxies receive only what concerns them).
-    let port = |port| pb::ServicePort {
-        port,
-        protocol: pb::PortProtocol::Tcp as i32,
-        name: String::new(),
-    };
     let applied = admin_client(addrs[live[0]], &bundle, &admin)
         .await
-        .apply(pb::Resource {
-            resource: Some(pb::resource::Resource::Service(pb::Service {
-                metadata: Some(pb::Metadata {
-                    name: "echo".into(),
-                    namespace: "default".into(),
-                    ..Default::default()
-                }),
-                ports: vec![port(7), port(8)],
-                versions: vec![],
-                identities: vec![],
-            })),
-        })
+        .apply(tcp_service("echo", &[7, 8]))
         .await
         .expect("apply through a live controller")
         .into_inner();
-    let version = match applied.resource {
-        Some(pb::resource::Resource::Service(s)) => s.metadata.map(|m| m.version).unwrap_or(0),
-        other => panic!("apply answered {other:?}"),
-    };
+    let version = applied_version(applied);
     assert!(version > 0);
     let client_admin = client.addr("admin");
     let server_admin = server.addr("admin");
@@ -390,18 +371,7 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
             break;
         }
         let name = format!("after-etcd-{n}");
-        let svc = pb::Resource {
-            resource: Some(pb::resource::Resource::Service(pb::Service {
-                metadata: Some(pb::Metadata {
-                    name: name.clone(),
-                    namespace: "default".into(),
-                    ..Default::default()
-                }),
-                ports: vec![port(80)],
-                versions: vec![],
-                identities: vec![],
-            })),
-        };
+        let svc = tcp_service(&name, &[80]);
         let via = n % admins.len();
         match admins[via].apply(svc).await {
             Ok(_) => acked.push(name),
@@ -458,25 +428,11 @@ async fn proxies_fail_over_to_another_controller_without_failed_requests() {
         );
     }
     let applied = admins[0]
-        .apply(pb::Resource {
-            resource: Some(pb::resource::Resource::Service(pb::Service {
-                metadata: Some(pb::Metadata {
-                    name: "echo".into(),
-                    namespace: "default".into(),
-                    ..Default::default()
-                }),
-                ports: vec![port(7), port(9)],
-                versions: vec![],
-                identities: vec![],
-            })),
-        })
+        .apply(tcp_service("echo", &[7, 9]))
         .await
         .expect("apply with one etcd member down")
         .into_inner();
-    let version = match applied.resource {
-        Some(pb::resource::Resource::Service(s)) => s.metadata.map(|m| m.version).unwrap_or(0),
-        other => panic!("apply answered {other:?}"),
-    };
+    let version = applied_version(applied);
     for (who, at) in [("client", client_admin), ("echo", server_admin)] {
         assert!(
             eventually(Duration::from_secs(5), || async {
@@ -614,4 +570,35 @@ async fn root_rotation_through_one_of_three_controllers_under_traffic() {
         &errors[..errors.len().min(5)],
         logs(d)
     );
+}
+
+/// A TCP service in `default` with `ports`.
+fn tcp_service(name: &str, ports: &[u32]) -> pb::Resource {
+    pb::Resource {
+        resource: Some(pb::resource::Resource::Service(pb::Service {
+            metadata: Some(pb::Metadata {
+                name: name.into(),
+                namespace: "default".into(),
+                ..Default::default()
+            }),
+            ports: ports
+                .iter()
+                .map(|&port| pb::ServicePort {
+                    port,
+                    protocol: pb::PortProtocol::Tcp as i32,
+                    name: String::new(),
+                })
+                .collect(),
+            versions: vec![],
+            identities: vec![],
+        })),
+    }
+}
+
+/// The version an `Apply` of a service answered with.
+fn applied_version(applied: pb::Resource) -> u64 {
+    match applied.resource {
+        Some(pb::resource::Resource::Service(s)) => s.metadata.map_or(0, |m| m.version),
+        other => panic!("apply answered {other:?}"),
+    }
 }
