@@ -75,6 +75,9 @@ pub struct ProxyConfig {
     /// One JSON line per request and tunneled connection, to stdout or a file (off unless given).
     #[serde(default)]
     pub access_log: Option<crate::access_log::AccessLogConfig>,
+    /// A span per request per hop, exported with OTLP (off unless given).
+    #[serde(default)]
+    pub tracing: Option<crate::trace::TracingConfig>,
 }
 
 /// Certificate, key and trust bundle, as PEM files.
@@ -570,6 +573,10 @@ impl ProxyConfig {
         if let Some(a) = &self.access_log {
             a.check()
                 .map_err(|(k, m)| ConfigError::new(path, format!("access_log.{k}"), m))?;
+        }
+        if let Some(t) = &self.tracing {
+            t.check()
+                .map_err(|(k, m)| ConfigError::new(path, format!("tracing.{k}"), m))?;
         }
         let mut captured = std::collections::HashSet::new();
         for (i, o) in self.outbound.iter().enumerate() {
