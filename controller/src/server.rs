@@ -89,11 +89,9 @@ async fn bind_plain(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), Serve
     Ok((l, bound))
 }
 
-/// Serves `app` on `listener` until the task is aborted.
+/// Serves `app` on `listener` until the task is aborted, with bounded connections and head reads.
 async fn serve_http(what: &'static str, listener: TcpListener, app: axum::Router) {
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "{what} endpoint failed");
-    }
+    quicmesh_transport::http_server::serve(what, listener, app, Default::default()).await;
 }
 
 impl Controller {

@@ -517,6 +517,82 @@ async fn admin_endpoint_reports_live_ready_and_metrics() {
     server.shutdown().await;
 }
 
+/// What an outsider who reaches the admin port can hold: 300 connections that send nothing or half a
+/// request head. Each is closed within the idle timeout (5 s) of being served, at most 256 are
+/// served at once, a real request gets its answer once slots free, and an idle kept-alive
+/// connection is closed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoint_closes_silent_and_half_sent_clients_and_serves_on() {
+    let pki = Pki::new();
+    let echo = echo_server().await;
+    let server = server_proxy(&pki, echo).await;
+    let admin = server.addrs.admin;
+    let started = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for i in 0..300 {
+        let mut s = TcpStream::connect(admin).await.expect("connect");
+        if i % 2 == 1 {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .expect("half a head");
+        }
+        idle.push(s);
+    }
+    // Queued behind the silent ones until the first slots free: within one timeout and a margin.
+    let live = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            if let Ok(Ok(mut s)) =
+                tokio::time::timeout(Duration::from_secs(12), TcpStream::connect(admin)).await
+            {
+                let _ = s.write_all(b"GET /live HTTP/1.0\r\n\r\n").await;
+                let mut text = String::new();
+                if s.read_to_string(&mut text).await.is_ok() && text.starts_with("HTTP/1.0 200") {
+                    return text;
+                }
+            }
+        }
+    })
+    .await
+    .expect("a real request answered while 300 clients held connections");
+    assert!(live.ends_with("live\n"), "{live}");
+    // A kept-alive connection is answered, then closed once it stays idle past the timeout.
+    let mut kept = TcpStream::connect(admin).await.expect("connect");
+    kept.write_all(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("request");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), kept.read_to_end(&mut answer))
+        .await
+        .expect("an idle kept-alive connection is closed")
+        .expect("read");
+    assert!(
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"),
+        "{answer:?}"
+    );
+    // Every silent or half-sent client is closed (EOF or reset), none later than two timeouts
+    // (served late by at most one) and a margin.
+    for (i, mut s) in idle.into_iter().enumerate() {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await;
+        assert!(
+            r.is_ok(),
+            "connection {i} still open after {:?}",
+            started.elapsed()
+        );
+        assert!(
+            !String::from_utf8_lossy(&rest).contains(" 200 "),
+            "connection {i} was answered: {rest:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(scrape(admin, "/ready").await.0, 200);
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_identities_are_refused_once_the_revocation_arrives() {
     let pki = Pki::new();

@@ -73,9 +73,7 @@ impl Admin {
             .route("/metrics", get(metrics))
             .route("/config", get(config))
             .with_state(self.state);
-        if let Err(e) = axum::serve(self.listener, app).await {
-            tracing::error!(error = %e, "admin endpoint failed");
-        }
+        crate::http_server::serve("admin", self.listener, app, Default::default()).await;
     }
 }
 

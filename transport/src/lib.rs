@@ -11,6 +11,7 @@ pub mod clip;
 pub mod config;
 pub mod control;
 pub mod grpc;
+pub mod http_server;
 pub mod identity;
 pub mod l7;
 pub mod metrics;
