@@ -362,6 +362,45 @@ impl AsyncWrite for Prefixed {
 mod tests {
     use super::*;
 
+    async fn exchange(addr: SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+            .await
+            .expect("answer within 5 s")
+            .expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn answered_requests_are_counted_and_served_on_the_stats_port() {
+        let server = AppServer::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .await
+            .expect("server");
+        let stats = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let stats_addr = stats.local_addr().expect("addr");
+        let stats_task = tokio::spawn(serve_stats(stats, server.answered_counter()));
+        for _ in 0..3 {
+            let r = exchange(
+                server.addr(),
+                "POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi",
+            )
+            .await;
+            assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("hi"), "{r}");
+        }
+        assert_eq!(server.answered(), 3);
+        let r = exchange(
+            stats_addr,
+            "GET /stats HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(r.ends_with(r#"{"requests":3}"#), "{r}");
+        // Reading the count is not a request of the app.
+        assert_eq!(server.answered(), 3);
+        stats_task.abort();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn stall_holds_only_inside_the_window() {
         let stall = Stall::new(Some(StallPlan {
