@@ -46,7 +46,7 @@ export QM_FRONT="10.231.$n" QM_BACK="10.232.$n" QM_NO_LOAD=1
 mesh() { "$here/mesh.sh" "$@"; }
 loaders=""
 cleanup() {
-    for c in $loaders; do docker rm -f "$c" >/dev/null 2>&1 || true; done
+    for c in $loaders; do docker rm -f -v "$c" >/dev/null 2>&1 || true; done
     mesh compose down -v -t 1 --remove-orphans >/dev/null 2>&1 || true
     rm -rf "$QM_STATE"
 }
@@ -156,7 +156,7 @@ phase() {
         # The run's own bound: duration + its 15 s timeout; then a margin.
         code=$(timeout "$(($1 + 25))" docker wait "$c" || echo timeout)
         docker logs "$c" > "$QM_STATE/load-$s.out" 2>/dev/null || true
-        docker rm -f "$c" >/dev/null 2>&1 || true
+        docker rm -f -v "$c" >/dev/null 2>&1 || true
         [ "$code" = 0 ] || { tail -n 5 "$QM_STATE/load-$s.out"; fail "the $s load generator exited with $code in phase $name"; }
         printf '  %s load (%s): ' "$s" "$name"
         account load "$s" "$QM_STATE/load-$s.out" || fail "no summary from the $s load generator"
