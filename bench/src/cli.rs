@@ -293,6 +293,9 @@ struct ServeArgs {
     /// Exit after this long (bounded even if nobody stops it).
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     max_time: Duration,
+    /// Also serve the count of answered requests, `{"requests": N}`, over HTTP on this address.
+    #[arg(long)]
+    stats_listen: Option<SocketAddr>,
 }
 
 fn bench_bin(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -434,14 +437,37 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 pause: a.stall_for,
             });
             let server = AppServer::spawn(a.listen, stall).await?;
+            let stats = match a.stats_listen {
+                Some(addr) => {
+                    let l = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("--stats-listen: cannot bind {addr}: {e}"))?;
+                    let bound = l.local_addr()?;
+                    let task =
+                        tokio::spawn(crate::server::serve_stats(l, server.answered_counter()));
+                    Some((bound, task))
+                }
+                None => None,
+            };
             println!(
                 "{}",
-                serde_json::json!({"event": "ready", "addr": server.addr().to_string()})
+                serde_json::json!({
+                    "event": "ready",
+                    "addr": server.addr().to_string(),
+                    "stats": stats.as_ref().map(|(a, _)| a.to_string()),
+                })
             );
             tokio::select! {
                 _ = quicmesh_transport::cli::shutdown_signal() => {}
                 _ = tokio::time::sleep(a.max_time) => {}
             }
+            if let Some((_, task)) = stats {
+                task.abort();
+            }
+            println!(
+                "{}",
+                serde_json::json!({"event": "stopped", "requests": server.answered()})
+            );
             Ok(())
         }
         BenchCommand::Bulk {

@@ -6,12 +6,19 @@
 //! to hyper's HTTP/1 + HTTP/2 server, which sends `/bench.Bench/*` to tonic and answers every other request
 //! with its own body. A [`StallPlan`] makes every handler pause at one moment of the run, which is how the
 //! open-loop mode is shown to catch a stall that closed-loop load hides.
+//!
+//! The server counts the HTTP requests (gRPC calls included) it answered, and can serve that count on a
+//! separate port ([`serve_stats`]): a fault test compares it with the requests its clients saw
+//! acknowledged, so a request the mesh lost after the server answered it, or one it delivered twice, shows.
 
 use std::{
     convert::Infallible,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -77,6 +84,7 @@ impl Stall {
 #[derive(Debug)]
 pub struct AppServer {
     addr: SocketAddr,
+    answered: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -88,14 +96,58 @@ impl AppServer {
             .map_err(|e| anyhow::anyhow!("bench server cannot bind {listen}: {e}"))?;
         let addr = listener.local_addr()?;
         let stall = Stall::new(stall);
-        let task = tokio::spawn(accept_loop(listener, stall));
+        let answered = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(accept_loop(listener, stall, answered.clone()));
         tracing::debug!(%addr, "bench server listening");
-        Ok(Self { addr, task })
+        Ok(Self {
+            addr,
+            answered,
+            task,
+        })
     }
 
     /// The bound address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// HTTP requests and gRPC calls answered so far (counted as the response is handed to the connection).
+    pub fn answered(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// A handle on the same count, for [`serve_stats`].
+    pub fn answered_counter(&self) -> Arc<AtomicU64> {
+        self.answered.clone()
+    }
+}
+
+/// Serves `{"requests": N}` (N = [`AppServer::answered`]) to every HTTP/1.1 request on `listener`, until
+/// the task is dropped. A plain port of its own, so the count is read without going through the mesh.
+pub async fn serve_stats(listener: TcpListener, answered: Arc<AtomicU64>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::task::yield_now().await;
+            continue;
+        };
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                let body = serde_json::json!({"requests": answered.load(Ordering::Relaxed)});
+                let mut resp = Response::new(Full::new(bytes::Bytes::from(body.to_string())));
+                resp.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            // Bounded: a client that sends nothing is dropped after the header timeout.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
     }
 }
 
@@ -105,7 +157,7 @@ impl Drop for AppServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, stall: Stall) {
+async fn accept_loop(listener: TcpListener, stall: Stall, answered: Arc<AtomicU64>) {
     let grpc = pb::bench_server::BenchServer::new(GrpcEcho {
         stall: stall.clone(),
     });
@@ -122,8 +174,9 @@ async fn accept_loop(listener: TcpListener, stall: Stall) {
         let _ = stream.set_nodelay(true);
         let stall = stall.clone();
         let grpc = grpc.clone();
+        let answered = answered.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_conn(stream, stall, grpc).await {
+            if let Err(e) = serve_conn(stream, stall, grpc, answered).await {
                 tracing::trace!(%peer, error = %e, "bench connection ended");
             }
         });
@@ -134,6 +187,7 @@ async fn serve_conn(
     mut stream: TcpStream,
     stall: Stall,
     grpc: pb::bench_server::BenchServer<GrpcEcho>,
+    answered: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let mut magic = [0u8; 4];
     stream.read_exact(&mut magic).await?;
@@ -149,7 +203,12 @@ async fn serve_conn(
             let svc = hyper::service::service_fn(move |req| {
                 let grpc = grpc.clone();
                 let stall = stall.clone();
-                async move { handle_http(req, grpc, stall).await }
+                let answered = answered.clone();
+                async move {
+                    let resp = handle_http(req, grpc, stall).await;
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    resp
+                }
             });
             hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(io, svc)
@@ -302,6 +361,45 @@ impl AsyncWrite for Prefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn exchange(addr: SocketAddr, request: &str) -> String {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("write");
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+            .await
+            .expect("answer within 5 s")
+            .expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn answered_requests_are_counted_and_served_on_the_stats_port() {
+        let server = AppServer::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), None)
+            .await
+            .expect("server");
+        let stats = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let stats_addr = stats.local_addr().expect("addr");
+        let stats_task = tokio::spawn(serve_stats(stats, server.answered_counter()));
+        for _ in 0..3 {
+            let r = exchange(
+                server.addr(),
+                "POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi",
+            )
+            .await;
+            assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("hi"), "{r}");
+        }
+        assert_eq!(server.answered(), 3);
+        let r = exchange(
+            stats_addr,
+            "GET /stats HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(r.ends_with(r#"{"requests":3}"#), "{r}");
+        // Reading the count is not a request of the app.
+        assert_eq!(server.answered(), 3);
+        stats_task.abort();
+    }
 
     #[tokio::test(start_paused = true)]
     async fn stall_holds_only_inside_the_window() {

@@ -21,7 +21,7 @@ fi
 id=qmtest-$$
 dir=$(mktemp -d)
 cleanup() {
-    docker rm -f "$id-controller" "$id-proxy" >/dev/null 2>&1 || true
+    docker rm -f -v "$id-controller" "$id-proxy" >/dev/null 2>&1 || true
     docker network rm "$id" >/dev/null 2>&1 || true
     rm -rf "$dir"
 }

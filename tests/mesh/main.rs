@@ -10,6 +10,7 @@ mod controller;
 mod controller_hardening;
 mod controller_mode;
 mod dataplane;
+mod deploy;
 mod endpoint;
 mod failover;
 mod http;
