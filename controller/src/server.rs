@@ -42,6 +42,8 @@ fn listen_on(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Deadline of one unary request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time calls in progress get to finish after SIGTERM before the rest are closed.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// Why the controller stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -206,7 +208,21 @@ impl Controller {
             AdminAuth::new(state.admin_sha256()),
         );
 
-        let result = tonic::transport::Server::builder()
+        // After the signal, calls in progress get `DRAIN` to finish; Watch streams never end by
+        // themselves, so what is left then is dropped (the proxies reconnect, to another controller
+        // where there is one).
+        let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = fired_tx.send(());
+        };
+        let drained = async move {
+            match fired_rx.await {
+                Ok(()) => tokio::time::sleep(DRAIN).await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let serve = tonic::transport::Server::builder()
             .timeout(REQUEST_TIMEOUT)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -223,8 +239,14 @@ impl Controller {
                     state.limits(),
                 ),
                 shutdown,
-            )
-            .await;
+            );
+        let result = tokio::select! {
+            r = serve => r,
+            () = drained => {
+                tracing::info!(after = ?DRAIN, "stopping: closing the streams still open");
+                Ok(())
+            }
+        };
         ticker.abort();
         expiry.abort();
         follower.abort();

@@ -70,6 +70,11 @@ impl Proc {
         assert!(status.success());
     }
 
+    /// Waits for the process to exit.
+    pub(crate) async fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().await.expect("wait")
+    }
+
     /// Sends SIGKILL: the process ends without a word to anyone.
     pub(crate) fn kill(&mut self) {
         self.child.start_kill().expect("kill");
@@ -375,6 +380,21 @@ async fn controller_mode_end_to_end_with_processes() {
         .expect("list proxies")
         .into_inner();
     assert_eq!(proxies.proxies.len(), 2, "{proxies:?}");
+
+    // SIGTERM stops the controller although both proxies hold Watch streams open: calls get a
+    // short drain, then it exits cleanly (as Kubernetes and Compose expect before their SIGKILL).
+    let mut controller = mesh.controller;
+    let stopping = std::time::Instant::now();
+    controller.terminate();
+    let status = tokio::time::timeout(Duration::from_secs(15), controller.wait())
+        .await
+        .expect("the controller exits within 15 s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stopping.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
