@@ -64,6 +64,16 @@ struct Inner {
     apps: Mutex<HashMap<SocketAddr, Arc<App>>>,
 }
 
+/// An application address as [`AppClients::target`] found it.
+pub struct AppTarget(Arc<App>);
+
+impl AppTarget {
+    /// The authority (`ip:port`) requests to it carry; formatted once per address.
+    pub fn authority(&self) -> &Authority {
+        &self.0.authority
+    }
+}
+
 /// One application address and its connections.
 struct App {
     addr: SocketAddr,
@@ -83,9 +93,9 @@ impl AppClients {
         }
     }
 
-    /// The authority (`ip:port`) requests to `addr` carry; formatted once per address.
-    pub fn authority(&self, addr: SocketAddr) -> Authority {
-        self.app(addr).authority.clone()
+    /// The application at `addr` (looked up once per request: its authority and its connections).
+    pub fn target(&self, addr: SocketAddr) -> AppTarget {
+        AppTarget(self.app(addr))
     }
 
     fn app(&self, addr: SocketAddr) -> Arc<App> {
@@ -114,14 +124,14 @@ impl AppClients {
     }
 
     /// Sends `req` (origin-form URI and `Host` for HTTP/1.1, absolute URI for HTTP/2) to the
-    /// application at `addr` over HTTP/1.1 or HTTP/2 (`h2`).
+    /// application `target` over HTTP/1.1 or HTTP/2 (`h2`).
     pub async fn send(
         &self,
-        addr: SocketAddr,
+        target: &AppTarget,
         h2: bool,
         req: Request<StreamBody>,
     ) -> Result<Response<AppBody>, AppError> {
-        let app = self.app(addr);
+        let app = target.0.clone();
         if h2 {
             self.send_h2(&app, req).await
         } else {

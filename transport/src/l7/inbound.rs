@@ -199,7 +199,8 @@ pub async fn serve(
     if head.end_stream {
         body.settle();
     }
-    let mut req = match app_request(&head, &ctx.clients.authority(app), version, peer, body) {
+    let app_target = ctx.clients.target(app);
+    let mut req = match app_request(&head, app_target.authority(), version, peer, body) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(request_id = %rid, error = %e, "bad request head");
@@ -239,7 +240,9 @@ pub async fn serve(
         }
         status_sent = true;
     }
-    let sent = ctx.clients.send(app, version == Version::HTTP_2, req);
+    let sent = ctx
+        .clients
+        .send(&app_target, version == Version::HTTP_2, req);
     tokio::pin!(sent);
     let until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
     let status_by = if defer_status {
