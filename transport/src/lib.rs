@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod grpc;
 pub mod identity;
+pub mod ingress;
 pub mod l7;
 pub mod metrics;
 pub mod model;
