@@ -13,6 +13,7 @@ mod dataplane;
 mod endpoint;
 mod failover;
 mod http;
+mod ingress;
 mod k8s;
 mod naming;
 mod observe;
