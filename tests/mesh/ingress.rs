@@ -226,7 +226,7 @@ spec: {{ports: [{{port: 80, protocol: http}}]}}
 ---
 kind: Endpoint
 metadata: {{name: echo-0, namespace: default}}
-spec: {{service: echo, address: "{}"}}
+spec: {{service: echo, address: "{}", spiffe_id: "spiffe://mesh.local/ns/default/sa/echo"}}
 "#,
                 server.inbound()
             ),
