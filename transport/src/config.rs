@@ -915,8 +915,11 @@ impl IngressConfig {
         let mut seen = std::collections::HashSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let key = |k: &str| format!("routes[{i}].{k}");
+            // A port would never match (routing ignores it); an IPv6 literal keeps its brackets.
+            let v6 = r.host.starts_with('[') && r.host.ends_with(']');
             if r.host.is_empty()
-                || r.host.contains(['/', ':', ' '])
+                || r.host.contains(['/', ' '])
+                || (r.host.contains(':') && !v6)
                 || r.host.parse::<http::uri::Authority>().is_err()
             {
                 return Err((
@@ -1211,6 +1214,75 @@ port = 7
         assert_eq!(err.key, "outbound[0].capture");
         let err = with(listener, &["10.96.0.10:80", "10.96.0.10:80"]).expect_err("twice");
         assert_eq!(err.key, "outbound[1].capture");
+    }
+
+    #[test]
+    fn ingress_tables_are_checked_key_by_key() {
+        let with = |body: &str| {
+            let text = format!(
+                "mesh = \"mesh.yaml\"\n{}\n[ingress]\nlisten = \"127.0.0.1:0\"\ncert = \"i.pem\"\nkey = \"i.key\"\n{body}",
+                &BASE[..BASE.find("[[outbound]]").unwrap_or(0)]
+            );
+            ProxyConfig::parse(Path::new("/etc/qm/p.toml"), &text)
+        };
+        let route = "[[ingress.routes]]\nhost = \"shop.example\"\nservice = \"web\"\nport = 80\n";
+        let cfg = with(route).expect("valid");
+        let i = cfg.ingress.as_ref().expect("ingress");
+        assert_eq!(i.cert, PathBuf::from("/etc/qm/i.pem"));
+        assert_eq!(i.routes[0].path_prefix, "/");
+        assert_eq!(
+            (i.max_connections, i.max_streams_per_connection),
+            (1024, 100)
+        );
+        let target = i.target(&i.routes[0]);
+        assert_eq!((target.service.as_str(), target.port), ("web", 80));
+        for (body, key) in [
+            ("", "ingress.routes"),
+            (
+                &*route.replace("shop.example", "shop.example:443"),
+                "ingress.routes[0].host",
+            ),
+            (
+                &*route.replace("shop.example", "a/b"),
+                "ingress.routes[0].host",
+            ),
+            (
+                &*format!("{route}path_prefix = \"api\"\n"),
+                "ingress.routes[0].path_prefix",
+            ),
+            (&*format!("{route}{route}"), "ingress.routes[1].path_prefix"),
+            (
+                &*route.replace("port = 80", "port = 0"),
+                "ingress.routes[0].port",
+            ),
+            (
+                &*route.replace("\"web\"", "\"\""),
+                "ingress.routes[0].service",
+            ),
+            (
+                &*format!("max_connections = 0\n{route}"),
+                "ingress.max_connections",
+            ),
+            (
+                &*format!("idle_timeout = \"0s\"\n{route}"),
+                "ingress.idle_timeout",
+            ),
+        ] {
+            let err = with(body).expect_err(body);
+            assert_eq!(err.key, key, "{body}: {err}");
+        }
+        // Two prefixes of one host that differ only by a trailing slash are the same route.
+        let twice = format!("{route}path_prefix = \"/api\"\n{route}path_prefix = \"/api/\"\n");
+        assert_eq!(
+            with(&twice).expect_err("same").key,
+            "ingress.routes[1].path_prefix"
+        );
+        // Static mode without a mesh file would have no endpoints for the routes.
+        let text = format!(
+            "{BASE}\n[ingress]\nlisten = \"127.0.0.1:0\"\ncert = \"i.pem\"\nkey = \"i.key\"\n{route}"
+        );
+        let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("no mesh");
+        assert_eq!(err.key, "ingress.routes");
     }
 }
 

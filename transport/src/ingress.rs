@@ -85,7 +85,7 @@ impl Routes {
                 .push((prefix, i));
         }
         for v in hosts.values_mut() {
-            v.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            v.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         }
         Self { hosts }
     }
