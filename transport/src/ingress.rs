@@ -9,8 +9,8 @@
 //! sees). Bodies stream both ways without being gathered: the request body is read from the h3 stream
 //! as the mesh stream takes it, the response body written to the client as it comes.
 //!
-//! What a client can make the gateway hold is bounded: connections at once (handshakes included),
-//! streams per connection (the QUIC limit), the header section size (431 beyond it), the time to
+//! What a client can make the gateway hold is bounded: connections at once (handshakes included;
+//! past a quarter of the cap, unproven addresses get a stateless Retry first), streams per connection (the QUIC limit), the header section size (431 beyond it), the time to
 //! finish a handshake and to send a request head, the receive windows, and an idle timeout. A client
 //! that goes away mid-request cancels the mesh request (its stream is stopped; the destination drops
 //! the request to its app); a malformed request gets h3's stream or connection error, and the gateway
@@ -332,6 +332,17 @@ impl Ingress {
                 _ = drain.stop_accepting.cancelled() => break,
             };
             let Some(incoming) = incoming else { break };
+            // Past a quarter of the cap, a client must first prove its address (stateless Retry),
+            // so spoofed Initials cannot hold the slots for the handshake timeout.
+            if !incoming.remote_address_validated()
+                && incoming.may_retry()
+                && self.shared.open.load(Ordering::Acquire) >= self.shared.max_connections / 4
+            {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
             let Some(slot) = ConnSlot::take(&self.shared) else {
                 self.shared.metrics.error("connections_over_limit");
                 incoming.refuse();
