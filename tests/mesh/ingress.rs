@@ -316,11 +316,22 @@ async fn http3_requests_reach_the_mesh_service_under_the_gateway_identity() {
             {"method": "GET", "authority": "unknown.example", "path": "/echo"},
             get("/private"),
             {"method": "GET", "authority": "shop.example", "malformed": true},
+            {"method": "GET", "authority": "shop.example", "path": "/echo", "big_header": 70_000},
             get("/echo"),
         ]))
         .await;
-    assert_eq!(answers.len(), 7, "{answers:?}");
-    let [get_echo, post, big, unknown, private, malformed, after] = &answers[..] else {
+    assert_eq!(answers.len(), 8, "{answers:?}");
+    let [
+        get_echo,
+        post,
+        big,
+        unknown,
+        private,
+        malformed,
+        too_big,
+        after,
+    ] = &answers[..]
+    else {
         unreachable!()
     };
 
@@ -351,8 +362,10 @@ async fn http3_requests_reach_the_mesh_service_under_the_gateway_identity() {
     assert_eq!(private["status"], 403, "{private}");
     assert_eq!(private["headers"]["x-quicmesh-error"], "mesh", "{private}");
 
-    // Missing :path: the stream is reset with H3_MESSAGE_ERROR (0x10e), and the connection serves on.
+    // Missing :path: the stream is reset with H3_MESSAGE_ERROR (0x10e); a header section over the
+    // 64 KiB limit gets 431; the connection serves on.
     assert_eq!(malformed["reset"], 0x10e, "{malformed}");
+    assert_eq!(too_big["status"], 431, "{too_big}");
     assert_eq!(after["status"], 200, "{after}");
 
     let m = mesh.gateway.metrics().await;
@@ -365,7 +378,7 @@ async fn http3_requests_reach_the_mesh_service_under_the_gateway_identity() {
         4.0,
         "{m}"
     );
-    for code in ["404", "403"] {
+    for code in ["404", "403", "431"] {
         let label = format!("status_code=\"{code}\"");
         assert_eq!(
             metric(&m, "quicmesh_ingress_requests_total", &[&label]),

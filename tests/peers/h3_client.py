@@ -3,7 +3,8 @@ with bodies made from a fixed byte pattern, and answers summarised (status, head
 
 usage:
   h3_client.py HOST PORT CAFILE SNI REQUESTS_JSON
-      REQUESTS_JSON: a list of {"method", "authority", "path", "body_size", "malformed"}; prints one
+      REQUESTS_JSON: a list of {"method", "authority", "path", "body_size", "malformed",
+      "big_header" (bytes of extra header fields)}; prints one
       JSON list, an entry per request: {"status", "headers", "length", "sha256", "sent_sha256",
       "body" (first 4 KiB as text), "reset" (the stream's reset code, if reset), "error"}
   h3_client.py HOST PORT CAFILE SNI --vanish AUTHORITY PATH
@@ -69,7 +70,7 @@ class Client(QuicConnectionProtocol):
         if not fut.done():
             fut.set_result(r)
 
-    def start(self, method, authority, path, body, malformed=False, end=True):
+    def start(self, method, authority, path, body, malformed=False, end=True, extra=()):
         sid = self._quic.get_next_available_stream_id()
         head = [(b":method", method.encode()), (b":scheme", b"https"), (b":authority", authority.encode())]
         if not malformed:
@@ -77,6 +78,7 @@ class Client(QuicConnectionProtocol):
         if body:
             head.append((b"content-length", str(len(body) if end else 1 << 20).encode()))
         head.append((b"x-quicmesh-client-id", b"spiffe://mesh.local/ns/default/sa/forged"))
+        head.extend(extra)
         done = asyncio.get_running_loop().create_future()
         self.pending[sid] = {
             "status": None, "headers": {}, "length": 0, "_hash": hashlib.sha256(), "_body": b"",
@@ -102,8 +104,11 @@ async def run(host, port, cafile, sni, requests):
     async with connect(host, port, configuration=configuration(cafile, sni), create_protocol=Client) as c:
         for q in requests:
             body = pattern(q.get("body_size", 0))
+            # In fields of 4,000 bytes (the encoder refuses longer values).
+            big = q.get("big_header", 0)
+            extra = [(b"x-big-%d" % i, b"a" * 4000) for i in range((big + 3999) // 4000)]
             done = c.start(q.get("method", "GET"), q["authority"], q.get("path", "/"), body,
-                           malformed=q.get("malformed", False))
+                           malformed=q.get("malformed", False), extra=extra)
             try:
                 out.append(await asyncio.wait_for(done, timeout=30))
             except Exception as e:  # noqa: BLE001 - reported to the test
