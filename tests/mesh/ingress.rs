@@ -170,7 +170,8 @@ struct Mesh {
 }
 
 impl Mesh {
-    async fn new() -> Self {
+    /// The mesh, with extra `[ingress]` keys in `ingress`.
+    async fn new(ingress: &str) -> Self {
         let (app, seen) = app().await;
         let pki = Pki::new();
         pki.issue("server", "echo");
@@ -236,18 +237,21 @@ spec: {{service: echo, address: "{}", spiffe_id: "spiffe://mesh.local/ns/default
             "gateway",
             "mesh = \"gateway-mesh.yaml\"",
             "",
-            r#"
+            &format!(
+                r#"
 [ingress]
 listen = "127.0.0.1:0"
 cert = "ingress.pem"
 key = "ingress.key"
 idle_timeout = "2s"
+{ingress}
 
 [[ingress.routes]]
 host = "shop.example"
 service = "echo"
 port = 80
-"#,
+"#
+            ),
         );
         let gateway = start_proxy(&cfg).await;
         Self {
@@ -306,7 +310,7 @@ async fn http3_requests_reach_the_mesh_service_under_the_gateway_identity() {
     if !aioquic_available() {
         return;
     }
-    let mesh = Mesh::new().await;
+    let mesh = Mesh::new("").await;
     let post_size = 300 * 1024;
     let answers = mesh
         .requests(json!([
@@ -398,12 +402,12 @@ async fn http3_requests_reach_the_mesh_service_under_the_gateway_identity() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_vanishes_mid_request_frees_its_connection_and_cancels_the_upstream_request()
-{
+async fn a_client_that_vanishes_mid_request_frees_its_connection_slot_and_cancels_the_upstream_request()
+ {
     if !aioquic_available() {
         return;
     }
-    let mesh = Mesh::new().await;
+    let mesh = Mesh::new("max_connections = 1").await;
     let mut args = mesh.client_args();
     args.extend(["--vanish".into(), "shop.example".into(), "/hold".into()]);
     let mut child = Command::new("python3")
@@ -428,6 +432,20 @@ async fn a_client_that_vanishes_mid_request_frees_its_connection_and_cancels_the
     );
     let m = mesh.gateway.metrics().await;
     assert_eq!(metric(&m, "quicmesh_ingress_connections", &[]), 1.0, "{m}");
+    // It holds the only connection slot: another client is refused, and the gateway serves on.
+    let refused = mesh.requests(json!([get("/echo")])).await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0]["status"].is_null(), "{refused:?}");
+    let m = mesh.gateway.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_ingress_errors_total",
+            &["reason=\"connections_over_limit\""]
+        ),
+        1.0,
+        "{m}"
+    );
 
     // Killed without a word: the gateway finds out by the idle timeout (2 s here).
     child.kill().await.expect("kill client");

@@ -101,6 +101,14 @@ def configuration(cafile, sni):
 
 async def run(host, port, cafile, sni, requests):
     out = []
+    try:
+        await exchange_all(host, port, cafile, sni, requests, out)
+    except Exception as e:  # noqa: BLE001 - a refused connection is reported to the test
+        out.append({"status": None, "error": f"{type(e).__name__}: {e}"})
+    return out
+
+
+async def exchange_all(host, port, cafile, sni, requests, out):
     async with connect(host, port, configuration=configuration(cafile, sni), create_protocol=Client) as c:
         for q in requests:
             body = pattern(q.get("body_size", 0))
@@ -113,7 +121,6 @@ async def run(host, port, cafile, sni, requests):
                 out.append(await asyncio.wait_for(done, timeout=30))
             except Exception as e:  # noqa: BLE001 - reported to the test
                 out.append({"status": None, "error": f"{type(e).__name__}: {e}"})
-    return out
 
 
 async def vanish(host, port, cafile, sni, authority, path):
