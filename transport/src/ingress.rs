@@ -467,12 +467,10 @@ async fn exchange(
         .unwrap_or_default();
     let Some(route) = g.routes.route(&authority, req.uri().path()) else {
         tracing::debug!(%authority, path = req.uri().path(), "no ingress route");
-        let resp = Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(Bytes::from_static(b"no route\n"));
-        if let Ok(r) = resp {
-            let (parts, body) = r.into_parts();
-            let _ = send_whole(&mut send, Response::from_parts(parts, ()), body).await;
+        let mut head = Response::new(());
+        *head.status_mut() = StatusCode::NOT_FOUND;
+        if let Err(e) = send_whole(&mut send, head, Bytes::from_static(b"no route\n")).await {
+            tracing::debug!(error = %e, "404 not delivered");
         }
         g.metrics.answered(StatusCode::NOT_FOUND);
         return;
