@@ -56,6 +56,8 @@ pub async fn run_controller(args: ControllerArgs) -> Result<(), ServeError> {
     // umask it was started with; `State::open` also fixes the modes of what already exists.
     #[cfg(unix)]
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // One descriptor per proxy's Watch connection: the soft default of 1,024 would cap the mesh.
+    quicmesh_transport::cli::raise_open_file_limit();
     let opts = args.state_options()?;
     tracing::info!(?args, "starting controller");
     let controller = Controller::bind(opts, args.listen)

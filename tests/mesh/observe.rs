@@ -737,7 +737,7 @@ struct WebHop {
     client: Proc,
 }
 
-async fn web_hop(d: &Path, app: SocketAddr, web_extra: &str) -> WebHop {
+async fn web_hop(d: &Path, app: SocketAddr, web_extra: &str, client_extra: &str) -> WebHop {
     let controller = start_controller(d, "127.0.0.1:0", "1h").await;
     let addr = controller.addr("grpc");
     let admin = controller.admin_token();
@@ -781,7 +781,9 @@ async fn web_hop(d: &Path, app: SocketAddr, web_extra: &str) -> WebHop {
         &bundle,
         "client",
         &token,
-        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n",
+        &format!(
+            "{client_extra}[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"web\"\nport = 80\n"
+        ),
     );
     let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
     WebHop {
@@ -807,7 +809,7 @@ async fn a_tap_shows_requests_within_a_second_and_stops_at_the_proxies() {
         bundle,
         server,
         client,
-    } = web_hop(d, app, "").await;
+    } = web_hop(d, app, "", "").await;
     let mut a = admin_client(addr, &bundle, &admin).await;
     let web = client.outbound();
     let h1 = h1_client();
@@ -1029,39 +1031,33 @@ async fn json_lines(
     lines
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn access_log_lines_and_traceparent_across_both_hops() {
-    raise_fd_limit();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let app = trace_app().await;
-    // The controller lives as long as its handle.
-    let WebHop {
-        controller: _controller,
-        server,
-        client,
-        ..
-    } = web_hop(d, app, "[access_log]\npath = \"web-access.log\"\n\n").await;
-    let web = client.outbound();
-    let h1 = h1_client();
-    let get = |path: &'static str, traceparent: Option<&'static str>| {
-        let h1 = h1.clone();
-        async move {
-            let mut req = Request::get(format!("http://{web}{path}"));
-            if let Some(t) = traceparent {
-                req = req.header("traceparent", t);
-            }
-            let req = req.body(Full::new(Bytes::new()).boxed()).expect("request");
-            let r = tokio::time::timeout(Duration::from_secs(5), h1.request(req))
-                .await
-                .expect("in time")
-                .expect("response");
-            assert_eq!(r.status(), StatusCode::OK);
-            let body = r.into_body().collect().await.expect("body").to_bytes();
-            String::from_utf8(body.to_vec()).expect("utf8")
-        }
-    };
-    // The endpoint may take a moment to reach the client's state.
+type H1Client =
+    hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+/// A GET through `web` (the client proxy's outbound listener) with an optional `traceparent`;
+/// the app's answer (the `traceparent` it saw).
+async fn traced_get(
+    h1: &H1Client,
+    web: SocketAddr,
+    path: &str,
+    traceparent: Option<&str>,
+) -> String {
+    let mut req = Request::get(format!("http://{web}{path}"));
+    if let Some(t) = traceparent {
+        req = req.header("traceparent", t);
+    }
+    let req = req.body(Full::new(Bytes::new()).boxed()).expect("request");
+    let r = tokio::time::timeout(Duration::from_secs(5), h1.request(req))
+        .await
+        .expect("in time")
+        .expect("response");
+    assert_eq!(r.status(), StatusCode::OK);
+    let body = r.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8(body.to_vec()).expect("utf8")
+}
+
+/// Waits until `web` answers (the endpoint may take a moment to reach the client's state).
+async fn wait_for_web(h1: &H1Client, web: SocketAddr) {
     assert!(
         eventually(Duration::from_secs(5), || async {
             let req = Request::get(format!("http://{web}/warm"))
@@ -1075,27 +1071,31 @@ async fn access_log_lines_and_traceparent_across_both_hops() {
         .await,
         "web never answered"
     );
+}
 
-    // A caller's trace goes on: same trace id and flags, a new span per hop (two hops: the app
-    // sees neither the caller's span nor the client proxy's).
-    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
-    const SENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let seen = get("/traced?x=1", Some(SENT)).await;
-    let parts: Vec<&str> = seen.split('-').collect();
-    assert_eq!(parts.len(), 4, "{seen:?}");
-    assert_eq!(
-        (parts[0], parts[1], parts[3]),
-        ("00", TRACE, "01"),
-        "{seen}"
-    );
-    assert_ne!(parts[2], "00f067aa0ba902b7", "a child span");
-    // None sent: the mesh starts a trace.
-    let fresh = get("/untraced", None).await;
-    assert_eq!(fresh.len(), 55, "{fresh:?}");
-    assert!(
-        fresh.starts_with("00-") && !fresh.contains(TRACE),
-        "{fresh}"
-    );
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const SENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_and_an_untouched_traceparent_without_tracing() {
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let app = trace_app().await;
+    // The controller lives as long as its handle.
+    let WebHop {
+        controller: _controller,
+        server,
+        client,
+        ..
+    } = web_hop(d, app, "[access_log]\npath = \"web-access.log\"\n\n", "").await;
+    let web = client.outbound();
+    let h1 = h1_client();
+    wait_for_web(&h1, web).await;
+
+    // Tracing is off: the caller's context reaches the app as it was sent, and none is invented.
+    assert_eq!(traced_get(&h1, web, "/traced?x=1", Some(SENT)).await, SENT);
+    assert_eq!(traced_get(&h1, web, "/untraced", None).await, "");
 
     // The web proxy's access log: one line per request, with identities, status and trace.
     let lines = json_lines(&d.join("web-access.log"), |l| {
@@ -1123,22 +1123,191 @@ async fn access_log_lines_and_traceparent_across_both_hops() {
     );
     assert_eq!(traced["request_id"].as_str().map(str::len), Some(32));
     assert!(traced["duration_ms"].as_f64().is_some_and(|d| d > 0.0));
-    let hop = traced["traceparent"].as_str().expect("traceparent logged");
-    assert!(
-        hop.contains(TRACE) && !hop.contains("00f067aa0ba902b7"),
-        "{hop}"
-    );
-    assert!(
-        !hop.contains(parts[2]),
-        "each hop its own span: {hop} vs {seen}"
-    );
-    assert!(lines.iter().any(|l| l["path"] == "/untraced"));
+    assert_eq!(traced["traceparent"], SENT);
+    let untraced = lines
+        .iter()
+        .find(|l| l["path"] == "/untraced")
+        .unwrap_or_else(|| panic!("/untraced in {lines:#?}"));
+    assert!(untraced.get("traceparent").is_none(), "{untraced}");
     let m = server.metrics().await;
     assert!(
         metric(&m, "quicmesh_access_log_lines_total", &[]) >= 2.0,
         "{m}"
     );
     assert_eq!(metric(&m, "quicmesh_access_log_dropped_total", &[]), 0.0);
+    assert_eq!(metric(&m, "quicmesh_trace_spans_exported_total", &[]), 0.0);
+    drop(client);
+    drop(server);
+}
+
+/// Starts `tests/peers/otlp_collector.py` (grpcio, opentelemetry-proto): its port and its span
+/// lines; None, with the reason printed, when python3 or the packages are missing.
+async fn otlp_collector() -> Option<(
+    tokio::process::Child,
+    u16,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+)> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let probe = Command::new("python3")
+        .args(["-c", "import grpc, opentelemetry.proto.collector.trace.v1"])
+        .output()
+        .await;
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!(
+            "SKIP: python3 with grpcio and opentelemetry-proto not found (pip install grpcio opentelemetry-proto)"
+        );
+        return None;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/otlp_collector.py");
+    let mut child = Command::new("python3")
+        .args([script, "--max-seconds", "120"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the collector");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("collector ready in time")
+        .expect("read")
+        .expect("a ready line");
+    let ready: serde_json::Value = serde_json::from_str(&ready).expect("ready JSON");
+    let port = u16::try_from(ready["port"].as_u64().expect("port")).expect("port");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str(&l) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    Some((child, port, rx))
+}
+
+/// Spans of `trace` from `rx` until `n` arrived (bounded wait: proxies batch for up to a second).
+async fn spans_of(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    seen: &mut Vec<serde_json::Value>,
+    trace: &str,
+    n: usize,
+) -> Vec<serde_json::Value> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let of: Vec<_> = seen
+            .iter()
+            .filter(|s| s["trace_id"] == trace)
+            .cloned()
+            .collect();
+        if of.len() >= n {
+            return of;
+        }
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(s)) => seen.push(s),
+            _ => panic!(
+                "{} of {n} spans of {trace} within 10 s; all: {seen:#?}",
+                of.len()
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_spans_of_both_hops_reach_an_independent_collector() {
+    raise_fd_limit();
+    let Some((_collector, port, mut rx)) = otlp_collector().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let app = trace_app().await;
+    let tracing =
+        format!("[tracing]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nsample_percent = 100\n\n");
+    let WebHop {
+        controller: _controller,
+        server,
+        client,
+        ..
+    } = web_hop(d, app, &tracing, &tracing).await;
+    let web = client.outbound();
+    let h1 = h1_client();
+    wait_for_web(&h1, web).await;
+    let mut seen = Vec::new();
+
+    // A caller's sampled trace goes on: the client proxy's span is the child of the caller's, the
+    // web proxy's the child of the client proxy's, and the app sees the web proxy's span as parent.
+    let at_app = traced_get(&h1, web, "/traced?x=1", Some(SENT)).await;
+    let spans = spans_of(&mut rx, &mut seen, TRACE, 2).await;
+    let kind = |k: i64| {
+        spans
+            .iter()
+            .find(|s| s["kind"] == k)
+            .unwrap_or_else(|| panic!("kind {k} in {spans:#?}"))
+    };
+    let (out, inb) = (kind(3), kind(2));
+    assert_eq!(out["parent_span_id"], "00f067aa0ba902b7", "{out}");
+    assert_eq!(inb["parent_span_id"], out["span_id"], "{inb}");
+    assert_eq!(
+        at_app,
+        format!("00-{TRACE}-{}-01", inb["span_id"].as_str().expect("id"))
+    );
+    let client_id = format!("spiffe://{TD}/ns/default/sa/client");
+    let web_id = format!("spiffe://{TD}/ns/default/sa/web");
+    assert_eq!(out["resource"]["quicmesh.identity"], client_id.as_str());
+    assert_eq!(
+        out["attributes"]["quicmesh.destination_identity"],
+        web_id.as_str()
+    );
+    assert_eq!(inb["resource"]["quicmesh.identity"], web_id.as_str());
+    assert_eq!(
+        inb["attributes"]["quicmesh.source_identity"],
+        client_id.as_str()
+    );
+    for s in [out, inb] {
+        assert_eq!(s["attributes"]["http.request.method"], "GET", "{s}");
+        assert_eq!(s["attributes"]["url.path"], "/traced?x=1", "{s}");
+        assert_eq!(s["attributes"]["http.response.status_code"], "200", "{s}");
+        assert_eq!(s["attributes"]["quicmesh.service"], "web.default", "{s}");
+        assert_eq!(s["status"], 0, "unset: no error: {s}");
+        assert!(s["end"].as_u64() >= s["start"].as_u64(), "{s}");
+    }
+    assert_eq!(
+        out["attributes"]["quicmesh.request_id"], inb["attributes"]["quicmesh.request_id"],
+        "one request id across the hops"
+    );
+
+    // No context: the caller's proxy starts a trace (sampled at 100%), a root span.
+    let fresh = traced_get(&h1, web, "/untraced", None).await;
+    let trace = fresh.get(3..35).expect("a traceparent").to_owned();
+    assert_ne!(trace, TRACE);
+    let spans = spans_of(&mut rx, &mut seen, &trace, 2).await;
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["kind"] == 3 && s["parent_span_id"] == ""),
+        "{spans:#?}"
+    );
+    // An unsampled context passes untouched and records nothing.
+    let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4737-00f067aa0ba902b7-00";
+    assert_eq!(
+        traced_get(&h1, web, "/unsampled", Some(unsampled)).await,
+        unsampled
+    );
+    let m = client.metrics().await;
+    assert_eq!(
+        metric(&m, "quicmesh_trace_spans_dropped_total", &[]),
+        0.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "quicmesh_trace_spans_exported_total", &[]) >= 2.0,
+        "{m}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4737"),
+        "an unsampled request was recorded"
+    );
     drop(client);
     drop(server);
 }

@@ -23,9 +23,10 @@ use tokio::{
 
 pub const TD: &str = "mesh.local";
 
-/// Raises the open-file limit so that a thousand connections (four sockets each) fit.
-pub fn raise_fd_limit() {
-    let _ = rlimit::increase_nofile_limit(65_536);
+/// Raises the open-file limit to the hard limit, as the proxy and controller processes do at start, and
+/// returns it: a test with a thousand connections holds two or more sockets for each in this process.
+pub fn raise_fd_limit() -> u64 {
+    quicmesh_transport::cli::raise_open_file_limit().unwrap_or(1024)
 }
 
 /// Logs of in-process proxies go to the test's captured output (shown only when a test fails), at

@@ -147,6 +147,7 @@ pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 /// (one JSON object on stdout: scripts and tests wait for it instead of sleeping), serves until SIGTERM,
 /// then drains.
 pub async fn run(args: &ProxyArgs) -> Result<(), RunError> {
+    raise_open_file_limit();
     let cfg = ProxyConfig::load(&args.config)?;
     let proxy = Proxy::bind(&cfg, &args.config).await?;
     let shutdown = shutdown_signal();
@@ -169,6 +170,22 @@ pub async fn run(args: &ProxyArgs) -> Result<(), RunError> {
     println!("{ready}");
     proxy.run(shutdown).await;
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard one, as a process that holds one descriptor per
+/// connection needs: distributions start processes at a soft 1,024 whatever the hard limit allows, and
+/// a proxy tunneling a thousand connections holds two descriptors for each. Returns the limit in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => {
+            tracing::debug!(limit = n, "open-file limit");
+            Some(n)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+            None
+        }
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

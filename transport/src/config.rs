@@ -78,6 +78,9 @@ pub struct ProxyConfig {
     /// HTTP/3 ingress: outside clients call mesh services through this proxy, under its identity.
     #[serde(default)]
     pub ingress: Option<IngressConfig>,
+    /// A span per request per hop, exported with OTLP (off unless given).
+    #[serde(default)]
+    pub tracing: Option<crate::trace::TracingConfig>,
 }
 
 /// The HTTP/3 ingress gateway (`[ingress]`): a UDP listener for outside HTTP/3 clients, with an
@@ -642,6 +645,10 @@ impl ProxyConfig {
         if let Some(a) = &self.access_log {
             a.check()
                 .map_err(|(k, m)| ConfigError::new(path, format!("access_log.{k}"), m))?;
+        }
+        if let Some(t) = &self.tracing {
+            t.check()
+                .map_err(|(k, m)| ConfigError::new(path, format!("tracing.{k}"), m))?;
         }
         let mut captured = std::collections::HashSet::new();
         for (i, o) in self.outbound.iter().enumerate() {

@@ -14,3 +14,13 @@ pub mod inbound;
 pub mod io;
 pub mod outbound;
 pub mod policy;
+
+/// A path as a tap, the access log's neighbours and a span show it: at most 256 bytes, cut at a
+/// character boundary.
+pub(crate) fn clip_path(p: &str) -> String {
+    let mut end = p.len().min(256);
+    while !p.is_char_boundary(end) {
+        end -= 1;
+    }
+    p[..end].to_owned()
+}

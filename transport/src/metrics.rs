@@ -234,6 +234,8 @@ pub struct Metrics {
     pub tap: Arc<Tap>,
     /// The access log (`[access_log]`; off unless configured).
     pub access_log: Arc<crate::access_log::AccessLog>,
+    /// Spans per hop exported with OTLP (`[tracing]`; off unless configured).
+    pub tracer: Arc<crate::trace::Tracer>,
 }
 
 /// Labels of an admission decision.
@@ -361,6 +363,7 @@ impl Metrics {
             edges: Arc::default(),
             tap: Arc::default(),
             access_log: Arc::default(),
+            tracer: Arc::default(),
         };
         let r = registry.sub_registry_with_prefix("quicmesh");
         r.register(
@@ -529,6 +532,16 @@ impl Metrics {
             "access_log_dropped",
             "Access log lines dropped (the writer fell behind or failed)",
             m.access_log.dropped.clone(),
+        );
+        r.register(
+            "trace_spans_exported",
+            "Spans the OTLP collector accepted",
+            m.tracer.exported.clone(),
+        );
+        r.register(
+            "trace_spans_dropped",
+            "Spans dropped (full queue or failed export)",
+            m.tracer.dropped.clone(),
         );
         m.endpoint.register(r);
         m

@@ -450,16 +450,22 @@ impl Proxy {
         let mut registry = Registry::default();
         let metrics = Metrics::register(&mut registry);
         let err = |key: String, e: &dyn std::fmt::Display| ConfigError::new(file, key, e);
+        let local = || match &cfg.controller {
+            Some(c) => c.identity.clone(),
+            None => creds.id().map(|i| i.to_string()).unwrap_or_default(),
+        };
         if let Some(a) = &cfg.access_log {
-            let local = match &cfg.controller {
-                Some(c) => c.identity.clone(),
-                None => creds.id().map(|i| i.to_string()).unwrap_or_default(),
-            };
             metrics
                 .access_log
-                .start(a, local)
+                .start(a, local())
                 .await
                 .map_err(|e| err("access_log.path".into(), &e))?;
+        }
+        if let Some(t) = &cfg.tracing {
+            metrics
+                .tracer
+                .start(t, local())
+                .map_err(|e| err("tracing.otlp_endpoint".into(), &e))?;
         }
         // Controller mode: nothing is known (or allowed) until the first snapshot.
         let state = StateHandle::new(match cfg.controller {

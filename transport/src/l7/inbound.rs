@@ -94,7 +94,6 @@ fn app_request(
     // Replaces any copy the caller sent.
     let id = HeaderValue::from_str(peer.as_str()).map_err(|_| "identity".to_owned())?;
     headers.insert(CLIENT_ID, id);
-    crate::trace::hop(&mut headers);
     let uri = if version == Version::HTTP_2 {
         headers.remove(http::header::HOST);
         let mut uri = http::uri::Parts::default();
@@ -200,7 +199,7 @@ pub async fn serve(
     if head.end_stream {
         body.settle();
     }
-    let req = match app_request(&head, &ctx.clients.authority(app), version, peer, body) {
+    let mut req = match app_request(&head, &ctx.clients.authority(app), version, peer, body) {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(request_id = %rid, error = %e, "bad request head");
@@ -215,6 +214,18 @@ pub async fn serve(
             return;
         }
     };
+    // A traced request's span covers the exchange with the app until the response is sent.
+    let mut span = ctx
+        .metrics
+        .tracer
+        .hop(req.headers_mut(), Direction::Inbound);
+    if let Some(s) = span.as_mut() {
+        s.fields.method.clone_from(&head.method);
+        s.fields.path = super::clip_path(&head.path);
+        s.fields.service = target.to_string();
+        s.fields.peer = peer.to_string();
+        s.fields.request_id = rid.to_string();
+    }
     let gauge = ctx.metrics.requests.in_flight(Direction::Inbound);
     let _in_flight = io::InFlight::enter(gauge);
     let mut status_sent = false;
@@ -304,6 +315,10 @@ pub async fn serve(
     strip_hop_by_hop(&mut headers);
     let status = parts.status.as_u16();
     let grpc = grpc_status(&headers);
+    if let Some(s) = span.as_mut() {
+        s.fields.status = Some(status);
+        s.fields.grpc_status = grpc;
+    }
     // What of the body is here already goes in the same write as the head; a small response is one
     // write, FIN included.
     let mut ready = Vec::new();
@@ -331,7 +346,7 @@ pub async fn serve(
             })
             .and_then(|h| std::str::from_utf8(&h.value).ok())
             .map(str::to_owned);
-        (head.method.clone(), clip_path(&head.path), trace)
+        (head.method.clone(), super::clip_path(&head.path), trace)
     });
     let head = HttpHead {
         status: u32::from(status),
@@ -424,15 +439,6 @@ pub async fn serve(
             });
         }
     }
-}
-
-/// A path as a tap shows it: at most 256 bytes, cut at a character boundary.
-fn clip_path(p: &str) -> String {
-    let mut end = p.len().min(256);
-    while !p.is_char_boundary(end) {
-        end -= 1;
-    }
-    p[..end].to_owned()
 }
 
 /// Most response body bytes sent in the same write as the head.

@@ -418,12 +418,36 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
+    let tracer = svc.metrics.tracer.clone();
+    let Some(mut span) = tracer.hop(req.headers_mut(), Direction::Outbound) else {
+        return forward(svc, req, grpc_port, None).await;
+    };
+    span.fields.method = req.method().to_string();
+    span.fields.path = crate::l7::clip_path(req.uri().path_and_query().map_or("/", |p| p.as_str()));
+    let resp = forward(svc, req, grpc_port, Some(&mut span.fields)).await;
+    // The span ends with the response head; a body streams on after it.
+    span.fields.status = Some(resp.status().as_u16());
+    span.fields.grpc_status = grpc_status(resp.headers());
+    resp
+}
+
+/// Sends one request, with its retries; `note` (when the request is traced) learns the request id,
+/// the destination's identity and the retries.
+async fn forward<B>(
+    svc: Arc<Service>,
+    mut req: Request<B>,
+    grpc_port: bool,
+    mut note: Option<&mut crate::trace::SpanFields>,
+) -> Response<RespBody>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let started = Instant::now();
     let gauge = svc.metrics.requests.in_flight(Direction::Outbound);
     let in_flight = io::InFlight::enter(gauge);
     // No application may claim an identity: the destination's proxy sets this header.
     req.headers_mut().remove(headers::CLIENT_ID);
-    crate::trace::hop(req.headers_mut());
     let grpc = grpc_port || is_grpc(req.headers());
     let target = svc.target();
     let service = target.to_string();
@@ -456,6 +480,10 @@ where
     let (mut req_head, req_headers) = request_head(&mut parts);
     let request_id = tunnel::new_request_id();
     let rid = tunnel::request_id_hex(&request_id);
+    if let Some(n) = note.as_mut() {
+        n.service.clone_from(&service);
+        n.request_id = rid.to_string();
+    }
     let budget_percent = timeouts
         .as_ref()
         .and_then(|t| t.retry.as_ref())
@@ -528,6 +556,10 @@ where
             }
         };
         let peer = pc.peer.to_string();
+        if let Some(n) = note.as_mut() {
+            n.peer.clone_from(&peer);
+            n.retries = retries;
+        }
         let addr = pc.conn.remote_address();
         // Counted in flight to `addr` since its opening went out (`Service::open`).
         let cancel = CancellationToken::new();
