@@ -46,6 +46,34 @@ enum BenchCommand {
     Load(LoadArgs),
     /// Serve TCP echo/sink, HTTP/1.1, HTTP/2 and gRPC echo on one port.
     Serve(ServeArgs),
+    /// Closed-loop HTTP/3 load against an address (the proxy's `[ingress]`): POSTs of `--payload`
+    /// bytes, each answer read whole; prints one JSON line.
+    H3Load {
+        /// The gateway's UDP address.
+        #[arg(long)]
+        target: SocketAddr,
+        /// CA certificates (PEM) that verify the gateway's certificate.
+        #[arg(long)]
+        ca: PathBuf,
+        /// TLS server name and `:authority`.
+        #[arg(long)]
+        host: String,
+        /// Request path.
+        #[arg(long, default_value = "/")]
+        path: String,
+        /// QUIC connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Concurrent requests per connection.
+        #[arg(long, default_value_t = 16)]
+        streams: usize,
+        /// Request size, bytes.
+        #[arg(long, default_value_t = 1024)]
+        payload: usize,
+        /// Measured length.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
     /// Bulk throughput of one TCP connection into the sink of `bench serve` at `--target` (directly or
     /// through a proxy): for profiling one path on its own.
     Bulk {
@@ -431,6 +459,30 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Load(a) => run_load(a).await,
+        BenchCommand::H3Load {
+            target,
+            ca,
+            host,
+            path,
+            connections,
+            streams,
+            payload,
+            duration,
+        } => {
+            let s = crate::h3load::run(crate::h3load::H3Load {
+                target,
+                ca,
+                host,
+                path,
+                connections,
+                streams,
+                payload,
+                duration,
+            })
+            .await?;
+            println!("{}", serde_json::to_string(&s)?);
+            Ok(())
+        }
         BenchCommand::Serve(a) => {
             let stall = a.stall_after.map(|after| StallPlan {
                 after,

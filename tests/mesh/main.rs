@@ -14,6 +14,7 @@ mod deploy;
 mod endpoint;
 mod failover;
 mod http;
+mod ingress;
 mod k8s;
 mod naming;
 mod observe;

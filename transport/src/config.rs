@@ -75,9 +75,63 @@ pub struct ProxyConfig {
     /// One JSON line per request and tunneled connection, to stdout or a file (off unless given).
     #[serde(default)]
     pub access_log: Option<crate::access_log::AccessLogConfig>,
+    /// HTTP/3 ingress: outside clients call mesh services through this proxy, under its identity.
+    #[serde(default)]
+    pub ingress: Option<IngressConfig>,
     /// A span per request per hop, exported with OTLP (off unless given).
     #[serde(default)]
     pub tracing: Option<crate::trace::TracingConfig>,
+}
+
+/// The HTTP/3 ingress gateway (`[ingress]`): a UDP listener for outside HTTP/3 clients, with an
+/// ordinary TLS certificate (not a SPIFFE one) and routes by host and path prefix to mesh services.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    /// UDP address outside clients connect to.
+    pub listen: SocketAddr,
+    /// The certificate chain shown to outside clients, PEM (leaf first).
+    pub cert: PathBuf,
+    /// Its private key, PEM.
+    pub key: PathBuf,
+    /// Where requests go, by host and path prefix; a request no route matches gets 404.
+    #[serde(default)]
+    pub routes: Vec<IngressRoute>,
+    /// Client connections at once (handshakes included); beyond it new ones are refused.
+    #[serde(default = "defaults::ingress_max_connections")]
+    pub max_connections: usize,
+    /// Concurrent requests (bidirectional streams) one client connection may have open.
+    #[serde(default = "defaults::ingress_max_streams")]
+    pub max_streams_per_connection: u32,
+    /// Largest request header section, bytes (HTTP/3 `SETTINGS_MAX_FIELD_SECTION_SIZE`); larger
+    /// heads get 431.
+    #[serde(default = "defaults::ingress_max_header_size")]
+    pub max_header_size: u64,
+    /// A client connection with no traffic for this long is closed.
+    #[serde(default = "defaults::ingress_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Longest time a client may take to complete its handshake, and to send a request's head.
+    #[serde(default = "defaults::header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time allowed to reach the destination application, retries included.
+    #[serde(default = "defaults::connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+/// One ingress route: requests for `host` whose path starts with `path_prefix` go to `service:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressRoute {
+    /// The request's host (`:authority` without its port), matched exactly, case-insensitively.
+    pub host: String,
+    /// Path prefix, matched on whole segments (`/api` matches `/api` and `/api/x`, not `/apix`);
+    /// the longest matching prefix of the host's routes wins. Default `/`.
+    #[serde(default = "defaults::path_prefix")]
+    pub path_prefix: String,
+    /// The mesh service (`name`, or `name.namespace`; without a namespace, the proxy's own).
+    pub service: String,
+    /// The service's port; it must be an HTTP or gRPC port of the destination.
+    pub port: u16,
 }
 
 /// Certificate, key and trust bundle, as PEM files.
@@ -502,6 +556,21 @@ mod defaults {
     pub fn max_header_waits_per_connection() -> usize {
         256
     }
+    pub fn ingress_max_connections() -> usize {
+        1024
+    }
+    pub fn ingress_max_streams() -> u32 {
+        100
+    }
+    pub fn ingress_max_header_size() -> u64 {
+        64 << 10
+    }
+    pub fn ingress_idle_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn path_prefix() -> String {
+        "/".into()
+    }
 }
 
 impl ProxyConfig {
@@ -528,6 +597,9 @@ impl ProxyConfig {
             paths.push(&mut c.trust_bundle);
             paths.extend(c.join_token_file.as_mut());
             paths.extend(c.service_account_token_file.as_mut());
+        }
+        if let Some(i) = &mut cfg.ingress {
+            paths.extend([&mut i.cert, &mut i.key]);
         }
         for p in paths {
             if p.is_relative() {
@@ -730,6 +802,17 @@ impl ProxyConfig {
                 return Err(ConfigError::new(path, key("deadline"), "must be positive"));
             }
         }
+        if let Some(i) = &self.ingress {
+            if self.controller.is_none() && self.mesh.is_none() {
+                return Err(ConfigError::new(
+                    path,
+                    "ingress.routes",
+                    "static mode: give a mesh file declaring the routes' services and endpoints",
+                ));
+            }
+            i.check()
+                .map_err(|(k, m)| ConfigError::new(path, format!("ingress.{k}"), m))?;
+        }
         if !(0.0..=10.0).contains(&self.retry.ratio) {
             return Err(ConfigError::new(
                 path,
@@ -784,6 +867,96 @@ impl ProxyConfig {
                 "quic.loss_threshold",
                 "must be a share in [0, 1), e.g. 0.1 for 10%",
             ));
+        }
+        Ok(())
+    }
+}
+
+impl IngressConfig {
+    /// The mesh side of `route`: what an outbound listener for its service and port would be.
+    pub fn target(&self, route: &IngressRoute) -> OutboundConfig {
+        OutboundConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            service: route.service.clone(),
+            port: route.port,
+            endpoints: Vec::new(),
+            connect_timeout: self.connect_timeout,
+            handshake_timeout: defaults::handshake_timeout(),
+            deadline: None,
+            max_attempts: defaults::max_attempts(),
+            server_identities: Vec::new(),
+            capture: None,
+        }
+    }
+
+    /// The problems of the table, as (key below `ingress`, problem).
+    fn check(&self) -> Result<(), (String, String)> {
+        let positive = [
+            ("max_connections", self.max_connections as u64),
+            (
+                "max_streams_per_connection",
+                u64::from(self.max_streams_per_connection),
+            ),
+            ("max_header_size", self.max_header_size),
+        ];
+        for (k, v) in positive {
+            if v == 0 {
+                return Err((k.into(), "must be at least 1".into()));
+            }
+        }
+        for (k, d) in [
+            ("idle_timeout", self.idle_timeout),
+            ("header_timeout", self.header_timeout),
+            ("connect_timeout", self.connect_timeout),
+        ] {
+            if d.is_zero() {
+                return Err((k.into(), "must be positive".into()));
+            }
+        }
+        if self.routes.is_empty() {
+            return Err((
+                "routes".into(),
+                "give at least one [[ingress.routes]]".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let key = |k: &str| format!("routes[{i}].{k}");
+            // A port would never match (routing ignores it); an IPv6 literal keeps its brackets.
+            let v6 = r.host.starts_with('[') && r.host.ends_with(']');
+            if r.host.is_empty()
+                || r.host.contains(['/', ' '])
+                || (r.host.contains(':') && !v6)
+                || r.host.parse::<http::uri::Authority>().is_err()
+            {
+                return Err((
+                    key("host"),
+                    format!("{:?} is not a host name (no port, no path)", r.host),
+                ));
+            }
+            if !r.path_prefix.starts_with('/') {
+                return Err((
+                    key("path_prefix"),
+                    format!("{:?} must start with /", r.path_prefix),
+                ));
+            }
+            if r.service.is_empty() {
+                return Err((key("service"), "must not be empty".into()));
+            }
+            if r.port == 0 {
+                return Err((key("port"), "must be 1..=65535".into()));
+            }
+            let host = r.host.to_ascii_lowercase();
+            let prefix = r.path_prefix.trim_end_matches('/').to_owned();
+            if !seen.insert((host, prefix)) {
+                return Err((
+                    key("path_prefix"),
+                    format!(
+                        "host {:?} has an earlier route with the prefix {:?}",
+                        r.host, r.path_prefix
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -1048,6 +1221,75 @@ port = 7
         assert_eq!(err.key, "outbound[0].capture");
         let err = with(listener, &["10.96.0.10:80", "10.96.0.10:80"]).expect_err("twice");
         assert_eq!(err.key, "outbound[1].capture");
+    }
+
+    #[test]
+    fn ingress_tables_are_checked_key_by_key() {
+        let with = |body: &str| {
+            let text = format!(
+                "mesh = \"mesh.yaml\"\n{}\n[ingress]\nlisten = \"127.0.0.1:0\"\ncert = \"i.pem\"\nkey = \"i.key\"\n{body}",
+                &BASE[..BASE.find("[[outbound]]").unwrap_or(0)]
+            );
+            ProxyConfig::parse(Path::new("/etc/qm/p.toml"), &text)
+        };
+        let route = "[[ingress.routes]]\nhost = \"shop.example\"\nservice = \"web\"\nport = 80\n";
+        let cfg = with(route).expect("valid");
+        let i = cfg.ingress.as_ref().expect("ingress");
+        assert_eq!(i.cert, PathBuf::from("/etc/qm/i.pem"));
+        assert_eq!(i.routes[0].path_prefix, "/");
+        assert_eq!(
+            (i.max_connections, i.max_streams_per_connection),
+            (1024, 100)
+        );
+        let target = i.target(&i.routes[0]);
+        assert_eq!((target.service.as_str(), target.port), ("web", 80));
+        for (body, key) in [
+            ("", "ingress.routes"),
+            (
+                &*route.replace("shop.example", "shop.example:443"),
+                "ingress.routes[0].host",
+            ),
+            (
+                &*route.replace("shop.example", "a/b"),
+                "ingress.routes[0].host",
+            ),
+            (
+                &*format!("{route}path_prefix = \"api\"\n"),
+                "ingress.routes[0].path_prefix",
+            ),
+            (&*format!("{route}{route}"), "ingress.routes[1].path_prefix"),
+            (
+                &*route.replace("port = 80", "port = 0"),
+                "ingress.routes[0].port",
+            ),
+            (
+                &*route.replace("\"web\"", "\"\""),
+                "ingress.routes[0].service",
+            ),
+            (
+                &*format!("max_connections = 0\n{route}"),
+                "ingress.max_connections",
+            ),
+            (
+                &*format!("idle_timeout = \"0s\"\n{route}"),
+                "ingress.idle_timeout",
+            ),
+        ] {
+            let err = with(body).expect_err(body);
+            assert_eq!(err.key, key, "{body}: {err}");
+        }
+        // Two prefixes of one host that differ only by a trailing slash are the same route.
+        let twice = format!("{route}path_prefix = \"/api\"\n{route}path_prefix = \"/api/\"\n");
+        assert_eq!(
+            with(&twice).expect_err("same").key,
+            "ingress.routes[1].path_prefix"
+        );
+        // Static mode without a mesh file would have no endpoints for the routes.
+        let text = format!(
+            "{BASE}\n[ingress]\nlisten = \"127.0.0.1:0\"\ncert = \"i.pem\"\nkey = \"i.key\"\n{route}"
+        );
+        let err = ProxyConfig::parse(Path::new("p.toml"), &text).expect_err("no mesh");
+        assert_eq!(err.key, "ingress.routes");
     }
 }
 

@@ -13,6 +13,7 @@ pub mod control;
 pub mod grpc;
 pub mod http_server;
 pub mod identity;
+pub mod ingress;
 pub mod l7;
 pub mod metrics;
 pub mod model;

@@ -71,6 +71,9 @@ pub struct ProxyAddresses {
     /// The capture listener, if configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capture: Option<SocketAddr>,
+    /// The HTTP/3 ingress (UDP), if configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<SocketAddr>,
 }
 
 /// A bound, not yet running proxy.
@@ -80,6 +83,8 @@ pub struct Proxy {
     inbound: Option<inbound::Inbound>,
     outbound: Vec<outbound::Outbound>,
     capture: Option<capture::Capture>,
+    ingress: Option<crate::ingress::Ingress>,
+    ingress_endpoint: Option<quinn::Endpoint>,
     admin: Admin,
     pool: Arc<pool::Pool>,
     inbound_endpoint: Option<quinn::Endpoint>,
@@ -382,7 +387,17 @@ impl Proxy {
             proxy_name: boot.proxy_name.clone(),
             state: self.state.clone(),
             register,
-            calls: Some(cfg.outbound.iter().map(|o| o.service.clone()).collect()),
+            calls: Some(
+                cfg.outbound
+                    .iter()
+                    .map(|o| o.service.clone())
+                    .chain(
+                        cfg.ingress
+                            .iter()
+                            .flat_map(|i| i.routes.iter().map(|r| r.service.clone())),
+                    )
+                    .collect(),
+            ),
             metrics: self.metrics.identity.clone(),
             configured: tokio::sync::watch::Sender::new(false),
         };
@@ -553,6 +568,16 @@ impl Proxy {
             }
             None => None,
         };
+        let ingress = match &cfg.ingress {
+            Some(i) => Some(crate::ingress::Ingress::bind(
+                i,
+                file,
+                &cfg.quic,
+                &shared,
+                crate::ingress::IngressMetrics::register(&mut registry),
+            )?),
+            None => None,
+        };
         let ready = Arc::new(AtomicBool::new(false));
         let listeners = serde_json::json!({
             "inbound": cfg.inbound.as_ref().map(|i| serde_json::json!({
@@ -567,6 +592,12 @@ impl Proxy {
                 "listen": o.listen, "service": o.service, "port": o.port, "capture": o.capture,
             })).collect::<Vec<_>>(),
             "capture": cfg.capture.as_ref().map(|c| c.listen),
+            "ingress": cfg.ingress.as_ref().map(|i| serde_json::json!({
+                "listen": i.listen,
+                "routes": i.routes.iter().map(|r| serde_json::json!({
+                    "host": r.host, "path_prefix": r.path_prefix, "service": r.service, "port": r.port,
+                })).collect::<Vec<_>>(),
+            })),
         });
         let view = crate::admin::ConfigView {
             state: state.clone(),
@@ -598,6 +629,10 @@ impl Proxy {
                 Some(c) => Some(local(c.local_addr(), "capture.listen")?),
                 None => None,
             },
+            ingress: match &ingress {
+                Some(i) => Some(local(i.local_addr(), "ingress.listen")?),
+                None => None,
+            },
         };
         Ok(Self {
             creds: creds.clone(),
@@ -605,6 +640,8 @@ impl Proxy {
             inbound,
             outbound,
             capture,
+            ingress_endpoint: ingress.as_ref().map(|i| i.endpoint()),
+            ingress,
             admin,
             pool,
             inbound_endpoint,
@@ -662,6 +699,9 @@ impl Proxy {
         if let Some(c) = self.capture {
             listeners.push(tokio::spawn(c.run(drain.clone())));
         }
+        if let Some(i) = self.ingress {
+            listeners.push(tokio::spawn(i.run(drain.clone())));
+        }
         // Ready once a certificate is held: at once in static mode, after bootstrap and the first
         // snapshot in controller mode.
         let mark_ready = {
@@ -716,6 +756,11 @@ impl Proxy {
         let close = async {
             if let Some(ep) = &self.inbound_endpoint {
                 ep.close(crate::tunnel::code::DRAINING, b"draining");
+                ep.wait_idle().await;
+            }
+            if let Some(ep) = &self.ingress_endpoint {
+                // H3_NO_ERROR: what is left after the grace period is closed without blame.
+                ep.close(quinn::VarInt::from_u32(0x100), b"draining");
                 ep.wait_idle().await;
             }
             self.pool

@@ -210,6 +210,7 @@ mod tests {
                 "127.0.0.1:9001".parse().expect("addr"),
             ],
             capture: None,
+            ingress: None,
         };
         let env = app_env(&a);
         assert_eq!(

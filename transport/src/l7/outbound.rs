@@ -44,7 +44,7 @@ use crate::{
     tunnel::{self, Protocol, StatusCode, code},
 };
 
-type RespBody = BoxBody<Bytes, BoxError>;
+pub(crate) type RespBody = BoxBody<Bytes, BoxError>;
 
 /// Longest wait for the rest of a small request body before deciding on a retry.
 const BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -290,12 +290,16 @@ impl Recording {
 }
 
 /// The rest of the application's body on the first try, recorded as it passes.
-struct TryBody {
-    body: Incoming,
+struct TryBody<B> {
+    body: B,
     rec: Arc<Mutex<Recording>>,
 }
 
-impl Body for TryBody {
+impl<B> Body for TryBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -317,17 +321,20 @@ impl Body for TryBody {
             }
             _ => {}
         }
-        polled.map(|o| o.map(|r| r.map_err(BoxError::from)))
+        polled.map(|o| o.map(|r| r.map_err(Into::into)))
     }
 }
 
 /// Sends the rest of the first try's body, or resets the stream when the try is abandoned.
-async fn write_task(
+async fn write_task<B>(
     mut send: quinn::SendStream,
-    body: TryBody,
+    body: TryBody<B>,
     deadline: Option<Instant>,
     cancel: CancellationToken,
-) {
+) where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     tokio::select! {
         r = io::write_body(&mut send, body, deadline) => {
             if let Err(e) = r {
@@ -399,11 +406,18 @@ fn classification(status: u16, grpc: Option<u32>) -> &'static str {
     }
 }
 
-async fn request(
+/// One request through the mesh: from the application's request (hyper's body here, an HTTP/3
+/// client's at the ingress) to the response to give it, with the deadline, retries and the answer
+/// when the mesh fails.
+pub(crate) async fn request<B>(
     svc: Arc<Service>,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     grpc_port: bool,
-) -> Response<RespBody> {
+) -> Response<RespBody>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let tracer = svc.metrics.tracer.clone();
     let Some(mut span) = tracer.hop(req.headers_mut(), Direction::Outbound) else {
         return forward(svc, req, grpc_port, None).await;
@@ -419,12 +433,16 @@ async fn request(
 
 /// Sends one request, with its retries; `note` (when the request is traced) learns the request id,
 /// the destination's identity and the retries.
-async fn forward(
+async fn forward<B>(
     svc: Arc<Service>,
-    mut req: Request<Incoming>,
+    mut req: Request<B>,
     grpc_port: bool,
     mut note: Option<&mut crate::trace::SpanFields>,
-) -> Response<RespBody> {
+) -> Response<RespBody>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError>,
+{
     let started = Instant::now();
     let gauge = svc.metrics.requests.in_flight(Direction::Outbound);
     let in_flight = io::InFlight::enter(gauge);
@@ -478,6 +496,7 @@ async fn forward(
     let complete = match io::take_ready(&mut body, &mut ready, MAX_REPLAY_BODY) {
         Ok(c) => c,
         Err(e) => {
+            let e: BoxError = e.into();
             tracing::debug!(request_id = %rid, error = %e, "request body failed");
             count(&svc, "", &service, 400, None);
             let mut r = Response::new(empty());

@@ -221,29 +221,9 @@ impl Outbound {
     /// service's upstream from `state` as it is then.
     pub async fn bind(cfg: OutboundConfig, shared: Shared) -> std::io::Result<Self> {
         let listener = TcpListener::bind(cfg.listen).await?;
-        let Shared {
-            state,
-            creds,
-            pool,
-            health,
-            budget,
-            metrics,
-        } = shared;
         Ok(Self {
             listener,
-            svc: Arc::new(Service {
-                name: split_service(&cfg.service).0.to_owned(),
-                cfg,
-                state,
-                creds,
-                resolved: std::sync::OnceLock::new(),
-                pool,
-                health,
-                budget,
-                policy_budget: Mutex::new(None),
-                metrics,
-                next: AtomicUsize::new(rand::random::<u32>() as usize),
-            }),
+            svc: Service::new(cfg, shared),
         })
     }
 
@@ -318,6 +298,32 @@ fn out_of_fds(e: &std::io::Error) -> bool {
 }
 
 impl Service {
+    /// The tunnel side for `cfg.service` and `cfg.port`, without a listener of its own (the outbound
+    /// listener's, or an ingress route's).
+    pub(crate) fn new(cfg: OutboundConfig, shared: Shared) -> Arc<Self> {
+        let Shared {
+            state,
+            creds,
+            pool,
+            health,
+            budget,
+            metrics,
+        } = shared;
+        Arc::new(Self {
+            name: split_service(&cfg.service).0.to_owned(),
+            cfg,
+            state,
+            creds,
+            resolved: std::sync::OnceLock::new(),
+            pool,
+            health,
+            budget,
+            policy_budget: Mutex::new(None),
+            metrics,
+            next: AtomicUsize::new(rand::random::<u32>() as usize),
+        })
+    }
+
     /// Records a request in the retry budget that applies: the policy's own (`percent` > 0, its retries
     /// may add that share of load, at least 10 per second) or the proxy's.
     pub(crate) fn budget_deposit(&self, percent: u32, now: std::time::Instant) {
