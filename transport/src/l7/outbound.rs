@@ -418,8 +418,11 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError>,
 {
-    let tracer = svc.metrics.tracer.clone();
-    let Some(mut span) = tracer.hop(req.headers_mut(), Direction::Outbound) else {
+    let span = svc
+        .metrics
+        .tracer
+        .hop(req.headers_mut(), Direction::Outbound);
+    let Some(mut span) = span else {
         return forward(svc, req, grpc_port, None).await;
     };
     span.fields.method = req.method().to_string();
