@@ -658,6 +658,18 @@ async fn grpc_timeout_ends_the_call_in_time_and_cancels_it_at_the_backend() {
         .await,
         "the backend's handler was not cancelled"
     );
+    // The caller's proxy answered it: counted as a failure with its latency too, as one answered
+    // by the app would be.
+    let m = client.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "quicmesh_request_duration_seconds_count",
+            &["classification=\"failure\"", "direction=\"outbound\""]
+        ),
+        1.0,
+        "{m}"
+    );
     client.shutdown().await;
     server.shutdown().await;
 }

@@ -398,6 +398,33 @@ fn count(svc: &Service, peer: &str, service: &str, status: u16, grpc: Option<u32
         .request(RequestClass::of(status, grpc), !peer.is_empty());
 }
 
+/// A request the mesh answered itself (no response from a destination): its latency is observed like
+/// an answered one's, so a failure counts in `quicmesh_request_duration_seconds` and the edges' p99s.
+fn count_failed(
+    svc: &Service,
+    peer: &str,
+    service: &str,
+    status: u16,
+    grpc: Option<u32>,
+    started: Instant,
+) {
+    let took = started.elapsed().as_secs_f64();
+    svc.metrics
+        .requests
+        .duration
+        .get_or_create(&LatencyLabels {
+            direction: Direction::Outbound,
+            service: service.to_owned(),
+            classification: classification(status, grpc),
+        })
+        .observe(took);
+    svc.metrics
+        .edges
+        .edge(Direction::Outbound, "", service)
+        .latency(took);
+    count(svc, peer, service, status, grpc);
+}
+
 fn classification(status: u16, grpc: Option<u32>) -> &'static str {
     if status < 500 && grpc.is_none_or(|g| g == 0) {
         "success"
@@ -501,7 +528,7 @@ where
         Err(e) => {
             let e: BoxError = e.into();
             tracing::debug!(request_id = %rid, error = %e, "request body failed");
-            count(&svc, "", &service, 400, None);
+            count_failed(&svc, "", &service, 400, None, started);
             let mut r = Response::new(empty());
             *r.status_mut() = http::StatusCode::BAD_REQUEST;
             return r;
@@ -520,7 +547,7 @@ where
     loop {
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
-            count(&svc, "", &service, 504, grpc.then_some(4));
+            count_failed(&svc, "", &service, 504, grpc.then_some(4), started);
             return failure_response(Failure::Deadline, grpc, "deadline exceeded");
         }
         let try_deadline = match (deadline, rule.per_try_timeout.map(|t| now + t)) {
@@ -554,7 +581,14 @@ where
                 tracing::info!(request_id = %rid, error = %e, "request not delivered");
                 let f = open_failure(&e, deadline);
                 let (status, g) = failure_status(f);
-                count(&svc, "", &service, status.as_u16(), grpc.then_some(g));
+                count_failed(
+                    &svc,
+                    "",
+                    &service,
+                    status.as_u16(),
+                    grpc.then_some(g),
+                    started,
+                );
                 return failure_response(f, grpc, &e.to_string());
             }
         };
@@ -593,7 +627,7 @@ where
                 cancel.cancel();
                 let _ = recv.stop(code::DEADLINE_EXCEEDED);
                 tracing::info!(request_id = %rid, %peer, "deadline exceeded");
-                count(&svc, &peer, &service, 504, grpc.then_some(4));
+                count_failed(&svc, &peer, &service, 504, grpc.then_some(4), started);
                 return failure_response(Failure::Deadline, grpc, "deadline exceeded");
             }
             Err(_) => Outcome::Reset,
@@ -661,7 +695,7 @@ where
                         reason: "app_connect_failed",
                     })
                     .inc();
-                count(&svc, &peer, &service, 503, grpc.then_some(14));
+                count_failed(&svc, &peer, &service, 503, grpc.then_some(14), started);
                 return failure_response(Failure::Unavailable, grpc, "application unreachable");
             }
             Ok(x) => x,
@@ -678,7 +712,14 @@ where
                 };
                 tracing::info!(request_id = %rid, %peer, error = %e, "no response");
                 let (status, g) = failure_status(f);
-                count(&svc, &peer, &service, status.as_u16(), grpc.then_some(g));
+                count_failed(
+                    &svc,
+                    &peer,
+                    &service,
+                    status.as_u16(),
+                    grpc.then_some(g),
+                    started,
+                );
                 return failure_response(f, grpc, &e.to_string());
             }
         };
