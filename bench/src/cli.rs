@@ -206,6 +206,10 @@ struct InstructionArgs {
     /// Keep the callgrind dumps (for `callgrind_annotate`); their directory is printed.
     #[arg(long)]
     keep_dumps: bool,
+    /// Trace on the quicmesh proxies: `[tracing] sample_percent` (0-100), spans exported over OTLP
+    /// to a collector in the harness (default: tracing off, as the proxies' default).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=100))]
+    tracing_percent: Option<u32>,
     /// Lines of a `[quic]` section for the quicmesh proxies.
     #[arg(long, default_value = "")]
     quic_toml: String,
@@ -448,6 +452,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 bulk_mib: a.bulk_mib,
                 keep_dumps: a.keep_dumps,
                 quic_toml: a.quic_toml.clone(),
+                tracing_percent: a.tracing_percent,
             };
             let quicmesh_bin = topology::find_quicmesh(a.quicmesh_bin.as_deref());
             let out = (!a.no_write).then_some(a.out);

@@ -21,6 +21,7 @@ use crate::{
     client::Protocol,
     load::{self, LoadSpec, Mode},
     machine::{self, MachineInfo},
+    otlp_sink::OtlpSink,
     report::{self, Table},
     server::AppServer,
     topology::{self, Path, Placement, Target, which},
@@ -51,6 +52,10 @@ pub struct InstructionSettings {
     /// `[quic]` lines given to the quicmesh proxies (empty: their defaults).
     #[serde(default)]
     pub quic_toml: String,
+    /// With a value, the quicmesh proxies trace (`[tracing] sample_percent`) and export their spans
+    /// over OTLP to a collector in the harness that counts them.
+    #[serde(default)]
+    pub tracing_percent: Option<u32>,
 }
 
 fn http1() -> Protocol {
@@ -74,6 +79,9 @@ pub struct Counted {
     pub per_proxy: BTreeMap<String, u64>,
     /// All proxies' instructions per unit.
     pub per_unit: f64,
+    /// Spans the harness's collector received during the run (tracing on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spans: Option<u64>,
 }
 
 /// The JSON file.
@@ -167,6 +175,7 @@ fn counted(target: Target, work: &str, units: f64, per_proxy: BTreeMap<String, u
         units,
         per_unit: total as f64 / units.max(1e-9),
         per_proxy,
+        spans: None,
     }
 }
 
@@ -174,6 +183,7 @@ async fn count_path(
     path: &Path,
     s: &InstructionSettings,
     dir: &FsPath,
+    sink: Option<&OtlpSink>,
 ) -> anyhow::Result<Vec<Counted>> {
     let mut runs = Vec::new();
     let protocol = if path.target.is_l7() {
@@ -205,7 +215,21 @@ async fn count_path(
         path.target.name(),
         outcome.errors
     );
-    runs.push(counted(path.target, "requests", outcome.ok as f64, irs));
+    let mut run = counted(path.target, "requests", outcome.ok as f64, irs);
+    if let Some(sink) = sink.filter(|_| path.target.is_l7()) {
+        // The batch in flight when the counters were dumped arrives within the export interval.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sink.spans() == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::ensure!(
+            sink.spans() > 0 || s.tracing_percent == Some(0),
+            "{}: tracing on, but no span reached the collector",
+            path.target.name()
+        );
+        run.spans = Some(sink.spans());
+    }
+    runs.push(run);
     if let Some(tcp) = path.entry_for(Protocol::Tcp).filter(|_| s.bulk_mib > 0) {
         // A first small transfer warms the path; then the counted one.
         bulk::tcp_bulk(tcp, 1 << 20, Duration::from_secs(60)).await?;
@@ -239,6 +263,17 @@ pub async fn run(
     let app = AppServer::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), None).await?;
     let mut placement = Placement::loopback(app.addr(), bench_bin);
     placement.quic_toml = s.quic_toml.clone();
+    let sink = match s.tracing_percent {
+        Some(p) => {
+            let sink = OtlpSink::start().await?;
+            placement.proxy_toml = format!(
+                "[tracing]\notlp_endpoint = \"http://{}\"\nsample_percent = {p}\n",
+                sink.addr()
+            );
+            Some(sink)
+        }
+        None => None,
+    };
     placement.wrapper = vec![
         "valgrind".into(),
         "--tool=callgrind".into(),
@@ -254,7 +289,7 @@ pub async fn run(
         match path {
             Ok(path) => {
                 tracing::info!(target_path = t.name(), "counting instructions");
-                runs.extend(count_path(&path, &s, dir.path()).await?);
+                runs.extend(count_path(&path, &s, dir.path(), sink.as_ref()).await?);
             }
             Err(e) => {
                 println!("skipping {}: {e:#}", t.name());

@@ -16,6 +16,7 @@ pub mod instructions;
 pub mod load;
 pub mod loss;
 pub mod machine;
+pub mod otlp_sink;
 pub mod report;
 pub mod server;
 pub mod topology;

@@ -416,6 +416,7 @@ pub async fn run(
         bench_bin: bench_bin.clone(),
         haproxy_threads: s.haproxy_threads,
         quic_toml: s.quic_toml.clone(),
+        proxy_toml: String::new(),
         wrapper: Vec::new(),
     };
     let mut skipped = BTreeMap::new();

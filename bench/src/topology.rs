@@ -120,6 +120,8 @@ pub struct Placement {
     /// Lines of a `[quic]` section given to every quicmesh proxy (empty: the proxy's defaults), to
     /// measure transport settings side by side with the peers.
     pub quic_toml: String,
+    /// Sections appended to every quicmesh proxy's configuration as they are (e.g. `[tracing]`).
+    pub proxy_toml: String,
     /// A command every proxy (quicmesh and HAProxy) runs under, e.g. valgrind's callgrind (empty:
     /// none). Start-up deadlines grow tenfold with one.
     pub wrapper: Vec<String>,
@@ -159,6 +161,7 @@ impl Placement {
             bench_bin,
             haproxy_threads: 1,
             quic_toml: String::new(),
+            proxy_toml: String::new(),
             wrapper: Vec::new(),
         }
     }
@@ -516,11 +519,11 @@ async fn start_quicmesh(
 ) -> anyhow::Result<(Proc, Ready)> {
     let cfg_path = dir.join(format!("{name}.toml"));
     let quic = placement.quic_toml.trim();
-    if quic.is_empty() {
-        std::fs::write(&cfg_path, config)?;
-    } else {
-        std::fs::write(&cfg_path, format!("{config}\n[quic]\n{quic}\n"))?;
+    let mut full = format!("{config}\n{}\n", placement.proxy_toml);
+    if !quic.is_empty() {
+        full.push_str(&format!("[quic]\n{quic}\n"));
     }
+    std::fs::write(&cfg_path, full)?;
     // The slim sidecar binary when it was built next to `quicmesh` (what a deployment runs), else the
     // `proxy` subcommand of `quicmesh` itself.
     let slim = bin.with_file_name("quicmesh-proxy");

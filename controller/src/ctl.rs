@@ -134,13 +134,17 @@ pub enum CtlCommand {
     Check,
     /// Golden metrics from the proxies' traffic reports: req/s, success rate, latency p50/p95/p99,
     /// TCP connections and mTLS share, per service (as their callers' proxies saw them, or their own
-    /// proxies when no caller reported), or per edge with `--edges`.
+    /// proxies when no caller reported), or per edge with `--edges`; or, with `--peers`, each QUIC
+    /// connection between proxies: RTT, congestion window and packet loss.
     Stat {
         /// One service, `name` or `name.namespace` (default: every service).
         service: Option<String>,
         /// Per edge: caller identity -> service, as each side counted it.
         #[arg(long)]
         edges: bool,
+        /// The QUIC connections between proxies, as the proxy at each end reports them.
+        #[arg(long, conflicts_with_all = ["edges", "service"])]
+        peers: bool,
         /// Sliding window: 1m, 10m or 1h.
         #[arg(long, default_value = "1m")]
         window: String,
@@ -407,8 +411,15 @@ pub async fn run_ctl(args: CtlArgs) -> Result<(), CtlError> {
         }
         CtlCommand::Tokens { command } => tokens(&args, command).await?,
         CtlCommand::Stat {
+            service: _,
+            edges: _,
+            peers: true,
+            window,
+        } => peers(&args, window).await?,
+        CtlCommand::Stat {
             service,
             edges,
+            peers: false,
             window,
         } => stat(&args, service.as_deref(), *edges, window).await?,
         CtlCommand::Tap {
@@ -947,6 +958,7 @@ async fn stat(
             window_seconds,
             service: service.unwrap_or_default().to_owned(),
             edges,
+            peers: false,
         })
         .await
         .map_err(rpc("stat"))?
@@ -959,6 +971,25 @@ async fn stat(
         rows,
     };
     emit(args.output, &view, || print_stat(&view))
+}
+
+async fn peers(args: &CtlArgs, window: &str) -> Result<(), CtlError> {
+    let window_seconds = parse_window(window)?;
+    let mut admin = connect(args).await?;
+    let resp = admin
+        .get_stats(pb::StatsRequest {
+            window_seconds,
+            peers: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(rpc("stat"))?
+        .into_inner();
+    let view = PeersView {
+        window: window.to_owned(),
+        peers: resp.peers.iter().map(PeerRow::from).collect(),
+    };
+    emit(args.output, &view, || print_peers(&view))
 }
 
 /// Opens a tap on `service`: the stream of its samples.
@@ -1207,6 +1238,79 @@ fn print_stat(v: &StatView) {
                 r.requests.to_string(),
             ]);
             row
+        })
+        .collect();
+    print_table(&headers, rows);
+}
+
+#[derive(Debug, Serialize)]
+struct PeersView {
+    window: String,
+    peers: Vec<PeerRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct PeerRow {
+    reporter: String,
+    peer: String,
+    address: String,
+    direction: String,
+    rtt_ms: f64,
+    cwnd_bytes: u64,
+    sent_packets: u64,
+    lost_packets: u64,
+    loss_rate: f64,
+    age_seconds: f64,
+}
+
+impl From<&pb::PeerLinkStats> for PeerRow {
+    fn from(p: &pb::PeerLinkStats) -> Self {
+        Self {
+            reporter: p.reporter.clone(),
+            peer: p.peer.clone(),
+            address: p.address.clone(),
+            direction: p.direction.clone(),
+            rtt_ms: p.rtt_ms,
+            cwnd_bytes: p.cwnd_bytes,
+            sent_packets: p.sent_packets,
+            lost_packets: p.lost_packets,
+            loss_rate: p.loss_rate,
+            age_seconds: p.age_seconds,
+        }
+    }
+}
+
+fn print_peers(v: &PeersView) {
+    if v.peers.is_empty() {
+        println!(
+            "no QUIC connection between proxies reported in the last {}",
+            v.window
+        );
+        return;
+    }
+    let headers = [
+        "PROXY", "PEER", "ADDRESS", "DIALED", "RTT", "CWND", "SENT", "LOST", "LOSS",
+    ];
+    let rows = v
+        .peers
+        .iter()
+        .map(|p| {
+            vec![
+                p.reporter.clone(),
+                p.peer.clone(),
+                p.address.clone(),
+                if p.direction == "outbound" {
+                    "by proxy"
+                } else {
+                    "by peer"
+                }
+                .into(),
+                format!("{:.2}ms", p.rtt_ms),
+                p.cwnd_bytes.to_string(),
+                p.sent_packets.to_string(),
+                p.lost_packets.to_string(),
+                format!("{:.2}%", p.loss_rate * 100.0),
+            ]
         })
         .collect();
     print_table(&headers, rows);

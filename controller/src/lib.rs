@@ -31,6 +31,7 @@ pub mod interest;
 pub mod issuer;
 pub mod k8s;
 pub mod keystore;
+pub mod links;
 pub mod metrics;
 pub mod model;
 pub mod naming;

@@ -73,7 +73,7 @@ impl Window {
     }
 
     /// When the window ending now started, ms.
-    fn start(&self, now_ms: u64) -> u64 {
+    pub(crate) fn start(&self, now_ms: u64) -> u64 {
         (now_ms / self.slot_ms + 1).saturating_sub(self.slots) * self.slot_ms
     }
 }
@@ -212,11 +212,17 @@ pub enum Refusal {
     /// Interval or age out of range.
     #[error("{0}")]
     Stale(String),
+    /// More peer connections than one report may carry.
+    #[error("a report carries at most {max} peers, this one {0}", max = crate::links::MAX_REPORT_PEERS)]
+    TooManyPeers(usize),
+    /// A peer connection is malformed.
+    #[error("peers[{0}]: {1}")]
+    MalformedPeer(usize, String),
 }
 
 /// Every reason a report or edge is counted as refused under (`Refusal::reason`, the API's own
 /// checks, and `edges_full`), so `/metrics` shows each from the start.
-pub const REFUSAL_REASONS: [&str; 7] = [
+pub const REFUSAL_REASONS: [&str; 9] = [
     "unauthenticated",
     "not_connected",
     "too_many_edges",
@@ -224,6 +230,8 @@ pub const REFUSAL_REASONS: [&str; 7] = [
     "not_allowed",
     "stale",
     "edges_full",
+    "too_many_peers",
+    "peers_full",
 ];
 
 impl Refusal {
@@ -231,7 +239,8 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::TooManyEdges(_) => "too_many_edges",
-            Self::Malformed(..) => "malformed",
+            Self::TooManyPeers(_) => "too_many_peers",
+            Self::Malformed(..) | Self::MalformedPeer(..) => "malformed",
             Self::NotAllowed(..) => "not_allowed",
             Self::Stale(_) => "stale",
         }
@@ -374,19 +383,32 @@ fn check_service(s: &str) -> Result<(), String> {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Ring {
-    slots: Vec<Option<(u64, Agg)>>,
+/// What a ring's slot sums.
+pub(crate) trait Slot: Clone + Default {
+    /// Adds `o`.
+    fn merge(&mut self, o: &Self);
 }
 
-impl Ring {
-    fn new(w: &Window) -> Self {
+impl Slot for Agg {
+    fn merge(&mut self, o: &Self) {
+        Agg::merge(self, o);
+    }
+}
+
+/// One window's slots, each the sum of what was added at moments in it.
+#[derive(Debug, Clone)]
+pub(crate) struct Ring<T> {
+    slots: Vec<Option<(u64, T)>>,
+}
+
+impl<T: Slot> Ring<T> {
+    pub(crate) fn new(w: &Window) -> Self {
         Self {
             slots: vec![None; w.slots as usize],
         }
     }
 
-    fn add(&mut self, w: &Window, at_ms: u64, a: &Agg) {
+    pub(crate) fn add(&mut self, w: &Window, at_ms: u64, a: &T) {
         let n = at_ms / w.slot_ms;
         let i = (n % w.slots) as usize;
         match &mut self.slots[i] {
@@ -396,9 +418,9 @@ impl Ring {
         }
     }
 
-    fn sum(&self, w: &Window, now_ms: u64) -> Agg {
+    pub(crate) fn sum(&self, w: &Window, now_ms: u64) -> T {
         let now = now_ms / w.slot_ms;
-        let mut out = Agg::default();
+        let mut out = T::default();
         for (n, a) in self.slots.iter().flatten() {
             if *n <= now && *n + w.slots > now {
                 out.merge(a);
@@ -410,7 +432,7 @@ impl Ring {
 
 #[derive(Debug, Clone)]
 struct EdgeStats {
-    rings: [Ring; 3],
+    rings: [Ring<Agg>; 3],
     first_ms: u64,
     last_ms: u64,
     /// Connections opened and closed since the edge appeared (open now = the difference).
@@ -474,6 +496,8 @@ pub struct Stats {
     pub accepted: u64,
     /// Reports and edges refused, by reason.
     pub refused: BTreeMap<&'static str, u64>,
+    /// The QUIC connections between proxies the reports carry.
+    pub links: crate::links::Links,
     last_sweep_ms: u64,
 }
 
@@ -493,6 +517,7 @@ impl Stats {
             max_per_creator,
             accepted: 0,
             refused: BTreeMap::new(),
+            links: crate::links::Links::default(),
             last_sweep_ms: 0,
         }
     }
@@ -736,6 +761,7 @@ mod tests {
             interval_ms: 1000,
             age_ms: 0,
             edges,
+            peers: Vec::new(),
         }
     }
 

@@ -1885,6 +1885,7 @@ fn report(edges: Vec<pb::EdgeSummary>) -> pb::ReportRequest {
         interval_ms: 1000,
         age_ms: 0,
         edges,
+        peers: Vec::new(),
     }
 }
 
@@ -1953,17 +1954,36 @@ async fn reports_come_only_from_connected_proxies_about_their_own_edges() {
         client.report(many).await.expect_err("too many").code(),
         Code::InvalidArgument
     );
-    // web's own proxy may report its inbound side.
+    // A peer connection that is not a SPIFFE ID and address refuses the whole report.
+    let web_id = format!("spiffe://{TD}/ns/shop/sa/web");
+    let link = pb::PeerSummary {
+        direction: pb::EdgeDirection::Inbound as i32,
+        peer: client_id.clone(),
+        address: "127.0.0.1:40000".into(),
+        rtt_us: 1_500,
+        cwnd_bytes: 12_000,
+        sent_packets: 400,
+        lost_packets: 4,
+    };
+    let mut bad_peer = report(vec![outbound()]);
+    bad_peer.peers = vec![pb::PeerSummary {
+        peer: "web".into(),
+        ..link.clone()
+    }];
+    let err = client.report(bad_peer).await.expect_err("bad peer");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("peers[0]"), "{err}");
+    // web's own proxy may report its inbound side, and its connection from the client's proxy.
     let (mut web, _, _) = h.joined("shop", "web").await;
     let _web_watch = web.watch(pb::WatchRequest::default()).await.expect("watch");
-    web.report(report(vec![edge(
+    let mut inbound = report(vec![edge(
         pb::EdgeDirection::Inbound,
         &client_id,
         "web.shop",
         10,
-    )]))
-    .await
-    .expect("inbound report");
+    )]);
+    inbound.peers = vec![link];
+    web.report(inbound).await.expect("inbound report");
 
     let stats = h
         .admin
@@ -1971,6 +1991,7 @@ async fn reports_come_only_from_connected_proxies_about_their_own_edges() {
             window_seconds: 60,
             service: "web".into(),
             edges: true,
+            peers: true,
         })
         .await
         .expect("stats")
@@ -1981,7 +2002,22 @@ async fn reports_come_only_from_connected_proxies_about_their_own_edges() {
     assert_eq!(stats.edges.len(), 2, "{:?}", stats.edges);
     assert!(stats.edges.iter().all(|e| e.source == client_id));
     assert_eq!(stats.reports_accepted, 2);
-    assert_eq!(stats.reports_refused, 7);
+    assert_eq!(stats.reports_refused, 8);
+    let p = &stats.peers;
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].reporter.as_str(), p[0].peer.as_str()),
+        (web_id.as_str(), client_id.as_str())
+    );
+    assert_eq!(
+        (
+            p[0].direction.as_str(),
+            p[0].sent_packets,
+            p[0].lost_packets
+        ),
+        ("inbound", 400, 4)
+    );
+    assert!((p[0].loss_rate - 0.01).abs() < 1e-9 && (p[0].rtt_ms - 1.5).abs() < 1e-9);
     let e = h
         .admin
         .get_stats(pb::StatsRequest {

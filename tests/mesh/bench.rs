@@ -119,8 +119,9 @@ async fn bench_instructions_counts_both_proxies() {
         bulk_mib: 1,
         keep_dumps: false,
         quic_toml: String::new(),
+        tracing_percent: None,
     };
-    let outcome = instructions::run(settings, Some(quicmesh()), quicmesh(), None)
+    let outcome = instructions::run(settings.clone(), Some(quicmesh()), quicmesh(), None)
         .await
         .expect("instruction count");
     let InstructionOutcome::Done(report) = outcome else {
@@ -136,4 +137,22 @@ async fn bench_instructions_counts_both_proxies() {
     assert!(requests.per_unit > 5_000.0, "{requests:?}");
     assert_eq!(bulk.work, "bulk");
     assert!(bulk.per_unit > f64::from(1 << 20), "{bulk:?}");
+
+    // The L7 path with every request traced: the spans reach the harness's OTLP collector.
+    let traced = InstructionSettings {
+        targets: vec![Target::QuicmeshL7],
+        tracing_percent: Some(100),
+        ..settings
+    };
+    let InstructionOutcome::Done(report) =
+        instructions::run(traced, Some(quicmesh()), quicmesh(), None)
+            .await
+            .expect("instruction count, traced")
+    else {
+        panic!("prerequisites were checked above");
+    };
+    let [requests] = &report.runs[..] else {
+        panic!("want one request run: {:#?}", report.runs);
+    };
+    assert!(requests.spans > Some(0), "{requests:?}");
 }

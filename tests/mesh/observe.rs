@@ -455,6 +455,7 @@ async fn ctl_stat_agrees_with_the_load_generator() {
                     window_seconds: 60,
                     service: String::new(),
                     edges: true,
+                    peers: false,
                 })
                 .await
                 .expect("GetStats")
@@ -561,6 +562,29 @@ async fn ctl_stat_agrees_with_the_load_generator() {
     for r in rows {
         assert_eq!(r["source"], client_id.as_str());
         assert_eq!(r["requests"], sent_web, "{r}");
+    }
+
+    // The QUIC connections under it, from both ends: the client's proxy dialed web's, and web's
+    // reports the same link from its side, each with an RTT, a window and the packets it sent.
+    let links = ctl_stat(addr, &bundle, &admin, &["--peers"]).await;
+    let web_proxy = format!("spiffe://{TD}/ns/default/sa/web");
+    let link = |reporter: &str, peer: &str, dir: &str| {
+        links["peers"].as_array().and_then(|l| {
+            l.iter()
+                .find(|p| p["reporter"] == reporter && p["peer"] == peer && p["direction"] == dir)
+                .cloned()
+        })
+    };
+    for (reporter, peer, dir) in [
+        (client_id.as_str(), web_proxy.as_str(), "outbound"),
+        (web_proxy.as_str(), client_id.as_str(), "inbound"),
+    ] {
+        let l = link(reporter, peer, dir)
+            .unwrap_or_else(|| panic!("{reporter} -> {peer} ({dir}) in {links:#}"));
+        assert!(f(&l, "rtt_ms") > 0.0 && f(&l, "rtt_ms") < 1000.0, "{l}");
+        assert!(l["cwnd_bytes"].as_u64() > Some(0), "{l}");
+        assert!(l["sent_packets"].as_u64() > Some(0), "{l}");
+        assert!(f(&l, "loss_rate") < 0.05, "loopback: {l}");
     }
 
     // The controller's own /metrics says what ctl stat says.
@@ -1088,7 +1112,13 @@ async fn access_log_lines_and_an_untouched_traceparent_without_tracing() {
         server,
         client,
         ..
-    } = web_hop(d, app, "[access_log]\npath = \"web-access.log\"\n\n", "").await;
+    } = web_hop(
+        d,
+        app,
+        "[access_log]\npath = \"web-access.log\"\n\n",
+        "[access_log]\npath = \"client-access.log\"\n\n",
+    )
+    .await;
     let web = client.outbound();
     let h1 = h1_client();
     wait_for_web(&h1, web).await;
@@ -1129,6 +1159,29 @@ async fn access_log_lines_and_an_untouched_traceparent_without_tracing() {
         .find(|l| l["path"] == "/untraced")
         .unwrap_or_else(|| panic!("/untraced in {lines:#?}"));
     assert!(untraced.get("traceparent").is_none(), "{untraced}");
+    // The caller's proxy logs the same request from its side, under the same request id.
+    let out = json_lines(&d.join("client-access.log"), |l| {
+        l.iter().any(|x| x["path"] == "/traced?x=1")
+    })
+    .await;
+    let sent = out
+        .iter()
+        .find(|l| l["path"] == "/traced?x=1")
+        .unwrap_or_else(|| panic!("/traced in {out:#?}"));
+    for (k, v) in [
+        ("kind", "http"),
+        ("direction", "outbound"),
+        ("method", "GET"),
+        ("service", "web.default"),
+        ("traceparent", SENT),
+    ] {
+        assert_eq!(sent[k], v, "{k} in {sent}");
+    }
+    assert_eq!(sent["status"], 200);
+    assert_eq!(sent["request_id"], traced["request_id"], "{sent}");
+    assert_eq!(sent["source"], traced["source"]);
+    assert_eq!(sent["destination"], traced["destination"]);
+    assert!(sent["duration_ms"].as_f64() >= traced["duration_ms"].as_f64());
     let m = server.metrics().await;
     assert!(
         metric(&m, "quicmesh_access_log_lines_total", &[]) >= 2.0,

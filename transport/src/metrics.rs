@@ -635,6 +635,27 @@ pub struct PeerMetrics {
     pub active: Gauge,
 }
 
+/// One live QUIC connection's path figures at one moment (what traffic reports carry per peer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnReading {
+    /// The [`ConnectionTable`]'s id for the connection (stable while it lives).
+    pub id: u64,
+    /// Who dialed: outbound = this proxy.
+    pub direction: Direction,
+    /// The other proxy's SPIFFE ID.
+    pub peer: String,
+    /// Its UDP address.
+    pub remote: SocketAddr,
+    /// Smoothed RTT.
+    pub rtt: std::time::Duration,
+    /// Congestion window, bytes.
+    pub cwnd: u64,
+    /// Packets sent and declared lost since the connection opened.
+    pub sent: u64,
+    /// Lost.
+    pub lost: u64,
+}
+
 /// The live QUIC connections, so a scrape can read their RTT and loss. Registered under the
 /// `quicmesh_` prefix, so its own names carry none.
 #[derive(Debug, Default)]
@@ -659,6 +680,26 @@ impl ConnectionTable {
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<u64, (Direction, String, quinn::Connection)>> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every live connection's path figures now, keyed by the table's id for it.
+    pub fn readings(&self) -> Vec<ConnReading> {
+        self.lock()
+            .iter()
+            .map(|(id, (d, p, c))| {
+                let s = c.stats().path;
+                ConnReading {
+                    id: *id,
+                    direction: *d,
+                    peer: p.clone(),
+                    remote: c.remote_address(),
+                    rtt: s.rtt,
+                    cwnd: s.cwnd,
+                    sent: s.sent_packets,
+                    lost: s.lost_packets,
+                }
+            })
+            .collect()
     }
 
     fn snapshot(&self) -> Vec<(Direction, String, SocketAddr, quinn::Connection)> {

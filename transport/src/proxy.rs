@@ -417,6 +417,7 @@ impl Proxy {
             let reporter = control::report::Reporter {
                 controller: controller.clone(),
                 edges: self.metrics.edges.clone(),
+                connections: self.metrics.connections.clone(),
                 interval: boot.report_interval,
                 metrics: self.metrics.identity.clone(),
             };

@@ -337,8 +337,14 @@ impl Admin for AdminService {
         } else {
             Vec::new()
         };
+        let peers = if r.peers {
+            stats.links.figures(w, now)
+        } else {
+            Vec::new()
+        };
         Ok(Response::new(pb::StatsResponse {
             window_seconds: w.seconds,
+            peers: peers.iter().map(link_to_pb).collect(),
             services: services.iter().map(figures_to_pb).collect(),
             edges: edges.iter().map(figures_to_pb).collect(),
             reports_accepted: stats.accepted,
@@ -346,6 +352,21 @@ impl Admin for AdminService {
             edges_held: stats.len() as u64,
             edges_max: stats.max_edges() as u64,
         }))
+    }
+}
+
+fn link_to_pb(f: &crate::links::LinkFigures) -> pb::PeerLinkStats {
+    pb::PeerLinkStats {
+        reporter: f.id.reporter.clone(),
+        peer: f.id.peer.clone(),
+        address: f.id.address.clone(),
+        direction: f.id.side.as_str().to_owned(),
+        rtt_ms: f.rtt_ms,
+        cwnd_bytes: f.cwnd,
+        sent_packets: f.packets.sent,
+        lost_packets: f.packets.lost,
+        loss_rate: f.loss_rate(),
+        age_seconds: f.age_s,
     }
 }
 

@@ -495,16 +495,19 @@ impl ProxyApi for ProxyService {
                 })
             },
         )
-        .map_err(|e| {
+        .and_then(|edges| Ok((edges, crate::links::validate(&id, &body.peers)?)));
+        let (edges, links) = edges.map_err(|e| {
             tracing::info!(%id, peer = %p.remote, error = %Capped(&e.to_string()), "Report refused");
             refuse(e.reason(), Status::invalid_argument(e.to_string()))
         })?;
         let now = self.stats.now_ms();
         let end = now.saturating_sub(u64::from(body.age_ms));
-        let accepted =
-            self.stats
-                .lock()
-                .record(id.as_str(), edges, end, u64::from(body.interval_ms), now);
+        let mut stats = self.stats.lock();
+        let accepted = stats.record(id.as_str(), edges, end, u64::from(body.interval_ms), now);
+        for _ in 0..stats.links.record(links, end, now) {
+            stats.refuse("peers_full");
+        }
+        drop(stats);
         Ok(Response::new(pb::ReportResponse {
             accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
         }))

@@ -7,8 +7,10 @@
 //! table's handles. A summary that cannot be sent is kept in a queue of [`QUEUE`] summaries, oldest
 //! dropped first (counted), and sent later with its age so the controller files it where it belongs.
 //! A summary larger than one call allows is split into several calls of at most [`MAX_EDGES_PER_CALL`]
-//! edges and [`MAX_CALL_BYTES`]. The building blocks ([`Totals`], [`summary`], [`split`], [`Queue`])
-//! are pure and unit-tested.
+//! edges and [`MAX_CALL_BYTES`]. Each summary also carries the path figures of every live QUIC
+//! connection to another proxy (RTT, congestion window, packets sent and lost in the interval: what
+//! `ctl stat --peers` shows), at most [`MAX_PEERS`] of them, the busiest first. The building blocks
+//! ([`Totals`], [`summary`], [`peers`], [`split`], [`Queue`]) are pure and unit-tested.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -23,7 +25,10 @@ use tokio_util::sync::CancellationToken;
 use super::Controller;
 use crate::{
     clip::clip,
-    metrics::{Direction, EdgeCounters, EdgeKey, EdgeTable, IdentityMetrics, LatencyBuckets},
+    metrics::{
+        ConnReading, ConnectionTable, Direction, EdgeCounters, EdgeKey, EdgeTable, IdentityMetrics,
+        LatencyBuckets,
+    },
 };
 
 /// Summaries kept while the controller is unreachable.
@@ -32,6 +37,8 @@ pub const QUEUE: usize = 4;
 pub const MAX_EDGES_PER_CALL: usize = 512;
 /// Most bytes of one `Report` call, below the controller's 64 KiB request limit.
 pub const MAX_CALL_BYTES: usize = 48 * 1024;
+/// Most peer connections in one summary (the controller refuses more).
+pub const MAX_PEERS: usize = 256;
 
 /// An edge's counters read at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,10 +118,7 @@ pub fn edge_pb(key: &EdgeKey, d: &Totals) -> pb::EdgeSummary {
         _ => (0, Vec::new()),
     };
     pb::EdgeSummary {
-        direction: match key.direction {
-            Direction::Inbound => pb::EdgeDirection::Inbound,
-            Direction::Outbound => pb::EdgeDirection::Outbound,
-        } as i32,
+        direction: direction_pb(key.direction),
         source: key.source.clone(),
         service: key.service.clone(),
         requests: d.requests,
@@ -134,6 +138,40 @@ pub fn edge_pb(key: &EdgeKey, d: &Totals) -> pb::EdgeSummary {
     }
 }
 
+fn direction_pb(d: Direction) -> i32 {
+    let d = match d {
+        Direction::Inbound => pb::EdgeDirection::Inbound,
+        Direction::Outbound => pb::EdgeDirection::Outbound,
+    };
+    d as i32
+}
+
+/// The peer connections of the interval that ends now: each connection's packets sent and lost since
+/// its reading in `last` (all of them for a new one), which becomes the current reading; connections
+/// gone since are forgotten. At most [`MAX_PEERS`], the most packets sent first.
+pub fn peers(now: &[ConnReading], last: &mut HashMap<u64, (u64, u64)>) -> Vec<pb::PeerSummary> {
+    let mut out: Vec<pb::PeerSummary> = now
+        .iter()
+        .map(|c| {
+            let (sent, lost) = last.get(&c.id).copied().unwrap_or((0, 0));
+            pb::PeerSummary {
+                direction: direction_pb(c.direction),
+                peer: c.peer.clone(),
+                address: c.remote.to_string(),
+                rtt_us: u32::try_from(c.rtt.as_micros()).unwrap_or(u32::MAX),
+                cwnd_bytes: c.cwnd,
+                sent_packets: c.sent.saturating_sub(sent),
+                lost_packets: c.lost.saturating_sub(lost),
+            }
+        })
+        .collect();
+    last.clear();
+    last.extend(now.iter().map(|c| (c.id, (c.sent, c.lost))));
+    out.sort_by_key(|p| std::cmp::Reverse(p.sent_packets));
+    out.truncate(MAX_PEERS);
+    out
+}
+
 /// One interval's summary, waiting to be sent.
 #[derive(Debug, Clone)]
 pub struct Summary {
@@ -143,6 +181,8 @@ pub struct Summary {
     pub interval: Duration,
     /// Every edge the proxy knows (idle ones too: the controller learns the interval was quiet).
     pub edges: Vec<pb::EdgeSummary>,
+    /// The live connections to other proxies.
+    pub peers: Vec<pb::PeerSummary>,
 }
 
 /// Builds the summary of the interval that ends now: the deltas of every edge against `last`, which
@@ -167,6 +207,7 @@ pub fn summary(
         ended,
         interval,
         edges,
+        peers: Vec::new(),
     }
 }
 
@@ -251,6 +292,8 @@ pub struct Reporter {
     pub controller: Controller,
     /// The edges the data plane counts.
     pub edges: Arc<EdgeTable>,
+    /// The live QUIC connections to other proxies.
+    pub connections: Arc<ConnectionTable>,
     /// How often.
     pub interval: Duration,
     /// Where sent, failed and dropped summaries are counted.
@@ -265,8 +308,10 @@ impl Reporter {
             _ = self.controller.creds.wait_leaf() => {}
         }
         let mut last = HashMap::new();
+        let mut last_peers = HashMap::new();
         // Counts from before the first report belong to no interval the controller can place.
         let _ = summary(&self.edges.all(), &mut last, Instant::now(), self.interval);
+        let _ = peers(&self.connections.readings(), &mut last_peers);
         let mut queue = Queue::new(QUEUE);
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -278,7 +323,8 @@ impl Reporter {
                 _ = tick.tick() => {}
             }
             let now = Instant::now();
-            let s = summary(&self.edges.all(), &mut last, now, now - started);
+            let mut s = summary(&self.edges.all(), &mut last, now, now - started);
+            s.peers = peers(&self.connections.readings(), &mut last_peers);
             started = now;
             let dropped = queue.push(s);
             if dropped > 0 {
@@ -306,11 +352,15 @@ impl Reporter {
         while let Some(s) = queue.front() {
             let age = s.ended.elapsed();
             let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
-            for edges in split(&s.edges, MAX_EDGES_PER_CALL, MAX_CALL_BYTES) {
+            for (i, edges) in split(&s.edges, MAX_EDGES_PER_CALL, MAX_CALL_BYTES)
+                .into_iter()
+                .enumerate()
+            {
                 c.report(pb::ReportRequest {
                     interval_ms: ms(s.interval),
                     age_ms: ms(age),
                     edges,
+                    peers: if i == 0 { s.peers.clone() } else { Vec::new() },
                 })
                 .await
                 .map_err(|s| format!("Report: {:?}: {}", s.code(), s.message()))?;
@@ -392,6 +442,7 @@ mod tests {
                 interval_ms: 1,
                 age_ms: 1,
                 edges: c.clone(),
+                peers: Vec::new(),
             };
             assert!(req.encoded_len() <= 4096 + 64, "{}", req.encoded_len());
         }
@@ -404,12 +455,53 @@ mod tests {
     }
 
     #[test]
+    fn peers_carry_the_packets_of_the_interval_busiest_first() {
+        let reading = |id, sent, lost| ConnReading {
+            id,
+            direction: Direction::Outbound,
+            peer: format!("spiffe://td/ns/a/sa/p{id}"),
+            remote: "127.0.0.1:4433".parse().expect("addr"),
+            rtt: Duration::from_micros(1500),
+            cwnd: 12_000,
+            sent,
+            lost,
+        };
+        let mut last = HashMap::new();
+        let p = peers(&[reading(1, 100, 2)], &mut last);
+        assert_eq!((p[0].sent_packets, p[0].lost_packets), (100, 2));
+        assert_eq!((p[0].rtt_us, p[0].cwnd_bytes), (1500, 12_000));
+        assert_eq!(p[0].address, "127.0.0.1:4433");
+        let p = peers(&[reading(1, 150, 3), reading(2, 500, 0)], &mut last);
+        let got: Vec<_> = p
+            .iter()
+            .map(|p| (p.peer.as_str(), p.sent_packets, p.lost_packets))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("spiffe://td/ns/a/sa/p2", 500, 0),
+                ("spiffe://td/ns/a/sa/p1", 50, 1)
+            ]
+        );
+        // A closed connection is forgotten; a new one with a reused id would start from zero.
+        assert!(peers(&[], &mut last).is_empty());
+        assert!(last.is_empty());
+        let many: Vec<_> = (0..MAX_PEERS as u64 + 10)
+            .map(|i| reading(i, i, 0))
+            .collect();
+        let p = peers(&many, &mut last);
+        assert_eq!(p.len(), MAX_PEERS);
+        assert_eq!(p[0].sent_packets, MAX_PEERS as u64 + 9);
+    }
+
+    #[test]
     fn the_queue_drops_the_oldest_summaries() {
         let mut q = Queue::new(2);
         let s = |ms| Summary {
             ended: Instant::now(),
             interval: Duration::from_millis(ms),
             edges: Vec::new(),
+            peers: Vec::new(),
         };
         assert_eq!(q.push(s(1)), 0);
         assert_eq!(q.push(s(2)), 0);

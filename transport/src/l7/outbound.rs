@@ -13,6 +13,7 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -154,14 +155,14 @@ async fn upgrade(
             tracing::info!(request_id = %rid, error = %e, "upgrade not delivered");
             let f = open_failure(&e, deadline);
             let (status, _) = failure_status(f);
-            count(&svc, "", &service, status.as_u16(), None);
+            count(&svc, "", &service, status.as_u16(), None, None);
             return failure_response(f, false, &e.to_string());
         }
     };
     let peer = pc.peer.to_string();
     let bad_gateway = |svc: &Service, e: &dyn std::fmt::Display| {
         tracing::info!(request_id = %rid, %peer, error = %e, "upgrade failed");
-        count(svc, &peer, &service, 502, None);
+        count(svc, &peer, &service, 502, None, None);
         failure_response(Failure::BadGateway, false, "upgrade failed")
     };
     let stream = TokioIo::new(tokio::io::join(recv, send));
@@ -186,7 +187,7 @@ async fn upgrade(
         Ok(Err(e)) => return bad_gateway(&svc, &e),
         Err(_) => return bad_gateway(&svc, &"no answer in time"),
     };
-    count(&svc, &peer, &service, resp.status().as_u16(), None);
+    count(&svc, &peer, &service, resp.status().as_u16(), None, None);
     let switched = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
         || (connect && resp.status().is_success());
     if switched {
@@ -379,8 +380,64 @@ fn request_head(parts: &mut http::request::Parts) -> (HttpHead, HeaderMap) {
     (head, headers)
 }
 
-/// Counts a finished request.
-fn count(svc: &Service, peer: &str, service: &str, status: u16, grpc: Option<u32>) {
+/// The request line of a request, kept for the caller's access log only while the log is on.
+struct Logged {
+    method: http::Method,
+    path: String,
+    traceparent: Option<String>,
+    rid: String,
+}
+
+impl Logged {
+    fn of(svc: &Service, parts: &http::request::Parts, rid: &str) -> Option<Self> {
+        svc.metrics.access_log.is_on().then(|| Self {
+            method: parts.method.clone(),
+            path: crate::l7::clip_path(parts.uri.path_and_query().map_or("/", |p| p.as_str())),
+            traceparent: parts
+                .headers
+                .get(crate::trace::TRACEPARENT)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            rid: rid.to_owned(),
+        })
+    }
+}
+
+/// Observes a request's latency (request head to response head, or to the answer the mesh gave
+/// itself) in `quicmesh_request_duration_seconds` and its edge; returns it.
+fn observe_latency(
+    svc: &Service,
+    service: &str,
+    status: u16,
+    grpc: Option<u32>,
+    started: Instant,
+) -> Duration {
+    let took = started.elapsed();
+    svc.metrics
+        .requests
+        .duration
+        .get_or_create(&LatencyLabels {
+            direction: Direction::Outbound,
+            service: service.to_owned(),
+            classification: classification(status, grpc),
+        })
+        .observe(took.as_secs_f64());
+    svc.metrics
+        .edges
+        .edge(Direction::Outbound, "", service)
+        .latency(took.as_secs_f64());
+    took
+}
+
+/// Counts a finished request, and writes its access log line (`log`: its request line and latency).
+fn count(
+    svc: &Service,
+    peer: &str,
+    service: &str,
+    status: u16,
+    grpc: Option<u32>,
+    log: Option<(&Logged, Duration)>,
+) {
     svc.metrics
         .requests
         .total
@@ -396,6 +453,23 @@ fn count(svc: &Service, peer: &str, service: &str, status: u16, grpc: Option<u32
         .edges
         .edge(Direction::Outbound, "", service)
         .request(RequestClass::of(status, grpc), !peer.is_empty());
+    if let Some((l, took)) = log {
+        svc.metrics.access_log.record(&crate::access_log::Entry {
+            kind: "http",
+            direction: Direction::Outbound,
+            peer,
+            service,
+            method: Some(l.method.as_str()),
+            path: Some(&l.path),
+            status: Some(status),
+            grpc_status: grpc,
+            duration: took,
+            bytes: None,
+            ok: None,
+            request_id: &l.rid,
+            traceparent: l.traceparent.as_deref(),
+        });
+    }
 }
 
 /// A request the mesh answered itself (no response from a destination): its latency is observed like
@@ -407,22 +481,10 @@ fn count_failed(
     status: u16,
     grpc: Option<u32>,
     started: Instant,
+    log: Option<&Logged>,
 ) {
-    let took = started.elapsed().as_secs_f64();
-    svc.metrics
-        .requests
-        .duration
-        .get_or_create(&LatencyLabels {
-            direction: Direction::Outbound,
-            service: service.to_owned(),
-            classification: classification(status, grpc),
-        })
-        .observe(took);
-    svc.metrics
-        .edges
-        .edge(Direction::Outbound, "", service)
-        .latency(took);
-    count(svc, peer, service, status, grpc);
+    let took = observe_latency(svc, service, status, grpc, started);
+    count(svc, peer, service, status, grpc, log.map(|l| (l, took)));
 }
 
 fn classification(status: u16, grpc: Option<u32>) -> &'static str {
@@ -507,9 +569,10 @@ where
         Protocol::Http1
     };
     let (mut parts, mut body) = req.into_parts();
-    let (mut req_head, req_headers) = request_head(&mut parts);
     let request_id = tunnel::new_request_id();
     let rid = tunnel::request_id_hex(&request_id);
+    let log = Logged::of(&svc, &parts, &rid.to_string());
+    let (mut req_head, req_headers) = request_head(&mut parts);
     if let Some(n) = note.as_mut() {
         n.service.clone_from(&service);
         n.request_id = rid.to_string();
@@ -528,7 +591,7 @@ where
         Err(e) => {
             let e: BoxError = e.into();
             tracing::debug!(request_id = %rid, error = %e, "request body failed");
-            count_failed(&svc, "", &service, 400, None, started);
+            count_failed(&svc, "", &service, 400, None, started, log.as_ref());
             let mut r = Response::new(empty());
             *r.status_mut() = http::StatusCode::BAD_REQUEST;
             return r;
@@ -547,7 +610,15 @@ where
     loop {
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
-            count_failed(&svc, "", &service, 504, grpc.then_some(4), started);
+            count_failed(
+                &svc,
+                "",
+                &service,
+                504,
+                grpc.then_some(4),
+                started,
+                log.as_ref(),
+            );
             return failure_response(Failure::Deadline, grpc, "deadline exceeded");
         }
         let try_deadline = match (deadline, rule.per_try_timeout.map(|t| now + t)) {
@@ -588,6 +659,7 @@ where
                     status.as_u16(),
                     grpc.then_some(g),
                     started,
+                    log.as_ref(),
                 );
                 return failure_response(f, grpc, &e.to_string());
             }
@@ -627,7 +699,15 @@ where
                 cancel.cancel();
                 let _ = recv.stop(code::DEADLINE_EXCEEDED);
                 tracing::info!(request_id = %rid, %peer, "deadline exceeded");
-                count_failed(&svc, &peer, &service, 504, grpc.then_some(4), started);
+                count_failed(
+                    &svc,
+                    &peer,
+                    &service,
+                    504,
+                    grpc.then_some(4),
+                    started,
+                    log.as_ref(),
+                );
                 return failure_response(Failure::Deadline, grpc, "deadline exceeded");
             }
             Err(_) => Outcome::Reset,
@@ -695,7 +775,15 @@ where
                         reason: "app_connect_failed",
                     })
                     .inc();
-                count_failed(&svc, &peer, &service, 503, grpc.then_some(14), started);
+                count_failed(
+                    &svc,
+                    &peer,
+                    &service,
+                    503,
+                    grpc.then_some(14),
+                    started,
+                    log.as_ref(),
+                );
                 return failure_response(Failure::Unavailable, grpc, "application unreachable");
             }
             Ok(x) => x,
@@ -719,6 +807,7 @@ where
                     status.as_u16(),
                     grpc.then_some(g),
                     started,
+                    log.as_ref(),
                 );
                 return failure_response(f, grpc, &e.to_string());
             }
@@ -729,20 +818,7 @@ where
             .and_then(|s| http::StatusCode::from_u16(s).ok())
             .unwrap_or(http::StatusCode::BAD_GATEWAY);
         let head_grpc = grpc_status(&headers);
-        let took = started.elapsed().as_secs_f64();
-        svc.metrics
-            .requests
-            .duration
-            .get_or_create(&LatencyLabels {
-                direction: Direction::Outbound,
-                service: service.clone(),
-                classification: classification(status.as_u16(), head_grpc),
-            })
-            .observe(took);
-        svc.metrics
-            .edges
-            .edge(Direction::Outbound, "", &service)
-            .latency(took);
+        let took = observe_latency(&svc, &service, status.as_u16(), head_grpc, started);
         // Counted when the body ends: a streamed gRPC status arrives in the trailers.
         let done = {
             let svc = svc.clone();
@@ -752,7 +828,15 @@ where
                 if let Err(e) = &end.result {
                     tracing::debug!(error = %e, "response body cut short");
                 }
-                count(&svc, &peer, &service, code, if grpc { g } else { None });
+                let g = if grpc { g } else { None };
+                count(
+                    &svc,
+                    &peer,
+                    &service,
+                    code,
+                    g,
+                    log.as_ref().map(|l| (l, took)),
+                );
                 drop(in_flight);
                 drop(cancel);
             }
