@@ -17,6 +17,7 @@ pub mod load;
 pub mod loss;
 pub mod machine;
 pub mod report;
+pub mod reporters;
 pub mod server;
 pub mod topology;
 
