@@ -473,7 +473,7 @@ async fn traffic(
             };
             let _ = tokio::time::timeout(Duration::from_secs(5), g.unary(msg)).await;
         });
-        if n % 2 == 0 {
+        if n.is_multiple_of(2) {
             tasks.spawn(async move {
                 let _ = roundtrip(db, b"select 1", Duration::from_secs(5)).await;
             });
