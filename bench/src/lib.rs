@@ -18,6 +18,7 @@ pub mod loss;
 pub mod machine;
 pub mod otlp_sink;
 pub mod report;
+pub mod reporters;
 pub mod server;
 pub mod topology;
 

@@ -385,3 +385,51 @@ async fn controller_bench_propagation_smoke() {
         "no issuance in propagation mode: {stdout}"
     );
 }
+
+/// `controller-bench --reporters` in small: 20 proxies of 10 services reporting every second for
+/// 4 s; the bench itself fails unless `GetStats` holds exactly what they sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_bench_reporters_smoke() {
+    let out = tokio::time::timeout(
+        Duration::from_secs(40),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_controller-bench"))
+            .args([
+                "--reporters",
+                "20",
+                "--report-services",
+                "10",
+                "--report-interval",
+                "1s",
+                "--report-seconds",
+                "4",
+                "--report-idle-seconds",
+                "1",
+            ])
+            .output(),
+    )
+    .await
+    .expect("in time")
+    .expect("run controller-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("output");
+    let v: serde_json::Value = serde_json::from_str(last).expect("json line");
+    assert_eq!(v["bench"], "reporters", "{v}");
+    assert_eq!(v["totals_match"], true, "{v}");
+    assert_eq!(v["reports_refused"], 0, "{v}");
+    assert_eq!(
+        v["edges"], 60,
+        "10 services calling 3 each, counted at both ends: {v}"
+    );
+    // Each proxy reports about once a second for 4 s.
+    let reports = v["reports"].as_u64().expect("reports");
+    assert!((60..=100).contains(&reports), "{v}");
+    assert!(
+        v["cpu_per_report_us"].as_f64().is_some_and(|c| c >= 0.0),
+        "{v}"
+    );
+}

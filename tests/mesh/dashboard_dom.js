@@ -1,7 +1,8 @@
 // Runs the dashboard's script against a running controller without a browser: a minimal DOM (only
 // what app.js touches) stands in for the page, `fetch` goes to the real dashboard over HTTP with
 // the admin token as a bearer (node's fetch keeps no cookies), and the drawn page is printed as
-// text for the Rust test to check. Used only when Chromium is not installed.
+// text for the Rust test to check. The browser-free check; observe/chromium.rs loads the page in
+// headless Chromium.
 //
 // node dashboard_dom.js APP_JS BASE_URL TOKEN
 "use strict";

@@ -33,6 +33,9 @@ use crate::{
     support::*,
 };
 
+/// The dashboard in headless Chromium.
+mod chromium;
+
 const BIN: &str = env!("CARGO_BIN_EXE_quicmesh");
 /// How long the generator runs, and its rates (requests or connections per second).
 const LOAD: Duration = Duration::from_secs(8);

@@ -12,6 +12,9 @@
 //! delta as a proxy does) into the state it would enforce (`MeshState::from_snapshot`, what a proxy
 //! builds before it swaps the state in) and records when it holds the new version: the time from
 //! `Apply` to enforced, per proxy and for all.
+//!
+//! `--reporters N` measures traffic reports instead (`quicmesh_bench::reporters`): N simulated
+//! proxies watch and report, and the controller's memory, CPU and `GetStats` totals are checked.
 
 use std::{
     sync::{
@@ -79,6 +82,29 @@ struct Args {
     /// mesh's other traffic, which a watcher with an interest mostly does not receive.
     #[arg(long, default_value_t = 0)]
     background: usize,
+    /// Traffic reports instead: this many simulated proxies (each its own key, certificate, mTLS
+    /// connection and Watch) report every `--report-interval` for `--report-seconds`; measures the
+    /// controller's memory and CPU and checks `GetStats` against what was sent (`reporters` module).
+    #[arg(long)]
+    reporters: Option<usize>,
+    /// With --reporters: services the proxies serve (replicas of one service share its identity).
+    #[arg(long, default_value_t = 100)]
+    report_services: usize,
+    /// With --reporters: services each service calls (each call is an edge at both ends).
+    #[arg(long, default_value_t = 3)]
+    report_calls: usize,
+    /// With --reporters: how often each proxy reports (the proxy's default).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    report_interval: Duration,
+    /// With --reporters: seconds of reporting.
+    #[arg(long, default_value_t = 60)]
+    report_seconds: u64,
+    /// With --reporters: seconds the proxies only watch first (the CPU baseline).
+    #[arg(long, default_value_t = 10)]
+    report_idle_seconds: u64,
+    /// With --reporters: mean requests (or TCP connections) a second on each edge of each proxy.
+    #[arg(long, default_value_t = 20.0)]
+    report_edge_rps: f64,
     /// Internal: be the controller (prints `{"addr","token","bundle"}`, serves until stdin closes).
     #[arg(long, hide = true)]
     serve: bool,
@@ -232,12 +258,37 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 
 #[tokio::main]
 async fn main() -> Result<(), AnyError> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     if args.serve {
         return serve(&args).await;
     }
+    if let Some(n) = args.reporters {
+        // The controller's connection and per-identity Watch bounds follow --watchers.
+        args.watchers = n;
+    }
     let (child, addr, token, bundle) = spawn_controller(&args).await?;
     let pid = child.id().ok_or("controller pid")?;
+    if let Some(reporters) = args.reporters {
+        let o = quicmesh_bench::reporters::Options {
+            reporters,
+            services: args.report_services,
+            calls: args.report_calls,
+            interval: args.report_interval,
+            seconds: args.report_seconds,
+            idle_seconds: args.report_idle_seconds,
+            edge_rps: args.report_edge_rps,
+        };
+        let t = quicmesh_bench::reporters::Target {
+            pid,
+            addr,
+            token,
+            bundle,
+        };
+        let summary = quicmesh_bench::reporters::run(&o, &t).await?;
+        println!("{summary}");
+        drop(child);
+        return Ok(());
+    }
     let mut admin = client::admin(
         client::connect(&addr, &bundle, None, Some(Duration::from_secs(30))).await?,
         &token,
