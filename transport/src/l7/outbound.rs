@@ -389,7 +389,11 @@ struct Logged {
 }
 
 impl Logged {
-    fn of(svc: &Service, parts: &http::request::Parts, rid: &str) -> Option<Self> {
+    fn of(
+        svc: &Service,
+        parts: &http::request::Parts,
+        rid: impl std::fmt::Display,
+    ) -> Option<Self> {
         svc.metrics.access_log.is_on().then(|| Self {
             method: parts.method.clone(),
             path: crate::l7::clip_path(parts.uri.path_and_query().map_or("/", |p| p.as_str())),
@@ -398,7 +402,7 @@ impl Logged {
                 .get(crate::trace::TRACEPARENT)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
-            rid: rid.to_owned(),
+            rid: rid.to_string(),
         })
     }
 }
@@ -571,7 +575,7 @@ where
     let (mut parts, mut body) = req.into_parts();
     let request_id = tunnel::new_request_id();
     let rid = tunnel::request_id_hex(&request_id);
-    let log = Logged::of(&svc, &parts, &rid.to_string());
+    let log = Logged::of(&svc, &parts, rid);
     let (mut req_head, req_headers) = request_head(&mut parts);
     if let Some(n) = note.as_mut() {
         n.service.clone_from(&service);
