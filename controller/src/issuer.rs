@@ -158,15 +158,13 @@ impl Signer {
             })?;
         let cert_der = pem_der(&cert_pem, SectionKind::Certificate)
             .map_err(|e| IssueError::Root(e.to_string()))?;
-        same_public_key(&csr_key, &cert_der)?;
-        let info =
-            inspect::CertInfo::from_der(&cert_der).map_err(|e| IssueError::Root(e.to_string()))?;
+        let leaf = checked_leaf(&csr_key, granted, &cert_der)?;
         Ok(Signed {
             cert_pem,
             spiffe_id: granted.clone(),
-            not_before: info.not_before,
-            not_after: info.not_after,
-            serial_hex: info.serial_hex,
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            serial_hex: leaf.serial_hex,
             root_fingerprint: self.root_fingerprint.clone(),
         })
     }
@@ -404,10 +402,23 @@ fn pem_der(pem: &str, kind: SectionKind) -> Result<Vec<u8>, IssueError> {
         .map_err(|e| IssueError::Csr(e.to_string()))
 }
 
-/// Checks that the signed leaf (DER) carries exactly `csr_key`, the CSR's subject public key info
-/// (guards the signer itself).
-fn same_public_key(csr_key: &[u8], cert_der: &[u8]) -> Result<(), IssueError> {
-    use x509_parser::prelude::FromDer;
+/// What the audit record and the answer need of a signed leaf.
+#[derive(Debug)]
+struct LeafFacts {
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    serial_hex: String,
+}
+
+/// Checks that the signed leaf (DER) carries exactly `csr_key`, the CSR's subject public key info,
+/// and names exactly `granted` (guards the signer itself); its validity and serial, from the same
+/// parse.
+fn checked_leaf(
+    csr_key: &[u8],
+    granted: &SpiffeId,
+    cert_der: &[u8],
+) -> Result<LeafFacts, IssueError> {
+    use x509_parser::{extensions::GeneralName, prelude::FromDer};
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
         .map_err(|e| IssueError::Root(format!("signed leaf does not parse: {e}")))?;
     if cert.tbs_certificate.subject_pki.raw != csr_key {
@@ -415,7 +426,27 @@ fn same_public_key(csr_key: &[u8], cert_der: &[u8]) -> Result<(), IssueError> {
             "the signed leaf does not carry the CSR's public key; refusing to hand it out".into(),
         ));
     }
-    Ok(())
+    let names_granted = match cert.subject_alternative_name() {
+        Ok(Some(san)) => {
+            let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+                GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            });
+            uris.next() == Some(granted.as_str()) && uris.next().is_none()
+        }
+        _ => false,
+    };
+    if !names_granted {
+        return Err(IssueError::Root(format!(
+            "the signed leaf does not name exactly {granted}; refusing to hand it out"
+        )));
+    }
+    let validity = cert.validity();
+    Ok(LeafFacts {
+        not_before: validity.not_before.to_datetime(),
+        not_after: validity.not_after.to_datetime(),
+        serial_hex: cert.raw_serial_as_string().replace(':', ""),
+    })
 }
 
 /// Parses and verifies a CSR: one PEM block, a supported key type (named when refused), a valid
