@@ -685,6 +685,38 @@ mod tests {
     }
 
     #[test]
+    fn a_leaf_is_handed_out_only_with_the_csr_key_and_the_granted_identity() {
+        let now = OffsetDateTime::now_utc();
+        let mut issuer = Issuer::from_records(vec![
+            Issuer::generate_root("mesh.local", now).expect("root"),
+        ])
+        .expect("issuer");
+        let (csr, _) = generate_csr(&id("cart")).expect("csr");
+        let (signed, _) = issuer
+            .sign(&csr, &id("cart"), now, Duration::from_secs(60))
+            .expect("sign");
+        let leaf = inspect::first_cert_der(&signed.cert_pem).expect("leaf");
+        let csr_der = pem_der(&csr, SectionKind::Csr).expect("csr der");
+        let key = check_key_type(&csr_der).expect("key");
+        let facts = checked_leaf(&key, &id("cart"), &leaf).expect("the leaf as signed");
+        let info = inspect::CertInfo::from_der(&leaf).expect("info");
+        assert_eq!(facts.serial_hex, info.serial_hex);
+        assert_eq!(facts.not_before, info.not_before);
+        assert_eq!(facts.not_after, info.not_after);
+        assert_eq!(
+            (signed.not_after, signed.serial_hex),
+            (info.not_after, info.serial_hex)
+        );
+        let e = checked_leaf(&key, &id("admin"), &leaf).expect_err("another identity");
+        assert!(e.to_string().contains("does not name exactly"), "{e}");
+        let (other, _) = generate_csr(&id("cart")).expect("csr");
+        let other_key =
+            check_key_type(&pem_der(&other, SectionKind::Csr).expect("der")).expect("key");
+        let e = checked_leaf(&other_key, &id("cart"), &leaf).expect_err("another key");
+        assert!(e.to_string().contains("public key"), "{e}");
+    }
+
+    #[test]
     fn rotation_keeps_old_root_until_its_leaves_expire() {
         let now = OffsetDateTime::now_utc();
         let first = Issuer::generate_root("mesh.local", now).expect("root");

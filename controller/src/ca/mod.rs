@@ -5,11 +5,12 @@
 //! and of [`crate::issuer`] (what a CSR may contain, the roots' lifecycle); this module reads the records
 //! they need under the store's write lock, asks, and writes the outcome as one batch, flushed before the
 //! answer. Issuance is built for rate: the credential is checked and the CSR signed without the lock
-//! (signing on the blocking pool, so certificates are signed in parallel), then the leaf joins a queue;
-//! whoever takes the write lock next checks every queued leaf's credential again (a single-use token
-//! spent meanwhile, by another controller or by an earlier leaf of the same group, refuses it) and
-//! commits the whole group as one batch (group commit: one store write and one flush for many audit
-//! records and token spends). Root private keys are sealed with the key-encryption key before they are stored
+//! (on the runtime's workers, so certificates are signed in parallel, one per core), then the leaf
+//! joins a queue; one committer task at a time takes the write lock, checks every queued leaf's
+//! credential again (a single-use token spent meanwhile, by another controller or by an earlier leaf
+//! of the same group, refuses it) and commits the group as one batch (group commit: one store write
+//! and one flush for many audit records and token spends); leaves signed during that flush make the
+//! next group. Root private keys are sealed with the key-encryption key before they are stored
 //! ([`crate::keystore`]).
 
 pub mod rules;
