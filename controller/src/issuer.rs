@@ -158,15 +158,13 @@ impl Signer {
             })?;
         let cert_der = pem_der(&cert_pem, SectionKind::Certificate)
             .map_err(|e| IssueError::Root(e.to_string()))?;
-        same_public_key(&csr_key, &cert_der)?;
-        let info =
-            inspect::CertInfo::from_der(&cert_der).map_err(|e| IssueError::Root(e.to_string()))?;
+        let leaf = checked_leaf(&csr_key, granted, &cert_der)?;
         Ok(Signed {
             cert_pem,
             spiffe_id: granted.clone(),
-            not_before: info.not_before,
-            not_after: info.not_after,
-            serial_hex: info.serial_hex,
+            not_before: leaf.not_before,
+            not_after: leaf.not_after,
+            serial_hex: leaf.serial_hex,
             root_fingerprint: self.root_fingerprint.clone(),
         })
     }
@@ -404,10 +402,23 @@ fn pem_der(pem: &str, kind: SectionKind) -> Result<Vec<u8>, IssueError> {
         .map_err(|e| IssueError::Csr(e.to_string()))
 }
 
-/// Checks that the signed leaf (DER) carries exactly `csr_key`, the CSR's subject public key info
-/// (guards the signer itself).
-fn same_public_key(csr_key: &[u8], cert_der: &[u8]) -> Result<(), IssueError> {
-    use x509_parser::prelude::FromDer;
+/// What the audit record and the answer need of a signed leaf.
+#[derive(Debug)]
+struct LeafFacts {
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    serial_hex: String,
+}
+
+/// Checks that the signed leaf (DER) carries exactly `csr_key`, the CSR's subject public key info,
+/// and names exactly `granted` (guards the signer itself); its validity and serial, from the same
+/// parse.
+fn checked_leaf(
+    csr_key: &[u8],
+    granted: &SpiffeId,
+    cert_der: &[u8],
+) -> Result<LeafFacts, IssueError> {
+    use x509_parser::{extensions::GeneralName, prelude::FromDer};
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
         .map_err(|e| IssueError::Root(format!("signed leaf does not parse: {e}")))?;
     if cert.tbs_certificate.subject_pki.raw != csr_key {
@@ -415,7 +426,27 @@ fn same_public_key(csr_key: &[u8], cert_der: &[u8]) -> Result<(), IssueError> {
             "the signed leaf does not carry the CSR's public key; refusing to hand it out".into(),
         ));
     }
-    Ok(())
+    let names_granted = match cert.subject_alternative_name() {
+        Ok(Some(san)) => {
+            let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+                GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            });
+            uris.next() == Some(granted.as_str()) && uris.next().is_none()
+        }
+        _ => false,
+    };
+    if !names_granted {
+        return Err(IssueError::Root(format!(
+            "the signed leaf does not name exactly {granted}; refusing to hand it out"
+        )));
+    }
+    let validity = cert.validity();
+    Ok(LeafFacts {
+        not_before: validity.not_before.to_datetime(),
+        not_after: validity.not_after.to_datetime(),
+        serial_hex: cert.raw_serial_as_string().replace(':', ""),
+    })
 }
 
 /// Parses and verifies a CSR: one PEM block, a supported key type (named when refused), a valid
@@ -651,6 +682,38 @@ mod tests {
         )
         .expect_err("not a CSR");
         assert!(err.to_string().contains("CERTIFICATE REQUEST"), "{err}");
+    }
+
+    #[test]
+    fn a_leaf_is_handed_out_only_with_the_csr_key_and_the_granted_identity() {
+        let now = OffsetDateTime::now_utc();
+        let mut issuer = Issuer::from_records(vec![
+            Issuer::generate_root("mesh.local", now).expect("root"),
+        ])
+        .expect("issuer");
+        let (csr, _) = generate_csr(&id("cart")).expect("csr");
+        let (signed, _) = issuer
+            .sign(&csr, &id("cart"), now, Duration::from_secs(60))
+            .expect("sign");
+        let leaf = inspect::first_cert_der(&signed.cert_pem).expect("leaf");
+        let csr_der = pem_der(&csr, SectionKind::Csr).expect("csr der");
+        let key = check_key_type(&csr_der).expect("key");
+        let facts = checked_leaf(&key, &id("cart"), &leaf).expect("the leaf as signed");
+        let info = inspect::CertInfo::from_der(&leaf).expect("info");
+        assert_eq!(facts.serial_hex, info.serial_hex);
+        assert_eq!(facts.not_before, info.not_before);
+        assert_eq!(facts.not_after, info.not_after);
+        assert_eq!(
+            (signed.not_after, signed.serial_hex),
+            (info.not_after, info.serial_hex)
+        );
+        let e = checked_leaf(&key, &id("admin"), &leaf).expect_err("another identity");
+        assert!(e.to_string().contains("does not name exactly"), "{e}");
+        let (other, _) = generate_csr(&id("cart")).expect("csr");
+        let other_key =
+            check_key_type(&pem_der(&other, SectionKind::Csr).expect("der")).expect("key");
+        let e = checked_leaf(&other_key, &id("cart"), &leaf).expect_err("another key");
+        assert!(e.to_string().contains("public key"), "{e}");
     }
 
     #[test]

@@ -370,21 +370,33 @@ impl Store for SledStore {
         if self.revision() != base {
             return Err(StoreError::Conflict);
         }
-        let refs: Vec<&sled::Tree> = self.trees.iter().collect();
+        // The transaction spans only the trees the batch writes (and Meta, for the revision): a
+        // sled transaction locks and commits every tree it is given.
+        let mut slot = [usize::MAX; Tree::ALL.len()];
+        let mut refs: Vec<&sled::Tree> = Vec::with_capacity(4);
+        let touched = ops.iter().map(|op| match op {
+            Op::Put(t, ..) | Op::Delete(t, _) => *t,
+        });
+        for t in std::iter::once(Tree::Meta).chain(touched) {
+            if slot[t.index()] == usize::MAX {
+                slot[t.index()] = refs.len();
+                refs.push(self.tree(t));
+            }
+        }
         let next = self.revision() + 1;
         refs.as_slice()
             .transaction(|views| {
                 for op in &ops {
                     match op {
                         Op::Put(t, k, v) => {
-                            views[t.index()].insert(k.as_bytes(), v.as_slice())?;
+                            views[slot[t.index()]].insert(k.as_bytes(), v.as_slice())?;
                         }
                         Op::Delete(t, k) => {
-                            views[t.index()].remove(k.as_bytes())?;
+                            views[slot[t.index()]].remove(k.as_bytes())?;
                         }
                     }
                 }
-                views[Tree::Meta.index()].insert(meta::REVISION, &next.to_be_bytes())?;
+                views[slot[Tree::Meta.index()]].insert(meta::REVISION, &next.to_be_bytes())?;
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(|e| match e {
@@ -427,7 +439,7 @@ pub fn decode<T: DeserializeOwned>(tree: Tree, key: &str, v: &[u8]) -> Result<T,
 /// checks again on fresh data.
 pub struct Db {
     store: Arc<dyn Store>,
-    write: tokio::sync::Mutex<()>,
+    write: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Db {
@@ -441,8 +453,10 @@ impl std::fmt::Debug for Db {
 /// The write lock, held from the checks to the apply, and the revision the checks read.
 #[derive(Debug)]
 pub struct WriteGuard<'a> {
-    _lock: tokio::sync::MutexGuard<'a, ()>,
+    // Owned, so the blocking task that applies the batch releases it (see `Db::commit`).
+    lock: tokio::sync::OwnedMutexGuard<()>,
     base: u64,
+    db: std::marker::PhantomData<&'a Db>,
 }
 
 impl Db {
@@ -450,7 +464,7 @@ impl Db {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            write: tokio::sync::Mutex::new(()),
+            write: Arc::default(),
         }
     }
 
@@ -461,22 +475,28 @@ impl Db {
 
     /// Takes the write lock.
     pub async fn lock(&self) -> WriteGuard<'_> {
-        let lock = self.write.lock().await;
+        let lock = self.write.clone().lock_owned().await;
         WriteGuard {
-            _lock: lock,
+            lock,
             base: self.store.revision(),
+            db: std::marker::PhantomData,
         }
     }
 
     /// Applies `ops` as one batch while `guard` is held, releases it, then waits for the flush.
     pub async fn commit(&self, guard: WriteGuard<'_>, ops: Vec<Op>) -> Result<u64, StoreError> {
         let store = self.store.clone();
-        let base = guard.base;
-        let rev = blocking(move || store.apply(base, ops)).await?;
-        drop(guard);
-        let store = self.store.clone();
-        blocking(move || store.sync()).await?;
-        Ok(rev)
+        let WriteGuard { lock, base, .. } = guard;
+        // One trip to the blocking pool: the lock is released right after the apply, so the next
+        // writer applies while this one waits for the flush.
+        blocking(move || {
+            let rev = store.apply(base, ops);
+            drop(lock);
+            let rev = rev?;
+            store.sync()?;
+            Ok(rev)
+        })
+        .await
     }
 
     /// See [`Store::catch_up`].

@@ -250,6 +250,18 @@ async fn spawn_controller(
     Ok((child, text("addr")?, text("token")?, bundle))
 }
 
+/// CPU seconds (user and system, of every thread it ran, exited ones included) of process `pid`
+/// (`"self"` for this one), from `/proc/PID/stat` in 10 ms ticks; `None` where it is unreadable.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields are counted after the command name's closing parenthesis: utime and stime are the
+    // 12th and 13th there (fields 14 and 15 of proc(5)).
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
 
 fn ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -323,6 +335,7 @@ async fn main() -> Result<(), AnyError> {
     };
     let stop_at = Instant::now() + Duration::from_secs(cert_seconds);
     let started = Instant::now();
+    let cpu_before = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
     let mut tasks = Vec::new();
     for i in 0..args.concurrency.max(1) {
         let mut proxy = client::proxy(channels[i % channels.len()].clone());
@@ -360,6 +373,14 @@ async fn main() -> Result<(), AnyError> {
     let elapsed = started.elapsed().as_secs_f64();
     let certs = issued.load(Ordering::Relaxed);
     let certs_per_sec = certs as f64 / elapsed;
+    // CPU per certificate, the controller apart from the callers (this process): a figure that
+    // depends less on what else the machine runs than certificates per second does.
+    let per_cert_ms = |before: Option<f64>, after: Option<f64>| match (before, after) {
+        (Some(b), Some(a)) if certs > 0 => (a - b) * 1000.0 / certs as f64,
+        _ => f64::NAN,
+    };
+    let controller_cpu_ms = per_cert_ms(cpu_before.0, cpu_seconds(&pid.to_string()));
+    let callers_cpu_ms = per_cert_ms(cpu_before.1, cpu_seconds("self"));
     if !args.propagation {
         println!(
             "certify: {certs} certificates in {elapsed:.1}s = {certs_per_sec:.0}/s; latency ms p50 {:.2} p99 {:.2} max {:.2} ({} callers, {} connections)",
@@ -368,6 +389,9 @@ async fn main() -> Result<(), AnyError> {
             cert_hist.max() as f64 / 1000.0,
             args.concurrency,
             args.connections
+        );
+        println!(
+            "certify CPU per certificate: controller {controller_cpu_ms:.3} ms, callers {callers_cpu_ms:.3} ms"
         );
     }
 
@@ -657,6 +681,8 @@ async fn main() -> Result<(), AnyError> {
             "certs_per_sec": certs_per_sec,
             "certify_p50_ms": ms(&cert_hist, 0.5),
             "certify_p99_ms": ms(&cert_hist, 0.99),
+            "certify_controller_cpu_ms": controller_cpu_ms,
+            "certify_callers_cpu_ms": callers_cpu_ms,
             "concurrency": args.concurrency,
             "watchers": args.watchers,
             "push": rounds,

@@ -5,11 +5,12 @@
 //! and of [`crate::issuer`] (what a CSR may contain, the roots' lifecycle); this module reads the records
 //! they need under the store's write lock, asks, and writes the outcome as one batch, flushed before the
 //! answer. Issuance is built for rate: the credential is checked and the CSR signed without the lock
-//! (signing on the blocking pool, so certificates are signed in parallel), then the leaf joins a queue;
-//! whoever takes the write lock next checks every queued leaf's credential again (a single-use token
-//! spent meanwhile, by another controller or by an earlier leaf of the same group, refuses it) and
-//! commits the whole group as one batch (group commit: one store write and one flush for many audit
-//! records and token spends). Root private keys are sealed with the key-encryption key before they are stored
+//! (on the runtime's workers, so certificates are signed in parallel, one per core), then the leaf
+//! joins a queue; one committer task at a time takes the write lock, checks every queued leaf's
+//! credential again (a single-use token spent meanwhile, by another controller or by an earlier leaf
+//! of the same group, refuses it) and commits the group as one batch (group commit: one store write
+//! and one flush for many audit records and token spends); leaves signed during that flush make the
+//! next group. Root private keys are sealed with the key-encryption key before they are stored
 //! ([`crate::keystore`]).
 
 pub mod rules;
@@ -58,6 +59,13 @@ struct Pending {
     signed: Signed,
     audit: AuditRecord,
     reply: tokio::sync::oneshot::Sender<Result<(), ApiError>>,
+}
+
+/// Signed leaves waiting for their group commit, and whether a committer task is at work on them.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    committing: bool,
 }
 
 /// An error of a group's commit, for each of its members (conflicts stay conflicts: they are retried).
@@ -160,7 +168,7 @@ pub struct Ca {
     data_dir: PathBuf,
     retention: Retention,
     /// Signed leaves waiting for the next group commit.
-    pending: Mutex<Vec<Pending>>,
+    queue: Mutex<Queue>,
 }
 
 impl std::fmt::Debug for Ca {
@@ -301,7 +309,7 @@ impl Ca {
                     not_after,
                 }),
                 tls,
-                pending: Mutex::default(),
+                queue: Mutex::default(),
                 data_dir: s.data_dir,
                 retention: s.retention,
             },
@@ -311,6 +319,10 @@ impl Ca {
 
     fn lock_issuer(&self) -> MutexGuard<'_, Issuer> {
         self.issuer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The serving TLS configuration handle (swapped on renewal and rotation).
@@ -447,12 +459,12 @@ impl Ca {
         };
         rules::may_issue(&granted, self.resources.is_revoked(&granted)?)
             .map_err(|r| ApiError::PermissionDenied(r.to_string()))?;
-        // Sign off the async threads, in parallel with other callers.
+        // Signed on this task's thread, without the store's lock: the runtime's workers (one per
+        // core) sign in parallel. About the CPU of one TLS handshake, which the workers do too; a
+        // blocking-pool hop per certificate cost more in thread switches than it spared, and let
+        // every waiting caller start a thread of its own (64 callers, 64 signing threads, 2 cores).
         let signer = self.lock_issuer().signer()?;
-        let (csr, id, ttl) = (csr_pem.to_owned(), granted.clone(), self.leaf_ttl());
-        let signed = tokio::task::spawn_blocking(move || signer.sign(&csr, &id, t, ttl))
-            .await
-            .map_err(|e| ApiError::Internal(format!("signing task: {e}")))??;
+        let signed = signer.sign(csr_pem, &granted, t, self.leaf_ttl())?;
         let audit = AuditRecord {
             serial_hex: signed.serial_hex.clone(),
             spiffe_id: granted.to_string(),
@@ -471,19 +483,23 @@ impl Ca {
             serial_hex: signed.serial_hex.clone(),
         };
         let (reply, done) = tokio::sync::oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Pending {
+        let start = {
+            let mut q = self.lock_queue();
+            q.pending.push(Pending {
                 token_id,
                 granted,
                 signed,
                 audit,
                 reply,
             });
-        // The commit runs on its own task: a caller that goes away does not abandon the group.
-        let ca = self.clone();
-        tokio::spawn(async move { ca.commit_pending().await });
+            !std::mem::replace(&mut q.committing, true)
+        };
+        // One committer at a time, on its own task (a caller that goes away does not abandon the
+        // group); it takes whatever queued up while the previous group was written and flushed.
+        if start {
+            let ca = self.clone();
+            tokio::spawn(async move { ca.run_commits().await });
+        }
         done.await
             .map_err(|_| ApiError::Internal("the issuance group was dropped".into()))??;
         tracing::info!(spiffe_id = %issued.spiffe_id, serial = %issued.serial_hex, "issued certificate");
@@ -493,18 +509,43 @@ impl Ca {
         })
     }
 
-    /// Takes the write lock and commits the queued leaves (up to [`ISSUE_GROUP`]) as one batch, each
-    /// checked again on the state under the lock; answers each. Nothing to do if another task took them.
-    async fn commit_pending(&self) {
-        let guard = self.db.lock().await;
-        let group: Vec<Pending> = {
-            let mut q = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            let n = q.len().min(ISSUE_GROUP);
-            q.drain(..n).collect()
-        };
-        if group.is_empty() {
-            return;
+    /// The committer: takes the write lock and commits the queued leaves (up to [`ISSUE_GROUP`]) as
+    /// one group, waits for its flush, and goes on until the queue is empty. One group in flight at a
+    /// time: leaves signed during a flush wait for the next group instead of each starting a smaller
+    /// one (fewer, larger batches; each flush is one store write and wakes the store's threads).
+    async fn run_commits(&self) {
+        /// Should the committer stop early (a panic, the runtime shutting down), the queued callers
+        /// are answered (their reply dropped) and the next leaf starts a new committer.
+        struct Stopped<'a>(Option<&'a Ca>);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                if let Some(ca) = self.0 {
+                    let mut q = ca.lock_queue();
+                    q.committing = false;
+                    q.pending.clear();
+                }
+            }
         }
+        let mut stopped = Stopped(Some(self));
+        loop {
+            let guard = self.db.lock().await;
+            let group: Vec<Pending> = {
+                let mut q = self.lock_queue();
+                if q.pending.is_empty() {
+                    q.committing = false;
+                    stopped.0 = None;
+                    return;
+                }
+                let n = q.pending.len().min(ISSUE_GROUP);
+                q.pending.drain(..n).collect()
+            };
+            self.commit_group(guard, group).await;
+        }
+    }
+
+    /// Commits `group` as one batch under `guard`, each leaf checked again on the state under the
+    /// lock; answers each.
+    async fn commit_group(&self, guard: store::WriteGuard<'_>, group: Vec<Pending>) {
         let t = now().unix_timestamp();
         let mut tokens: std::collections::BTreeMap<String, TokenRecord> = Default::default();
         let mut roots: std::collections::BTreeMap<String, RootRecord> = Default::default();
