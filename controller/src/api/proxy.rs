@@ -65,6 +65,33 @@ pub struct ProxyService {
     cache: Arc<PbCache>,
     stats: Arc<StatsStore>,
     tap: Arc<TapHub>,
+    services: Arc<ServiceIndex>,
+}
+
+/// The services of the current snapshot by `name.namespace` (positions in its `services`), built
+/// once per published snapshot: a traffic report looks its edges' services up instead of indexing
+/// the whole mesh on every call.
+#[derive(Debug, Default)]
+struct ServiceIndex(std::sync::Mutex<Option<(Arc<Snapshot>, Arc<HashMap<String, usize>>)>>);
+
+impl ServiceIndex {
+    fn of(&self, snap: &Arc<Snapshot>) -> Arc<HashMap<String, usize>> {
+        let mut held = lock(&self.0);
+        if let Some((s, index)) = held.as_ref()
+            && Arc::ptr_eq(s, snap)
+        {
+            return index.clone();
+        }
+        let index: Arc<HashMap<String, usize>> = Arc::new(
+            snap.services
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("{}.{}", s.metadata.name, s.metadata.namespace), i))
+                .collect(),
+        );
+        *held = Some((snap.clone(), index.clone()));
+        index
+    }
 }
 
 impl ProxyService {
@@ -75,6 +102,7 @@ impl ProxyService {
             cache: Arc::default(),
             stats,
             tap,
+            services: Arc::default(),
         }
     }
 
@@ -479,20 +507,19 @@ impl ProxyApi for ProxyService {
         }
         let body = req.into_inner();
         let snap = self.state.subscribe().borrow().clone();
-        let services: std::collections::HashMap<String, _> = snap
-            .services
-            .iter()
-            .map(|s| (format!("{}.{}", s.metadata.name, s.metadata.namespace), s))
-            .collect();
+        let index = self.services.of(&snap);
         let td = self.state.trust_domain();
         let edges = stats::validate(
             &id,
             &body,
-            |svc| services.contains_key(svc),
+            |svc| index.contains_key(svc),
             |svc| {
-                services.get(svc).is_some_and(|s| {
-                    crate::naming::server_names(td, s).is_ok_and(|n| n.allows(&id))
-                })
+                index
+                    .get(svc)
+                    .and_then(|i| snap.services.get(*i))
+                    .is_some_and(|s| {
+                        crate::naming::server_names(td, s).is_ok_and(|n| n.allows(&id))
+                    })
             },
         )
         .and_then(|edges| Ok((edges, crate::links::validate(&id, &body.peers)?)));
