@@ -72,17 +72,20 @@ pub struct ProxyService {
 /// once per published snapshot: a traffic report looks its edges' services up instead of indexing
 /// the whole mesh on every call.
 #[derive(Debug, Default)]
-struct ServiceIndex(std::sync::Mutex<Option<(Arc<Snapshot>, Arc<HashMap<String, usize>>)>>);
+struct ServiceIndex(std::sync::Mutex<Option<(Arc<Snapshot>, Positions)>>);
+
+/// Positions in a snapshot's `services` by `name.namespace`.
+type Positions = Arc<HashMap<String, usize>>;
 
 impl ServiceIndex {
-    fn of(&self, snap: &Arc<Snapshot>) -> Arc<HashMap<String, usize>> {
+    fn of(&self, snap: &Arc<Snapshot>) -> Positions {
         let mut held = lock(&self.0);
         if let Some((s, index)) = held.as_ref()
             && Arc::ptr_eq(s, snap)
         {
             return index.clone();
         }
-        let index: Arc<HashMap<String, usize>> = Arc::new(
+        let index: Positions = Arc::new(
             snap.services
                 .iter()
                 .enumerate()
