@@ -271,7 +271,13 @@ async fn a_canary_split_and_a_service_rate_limit_apply_live_through_the_controll
         (ok as f64) >= expected * 0.9 && (ok as f64) <= expected * 1.1 + 6.0,
         "{ok} admitted, {limited} limited, expected about {expected}"
     );
-    assert!(limited > ok, "{limited} limited of {}", ok + limited);
+    // The client offered well over the limit (its pace follows the machine's speed, so the
+    // share refused is not fixed), and what the limit did not admit was refused with 429.
+    assert!(
+        (ok + limited) as f64 >= expected * 1.5 && limited > 0,
+        "{limited} limited of {} offered",
+        ok + limited
+    );
     assert!(retry_after, "a 429 without Retry-After");
     let m = servers[0].metrics().await;
     assert!(
