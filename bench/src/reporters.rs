@@ -387,19 +387,7 @@ async fn prepare(
             let _permit = sem.acquire_owned().await?;
             // Each proxy's own key, as a proxy generates at start.
             let id = SpiffeId::new(TD, NS, &service_name(j))?;
-            let (csr, key) = generate_csr(&id)?;
-            let cert = client::proxy(ch)
-                .certify(pb::CertifyRequest {
-                    csr_pem: csr,
-                    join_token: tokens[j].clone(),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .cert_chain_pem
-                .into_iter()
-                .next()
-                .ok_or("no certificate")?;
+            let (cert, key) = certify(ch, &id, tokens[j].clone()).await?;
             Ok::<_, AnyError>((j, cert, key))
         }));
     }
@@ -408,6 +396,29 @@ async fn prepare(
         out.push(task.await??);
     }
     Ok(out)
+}
+
+/// A new key for `id` and its certificate from the controller on `ch`, bought with `join_token`, as
+/// a proxy gets them at start: (leaf PEM, key PEM).
+pub async fn certify(
+    ch: tonic::transport::Channel,
+    id: &SpiffeId,
+    join_token: String,
+) -> Result<(String, String), AnyError> {
+    let (csr, key) = generate_csr(id)?;
+    let cert = client::proxy(ch)
+        .certify(pb::CertifyRequest {
+            csr_pem: csr,
+            join_token,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .cert_chain_pem
+        .into_iter()
+        .next()
+        .ok_or("no certificate")?;
+    Ok((cert, key))
 }
 
 /// Runs the reporting benchmark against `t`; prints its lines and returns the summary (JSON).

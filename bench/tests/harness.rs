@@ -356,25 +356,36 @@ async fn loss_scenario_shortened() {
 
 /// `controller-bench --propagation` in small: 20 watchers, 3 rounds; its JSON line says every round
 /// reached all of them, with figures that are times.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn controller_bench_propagation_smoke() {
+/// Runs `controller-bench ARGS` within `limit`; its output and its last line (the JSON figures).
+/// Fails the test when it exits unsuccessfully.
+async fn controller_bench(args: &[&str], limit: Duration) -> (String, serde_json::Value) {
     let out = tokio::time::timeout(
-        Duration::from_secs(25),
+        limit,
         tokio::process::Command::new(env!("CARGO_BIN_EXE_controller-bench"))
-            .args(["--propagation", "--watchers", "20", "--rounds", "3"])
+            .args(args)
             .output(),
     )
     .await
     .expect("in time")
     .expect("run controller-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let last = stdout.lines().last().expect("output");
-    let v: serde_json::Value = serde_json::from_str(last).expect("json line");
+    let v = serde_json::from_str(last).expect("json line");
+    (stdout, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_bench_propagation_smoke() {
+    let (stdout, v) = controller_bench(
+        &["--propagation", "--watchers", "20", "--rounds", "3"],
+        Duration::from_secs(25),
+    )
+    .await;
     assert_eq!(v["bench"], "propagation", "{v}");
     assert_eq!(v["watchers"], 20, "{v}");
     let p50 = v["all_watchers_p50_ms"].as_f64().expect("p50");
@@ -390,34 +401,22 @@ async fn controller_bench_propagation_smoke() {
 /// 4 s; the bench itself fails unless `GetStats` holds exactly what they sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_bench_reporters_smoke() {
-    let out = tokio::time::timeout(
+    let (_, v) = controller_bench(
+        &[
+            "--reporters",
+            "20",
+            "--report-services",
+            "10",
+            "--report-interval",
+            "1s",
+            "--report-seconds",
+            "4",
+            "--report-idle-seconds",
+            "1",
+        ],
         Duration::from_secs(40),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_controller-bench"))
-            .args([
-                "--reporters",
-                "20",
-                "--report-services",
-                "10",
-                "--report-interval",
-                "1s",
-                "--report-seconds",
-                "4",
-                "--report-idle-seconds",
-                "1",
-            ])
-            .output(),
     )
-    .await
-    .expect("in time")
-    .expect("run controller-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().expect("output");
-    let v: serde_json::Value = serde_json::from_str(last).expect("json line");
+    .await;
     assert_eq!(v["bench"], "reporters", "{v}");
     assert_eq!(v["totals_match"], true, "{v}");
     assert_eq!(v["reports_refused"], 0, "{v}");

@@ -163,6 +163,7 @@ pub struct Links {
     per_reporter: HashMap<String, usize>,
     max: usize,
     max_per_reporter: usize,
+    last_sweep_ms: Option<u64>,
 }
 
 impl Default for Links {
@@ -179,6 +180,7 @@ impl Links {
             per_reporter: HashMap::new(),
             max,
             max_per_reporter,
+            last_sweep_ms: None,
         }
     }
 
@@ -228,8 +230,12 @@ impl Links {
         full
     }
 
-    /// Drops links not reported for an hour.
+    /// Drops links not reported for an hour, at most every 10 s (not a scan per report).
     fn sweep(&mut self, now_ms: u64) {
+        if self.last_sweep_ms.is_some_and(|t| now_ms < t + 10_000) {
+            return;
+        }
+        self.last_sweep_ms = Some(now_ms);
         let per = &mut self.per_reporter;
         self.links.retain(|id, st| {
             let keep = now_ms.saturating_sub(st.last_ms) < KEEP_MS;

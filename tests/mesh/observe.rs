@@ -160,6 +160,44 @@ async fn ctl_stat(
     serde_json::from_str(&out).expect("ctl stat -o json")
 }
 
+/// The client proxy (account `client`) calling web (port 80), api (50051) and db (5432), with
+/// `extra` config lines ahead of its listeners; returned with its entries for the three once every
+/// proxy of `servers` is an endpoint in its mesh state (so the load starts on a complete mesh).
+pub(super) async fn caller(
+    d: &Path,
+    controller: SocketAddr,
+    bundle: &Path,
+    admin: &str,
+    extra: &str,
+    servers: &[Proc],
+) -> (Proc, [SocketAddr; 3]) {
+    let token = join_token(controller, bundle, admin, "client").await;
+    let mut body = extra.to_owned();
+    for (svc, port) in [("web", 80), ("api", 50051), ("db", 5432)] {
+        body.push_str(&format!(
+            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"{svc}\"\nport = {port}\n\n"
+        ));
+    }
+    let cfg = config(d, "client", controller, bundle, "client", &token, &body);
+    let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
+    let entries =
+        ["/outbound/0", "/outbound/1", "/outbound/2"].map(|p| ready_addr(&client.ready, p));
+    for s in servers {
+        let inbound = s.addr("inbound").to_string();
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                scrape(client.addr("admin"), "/config")
+                    .await
+                    .1
+                    .contains(&inbound)
+            })
+            .await,
+            "{inbound} not in the client's state"
+        );
+    }
+    (client, entries)
+}
+
 /// A controller serving `/metrics` and the dashboard too.
 async fn start_observed_controller(d: &Path) -> Proc {
     let data = d.join("data");
@@ -323,34 +361,16 @@ async fn ctl_stat_agrees_with_the_load_generator() {
         );
         servers.push(spawn(&["proxy", "--config", &cfg], &d.join(format!("{name}.log"))).await);
     }
-    let token = join_token(addr, &bundle, &admin, "client").await;
-    let mut body = String::from("[access_log]\npath = \"client-access.log\"\n\n");
-    for (svc, port) in [("web", 80), ("api", 50051), ("db", 5432)] {
-        body.push_str(&format!(
-            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"{svc}\"\nport = {port}\n\n"
-        ));
-    }
-    let cfg = config(d, "client", addr, &bundle, "client", &token, &body);
-    let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
-    let (web, api, db) = (
-        ready_addr(&client.ready, "/outbound/0"),
-        ready_addr(&client.ready, "/outbound/1"),
-        ready_addr(&client.ready, "/outbound/2"),
-    );
-    // Every server's endpoint is in the client's state before the load starts.
-    for s in &servers {
-        let inbound = s.addr("inbound").to_string();
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                scrape(client.addr("admin"), "/config")
-                    .await
-                    .1
-                    .contains(&inbound)
-            })
-            .await,
-            "{inbound} not in the client's state"
-        );
-    }
+    // The client keeps an access log too.
+    let (client, [web, api, db]) = caller(
+        d,
+        addr,
+        &bundle,
+        &admin,
+        "[access_log]\npath = \"client-access.log\"\n\n",
+        &servers,
+    )
+    .await;
 
     // The dashboard: its data needs the token (refused without, or with a wrong one); a login
     // gives a session cookie; the overview before the load shows every service, idle.

@@ -396,19 +396,8 @@ async fn main() -> Result<(), AnyError> {
     }
 
     // ----- config push to N watchers -----
-    let (csr, key) = generate_csr(&id)?;
-    let cert = client::proxy(channels[0].clone())
-        .certify(pb::CertifyRequest {
-            csr_pem: csr,
-            join_token: join.clone(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .cert_chain_pem
-        .into_iter()
-        .next()
-        .ok_or("no certificate")?;
+    let (cert, key) =
+        quicmesh_bench::reporters::certify(channels[0].clone(), &id, join.clone()).await?;
     for i in 0..args.services {
         admin.apply(bench_service(i, 8080)).await?;
     }

@@ -27,7 +27,7 @@ use hyper::Request;
 use quicmesh_proto::{controller as pb, echo::EchoMessage};
 use tokio::process::Command;
 
-use super::{config, failing_app, start_observed_controller};
+use super::{caller, config, failing_app, start_observed_controller};
 use crate::{
     controller_mode::{Proc, admin_client, join_token, spawn},
     http::{grpc_app, grpc_client, h1_client},
@@ -290,33 +290,7 @@ async fn the_dashboard_in_chromium_shows_every_service_and_live_edge_numbers() {
         );
         servers.push(spawn(&["proxy", "--config", &cfg], &d.join(format!("{sa}.log"))).await);
     }
-    let token = join_token(addr, &bundle, &admin, "client").await;
-    let mut body = String::new();
-    for (svc, port, _) in &services {
-        body.push_str(&format!(
-            "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"{svc}\"\nport = {port}\n\n"
-        ));
-    }
-    let cfg = config(d, "client", addr, &bundle, "client", &token, &body);
-    let client = spawn(&["proxy", "--config", &cfg], &d.join("client.log")).await;
-    let (web, api, db) = (
-        ready_addr(&client.ready, "/outbound/0"),
-        ready_addr(&client.ready, "/outbound/1"),
-        ready_addr(&client.ready, "/outbound/2"),
-    );
-    for s in &servers {
-        let inbound = s.addr("inbound").to_string();
-        assert!(
-            eventually(Duration::from_secs(5), || async {
-                scrape(client.addr("admin"), "/config")
-                    .await
-                    .1
-                    .contains(&inbound)
-            })
-            .await,
-            "{inbound} not in the client's state"
-        );
-    }
+    let (client, [web, api, db]) = caller(d, addr, &bundle, &admin, "", &servers).await;
 
     // Traffic on every edge until the test ends (bounded): web at `web_rps`, raised between the two
     // loads so the numbers on its edge must move; api and db steady.
