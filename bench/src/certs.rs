@@ -35,14 +35,28 @@ pub struct Certs {
     pub client: Leaf,
     /// Server-side proxy identity.
     pub server: Leaf,
+    /// The ingress's serving certificate, for [`INGRESS_HOST`] (outside clients' view).
+    pub ingress: Leaf,
 }
 
+/// Host name of the ingress benchmark (its certificate's DNS name, the route's host).
+pub const INGRESS_HOST: &str = "shop.bench.example";
+
 fn leaf(dir: &Path, name: &str, issuer: &Issuer<'_, KeyPair>) -> anyhow::Result<Leaf> {
+    let id = format!("spiffe://{TRUST_DOMAIN}/ns/bench/sa/{name}");
+    leaf_for(dir, name, SanType::URI(id.as_str().try_into()?), issuer)
+}
+
+fn leaf_for(
+    dir: &Path,
+    name: &str,
+    san: SanType,
+    issuer: &Issuer<'_, KeyPair>,
+) -> anyhow::Result<Leaf> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    let id = format!("spiffe://{TRUST_DOMAIN}/ns/bench/sa/{name}");
-    params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    params.subject_alt_names = vec![san];
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
@@ -92,5 +106,11 @@ pub fn generate(dir: &Path) -> anyhow::Result<Certs> {
         ca,
         client: leaf(dir, "client", &issuer)?,
         server: leaf(dir, "server", &issuer)?,
+        ingress: leaf_for(
+            dir,
+            "ingress",
+            SanType::DnsName(INGRESS_HOST.try_into()?),
+            &issuer,
+        )?,
     })
 }

@@ -40,18 +40,27 @@ enum BenchCommand {
     Compare(CompareArgs),
     /// Packet loss: client and server side in two network namespaces, loss by nftables (root only).
     Loss(LossArgs),
+    /// The HTTP/3 ingress against an HAProxy HTTP/2-over-TLS ingress, outside clients across the loss
+    /// scenario's lossy link (root only).
+    Ingress(IngressArgs),
     /// Instructions per tunneled request and per tunneled MiB in every proxy, counted by callgrind.
     Instructions(InstructionArgs),
     /// One load run against an address.
     Load(LoadArgs),
     /// Serve TCP echo/sink, HTTP/1.1, HTTP/2 and gRPC echo on one port.
     Serve(ServeArgs),
-    /// Closed-loop HTTP/3 load against an address (the proxy's `[ingress]`): POSTs of `--payload`
-    /// bytes, each answer read whole; prints one JSON line.
+    /// Closed-loop HTTP/3 load against an address (the proxy's `[ingress]`), or HTTP/2 over TLS
+    /// (`--wire h2`): POSTs of `--payload` bytes, each answer read whole; prints one JSON line.
     H3Load {
-        /// The gateway's UDP address.
+        /// The ingress's address (UDP for h3, TCP for h2).
         #[arg(long)]
         target: SocketAddr,
+        /// `h3` (HTTP/3) or `h2` (HTTP/2 over TLS, for an ingress to compare with).
+        #[arg(long, default_value = "h3")]
+        wire: crate::h3load::Wire,
+        /// Connect, print `{"event":"connected"}`, then wait for a line on stdin before the load.
+        #[arg(long)]
+        gate_stdin: bool,
         /// CA certificates (PEM) that verify the gateway's certificate.
         #[arg(long)]
         ca: PathBuf,
@@ -272,6 +281,40 @@ struct LossArgs {
 }
 
 #[derive(Debug, Args)]
+struct IngressArgs {
+    /// Loss percentages, each applied to packets arriving in either namespace.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,5")]
+    loss: Vec<u32>,
+    /// Client connections per ingress.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Concurrent requests per connection.
+    #[arg(long, default_value_t = 16)]
+    streams: usize,
+    /// Request size, bytes (echoed back).
+    #[arg(long, default_value_t = 1024)]
+    payload: usize,
+    /// Measured length of each run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// `nbthread` of HAProxy.
+    #[arg(long, default_value_t = 1)]
+    haproxy_threads: usize,
+    /// The quicmesh binary.
+    #[arg(long)]
+    quicmesh_bin: Option<PathBuf>,
+    /// The harness binary run inside the namespaces (default: this executable).
+    #[arg(long)]
+    bench_bin: Option<PathBuf>,
+    /// Results directory.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Write no files.
+    #[arg(long)]
+    no_write: bool,
+}
+
+#[derive(Debug, Args)]
 struct LoadArgs {
     /// Address to load.
     #[arg(long)]
@@ -441,6 +484,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        BenchCommand::Ingress(a) => {
+            let settings = crate::ingress::IngressSettings {
+                loss_percent: a.loss,
+                connections: a.connections.max(1),
+                streams: a.streams.max(1),
+                payload: a.payload,
+                duration: a.duration,
+                haproxy_threads: a.haproxy_threads,
+            };
+            let quicmesh_bin = topology::find_quicmesh(a.quicmesh_bin.as_deref());
+            let out = (!a.no_write).then_some(a.out);
+            if let report::Outcome::Skipped(why) =
+                crate::ingress::run(settings, quicmesh_bin, bench_bin(a.bench_bin)?, out).await?
+            {
+                println!("ingress scenario skipped: {why}");
+            }
+            Ok(())
+        }
         BenchCommand::Instructions(a) => {
             let settings = InstructionSettings {
                 targets: a.targets.clone(),
@@ -466,6 +527,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Load(a) => run_load(a).await,
         BenchCommand::H3Load {
             target,
+            wire,
+            gate_stdin,
             ca,
             host,
             path,
@@ -476,6 +539,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         } => {
             let s = crate::h3load::run(crate::h3load::H3Load {
                 target,
+                wire,
+                gate: gate_stdin,
                 ca,
                 host,
                 path,

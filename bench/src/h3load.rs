@@ -1,6 +1,9 @@
-//! Closed-loop HTTP/3 load (`quicmesh bench h3-load`): for the ingress gateway, which only outside
-//! HTTP/3 clients reach. `connections` QUIC connections, `streams` request loops on each, every request a
-//! POST of `payload` bytes whose answer is read to its end; latency from request to the end of the answer.
+//! Closed-loop load of an ingress (`quicmesh bench h3-load`): HTTP/3 for the ingress gateway, which only
+//! outside HTTP/3 clients reach, or HTTP/2 over TLS for the ingress it is compared with (HAProxy).
+//! `connections` connections, `streams` request loops on each, every request a POST of `payload` bytes
+//! whose answer is read to its end; latency from request to the end of the answer. With `gate`, the
+//! connections are made first, `{"event":"connected"}` is printed and the load starts at a line on stdin
+//! (the loss scenario switches loss on in between).
 
 use std::{
     net::SocketAddr,
@@ -14,11 +17,25 @@ use bytes::{Buf, Bytes};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+/// The wire an ingress is loaded over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Wire {
+    /// HTTP/3 over QUIC.
+    H3,
+    /// HTTP/2 over TLS over TCP (ALPN h2).
+    H2,
+}
+
 /// What to load and how hard.
 #[derive(Debug, Clone)]
 pub struct H3Load {
-    /// The gateway's UDP address.
+    /// The ingress's address (UDP for h3, TCP for h2).
     pub target: SocketAddr,
+    /// HTTP/3 or HTTP/2 over TLS.
+    pub wire: Wire,
+    /// Connect first, then wait for a line on stdin before loading.
+    pub gate: bool,
     /// CA certificates (PEM) that verify the gateway.
     pub ca: std::path::PathBuf,
     /// TLS server name, and the request's `:authority`.
@@ -36,7 +53,7 @@ pub struct H3Load {
 }
 
 /// The outcome.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
 pub struct H3Summary {
     /// Requests answered 2xx.
     pub requests: u64,
@@ -52,7 +69,8 @@ pub struct H3Summary {
     pub max_us: u64,
 }
 
-fn client_config(ca: &Path) -> anyhow::Result<quinn::ClientConfig> {
+/// TLS 1.3 client settings verifying the server against `ca`, offering `alpn`.
+fn tls_config(ca: &Path, alpn: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
     let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
     let mut roots = rustls::RootCertStore::empty();
     for c in quicmesh_transport::identity::pem::certs(&pem)? {
@@ -62,9 +80,54 @@ fn client_config(ca: &Path) -> anyhow::Result<quinn::ClientConfig> {
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
+}
+
+fn client_config(ca: &Path) -> anyhow::Result<quinn::ClientConfig> {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls_config(ca, b"h3")?)?;
     Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+}
+
+/// A request sender of either wire, cloned into each request loop.
+#[derive(Clone)]
+enum Sender {
+    H3(h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Full<Bytes>>),
+}
+
+impl Sender {
+    async fn exchange(&mut self, uri: &http::Uri, body: &Bytes) -> anyhow::Result<()> {
+        match self {
+            Sender::H3(s) => exchange(s, uri, body).await,
+            Sender::H2(s) => {
+                use http_body_util::BodyExt;
+                let req = http::Request::post(uri.clone())
+                    .body(http_body_util::Full::new(body.clone()))?;
+                let resp = s.send_request(req).await?;
+                let ok = resp.status().is_success();
+                let status = resp.status();
+                resp.into_body().collect().await?;
+                anyhow::ensure!(ok, "status {status}");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// One HTTP/2 connection over TLS to `cfg.target`.
+async fn h2_connect(cfg: &H3Load, tls: &tokio_rustls::TlsConnector) -> anyhow::Result<Sender> {
+    let tcp = tokio::net::TcpStream::connect(cfg.target).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from(cfg.host.clone())?;
+    let io = tls.connect(name, tcp).await?;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(Sender::H2(send))
 }
 
 /// One request and its whole answer.
@@ -87,16 +150,36 @@ async fn exchange(
 
 /// Runs the load and summarises it.
 pub async fn run(cfg: H3Load) -> anyhow::Result<H3Summary> {
-    let mut ep = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let unspecified: std::net::IpAddr = if cfg.target.is_ipv4() {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    let mut ep = quinn::Endpoint::client(SocketAddr::new(unspecified, 0))?;
     ep.set_default_client_config(client_config(&cfg.ca)?);
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&cfg.ca, b"h2")?));
     let uri: http::Uri = format!("https://{}{}", cfg.host, cfg.path).parse()?;
     let body = Bytes::from(vec![b'x'; cfg.payload]);
     let mut senders = Vec::new();
     for _ in 0..cfg.connections {
-        let conn = ep.connect(cfg.target, &cfg.host)?.await?;
-        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await?;
-        tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
-        senders.push(send);
+        let sender = match cfg.wire {
+            Wire::H3 => {
+                let conn = ep.connect(cfg.target, &cfg.host)?.await?;
+                let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await?;
+                tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+                Sender::H3(send)
+            }
+            Wire::H2 => h2_connect(&cfg, &tls).await?,
+        };
+        senders.push(sender);
+    }
+    if cfg.gate {
+        use tokio::io::AsyncBufReadExt;
+        println!("{{\"event\":\"connected\"}}");
+        let mut line = String::new();
+        tokio::io::BufReader::new(tokio::io::stdin())
+            .read_line(&mut line)
+            .await?;
     }
     let started = Instant::now();
     let until = started + cfg.duration;
@@ -109,11 +192,8 @@ pub async fn run(cfg: H3Load) -> anyhow::Result<H3Summary> {
                 let mut errors = 0u64;
                 while Instant::now() < until {
                     let t = Instant::now();
-                    match tokio::time::timeout(
-                        Duration::from_secs(5),
-                        exchange(&mut send, &uri, &body),
-                    )
-                    .await
+                    match tokio::time::timeout(Duration::from_secs(5), send.exchange(&uri, &body))
+                        .await
                     {
                         Ok(Ok(())) => h.saturating_record(t.elapsed().as_micros() as u64),
                         _ => errors += 1,

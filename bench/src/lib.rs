@@ -12,6 +12,7 @@ pub mod cli;
 pub mod client;
 pub mod compare;
 pub mod h3load;
+pub mod ingress;
 pub mod instructions;
 pub mod load;
 pub mod loss;

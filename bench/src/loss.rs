@@ -98,9 +98,9 @@ pub struct LossReport {
 /// Ran, or skipped with a reason.
 pub type LossOutcome = report::Outcome<LossReport>;
 
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 233, 0, 1);
-const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 233, 0, 2);
-const APP_PORT: u16 = 7000;
+pub(crate) const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 233, 0, 1);
+pub(crate) const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 233, 0, 2);
+pub(crate) const APP_PORT: u16 = 7000;
 
 /// Why the scenario cannot run here, if it cannot.
 pub fn missing_prerequisite() -> Option<String> {
@@ -153,15 +153,15 @@ async fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
 }
 
 /// The two namespaces and their veth pair; removed on drop.
-struct Netns {
-    client: String,
-    server: String,
+pub(crate) struct Netns {
+    pub(crate) client: String,
+    pub(crate) server: String,
     client_if: String,
     server_if: String,
 }
 
 impl Netns {
-    async fn create() -> anyhow::Result<Self> {
+    pub(crate) async fn create() -> anyhow::Result<Self> {
         let id = std::process::id() % 100_000;
         let n = Self {
             client: format!("qmb-c-{id}"),
@@ -217,7 +217,7 @@ impl Netns {
     }
 
     /// Drops `percent` of packets arriving on each veth end (0: none).
-    async fn set_loss(&self, percent: u32) -> anyhow::Result<()> {
+    pub(crate) async fn set_loss(&self, percent: u32) -> anyhow::Result<()> {
         for (ns, ifname) in [
             (&self.client, &self.client_if),
             (&self.server, &self.server_if),
@@ -250,7 +250,7 @@ impl Drop for Netns {
 }
 
 /// A server process of the harness inside a namespace.
-async fn serve_in(
+pub(crate) async fn serve_in(
     ns: &str,
     bench_bin: &FsPath,
     listen: SocketAddr,

@@ -507,6 +507,8 @@ struct Ready {
     inbound: Option<SocketAddr>,
     #[serde(default)]
     outbound: Vec<SocketAddr>,
+    #[serde(default)]
+    ingress: Option<SocketAddr>,
 }
 
 async fn start_quicmesh(
@@ -744,6 +746,108 @@ spec: {{service: bench, address: \"{inbound}\", spiffe_id: \"spiffe://{}/ns/{ns}
             grpc,
         }),
         procs: vec![client, server],
+    })
+}
+
+/// An ingress of the ingress benchmark: its processes and the address outside clients load.
+#[derive(Debug)]
+pub struct Ingress {
+    /// The processes, killed when dropped.
+    pub procs: Vec<Proc>,
+    /// Where clients connect (UDP for HTTP/3, TCP for HTTP/2 over TLS).
+    pub entry: SocketAddr,
+}
+
+/// The quicmesh ingress on the server side: a server proxy in front of the app (service `bench` port
+/// 80, declared `http`) and a gateway proxy whose HTTP/3 `[ingress]` routes [`crate::certs::INGRESS_HOST`]
+/// to it, each request its own QUIC stream between the two, under the gateway's own identity.
+pub async fn quicmesh_ingress(
+    placement: &Placement,
+    certs: &Certs,
+    bin: &FsPath,
+    dir: &FsPath,
+) -> anyhow::Result<Ingress> {
+    let q = |p: &FsPath| format!("{:?}", p.display().to_string());
+    let app = placement.app;
+    let ns = &placement.server_ns;
+    let server_cfg = format!(
+        "[identity]\ncert = {}\nkey = {}\ntrust_bundle = {}\n\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
+ports = [{{ port = {L7_HTTP_PORT}, app = \"{app}\" }}]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        q(&certs.server.cert),
+        q(&certs.server.key),
+        q(&certs.ca),
+    );
+    let (server, ready) =
+        start_quicmesh("ingress-server", bin, placement, ns, &server_cfg, dir).await?;
+    let inbound = ready
+        .inbound
+        .ok_or_else(|| anyhow::anyhow!("ingress-server's ready line has no inbound address"))?;
+    let mesh = format!(
+        "kind: Service\nmetadata: {{name: bench, namespace: bench}}\n\
+spec: {{ports: [{{port: {L7_HTTP_PORT}, protocol: http}}], identities: [server]}}\n---\n\
+kind: Endpoint\nmetadata: {{name: bench-0, namespace: bench}}\n\
+spec: {{service: bench, address: \"{inbound}\", spiffe_id: \"spiffe://{}/ns/bench/sa/server\"}}\n",
+        crate::certs::TRUST_DOMAIN
+    );
+    let mesh_path = dir.join("ingress-gateway-mesh.yaml");
+    std::fs::write(&mesh_path, mesh)?;
+    let gateway_cfg = format!(
+        "mesh = {}\n\n[identity]\ncert = {}\nkey = {}\ntrust_bundle = {}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+[ingress]\nlisten = \"{}\"\ncert = {}\nkey = {}\n\n[[ingress.routes]]\nhost = \"{}\"\nservice = \"bench\"\nport = {L7_HTTP_PORT}\n",
+        q(&mesh_path),
+        q(&certs.client.cert),
+        q(&certs.client.key),
+        q(&certs.ca),
+        SocketAddr::new(placement.server_ip, 0),
+        q(&certs.ingress.cert),
+        q(&certs.ingress.key),
+        crate::certs::INGRESS_HOST,
+    );
+    let (gateway, ready) =
+        start_quicmesh("ingress-gateway", bin, placement, ns, &gateway_cfg, dir).await?;
+    let entry = ready
+        .ingress
+        .ok_or_else(|| anyhow::anyhow!("ingress-gateway's ready line has no ingress address"))?;
+    Ok(Ingress {
+        procs: vec![gateway, server],
+        entry,
+    })
+}
+
+/// The ingress users would otherwise deploy: HAProxy in `mode http` terminating HTTP/2 over TLS
+/// (ALPN h2, the same serving certificate) and speaking h2 to the app.
+pub async fn haproxy_ingress(
+    placement: &Placement,
+    certs: &Certs,
+    dir: &FsPath,
+) -> anyhow::Result<Ingress> {
+    let bin = which("haproxy").ok_or_else(|| {
+        anyhow::anyhow!("haproxy not found on PATH (Debian: apt-get install -y haproxy)")
+    })?;
+    let global = haproxy_global(placement.haproxy_threads.max(1), "http");
+    let entry = SocketAddr::new(placement.server_ip, port_in(&placement.server_ns)?);
+    let cfg = format!(
+        "{global}frontend h2_tls\n  bind {entry} ssl crt {} alpn h2\n  default_backend app_h2\n\
+backend app_h2\n  server app {} proto h2\n",
+        certs.ingress.combined.display(),
+        placement.app
+    );
+    let path = dir.join("haproxy-ingress.cfg");
+    std::fs::write(&path, cfg)?;
+    let mut cmd = placement.proxy_command(&placement.server_ns, &bin);
+    cmd.arg("-db").arg("-f").arg(&path);
+    let mut p = spawn("haproxy-ingress", cmd, dir, Stdio::null())?;
+    wait_listening(
+        &placement.server_ns,
+        entry,
+        &placement.bench_bin,
+        &mut p,
+        placement.start_timeout(Duration::from_secs(10)),
+    )
+    .await?;
+    Ok(Ingress {
+        procs: vec![p],
+        entry,
     })
 }
 

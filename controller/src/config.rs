@@ -91,10 +91,27 @@ pub struct ControllerArgs {
     /// Kubernetes bootstrap: the cluster's service-account issuer keys as a JWKS file (`kubectl get
     /// --raw /openid/v1/jwks`). With it, a proxy may bootstrap with its projected service-account token
     /// instead of a join token; the file is read again when it changes. Needs --k8s-issuer.
-    #[arg(long, requires = "k8s_issuer")]
+    #[arg(long, requires = "k8s_issuer", conflicts_with = "k8s_discovery")]
     pub k8s_jwks: Option<PathBuf>,
+    /// Kubernetes bootstrap with the issuer's keys fetched from its OpenID discovery document
+    /// (`<k8s-issuer>/.well-known/openid-configuration`, then its `jwks_uri`) over HTTPS verified
+    /// against --k8s-discovery-ca; fetched again every --k8s-discovery-refresh, and early (at most
+    /// every 30 s) when a token names a key the held ones lack. Needs --k8s-issuer.
+    #[arg(long, requires_all = ["k8s_issuer", "k8s_discovery_ca"])]
+    pub k8s_discovery: bool,
+    /// The CA bundle (PEM) the issuer's HTTPS server is verified against (in a pod:
+    /// /var/run/secrets/kubernetes.io/serviceaccount/ca.crt).
+    #[arg(long, requires = "k8s_discovery")]
+    pub k8s_discovery_ca: Option<PathBuf>,
+    /// A bearer token sent with the discovery requests, read at each fetch (clusters whose
+    /// discovery endpoints are not anonymous: the controller's own service-account token).
+    #[arg(long, requires = "k8s_discovery")]
+    pub k8s_discovery_token_file: Option<PathBuf>,
+    /// How old discovered keys may get before they are fetched again.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    pub k8s_discovery_refresh: Duration,
     /// The `iss` the service-account tokens must carry (the cluster's --service-account-issuer).
-    #[arg(long, requires = "k8s_jwks")]
+    #[arg(long)]
     pub k8s_issuer: Option<String>,
     /// An audience the tokens must carry (repeatable): what the pod's projected token asks for.
     #[arg(long = "k8s-audience", default_value = "quicmesh")]
@@ -230,6 +247,31 @@ impl ControllerArgs {
                 )
                 .map_err(|e| StartError::Config(format!("--k8s-jwks {e}")))?,
             )),
+            (None, Some(issuer)) if self.k8s_discovery => {
+                let ca = self.k8s_discovery_ca.as_deref().ok_or_else(|| {
+                    StartError::Config("--k8s-discovery needs --k8s-discovery-ca".into())
+                })?;
+                let discovery = crate::oidc::Discovery::new(
+                    issuer,
+                    ca,
+                    self.k8s_discovery_token_file.clone(),
+                    self.k8s_discovery_refresh,
+                )
+                .map_err(|e| StartError::Config(format!("--k8s-discovery: {e}")))?;
+                Some(std::sync::Arc::new(
+                    crate::k8s::TokenAuthority::discover(
+                        discovery,
+                        issuer.clone(),
+                        self.k8s_audiences.clone(),
+                    )
+                    .map_err(|e| StartError::Config(format!("--k8s-issuer: {e}")))?,
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(StartError::Config(
+                    "--k8s-issuer needs --k8s-jwks or --k8s-discovery".into(),
+                ));
+            }
             _ => None,
         };
         Ok(StateOptions {

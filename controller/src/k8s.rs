@@ -4,6 +4,8 @@
 //! The controller verifies the token offline against the cluster's service-account issuer keys, given as
 //! a JWKS file (what `kubectl get --raw /openid/v1/jwks` prints): no call to the API server, so the
 //! controller needs no cluster credentials and a bootstrap does not depend on the API server being up.
+//! Or the keys are fetched from the issuer's discovery document ([`crate::oidc`]) and follow its
+//! rotations; either way the last good keys stay when a new read fails.
 //! [`Verifier::verify`] is a pure function of the token, the keys and the time: signature (RS256 or
 //! ES256 only; `none` and every other algorithm are refused before any key is looked at), issuer,
 //! audience, expiry and not-before with a small leeway. The token's namespace and service account
@@ -16,7 +18,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::SystemTime,
 };
 
@@ -63,6 +65,9 @@ pub enum TokenError {
     /// path segment.
     #[error("service account: {0}")]
     ServiceAccount(String),
+    /// The issuer's keys could not be fetched (discovery) and none are held.
+    #[error("issuer keys unavailable: {0}")]
+    KeysUnavailable(String),
 }
 
 /// Why a JWKS file is unusable.
@@ -384,14 +389,25 @@ fn service_account(
     }
 }
 
-/// The controller's Kubernetes token settings, with the JWKS file re-read when it changes (the
-/// cluster rotates its signing keys; the file is what an operator or a sync job keeps current).
+/// Where the issuer's keys come from.
+#[derive(Debug)]
+enum KeySource {
+    /// A JWKS file, re-read when its modification time changes (what an operator or a sync job keeps
+    /// current), with the keys of the last good read.
+    File {
+        path: PathBuf,
+        current: Mutex<(Option<SystemTime>, Arc<Vec<Key>>)>,
+    },
+    /// The issuer's discovery document, fetched over HTTPS ([`crate::oidc`]).
+    Discovery(crate::oidc::Discovery),
+}
+
+/// The controller's Kubernetes token settings and the issuer's current keys.
 #[derive(Debug)]
 pub struct TokenAuthority {
-    jwks: PathBuf,
+    source: KeySource,
     issuer: String,
     audiences: Vec<String>,
-    current: Mutex<(Option<SystemTime>, Verifier)>,
 }
 
 fn read_jwks(path: &Path) -> Result<(Option<SystemTime>, Vec<Key>), JwksError> {
@@ -408,56 +424,100 @@ fn read_jwks(path: &Path) -> Result<(Option<SystemTime>, Vec<Key>), JwksError> {
     Ok((meta.modified().ok(), keys))
 }
 
+fn check_settings(issuer: &str, audiences: &[String]) -> Result<(), String> {
+    if issuer.is_empty() || audiences.iter().all(String::is_empty) {
+        return Err("an issuer and at least one audience are needed".into());
+    }
+    Ok(())
+}
+
 impl TokenAuthority {
     /// Reads the JWKS file; fails start-up if it is unusable.
     pub fn load(jwks: PathBuf, issuer: String, audiences: Vec<String>) -> Result<Self, JwksError> {
-        if issuer.is_empty() || audiences.iter().all(String::is_empty) {
-            return Err(JwksError {
-                path: jwks,
-                problem: "an issuer and at least one audience are needed".into(),
-            });
-        }
+        check_settings(&issuer, &audiences).map_err(|problem| JwksError {
+            path: jwks.clone(),
+            problem,
+        })?;
         let (mtime, keys) = read_jwks(&jwks)?;
-        let verifier = Verifier {
-            issuer: issuer.clone(),
-            audiences: audiences.clone(),
-            keys,
-        };
         Ok(Self {
-            jwks,
+            source: KeySource::File {
+                path: jwks,
+                current: Mutex::new((mtime, Arc::new(keys))),
+            },
             issuer,
             audiences,
-            current: Mutex::new((mtime, verifier)),
         })
     }
 
-    /// The verifier with the current keys: the file is read again when its modification time changed;
-    /// if it is unusable now, the last good keys stay (and the problem is logged).
-    pub fn verifier(&self) -> Verifier {
-        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let mtime = std::fs::metadata(&self.jwks)
-            .ok()
-            .and_then(|m| m.modified().ok());
-        if mtime.is_some() && mtime != cur.0 {
-            match read_jwks(&self.jwks) {
-                Ok((m, keys)) => {
-                    tracing::info!(jwks = %self.jwks.display(), keys = keys.len(), "service-account issuer keys reloaded");
-                    *cur = (
-                        m,
-                        Verifier {
-                            issuer: self.issuer.clone(),
-                            audiences: self.audiences.clone(),
-                            keys,
-                        },
-                    );
+    /// Keys from the issuer's discovery document; nothing is fetched until the first token (or
+    /// [`TokenAuthority::prefetch`]).
+    pub fn discover(
+        discovery: crate::oidc::Discovery,
+        issuer: String,
+        audiences: Vec<String>,
+    ) -> Result<Self, String> {
+        check_settings(&issuer, &audiences)?;
+        Ok(Self {
+            source: KeySource::Discovery(discovery),
+            issuer,
+            audiences,
+        })
+    }
+
+    /// Fetches discovered keys now (at start-up, so a wrong CA or URL shows in the log at once).
+    pub async fn prefetch(&self) {
+        if let KeySource::Discovery(d) = &self.source {
+            let _ = d.keys(false).await;
+        }
+    }
+
+    /// Verifies a token with the issuer's current keys. With discovered keys, a token naming a key id
+    /// they lack makes them fetched again (at most every [`crate::oidc::MIN_REFETCH`]), then it is
+    /// verified once more.
+    pub async fn verify(&self, token: &str, now: i64) -> Result<ServiceAccount, TokenError> {
+        let first = self.verifier(self.keys(false).await?).verify(token, now);
+        match (&self.source, first) {
+            (KeySource::Discovery(_), Err(TokenError::UnknownKey(_))) => {
+                self.verifier(self.keys(true).await?).verify(token, now)
+            }
+            (_, result) => result,
+        }
+    }
+
+    fn verifier(&self, keys: Arc<Vec<Key>>) -> Verifier {
+        Verifier {
+            issuer: self.issuer.clone(),
+            audiences: self.audiences.clone(),
+            keys: keys.as_ref().clone(),
+        }
+    }
+
+    /// The current keys: the file is read again when its modification time changed (if it is unusable
+    /// now, the last good keys stay and the problem is logged); discovered keys as [`crate::oidc`] plans.
+    async fn keys(&self, unknown_kid: bool) -> Result<Arc<Vec<Key>>, TokenError> {
+        match &self.source {
+            KeySource::Discovery(d) => d
+                .keys(unknown_kid)
+                .await
+                .map_err(|e| TokenError::KeysUnavailable(e.to_string())),
+            KeySource::File { path, current } => {
+                let mut cur = current.lock().unwrap_or_else(|e| e.into_inner());
+                let mtime = std::fs::metadata(path).ok().and_then(|m| m.modified().ok());
+                if mtime.is_some() && mtime != cur.0 {
+                    match read_jwks(path) {
+                        Ok((m, keys)) => {
+                            tracing::info!(jwks = %path.display(), keys = keys.len(), "service-account issuer keys reloaded");
+                            *cur = (m, Arc::new(keys));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot reload the service-account issuer keys; keeping the last good ones");
+                            cur.0 = mtime;
+                        }
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot reload the service-account issuer keys; keeping the last good ones");
-                    cur.0 = mtime;
-                }
+                Ok(cur.1.clone())
             }
         }
-        cur.1.clone()
     }
 }
 

@@ -35,6 +35,7 @@ pub mod links;
 pub mod metrics;
 pub mod model;
 pub mod naming;
+pub mod oidc;
 pub mod registry;
 pub mod resources;
 pub mod server;

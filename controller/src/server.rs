@@ -110,6 +110,10 @@ impl Controller {
             addr: listen,
             source,
         })?;
+        if let Some(authority) = state.service_account_tokens() {
+            // A wrong issuer URL or CA shows in the log at start, not at the first pod's bootstrap.
+            tokio::spawn(async move { authority.prefetch().await });
+        }
         Ok(Self {
             state,
             listener,

@@ -580,21 +580,26 @@ impl State {
             }
             let Some(authority) = &self.service_account_tokens else {
                 return Err(ApiError::Unauthenticated(
-                    "service_account_token: this controller accepts no Kubernetes tokens (start it with --k8s-jwks)".into(),
+                    "service_account_token: this controller accepts no Kubernetes tokens (start it with --k8s-jwks or --k8s-discovery)".into(),
                 ));
             };
             let refused = |e: crate::k8s::TokenError| {
                 ApiError::Unauthenticated(format!("service_account_token: {e}"))
             };
             let sa = authority
-                .verifier()
                 .verify(service_account_token, now().unix_timestamp())
+                .await
                 .map_err(refused)?;
             let id = sa.spiffe_id(&self.trust_domain).map_err(refused)?;
             Some((id, format!("k8s-sa:{}/{}", sa.namespace, sa.name)))
         };
         self.retrying(|| self.ca.certify(csr_pem, join_token, verified.clone(), peer))
             .await
+    }
+
+    /// The Kubernetes token settings, when this controller takes service-account tokens.
+    pub fn service_account_tokens(&self) -> Option<Arc<crate::k8s::TokenAuthority>> {
+        self.service_account_tokens.clone()
     }
 
     /// The newest issued certificates, newest first.

@@ -99,6 +99,50 @@ async fn bench_loss_shortened_through_quicmesh() {
     }
 }
 
+/// The ingress scenario, shortened: quicmesh's HTTP/3 gateway and an HAProxy HTTP/2-over-TLS ingress
+/// loaded from another network namespace at 0% and 5% loss; both answer, none fails without loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_ingress_shortened_h3_against_haproxy_h2() {
+    use quicmesh_bench::ingress::{self, Edge, IngressSettings};
+    if let Some(why) = loss::missing_prerequisite() {
+        println!("skipped: {why}");
+        return;
+    }
+    let settings = IngressSettings {
+        loss_percent: vec![0, 5],
+        connections: 2,
+        streams: 4,
+        payload: 1024,
+        duration: Duration::from_secs(2),
+        haproxy_threads: 1,
+    };
+    let outcome = ingress::run(settings, Some(quicmesh()), quicmesh(), None)
+        .await
+        .expect("ingress scenario");
+    let quicmesh_bench::report::Outcome::Done(report) = outcome else {
+        panic!("prerequisites were checked above");
+    };
+    let haproxy = quicmesh_bench::topology::which("haproxy").is_some();
+    if !haproxy {
+        println!("haproxy not installed: only the quicmesh ingress ran");
+    }
+    let expected = if haproxy { 4 } else { 2 };
+    assert_eq!(
+        report.runs.len(),
+        expected,
+        "{:#?} {:?}",
+        report.runs,
+        report.skipped
+    );
+    for r in &report.runs {
+        assert!(r.summary.requests > 0, "{r:?}");
+        if r.loss_percent == 0 {
+            assert_eq!(r.summary.errors, 0, "{r:?}");
+        }
+    }
+    assert!(report.runs.iter().any(|r| r.edge == Edge::QuicmeshH3));
+}
+
 /// `bench instructions` in small: both quicmesh proxies run under callgrind, the counts of a few requests
 /// and of a 1 MiB transfer come back from their dumps, and they are plausible: more than a few thousand
 /// instructions per request (a tunneled exchange is at least that), and per MiB more than the bytes

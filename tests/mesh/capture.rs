@@ -291,3 +291,89 @@ async fn spawn_line(args: &[&str], log: &Path, want: &str) -> (tokio::process::C
     assert_eq!(line, want);
     (child, line)
 }
+
+/// Whether the namespace holds our nftables table.
+fn has_table(ns: &Netns) -> bool {
+    ns.sh("nft list tables")
+        .expect("nft list tables")
+        .lines()
+        .any(|l| l.trim() == "table inet quicmesh")
+}
+
+/// A proxy that manages its own rules (`[capture] install = true`): they exist once it is ready, are
+/// gone after SIGTERM and its drain; after a kill -9 they stay, the next start replaces them (still one
+/// table, still working), and its clean exit removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_installing_its_own_rules_removes_them_on_exit_and_replaces_stale_ones() {
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(why) => {
+            eprintln!("skipped: transparent capture needs root, ip, nft, python3 and curl ({why})");
+            return;
+        }
+    };
+    let pki = Pki::new();
+    let d = pki.path();
+    pki.issue("server", "echo");
+    pki.issue("client", "client");
+    let log = d.join("procs.log");
+    let (mut echo, _) = spawn_line(&ns.exec(&["python3", "-c", ECHO]), &log, "listening").await;
+    let server_cfg = pki.config(
+        "server",
+        "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{ port = 7, app = \"127.0.0.1:7007\" }]\n",
+    );
+    let (_server, ready) = spawn_ready_with(
+        "ip",
+        &ns.exec(&[QUICMESH, "proxy", "--config", path(&server_cfg)]),
+        &log,
+    )
+    .await;
+    let server_inbound = ready_addr(&ready, "/inbound");
+    let client_cfg = pki.config(
+        "client",
+        &format!(
+            "[capture]\nlisten = \"127.0.0.1:15001\"\ninstall = true\n\n[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"echo\"\nport = 7\nendpoints = [\"{server_inbound}\"]\ncapture = \"10.96.0.10:80\"\n"
+        ),
+    );
+    let start = async || {
+        spawn_ready_with(
+            "ip",
+            &ns.exec(&[QUICMESH, "proxy", "--config", path(&client_cfg)]),
+            &log,
+        )
+        .await
+        .0
+    };
+    assert!(!has_table(&ns));
+
+    // Ready means the rules are in place: the app reaches the service at once.
+    let mut client = start().await;
+    assert!(has_table(&ns));
+    let out = ns.sh(&format!("python3 -c '{APP}'")).expect("captured");
+    assert_eq!(out.trim(), "through the mesh");
+    // SIGTERM: the proxy drains, exits 0 and takes its rules with it.
+    sigterm(client.id().expect("pid"));
+    let status = tokio::time::timeout(Duration::from_secs(20), client.wait())
+        .await
+        .expect("exits after its drain")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert!(!has_table(&ns), "rules removed on exit");
+
+    // kill -9 leaves them behind; the next start replaces them and works; its clean exit removes them.
+    let mut client = start().await;
+    client.kill().await.expect("kill -9");
+    assert!(has_table(&ns), "a killed proxy cannot remove its rules");
+    let mut client = start().await;
+    let tables = ns.sh("nft list tables").expect("tables");
+    assert_eq!(tables.matches("table inet quicmesh").count(), 1, "{tables}");
+    let out = ns.sh(&format!("python3 -c '{APP}'")).expect("captured again");
+    assert_eq!(out.trim(), "through the mesh");
+    sigterm(client.id().expect("pid"));
+    tokio::time::timeout(Duration::from_secs(20), client.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    assert!(!has_table(&ns), "the replaced rules are removed too");
+    let _ = echo.kill().await;
+}

@@ -62,12 +62,7 @@ impl Proc {
 
     /// Sends SIGTERM (the proxy drains).
     pub(crate) fn terminate(&self) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        sigterm(self.child.id().expect("running"));
     }
 
     /// Waits for the process to exit.

@@ -327,3 +327,375 @@ async fn service_account_tokens_bootstrap_exactly_their_identity() {
         "{err}"
     );
 }
+
+/// A CA and a server certificate for 127.0.0.1 made by the `openssl` CLI (the cluster CA and the API
+/// server's serving certificate), plus an unrelated CA; false (with the reason printed) without it.
+fn openssl_server_certs(d: &Path) -> bool {
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let ca = |name: &str| {
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ])
+    };
+    std::fs::write(
+        d.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("ext");
+    let ok = ca("cluster-ca")
+        && ca("other-ca")
+        && run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+        ])
+        && run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "cluster-ca.pem",
+            "-CAkey",
+            "cluster-ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "1",
+            "-extfile",
+            "server.ext",
+        ]);
+    if !ok {
+        eprintln!(
+            "SKIP: the openssl CLI is not available (or failed) to make the issuer's certificates"
+        );
+    }
+    ok
+}
+
+/// `tests/peers/oidc_issuer.py` serving `root` over HTTPS with `token` required: its port and its
+/// request lines; None (reason printed) without python3.
+async fn oidc_issuer(
+    d: &Path,
+    root: &Path,
+    token: &str,
+) -> Option<(
+    tokio::process::Child,
+    u16,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+)> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/oidc_issuer.py");
+    let Ok(mut child) = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg("--root")
+        .arg(root)
+        .arg("--cert")
+        .arg(d.join("server.pem"))
+        .arg("--key")
+        .arg(d.join("server.key"))
+        .args(["--token", token, "--max-seconds", "120"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+    else {
+        eprintln!("SKIP: python3 not found for the stand-in issuer");
+        return None;
+    };
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("issuer ready in time")
+        .expect("read")
+        .expect("a ready line");
+    let ready: serde_json::Value = serde_json::from_str(&ready).expect("ready JSON");
+    let port = u16::try_from(ready["port"].as_u64().expect("port")).expect("port");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str(&l) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    Some((child, port, rx))
+}
+
+/// Request lines received so far.
+fn drain_requests(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+) -> Vec<serde_json::Value> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuer_keys_come_from_the_discovery_document_and_follow_a_rotation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    if !openssl_server_certs(d) {
+        return;
+    }
+    let root = d.join("www");
+    for sub in [
+        ".well-known",
+        "openid/v1",
+        "other/.well-known",
+        "big/.well-known",
+    ] {
+        std::fs::create_dir_all(root.join(sub)).expect("dirs");
+    }
+    let Some((_server, port, mut requests)) = oidc_issuer(d, &root, "reader-token").await else {
+        return;
+    };
+    let issuer = format!("https://127.0.0.1:{port}");
+    let write = |rel: &str, v: &serde_json::Value| {
+        std::fs::write(root.join(rel), v.to_string()).expect("write")
+    };
+    let discovery = |iss: &str, jwks: &str| serde_json::json!({"issuer": iss, "jwks_uri": jwks});
+    write(
+        ".well-known/openid-configuration",
+        &discovery(&issuer, &format!("{issuer}/openid/v1/jwks")),
+    );
+    let (es1, es2) = (Es256::new(), Es256::new());
+    write(
+        "openid/v1/jwks",
+        &serde_json::json!({"keys": [es1.jwk("es-1")]}),
+    );
+    // A document for another issuer, and a JWKS over the 1 MiB bound.
+    write(
+        "other/.well-known/openid-configuration",
+        &discovery("https://evil.example", &format!("{issuer}/openid/v1/jwks")),
+    );
+    write(
+        "big/.well-known/openid-configuration",
+        &discovery(&format!("{issuer}/big"), &format!("{issuer}/big/jwks")),
+    );
+    std::fs::write(root.join("big/jwks"), vec![b' '; 2 << 20]).expect("big");
+    std::fs::write(d.join("reader.token"), "reader-token\n").expect("token");
+    std::fs::write(d.join("wrong.token"), "not-the-token").expect("token");
+
+    let tok = |pair: &Es256, kid: &str| {
+        let mut c = claims("default", "web", "quicmesh");
+        c["iss"] = issuer.as_str().into();
+        pair.token(kid, &c)
+    };
+    let web = SpiffeId::new(TD, "default", "web").expect("id");
+    let (csr, _) = generate_csr(&web).expect("csr");
+    let start = async |name: &str, iss: &str, ca: &str, token_file: &str| {
+        let data = d.join(name);
+        let controller = spawn(
+            &[
+                "controller",
+                "--data-dir",
+                data.to_str().expect("utf8"),
+                "--listen",
+                "127.0.0.1:0",
+                "--trust-domain",
+                TD,
+                "--k8s-discovery",
+                "--k8s-issuer",
+                iss,
+                "--k8s-discovery-ca",
+                d.join(ca).to_str().expect("utf8"),
+                "--k8s-discovery-token-file",
+                d.join(token_file).to_str().expect("utf8"),
+                "--k8s-discovery-refresh",
+                "2s",
+            ],
+            &d.join(format!("{name}.log")),
+        )
+        .await;
+        let pem = std::fs::read_to_string(controller.trust_bundle()).expect("bundle");
+        let ch = client::connect(
+            &controller.addr("grpc").to_string(),
+            &[pem],
+            None,
+            Some(Duration::from_secs(15)),
+        )
+        .await
+        .expect("connect");
+        (controller, client::proxy(ch))
+    };
+    let certify =
+        async |api: &mut pb::proxy_api_client::ProxyApiClient<tonic::transport::Channel>,
+               token: String| {
+            api.certify(pb::CertifyRequest {
+                csr_pem: csr.clone(),
+                service_account_token: token,
+                ..Default::default()
+            })
+            .await
+            .map(tonic::Response::into_inner)
+        };
+
+    let (_a, mut api) = start("a", &issuer, "cluster-ca.pem", "reader.token").await;
+    let ok = certify(&mut api, tok(&es1, "es-1"))
+        .await
+        .expect("a token of the discovered key");
+    assert_eq!(ok.spiffe_id, web.as_str());
+
+    // The cluster rotates its key: the old one is gone, tokens of the new one are accepted once the
+    // controller fetched again (a token naming an unknown key triggers it, the 2 s cool-down bounds it).
+    write(
+        "openid/v1/jwks",
+        &serde_json::json!({"keys": [es2.jwk("es-2")]}),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match certify(&mut api, tok(&es2, "es-2")).await {
+            Ok(r) => {
+                assert_eq!(r.spiffe_id, web.as_str());
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    e.message().contains("no issuer key for kid \"es-2\""),
+                    "{}",
+                    e.message()
+                );
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "rotation not followed in 15 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let e = certify(&mut api, tok(&es1, "es-1"))
+        .await
+        .expect_err("the retired key");
+    assert!(
+        e.message().contains("no issuer key for kid \"es-1\""),
+        "{}",
+        e.message()
+    );
+
+    // Tokens with made-up key ids do not make the controller hammer the issuer: 40 of them in a
+    // burst cost at most two JWKS fetches (one cool-down may end inside the burst).
+    let before = drain_requests(&mut requests);
+    assert!(before.iter().all(|r| r["authorized"] == true), "{before:?}");
+    let t0 = std::time::Instant::now();
+    for i in 0..40 {
+        let e = certify(&mut api, tok(&es2, &format!("made-up-{i}")))
+            .await
+            .expect_err("unknown kid");
+        assert!(e.message().contains("no issuer key"), "{}", e.message());
+    }
+    let burst = t0.elapsed();
+    let fetched = drain_requests(&mut requests)
+        .iter()
+        .filter(|r| r["path"] == "/openid/v1/jwks")
+        .count();
+    let allowed = 1 + usize::try_from(burst.as_secs() / 2).unwrap_or(usize::MAX);
+    assert!(
+        fetched <= allowed,
+        "{fetched} JWKS fetches for 40 made-up kids in {burst:?}"
+    );
+
+    // The issuer breaks (a document for another issuer): the last good keys stay in use.
+    write(
+        ".well-known/openid-configuration",
+        &discovery("https://evil.example", &format!("{issuer}/openid/v1/jwks")),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        certify(&mut api, tok(&es2, "es-2"))
+            .await
+            .expect("last good keys kept");
+        if drain_requests(&mut requests)
+            .iter()
+            .any(|r| r["path"] == "/.well-known/openid-configuration")
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no refetch in 15 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    certify(&mut api, tok(&es2, "es-2"))
+        .await
+        .expect("still the last good keys");
+    let log = std::fs::read_to_string(d.join("a.log")).expect("log");
+    assert!(
+        log.contains("names issuer \\\"https://evil.example\\\"")
+            || log.contains("names issuer \"https://evil.example\""),
+        "{log}"
+    );
+
+    // Controllers that never got keys refuse tokens and say why; each stays up.
+    let cases = [
+        (
+            "other",
+            format!("{issuer}/other"),
+            "cluster-ca.pem",
+            "reader.token",
+            "names issuer \"https://evil.example\"",
+        ),
+        (
+            "untrusted",
+            issuer.clone(),
+            "other-ca.pem",
+            "reader.token",
+            "TLS: invalid peer certificate",
+        ),
+        (
+            "big",
+            format!("{issuer}/big"),
+            "cluster-ca.pem",
+            "reader.token",
+            "length limit exceeded",
+        ),
+        (
+            "unauthorized",
+            issuer.clone(),
+            "cluster-ca.pem",
+            "wrong.token",
+            "status 401",
+        ),
+    ];
+    for (name, iss, ca, token_file, reason) in cases {
+        let (_c, mut api) = start(name, &iss, ca, token_file).await;
+        let e = certify(&mut api, tok(&es2, "es-2")).await.expect_err(name);
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{name}: {e:?}");
+        assert!(
+            e.message().contains("issuer keys unavailable") && e.message().contains(reason),
+            "{name}: {}",
+            e.message()
+        );
+    }
+}

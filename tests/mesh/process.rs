@@ -60,12 +60,7 @@ impl ProxyProcess {
     }
 
     fn terminate(&mut self) {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        sigterm(self.child.id());
     }
 
     /// Waits for exit, up to `limit`.

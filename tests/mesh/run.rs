@@ -117,12 +117,7 @@ async fn run_forwards_signals_to_the_app() {
             .expect("the app started within 30 s")
             .expect("read");
         assert_eq!(first.as_deref(), Some("started"));
-        let pid = child.id().expect("running").to_string();
-        let st = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        assert!(st.success());
+        sigterm(child.id().expect("running"));
         let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
             .await
             .expect("exited within 15 s of SIGTERM")

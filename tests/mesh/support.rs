@@ -359,3 +359,12 @@ pub fn ready_addr(ready: &serde_json::Value, pointer: &str) -> SocketAddr {
         .parse()
         .expect("socket address")
 }
+
+/// Sends SIGTERM to `pid` (a proxy or `quicmesh run` then drains).
+pub fn sigterm(pid: u32) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -TERM {pid}");
+}

@@ -65,12 +65,9 @@ pub enum CaptureError {
     /// The configuration is unusable for capture.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// `nft` could not be run.
-    #[error("cannot run nft: {0}")]
-    Spawn(#[from] std::io::Error),
-    /// `nft` refused the rules.
-    #[error("nft failed: {0}")]
-    Nft(String),
+    /// `nft` could not be run, or refused the rules.
+    #[error(transparent)]
+    Rules(#[from] crate::proxy::capture::RulesError),
 }
 
 /// Runs `quicmesh capture`.
@@ -97,26 +94,7 @@ pub fn capture(cmd: &CaptureCommand) -> Result<(), CaptureError> {
         }
         CaptureCommand::Remove => capture::nft_remove_script(),
     };
-    nft(&script)
-}
-
-fn nft(script: &str) -> Result<(), CaptureError> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        return Err(CaptureError::Nft(
-            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        ));
-    }
-    Ok(())
+    Ok(capture::apply_nft(&script)?)
 }
 
 /// Logs to stderr, filtered by `QUICMESH_LOG` (default `info`); the same for every quicmesh binary.

@@ -323,6 +323,13 @@ pub struct CaptureConfig {
     /// TCP address nftables redirects to (loopback: locally originated connections are redirected to
     /// 127.0.0.1 and this port).
     pub listen: SocketAddr,
+    /// The proxy writes its nftables rules itself when it starts (replacing stale ones) and removes
+    /// them when it exits, instead of `quicmesh capture install` / `remove` (needs root / CAP_NET_ADMIN).
+    #[serde(default)]
+    pub install: bool,
+    /// With `install`: the user whose connections are never redirected (the proxy's own).
+    #[serde(default)]
+    pub exempt_uid: Option<u32>,
 }
 
 /// One outbound listener.
@@ -668,6 +675,24 @@ impl ProxyConfig {
                     ));
                 }
             }
+        }
+        if self.capture.as_ref().is_some_and(|c| c.install) && captured.is_empty() {
+            return Err(ConfigError::new(
+                path,
+                "capture.install",
+                "no [[outbound]] table has a capture address to redirect",
+            ));
+        }
+        if self
+            .capture
+            .as_ref()
+            .is_some_and(|c| c.exempt_uid.is_some() && !c.install)
+        {
+            return Err(ConfigError::new(
+                path,
+                "capture.exempt_uid",
+                "only with install = true (`quicmesh capture install --exempt-uid` otherwise)",
+            ));
         }
         if let Some(c) = &self.controller {
             let given = [

@@ -83,6 +83,8 @@ pub struct Proxy {
     inbound: Option<inbound::Inbound>,
     outbound: Vec<outbound::Outbound>,
     capture: Option<capture::Capture>,
+    /// The proxy's own capture rules (`[capture] install`), removed when the proxy is done.
+    capture_rules: Option<capture::InstalledRules>,
     ingress: Option<crate::ingress::Ingress>,
     ingress_endpoint: Option<quinn::Endpoint>,
     admin: Admin,
@@ -614,6 +616,17 @@ impl Proxy {
                 )
             })?;
 
+        // Last, once everything is bound: a failed start leaves no rules behind.
+        let capture_rules = match &cfg.capture {
+            Some(c) if c.install => {
+                let captured: Vec<_> = cfg.outbound.iter().filter_map(|o| o.capture).collect();
+                Some(
+                    capture::InstalledRules::install(&captured, c.listen.port(), c.exempt_uid)
+                        .map_err(|e| err("capture.install".into(), &e))?,
+                )
+            }
+            _ => None,
+        };
         let local = |r: std::io::Result<SocketAddr>, key: &str| r.map_err(|e| err(key.into(), &e));
         let addresses = ProxyAddresses {
             admin: local(admin.local_addr(), "admin.listen")?,
@@ -641,6 +654,7 @@ impl Proxy {
             inbound,
             outbound,
             capture,
+            capture_rules,
             ingress_endpoint: ingress.as_ref().map(|i| i.endpoint()),
             ingress,
             admin,
@@ -689,6 +703,8 @@ impl Proxy {
     /// Serves until `shutdown` resolves, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let drain = self.drain.clone();
+        // Removed at the end of the drain (dropped when this function returns).
+        let _capture_rules = self.capture_rules;
         let admin = tokio::spawn(self.admin.run());
         let mut listeners = Vec::new();
         if let Some(i) = self.inbound {

@@ -132,6 +132,66 @@ pub fn nft_remove_script() -> String {
     format!("table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n")
 }
 
+/// Why capture rules could not be written or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    /// `nft` could not be run.
+    #[error("cannot run nft: {0}")]
+    Spawn(#[from] std::io::Error),
+    /// `nft` refused the rules.
+    #[error("nft failed: {0}")]
+    Nft(String),
+}
+
+/// Applies an nftables script as one transaction (`nft -f -`).
+pub fn apply_nft(script: &str) -> Result<(), RulesError> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(RulesError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+/// The capture rules of a proxy that manages its own (`[capture] install = true`): written when the
+/// proxy starts, replacing a stale table a crashed run left behind, and removed when this is dropped
+/// (the proxy's exit after its drain, or a panic). After a `kill -9` they stay until the next start
+/// replaces them or `quicmesh capture remove` deletes them; either way only [`NFT_TABLE`] is touched.
+#[derive(Debug)]
+pub struct InstalledRules(());
+
+impl InstalledRules {
+    /// Writes the table for `captured` addresses redirected to `port`.
+    pub fn install(
+        captured: &[SocketAddr],
+        port: u16,
+        exempt_uid: Option<u32>,
+    ) -> Result<Self, RulesError> {
+        apply_nft(&nft_install_script(captured, port, exempt_uid))?;
+        tracing::info!(table = NFT_TABLE, addresses = captured.len(), "capture rules installed");
+        Ok(Self(()))
+    }
+}
+
+impl Drop for InstalledRules {
+    fn drop(&mut self) {
+        match apply_nft(&nft_remove_script()) {
+            Ok(()) => tracing::info!(table = NFT_TABLE, "capture rules removed"),
+            Err(e) => tracing::warn!(error = %e, table = NFT_TABLE, "cannot remove the capture rules"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
