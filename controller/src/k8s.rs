@@ -399,7 +399,7 @@ enum KeySource {
         current: Mutex<(Option<SystemTime>, Arc<Vec<Key>>)>,
     },
     /// The issuer's discovery document, fetched over HTTPS ([`crate::oidc`]).
-    Discovery(crate::oidc::Discovery),
+    Discovery(Box<crate::oidc::Discovery>),
 }
 
 /// The controller's Kubernetes token settings and the issuer's current keys.
@@ -458,7 +458,7 @@ impl TokenAuthority {
     ) -> Result<Self, String> {
         check_settings(&issuer, &audiences)?;
         Ok(Self {
-            source: KeySource::Discovery(discovery),
+            source: KeySource::Discovery(Box::new(discovery)),
             issuer,
             audiences,
         })
