@@ -11,8 +11,8 @@
 //! of the same group, refuses it) and commits the group as one batch (group commit: one store write
 //! and one flush for many audit records and token spends); leaves signed during that flush make the
 //! next group, which waits a moment for the calls still being signed (a flush costs about the same
-//! CPU for 5 leaves as for 30; a lone call is committed at once). Root private keys are sealed with the key-encryption key before they are stored
-//! ([`crate::keystore`]).
+//! CPU for 5 leaves as for 30; a lone call is committed at once). Root private keys are sealed with
+//! the key-encryption key before they are stored ([`crate::keystore`]).
 
 pub mod rules;
 
@@ -580,7 +580,7 @@ impl Ca {
         let deadline = tokio::time::Instant::now() + GROUP_WAIT;
         let mut waited_out = false;
         loop {
-            // Registered before the check, so a leaf queued in between still wakes this wait.
+            // A leaf queued between this check and the wait leaves a permit (`notify_one`): not missed.
             let arrived = self.arrived.notified();
             let queued = self.lock_queue().pending.len();
             let arriving = self.arriving.load(Ordering::Acquire);
