@@ -149,18 +149,17 @@ impl Signer {
         let (csr, csr_key) = checked_csr(csr_pem, granted)?;
         let not_before = now - BACKDATE;
         let not_after = now + ttl;
-        let cert_pem = self
+        let cert = self
             .ca
             .sign_csr_params(&csr, granted, not_before, not_after)
             .map_err(|e| match e {
                 CaError::Csr(e) => IssueError::Csr(e.to_string()),
                 e => IssueError::Ca(e),
             })?;
-        let cert_der = pem_der(&cert_pem, SectionKind::Certificate)
-            .map_err(|e| IssueError::Root(e.to_string()))?;
-        let leaf = checked_leaf(&csr_key, granted, &cert_der)?;
+        // Checked as signed (DER), and handed out as PEM.
+        let leaf = checked_leaf(&csr_key, granted, cert.der())?;
         Ok(Signed {
-            cert_pem,
+            cert_pem: cert.pem(),
             spiffe_id: granted.clone(),
             not_before: leaf.not_before,
             not_after: leaf.not_after,

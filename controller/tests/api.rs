@@ -989,6 +989,7 @@ async fn concurrent_certify_is_grouped_and_spends_a_token_once(store: Backend) {
     for reusable in [false, true] {
         let token = h.token("shop", "cart", 600, reusable).await;
         let proxy = h.proxy_anon().await;
+        let before = h.revision().await;
         let attempts = (0..CALLERS).map(|_| {
             let mut p = proxy.clone();
             let token = token.clone();
@@ -1020,6 +1021,15 @@ async fn concurrent_certify_is_grouped_and_spends_a_token_once(store: Backend) {
             (expected, CALLERS - expected),
             "reusable {reusable}"
         );
+        if reusable {
+            // One store revision per group: calls arriving together share groups (the committer
+            // waits for a fuller group while calls come in), far fewer than one per certificate.
+            let groups = h.revision().await - before;
+            assert!(
+                (1..=CALLERS as u64 / 2).contains(&groups),
+                "{CALLERS} certificates in {groups} groups"
+            );
+        }
         let audit = h
             .admin
             .list_issued_certificates(pb::ListIssuedCertificatesRequest { limit: 1000 })

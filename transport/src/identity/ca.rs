@@ -162,6 +162,7 @@ impl CertificateAuthority {
     ) -> Result<String, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(CaError::Csr)?;
         self.sign_csr_params(&csr, id, not_before, not_after)
+            .map(|c| c.pem())
     }
 
     /// [`Self::sign_csr`] for a DER CSR: lets a caller sign exactly the bytes it has checked.
@@ -174,22 +175,22 @@ impl CertificateAuthority {
     ) -> Result<String, CaError> {
         let csr = CertificateSigningRequestParams::from_der(csr_der).map_err(CaError::Csr)?;
         self.sign_csr_params(&csr, id, not_before, not_after)
+            .map(|c| c.pem())
     }
 
     /// Signs a CSR already parsed (and so signature-checked: rcgen verifies it while parsing) as a leaf
-    /// for `id`: a caller that inspected the CSR first does not pay for a second verification.
+    /// for `id`: a caller that inspected the CSR first does not pay for a second verification. Returns
+    /// the certificate, whose DER a caller can check without decoding its PEM.
     pub fn sign_csr_params(
         &self,
         csr: &CertificateSigningRequestParams,
         id: &SpiffeId,
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
-    ) -> Result<String, CaError> {
-        let params = Self::leaf_params(id, not_before, not_after)?;
-        let cert = params
+    ) -> Result<rcgen::Certificate, CaError> {
+        Self::leaf_params(id, not_before, not_after)?
             .signed_by(&csr.public_key, &self.issuer)
-            .map_err(CaError::Sign)?;
-        Ok(cert.pem())
+            .map_err(CaError::Sign)
     }
 }
 
