@@ -70,6 +70,19 @@ fn leaf(dir: &Path, name: &str, issuer: &Issuer<'_, KeyPair>) -> anyhow::Result<
 
 /// Generates a root and the `client` and `server` leaves into `dir`.
 pub fn generate(dir: &Path) -> anyhow::Result<Certs> {
+    let (ca, mut leaves) = generate_named(dir, &["client", "server"])?;
+    let server = leaves
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no server leaf"))?;
+    let client = leaves
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no client leaf"))?;
+    Ok(Certs { ca, client, server })
+}
+
+/// Generates a root (its certificate's path is returned first) and one leaf per name, each for
+/// `spiffe://<td>/ns/bench/sa/<name>`, into `dir`.
+pub fn generate_named(dir: &Path, names: &[&str]) -> anyhow::Result<(PathBuf, Vec<Leaf>)> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -88,9 +101,9 @@ pub fn generate(dir: &Path) -> anyhow::Result<Certs> {
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, root.pem())?;
     let issuer = Issuer::new(params, key);
-    Ok(Certs {
-        ca,
-        client: leaf(dir, "client", &issuer)?,
-        server: leaf(dir, "server", &issuer)?,
-    })
+    let leaves = names
+        .iter()
+        .map(|n| leaf(dir, n, &issuer))
+        .collect::<anyhow::Result<_>>()?;
+    Ok((ca, leaves))
 }
