@@ -1464,7 +1464,7 @@ mod example_tests {
     fn a_gateways_workloads_are_checked_and_name_the_key_at_fault() {
         let gw = |outbound_service: &str, inbound: &str, workloads: &str| {
             let text = format!(
-                "[identity]\ncert = \"n.pem\"\nkey = \"n.key\"\ntrust_bundle = \"ca.pem\"\nmesh = \"m.yaml\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\n{inbound}\n[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"{outbound_service}\"\nport = 80\n\n{workloads}"
+                "mesh = \"m.yaml\"\n[identity]\ncert = \"n.pem\"\nkey = \"n.key\"\ntrust_bundle = \"ca.pem\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\n{inbound}\n[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"{outbound_service}\"\nport = 80\n\n{workloads}"
             );
             ProxyConfig::parse(Path::new("/etc/qm/gw.toml"), &text)
         };

@@ -212,7 +212,7 @@ mod tests {
         ];
         // `shared` may be served by b or by c: callers name that pair.
         let st = state(
-            "kind: Service\nmetadata: {name: shared, namespace: shop}\nspec:\n  ports: [{port: 80}]\n  identities: [b, c]\n",
+            "kind: Service\nmetadata: {name: shared, namespace: shop}\nspec:\n  ports: [{port: 80, protocol: tcp}]\n  identities: [b, c]\n",
         );
         let names = |accounts: &[&str]| {
             ServerNames::from_ids(
