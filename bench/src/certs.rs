@@ -84,6 +84,30 @@ fn leaf_for(
 
 /// Generates a root and the `client` and `server` leaves into `dir`.
 pub fn generate(dir: &Path) -> anyhow::Result<Certs> {
+    let (ca, mut leaves, ingress) = root_and_leaves(dir, &["client", "server"])?;
+    let server = leaves
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no server leaf"))?;
+    let client = leaves
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("no client leaf"))?;
+    Ok(Certs {
+        ca,
+        client,
+        server,
+        ingress,
+    })
+}
+
+/// Generates a root (its certificate's path is returned first) and one leaf per name, each for
+/// `spiffe://<td>/ns/bench/sa/<name>`, into `dir`.
+pub fn generate_named(dir: &Path, names: &[&str]) -> anyhow::Result<(PathBuf, Vec<Leaf>)> {
+    let (ca, leaves, _ingress) = root_and_leaves(dir, names)?;
+    Ok((ca, leaves))
+}
+
+/// A root, one SPIFFE leaf per name and the ingress's serving leaf.
+fn root_and_leaves(dir: &Path, names: &[&str]) -> anyhow::Result<(PathBuf, Vec<Leaf>, Leaf)> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -102,15 +126,15 @@ pub fn generate(dir: &Path) -> anyhow::Result<Certs> {
     let ca = dir.join("ca.pem");
     std::fs::write(&ca, root.pem())?;
     let issuer = Issuer::new(params, key);
-    Ok(Certs {
-        ca,
-        client: leaf(dir, "client", &issuer)?,
-        server: leaf(dir, "server", &issuer)?,
-        ingress: leaf_for(
-            dir,
-            "ingress",
-            SanType::DnsName(INGRESS_HOST.try_into()?),
-            &issuer,
-        )?,
-    })
+    let leaves = names
+        .iter()
+        .map(|n| leaf(dir, n, &issuer))
+        .collect::<anyhow::Result<_>>()?;
+    let ingress = leaf_for(
+        dir,
+        "ingress",
+        SanType::DnsName(INGRESS_HOST.try_into()?),
+        &issuer,
+    )?;
+    Ok((ca, leaves, ingress))
 }

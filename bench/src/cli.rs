@@ -43,6 +43,9 @@ enum BenchCommand {
     /// The HTTP/3 ingress against an HAProxy HTTP/2-over-TLS ingress, outside clients across the loss
     /// scenario's lossy link (root only).
     Ingress(IngressArgs),
+    /// Node gateway vs one sidecar per workload: req/s, proxy CPU per request and memory per workload,
+    /// the same workloads and load in the same run.
+    Gateway(GatewayArgs),
     /// Instructions per tunneled request and per tunneled MiB in every proxy, counted by callgrind.
     Instructions(InstructionArgs),
     /// One load run against an address.
@@ -116,6 +119,34 @@ enum BenchCommand {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+}
+
+#[derive(Debug, Args)]
+struct GatewayArgs {
+    /// The quicmesh binary (default: target/release/quicmesh, or next to this executable).
+    #[arg(long)]
+    quicmesh_bin: Option<PathBuf>,
+    /// Workloads on the node.
+    #[arg(long, default_value_t = 10)]
+    workloads: usize,
+    /// Closed-loop connections per workload.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Request size, bytes.
+    #[arg(long, default_value_t = 1024)]
+    payload: usize,
+    /// Load before the measured window.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Measured window of each topology.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Results directory (gateway.json).
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Print only.
+    #[arg(long)]
+    no_write: bool,
 }
 
 #[derive(Debug, Args)]
@@ -452,6 +483,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 out: (!a.no_write).then_some(a.out),
             };
             compare::compare(s, env).await?;
+            Ok(())
+        }
+        BenchCommand::Gateway(a) => {
+            let bin = topology::find_quicmesh(a.quicmesh_bin.as_deref())
+                .ok_or_else(|| anyhow::anyhow!("no quicmesh binary found (give --quicmesh-bin)"))?;
+            let settings = crate::gateway::GatewaySettings {
+                workloads: a.workloads,
+                connections: a.connections,
+                payload: a.payload,
+                warmup: a.warmup,
+                duration: a.duration,
+            };
+            crate::gateway::run(
+                settings,
+                &bin,
+                bench_bin(None)?,
+                (!a.no_write).then_some(a.out),
+            )
+            .await?;
             Ok(())
         }
         BenchCommand::Loss(a) => {

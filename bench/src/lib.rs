@@ -11,6 +11,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod compare;
+pub mod gateway;
 pub mod h3load;
 pub mod ingress;
 pub mod instructions;

@@ -502,16 +502,16 @@ backend mtls_out_h2\n  server peer {s_h2} {tls_out} alpn h2\n"
 }
 
 #[derive(Debug, Deserialize)]
-struct Ready {
+pub(crate) struct Ready {
     event: String,
-    inbound: Option<SocketAddr>,
+    pub(crate) inbound: Option<SocketAddr>,
     #[serde(default)]
-    outbound: Vec<SocketAddr>,
+    pub(crate) outbound: Vec<SocketAddr>,
     #[serde(default)]
     ingress: Option<SocketAddr>,
 }
 
-async fn start_quicmesh(
+pub(crate) async fn start_quicmesh(
     name: &str,
     bin: &FsPath,
     placement: &Placement,

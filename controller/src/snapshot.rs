@@ -147,7 +147,7 @@ mod tests {
             },
             spec: IdentitySpec {
                 revoked,
-                revoked_unix: 0,
+                ..Default::default()
             },
         };
         let snap = build(

@@ -602,6 +602,55 @@ impl State {
         self.service_account_tokens.clone()
     }
 
+    /// Node gateway: signs a CSR for `workload`, asked by the node authenticated as `peer` (its own
+    /// mesh certificate), if the workload's Identity resource places it on that node
+    /// ([`crate::ca::rules::may_certify_for_node`]); refused otherwise, and for a revoked node.
+    pub async fn certify_for_node(
+        &self,
+        csr_pem: &str,
+        workload: &str,
+        peer: Option<&PeerInfo>,
+    ) -> Result<Issued, ApiError> {
+        let Some(node) = peer.and_then(|p| p.spiffe_id.clone()) else {
+            return Err(ApiError::Unauthenticated(
+                "workload_spiffe_id: a node asks with its own mesh certificate (mTLS), not a token"
+                    .into(),
+            ));
+        };
+        let workload: SpiffeId = workload.parse().map_err(|e| {
+            ApiError::Invalid(crate::model::FieldError::new(
+                "workload_spiffe_id",
+                format!("{e}"),
+            ))
+        })?;
+        if self.is_revoked(&node)? {
+            return Err(ApiError::PermissionDenied(format!(
+                "identity {node} is revoked"
+            )));
+        }
+        let key = crate::model::key_of(
+            crate::model::Kind::Identity,
+            workload.namespace(),
+            workload.service_account(),
+        );
+        let placement = match self.resources.get(crate::model::Kind::Identity, &key)? {
+            Some(crate::model::Resource::Identity(o)) => Some(o.spec),
+            _ => None,
+        };
+        crate::ca::rules::may_certify_for_node(&node, &workload, placement.as_ref())
+            .map_err(|r| ApiError::PermissionDenied(r.to_string()))?;
+        let credential = format!("node:{node}");
+        self.retrying(|| {
+            self.ca.certify(
+                csr_pem,
+                "",
+                Some((workload.clone(), credential.clone())),
+                peer,
+            )
+        })
+        .await
+    }
+
     /// The newest issued certificates, newest first.
     pub async fn list_issued(&self, limit: usize) -> Result<Vec<AuditRecord>, ApiError> {
         self.ca.list_issued(limit)

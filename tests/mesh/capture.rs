@@ -10,10 +10,18 @@ use std::{path::Path, process::Stdio, time::Duration};
 use crate::support::*;
 
 /// A network namespace, deleted on drop.
-struct Netns(String);
+pub(crate) struct Netns(pub(crate) String);
 
 impl Netns {
     fn create() -> Result<Self, String> {
+        let ns = Self::named(&format!("qm-capture-{}", std::process::id()))?;
+        ns.sh("ip addr add 10.96.0.10/32 dev lo")?;
+        Ok(ns)
+    }
+
+    /// A new namespace `name` with its loopback up; Err with the reason when the test cannot make one
+    /// (not root, a tool missing).
+    pub(crate) fn named(name: &str) -> Result<Self, String> {
         if !rustix_is_root() {
             return Err("not root".into());
         }
@@ -28,28 +36,27 @@ impl Netns {
                 return Err(format!("{tool} is not installed"));
             }
         }
-        let name = format!("qm-capture-{}", std::process::id());
         let st = std::process::Command::new("ip")
-            .args(["netns", "add", &name])
+            .args(["netns", "add", name])
             .status()
             .map_err(|e| e.to_string())?;
         if !st.success() {
             return Err("ip netns add failed".into());
         }
-        let ns = Self(name);
-        ns.sh("ip link set lo up && ip addr add 10.96.0.10/32 dev lo")?;
+        let ns = Self(name.to_owned());
+        ns.sh("ip link set lo up")?;
         Ok(ns)
     }
 
     /// `ip netns exec NS prog args...`, as arguments for a spawn.
-    fn exec<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+    pub(crate) fn exec<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
         let mut v = vec!["netns", "exec", self.0.as_str()];
         v.extend_from_slice(args);
         v
     }
 
     /// Runs a shell command inside; Err with its stderr on failure.
-    fn sh(&self, cmd: &str) -> Result<String, String> {
+    pub(crate) fn sh(&self, cmd: &str) -> Result<String, String> {
         let out = std::process::Command::new("ip")
             .args(["netns", "exec", &self.0, "sh", "-c", cmd])
             .output()
@@ -249,12 +256,12 @@ async fn an_app_dialing_a_service_address_is_captured_into_the_mesh() {
     let _ = echo.kill().await;
 }
 
-fn path(p: &Path) -> &str {
+pub(crate) fn path(p: &Path) -> &str {
     p.to_str().expect("utf8")
 }
 
 /// Runs `quicmesh ARGS` inside `ns`; Err with its stderr.
-fn quicmesh_in(ns: &Netns, args: &[&str]) -> Result<(), String> {
+pub(crate) fn quicmesh_in(ns: &Netns, args: &[&str]) -> Result<(), String> {
     let out = std::process::Command::new("ip")
         .args(ns.exec(&[QUICMESH]))
         .args(args)
@@ -268,7 +275,11 @@ fn quicmesh_in(ns: &Netns, args: &[&str]) -> Result<(), String> {
 }
 
 /// Spawns `ip ARGS` (killed on drop) and waits up to 30 s for a stdout line equal to `want`.
-async fn spawn_line(args: &[&str], log: &Path, want: &str) -> (tokio::process::Child, String) {
+pub(crate) async fn spawn_line(
+    args: &[&str],
+    log: &Path,
+    want: &str,
+) -> (tokio::process::Child, String) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -367,7 +378,9 @@ async fn a_proxy_installing_its_own_rules_removes_them_on_exit_and_replaces_stal
     let mut client = start().await;
     let tables = ns.sh("nft list tables").expect("tables");
     assert_eq!(tables.matches("table inet quicmesh").count(), 1, "{tables}");
-    let out = ns.sh(&format!("python3 -c '{APP}'")).expect("captured again");
+    let out = ns
+        .sh(&format!("python3 -c '{APP}'"))
+        .expect("captured again");
     assert_eq!(out.trim(), "through the mesh");
     sigterm(client.id().expect("pid"));
     tokio::time::timeout(Duration::from_secs(20), client.wait())

@@ -13,6 +13,7 @@ mod dataplane;
 mod deploy;
 mod endpoint;
 mod failover;
+mod gateway;
 mod http;
 mod ingress;
 mod k8s;

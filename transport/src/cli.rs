@@ -90,7 +90,12 @@ pub fn capture(cmd: &CaptureCommand) -> Result<(), CaptureError> {
                 )
                 .into());
             }
-            capture::nft_install_script(&captured, c.listen.port(), *exempt_uid)
+            capture::nft_install_script(
+                &captured,
+                c.listen.port(),
+                *exempt_uid,
+                !cfg.workloads.is_empty(),
+            )
         }
         CaptureCommand::Remove => capture::nft_remove_script(),
     };

@@ -81,6 +81,37 @@ pub struct ProxyConfig {
     /// A span per request per hop, exported with OTLP (off unless given).
     #[serde(default)]
     pub tracing: Option<crate::trace::TracingConfig>,
+    /// Node gateway mode (`[[workload]]`): the local workloads this proxy serves, each with its own
+    /// identity. Empty: a sidecar for one workload, whose identity is `[identity]`'s.
+    #[serde(default, rename = "workload")]
+    pub workloads: Vec<WorkloadConfig>,
+}
+
+/// One workload of a node gateway (`[[workload]]`): who it is, where its app's connections come
+/// from, and what it serves. The gateway's `[identity]` or `[controller]` is the node's own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadConfig {
+    /// A name for logs and `/config`, unique on the node.
+    pub name: String,
+    /// The source IP addresses of the workload's app connections: an outbound or captured
+    /// connection from one of them is made under this workload's identity. Unique on the node.
+    pub sources: Vec<std::net::IpAddr>,
+    /// Static mode: the workload's certificate (PEM chain, leaf first).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Static mode: the workload's private key (PKCS#8 PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Controller mode: the SPIFFE ID the node asks the controller to certify for this workload.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Services the workload serves, in its namespace; empty means the one named like its
+    /// service account. A stream for another service on a connection made to it gets `NO_ROUTE`.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// Its service ports and the app addresses behind them.
+    pub ports: Vec<PortMapping>,
 }
 
 /// The HTTP/3 ingress gateway (`[ingress]`): a UDP listener for outside HTTP/3 clients, with an
@@ -608,6 +639,10 @@ impl ProxyConfig {
         if let Some(i) = &mut cfg.ingress {
             paths.extend([&mut i.cert, &mut i.key]);
         }
+        for w in &mut cfg.workloads {
+            paths.extend(w.cert.as_mut());
+            paths.extend(w.key.as_mut());
+        }
         for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -751,7 +786,8 @@ impl ProxyConfig {
                 ));
             }
         }
-        if let Some(i) = &self.inbound {
+        self.check_workloads(path)?;
+        if let Some(i) = self.inbound.as_ref().filter(|_| self.workloads.is_empty()) {
             match (i.app, i.ports.is_empty()) {
                 (Some(_), false) => {
                     return Err(ConfigError::new(
@@ -892,6 +928,116 @@ impl ProxyConfig {
                 "quic.loss_threshold",
                 "must be a share in [0, 1), e.g. 0.1 for 10%",
             ));
+        }
+        Ok(())
+    }
+
+    /// Node gateway mode's rules: each workload complete and distinct, and the parts of a sidecar
+    /// configuration that name one workload left to the workloads.
+    fn check_workloads(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.workloads.is_empty() {
+            return Ok(());
+        }
+        let err = |k: String, m: &dyn fmt::Display| Err(ConfigError::new(path, k, m));
+        if let Some(i) = &self.inbound
+            && (i.app.is_some() || !i.ports.is_empty() || !i.services.is_empty())
+        {
+            return err(
+                "inbound.ports".into(),
+                &"a node gateway's [inbound] gives the listener and limits; each [[workload]] gives its services and ports",
+            );
+        }
+        if self.ingress.is_some() {
+            return err(
+                "ingress".into(),
+                &"not available in node gateway mode (run the ingress as its own proxy)",
+            );
+        }
+        if let Some((i, o)) = self
+            .outbound
+            .iter()
+            .enumerate()
+            .find(|(_, o)| !o.service.contains('.'))
+        {
+            return err(
+                format!("outbound[{i}].service"),
+                &format!(
+                    "{:?}: a node gateway's workloads may live in different namespaces, so name the namespace (name.namespace)",
+                    o.service
+                ),
+            );
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut sources = std::collections::HashSet::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let key = |k: &str| format!("workload[{i}].{k}");
+            if w.name.is_empty() || !names.insert(w.name.as_str()) {
+                return err(key("name"), &format!("{:?}: empty or used twice", w.name));
+            }
+            if w.sources.is_empty() {
+                return err(
+                    key("sources"),
+                    &"missing: the addresses the workload's app connects from",
+                );
+            }
+            for a in &w.sources {
+                if !sources.insert(a.to_canonical()) {
+                    return err(
+                        key("sources"),
+                        &format!("{a} is a source of an earlier workload too"),
+                    );
+                }
+            }
+            if w.ports.is_empty() {
+                return err(
+                    key("ports"),
+                    &"missing: the service ports the workload serves",
+                );
+            }
+            let mut seen = std::collections::HashSet::new();
+            for (j, m) in w.ports.iter().enumerate() {
+                if m.port == 0 || !seen.insert(m.port) {
+                    return err(
+                        format!("workload[{i}].ports[{j}].port"),
+                        &format!("{}: must be 1..=65535 and listed once", m.port),
+                    );
+                }
+            }
+            match (&self.controller, &w.cert, &w.key, &w.identity) {
+                (None, Some(_), Some(_), None) => {}
+                (None, _, _, Some(_)) => {
+                    return err(
+                        key("identity"),
+                        &"controller mode only: in static mode the certificate names the workload",
+                    );
+                }
+                (None, None, _, _) => {
+                    return err(
+                        key("cert"),
+                        &"missing: static mode needs the workload's certificate",
+                    );
+                }
+                (None, _, None, _) => {
+                    return err(key("key"), &"missing: static mode needs the workload's key");
+                }
+                (Some(_), None, None, Some(id)) => {
+                    if let Err(e) = id.parse::<crate::identity::SpiffeId>() {
+                        return err(key("identity"), &format!("{id:?}: {e}"));
+                    }
+                }
+                (Some(_), None, None, None) => {
+                    return err(
+                        key("identity"),
+                        &"missing: the SPIFFE ID to ask the controller for",
+                    );
+                }
+                (Some(_), _, _, _) => {
+                    return err(
+                        key("cert"),
+                        &"static mode only: in controller mode the node obtains the workload's certificate",
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -1337,5 +1483,88 @@ mod example_tests {
         assert_eq!(inbound.served().len(), 2);
         assert_eq!(inbound.app_for(9090), "127.0.0.1:9090".parse().ok());
         assert_eq!(inbound.app_for(22), None);
+    }
+
+    #[test]
+    fn a_gateways_workloads_are_checked_and_name_the_key_at_fault() {
+        let gw = |outbound_service: &str, inbound: &str, workloads: &str| {
+            let text = format!(
+                "mesh = \"m.yaml\"\n[identity]\ncert = \"n.pem\"\nkey = \"n.key\"\ntrust_bundle = \"ca.pem\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\n{inbound}\n[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"{outbound_service}\"\nport = 80\n\n{workloads}"
+            );
+            ProxyConfig::parse(Path::new("/etc/qm/gw.toml"), &text)
+        };
+        let w = |name: &str, src: &str, extra: &str| {
+            format!(
+                "[[workload]]\nname = \"{name}\"\nsources = [\"{src}\"]\nports = [{{ port = 80, app = \"127.0.0.1:8080\" }}]\n{extra}\n"
+            )
+        };
+        let files = "cert = \"w.pem\"\nkey = \"w.key\"\n";
+        let two = format!(
+            "{}{}",
+            w("a", "127.0.0.2", files),
+            w("b", "127.0.0.3", files)
+        );
+        let cfg = gw("web.shop", "", &two).expect("valid gateway");
+        assert_eq!(cfg.workloads.len(), 2);
+        assert_eq!(
+            cfg.workloads[0].cert.as_deref(),
+            Some(Path::new("/etc/qm/w.pem")),
+            "relative to the file"
+        );
+        let cases = [
+            (gw("web", "", &two), "outbound[0].service"),
+            (
+                gw("web.shop", "app = \"127.0.0.1:1\"\n", &two),
+                "inbound.ports",
+            ),
+            (
+                gw(
+                    "web.shop",
+                    "",
+                    &format!(
+                        "{}{}",
+                        w("a", "127.0.0.2", files),
+                        w("a", "127.0.0.3", files)
+                    ),
+                ),
+                "workload[1].name",
+            ),
+            (
+                gw(
+                    "web.shop",
+                    "",
+                    &format!(
+                        "{}{}",
+                        w("a", "127.0.0.2", files),
+                        w("b", "::ffff:127.0.0.2", files)
+                    ),
+                ),
+                "workload[1].sources",
+            ),
+            (
+                gw("web.shop", "", &w("a", "127.0.0.2", "key = \"w.key\"\n")),
+                "workload[0].cert",
+            ),
+            (
+                gw("web.shop", "", &w("a", "127.0.0.2", "cert = \"w.pem\"\n")),
+                "workload[0].key",
+            ),
+            (
+                gw(
+                    "web.shop",
+                    "",
+                    &w(
+                        "a",
+                        "127.0.0.2",
+                        &format!("{files}identity = \"spiffe://t/ns/a/sa/a\"\n"),
+                    ),
+                ),
+                "workload[0].identity",
+            ),
+        ];
+        for (res, key) in cases {
+            let err = res.expect_err(key);
+            assert_eq!(err.key, key, "{err}");
+        }
     }
 }

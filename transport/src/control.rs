@@ -310,6 +310,7 @@ impl Controller {
         i: usize,
         csr_pem: String,
         join_token: Option<String>,
+        workload: Option<&SpiffeId>,
     ) -> Result<Issued, CaClientError> {
         let bootstrap = join_token.is_some();
         let call = async {
@@ -318,13 +319,18 @@ impl Controller {
                 .await
                 .map_err(CaClientError::Unavailable)?;
             client
-                .certify(match self.token_kind {
-                    manager::TokenKind::Join => pb::CertifyRequest {
+                .certify(match (workload, self.token_kind) {
+                    (Some(w), _) => pb::CertifyRequest {
+                        csr_pem,
+                        workload_spiffe_id: w.to_string(),
+                        ..Default::default()
+                    },
+                    (None, manager::TokenKind::Join) => pb::CertifyRequest {
                         csr_pem,
                         join_token: join_token.unwrap_or_default(),
                         ..Default::default()
                     },
-                    manager::TokenKind::ServiceAccount => pb::CertifyRequest {
+                    (None, manager::TokenKind::ServiceAccount) => pb::CertifyRequest {
                         csr_pem,
                         service_account_token: join_token.unwrap_or_default(),
                         ..Default::default()
@@ -351,11 +357,24 @@ impl CaClient for Controller {
         csr_pem: String,
         join_token: Option<String>,
     ) -> Result<Issued, CaClientError> {
+        self.certify_any(csr_pem, join_token, None).await
+    }
+}
+
+impl Controller {
+    /// Certify at the controller in use; one that cannot be reached hands over to the next, each
+    /// tried once.
+    async fn certify_any(
+        &self,
+        csr_pem: String,
+        join_token: Option<String>,
+        workload: Option<&SpiffeId>,
+    ) -> Result<Issued, CaClientError> {
         let mut i = self.current();
         let mut tried = 0;
         loop {
             match self
-                .certify_at(i, csr_pem.clone(), join_token.clone())
+                .certify_at(i, csr_pem.clone(), join_token.clone(), workload)
                 .await
             {
                 Err(CaClientError::Unavailable(e)) if tried + 1 < self.addresses.len() => {
@@ -366,6 +385,31 @@ impl CaClient for Controller {
                 other => return other,
             }
         }
+    }
+}
+
+/// Node gateway: a workload's certificates, asked for by the node over its own mTLS connection to
+/// the controller (never with a token: the node authenticated once). The controller signs only
+/// identities placed on the node. The manager's bootstrap and renewal both come here.
+#[derive(Clone)]
+pub struct WorkloadCa {
+    /// The node's controller client (its certificate authenticates the calls).
+    pub controller: Controller,
+    /// The workload identity asked for.
+    pub workload: SpiffeId,
+}
+
+impl CaClient for WorkloadCa {
+    async fn certify(
+        &self,
+        csr_pem: String,
+        _join_token: Option<String>,
+    ) -> Result<Issued, CaClientError> {
+        // Nothing to authenticate with before the node holds its own certificate.
+        self.controller.creds.wait_leaf().await;
+        self.controller
+            .certify_any(csr_pem, None, Some(&self.workload))
+            .await
     }
 }
 

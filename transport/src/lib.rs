@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clip;
 pub mod config;
 pub mod control;
+pub mod gateway;
 pub mod grpc;
 pub mod http_server;
 pub mod identity;

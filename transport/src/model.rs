@@ -204,6 +204,11 @@ pub struct IdentitySpec {
     /// When it was revoked, Unix seconds.
     #[serde(default, skip_serializing_if = "is_zero_i64")]
     pub revoked_unix: i64,
+    /// Placement: the SPIFFE IDs of the node gateways this identity is placed on. Such a node,
+    /// authenticated with its own certificate, may obtain this identity's certificate for the
+    /// workload it serves; any other node asking for it is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
 }
 
 /// The application protocol a service port speaks.
@@ -480,6 +485,10 @@ impl Resource {
                     .map_err(|e| FieldError::new("metadata.name", e.to_string()))?;
                 if o.spec.revoked_unix < 0 {
                     return Err(FieldError::new("spec.revoked_unix", "must not be negative"));
+                }
+                check_len("spec.nodes", &o.spec.nodes)?;
+                for (i, n) in o.spec.nodes.iter().enumerate() {
+                    check_spiffe(&format!("spec.nodes[{i}]"), n, trust_domain)?;
                 }
                 Ok(())
             }

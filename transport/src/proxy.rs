@@ -89,6 +89,10 @@ pub struct Proxy {
     ingress_endpoint: Option<quinn::Endpoint>,
     admin: Admin,
     pool: Arc<pool::Pool>,
+    /// Node gateway mode: each workload's pool (on `pool`'s endpoint), in workload order.
+    workload_pools: Vec<Arc<pool::Pool>>,
+    /// Node gateway mode: the workloads.
+    gateway: Option<crate::gateway::Gateway>,
     inbound_endpoint: Option<quinn::Endpoint>,
     ready: Arc<AtomicBool>,
     metrics: Metrics,
@@ -196,6 +200,100 @@ pub fn load_credentials(cfg: &ProxyConfig, file: &Path) -> Result<Credentials, C
         None => leaf.info.id.trust_domain().to_owned(),
     };
     Ok(Credentials::with_trust_domain(leaf, roots, td))
+}
+
+/// Node gateway mode: the `[[workload]]`s with their credentials. Static mode reads each one's
+/// certificate and key (trusting the node's bundle); controller mode starts each one pending, to be
+/// certified through the node's controller connection.
+fn load_workloads(
+    cfg: &ProxyConfig,
+    file: &Path,
+    creds: &Credentials,
+) -> Result<Vec<crate::gateway::Workload>, ConfigError> {
+    let Some(inbound) = &cfg.inbound else {
+        if cfg.workloads.is_empty() {
+            return Ok(Vec::new());
+        }
+        return Err(ConfigError::new(
+            file,
+            "inbound",
+            "missing: a node gateway serves its workloads on an [inbound] listener",
+        ));
+    };
+    let mut out = Vec::with_capacity(cfg.workloads.len());
+    for (i, w) in cfg.workloads.iter().enumerate() {
+        let key = |k: &str| format!("workload[{i}].{k}");
+        let roots = (*creds.roots()).clone();
+        let td = creds.trust_domain().to_owned();
+        let (id, wcreds) = match (&w.cert, &w.key, &w.identity) {
+            (Some(cert), Some(k), _) => {
+                let read = |key: String, p: &Path| {
+                    std::fs::read(p).map_err(|e| {
+                        ConfigError::new(file, key, format!("cannot read {}: {e}", p.display()))
+                    })
+                };
+                let leaf = Leaf::from_pem(
+                    &quic::provider(),
+                    &read(key("cert"), cert)?,
+                    &read(key("key"), k)?,
+                )
+                .map_err(|e| {
+                    let k = match e {
+                        crate::identity::CredentialsError::Key(_)
+                        | crate::identity::CredentialsError::KeyMismatch => "key",
+                        _ => "cert",
+                    };
+                    ConfigError::new(file, key(k), e)
+                })?;
+                if leaf.info.id.trust_domain() != td {
+                    return Err(ConfigError::new(
+                        file,
+                        key("cert"),
+                        format!("{} is not of the node's trust domain {td}", leaf.info.id),
+                    ));
+                }
+                (
+                    leaf.info.id.clone(),
+                    Credentials::with_trust_domain(leaf, roots, td),
+                )
+            }
+            (_, _, Some(id)) => {
+                let id: crate::identity::SpiffeId = id
+                    .parse()
+                    .map_err(|e| ConfigError::new(file, key("identity"), e))?;
+                (id, Credentials::pending(roots, td))
+            }
+            _ => return Err(ConfigError::new(file, key("cert"), "missing")),
+        };
+        let mut icfg = inbound.clone();
+        icfg.app = None;
+        icfg.ports = w.ports.clone();
+        out.push(crate::gateway::Workload::new(
+            w.name.clone(),
+            id,
+            wcreds,
+            w.sources.clone(),
+            &w.services,
+            icfg,
+        ));
+    }
+    Ok(out)
+}
+
+/// Node gateway in controller mode: the trust bundle the node follows (from `Watch` and its own
+/// renewals) becomes each workload's too, so their handshakes trust a new root as soon as the node's do.
+async fn share_roots(node: Credentials, workloads: Vec<Credentials>, stop: CancellationToken) {
+    let mut changed = node.subscribe();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = changed.changed() => if r.is_err() { return },
+        }
+        let roots = node.roots();
+        for w in &workloads {
+            w.set_roots((*roots).clone());
+        }
+    }
 }
 
 /// Static mode's mesh state: the resources of the `mesh` file, checked with the rules `ctl apply`
@@ -344,8 +442,15 @@ impl Proxy {
             self.creds.clone(),
         )
         .with_token_kind(boot.manager.kind);
+        let workloads: Vec<crate::gateway::Workload> = self
+            .gateway
+            .iter()
+            .flat_map(|g| g.workloads.iter().cloned())
+            .collect();
+        // A gateway's node identity serves nothing itself: its workloads' endpoints are declared
+        // (`ctl apply`), since each must be registered by the identity that serves it.
         let register = match (&cfg.inbound, self.addresses.inbound) {
-            (Some(i), Some(bound)) => {
+            (Some(i), Some(bound)) if workloads.is_empty() => {
                 let addr = boot.advertise.unwrap_or(match bound.ip() {
                     ip if ip.is_unspecified() && bound.is_ipv4() => {
                         SocketAddr::from(([127, 0, 0, 1], bound.port()))
@@ -389,7 +494,9 @@ impl Proxy {
             proxy_name: boot.proxy_name.clone(),
             state: self.state.clone(),
             register,
-            calls: Some(
+            // A gateway takes the whole mesh: the controller sends a proxy the authorization of
+            // the services its own identity serves, and the node's serves none of its workloads'.
+            calls: workloads.is_empty().then(|| {
                 cfg.outbound
                     .iter()
                     .map(|o| o.service.clone())
@@ -398,14 +505,42 @@ impl Proxy {
                             .iter()
                             .flat_map(|i| i.routes.iter().map(|r| r.service.clone())),
                     )
-                    .collect(),
-            ),
+                    .collect()
+            }),
             metrics: self.metrics.identity.clone(),
             configured: tokio::sync::watch::Sender::new(false),
         };
         self.readiness.configured = Some(follower.configured.subscribe());
         let problems = tokio::sync::watch::Sender::new(None);
         self.readiness.problem = Some(problems.subscribe());
+        // Each workload's certificate is asked for by the node, over its own mTLS connection, and
+        // renewed the same way; the controller signs only identities placed on this node.
+        for w in &workloads {
+            let ca = control::WorkloadCa {
+                controller: controller.clone(),
+                workload: w.id.clone(),
+            };
+            let mcfg = manager::ManagerConfig {
+                id: w.id.clone(),
+                kind: manager::TokenKind::Join,
+                join_token: String::new(),
+                join_token_file: None,
+                renew_fraction: boot.manager.renew_fraction,
+            };
+            tokio::spawn(manager::run(
+                ca,
+                w.creds.clone(),
+                mcfg,
+                self.metrics.identity.clone(),
+                tokio::sync::watch::Sender::new(None),
+                stop.clone(),
+            ));
+        }
+        if !workloads.is_empty() {
+            let node = self.creds.clone();
+            let creds: Vec<Credentials> = workloads.iter().map(|w| w.creds.clone()).collect();
+            tokio::spawn(share_roots(node, creds, stop.clone()));
+        }
         tokio::spawn(manager::run(
             controller.clone(),
             self.creds.clone(),
@@ -479,24 +614,36 @@ impl Proxy {
             None => static_state(cfg, file, &creds)?,
         });
 
+        let workloads = load_workloads(cfg, file, &creds)?;
+        let gateway = (!workloads.is_empty()).then(|| crate::gateway::Gateway {
+            workloads: workloads.into(),
+            state: state.clone(),
+        });
+
         let (inbound, inbound_endpoint) = match &cfg.inbound {
             Some(icfg) => {
+                // A gateway presents the certificate of the workload the caller asks for.
+                let certs: Arc<dyn rustls::server::ResolvesServerCert> = match &gateway {
+                    Some(g) => Arc::new(g.clone()),
+                    None => Arc::new(creds.clone()),
+                };
                 let server =
-                    quic::server_config(&creds, &state, &cfg.quic, metrics.refusals.clone())
+                    quic::server_config(&creds, certs, &state, &cfg.quic, metrics.refusals.clone())
                         .map_err(|e| err("identity".into(), &e))?;
                 let ep = quic::endpoint(icfg.listen, &cfg.quic, Some(server), secret)
                     .map_err(|e| err("inbound.listen".into(), &e))?;
-                (
-                    Some(inbound::Inbound::new(
-                        ep.clone(),
-                        icfg.clone(),
-                        metrics.clone(),
-                        creds.clone(),
-                        state.clone(),
-                        cfg.quic.max_concurrent_streams,
-                    )),
-                    Some(ep),
-                )
+                let mut inbound = inbound::Inbound::new(
+                    ep.clone(),
+                    icfg.clone(),
+                    metrics.clone(),
+                    creds.clone(),
+                    state.clone(),
+                    cfg.quic.max_concurrent_streams,
+                );
+                if let Some(g) = &gateway {
+                    inbound = inbound.with_gateway(g.clone());
+                }
+                (Some(inbound), Some(ep))
             }
             None => (None, None),
         };
@@ -538,16 +685,48 @@ impl Proxy {
             budget,
             metrics: metrics.clone(),
         };
+        // A gateway's workloads dial from the same UDP endpoint, each with its own certificate and
+        // pool, so every connection is one (workload, peer) pair.
+        let mut workload_pools = Vec::new();
+        let mut workload_shared = Vec::new();
+        for (i, w) in gateway.iter().flat_map(|g| g.workloads.iter()).enumerate() {
+            let client =
+                quic::client_config(&w.creds, &state, &cfg.quic, metrics.refusals.clone(), None)
+                    .map_err(|e| err(format!("workload[{i}]"), &e))?;
+            let pool = Arc::new(pool::Pool::new(
+                pool.endpoint().clone(),
+                client,
+                w.creds.clone(),
+                state.clone(),
+                metrics.clone(),
+            ));
+            workload_pools.push(pool.clone());
+            workload_shared.push(outbound::Shared {
+                creds: w.creds.clone(),
+                pool,
+                ..shared.clone()
+            });
+        }
         let mut outbound = Vec::with_capacity(cfg.outbound.len());
         for (i, o) in cfg.outbound.iter().enumerate() {
-            let ob = outbound::Outbound::bind(o.clone(), shared.clone())
-                .await
-                .map_err(|e| {
-                    err(
-                        format!("outbound[{i}].listen"),
-                        &format!("cannot bind {}: {e}", o.listen),
+            let bound = match &gateway {
+                Some(g) => {
+                    outbound::Outbound::bind_gateway(
+                        o.clone(),
+                        g.clone(),
+                        workload_shared.clone(),
+                        metrics.clone(),
                     )
-                })?;
+                    .await
+                }
+                None => outbound::Outbound::bind(o.clone(), shared.clone()).await,
+            };
+            let ob = bound.map_err(|e| {
+                err(
+                    format!("outbound[{i}].listen"),
+                    &format!("cannot bind {}: {e}", o.listen),
+                )
+            })?;
             outbound.push(ob);
         }
         let capture = match &cfg.capture {
@@ -595,6 +774,13 @@ impl Proxy {
                 "listen": o.listen, "service": o.service, "port": o.port, "capture": o.capture,
             })).collect::<Vec<_>>(),
             "capture": cfg.capture.as_ref().map(|c| c.listen),
+            "workloads": gateway.iter().flat_map(|g| g.workloads.iter()).map(|w| serde_json::json!({
+                "name": w.name,
+                "identity": w.id.as_str(),
+                "sources": w.sources,
+                "services": w.services,
+                "ports": w.inbound.ports.iter().map(|m| serde_json::json!({"port": m.port, "app": m.app})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
             "ingress": cfg.ingress.as_ref().map(|i| serde_json::json!({
                 "listen": i.listen,
                 "routes": i.routes.iter().map(|r| serde_json::json!({
@@ -659,6 +845,8 @@ impl Proxy {
             ingress,
             admin,
             pool,
+            workload_pools,
+            gateway,
             inbound_endpoint,
             ready,
             metrics,
@@ -770,6 +958,9 @@ impl Proxy {
             let _ = tokio::time::timeout(Duration::from_secs(1), drain.tracker.wait()).await;
         }
         self.pool.close_all();
+        for p in &self.workload_pools {
+            p.close_all();
+        }
         let close = async {
             if let Some(ep) = &self.inbound_endpoint {
                 ep.close(crate::tunnel::code::DRAINING, b"draining");

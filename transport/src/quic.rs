@@ -104,9 +104,11 @@ pub fn transport_config(cfg: &QuicConfig) -> TransportConfig {
     t
 }
 
-/// Server side: mutual TLS with client certificates checked by [`PeerClientVerifier`].
+/// Server side: mutual TLS with client certificates checked by [`PeerClientVerifier`] against
+/// `creds`' roots; `certs` picks what we present (a sidecar's `creds`, or a gateway's workloads).
 pub fn server_config(
     creds: &Credentials,
+    certs: Arc<dyn rustls::server::ResolvesServerCert>,
     state: &StateHandle,
     cfg: &QuicConfig,
     refusals: Family<RefusalLabels, Counter>,
@@ -117,7 +119,7 @@ pub fn server_config(
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(Arc::new(creds.clone()));
+        .with_cert_resolver(certs);
     tls.alpn_protocols = vec![ALPN.to_vec()];
     // No session resumption: a resumed handshake exchanges no certificates, so the peer would keep the
     // identity (and expiry) of the first handshake across rotations and revocations. Full handshakes

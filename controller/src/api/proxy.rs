@@ -335,23 +335,32 @@ impl ProxyApi for ProxyService {
     ) -> Result<Response<pb::CertifyResponse>, Status> {
         let p = peer(&req);
         let body = req.into_inner();
-        let issued = self
-            .state
-            .certify(
-                &body.csr_pem,
-                &body.join_token,
-                &body.service_account_token,
-                p.as_ref(),
-            )
-            .await
-            .map_err(|e| {
-                tracing::info!(
-                    peer = ?p.as_ref().map(|p| p.remote),
-                    error = %Capped(&e.to_string()),
-                    "Certify refused"
-                );
-                Status::from(e)
-            })?;
+        let issued = if body.workload_spiffe_id.is_empty() {
+            self.state
+                .certify(
+                    &body.csr_pem,
+                    &body.join_token,
+                    &body.service_account_token,
+                    p.as_ref(),
+                )
+                .await
+        } else if !body.join_token.is_empty() || !body.service_account_token.is_empty() {
+            Err(ApiError::Unauthenticated(
+                "workload_spiffe_id: a node asks with its own mesh certificate, not a token".into(),
+            ))
+        } else {
+            self.state
+                .certify_for_node(&body.csr_pem, &body.workload_spiffe_id, p.as_ref())
+                .await
+        }
+        .map_err(|e| {
+            tracing::info!(
+                peer = ?p.as_ref().map(|p| p.remote),
+                error = %Capped(&e.to_string()),
+                "Certify refused"
+            );
+            Status::from(e)
+        })?;
         Ok(Response::new(convert::issued_to_pb(issued)))
     }
 

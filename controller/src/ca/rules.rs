@@ -5,7 +5,7 @@
 use quicmesh_transport::identity::SpiffeId;
 use serde::{Deserialize, Serialize};
 
-use crate::model::SYSTEM_NAMESPACE;
+use crate::model::{IdentitySpec, SYSTEM_NAMESPACE};
 
 /// A join token as stored: the hash of the secret, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +133,37 @@ pub enum IssueRefusal {
     /// Revoked by an operator.
     #[error("identity {0} is revoked")]
     Revoked(String),
+    /// A node gateway asked for an identity not placed on it.
+    #[error(
+        "identity {workload} is not placed on node {node} (its Identity resource's spec.nodes)"
+    )]
+    NotPlaced {
+        /// Asked for.
+        workload: String,
+        /// The asking node.
+        node: String,
+    },
+}
+
+/// Whether node gateway `node` may obtain a certificate for `workload`, whose Identity resource (if
+/// any) says where it is placed: only a node it lists, and never the node's own identity by this way
+/// (that one renews as itself). Revocation and reserved namespaces are [`may_issue`]'s.
+pub fn may_certify_for_node(
+    node: &SpiffeId,
+    workload: &SpiffeId,
+    placement: Option<&IdentitySpec>,
+) -> Result<(), IssueRefusal> {
+    let placed = workload != node
+        && workload.trust_domain() == node.trust_domain()
+        && placement.is_some_and(|p| p.nodes.iter().any(|n| n == node.as_str()));
+    if placed {
+        Ok(())
+    } else {
+        Err(IssueRefusal::NotPlaced {
+            workload: workload.to_string(),
+            node: node.to_string(),
+        })
+    }
 }
 
 /// Whether `granted` may be issued a certificate, given whether it is revoked.
@@ -294,5 +325,40 @@ mod tests {
             ),
             Some("spiffe://t/ns/shop/sa/x")
         );
+    }
+
+    #[test]
+    fn a_node_obtains_only_the_identities_placed_on_it() {
+        let id = |s: &str| -> SpiffeId { s.parse().expect("id") };
+        let node = id("spiffe://t/ns/nodes/sa/node-1");
+        let cart = id("spiffe://t/ns/shop/sa/cart");
+        let placed = IdentitySpec {
+            nodes: vec!["spiffe://t/ns/nodes/sa/node-1".into()],
+            ..Default::default()
+        };
+        assert_eq!(may_certify_for_node(&node, &cart, Some(&placed)), Ok(()));
+        // Placed elsewhere, placed nowhere, or no Identity resource at all.
+        let elsewhere = IdentitySpec {
+            nodes: vec!["spiffe://t/ns/nodes/sa/node-2".into()],
+            ..Default::default()
+        };
+        for p in [Some(&elsewhere), Some(&IdentitySpec::default()), None] {
+            assert_eq!(
+                may_certify_for_node(&node, &cart, p),
+                Err(IssueRefusal::NotPlaced {
+                    workload: cart.to_string(),
+                    node: node.to_string()
+                })
+            );
+        }
+        // The node's own identity is not obtained this way, even if listed.
+        let own = IdentitySpec {
+            nodes: vec![node.to_string()],
+            ..Default::default()
+        };
+        assert!(may_certify_for_node(&node, &node, Some(&own)).is_err());
+        // Another trust domain's identity never, whatever the listing says.
+        let foreign = id("spiffe://other/ns/shop/sa/cart");
+        assert!(may_certify_for_node(&node, &foreign, Some(&placed)).is_err());
     }
 }

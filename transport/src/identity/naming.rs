@@ -9,6 +9,10 @@
 //!   account name, meaning that account in the service's own namespace;
 //! - an empty list means the service account named like the service, in its namespace
 //!   (`spiffe://<td>/ns/<ns>/sa/<service>`), so a mesh is safe without extra configuration.
+//!
+//! A caller also names the set in its TLS server name ([`ServerNames::sni`]): a node gateway serves
+//! several identities on one UDP port and presents the certificate of the one the caller wants.
+//! The set, not the service, is named, so services sharing their servers share one connection.
 
 use std::collections::BTreeSet;
 
@@ -24,10 +28,33 @@ pub fn split_service(reference: &str) -> (&str, Option<&str>) {
 }
 
 /// The identities allowed to serve one service.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(transparent)]
 pub struct ServerNames {
     ids: BTreeSet<SpiffeId>,
+    /// [`server_name`] of `ids`, computed once: callers send it on every dial.
+    #[serde(skip)]
+    sni: std::sync::Arc<str>,
+}
+
+impl Default for ServerNames {
+    fn default() -> Self {
+        Self::from_ids([])
+    }
+}
+
+/// The TLS server name a caller sends when it wants one of `ids` to answer: a hash of the sorted set
+/// (one DNS label of 32 hex digits under `id.quicmesh.invalid`), so it is a valid name whatever the
+/// IDs contain, and a gateway can compute it for each identity it holds. A sidecar ignores it.
+pub fn server_name<'a>(ids: impl IntoIterator<Item = &'a SpiffeId>) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for id in ids {
+        ctx.update(id.as_str().as_bytes());
+        ctx.update(b"\n");
+    }
+    let digest = ctx.finish();
+    let label = crate::tunnel::request_id_hex(&digest.as_ref()[..16]);
+    format!("{label}.id.quicmesh.invalid")
 }
 
 impl ServerNames {
@@ -42,11 +69,13 @@ impl ServerNames {
         identities: &[String],
     ) -> Result<Self, SpiffeIdError> {
         if identities.is_empty() {
-            return Ok(Self {
-                ids: BTreeSet::from([SpiffeId::new(trust_domain, namespace, service)?]),
-            });
+            return Ok(Self::from_ids([SpiffeId::new(
+                trust_domain,
+                namespace,
+                service,
+            )?]));
         }
-        let ids = identities
+        let ids: BTreeSet<SpiffeId> = identities
             .iter()
             .map(|entry| {
                 if entry.starts_with("spiffe://") {
@@ -56,14 +85,19 @@ impl ServerNames {
                 }
             })
             .collect::<Result<_, _>>()?;
-        Ok(Self { ids })
+        Ok(Self::from_ids(ids))
     }
 
     /// Exactly these identities.
     pub fn from_ids(ids: impl IntoIterator<Item = SpiffeId>) -> Self {
-        Self {
-            ids: ids.into_iter().collect(),
-        }
+        let ids: BTreeSet<SpiffeId> = ids.into_iter().collect();
+        let sni = server_name(&ids).into();
+        Self { ids, sni }
+    }
+
+    /// The TLS server name that asks for one of these identities ([`server_name`]).
+    pub fn sni(&self) -> &std::sync::Arc<str> {
+        &self.sni
     }
 
     /// Whether `peer` may serve the service.
@@ -130,6 +164,25 @@ mod tests {
             n.to_string(),
             "spiffe://mesh.local/ns/edge/sa/gw, spiffe://mesh.local/ns/shop/sa/web-v2"
         );
+    }
+
+    #[test]
+    fn the_server_name_depends_on_the_set_only_and_is_one_dns_label() {
+        let a = ServerNames::resolve("mesh.local", "shop", "cart", &[]).expect("resolves");
+        let b = ServerNames::from_ids([id("spiffe://mesh.local/ns/shop/sa/cart")]);
+        assert_eq!(a.sni(), b.sni());
+        assert_eq!(
+            **a.sni(),
+            server_name([&id("spiffe://mesh.local/ns/shop/sa/cart")])
+        );
+        let two =
+            ServerNames::resolve("mesh.local", "shop", "cart", &["cart".into(), "web".into()])
+                .expect("resolves");
+        assert_ne!(a.sni(), two.sni());
+        let label = a.sni().split('.').next().expect("label");
+        assert_eq!(label.len(), 32);
+        assert!(label.chars().all(|c| c.is_ascii_hexdigit()));
+        assert!(rustls::pki_types::ServerName::try_from(a.sni().to_string()).is_ok());
     }
 
     #[test]

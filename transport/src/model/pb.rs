@@ -102,6 +102,7 @@ pub fn identity_to_pb(o: &Object<IdentitySpec>, trust_domain: &str) -> pb::Ident
         spiffe_id,
         revoked: o.spec.revoked,
         revoked_unix: o.spec.revoked_unix,
+        nodes: o.spec.nodes.clone(),
     }
 }
 
@@ -235,6 +236,7 @@ pub fn resource_from_pb(r: pb::Resource) -> Result<Resource, FieldError> {
             spec: IdentitySpec {
                 revoked: i.revoked,
                 revoked_unix: i.revoked_unix,
+                nodes: i.nodes,
             },
         }),
         R::Service(s) => {

@@ -10,12 +10,11 @@
 //! (`capture_unknown_destination`): passing it through would let an app reach, in plain text, an
 //! address the operator declared part of the mesh.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::Instrument;
 
-use super::{Drain, outbound::Service};
+use super::{Drain, outbound::Tunnels};
 use crate::metrics::{Direction, Metrics, ReasonLabels};
 
 /// The name of the nftables table `quicmesh capture` owns; nothing else is ever touched.
@@ -24,7 +23,7 @@ pub const NFT_TABLE: &str = "quicmesh";
 /// The capture listener.
 pub struct Capture {
     listener: TcpListener,
-    routes: HashMap<SocketAddr, Arc<Service>>,
+    routes: HashMap<SocketAddr, Tunnels>,
     metrics: Metrics,
 }
 
@@ -47,7 +46,7 @@ impl Capture {
     /// Binds the listener; `routes` maps each captured address to its outbound service.
     pub(crate) async fn bind(
         listen: SocketAddr,
-        routes: HashMap<SocketAddr, Arc<Service>>,
+        routes: HashMap<SocketAddr, Tunnels>,
         metrics: Metrics,
     ) -> std::io::Result<Self> {
         Ok(Self {
@@ -79,11 +78,11 @@ impl Capture {
             };
             let original = original_destination(&tcp);
             match original.as_ref().ok().and_then(|o| route(&self.routes, *o)) {
-                Some(svc) => {
-                    let span = tracing::debug_span!("capture", service = %svc.cfg.service, %client, original = ?original.ok());
-                    drain
-                        .tracker
-                        .spawn(svc.clone().handle(tcp, drain.clone()).instrument(span));
+                Some(tunnels) => {
+                    // A gateway's tunnel is its workload's, found by the source address.
+                    tunnels.handle(tcp, client, &drain, &self.metrics, |svc| {
+                        tracing::debug_span!("capture", service = %svc.cfg.service, %client, original = ?original.ok())
+                    });
                 }
                 None => {
                     tracing::warn!(%client, original = ?original, "captured connection to an address no service claims; refused");
@@ -104,26 +103,43 @@ impl Capture {
 
 /// The nftables script that (re)creates the table [`NFT_TABLE`]: locally originated TCP to each
 /// captured address is redirected to `port` on loopback, except from `exempt_uid` (the proxy's own user,
-/// so a proxy that dials a captured address is not sent back to itself). The script first creates and
-/// deletes the table, so a stale one from a crashed run is replaced atomically (`nft -f` applies the
-/// script as one transaction).
-pub fn nft_install_script(captured: &[SocketAddr], port: u16, exempt_uid: Option<u32>) -> String {
-    let mut rules = String::new();
-    if let Some(uid) = exempt_uid {
-        rules.push_str(&format!("        meta skuid {uid} return\n"));
-    }
+/// so a proxy that dials a captured address is not sent back to itself). With `forwarded` (a node
+/// gateway, whose workloads live in network namespaces routed through this one) TCP arriving from
+/// other hosts or namespaces to those addresses is redirected too (a `prerouting` chain, to the
+/// listener's port on the receiving interface's address): the source address stays the workload's,
+/// which is how the gateway attributes it. The script first creates and deletes the table, so a stale
+/// one from a crashed run is replaced atomically (`nft -f` applies the script as one transaction).
+pub fn nft_install_script(
+    captured: &[SocketAddr],
+    port: u16,
+    exempt_uid: Option<u32>,
+    forwarded: bool,
+) -> String {
+    let mut redirects = String::new();
     for a in captured {
         let (family, ip) = match a {
             SocketAddr::V4(v4) => ("ip", v4.ip().to_string()),
             SocketAddr::V6(v6) => ("ip6", v6.ip().to_string()),
         };
-        rules.push_str(&format!(
+        redirects.push_str(&format!(
             "        {family} daddr {ip} tcp dport {} redirect to :{port}\n",
             a.port()
         ));
     }
+    let mut output = String::new();
+    if let Some(uid) = exempt_uid {
+        output.push_str(&format!("        meta skuid {uid} return\n"));
+    }
+    output.push_str(&redirects);
+    let prerouting = if forwarded {
+        format!(
+            "    chain prerouting {{\n        type nat hook prerouting priority -100; policy accept;\n{redirects}    }}\n"
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{rules}    }}\n}}\n"
+        "table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n    chain output {{\n        type nat hook output priority -100; policy accept;\n{output}    }}\n{prerouting}}}\n"
     )
 }
 
@@ -178,7 +194,11 @@ impl InstalledRules {
         exempt_uid: Option<u32>,
     ) -> Result<Self, RulesError> {
         apply_nft(&nft_install_script(captured, port, exempt_uid))?;
-        tracing::info!(table = NFT_TABLE, addresses = captured.len(), "capture rules installed");
+        tracing::info!(
+            table = NFT_TABLE,
+            addresses = captured.len(),
+            "capture rules installed"
+        );
         Ok(Self(()))
     }
 }
@@ -187,7 +207,9 @@ impl Drop for InstalledRules {
     fn drop(&mut self) {
         match apply_nft(&nft_remove_script()) {
             Ok(()) => tracing::info!(table = NFT_TABLE, "capture rules removed"),
-            Err(e) => tracing::warn!(error = %e, table = NFT_TABLE, "cannot remove the capture rules"),
+            Err(e) => {
+                tracing::warn!(error = %e, table = NFT_TABLE, "cannot remove the capture rules")
+            }
         }
     }
 }
@@ -227,6 +249,7 @@ mod tests {
             ],
             15001,
             Some(1337),
+            false,
         );
         assert_eq!(
             s,
@@ -235,6 +258,15 @@ mod tests {
         assert_eq!(
             nft_remove_script(),
             "table inet quicmesh {}\ndelete table inet quicmesh\n"
+        );
+    }
+
+    #[test]
+    fn a_gateway_also_redirects_what_its_workloads_namespaces_route_through_it() {
+        let s = nft_install_script(&["10.96.0.10:80".parse().expect("addr")], 15001, None, true);
+        assert_eq!(
+            s,
+            "table inet quicmesh {}\ndelete table inet quicmesh\ntable inet quicmesh {\n    chain output {\n        type nat hook output priority -100; policy accept;\n        ip daddr 10.96.0.10 tcp dport 80 redirect to :15001\n    }\n    chain prerouting {\n        type nat hook prerouting priority -100; policy accept;\n        ip daddr 10.96.0.10 tcp dport 80 redirect to :15001\n    }\n}\n"
         );
     }
 }

@@ -52,6 +52,8 @@ pub struct Inbound {
     clients: AppClients,
     limiters: Arc<Limiters>,
     max_streams: u32,
+    /// Node gateway mode: the workloads, one of which each connection is made to.
+    gateway: Option<crate::gateway::Gateway>,
 }
 
 impl Inbound {
@@ -75,7 +77,15 @@ impl Inbound {
             creds,
             state,
             max_streams,
+            gateway: None,
         }
+    }
+
+    /// Node gateway mode: each connection is served as the workload whose certificate it got
+    /// ([`crate::gateway::serving`]), with that workload's services, ports and namespace.
+    pub fn with_gateway(mut self, gateway: crate::gateway::Gateway) -> Self {
+        self.gateway = Some(gateway);
+        self
     }
 
     /// The bound UDP address.
@@ -131,6 +141,7 @@ impl Inbound {
                 clients: self.clients.clone(),
                 limiters: self.limiters.clone(),
                 header_waits: header_waits.clone(),
+                gateway: self.gateway.clone(),
             };
             let span = tracing::debug_span!("inbound", remote = %incoming.remote_address());
             let handshake = handshakes.enter();
@@ -212,11 +223,13 @@ struct Conn {
     limiters: Arc<Limiters>,
     /// Streams waiting for their header, over all connections.
     header_waits: Arc<Count>,
+    /// Node gateway mode: `cfg` and `creds` become the workload's once the handshake shows which.
+    gateway: Option<crate::gateway::Gateway>,
 }
 
 impl Conn {
     async fn serve(
-        self,
+        mut self,
         incoming: Incoming,
         handshake: CountGuard,
         max_streams: u32,
@@ -250,6 +263,17 @@ impl Conn {
             conn.close(code::PROTOCOL_ERROR, b"no peer identity");
             return;
         };
+        if let Some(gw) = self.gateway.take() {
+            let sni = crate::gateway::requested_name(&conn);
+            let Some(w) = gw.serving(sni.as_deref()) else {
+                // The certificate was chosen by the same rule; the mesh state changed meanwhile.
+                conn.close(code::PROTOCOL_ERROR, b"no workload for this server name");
+                return;
+            };
+            tracing::debug!(%peer, workload = %w.name, "inbound connection to a gateway workload");
+            self.cfg = w.inbound.clone();
+            self.creds = w.creds.clone();
+        }
         tracing::debug!(%peer, "inbound connection");
         // Verified: the peer may open more streams now, and more again as it uses them (quinn keeps
         // state per allowed stream, so this waited for the handshake).

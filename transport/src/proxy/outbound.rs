@@ -184,7 +184,70 @@ pub struct Shared {
 /// One bound outbound listener.
 pub struct Outbound {
     listener: TcpListener,
-    svc: Arc<Service>,
+    tunnels: Tunnels,
+    metrics: Metrics,
+}
+
+/// The tunnel side of a listener: the proxy's own, or in node gateway mode one per workload (its
+/// identity, namespace and pool), chosen by the app connection's source address.
+#[derive(Clone)]
+pub(crate) enum Tunnels {
+    /// A sidecar: every connection is its workload's.
+    One(Arc<Service>),
+    /// A gateway: `services[i]` is workload `i`'s.
+    Workloads {
+        gateway: crate::gateway::Gateway,
+        services: Arc<[Arc<Service>]>,
+    },
+}
+
+impl Tunnels {
+    /// The tunnel for an app connection from `client`; None when no workload has that source.
+    pub(crate) fn pick(&self, client: std::net::IpAddr) -> Option<&Arc<Service>> {
+        match self {
+            Self::One(s) => Some(s),
+            Self::Workloads { gateway, services } => services.get(gateway.attribute(client)?),
+        }
+    }
+
+    fn first(&self) -> Option<&Arc<Service>> {
+        match self {
+            Self::One(s) => Some(s),
+            Self::Workloads { services, .. } => services.first(),
+        }
+    }
+
+    /// Hands `tcp` (from `client`) to its workload's tunnel, or refuses it with a reset, counted
+    /// `unknown_workload`: a connection the gateway cannot attribute gets no identity.
+    pub(crate) fn handle(
+        &self,
+        tcp: TcpStream,
+        client: SocketAddr,
+        drain: &Drain,
+        metrics: &Metrics,
+        span: impl FnOnce(&Service) -> tracing::Span,
+    ) {
+        match self.pick(client.ip()) {
+            Some(svc) => {
+                let span = span(svc);
+                drain
+                    .tracker
+                    .spawn(svc.clone().handle(tcp, drain.clone()).instrument(span));
+            }
+            None => {
+                tracing::warn!(%client, "connection from an address of no workload; refused");
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                drop(tcp);
+                metrics
+                    .failures
+                    .get_or_create(&ReasonLabels {
+                        direction: Direction::Outbound,
+                        reason: "unknown_workload",
+                    })
+                    .inc();
+            }
+        }
+    }
 }
 
 pub(crate) struct Service {
@@ -223,7 +286,30 @@ impl Outbound {
         let listener = TcpListener::bind(cfg.listen).await?;
         Ok(Self {
             listener,
-            svc: Service::new(cfg, shared),
+            metrics: shared.metrics.clone(),
+            tunnels: Tunnels::One(Service::new(cfg, shared)),
+        })
+    }
+
+    /// Node gateway mode: binds one listener for every workload of `gateway`; `shared[i]` is
+    /// workload `i`'s (its credentials and pool).
+    pub async fn bind_gateway(
+        cfg: OutboundConfig,
+        gateway: crate::gateway::Gateway,
+        shared: Vec<Shared>,
+        metrics: Metrics,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(cfg.listen).await?;
+        Ok(Self {
+            listener,
+            metrics,
+            tunnels: Tunnels::Workloads {
+                gateway,
+                services: shared
+                    .into_iter()
+                    .map(|s| Service::new(cfg.clone(), s))
+                    .collect(),
+            },
         })
     }
 
@@ -234,12 +320,12 @@ impl Outbound {
 
     /// The service this listener tunnels to.
     pub fn service(&self) -> &str {
-        &self.svc.cfg.service
+        self.tunnels.first().map_or("", |s| &s.cfg.service)
     }
 
     /// The tunnel side of this listener, for connections accepted elsewhere (the capture listener).
-    pub(crate) fn tunnel(&self) -> Arc<Service> {
-        self.svc.clone()
+    pub(crate) fn tunnel(&self) -> Tunnels {
+        self.tunnels.clone()
     }
 
     /// Accepts until the drain begins. A spare file descriptor is held so that, when the process runs
@@ -253,12 +339,13 @@ impl Outbound {
             };
             match accepted {
                 Ok((tcp, client)) => {
-                    let svc = self.svc.clone();
-                    let span =
-                        tracing::debug_span!("outbound", service = %svc.cfg.service, %client);
-                    drain
-                        .tracker
-                        .spawn(svc.handle(tcp, drain.clone()).instrument(span));
+                    self.tunnels.handle(
+                        tcp,
+                        client,
+                        &drain,
+                        &self.metrics,
+                        |svc| tracing::debug_span!("outbound", service = %svc.cfg.service, %client),
+                    );
                 }
                 Err(e) if out_of_fds(&e) => {
                     // The connection waits in the backlog; the app would hang on it. Free the spare
@@ -268,8 +355,7 @@ impl Outbound {
                         let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
                         drop(tcp);
                         tracing::warn!(%client, "out of file descriptors; connection refused");
-                        self.svc
-                            .metrics
+                        self.metrics
                             .failures
                             .get_or_create(&ReasonLabels {
                                 direction: Direction::Outbound,
@@ -465,8 +551,9 @@ impl Service {
                 rand::random::<u32>() as usize,
                 rand::random::<u32>() as usize,
             );
-            self.health
-                .pick_order(candidates, draw, now, |a| self.pool.rtt(a))
+            self.health.pick_order(candidates, draw, now, |a| {
+                self.pool.rtt(a, upstream.servers.sni())
+            })
         };
         if order.is_empty() {
             return Err(OpenError::NoEndpoints);
@@ -541,7 +628,7 @@ impl Service {
         let left = connect_by.saturating_duration_since(now);
         let pc = self
             .pool
-            .get(addr, self.cfg.handshake_timeout.min(left))
+            .get(addr, servers.sni(), self.cfg.handshake_timeout.min(left))
             .await?;
         if !servers.allows(&pc.peer) {
             return Err(self.wrong_server(addr, &pc, servers));

@@ -1,4 +1,5 @@
-//! The outbound connection pool: one QUIC connection per destination proxy, shared by every stream.
+//! The outbound connection pool: one QUIC connection per destination proxy and server set, shared by
+//! every stream.
 //!
 //! Concurrent callers that need the same peer while it is being dialled wait on one shared handshake
 //! instead of starting their own, so a burst of a thousand tunneled connections makes one handshake, and
@@ -8,6 +9,11 @@
 //! Certificate rotation: a connection remembers the generation of our leaf it was made with. Once the
 //! leaf is renewed, the next request dials a fresh connection (so peers see the new certificate) and the
 //! old one is retired: it takes no new streams and is closed once its last tunneled connection ends.
+//!
+//! A connection is keyed by the peer's address and the TLS server name naming the identities wanted
+//! there ([`crate::identity::ServerNames::sni`]): a node gateway serves several identities on one
+//! address and presents the one asked for. A pool dials with one local identity; a gateway holds one
+//! pool per workload on a shared UDP endpoint, so connections are per (local identity, peer).
 
 use std::{
     collections::HashMap,
@@ -115,7 +121,10 @@ impl DialError {
 
 type Dial = Shared<BoxFuture<'static, Result<Pooled, DialError>>>;
 
-/// Outbound QUIC connections, keyed by peer address.
+/// Which pooled connection: the peer's address and the server name sent to it.
+type Key = (SocketAddr, Arc<str>);
+
+/// Outbound QUIC connections, keyed by peer address and server name.
 pub struct Pool {
     endpoint: Endpoint,
     client: quinn::ClientConfig,
@@ -123,7 +132,7 @@ pub struct Pool {
     metrics: Metrics,
     /// Which peers are revoked: their pooled connections are not reused.
     state: StateHandle,
-    slots: Mutex<HashMap<SocketAddr, Dial>>,
+    slots: Mutex<HashMap<Key, Dial>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -131,10 +140,6 @@ impl std::fmt::Debug for Pool {
         f.debug_struct("Pool").finish_non_exhaustive()
     }
 }
-
-/// Server name sent in the TLS ClientHello. Peers are identified by SPIFFE ID, not by this name.
-/// (Session resumption is off, see `quic.rs`, so every connection is a full handshake with certificates.)
-const SNI: &str = "peer.quicmesh.invalid";
 
 impl Pool {
     /// A pool dialling from `endpoint` with `client`, whose certificate comes from `creds`.
@@ -160,17 +165,22 @@ impl Pool {
         &self.endpoint
     }
 
-    /// A live connection to `addr`, dialling (or joining a dial in progress) if needed.
+    /// A live connection to `addr` asking for server name `sni`, dialling (or joining a dial in
+    /// progress) if needed. Peers are identified by the SPIFFE ID they present, not by this name; it
+    /// only tells a gateway which of its identities to present. (Session resumption is off, see
+    /// `quic.rs`, so every connection is a full handshake with certificates.)
     pub async fn get(
         &self,
         addr: SocketAddr,
+        sni: &Arc<str>,
         handshake_timeout: Duration,
     ) -> Result<PeerConn, DialError> {
         let generation = self.creds.generation();
+        let key = (addr, sni.clone());
         let (dial, retired) = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             let mut retired = None;
-            let reusable = slots.get(&addr).filter(|d| match d.peek() {
+            let reusable = slots.get(&key).filter(|d| match d.peek() {
                 None => true,
                 Some(Ok(p)) if p.conn.close_reason().is_some() => {
                     if matches!(p.conn.close_reason(), Some(ConnectionError::Reset)) {
@@ -191,8 +201,8 @@ impl Pool {
             let d = match reusable {
                 Some(d) => d.clone(),
                 None => {
-                    let d = self.dial(addr, handshake_timeout, generation);
-                    slots.insert(addr, d.clone());
+                    let d = self.dial(addr, sni.clone(), handshake_timeout, generation);
+                    slots.insert(key.clone(), d.clone());
                     d
                 }
             };
@@ -207,22 +217,22 @@ impl Pool {
             Ok(p) => Ok(p.lease()),
             Err(e) => {
                 let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-                if slots.get(&addr).is_some_and(|d| d.ptr_eq(&dial)) {
-                    slots.remove(&addr);
+                if slots.get(&key).is_some_and(|d| d.ptr_eq(&dial)) {
+                    slots.remove(&key);
                 }
                 Err(e)
             }
         }
     }
 
-    fn dial(&self, addr: SocketAddr, timeout: Duration, generation: u64) -> Dial {
+    fn dial(&self, addr: SocketAddr, sni: Arc<str>, timeout: Duration, generation: u64) -> Dial {
         let endpoint = self.endpoint.clone();
         let client = self.client.clone();
         let metrics = self.metrics.clone();
         async move {
             let res: Result<_, DialError> = async {
                 let connecting = endpoint
-                    .connect_with(client, addr, SNI)
+                    .connect_with(client, addr, &sni)
                     .map_err(|e| DialError::Connect(addr, e))?;
                 let conn = tokio::time::timeout(timeout, connecting)
                     .await
@@ -275,10 +285,10 @@ impl Pool {
         }
     }
 
-    /// The RTT of the live pooled connection to `addr`, if there is one.
-    pub fn rtt(&self, addr: &SocketAddr) -> Option<Duration> {
+    /// The RTT of the live pooled connection to `addr` for server name `sni`, if there is one.
+    pub fn rtt(&self, addr: &SocketAddr, sni: &Arc<str>) -> Option<Duration> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        match slots.get(addr)?.peek() {
+        match slots.get(&(*addr, sni.clone()))?.peek() {
             Some(Ok(p)) if p.conn.close_reason().is_none() => Some(p.conn.rtt()),
             _ => None,
         }
