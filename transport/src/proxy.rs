@@ -807,8 +807,13 @@ impl Proxy {
             Some(c) if c.install => {
                 let captured: Vec<_> = cfg.outbound.iter().filter_map(|o| o.capture).collect();
                 Some(
-                    capture::InstalledRules::install(&captured, c.listen.port(), c.exempt_uid)
-                        .map_err(|e| err("capture.install".into(), &e))?,
+                    capture::InstalledRules::install(
+                        &captured,
+                        c.listen.port(),
+                        c.exempt_uid,
+                        !cfg.workloads.is_empty(),
+                    )
+                    .map_err(|e| err("capture.install".into(), &e))?,
                 )
             }
             _ => None,

@@ -187,13 +187,14 @@ pub fn apply_nft(script: &str) -> Result<(), RulesError> {
 pub struct InstalledRules(());
 
 impl InstalledRules {
-    /// Writes the table for `captured` addresses redirected to `port`.
+    /// Writes the table for `captured` addresses redirected to `port` (`forwarded`: a node gateway's).
     pub fn install(
         captured: &[SocketAddr],
         port: u16,
         exempt_uid: Option<u32>,
+        forwarded: bool,
     ) -> Result<Self, RulesError> {
-        apply_nft(&nft_install_script(captured, port, exempt_uid))?;
+        apply_nft(&nft_install_script(captured, port, exempt_uid, forwarded))?;
         tracing::info!(
             table = NFT_TABLE,
             addresses = captured.len(),
