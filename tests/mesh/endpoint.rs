@@ -260,10 +260,11 @@ async fn initial_flood_and_headerless_streams_keep_the_proxy_bounded() {
         after as f64 / MB,
         start_rss as f64 / MB
     );
-    // The flood runs on the same two cores as the proxy and this client: a stated factor, plus 5 ms of
-    // scheduling noise.
+    // The flood runs on the same two cores as the proxy and this client, and in the suite beside other
+    // tests' meshes (22 ms against 5 ms seen there once): a stated factor plus 25 ms of scheduling
+    // noise. What this guards against is an event loop stalled by handshakes, hundreds of ms.
     assert!(
-        p99_during <= p99_before * 3 + Duration::from_millis(5),
+        p99_during <= p99_before * 3 + Duration::from_millis(25),
         "p99 during the flood {p99_during:?} against {p99_before:?} before"
     );
     client.shutdown().await;
