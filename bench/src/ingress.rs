@@ -12,15 +12,11 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path as FsPath, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    process::Command,
-};
+use tokio::process::Command;
 
 use crate::{
     certs,
@@ -117,8 +113,8 @@ async fn load_in(
         Wire::H3 => "h3",
         Wire::H2 => "h2",
     };
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &net.client])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &net.client])
         .arg(bench_bin)
         .args(["bench", "h3-load", "--gate-stdin", "--wire", wire])
         .args(["--target", &entry.to_string(), "--ca"])
@@ -128,44 +124,9 @@ async fn load_in(
         .args(["--streams", &s.streams.to_string()])
         .args(["--payload", &s.payload.to_string()])
         .arg("--duration")
-        .arg(format!("{}ms", s.duration.as_millis()))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("h3-load: no stdin"))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("h3-load: no stdout"))?;
-    let mut lines = BufReader::new(stdout).lines();
+        .arg(format!("{}ms", s.duration.as_millis()));
     // Each request has a 5 s deadline in the client; a closed loop ends within one of it.
-    let bound = s.duration + Duration::from_secs(40);
-    let summary = tokio::time::timeout(bound, async {
-        let first = lines.next_line().await?.ok_or_else(|| {
-            anyhow::anyhow!("h3-load through {} exited before connecting", edge.name())
-        })?;
-        anyhow::ensure!(
-            first.contains("\"connected\""),
-            "h3-load: unexpected line {first}"
-        );
-        net.set_loss(percent).await?;
-        stdin.write_all(b"go\n").await?;
-        let line = lines
-            .next_line()
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("h3-load exited without a result"))?;
-        Ok(serde_json::from_str::<H3Summary>(&line)?)
-    })
-    .await;
-    net.set_loss(0).await?;
-    let summary =
-        summary.map_err(|_| anyhow::anyhow!("ingress run did not finish within {bound:?}"))??;
-    let _ = child.wait().await;
-    Ok(summary)
+    loss::gated(net, cmd, percent, s.duration + Duration::from_secs(40)).await
 }
 
 /// Runs the scenario (or says why it cannot), prints its table, writes JSON and Markdown into `out`.

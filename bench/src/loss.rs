@@ -295,8 +295,8 @@ async fn load_in(
     percent: u32,
 ) -> anyhow::Result<Summary> {
     let request_timeout = Duration::from_secs(30);
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &net.client])
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &net.client])
         .arg(bench_bin)
         .args([
             "bench",
@@ -317,7 +317,26 @@ async fn load_in(
         .arg("--duration")
         .arg(format!("{}ms", s.duration.as_millis()))
         .arg("--timeout")
-        .arg(format!("{}ms", request_timeout.as_millis()))
+        .arg(format!("{}ms", request_timeout.as_millis()));
+    gated(
+        net,
+        cmd,
+        percent,
+        s.duration + request_timeout + Duration::from_secs(30),
+    )
+    .await
+}
+
+/// Runs a gated load client (`--gate-stdin`: it connects, prints `{"event":"connected"}` and waits
+/// for a line) in the client namespace: loss is switched on once it is connected and off when it is
+/// done (or `bound` passed); its one JSON result line is returned.
+pub(crate) async fn gated<T: serde::de::DeserializeOwned>(
+    net: &Netns,
+    mut cmd: Command,
+    percent: u32,
+    bound: Duration,
+) -> anyhow::Result<T> {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -331,8 +350,7 @@ async fn load_in(
         .take()
         .ok_or_else(|| anyhow::anyhow!("load: no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
-    let bound = s.duration + request_timeout + Duration::from_secs(30);
-    let summary = tokio::time::timeout(bound, async {
+    let result = tokio::time::timeout(bound, async {
         let first = lines
             .next_line()
             .await?
@@ -347,14 +365,14 @@ async fn load_in(
             .next_line()
             .await?
             .ok_or_else(|| anyhow::anyhow!("load client exited without a result"))?;
-        Ok(serde_json::from_str::<Summary>(&line)?)
+        Ok(serde_json::from_str::<T>(&line)?)
     })
     .await;
     net.set_loss(0).await?;
-    let summary =
-        summary.map_err(|_| anyhow::anyhow!("load run did not finish within {bound:?}"))??;
+    let result =
+        result.map_err(|_| anyhow::anyhow!("load run did not finish within {bound:?}"))??;
     let _ = child.wait().await;
-    Ok(summary)
+    Ok(result)
 }
 
 /// One bulk transfer from the client namespace through `entry` into the sink, with `percent` loss each

@@ -145,24 +145,7 @@ async fn an_app_dialing_a_service_address_is_captured_into_the_mesh() {
     // The tempdir is readable by the processes inside the namespace (same user, root).
     let log = d.join("procs.log");
 
-    // The echo app, inside; ready when it says so.
-    let (mut echo, _) = spawn_line(&ns.exec(&["python3", "-c", ECHO]), &log, "listening").await;
-
-    let server_cfg = pki.config(
-        "server",
-        "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{ port = 7, app = \"127.0.0.1:7007\" }]\n",
-    );
-    let (server, ready) = spawn_ready_with(
-        "ip",
-        &ns.exec(&[
-            QUICMESH,
-            "proxy",
-            "--config",
-            server_cfg.to_str().expect("utf8"),
-        ]),
-        &log,
-    )
-    .await;
+    let (mut echo, server, ready) = echo_behind_server_proxy(&ns, &pki, &log).await;
     let server_inbound = ready_addr(&ready, "/inbound");
     let server_admin = ready_addr(&ready, "/admin");
 
@@ -256,6 +239,31 @@ async fn an_app_dialing_a_service_address_is_captured_into_the_mesh() {
     let _ = echo.kill().await;
 }
 
+/// The echo app (ready when it says so) and a server proxy serving it as port 7, both inside `ns`:
+/// the echo, the proxy and its ready line.
+async fn echo_behind_server_proxy(
+    ns: &Netns,
+    pki: &Pki,
+    log: &Path,
+) -> (
+    tokio::process::Child,
+    tokio::process::Child,
+    serde_json::Value,
+) {
+    let (echo, _) = spawn_line(&ns.exec(&["python3", "-c", ECHO]), log, "listening").await;
+    let server_cfg = pki.config(
+        "server",
+        "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{ port = 7, app = \"127.0.0.1:7007\" }]\n",
+    );
+    let (server, ready) = spawn_ready_with(
+        "ip",
+        &ns.exec(&[QUICMESH, "proxy", "--config", path(&server_cfg)]),
+        log,
+    )
+    .await;
+    (echo, server, ready)
+}
+
 pub(crate) fn path(p: &Path) -> &str {
     p.to_str().expect("utf8")
 }
@@ -328,17 +336,7 @@ async fn a_proxy_installing_its_own_rules_removes_them_on_exit_and_replaces_stal
     pki.issue("server", "echo");
     pki.issue("client", "client");
     let log = d.join("procs.log");
-    let (mut echo, _) = spawn_line(&ns.exec(&["python3", "-c", ECHO]), &log, "listening").await;
-    let server_cfg = pki.config(
-        "server",
-        "[inbound]\nlisten = \"127.0.0.1:0\"\nports = [{ port = 7, app = \"127.0.0.1:7007\" }]\n",
-    );
-    let (_server, ready) = spawn_ready_with(
-        "ip",
-        &ns.exec(&[QUICMESH, "proxy", "--config", path(&server_cfg)]),
-        &log,
-    )
-    .await;
+    let (mut echo, _server, ready) = echo_behind_server_proxy(&ns, &pki, &log).await;
     let server_inbound = ready_addr(&ready, "/inbound");
     let client_cfg = pki.config(
         "client",

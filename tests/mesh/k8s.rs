@@ -420,41 +420,23 @@ async fn oidc_issuer(
     u16,
     tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
 )> {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/oidc_issuer.py");
-    let Ok(mut child) = tokio::process::Command::new("python3")
-        .arg(script)
-        .arg("--root")
-        .arg(root)
-        .arg("--cert")
-        .arg(d.join("server.pem"))
-        .arg("--key")
-        .arg(d.join("server.key"))
-        .args(["--token", token, "--max-seconds", "120"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-    else {
-        eprintln!("SKIP: python3 not found for the stand-in issuer");
-        return None;
-    };
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("issuer ready in time")
-        .expect("read")
-        .expect("a ready line");
-    let ready: serde_json::Value = serde_json::from_str(&ready).expect("ready JSON");
-    let port = u16::try_from(ready["port"].as_u64().expect("port")).expect("port");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(Some(l)) = lines.next_line().await {
-            if let Ok(v) = serde_json::from_str(&l) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    Some((child, port, rx))
+    let (cert, key) = (d.join("server.pem"), d.join("server.key"));
+    python_peer(
+        "oidc_issuer.py",
+        &[
+            "--root".as_ref(),
+            root.as_os_str(),
+            "--cert".as_ref(),
+            cert.as_os_str(),
+            "--key".as_ref(),
+            key.as_os_str(),
+            "--token".as_ref(),
+            token.as_ref(),
+            "--max-seconds".as_ref(),
+            "120".as_ref(),
+        ],
+    )
+    .await
 }
 
 /// Request lines received so far.

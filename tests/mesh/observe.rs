@@ -1223,7 +1223,6 @@ async fn otlp_collector() -> Option<(
     u16,
     tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
 )> {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     let probe = Command::new("python3")
         .args(["-c", "import grpc, opentelemetry.proto.collector.trace.v1"])
         .output()
@@ -1234,30 +1233,11 @@ async fn otlp_collector() -> Option<(
         );
         return None;
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/otlp_collector.py");
-    let mut child = Command::new("python3")
-        .args([script, "--max-seconds", "120"])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn the collector");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("collector ready in time")
-        .expect("read")
-        .expect("a ready line");
-    let ready: serde_json::Value = serde_json::from_str(&ready).expect("ready JSON");
-    let port = u16::try_from(ready["port"].as_u64().expect("port")).expect("port");
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(Some(l)) = lines.next_line().await {
-            if let Ok(v) = serde_json::from_str(&l) {
-                let _ = tx.send(v);
-            }
-        }
-    });
-    Some((child, port, rx))
+    python_peer(
+        "otlp_collector.py",
+        &["--max-seconds".as_ref(), "120".as_ref()],
+    )
+    .await
 }
 
 /// Spans of `trace` from `rx` until `n` arrived (bounded wait: proxies batch for up to a second).

@@ -368,3 +368,45 @@ pub fn sigterm(pid: u32) {
         .expect("kill");
     assert!(status.success(), "kill -TERM {pid}");
 }
+
+/// A Python peer from `tests/peers/` that prints a JSON ready line with its `port`, then JSON lines:
+/// the child (killed on drop), the port and the lines that follow. None (reason printed) without
+/// python3.
+pub async fn python_peer(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+) -> Option<(
+    tokio::process::Child,
+    u16,
+    tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+)> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let path = format!("{}/tests/peers/{script}", env!("CARGO_MANIFEST_DIR"));
+    let Ok(mut child) = tokio::process::Command::new("python3")
+        .arg(&path)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+    else {
+        eprintln!("SKIP: python3 not found for {script}");
+        return None;
+    };
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("{script} ready in time"))
+        .expect("read")
+        .expect("a ready line");
+    let ready: serde_json::Value = serde_json::from_str(&ready).expect("ready JSON");
+    let port = u16::try_from(ready["port"].as_u64().expect("port")).expect("port");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if let Ok(v) = serde_json::from_str(&l) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    Some((child, port, rx))
+}
