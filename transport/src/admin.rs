@@ -20,10 +20,14 @@ use tokio::net::TcpListener;
 
 use crate::{identity::Credentials, state::StateHandle};
 
+/// Says why the proxy is not ready (None: nothing is missing, e.g. it is draining).
+type Explain = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
 struct AdminState {
     registry: Registry,
     ready: Arc<AtomicBool>,
     config: ConfigView,
+    explain: Option<Explain>,
 }
 
 /// What `/config` shows.
@@ -56,8 +60,18 @@ impl Admin {
                 registry,
                 ready,
                 config,
+                explain: None,
             }),
         })
+    }
+
+    /// `/ready` answers 503 with what `why` says is missing (e.g. the workload without a certificate
+    /// and the controller's reason). Called before [`Admin::run`].
+    pub fn explain(mut self, why: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
+        if let Some(s) = Arc::get_mut(&mut self.state) {
+            s.explain = Some(Box::new(why));
+        }
+        self
     }
 
     /// The bound address.
@@ -79,10 +93,16 @@ impl Admin {
 
 async fn ready(State(s): State<Arc<AdminState>>) -> impl IntoResponse {
     if s.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        return (StatusCode::OK, "ready\n".to_owned());
     }
+    let why = s.explain.as_ref().and_then(|f| f());
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        match why {
+            Some(w) => format!("not ready: {w}\n"),
+            None => "not ready\n".to_owned(),
+        },
+    )
 }
 
 async fn metrics(State(s): State<Arc<AdminState>>) -> impl IntoResponse {

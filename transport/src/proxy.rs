@@ -101,31 +101,101 @@ pub struct Proxy {
     drain: Drain,
     /// Controller mode: stops the identity manager and the Watch follower when the proxy goes away.
     control: Option<DropGuard>,
-    /// Controller mode: the controller and our registered endpoints, withdrawn when the drain begins.
-    registered: Option<(
+    /// Controller mode: each registering identity's controller client (the proxy's own, or in a node
+    /// gateway each workload's) with the endpoints it registered, withdrawn when the drain begins.
+    registered: Vec<(
         control::Controller,
         Vec<quicmesh_proto::controller::Endpoint>,
     )>,
     readiness: Readiness,
 }
 
-/// What a proxy waits for before it reports ready: a certificate, and in controller mode the first
-/// configuration snapshot (so the endpoints of its outbound services are known).
+/// What a proxy waits for before it reports ready: a certificate, in a node gateway every workload's
+/// certificate too, and in controller mode the first configuration snapshot (so the endpoints of its
+/// outbound services are known).
 #[derive(Debug, Clone)]
 pub struct Readiness {
     creds: Credentials,
     configured: Option<tokio::sync::watch::Receiver<bool>>,
     /// Controller mode: why the first certificate has not come yet.
     problem: Option<tokio::sync::watch::Receiver<Option<manager::BootstrapProblem>>>,
+    /// Node gateway in controller mode: each workload's name, credentials and why its first
+    /// certificate has not come yet.
+    workloads: Vec<WorkloadReadiness>,
+}
+
+/// One gateway workload as readiness sees it.
+#[derive(Debug, Clone)]
+struct WorkloadReadiness {
+    name: String,
+    creds: Credentials,
+    problem: tokio::sync::watch::Receiver<Option<manager::BootstrapProblem>>,
+}
+
+/// What readiness still lacks, in a form [`not_ready_reason`] puts in words.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Missing {
+    /// The proxy's own certificate is not held: the last failure, if any.
+    pub own: Option<Option<String>>,
+    /// Workloads without a certificate: (name, the last failure, if any), in configuration order.
+    pub workloads: Vec<(String, Option<String>)>,
+    /// The first configuration snapshot has not been applied.
+    pub unconfigured: bool,
+}
+
+/// Why a proxy is not ready, in words for `/ready` (None: nothing is missing).
+pub fn not_ready_reason(m: &Missing) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(why) = &m.own {
+        parts.push(match why {
+            Some(w) => format!("no certificate yet: {w}"),
+            None => "no certificate yet".to_owned(),
+        });
+    }
+    for (name, why) in &m.workloads {
+        parts.push(match why {
+            Some(w) => format!("workload {name} has no certificate: {w}"),
+            None => format!("workload {name} has no certificate yet"),
+        });
+    }
+    if m.unconfigured {
+        parts.push("no configuration from the controller yet".to_owned());
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 impl Readiness {
-    /// Resolves once the proxy holds a certificate and, in controller mode, its first configuration.
+    /// Resolves once the proxy holds a certificate (a gateway: every workload's too) and, in
+    /// controller mode, its first configuration.
     pub async fn wait(&self) {
         self.creds.wait_leaf().await;
+        for w in &self.workloads {
+            w.creds.wait_leaf().await;
+        }
         if let Some(mut rx) = self.configured.clone() {
             // An error means the follower is gone (shutdown): nothing more to wait for.
             let _ = rx.wait_for(|c| *c).await;
+        }
+    }
+
+    /// What is still missing now.
+    pub fn missing(&self) -> Missing {
+        let message = |rx: &tokio::sync::watch::Receiver<Option<manager::BootstrapProblem>>| {
+            rx.borrow().as_ref().map(|p| p.message.clone())
+        };
+        Missing {
+            own: self
+                .creds
+                .leaf()
+                .is_none()
+                .then(|| self.problem.as_ref().and_then(message)),
+            workloads: self
+                .workloads
+                .iter()
+                .filter(|w| w.creds.leaf().is_none())
+                .map(|w| (w.name.clone(), message(&w.problem)))
+                .collect(),
+            unconfigured: self.configured.as_ref().is_some_and(|rx| !*rx.borrow()),
         }
     }
 
@@ -415,6 +485,57 @@ fn controller_secret(boot: &control::Bootstrap) -> Vec<u8> {
     s
 }
 
+/// The address a proxy registers for its inbound listener: the advertised one, else the bound one
+/// (loopback for an unspecified bind, which no peer could dial).
+pub fn register_address(advertise: Option<SocketAddr>, bound: SocketAddr) -> SocketAddr {
+    advertise.unwrap_or(match bound.ip() {
+        ip if ip.is_unspecified() && bound.is_ipv4() => {
+            SocketAddr::from(([127, 0, 0, 1], bound.port()))
+        }
+        ip if ip.is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, bound.port()))
+        }
+        _ => bound,
+    })
+}
+
+/// The name a node gateway's workload goes by at the controller (its Watch in `ctl proxies`, and its
+/// endpoints' names): the gateway's proxy name and the workload's.
+pub fn workload_proxy_name(proxy_name: &str, workload: &str) -> String {
+    format!("{proxy_name}-{workload}")
+}
+
+/// The endpoints `id` registers for its inbound `services` (none: the one named like its account) at
+/// `addr`, named after `proxy_name`, the service and the port (replicas share an account, and so a
+/// default proxy name: the port keeps their endpoints apart).
+pub fn endpoints_to_register(
+    proxy_name: &str,
+    id: &crate::identity::SpiffeId,
+    services: &[String],
+    version: &str,
+    addr: SocketAddr,
+) -> Vec<quicmesh_proto::controller::Endpoint> {
+    let services = if services.is_empty() {
+        vec![id.service_account().to_owned()]
+    } else {
+        services.to_vec()
+    };
+    services
+        .into_iter()
+        .map(|service| quicmesh_proto::controller::Endpoint {
+            metadata: Some(quicmesh_proto::controller::Metadata {
+                name: format!("{proxy_name}-{service}-{}", addr.port()),
+                namespace: id.namespace().to_owned(),
+                ..Default::default()
+            }),
+            service,
+            address: addr.to_string(),
+            service_version: version.to_owned(),
+            ..Default::default()
+        })
+        .collect()
+}
+
 impl Proxy {
     /// Loads the identity and binds every listener, or fails naming the key at fault. In controller
     /// mode this also starts the identity manager and the Watch follower; the proxy turns ready once
@@ -447,46 +568,25 @@ impl Proxy {
             .iter()
             .flat_map(|g| g.workloads.iter().cloned())
             .collect();
-        // A gateway's node identity serves nothing itself: its workloads' endpoints are declared
-        // (`ctl apply`), since each must be registered by the identity that serves it.
-        let register = match (&cfg.inbound, self.addresses.inbound) {
-            (Some(i), Some(bound)) if workloads.is_empty() => {
-                let addr = boot.advertise.unwrap_or(match bound.ip() {
-                    ip if ip.is_unspecified() && bound.is_ipv4() => {
-                        SocketAddr::from(([127, 0, 0, 1], bound.port()))
-                    }
-                    ip if ip.is_unspecified() => {
-                        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, bound.port()))
-                    }
-                    _ => bound,
-                });
-                let id = &boot.manager.id;
-                let services = if i.services.is_empty() {
-                    vec![id.service_account().to_owned()]
-                } else {
-                    i.services.clone()
-                };
-                services
-                    .into_iter()
-                    .map(|service| quicmesh_proto::controller::Endpoint {
-                        // Replicas share an account (and so a default proxy name): the port
-                        // keeps their endpoints apart.
-                        metadata: Some(quicmesh_proto::controller::Metadata {
-                            name: format!("{}-{service}-{}", boot.proxy_name, addr.port()),
-                            namespace: id.namespace().to_owned(),
-                            ..Default::default()
-                        }),
-                        service,
-                        address: addr.to_string(),
-                        service_version: i.version.clone(),
-                        ..Default::default()
-                    })
-                    .collect()
-            }
+        // A sidecar registers its inbound services under its own identity. A gateway's node identity
+        // serves nothing itself: each workload registers its services under its own identity, over a
+        // connection authenticated with its own certificate (below).
+        let inbound_addr = self
+            .addresses
+            .inbound
+            .map(|bound| register_address(boot.advertise, bound));
+        let register = match (&cfg.inbound, inbound_addr) {
+            (Some(i), Some(addr)) if workloads.is_empty() => endpoints_to_register(
+                &boot.proxy_name,
+                &boot.manager.id,
+                &i.services,
+                &i.version,
+                addr,
+            ),
             _ => Vec::new(),
         };
         if !register.is_empty() {
-            self.registered = Some((controller.clone(), register.clone()));
+            self.registered.push((controller.clone(), register.clone()));
         }
         let follower = control::Follower {
             controller: controller.clone(),
@@ -527,14 +627,53 @@ impl Proxy {
                 join_token_file: None,
                 renew_fraction: boot.manager.renew_fraction,
             };
+            let problems = tokio::sync::watch::Sender::new(None);
+            self.readiness.workloads.push(WorkloadReadiness {
+                name: w.name.clone(),
+                creds: w.creds.clone(),
+                problem: problems.subscribe(),
+            });
             tokio::spawn(manager::run(
                 ca,
                 w.creds.clone(),
                 mcfg,
                 self.metrics.identity.clone(),
-                tokio::sync::watch::Sender::new(None),
+                problems,
                 stop.clone(),
             ));
+            // Once it holds its certificate, the workload registers its services' endpoints (the
+            // gateway's inbound address) under its own identity and holds them with a Watch on that
+            // connection, re-registering on every reconnect, as a sidecar does. Its snapshots (only
+            // what it serves: it calls nothing) are not the gateway's state, which the node follows.
+            let Some(addr) = inbound_addr else { continue };
+            let name = workload_proxy_name(&boot.proxy_name, &w.name);
+            let services: Vec<String> = w.services.iter().map(|s| s.name.clone()).collect();
+            let register = endpoints_to_register(&name, &w.id, &services, &w.inbound.version, addr);
+            let wcontroller = control::Controller::new(
+                boot.addresses.clone(),
+                boot.roots.clone(),
+                w.creds.clone(),
+            );
+            self.registered
+                .push((wcontroller.clone(), register.clone()));
+            let follower = control::Follower {
+                controller: wcontroller,
+                creds: w.creds.clone(),
+                proxy_name: name,
+                state: StateHandle::new(MeshState {
+                    trust_domain: self.creds.trust_domain().to_owned(),
+                    ..MeshState::default()
+                }),
+                register,
+                calls: Some(Vec::new()),
+                // The node's link gauges are the node's own Watch; refusals are counted together.
+                metrics: crate::metrics::IdentityMetrics {
+                    registrations_refused: self.metrics.identity.registrations_refused.clone(),
+                    ..Default::default()
+                },
+                configured: tokio::sync::watch::Sender::new(false),
+            };
+            tokio::spawn(follower.run(stop.clone()));
         }
         if !workloads.is_empty() {
             let node = self.creds.clone();
@@ -859,11 +998,12 @@ impl Proxy {
             addresses,
             drain: Drain::default(),
             control: None,
-            registered: None,
+            registered: Vec::new(),
             readiness: Readiness {
                 creds,
                 configured: None,
                 problem: None,
+                workloads: Vec::new(),
             },
         })
     }
@@ -898,7 +1038,12 @@ impl Proxy {
         let drain = self.drain.clone();
         // Removed at the end of the drain (dropped when this function returns).
         let _capture_rules = self.capture_rules;
-        let admin = tokio::spawn(self.admin.run());
+        let explain = self.readiness.clone();
+        let admin = tokio::spawn(
+            self.admin
+                .explain(move || not_ready_reason(&explain.missing()))
+                .run(),
+        );
         let mut listeners = Vec::new();
         if let Some(i) = self.inbound {
             listeners.push(tokio::spawn(i.run(drain.clone())));
@@ -946,9 +1091,12 @@ impl Proxy {
         tracing::info!(grace = ?self.grace, open, "draining");
         // Callers stop choosing this endpoint (and a shared rate limit is reshared) while what is in
         // flight finishes; streams that still arrive are refused as draining and retried elsewhere.
-        if let Some((controller, endpoints)) = &self.registered {
-            controller.deregister(endpoints, DEREGISTER_TIMEOUT).await;
-        }
+        futures::future::join_all(
+            self.registered.iter().map(|(controller, endpoints)| {
+                controller.deregister(endpoints, DEREGISTER_TIMEOUT)
+            }),
+        )
+        .await;
         drain.stop_accepting.cancel();
         for l in listeners {
             let _ = l.await;
@@ -985,5 +1133,96 @@ impl Proxy {
         admin.abort();
         drop(self.control);
         tracing::info!("proxy stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn the_registered_address_is_the_advertised_one_else_a_dialable_bound_one() {
+        let bound = addr("0.0.0.0:4433");
+        assert_eq!(register_address(None, bound), addr("127.0.0.1:4433"));
+        assert_eq!(
+            register_address(None, addr("[::]:4433")),
+            addr("[::1]:4433")
+        );
+        assert_eq!(
+            register_address(None, addr("10.1.0.2:4433")),
+            addr("10.1.0.2:4433")
+        );
+        assert_eq!(
+            register_address(Some(addr("10.1.0.9:443")), bound),
+            addr("10.1.0.9:443")
+        );
+    }
+
+    #[test]
+    fn each_workload_registers_its_services_under_a_name_of_its_own() {
+        let a: crate::identity::SpiffeId = "spiffe://mesh.local/ns/shop/sa/a".parse().expect("id");
+        let at = addr("10.1.0.2:4433");
+        let name = workload_proxy_name("gateway-a", "web");
+        assert_eq!(name, "gateway-a-web");
+        // No services: the one named like the account.
+        let eps = endpoints_to_register(&name, &a, &[], "v1", at);
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].service, "a");
+        assert_eq!(eps[0].address, "10.1.0.2:4433");
+        assert_eq!(eps[0].service_version, "v1");
+        let meta = eps[0].metadata.as_ref().expect("metadata");
+        assert_eq!(meta.name, "gateway-a-web-a-4433");
+        assert_eq!(meta.namespace, "shop");
+        // The identity is left to the controller: the caller's own.
+        assert!(eps[0].spiffe_id.is_empty());
+        let eps = endpoints_to_register(&name, &a, &["cart".into(), "a".into()], "", at);
+        let names: Vec<_> = eps
+            .iter()
+            .filter_map(|e| e.metadata.as_ref().map(|m| m.name.as_str()))
+            .collect();
+        assert_eq!(names, ["gateway-a-web-cart-4433", "gateway-a-web-a-4433"]);
+        // Two workloads of one gateway serving a service each never share an endpoint name.
+        let b = endpoints_to_register(&workload_proxy_name("gateway-a", "api"), &a, &[], "", at);
+        assert_ne!(
+            b[0].metadata.as_ref().map(|m| &m.name),
+            Some(&"gateway-a-web-a-4433".to_owned())
+        );
+    }
+
+    #[test]
+    fn not_ready_names_what_is_missing_and_why() {
+        assert_eq!(not_ready_reason(&Missing::default()), None);
+        let m = Missing {
+            own: None,
+            workloads: vec![
+                (
+                    "b".into(),
+                    Some("refused: PermissionDenied: not placed on node".into()),
+                ),
+                ("c".into(), None),
+            ],
+            unconfigured: false,
+        };
+        assert_eq!(
+            not_ready_reason(&m).as_deref(),
+            Some(
+                "workload b has no certificate: refused: PermissionDenied: not placed on node; workload c has no certificate yet"
+            )
+        );
+        let m = Missing {
+            own: Some(Some("controller unreachable".into())),
+            workloads: vec![],
+            unconfigured: true,
+        };
+        assert_eq!(
+            not_ready_reason(&m).as_deref(),
+            Some(
+                "no certificate yet: controller unreachable; no configuration from the controller yet"
+            )
+        );
     }
 }
