@@ -556,6 +556,27 @@ impl State {
         Ok(r)
     }
 
+    /// The identities placed on node gateway `node` by their Identity resources
+    /// ([`crate::ca::rules::placed_on`]).
+    pub fn placed_on(&self, node: &SpiffeId) -> Result<Vec<SpiffeId>, ApiError> {
+        let identities = self.resources.list(crate::model::Kind::Identity, "")?;
+        let specs: Vec<(SpiffeId, crate::model::IdentitySpec)> = identities
+            .into_iter()
+            .filter_map(|r| match r {
+                crate::model::Resource::Identity(o) => {
+                    SpiffeId::new(node.trust_domain(), &o.metadata.namespace, &o.metadata.name)
+                        .ok()
+                        .map(|id| (id, o.spec))
+                }
+                _ => None,
+            })
+            .collect();
+        Ok(crate::ca::rules::placed_on(
+            node,
+            specs.iter().map(|(id, spec)| (id.clone(), spec)),
+        ))
+    }
+
     /// Whether `id` is revoked.
     pub fn is_revoked(&self, id: &SpiffeId) -> Result<bool, ApiError> {
         Ok(self.registry.is_revoked(id) || self.resources.is_revoked(id)?)

@@ -1,17 +1,21 @@
 #!/bin/sh
 # Fault test of the compose mesh (docker-compose.yml, mesh.sh): starts it under a unique project name and
-# networks, drives load through the load generator's sidecar to web, api and db, and injects three faults,
-# one per phase: `docker kill` (SIGKILL) of web's proxy and `docker start` again, `docker network
-# disconnect` of web from the front network and reconnect, `docker restart` of the controller. After each
-# phase it waits (bounded) until requests through the mesh succeed again, and accounts for every request:
+# networks, drives load from the load generator's app container through node A's gateway to web (on node
+# A), api and db (on node B), and injects three faults, one per phase: `docker kill` (SIGKILL) of node B's
+# gateway, kept down 4 s, and `docker start` again; `docker network disconnect` of gateway-b from the mesh
+# network and reconnect; `docker restart` of the controller. After each phase it waits (bounded) until
+# requests through the mesh succeed again, and accounts for every request:
 #
 #   - the load generator's requests (its JSON summaries and curl's probes, each ok or failed) equal the
-#     requests its sidecar counted, per service and outcome (quicmesh_requests_total by status code);
+#     requests gateway-a counted on its outbound side, per service and outcome (quicmesh_requests_total by
+#     status code; gateway-a is never the one killed, so its counters cover the whole run);
 #   - no acknowledged request is lost: each server answered at least every request the load generator saw
 #     succeed, and at most every request sent (`bench serve --stats-listen`).
 #
-# Prints what it measured; exits non-zero on the first broken check. Skipped, with the reason, without
-# Docker, Compose, curl or python3. Every wait is bounded; everything it made is removed on exit.
+# The host is not a workload of any gateway (gateway-a attributes connections by source address), so the
+# probes run in the load generator's network namespace (nsenter, hence root). Prints what it measured;
+# exits non-zero on the first broken check. Skipped, with the reason, without Docker, Compose, curl,
+# python3, nsenter or root. Every wait is bounded; everything it made is removed on exit.
 #
 #   deploy/compose/test.sh                                   # builds the images first (deploy/images/build.sh)
 #   QUICMESH_BIN_DIR=target/release deploy/compose/test.sh   # from binaries already built
@@ -26,23 +30,25 @@ docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2
     || skip "neither 'docker compose' nor 'docker-compose' is installed"
 command -v curl >/dev/null 2>&1 || skip "curl is not installed"
 command -v python3 >/dev/null 2>&1 || skip "python3 is not installed"
+command -v nsenter >/dev/null 2>&1 || skip "nsenter is not installed"
+[ "$(id -u)" = 0 ] || skip "the probes enter the load generator's network namespace (nsenter): run as root"
 
 # QM_SKIP_BUILD=1: the images are already built from these binaries (cargo's test runs images/test.sh first).
 [ "${QM_SKIP_BUILD:-0}" = 1 ] || "$here/../images/build.sh"
 
-# A unique project, state directory and pair of /24 networks (picked among unused ones).
+# A unique project, state directory and three /24 networks (picked among unused ones).
 export QM_PROJECT="qmtest$$"
 QM_STATE=$(mktemp -d)
 export QM_STATE
 used=$(docker network inspect -f '{{range .IPAM.Config}}{{.Subnet}} {{end}}' $(docker network ls -q) 2>/dev/null || true)
 n=$(($$ % 200 + 20))
 tries=0
-while echo "$used" | grep -q -e "10\.231\.$n\." -e "10\.232\.$n\."; do
+while echo "$used" | grep -q -e "10\.231\.$n\." -e "10\.232\.$n\." -e "10\.233\.$n\."; do
     n=$(((n + 1) % 250))
     tries=$((tries + 1))
-    [ "$tries" -lt 250 ] || { echo "FAIL: no free 10.231.x.0/24 and 10.232.x.0/24"; exit 1; }
+    [ "$tries" -lt 250 ] || { echo "FAIL: no free 10.231.x.0/24, 10.232.x.0/24 and 10.233.x.0/24"; exit 1; }
 done
-export QM_FRONT="10.231.$n" QM_BACK="10.232.$n" QM_NO_LOAD=1
+export QM_MESH="10.231.$n" QM_NODE_A="10.232.$n" QM_NODE_B="10.233.$n" QM_NO_LOAD=1
 mesh() { "$here/mesh.sh" "$@"; }
 loaders=""
 cleanup() {
@@ -54,7 +60,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 fail() {
     echo "FAIL: $*"
-    for s in controller web-proxy loadgen; do
+    for s in controller gateway-a gateway-b; do
         echo "--- logs $s"
         docker logs "$(mesh compose ps -q $s)" 2>&1 | tail -n 15 || true
     done
@@ -63,13 +69,14 @@ fail() {
 
 t0=$(date +%s)
 mesh up >/dev/null 2>"$QM_STATE/up.log" || { cat "$QM_STATE/up.log"; fail "mesh.sh up failed"; }
-echo "ok: mesh up in $(($(date +%s) - t0)) s (project $QM_PROJECT, networks $QM_FRONT.0/24 $QM_BACK.0/24)"
+echo "ok: mesh up in $(($(date +%s) - t0)) s (project $QM_PROJECT, networks mesh $QM_MESH.0/24, node-a $QM_NODE_A.0/24, node-b $QM_NODE_B.0/24)"
 cid_of() { mesh compose ps -q "$1"; }
 lg=$(cid_of loadgen)
-web=$(cid_of web)
-web_proxy=$(cid_of web-proxy)
+lg_pid=$(docker inspect -f '{{.State.Pid}}' "$lg")
+gateway_b=$(cid_of gateway-b)
 controller=$(cid_of controller)
-lg_admin="$QM_FRONT.20:15000"
+gw_admin="$QM_MESH.10:15000"
+gw_out="$QM_NODE_A.2"
 acct=$QM_STATE/accounting.json
 echo '{}' > "$acct"
 
@@ -104,12 +111,12 @@ json.dump(a, open(path, "w"))
 PY
 }
 
-# Checks every service's figures: client side = sidecar metrics (2xx ok, any other status failed; a
-# failure the sidecar answers itself has no upstream latency, so the duration histogram would miss it),
-# ok <= server count <= ok + failed.
+# Checks every service's figures: client side = gateway-a's outbound metrics (2xx ok, any other status
+# failed; a failure the gateway answers itself has no upstream latency, so the duration histogram would
+# miss it), ok <= server count <= ok + failed.
 check_accounts() {
-    curl -sf --max-time 5 "http://$lg_admin/metrics" > "$QM_STATE/metrics" || fail "no metrics from the loadgen sidecar"
-    for s in web:$QM_FRONT.10 api:$QM_BACK.11 db:$QM_BACK.12; do
+    curl -sf --max-time 5 "http://$gw_admin/metrics" > "$QM_STATE/metrics" || fail "no metrics from gateway-a"
+    for s in web:$QM_NODE_A.10 api:$QM_NODE_B.11 db:$QM_NODE_B.12; do
         curl -sf --max-time 5 "http://${s#*:}:9100/stats" > "$QM_STATE/stats-${s%%:*}" \
             || fail "no request count from the ${s%%:*} server"
     done
@@ -131,7 +138,7 @@ for svc in ("web", "api", "db"):
     served = json.load(open("%s/stats-%s" % (state, svc)))["requests"]
     ok = proxy_ok == a["ok"] and proxy_failed == a["failed"] and a["ok"] <= served <= a["ok"] + a["failed"]
     bad |= not ok
-    print("  %s %s: client %d ok + %d failed = %d sent; sidecar %d ok + %d failed %s; server answered %d"
+    print("  %s %s: client %d ok + %d failed = %d sent; gateway-a %d ok + %d failed %s; server answered %d"
           % ("ok:" if ok else "MISMATCH:", svc, a["ok"], a["failed"], a["ok"] + a["failed"], proxy_ok,
              proxy_failed, json.dumps(by_status), served))
 sys.exit(1 if bad else 0)
@@ -146,7 +153,7 @@ phase() {
         c="$QM_PROJECT-load-${s%%:*}"
         loaders="$loaders $c"
         docker run -d --name "$c" --network "container:$lg" "quicmesh-controller:${QM_TAG:-dev}" \
-            bench load --target "127.0.0.1:${s#*:}" --rate 50 --connections 4 --duration "${1}s" \
+            bench load --target "$gw_out:${s#*:}" --rate 50 --connections 4 --duration "${1}s" \
             --timeout 15s --json >/dev/null
     done
     sleep 2
@@ -172,7 +179,7 @@ recover() {
     i=0
     while [ "$streak" -lt 5 ]; do
         [ "$i" -lt 300 ] || fail "$1 not reachable through the mesh 30 s after $3"
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 15 -d probe "http://$QM_FRONT.20:$port/probe" || true)
+        code=$(nsenter -t "$lg_pid" -n curl -s -o /dev/null -w '%{http_code}' --max-time 15 -d probe "http://$gw_out:$port/probe" || true)
         account curl "$1" "$code"
         if [ "$code" = 200 ]; then streak=$((streak + 1)); else streak=0; sleep 0.1; fi
         i=$((i + 1))
@@ -181,16 +188,16 @@ recover() {
 }
 
 no_fault() { :; }
-kill_proxy() {
-    docker kill -s KILL "$web_proxy" >/dev/null
+kill_gateway() {
+    docker kill -s KILL "$gateway_b" >/dev/null
     sleep 4
-    [ "$(docker inspect -f '{{.State.Running}}' "$web_proxy")" = false ] || fail "web's proxy survived SIGKILL"
-    docker start "$web_proxy" >/dev/null
+    [ "$(docker inspect -f '{{.State.Running}}' "$gateway_b")" = false ] || fail "gateway-b survived SIGKILL"
+    docker start "$gateway_b" >/dev/null
 }
 disconnect() {
-    docker network disconnect "${QM_PROJECT}_front" "$web"
+    docker network disconnect "${QM_PROJECT}_mesh" "$gateway_b"
     sleep 2
-    docker network connect --ip "$QM_FRONT.10" "${QM_PROJECT}_front" "$web"
+    docker network connect --ip "$QM_MESH.11" "${QM_PROJECT}_mesh" "$gateway_b"
 }
 restart_controller() {
     docker restart -t 10 "$controller" >/dev/null
@@ -214,7 +221,7 @@ sys.exit(0 if {r["service"] for r in rows if r["requests"] > 0} >= {"web.demo", 
 phase 4 no_fault
 check_accounts "a phase without faults"
 stat_shows_traffic "under load"
-for f in kill_proxy disconnect restart_controller; do
+for f in kill_gateway disconnect restart_controller; do
     phase 6 "$f"
     recover web 9001 "$f"
     recover api 9002 "$f"

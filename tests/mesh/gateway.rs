@@ -239,11 +239,11 @@ async fn probe(d: &Path, target: SocketAddr, name: &str, sni: &str) -> (bool, St
 /// Controller mode: the node authenticates once (its join token) and asks for its workloads'
 /// certificates with its own. The controller signs `a` (placed on this node by its Identity resource)
 /// and refuses `b` (placed on another node), `c` (placed nowhere) and the node's own identity by this
-/// way; a caller without a node certificate gets nothing. Then a gateway process does the same by
-/// itself: it presents `a`'s certificate when asked for `a`, and none for `b`.
+/// way; a caller without a node certificate gets nothing. (A gateway process doing the same by itself
+/// is the next test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_controller_mode_a_node_obtains_only_the_identities_placed_on_it() {
-    use crate::controller_mode::{admin_client, join_token, spawn, start_controller};
+    use crate::controller_mode::{admin_client, join_token, start_controller};
     use quicmesh_controller::client;
     use quicmesh_proto::controller as pb;
     use quicmesh_transport::identity::ca::generate_csr;
@@ -339,62 +339,249 @@ async fn in_controller_mode_a_node_obtains_only_the_identities_placed_on_it() {
         .await
         .expect_err("no node certificate");
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+}
 
-    // A gateway process: the node joins with a fresh token and asks for a and b by itself.
-    let token = join_token(addr, &bundle, &admin_token, "node-1").await;
-    std::fs::write(d.join("gw.token"), &token).expect("token");
-    let (app, _) = http_app().await;
-    let cfg = format!(
-        "[controller]\naddress = \"{addr}\"\ntrust_bundle = \"{}\"\njoin_token_file = \"gw.token\"\nidentity = \"{}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\n\n[[workload]]\nname = \"a\"\nidentity = \"{}\"\nsources = [\"127.0.0.2\"]\nports = [{{ port = 80, app = \"{app}\" }}]\n\n[[workload]]\nname = \"b\"\nidentity = \"{}\"\nsources = [\"127.0.0.3\"]\nports = [{{ port = 80, app = \"{app}\" }}]\n",
-        bundle.display(),
-        node("node-1"),
+/// Applies Service `name` in `default` (HTTP on port 80, served by the account named like it).
+async fn http_service(admin: &mut quicmesh_controller::client::Admin, name: &str) {
+    use quicmesh_proto::controller as pb;
+    admin
+        .apply(pb::Resource {
+            resource: Some(pb::resource::Resource::Service(pb::Service {
+                metadata: Some(pb::Metadata {
+                    name: name.into(),
+                    namespace: "default".into(),
+                    ..Default::default()
+                }),
+                ports: vec![pb::ServicePort {
+                    port: 80,
+                    protocol: pb::PortProtocol::Http as i32,
+                    name: String::new(),
+                }],
+                versions: vec![],
+                identities: vec![],
+            })),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("service {name}: {e}"));
+}
+
+/// Places Identity `sa` in `default` on `node`.
+async fn place(admin: &mut quicmesh_controller::client::Admin, sa: &str, node: &str) {
+    use quicmesh_proto::controller as pb;
+    admin
+        .apply(pb::Resource {
+            resource: Some(pb::resource::Resource::Identity(pb::Identity {
+                metadata: Some(pb::Metadata {
+                    name: sa.into(),
+                    namespace: "default".into(),
+                    ..Default::default()
+                }),
+                nodes: vec![node.into()],
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("place {sa} on {node}: {e}"));
+}
+
+/// Controller mode, as processes: a gateway (node `node-1`) with workloads `a` and `b`, of which
+/// only `a` is placed on its node at first. `/ready` says 503 naming `b` and the controller's refusal;
+/// once `b` is placed the gateway turns ready. Each workload registered its service's endpoint under
+/// its own identity (`ctl proxies` lists each), so a client sidecar that knows only the controller
+/// reaches `a` through the endpoint the controller hands out, and `a`'s app sees the client's
+/// identity. When the gateway drains, its workloads' endpoints are withdrawn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_in_controller_mode_registers_its_workloads_and_is_ready_once_all_are_certified()
+{
+    use crate::controller_mode::{
+        Join, admin_client, join_token, proxy_config, spawn, start_controller,
+    };
+    use quicmesh_proto::controller as pb;
+    use tokio::io::AsyncBufReadExt;
+
+    raise_fd_limit();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let controller = start_controller(d, "127.0.0.1:0", "1h").await;
+    let addr = controller.addr("grpc");
+    let admin_token = controller.admin_token();
+    let bundle = controller.trust_bundle();
+    let mut admin = admin_client(addr, &bundle, &admin_token).await;
+    for s in ["a", "b"] {
+        http_service(&mut admin, s).await;
+    }
+    place(&mut admin, "a", &id("node-1")).await;
+
+    // The gateway's admin port is fixed beforehand: it prints its ready line only once ready.
+    let admin_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let gw_admin = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let (app_a, _) = http_app().await;
+    let (app_b, _) = http_app().await;
+    let body = format!(
+        "[inbound]\nlisten = \"127.0.0.1:0\"\n\n[[workload]]\nname = \"a\"\nidentity = \"{}\"\nsources = [\"127.0.0.2\"]\nports = [{{ port = 80, app = \"{app_a}\" }}]\n\n[[workload]]\nname = \"b\"\nidentity = \"{}\"\nsources = [\"127.0.0.3\"]\nports = [{{ port = 80, app = \"{app_b}\" }}]\n",
         id("a"),
         id("b"),
     );
-    std::fs::write(d.join("gw.toml"), cfg).expect("config");
-    let gw = spawn(
-        &[
-            "proxy",
-            "--config",
-            d.join("gw.toml").to_str().expect("utf8"),
-        ],
-        &d.join("gw.log"),
+    let join = Join {
+        controller: addr,
+        bundle: &bundle,
+        token: join_token(addr, &bundle, &admin_token, "node-1").await,
+        sa: "node-1",
+    };
+    let cfg = proxy_config(d, "gw", &join, "", &body);
+    let text = std::fs::read_to_string(&cfg)
+        .expect("config")
+        .replace(
+            "listen = \"127.0.0.1:0\"\n\n[inbound]",
+            &format!("listen = \"{gw_admin}\"\n\n[inbound]"),
+        )
+        .replace("[controller]\n", "[controller]\nproxy_name = \"gw\"\n");
+    std::fs::write(&cfg, text).expect("config");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(d.join("gw.log"))
+        .expect("log");
+    let mut gw = tokio::process::Command::new(QUICMESH)
+        .args(["proxy", "--config", cfg.to_str().expect("utf8")])
+        .env("QUICMESH_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the gateway");
+    let mut lines = tokio::io::BufReader::new(gw.stdout.take().expect("stdout")).lines();
+
+    // Not ready while b has no certificate, and /ready says which workload and why.
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (named, last) = loop {
+        let last = if tokio::net::TcpStream::connect(gw_admin).await.is_ok() {
+            scrape(gw_admin, "/ready").await
+        } else {
+            (0, String::new())
+        };
+        let named =
+            last.0 == 503 && last.1.contains("workload b") && last.1.contains("not placed on node");
+        if named || tokio::time::Instant::now() >= until {
+            break (named, last);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(named, "/ready names the refused workload: {last:?}");
+    assert!(!last.1.contains("workload a"), "a is certified: {last:?}");
+
+    // Placed: the gateway's next attempt for b succeeds and it turns ready.
+    place(&mut admin, "b", &id("node-1")).await;
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the gateway is ready within 30 s of b's placement")
+        .expect("read stdout")
+        .expect("a ready line");
+    let ready: serde_json::Value = serde_json::from_str(&line).expect("ready JSON");
+    assert_eq!(ready["event"], "ready", "{line}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    assert_eq!(scrape(gw_admin, "/ready").await.0, 200);
+    let inbound = ready_addr(&ready, "/inbound");
+
+    // Each workload registered its endpoint (the gateway's inbound address) under its own identity,
+    // and follows the controller under a name of its own.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (registered, listed) = loop {
+        let listed = admin
+            .list(pb::ListRequest {
+                kind: pb::Kind::Endpoint as i32,
+                namespace: "default".into(),
+            })
+            .await
+            .expect("list endpoints")
+            .into_inner()
+            .items;
+        if listed.len() == 2 || tokio::time::Instant::now() >= until {
+            break (listed.len() == 2, listed);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(registered, "two endpoints: {listed:?}");
+    let mut seen: Vec<(String, String, String)> = listed
+        .iter()
+        .filter_map(|r| match &r.resource {
+            Some(pb::resource::Resource::Endpoint(e)) => {
+                Some((e.service.clone(), e.spiffe_id.clone(), e.address.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("a".to_owned(), id("a"), inbound.to_string()),
+            ("b".to_owned(), id("b"), inbound.to_string())
+        ]
+    );
+    let proxies = admin
+        .list_proxies(pb::ListProxiesRequest::default())
+        .await
+        .expect("list proxies")
+        .into_inner()
+        .proxies;
+    let mut names: Vec<&str> = proxies.iter().map(|p| p.proxy_name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["gw", "gw-a", "gw-b"], "{proxies:?}");
+
+    // A client sidecar that knows only the controller reaches a through that endpoint.
+    let join = Join {
+        controller: addr,
+        bundle: &bundle,
+        token: join_token(addr, &bundle, &admin_token, "client").await,
+        sa: "client",
+    };
+    let cfg = proxy_config(
+        d,
+        "client",
+        &join,
+        "",
+        "[[outbound]]\nlisten = \"127.0.0.1:0\"\nservice = \"a\"\nport = 80\n",
+    );
+    let client = spawn(
+        &["proxy", "--config", cfg.to_str().expect("utf8")],
+        &d.join("client.log"),
     )
     .await;
-    let inbound = gw.addr("inbound");
-    let sni = |sa: &str| {
-        ServerNames::from_ids([id(sa).parse::<SpiffeId>().expect("id")])
-            .sni()
-            .to_string()
-    };
-    // The workload's certificate comes after the node's (the ready line): ask until it is there.
-    let until = tokio::time::Instant::now() + Duration::from_secs(20);
-    let got_a = loop {
-        let got = probe(d, inbound, "node", &sni("a")).await;
-        if got.0 || tokio::time::Instant::now() >= until {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        let got = get_from("127.0.0.1", client.outbound()).await;
+        if matches!(got, Ok((200, _))) || tokio::time::Instant::now() >= until {
             break got;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let came = got_a.0;
-    assert!(came, "a's certificate through the node: {got_a:?}");
-    assert_eq!(got_a.2, id("a"));
-    let refused = eventually(Duration::from_secs(10), || async {
-        metric(
-            &gw.metrics().await,
-            "quicmesh_identity_certify_total",
-            &["result=\"error\""],
-        ) >= 1.0
-    })
-    .await;
-    assert!(refused, "b's refusal counted:\n{}", gw.metrics().await);
-    let (ok, _, server) = probe(d, inbound, "node", &sni("b")).await;
-    assert!(!ok, "b was never certified, yet presented {server}");
-    let log = std::fs::read_to_string(d.join("gw.log")).unwrap_or_default();
-    assert!(
-        log.contains("not placed on node"),
-        "the controller's reason reaches the gateway's log:\n{log}"
-    );
+    let seen = match got {
+        Ok((200, seen)) => seen,
+        other => panic!("client -> a through the controller's endpoint: {other:?}"),
+    };
+    assert_eq!(seen, id("client"), "a's app sees the client's own identity");
+
+    // Draining withdraws the workloads' endpoints.
+    sigterm(gw.id().expect("running"));
+    let status = tokio::time::timeout(Duration::from_secs(15), gw.wait())
+        .await
+        .expect("the gateway drains within 15 s")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    let left = admin
+        .list(pb::ListRequest {
+            kind: pb::Kind::Endpoint as i32,
+            namespace: "default".into(),
+        })
+        .await
+        .expect("list endpoints")
+        .into_inner()
+        .items;
+    assert!(left.is_empty(), "withdrawn on drain: {left:?}");
 }
 
 /// An HTTP app on `10.77.N.2:8080` that answers every GET with the `x-quicmesh-client-id` it got.

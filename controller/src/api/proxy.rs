@@ -521,6 +521,8 @@ impl ProxyApi for ProxyService {
         let snap = self.state.subscribe().borrow().clone();
         let index = self.services.of(&snap);
         let td = self.state.trust_domain();
+        // A node gateway serves (and reports) on behalf of the identities placed on it.
+        let placed = self.state.placed_on(&id).unwrap_or_default();
         let edges = stats::validate(
             &id,
             &body,
@@ -530,7 +532,8 @@ impl ProxyApi for ProxyService {
                     .get(svc)
                     .and_then(|i| snap.services.get(*i))
                     .is_some_and(|s| {
-                        crate::naming::server_names(td, s).is_ok_and(|n| n.allows(&id))
+                        crate::naming::server_names(td, s)
+                            .is_ok_and(|n| n.allows(&id) || placed.iter().any(|w| n.allows(w)))
                     })
             },
         )

@@ -166,6 +166,19 @@ pub fn may_certify_for_node(
     }
 }
 
+/// The identities placed on node gateway `node`, among `identities` (each one's SPIFFE ID and Identity
+/// spec): what the node serves on their behalf, so its traffic reports may name their services.
+pub fn placed_on<'a>(
+    node: &SpiffeId,
+    identities: impl IntoIterator<Item = (SpiffeId, &'a IdentitySpec)>,
+) -> Vec<SpiffeId> {
+    identities
+        .into_iter()
+        .filter(|(w, spec)| may_certify_for_node(node, w, Some(spec)).is_ok())
+        .map(|(w, _)| w)
+        .collect()
+}
+
 /// Whether `granted` may be issued a certificate, given whether it is revoked.
 pub fn may_issue(granted: &SpiffeId, revoked: bool) -> Result<(), IssueRefusal> {
     if granted.namespace() == SYSTEM_NAMESPACE {
@@ -199,6 +212,33 @@ pub fn group_ready(queued: usize, arriving: usize, max: usize, waited_out: bool)
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_node_serves_on_behalf_of_the_identities_placed_on_it_only() {
+        use super::*;
+        let id = |s: &str| -> SpiffeId { s.parse().expect("id") };
+        let node = id("spiffe://t/ns/nodes/sa/a");
+        let spec = |nodes: &[&str]| IdentitySpec {
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
+        let (here, there, none) = (
+            spec(&["spiffe://t/ns/nodes/sa/a", "spiffe://t/ns/nodes/sa/b"]),
+            spec(&["spiffe://t/ns/nodes/sa/b"]),
+            spec(&[]),
+        );
+        let got = placed_on(
+            &node,
+            [
+                (id("spiffe://t/ns/demo/sa/web"), &here),
+                (id("spiffe://t/ns/demo/sa/api"), &there),
+                (id("spiffe://t/ns/demo/sa/db"), &none),
+                // Never the node itself, even if listed.
+                (id("spiffe://t/ns/nodes/sa/a"), &here),
+            ],
+        );
+        assert_eq!(got, [id("spiffe://t/ns/demo/sa/web")]);
+    }
+
     use super::*;
 
     #[test]
