@@ -91,7 +91,7 @@ fn images_start_and_the_compose_mesh_recovers_from_faults_with_every_request_acc
         eprintln!("skipped: the deploy Docker tests need a working Docker daemon ({why})");
         return;
     }
-    // About 20 s and 60 s alone; the bounds leave room for a suite running beside them on two cores.
+    // About 20 s and 70 s alone; the bounds leave room for a suite running beside them on two cores.
     run_script("deploy/images/test.sh", 90, &[]);
     // The images were just built from the same binaries.
     run_script("deploy/compose/test.sh", 180, &[("QM_SKIP_BUILD", "1")]);
@@ -106,20 +106,27 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 4, "manifests in {}", dir.display());
+    assert!(files.len() >= 5, "manifests in {}", dir.display());
+    assert!(
+        files.iter().any(|f| f.ends_with("node-gateway.yaml")),
+        "the node gateway DaemonSet is validated with the rest"
+    );
 
-    // The sidecar's proxy configuration (a ConfigMap) is one the proxy accepts.
-    let example = std::fs::read_to_string(dir.join("sidecar-example.yaml")).expect("example");
-    let toml: String = example
-        .split("proxy.toml: |\n")
-        .nth(1)
-        .expect("the example has a proxy.toml")
-        .lines()
-        .take_while(|l| l.is_empty() || l.starts_with("    "))
-        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
-        .collect();
-    quicmesh_transport::ProxyConfig::parse(Path::new("/etc/quicmesh/proxy.toml"), &toml)
-        .unwrap_or_else(|e| panic!("the example's proxy.toml: {e}\n{toml}"));
+    // The proxy configurations the manifests show (the sidecar's ConfigMap, the node gateway's
+    // example of a node's file) are ones the proxy accepts.
+    for name in ["sidecar-example.yaml", "node-gateway.yaml"] {
+        let text = std::fs::read_to_string(dir.join(name)).expect("manifest");
+        let toml: String = text
+            .split("proxy.toml: |\n")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{name} has a proxy.toml"))
+            .lines()
+            .take_while(|l| l.is_empty() || l.starts_with("    "))
+            .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+            .collect();
+        quicmesh_transport::ProxyConfig::parse(Path::new("/etc/quicmesh/proxy.toml"), &toml)
+            .unwrap_or_else(|e| panic!("{name}'s proxy.toml: {e}\n{toml}"));
+    }
 
     let probe = Command::new("kubernetes-validate")
         .arg("--version")

@@ -136,22 +136,19 @@ pub async fn run(args: &ProxyArgs) -> Result<(), RunError> {
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let creds = proxy.credentials().clone();
-    let readiness = proxy.readiness();
-    tokio::select! {
-        _ = readiness.wait() => {}
-        _ = &mut shutdown => {
-            tracing::info!("stopped before the first certificate arrived");
-            return Ok(());
-        }
-    }
     let mut ready = serde_json::to_value(proxy.addresses())?;
-    ready["event"] = "ready".into();
-    if let Some(leaf) = creds.leaf() {
-        ready["id"] = leaf.info.id.to_string().into();
-        ready["cert_not_after_unix"] = leaf.info.not_after.unix_timestamp().into();
-    }
-    println!("{ready}");
-    proxy.run(shutdown).await;
+    // The ready line is printed once the proxy reports ready: its certificate (a gateway: every
+    // workload's too) and, in controller mode, its first configuration. The admin endpoint serves
+    // before that, so `/ready` says what is missing.
+    let print_ready = move || {
+        ready["event"] = "ready".into();
+        if let Some(leaf) = creds.leaf() {
+            ready["id"] = leaf.info.id.to_string().into();
+            ready["cert_not_after_unix"] = leaf.info.not_after.unix_timestamp().into();
+        }
+        println!("{ready}");
+    };
+    proxy.run_notify(shutdown, print_ready).await;
     Ok(())
 }
 

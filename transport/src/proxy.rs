@@ -1035,6 +1035,16 @@ impl Proxy {
 
     /// Serves until `shutdown` resolves, then drains.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        self.run_notify(shutdown, || {}).await;
+    }
+
+    /// [`Proxy::run`], calling `on_ready` once the proxy reports ready (`/ready` answers 200). The
+    /// admin endpoint serves from the start, so `/ready` can say what is missing meanwhile.
+    pub async fn run_notify(
+        self,
+        shutdown: impl Future<Output = ()>,
+        on_ready: impl FnOnce() + Send + 'static,
+    ) {
         let drain = self.drain.clone();
         // Removed at the end of the drain (dropped when this function returns).
         let _capture_rules = self.capture_rules;
@@ -1071,6 +1081,7 @@ impl Proxy {
                 ready.store(true, Ordering::Release);
                 let id = creds.id().map(|i| i.to_string()).unwrap_or_default();
                 tracing::info!(%id, ?addresses, "proxy ready");
+                on_ready();
             })
         };
 
