@@ -522,15 +522,27 @@ async fn a_gateway_in_controller_mode_registers_its_workloads_and_is_ready_once_
             ("b".to_owned(), id("b"), inbound.to_string())
         ]
     );
-    let proxies = admin
-        .list_proxies(pb::ListProxiesRequest::default())
-        .await
-        .expect("list proxies")
-        .into_inner()
-        .proxies;
-    let mut names: Vec<&str> = proxies.iter().map(|p| p.proxy_name.as_str()).collect();
-    names.sort_unstable();
-    assert_eq!(names, ["gw", "gw-a", "gw-b"], "{proxies:?}");
+    // Each workload's Watch follows its registration on the same connection: wait for both.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let names = loop {
+        let proxies = admin
+            .list_proxies(pb::ListProxiesRequest::default())
+            .await
+            .expect("list proxies")
+            .into_inner()
+            .proxies;
+        let mut names: Vec<String> = proxies.into_iter().map(|p| p.proxy_name).collect();
+        names.sort_unstable();
+        if names == ["gw", "gw-a", "gw-b"] || tokio::time::Instant::now() >= until {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        names,
+        ["gw", "gw-a", "gw-b"],
+        "ctl proxies lists the gateway and each workload"
+    );
 
     // A client sidecar that knows only the controller reaches a through that endpoint.
     let join = Join {
