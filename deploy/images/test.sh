@@ -48,15 +48,15 @@ wait_ready() {
 }
 
 docker network create "$id" >/dev/null
-docker run -d --name "$id-controller" --network "$id" quicmesh-controller:dev \
+docker run -d --name "$id-controller" --network "$id" "quicmesh-controller:${QUICMESH_IMAGE_TAG:-dev}" \
     controller --data-dir /data --listen 0.0.0.0:7443 --trust-domain mesh.local >/dev/null
 wait_ready "$id-controller" 30
 echo "ok: controller ready"
 
 # A development CA and a leaf, made by the image's own CLI, as the image's user.
 chmod 0777 "$dir"
-docker run --rm -v "$dir:/pki" quicmesh-controller:dev ca init --dir /pki >/dev/null
-docker run --rm -v "$dir:/pki" quicmesh-controller:dev \
+docker run --rm -v "$dir:/pki" "quicmesh-controller:${QUICMESH_IMAGE_TAG:-dev}" ca init --dir /pki >/dev/null
+docker run --rm -v "$dir:/pki" "quicmesh-controller:${QUICMESH_IMAGE_TAG:-dev}" \
     ca issue --dir /pki --id spiffe://mesh.local/ns/default/sa/echo --out /pki/server >/dev/null
 cat > "$dir/proxy.toml" <<TOML
 drain_grace = "2s"
@@ -71,7 +71,7 @@ listen = "0.0.0.0:4433"
 ports = [{ port = 7, app = "127.0.0.1:7" }]
 TOML
 chmod 0644 "$dir/proxy.toml"
-docker run -d --name "$id-proxy" --network "$id" -v "$dir:/etc/quicmesh:ro" quicmesh-proxy:dev >/dev/null
+docker run -d --name "$id-proxy" --network "$id" -v "$dir:/etc/quicmesh:ro" "quicmesh-proxy:${QUICMESH_IMAGE_TAG:-dev}" >/dev/null
 wait_ready "$id-proxy" 30
 echo "ok: proxy ready"
 ip=$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$id-proxy")
