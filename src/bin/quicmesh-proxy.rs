@@ -11,6 +11,11 @@ struct Args {
     proxy: ProxyArgs,
 }
 
+/// mimalloc instead of the C library's allocator: the request path allocates per request (hyper,
+/// h2, quinn), and glibc's malloc was ~15% of a proxy's instructions per HTTP/2 request.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     cli::init_logging();

@@ -23,7 +23,7 @@ use hyper::{
     body::{Body, Frame, Incoming},
     client::conn::{http1, http2},
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::io::StreamBody;
@@ -155,7 +155,7 @@ impl AppClients {
             Some(s) => s,
             None => {
                 let io = self.connect(app.addr).await?;
-                let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                let (sender, conn) = http2::handshake(super::BoxedSpawn, io)
                     .await
                     .map_err(|e| AppError::Connect(format!("{}: {e}", app.addr)))?;
                 tokio::spawn(async move {

@@ -20,10 +20,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, Version};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Body, Frame, Incoming};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
+use hyper_util::{rt::TokioIo, server::conn::auto};
 use tokio::{net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -69,7 +66,7 @@ pub(crate) async fn serve(svc: Arc<Service>, tcp: TcpStream, grpc: bool, drain: 
             })
         }
     });
-    let mut b = auto::Builder::new(TokioExecutor::new());
+    let mut b = auto::Builder::new(super::BoxedSpawn);
     // Heads beyond the limit get 431; malformed requests get 400 and a closed connection (hyper).
     b.http1().max_buf_size(MAX_HEAD).keep_alive(true);
     b.http2()

@@ -316,7 +316,8 @@ impl Conn {
                     let pm = pm.clone();
                     let lane = lane.clone();
                     let span = tracing::debug_span!("stream", id = %send.id());
-                    drain.tracker.spawn(
+                    // Boxed: moved once into its task instead of through every frame of the spawn.
+                    drain.tracker.spawn(Box::pin(
                         this.read_then_serve(
                             send,
                             recv,
@@ -327,7 +328,7 @@ impl Conn {
                             drain.clone(),
                         )
                         .instrument(span),
-                    );
+                    ));
                 }
                 Err(e) => {
                     tracing::debug!(%peer, reason = %e, "connection ended");
