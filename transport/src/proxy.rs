@@ -1054,21 +1054,12 @@ impl Proxy {
                 .explain(move || not_ready_reason(&explain.missing()))
                 .run(),
         );
-        let mut listeners = Vec::new();
-        if let Some(i) = self.inbound {
-            listeners.push(tokio::spawn(i.run(drain.clone())));
-        }
-        for o in self.outbound {
-            listeners.push(tokio::spawn(o.run(drain.clone())));
-        }
-        if let Some(c) = self.capture {
-            listeners.push(tokio::spawn(c.run(drain.clone())));
-        }
-        if let Some(i) = self.ingress {
-            listeners.push(tokio::spawn(i.run(drain.clone())));
-        }
-        // Ready once a certificate is held: at once in static mode, after bootstrap and the first
-        // snapshot in controller mode.
+        // The data listeners start once the proxy is ready (a certificate held: at once in static
+        // mode, after bootstrap and the first snapshot in controller mode; a gateway's workloads
+        // certified too): until then an application's connections wait in the listen backlog
+        // instead of being accepted and failed.
+        let (inbound, outbound, capture, ingress) =
+            (self.inbound, self.outbound, self.capture, self.ingress);
         let mark_ready = {
             let (ready, readiness, addresses) = (
                 self.ready.clone(),
@@ -1076,18 +1067,34 @@ impl Proxy {
                 self.addresses.clone(),
             );
             let creds = self.creds.clone();
+            let drain = drain.clone();
             tokio::spawn(async move {
                 readiness.wait().await;
+                let mut listeners = Vec::new();
+                if let Some(i) = inbound {
+                    listeners.push(tokio::spawn(i.run(drain.clone())));
+                }
+                for o in outbound {
+                    listeners.push(tokio::spawn(o.run(drain.clone())));
+                }
+                if let Some(c) = capture {
+                    listeners.push(tokio::spawn(c.run(drain.clone())));
+                }
+                if let Some(i) = ingress {
+                    listeners.push(tokio::spawn(i.run(drain.clone())));
+                }
                 ready.store(true, Ordering::Release);
                 let id = creds.id().map(|i| i.to_string()).unwrap_or_default();
                 tracing::info!(%id, ?addresses, "proxy ready");
                 on_ready();
+                listeners
             })
         };
 
         shutdown.await;
+        // Stopped before ready: no listener was started (the task only waits before starting them).
         mark_ready.abort();
-        let _ = mark_ready.await;
+        let listeners = mark_ready.await.unwrap_or_default();
         self.ready.store(false, Ordering::Release);
         let open: i64 = [Direction::Outbound, Direction::Inbound]
             .into_iter()
