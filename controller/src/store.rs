@@ -22,7 +22,7 @@ pub mod etcd;
 pub const SCHEMA_VERSION: u64 = 1;
 
 /// The named collections of the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Tree {
     /// Revision, schema version, admin token hash.
     Meta,
@@ -160,6 +160,9 @@ pub enum Op {
     Delete(Tree, String),
 }
 
+/// A key a guarded write read, and the value its checks saw (`None`: absent); see [`Store::apply_if`].
+pub type Expect = (Tree, String, Option<Vec<u8>>);
+
 /// Storage of the controller state. Implementations must make `commit` atomic and durable.
 pub trait Store: Send + Sync + 'static {
     /// The revision of the last committed batch (0 for a new store).
@@ -178,6 +181,15 @@ pub trait Store: Send + Sync + 'static {
     /// `base` (the one the caller's checks read), else fails with [`StoreError::Conflict`] and applies
     /// nothing. The batch is visible at once but durable only after [`Store::sync`].
     fn apply(&self, base: u64, ops: Vec<Op>) -> Result<u64, StoreError>;
+    /// Applies `ops` atomically, like [`Store::apply`], if every key of `expect` still holds the value
+    /// given (`None`: absent), whatever else changed since: for a write whose checks read only those
+    /// keys (issuance), so that writers on other controllers touching other keys do not conflict with
+    /// it. Fails with [`StoreError::Conflict`] otherwise. A store only this process writes needs no
+    /// comparison: the caller's [`Db::lock`] keeps what its checks read.
+    fn apply_if(&self, expect: Vec<Expect>, ops: Vec<Op>) -> Result<u64, StoreError> {
+        let _ = expect;
+        self.apply(self.revision(), ops)
+    }
     /// Makes every applied batch durable. Concurrent callers share one flush (group commit).
     fn sync(&self) -> Result<(), StoreError>;
     /// Brings this process's view up to the store's latest committed batch (after a
@@ -497,6 +509,31 @@ impl Db {
             Ok(rev)
         })
         .await
+    }
+
+    /// Applies `ops` while `guard` is held if every key of `expect` still holds the value given
+    /// ([`Store::apply_if`]), releases it, then waits for the flush.
+    pub async fn commit_if(
+        &self,
+        guard: WriteGuard<'_>,
+        expect: Vec<Expect>,
+        ops: Vec<Op>,
+    ) -> Result<u64, StoreError> {
+        let store = self.store.clone();
+        let WriteGuard { lock, .. } = guard;
+        blocking(move || {
+            let rev = store.apply_if(expect, ops);
+            drop(lock);
+            let rev = rev?;
+            store.sync()?;
+            Ok(rev)
+        })
+        .await
+    }
+
+    /// One value as stored (what a guarded write expects, see [`Store::apply_if`]).
+    pub fn raw(&self, tree: Tree, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.store.get(tree, key)
     }
 
     /// See [`Store::catch_up`].

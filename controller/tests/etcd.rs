@@ -341,6 +341,84 @@ async fn a_join_token_spent_on_one_controller_is_refused_on_the_others() {
 }
 
 #[tokio::test]
+async fn issuance_through_three_controllers_at_once_fails_no_call_and_counts_every_use() {
+    if skip("issuance_through_three_controllers_at_once_fails_no_call_and_counts_every_use") {
+        return;
+    }
+    let etcd = cluster().await;
+    let (nodes, token) = three(&etcd.url()).await;
+    let mut admin_a = nodes[0].admin(&token).await;
+    // One reusable token: every certificate, whichever controller signs it, counts a use of the same
+    // record, so the three controllers' batches meet over it (and over the root's leaf expiry).
+    let join = admin_a
+        .create_join_token(pb::CreateJoinTokenRequest {
+            namespace: "shop".into(),
+            service_account: "cart".into(),
+            ttl_seconds: 0,
+            reusable: true,
+        })
+        .await
+        .expect("token")
+        .into_inner()
+        .token;
+    let spiffe = SpiffeId::new(TD, "shop", "cart").expect("id");
+    let (csr, _key) = generate_csr(&spiffe).expect("csr");
+    const PER_NODE: usize = 300;
+    let mut calls = Vec::new();
+    for n in &nodes {
+        let proxy = n.proxy(None).await;
+        for _ in 0..PER_NODE {
+            let (mut proxy, join, csr) = (proxy.clone(), join.clone(), csr.clone());
+            calls.push(tokio::spawn(async move {
+                proxy
+                    .certify(pb::CertifyRequest {
+                        csr_pem: csr,
+                        join_token: join,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner().cert_chain_pem[0].clone())
+            }));
+        }
+    }
+    let mut leaves = std::collections::HashSet::new();
+    for c in calls {
+        let leaf = c
+            .await
+            .expect("task")
+            .expect("every call gets its certificate");
+        leaves.insert(leaf);
+    }
+    let n = nodes.len() * PER_NODE;
+    assert_eq!(leaves.len(), n, "a distinct leaf per call");
+    let uses = admin_a
+        .list_join_tokens(pb::ListJoinTokensRequest {})
+        .await
+        .expect("tokens")
+        .into_inner()
+        .tokens
+        .iter()
+        .find(|t| t.reusable)
+        .map(|t| t.uses)
+        .expect("the reusable token");
+    assert_eq!(uses as usize, n, "no use lost between controllers");
+    let serials: std::collections::HashSet<String> = admin_a
+        .list_issued_certificates(pb::ListIssuedCertificatesRequest { limit: 1000 })
+        .await
+        .expect("audit")
+        .into_inner()
+        .certificates
+        .into_iter()
+        .map(|c| c.serial_hex)
+        .collect();
+    assert_eq!(
+        serials.len(),
+        n,
+        "one audit record per certificate, none overwritten"
+    );
+}
+
+#[tokio::test]
 async fn a_controller_with_another_kek_refuses_to_start_and_a_newer_schema_is_refused() {
     if skip("a_controller_with_another_kek_refuses_to_start_and_a_newer_schema_is_refused") {
         return;

@@ -13,6 +13,10 @@
 //! builds before it swaps the state in) and records when it holds the new version: the time from
 //! `Apply` to enforced, per proxy and for all.
 //!
+//! `--controllers N` (with `--store`) runs N controller processes on the same etcd, as a replicated
+//! control plane: watchers and Certify connections are spread over them round-robin, the timed change
+//! is applied through the first, and each controller's resident memory is reported.
+//!
 //! `--reporters N` measures traffic reports instead (`quicmesh_bench::reporters`): N simulated
 //! proxies watch and report, and the controller's memory, CPU and `GetStats` totals are checked.
 
@@ -48,6 +52,11 @@ struct Args {
     /// gRPC connections shared by the callers.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Reusable join tokens the callers spread over (caller i spends token i mod N): with one, every
+    /// certificate counts a use of the same token record, the worst case for controllers sharing a
+    /// store (they conflict over it); proxies usually hold tokens of their own.
+    #[arg(long, default_value_t = 1)]
+    tokens: usize,
     /// Distinct CSRs generated up front (callers reuse them; key generation is the proxy's cost).
     #[arg(long, default_value_t = 64)]
     csrs: usize,
@@ -105,6 +114,13 @@ struct Args {
     /// With --reporters: mean requests (or TCP connections) a second on each edge of each proxy.
     #[arg(long, default_value_t = 20.0)]
     report_edge_rps: f64,
+    /// Controller processes on the same `--store` (etcd), sharing one key-encryption key; watchers and
+    /// Certify connections are spread over them, changes are applied through the first.
+    #[arg(long, default_value_t = 1)]
+    controllers: usize,
+    /// Internal: the key-encryption key (base64) of a `--serve` controller.
+    #[arg(long, hide = true)]
+    kek: Option<String>,
     /// Internal: be the controller (prints `{"addr","token","bundle"}`, serves until stdin closes).
     #[arg(long, hide = true)]
     serve: bool,
@@ -192,6 +208,7 @@ async fn serve(args: &Args) -> Result<(), AnyError> {
                 }
                 None => None,
             },
+            kek: args.kek.clone(),
             ..StateOptions::new(dir.path())
         },
         "127.0.0.1:0".parse()?,
@@ -201,7 +218,8 @@ async fn serve(args: &Args) -> Result<(), AnyError> {
         "{}",
         serde_json::json!({
             "addr": controller.addr().to_string(),
-            "token": controller.admin_token().ok_or("no admin token")?,
+            // Only the controller that created the mesh has it; the others join with none.
+            "token": controller.admin_token(),
             "bundle": controller.state().bundle(),
         })
     );
@@ -212,15 +230,25 @@ async fn serve(args: &Args) -> Result<(), AnyError> {
     Ok(())
 }
 
-/// Starts the controller process; its address, admin token, trust bundle.
-async fn spawn_controller(
-    args: &Args,
-) -> Result<(tokio::process::Child, String, String, Vec<String>), AnyError> {
+/// One controller process: the child, its address, admin token (the first of a mesh only), trust
+/// bundle.
+struct Spawned {
+    child: tokio::process::Child,
+    addr: String,
+    token: Option<String>,
+    bundle: Vec<String>,
+}
+
+/// Starts a controller process, with key-encryption key `kek` when it shares a store.
+async fn spawn_controller(args: &Args, kek: Option<&str>) -> Result<Spawned, AnyError> {
     use tokio::io::AsyncBufReadExt;
     let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
     cmd.args(["--serve", "--watchers", &args.watchers.to_string()]);
     if let Some(s) = &args.store {
         cmd.args(["--store", s, "--etcd-prefix", &args.etcd_prefix]);
+    }
+    if let Some(k) = kek {
+        cmd.args(["--kek", k]);
     }
     let mut child = cmd
         .stdin(std::process::Stdio::piped())
@@ -236,18 +264,23 @@ async fn spawn_controller(
     .map_err(|_| "the controller was not ready in 60 s")??
     .ok_or("the controller exited before it was ready")?;
     let v: serde_json::Value = serde_json::from_str(&line)?;
-    let text = |k: &str| {
-        v[k].as_str()
-            .map(str::to_owned)
-            .ok_or(format!("{k} in {line}"))
-    };
+    let addr = v["addr"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or(format!("addr in {line}"))?;
+    let token = v["token"].as_str().map(str::to_owned);
     let bundle = v["bundle"]
         .as_array()
         .ok_or("bundle")?
         .iter()
         .filter_map(|b| b.as_str().map(str::to_owned))
         .collect();
-    Ok((child, text("addr")?, text("token")?, bundle))
+    Ok(Spawned {
+        child,
+        addr,
+        token,
+        bundle,
+    })
 }
 
 /// CPU seconds (user and system, of every thread it ran, exited ones included) of process `pid`
@@ -278,8 +311,37 @@ async fn main() -> Result<(), AnyError> {
         // The controller's connection and per-identity Watch bounds follow --watchers.
         args.watchers = n;
     }
-    let (child, addr, token, bundle) = spawn_controller(&args).await?;
-    let pid = child.id().ok_or("controller pid")?;
+    if args.controllers > 1 && (args.store.is_none() || args.reporters.is_some()) {
+        return Err("--controllers above 1 needs --store (etcd), and not --reporters".into());
+    }
+    // Controllers sharing a store share the key-encryption key of its root.
+    let kek = (args.controllers > 1).then(|| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+    });
+    // One after the other: the first creates the mesh (and prints the admin token), the rest join it.
+    let mut spawned = Vec::new();
+    for _ in 0..args.controllers.max(1) {
+        spawned.push(spawn_controller(&args, kek.as_deref()).await?);
+    }
+    let pids: Vec<u32> = spawned
+        .iter()
+        .map(|s| s.child.id().ok_or("controller pid"))
+        .collect::<Result<_, _>>()?;
+    let addrs: Vec<String> = spawned.iter().map(|s| s.addr.clone()).collect();
+    let token = spawned[0]
+        .token
+        .clone()
+        .ok_or("the first controller made no admin token: use an --etcd-prefix no run used")?;
+    let bundle = spawned[0].bundle.clone();
+    let (pid, addr) = (pids[0], addrs[0].clone());
+    let cpu = || -> Option<f64> { pids.iter().map(|p| cpu_seconds(&p.to_string())).sum() };
+    // Resident and peak resident memory of each controller.
+    let rss = || -> Vec<(f64, f64)> {
+        pids.iter()
+            .map(|p| rss_mb(*p).unwrap_or_default())
+            .collect()
+    };
     if let Some(reporters) = args.reporters {
         let o = quicmesh_bench::reporters::Options {
             reporters,
@@ -298,7 +360,7 @@ async fn main() -> Result<(), AnyError> {
         };
         let summary = quicmesh_bench::reporters::run(&o, &t).await?;
         println!("{summary}");
-        drop(child);
+        drop(spawned);
         return Ok(());
     }
     let mut admin = client::admin(
@@ -307,16 +369,22 @@ async fn main() -> Result<(), AnyError> {
     )?;
 
     // ----- certificates per second -----
-    let join = admin
-        .create_join_token(pb::CreateJoinTokenRequest {
-            namespace: "bench".into(),
-            service_account: "proxy".into(),
-            ttl_seconds: 3600,
-            reusable: true,
-        })
-        .await?
-        .into_inner()
-        .token;
+    let mut joins = Vec::new();
+    for _ in 0..args.tokens.max(1) {
+        joins.push(
+            admin
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    namespace: "bench".into(),
+                    service_account: "proxy".into(),
+                    ttl_seconds: 3600,
+                    reusable: true,
+                })
+                .await?
+                .into_inner()
+                .token,
+        );
+    }
+    let join = joins[0].clone();
     let id = SpiffeId::new("bench.mesh", "bench", "proxy")?;
     let csrs: Arc<Vec<String>> = Arc::new(
         (0..args.csrs.max(1))
@@ -324,8 +392,9 @@ async fn main() -> Result<(), AnyError> {
             .collect::<Result<_, _>>()?,
     );
     let mut channels = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        channels.push(client::connect(&addr, &bundle, None, Some(Duration::from_secs(30))).await?);
+    for c in 0..args.connections.max(1) {
+        let to = &addrs[c % addrs.len()];
+        channels.push(client::connect(to, &bundle, None, Some(Duration::from_secs(30))).await?);
     }
     let issued = Arc::new(AtomicU64::new(0));
     let cert_seconds = if args.propagation {
@@ -335,12 +404,12 @@ async fn main() -> Result<(), AnyError> {
     };
     let stop_at = Instant::now() + Duration::from_secs(cert_seconds);
     let started = Instant::now();
-    let cpu_before = (cpu_seconds(&pid.to_string()), cpu_seconds("self"));
+    let cpu_before = (cpu(), cpu_seconds("self"));
     let mut tasks = Vec::new();
     for i in 0..args.concurrency.max(1) {
         let mut proxy = client::proxy(channels[i % channels.len()].clone());
         let csrs = csrs.clone();
-        let join = join.clone();
+        let join = joins[i % joins.len()].clone();
         let issued = issued.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist =
@@ -379,16 +448,17 @@ async fn main() -> Result<(), AnyError> {
         (Some(b), Some(a)) if certs > 0 => (a - b) * 1000.0 / certs as f64,
         _ => f64::NAN,
     };
-    let controller_cpu_ms = per_cert_ms(cpu_before.0, cpu_seconds(&pid.to_string()));
+    let controller_cpu_ms = per_cert_ms(cpu_before.0, cpu());
     let callers_cpu_ms = per_cert_ms(cpu_before.1, cpu_seconds("self"));
     if !args.propagation {
         println!(
-            "certify: {certs} certificates in {elapsed:.1}s = {certs_per_sec:.0}/s; latency ms p50 {:.2} p99 {:.2} max {:.2} ({} callers, {} connections)",
+            "certify: {certs} certificates in {elapsed:.1}s = {certs_per_sec:.0}/s; latency ms p50 {:.2} p99 {:.2} max {:.2} ({} callers, {} connections, {} controllers)",
             ms(&cert_hist, 0.5),
             ms(&cert_hist, 0.99),
             cert_hist.max() as f64 / 1000.0,
             args.concurrency,
-            args.connections
+            args.connections,
+            pids.len()
         );
         println!(
             "certify CPU per certificate: controller {controller_cpu_ms:.3} ms, callers {callers_cpu_ms:.3} ms"
@@ -415,7 +485,8 @@ async fn main() -> Result<(), AnyError> {
     let change_bytes = Arc::new(AtomicU64::new(0));
     let mut connecting = Vec::new();
     for w in 0..args.watchers {
-        let (addr, bundle, cert, key) = (addr.clone(), bundle.clone(), cert.clone(), key.clone());
+        let addr = addrs[w % addrs.len()].clone();
+        let (bundle, cert, key) = (bundle.clone(), cert.clone(), key.clone());
         let (latest, arrival_us, seen_tx) = (latest.clone(), arrival_us.clone(), seen_tx.clone());
         let enforce = args.propagation;
         let retries = retries.clone();
@@ -499,11 +570,17 @@ async fn main() -> Result<(), AnyError> {
         seen_rx.changed().await?;
     }
     let connect_s = connect_started.elapsed().as_secs_f64();
-    let (rss_connected, _) = rss_mb(pid).unwrap_or_default();
+    let rss_connected = rss();
     println!(
-        "watch: {} watchers connected at once and holding the first snapshot in {connect_s:.1}s ({} retried attempts); controller RSS {rss_connected:.0} MB",
+        "watch: {} watchers connected at once to {} controllers and holding the first snapshot in {connect_s:.1}s ({} retried attempts); controller RSS {} MB",
         args.watchers,
+        pids.len(),
         retries.load(Ordering::Relaxed),
+        rss_connected
+            .iter()
+            .map(|(r, _)| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" + "),
     );
     let mut last_receipt = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
 
@@ -621,7 +698,9 @@ async fn main() -> Result<(), AnyError> {
         println!("{summary}");
         return Ok(());
     }
-    let (rss, rss_peak) = rss_mb(pid).unwrap_or_default();
+    let after = rss();
+    let largest = |f: fn(&(f64, f64)) -> f64| after.iter().map(f).fold(0.0, f64::max);
+    let (rss, rss_peak) = (largest(|r| r.0), largest(|r| r.1));
     let watchers = args.watchers.max(1) as f64;
     let first_per_watcher = first_bytes.load(Ordering::Relaxed) as f64 / watchers;
     let changes = args.rounds.max(1)
@@ -643,16 +722,26 @@ async fn main() -> Result<(), AnyError> {
         args.services,
     );
     println!(
-        "apply to the last watcher's receipt over {} rounds: p50 {:.1} ms, p99 {:.1} ms; controller RSS {rss:.0} MB (peak {rss_peak:.0} MB)",
+        "apply to the last watcher's receipt over {} rounds: p50 {:.1} ms, p99 {:.1} ms; controller RSS {rss:.0} MB (peak {rss_peak:.0} MB){}",
         args.rounds,
         ms(&last_receipt, 0.5),
         ms(&last_receipt, 0.99),
+        if pids.len() > 1 {
+            format!(
+                ", the largest of {} controllers ({} MB in all)",
+                pids.len(),
+                after.iter().map(|r| r.0).sum::<f64>().round()
+            )
+        } else {
+            String::new()
+        },
     );
     println!(
         "{}",
         serde_json::json!({
             "bench": "controller",
             "store": args.store.as_deref().unwrap_or("sled"),
+            "controllers": pids.len(),
             "connect_s": connect_s,
             "deltas": !args.whole,
             "interest": args.interest,
@@ -665,6 +754,7 @@ async fn main() -> Result<(), AnyError> {
             "last_receipt_p99_ms": ms(&last_receipt, 0.99),
             "controller_rss_mb": rss,
             "controller_rss_peak_mb": rss_peak,
+            "controllers_rss_mb": after.iter().map(|r| r.0).collect::<Vec<_>>(),
             "certs": certs,
             "cert_seconds": elapsed,
             "certs_per_sec": certs_per_sec,
@@ -673,10 +763,11 @@ async fn main() -> Result<(), AnyError> {
             "certify_controller_cpu_ms": controller_cpu_ms,
             "certify_callers_cpu_ms": callers_cpu_ms,
             "concurrency": args.concurrency,
+            "tokens": args.tokens,
             "watchers": args.watchers,
             "push": rounds,
         })
     );
-    drop(child);
+    drop(spawned);
     Ok(())
 }

@@ -55,6 +55,16 @@ const ISSUE_GROUP: usize = 32;
 /// lone call, see [`rules::group_ready`]): a few sled flushes' time.
 const GROUP_WAIT: Duration = Duration::from_millis(4);
 
+/// How often a group is checked again on fresh data after another controller committed first.
+const GROUP_RETRIES: usize = 8;
+
+/// A group's batch, what it expects the records its checks read to hold, and each leaf's verdict.
+struct GroupPlan {
+    ops: Vec<Op>,
+    expect: Vec<store::Expect>,
+    verdicts: Vec<Result<(), ApiError>>,
+}
+
 /// A signed leaf waiting for its group commit.
 struct Pending {
     /// The join token it spends, if any.
@@ -177,6 +187,8 @@ pub struct Ca {
     arriving: AtomicUsize,
     /// Woken when a leaf is queued or an arriving call ends.
     arrived: tokio::sync::Notify,
+    /// This process's part of audit keys, so that controllers sharing a store never write the same one.
+    audit_tag: String,
 }
 
 /// Counts a `Certify` call as arriving until it is queued or refused (dropped).
@@ -337,6 +349,7 @@ impl Ca {
                 queue: Mutex::default(),
                 arriving: AtomicUsize::new(0),
                 arrived: tokio::sync::Notify::new(),
+                audit_tag: format!("{:08x}", rand::random::<u32>()),
                 data_dir: s.data_dir,
                 retention: s.retention,
             },
@@ -592,100 +605,157 @@ impl Ca {
     }
 
     /// Commits `group` as one batch under `guard`, each leaf checked again on the state under the
-    /// lock; answers each.
+    /// lock; answers each. The batch is guarded by the records its checks read (the tokens it spends,
+    /// the granted identities, the roots whose leaf expiry it moves), not by the whole store: on a
+    /// store several controllers share, their issuance conflicts only over the same token or root. On
+    /// a conflict the group is checked again on fresh data (its leaves are not signed again).
     async fn commit_group(&self, guard: store::WriteGuard<'_>, group: Vec<Pending>) {
+        let mut guard = Some(guard);
+        let mut attempt = 0;
+        loop {
+            let held = match guard.take() {
+                Some(g) => g,
+                None => self.db.lock().await,
+            };
+            let plan = match self.plan_group(&group) {
+                Ok(p) => p,
+                Err(e) => {
+                    let msg = e.to_string();
+                    for p in group {
+                        let _ = p.reply.send(Err(ApiError::Internal(msg.clone())));
+                    }
+                    return;
+                }
+            };
+            let accepted = plan.verdicts.iter().filter(|v| v.is_ok()).count();
+            let result = if accepted == 0 {
+                Ok(0)
+            } else {
+                self.db.commit_if(held, plan.expect, plan.ops).await
+            };
+            match result {
+                Err(store::StoreError::Conflict) if attempt < GROUP_RETRIES => {
+                    attempt += 1;
+                    if let Err(e) = self.db.catch_up().await {
+                        for p in group {
+                            let _ = p.reply.send(Err(group_error(&e)));
+                        }
+                        return;
+                    }
+                    if let Err(e) = self.refresh_roots() {
+                        let msg = e.to_string();
+                        for p in group {
+                            let _ = p.reply.send(Err(ApiError::Internal(msg.clone())));
+                        }
+                        return;
+                    }
+                }
+                result => {
+                    if accepted > 0 && result.is_ok() {
+                        tracing::debug!(certificates = accepted, "issuance group committed");
+                    }
+                    for (p, verdict) in group.into_iter().zip(plan.verdicts) {
+                        let answer = match (&result, verdict) {
+                            (_, Err(e)) => Err(e),
+                            (Ok(_), Ok(())) => Ok(()),
+                            (Err(e), Ok(())) => Err(group_error(e)),
+                        };
+                        let _ = p.reply.send(answer);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The checks of each leaf of `group` on the state now, and the batch of those that pass: their
+    /// audit records, the tokens they spend, their roots' latest leaf expiry where it moves, and what
+    /// the batch expects those records (and the granted identities) to hold.
+    fn plan_group(&self, group: &[Pending]) -> Result<GroupPlan, ApiError> {
         let t = now().unix_timestamp();
         let mut tokens: std::collections::BTreeMap<String, TokenRecord> = Default::default();
         let mut roots: std::collections::BTreeMap<String, RootRecord> = Default::default();
-        let mut accepted = Vec::with_capacity(group.len());
-        let base = self.db.revision() + 1;
-        let mut audit_ops = Vec::with_capacity(group.len());
+        let mut expect: std::collections::BTreeMap<(Tree, String), Option<Vec<u8>>> =
+            Default::default();
+        let mut read = |tree: Tree, key: &str| -> Result<Option<Vec<u8>>, ApiError> {
+            let v = self.db.raw(tree, key)?;
+            expect
+                .entry((tree, key.to_owned()))
+                .or_insert_with(|| v.clone());
+            Ok(v)
+        };
+        let ttl = self.leaf_ttl().as_secs();
+        let mut verdicts = Vec::with_capacity(group.len());
+        let mut audits = Vec::with_capacity(group.len());
         for p in group {
-            let check =
-                (|| {
-                    if let Some(id) = &p.token_id {
-                        let rec =
-                            match tokens.get(id) {
-                                Some(r) => r.clone(),
-                                None => self.db.get::<TokenRecord>(Tree::Tokens, id)?.ok_or_else(
-                                    || ApiError::Unauthenticated("join_token: not valid".into()),
-                                )?,
-                            };
-                        rules::check_token(&rec, t)
-                            .map_err(|r| ApiError::Unauthenticated(r.to_string()))?;
-                        tokens.insert(id.clone(), rules::token_used(&rec, t));
-                    }
-                    rules::may_issue(&p.granted, self.resources.is_revoked(&p.granted)?)
-                        .map_err(|r| ApiError::PermissionDenied(r.to_string()))?;
-                    let root = self.lock_issuer().record_leaf(&p.signed)?;
-                    roots.insert(root.fingerprint.clone(), stored_form(&root));
-                    Ok::<_, ApiError>(())
-                })();
-            match check {
-                Ok(()) => {
-                    // One key per leaf: the batch's revision, then its place in the group.
-                    let key = match audit_ops.len() {
-                        0 => format!("{base:020}"),
-                        i => format!("{base:020}.{i:04}"),
+            let check = (|| {
+                if let Some(id) = &p.token_id {
+                    let rec = match tokens.get(id) {
+                        Some(r) => r.clone(),
+                        None => read(Tree::Tokens, id)?
+                            .map(|v| store::decode::<TokenRecord>(Tree::Tokens, id, &v))
+                            .transpose()?
+                            .ok_or_else(|| {
+                                ApiError::Unauthenticated("join_token: not valid".into())
+                            })?,
                     };
-                    match store::encode(&p.audit) {
-                        Ok(v) => {
-                            audit_ops.push(Op::Put(Tree::Audit, key, v));
-                            accepted.push(p);
-                        }
-                        Err(e) => {
-                            let _ = p.reply.send(Err(e.into()));
-                        }
-                    }
+                    rules::check_token(&rec, t)
+                        .map_err(|r| ApiError::Unauthenticated(r.to_string()))?;
+                    tokens.insert(id.clone(), rules::token_used(&rec, t));
                 }
-                Err(e) => {
-                    let _ = p.reply.send(Err(e));
+                let identity = model::key_of(
+                    model::Kind::Identity,
+                    p.granted.namespace(),
+                    p.granted.service_account(),
+                );
+                read(crate::resources::tree_of(model::Kind::Identity), &identity)?;
+                rules::may_issue(&p.granted, self.resources.is_revoked(&p.granted)?)
+                    .map_err(|r| ApiError::PermissionDenied(r.to_string()))?;
+                let root = self.lock_issuer().record_leaf(&p.signed)?;
+                let fp = &root.fingerprint;
+                let stored = match roots.get(fp) {
+                    Some(r) => Some(r.max_leaf_not_after_unix),
+                    None => read(Tree::Roots, fp)?
+                        .map(|v| store::decode::<RootRecord>(Tree::Roots, fp, &v))
+                        .transpose()?
+                        .map(|r| r.max_leaf_not_after_unix),
+                };
+                let not_after = p.signed.not_after.unix_timestamp();
+                if let Some(ahead) = rules::leaf_expiry_to_store(stored, not_after, ttl) {
+                    roots.insert(
+                        fp.clone(),
+                        RootRecord {
+                            max_leaf_not_after_unix: ahead,
+                            ..stored_form(&root)
+                        },
+                    );
                 }
+                Ok::<_, ApiError>(())
+            })();
+            if check.is_ok() {
+                audits.push(store::encode(&p.audit)?);
             }
+            verdicts.push(check);
         }
-        if accepted.is_empty() {
-            return;
-        }
-        let mut ops = Vec::with_capacity(tokens.len() + roots.len() + audit_ops.len());
+        let mut ops = Vec::with_capacity(tokens.len() + roots.len() + audits.len());
         for (id, rec) in tokens {
-            match store::encode(&rec) {
-                Ok(v) => ops.push(Op::Put(Tree::Tokens, id, v)),
-                Err(e) => {
-                    let msg = e.to_string();
-                    for p in accepted {
-                        let _ = p.reply.send(Err(ApiError::Internal(msg.clone())));
-                    }
-                    return;
-                }
-            }
+            ops.push(Op::Put(Tree::Tokens, id, store::encode(&rec)?));
         }
         for (fp, rec) in roots {
-            match store::encode(&rec) {
-                Ok(v) => ops.push(Op::Put(Tree::Roots, fp, v)),
-                Err(e) => {
-                    let msg = e.to_string();
-                    for p in accepted {
-                        let _ = p.reply.send(Err(ApiError::Internal(msg.clone())));
-                    }
-                    return;
-                }
-            }
+            ops.push(Op::Put(Tree::Roots, fp, store::encode(&rec)?));
         }
-        ops.extend(audit_ops);
-        let n = accepted.len();
-        match self.db.commit(guard, ops).await {
-            Ok(_) => {
-                tracing::debug!(certificates = n, "issuance group committed");
-                for p in accepted {
-                    let _ = p.reply.send(Ok(()));
-                }
-            }
-            Err(e) => {
-                for p in accepted {
-                    let _ = p.reply.send(Err(group_error(&e)));
-                }
-            }
+        // One key per leaf, in the order of issue: the time of this batch, this process, the leaf's
+        // place in the group.
+        let nanos = now().unix_timestamp_nanos();
+        for (i, v) in audits.into_iter().enumerate() {
+            let key = format!("{nanos:020}.{}.{i:04}", self.audit_tag);
+            ops.push(Op::Put(Tree::Audit, key, v));
         }
+        Ok(GroupPlan {
+            ops,
+            expect: expect.into_iter().map(|((t, k), v)| (t, k, v)).collect(),
+            verdicts,
+        })
     }
 
     /// Creates a join token for `namespace/sa`, creating the identity if it does not exist.

@@ -81,6 +81,24 @@ pub fn check_token(rec: &TokenRecord, now: i64) -> Result<(), TokenRefusal> {
     Ok(())
 }
 
+/// The latest leaf expiry to store on a root after it signed a leaf expiring at `leaf_not_after`, when
+/// the stored one (`stored`, `None` if the root has no record) does not cover it; `None` when it does.
+/// The value written runs ahead of the leaf by a tenth of the leaf lifetime (at most a minute), so
+/// that a root signing many leaves is written about once per that span, not once per certificate
+/// (each write of a root is a point where controllers sharing a store conflict). A root thus stays in
+/// the bundle at most that long after its last leaf expired: later, never sooner.
+pub fn leaf_expiry_to_store(
+    stored: Option<i64>,
+    leaf_not_after: i64,
+    ttl_secs: u64,
+) -> Option<i64> {
+    if stored.is_some_and(|s| s >= leaf_not_after) {
+        return None;
+    }
+    let ahead = i64::try_from((ttl_secs / 10).min(60)).unwrap_or(60);
+    Some(leaf_not_after.saturating_add(ahead))
+}
+
 /// `rec` after a successful use at `now`.
 pub fn token_used(rec: &TokenRecord, now: i64) -> TokenRecord {
     TokenRecord {
@@ -212,6 +230,30 @@ pub fn group_ready(queued: usize, arriving: usize, max: usize, waited_out: bool)
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_root_is_written_only_when_a_leaf_outlives_its_stored_expiry() {
+        use super::leaf_expiry_to_store as store;
+        // No record, or one that does not cover the leaf: written, ahead by ttl/10 capped at 60 s.
+        assert_eq!(store(None, 1_000, 3600), Some(1_060));
+        assert_eq!(store(Some(999), 1_000, 300), Some(1_030));
+        assert_eq!(store(Some(0), 1_000, 5), Some(1_000));
+        // Covered (the same second, or an earlier leaf): not written.
+        assert_eq!(store(Some(1_000), 1_000, 3600), None);
+        assert_eq!(store(Some(1_060), 1_010, 3600), None);
+        // Each write covers the leaves of the next minute: one write per minute at a steady rate.
+        let mut stored = None;
+        let writes = (0..600)
+            .filter(|s| {
+                let w = store(stored, 10_000 + s, 3600);
+                if w.is_some() {
+                    stored = w;
+                }
+                w.is_some()
+            })
+            .count();
+        assert_eq!(writes, 10);
+    }
+
     #[test]
     fn a_node_serves_on_behalf_of_the_identities_placed_on_it_only() {
         use super::*;

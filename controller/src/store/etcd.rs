@@ -33,7 +33,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{Op, SCHEMA_VERSION, Store, StoreError, Tree, meta};
+use super::{Expect, Op, SCHEMA_VERSION, Store, StoreError, Tree, meta};
 
 pub mod client;
 
@@ -42,7 +42,7 @@ use client::{
     pb::{
         etcdserverpb::{
             Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
-            WatchCreateRequest, compare, range_request, request_op,
+            WatchCreateRequest, compare, range_request, request_op, response_op,
         },
         mvccpb::event::EventType,
     },
@@ -627,6 +627,65 @@ impl EtcdStore {
         run_on(&self.handle, self.timeout, f)
     }
 
+    fn check_size(&self, ops: &[Op]) -> Result<(), StoreError> {
+        if ops.len() > self.max_ops {
+            return Err(StoreError::TooLarge(format!(
+                "{} writes, the etcd store takes at most {} per transaction (--etcd-max-txn-ops, etcd's --max-txn-ops)",
+                ops.len(),
+                self.max_ops
+            )));
+        }
+        Ok(())
+    }
+
+    fn request_ops(&self, ops: &[Op]) -> Vec<RequestOp> {
+        ops.iter()
+            .map(|op| match op {
+                Op::Put(t, k, v) => put_op(self.shared.key(*t, k), v.clone()),
+                Op::Delete(t, k) => RequestOp {
+                    request: Some(request_op::Request::RequestDeleteRange(
+                        DeleteRangeRequest {
+                            key: self.shared.key(*t, k).into_bytes(),
+                            range_end: Vec::new(),
+                        },
+                    )),
+                },
+            })
+            .collect()
+    }
+
+    /// Applies this process's own committed batch `ops` (revision `rev`) to the mirror at once, unless
+    /// the watch delivered it already. `contiguous`: no other batch came between the mirror's last one
+    /// and this one, so the mirror is now at `rev`; otherwise the watch still has to bring those, and
+    /// this batch again (its values are the same, so reads stay current meanwhile).
+    fn mirror_own(&self, rev: u64, ops: Vec<Op>, contiguous: bool) {
+        {
+            let mut m = self.shared.write();
+            if rev > m.applied {
+                for op in ops {
+                    match op {
+                        Op::Put(Tree::Audit, ..) | Op::Delete(Tree::Audit, _) => {}
+                        Op::Put(t, k, v) => {
+                            m.put(t, k, v);
+                        }
+                        Op::Delete(t, k) => {
+                            m.delete(t, &k);
+                        }
+                    }
+                }
+                if contiguous {
+                    m.put(Tree::Meta, meta::REVISION.to_owned(), Vec::new());
+                    m.applied = rev;
+                    m.batch = rev;
+                }
+            }
+        }
+        if contiguous {
+            // The writer publishes its own batch; `changes` is for what others wrote.
+            self.shared.announce(rev, false);
+        }
+    }
+
     fn audit_scan(
         &self,
         prefix: &str,
@@ -700,28 +759,9 @@ impl Store for EtcdStore {
     }
 
     fn apply(&self, base: u64, ops: Vec<Op>) -> Result<u64, StoreError> {
-        if ops.len() > self.max_ops {
-            return Err(StoreError::TooLarge(format!(
-                "{} writes, the etcd store takes at most {} per transaction (--etcd-max-txn-ops, etcd's --max-txn-ops)",
-                ops.len(),
-                self.max_ops
-            )));
-        }
+        self.check_size(&ops)?;
         let rev_key = self.shared.key(Tree::Meta, meta::REVISION);
-        let mut success: Vec<RequestOp> = ops
-            .iter()
-            .map(|op| match op {
-                Op::Put(t, k, v) => put_op(self.shared.key(*t, k), v.clone()),
-                Op::Delete(t, k) => RequestOp {
-                    request: Some(request_op::Request::RequestDeleteRange(
-                        DeleteRangeRequest {
-                            key: self.shared.key(*t, k).into_bytes(),
-                            range_end: Vec::new(),
-                        },
-                    )),
-                },
-            })
-            .collect();
+        let mut success = self.request_ops(&ops);
         success.push(put_op(rev_key.clone(), Vec::new()));
         let txn = TxnRequest {
             compare: vec![equal(
@@ -738,28 +778,61 @@ impl Store for EtcdStore {
             return Err(StoreError::Conflict);
         }
         let rev = u64_rev(resp.header.map_or(0, |h| h.revision));
-        {
-            let mut m = self.shared.write();
-            // The watch may have delivered this batch already.
-            if rev > m.applied {
-                for op in ops {
-                    match op {
-                        Op::Put(Tree::Audit, ..) | Op::Delete(Tree::Audit, _) => {}
-                        Op::Put(t, k, v) => {
-                            m.put(t, k, v);
-                        }
-                        Op::Delete(t, k) => {
-                            m.delete(t, &k);
-                        }
-                    }
-                }
-                m.put(Tree::Meta, meta::REVISION.to_owned(), Vec::new());
-                m.applied = rev;
-                m.batch = rev;
-            }
+        // No batch came between `base` and this one (the comparison held).
+        self.mirror_own(rev, ops, true);
+        Ok(rev)
+    }
+
+    fn apply_if(&self, expect: Vec<Expect>, ops: Vec<Op>) -> Result<u64, StoreError> {
+        self.check_size(&ops)?;
+        let rev_key = self.shared.key(Tree::Meta, meta::REVISION);
+        let compare = expect
+            .into_iter()
+            .map(|(t, k, v)| match v {
+                Some(v) => equal(
+                    self.shared.key(t, &k),
+                    compare::CompareTarget::Value,
+                    compare::TargetUnion::Value(v),
+                ),
+                None => equal(
+                    self.shared.key(t, &k),
+                    compare::CompareTarget::Version,
+                    compare::TargetUnion::Version(0),
+                ),
+            })
+            .collect();
+        // The last batch before this one, read inside the transaction, then the batch, which also
+        // moves `meta/revision` (so writes checked on the whole state still see it).
+        let mut success = vec![RequestOp {
+            request: Some(request_op::Request::RequestRange(range(
+                rev_key.clone(),
+                Vec::new(),
+            ))),
+        }];
+        success.extend(self.request_ops(&ops));
+        success.push(put_op(rev_key, Vec::new()));
+        let txn = TxnRequest {
+            compare,
+            success,
+            failure: Vec::new(),
+        };
+        let c = self.client.clone();
+        let resp = self.run(async move { send(|| c.txn(txn.clone())).await })?;
+        if !resp.succeeded {
+            return Err(StoreError::Conflict);
         }
-        // The writer publishes its own batch; `changes` is for what others wrote.
-        self.shared.announce(rev, false);
+        let rev = u64_rev(resp.header.as_ref().map_or(0, |h| h.revision));
+        let before = resp
+            .responses
+            .first()
+            .and_then(|r| r.response.as_ref())
+            .map(|response_op::Response::ResponseRange(rr)| {
+                rr.kvs.first().map_or(0, |kv| u64_rev(kv.mod_revision))
+            });
+        // Whether the mirror already held every batch before this one: only then may it be marked as
+        // at this revision (else the watch brings the batches in between, and this one again).
+        let contiguous = before.is_some_and(|b| b == self.shared.read().batch);
+        self.mirror_own(rev, ops, contiguous);
         Ok(rev)
     }
 
