@@ -140,13 +140,20 @@ async fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).await?;
-    }
+    // A write that fails (nft or `ip netns exec` exited early) is reported with what they printed.
+    let written = match child.stdin.take() {
+        Some(mut stdin) => stdin.write_all(script.as_bytes()).await,
+        None => Ok(()),
+    };
     let out = child.wait_with_output().await?;
     anyhow::ensure!(
-        out.status.success(),
-        "nft in {ns} failed: {}",
+        out.status.success() && written.is_ok(),
+        "nft in {ns} failed ({}{}): {}",
+        out.status,
+        written
+            .err()
+            .map(|e| format!(", its input: {e}"))
+            .unwrap_or_default(),
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())

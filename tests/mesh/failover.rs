@@ -99,24 +99,6 @@ async fn watched_by(
     (found.len() == 1).then(|| found[0])
 }
 
-/// Polls `f` until it gives something or `limit` passes.
-async fn poll<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        if Instant::now() >= until {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 fn logs(dir: &Path) -> String {
     [
         "controller0",

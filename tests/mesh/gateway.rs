@@ -456,20 +456,20 @@ async fn a_gateway_in_controller_mode_registers_its_workloads_and_is_ready_once_
     let mut lines = tokio::io::BufReader::new(gw.stdout.take().expect("stdout")).lines();
 
     // Not ready while b has no certificate, and /ready says which workload and why.
-    let until = tokio::time::Instant::now() + Duration::from_secs(20);
-    let (named, last) = loop {
-        let last = if tokio::net::TcpStream::connect(gw_admin).await.is_ok() {
-            scrape(gw_admin, "/ready").await
-        } else {
-            (0, String::new())
-        };
-        let named =
-            last.0 == 503 && last.1.contains("workload b") && last.1.contains("not placed on node");
-        if named || tokio::time::Instant::now() >= until {
-            break (named, last);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (named, last) = settle(
+        Duration::from_secs(20),
+        || async move {
+            if tokio::net::TcpStream::connect(gw_admin).await.is_ok() {
+                scrape(gw_admin, "/ready").await
+            } else {
+                (0, String::new())
+            }
+        },
+        |(code, body)| {
+            *code == 503 && body.contains("workload b") && body.contains("not placed on node")
+        },
+    )
+    .await;
     assert!(named, "/ready names the refused workload: {last:?}");
     assert!(!last.1.contains("workload a"), "a is certified: {last:?}");
 
@@ -488,22 +488,25 @@ async fn a_gateway_in_controller_mode_registers_its_workloads_and_is_ready_once_
 
     // Each workload registered its endpoint (the gateway's inbound address) under its own identity,
     // and follows the controller under a name of its own.
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    let (registered, listed) = loop {
-        let listed = admin
-            .list(pb::ListRequest {
-                kind: pb::Kind::Endpoint as i32,
-                namespace: "default".into(),
-            })
-            .await
-            .expect("list endpoints")
-            .into_inner()
-            .items;
-        if listed.len() == 2 || tokio::time::Instant::now() >= until {
-            break (listed.len() == 2, listed);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (registered, listed) = settle(
+        Duration::from_secs(10),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                admin
+                    .list(pb::ListRequest {
+                        kind: pb::Kind::Endpoint as i32,
+                        namespace: "default".into(),
+                    })
+                    .await
+                    .expect("list endpoints")
+                    .into_inner()
+                    .items
+            }
+        },
+        |listed| listed.len() == 2,
+    )
+    .await;
     assert!(registered, "two endpoints: {listed:?}");
     let mut seen: Vec<(String, String, String)> = listed
         .iter()
@@ -523,21 +526,25 @@ async fn a_gateway_in_controller_mode_registers_its_workloads_and_is_ready_once_
         ]
     );
     // Each workload's Watch follows its registration on the same connection: wait for both.
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    let names = loop {
-        let proxies = admin
-            .list_proxies(pb::ListProxiesRequest::default())
-            .await
-            .expect("list proxies")
-            .into_inner()
-            .proxies;
-        let mut names: Vec<String> = proxies.into_iter().map(|p| p.proxy_name).collect();
-        names.sort_unstable();
-        if names == ["gw", "gw-a", "gw-b"] || tokio::time::Instant::now() >= until {
-            break names;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (_, names) = settle(
+        Duration::from_secs(10),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let proxies = admin
+                    .list_proxies(pb::ListProxiesRequest::default())
+                    .await
+                    .expect("list proxies")
+                    .into_inner()
+                    .proxies;
+                let mut names: Vec<String> = proxies.into_iter().map(|p| p.proxy_name).collect();
+                names.sort_unstable();
+                names
+            }
+        },
+        |names| *names == ["gw", "gw-a", "gw-b"],
+    )
+    .await;
     assert_eq!(
         names,
         ["gw", "gw-a", "gw-b"],
@@ -563,14 +570,12 @@ async fn a_gateway_in_controller_mode_registers_its_workloads_and_is_ready_once_
         &d.join("client.log"),
     )
     .await;
-    let until = tokio::time::Instant::now() + Duration::from_secs(10);
-    let got = loop {
-        let got = get_from("127.0.0.1", client.outbound()).await;
-        if matches!(got, Ok((200, _))) || tokio::time::Instant::now() >= until {
-            break got;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (_, got) = settle(
+        Duration::from_secs(10),
+        || get_from("127.0.0.1", client.outbound()),
+        |got| matches!(got, Ok((200, _))),
+    )
+    .await;
     let seen = match got {
         Ok((200, seen)) => seen,
         other => panic!("client -> a through the controller's endpoint: {other:?}"),

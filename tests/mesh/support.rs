@@ -288,22 +288,42 @@ pub async fn heavy() -> tokio::sync::MutexGuard<'static, ()> {
     HEAVY.lock().await
 }
 
+/// Calls `f` every 20 ms until what it gives satisfies `done` or `limit` passes: whether it did, and
+/// the last value (for the failure message).
+pub async fn settle<T, F, Fut>(limit: Duration, mut f: F, done: impl Fn(&T) -> bool) -> (bool, T)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        let v = f().await;
+        if done(&v) {
+            return (true, v);
+        }
+        if tokio::time::Instant::now() >= until {
+            return (false, v);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `f` until it holds or `limit` passes; for state that settles asynchronously (counters).
-pub async fn eventually<F, Fut>(limit: Duration, mut f: F) -> bool
+pub async fn eventually<F, Fut>(limit: Duration, f: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let until = tokio::time::Instant::now() + limit;
-    loop {
-        if f().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= until {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    settle(limit, f, |held| *held).await.0
+}
+
+/// Polls `f` until it gives something or `limit` passes.
+pub async fn poll<T, F, Fut>(limit: Duration, f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    settle(limit, f, Option::is_some).await.1
 }
 
 /// The built `quicmesh` binary.

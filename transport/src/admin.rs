@@ -43,7 +43,7 @@ pub struct ConfigView {
 /// The bound admin endpoint.
 pub struct Admin {
     listener: TcpListener,
-    state: Arc<AdminState>,
+    state: AdminState,
 }
 
 impl Admin {
@@ -56,21 +56,19 @@ impl Admin {
     ) -> std::io::Result<Self> {
         Ok(Self {
             listener: TcpListener::bind(addr).await?,
-            state: Arc::new(AdminState {
+            state: AdminState {
                 registry,
                 ready,
                 config,
                 explain: None,
-            }),
+            },
         })
     }
 
     /// `/ready` answers 503 with what `why` says is missing (e.g. the workload without a certificate
     /// and the controller's reason). Called before [`Admin::run`].
     pub fn explain(mut self, why: impl Fn() -> Option<String> + Send + Sync + 'static) -> Self {
-        if let Some(s) = Arc::get_mut(&mut self.state) {
-            s.explain = Some(Box::new(why));
-        }
+        self.state.explain = Some(Box::new(why));
         self
     }
 
@@ -86,7 +84,7 @@ impl Admin {
             .route("/ready", get(ready))
             .route("/metrics", get(metrics))
             .route("/config", get(config))
-            .with_state(self.state);
+            .with_state(Arc::new(self.state));
         crate::http_server::serve("admin", self.listener, app, Default::default()).await;
     }
 }
