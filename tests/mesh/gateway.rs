@@ -492,17 +492,7 @@ async fn a_gateway_in_controller_mode_registers_its_workloads_and_is_ready_once_
         Duration::from_secs(10),
         || {
             let mut admin = admin.clone();
-            async move {
-                admin
-                    .list(pb::ListRequest {
-                        kind: pb::Kind::Endpoint as i32,
-                        namespace: "default".into(),
-                    })
-                    .await
-                    .expect("list endpoints")
-                    .into_inner()
-                    .items
-            }
+            async move { endpoints(&mut admin).await }
         },
         |listed| listed.len() == 2,
     )
@@ -589,15 +579,7 @@ async fn a_gateway_in_controller_mode_registers_its_workloads_and_is_ready_once_
         .expect("the gateway drains within 15 s")
         .expect("wait");
     assert!(status.success(), "{status:?}");
-    let left = admin
-        .list(pb::ListRequest {
-            kind: pb::Kind::Endpoint as i32,
-            namespace: "default".into(),
-        })
-        .await
-        .expect("list endpoints")
-        .into_inner()
-        .items;
+    let left = endpoints(&mut admin).await;
     assert!(left.is_empty(), "withdrawn on drain: {left:?}");
 }
 
@@ -731,4 +713,20 @@ async fn three_workloads_in_three_namespaces_call_each_other_through_capture() {
     for (mut app, _) in apps {
         let _ = app.kill().await;
     }
+}
+
+/// The endpoints registered in namespace `default`.
+async fn endpoints(
+    admin: &mut quicmesh_controller::client::Admin,
+) -> Vec<quicmesh_proto::controller::Resource> {
+    use quicmesh_proto::controller as pb;
+    admin
+        .list(pb::ListRequest {
+            kind: pb::Kind::Endpoint as i32,
+            namespace: "default".into(),
+        })
+        .await
+        .expect("list endpoints")
+        .into_inner()
+        .items
 }

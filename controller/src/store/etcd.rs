@@ -627,6 +627,25 @@ impl EtcdStore {
         run_on(&self.handle, self.timeout, f)
     }
 
+    /// Runs `success` if every comparison holds; [`StoreError::Conflict`] if one does not.
+    fn transact(
+        &self,
+        compare: Vec<Compare>,
+        success: Vec<RequestOp>,
+    ) -> Result<client::pb::etcdserverpb::TxnResponse, StoreError> {
+        let txn = TxnRequest {
+            compare,
+            success,
+            failure: Vec::new(),
+        };
+        let c = self.client.clone();
+        let resp = self.run(async move { send(|| c.txn(txn.clone())).await })?;
+        if !resp.succeeded {
+            return Err(StoreError::Conflict);
+        }
+        Ok(resp)
+    }
+
     fn check_size(&self, ops: &[Op]) -> Result<(), StoreError> {
         if ops.len() > self.max_ops {
             return Err(StoreError::TooLarge(format!(
@@ -763,20 +782,14 @@ impl Store for EtcdStore {
         let rev_key = self.shared.key(Tree::Meta, meta::REVISION);
         let mut success = self.request_ops(&ops);
         success.push(put_op(rev_key.clone(), Vec::new()));
-        let txn = TxnRequest {
-            compare: vec![equal(
+        let resp = self.transact(
+            vec![equal(
                 rev_key,
                 compare::CompareTarget::Mod,
                 compare::TargetUnion::ModRevision(i64_rev(base)),
             )],
             success,
-            failure: Vec::new(),
-        };
-        let c = self.client.clone();
-        let resp = self.run(async move { send(|| c.txn(txn.clone())).await })?;
-        if !resp.succeeded {
-            return Err(StoreError::Conflict);
-        }
+        )?;
         let rev = u64_rev(resp.header.map_or(0, |h| h.revision));
         // No batch came between `base` and this one (the comparison held).
         self.mirror_own(rev, ops, true);
@@ -811,16 +824,7 @@ impl Store for EtcdStore {
         }];
         success.extend(self.request_ops(&ops));
         success.push(put_op(rev_key, Vec::new()));
-        let txn = TxnRequest {
-            compare,
-            success,
-            failure: Vec::new(),
-        };
-        let c = self.client.clone();
-        let resp = self.run(async move { send(|| c.txn(txn.clone())).await })?;
-        if !resp.succeeded {
-            return Err(StoreError::Conflict);
-        }
+        let resp = self.transact(compare, success)?;
         let rev = u64_rev(resp.header.as_ref().map_or(0, |h| h.revision));
         let before = resp
             .responses
