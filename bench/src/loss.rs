@@ -62,6 +62,10 @@ pub struct LossSettings {
     /// `[quic]` lines given to the quicmesh proxies (empty: their defaults).
     #[serde(default)]
     pub quic_toml: String,
+    /// The ztunnel binary given with `--ztunnel` (else `QUICMESH_BENCH_ZTUNNEL`), for the `ztunnel`
+    /// target.
+    #[serde(default)]
+    pub ztunnel_bin: Option<PathBuf>,
 }
 
 fn one() -> usize {
@@ -423,6 +427,7 @@ pub async fn run(
         .prefix("quicmesh-bench-loss-")
         .tempdir()?;
     let certs = certs::generate(dir.path())?;
+    let ztunnel = crate::ztunnel::resolve_here(s.ztunnel_bin.as_deref());
     let net = Netns::create().await?;
     let app = SocketAddr::new(IpAddr::V4(SERVER_IP), APP_PORT);
     let _server = serve_in(&net.server, &bench_bin, app).await?;
@@ -436,6 +441,7 @@ pub async fn run(
         quic_toml: s.quic_toml.clone(),
         proxy_toml: String::new(),
         wrapper: Vec::new(),
+        ztunnel: ztunnel.clone(),
     };
     let mut skipped = BTreeMap::new();
     let mut paths = vec![Path::direct(&placement)];

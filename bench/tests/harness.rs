@@ -334,6 +334,7 @@ async fn loss_scenario_shortened() {
         haproxy_threads: 1,
         bulk_duration: Duration::from_millis(500),
         quic_toml: String::new(),
+        ztunnel_bin: None,
     };
     let outcome = loss::run(settings, None, bench_bin(), None)
         .await
