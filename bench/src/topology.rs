@@ -397,7 +397,6 @@ pub async fn probe_http(addr: SocketAddr, path: &str, timeout: Duration) -> anyh
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_millis(1);
-    let mut last = String::from("no connection");
     loop {
         let attempt = async {
             let mut s = tokio::net::TcpStream::connect(addr).await?;
@@ -410,12 +409,12 @@ pub async fn probe_http(addr: SocketAddr, path: &str, timeout: Duration) -> anyh
             let n = s.read(&mut head).await?;
             anyhow::Ok(String::from_utf8_lossy(&head[..n]).into_owned())
         };
-        match tokio::time::timeout(Duration::from_secs(1), attempt).await {
+        let last = match tokio::time::timeout(Duration::from_secs(1), attempt).await {
             Ok(Ok(head)) if head.starts_with("HTTP/1.1 200") => return Ok(()),
-            Ok(Ok(head)) => last = head.lines().next().unwrap_or_default().to_owned(),
-            Ok(Err(e)) => last = e.to_string(),
-            Err(_) => last = "no answer within 1 s".to_owned(),
-        }
+            Ok(Ok(head)) => head.lines().next().unwrap_or_default().to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 1 s".to_owned(),
+        };
         if Instant::now() >= deadline {
             anyhow::bail!("GET {path} on {addr} gave no 200 within {timeout:?} (last: {last})");
         }

@@ -103,14 +103,18 @@ pub fn local_xds(workloads: &[Workload], port: u16) -> String {
     for w in workloads {
         y.push_str(&format!(
             "- uid: bench//v1/Pod/{NS}/{name}\n  name: {name}\n  namespace: {NS}\n  serviceAccount: {name}\n  \
-workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  node: bench-node\n  network: \"\"\n",
+workloadIps: [\"{ip}\"]\n  protocol: HBONE\n  trustDomain: cluster.local\n  node: bench-node\n  \
+network: \"\"\n",
             name = w.name,
             ip = w.ip,
         ));
+        // ztunnel's local XDS format requires the field, empty or not.
         if w.serves {
             y.push_str(&format!(
                 "  services:\n    \"{NS}/{HOSTNAME}\":\n      {port}: {port}\n"
             ));
+        } else {
+            y.push_str("  services: {}\n");
         }
     }
     let sans: Vec<String> = workloads
@@ -130,8 +134,9 @@ ports:\n    {port}: {port}\n  subjectAltNames: [{}]\n",
 }
 
 /// The environment of one ztunnel process: dedicated mode for `workload`, the local XDS file, the fake
-/// CA, no XDS or CA server, `threads` data-plane workers, IPv4 only, no DNS proxy, warnings only (no
-/// access log line per connection; the quicmesh sidecars write none either).
+/// CA, no XDS or CA server, `threads` data-plane workers, IPv4 only, no DNS proxy, no original-source
+/// spoofing towards the app, warnings only (no access log line per connection; the quicmesh sidecars
+/// write none either).
 pub fn process_env(workload: &str, xds: &FsPath, threads: usize) -> Vec<(String, String)> {
     [
         ("PROXY_MODE", "dedicated".to_owned()),
@@ -142,6 +147,9 @@ pub fn process_env(workload: &str, xds: &FsPath, threads: usize) -> Vec<(String,
         ("FAKE_CA", "true".to_owned()),
         ("ZTUNNEL_WORKER_THREADS", threads.max(1).to_string()),
         ("IPV6_ENABLED", "false".to_owned()),
+        // The server side connects to the app from its own address: with the client's address kept
+        // (its default where it can), the app's answers would be routed back to the client side.
+        ("ENABLE_ORIG_SRC", "false".to_owned()),
         (
             "PROXY_CONFIG",
             "{\"proxyMetadata\": {\"DNS_CAPTURE\": \"false\"}}".to_owned(),
@@ -417,6 +425,7 @@ mod tests {
         assert!(membership > server_at, "{y}");
         assert!(y.contains("vips: [\"/127.0.0.3\"]"), "{y}");
         assert!(y.contains("    7000: 7000\n"), "{y}");
+        assert_eq!(y.matches("  services: {}\n").count(), 1, "{y}");
         assert!(
             y.contains("subjectAltNames: [\"spiffe://cluster.local/ns/bench/sa/server\"]"),
             "{y}"
@@ -439,6 +448,7 @@ mod tests {
         assert_eq!(get("FAKE_CA"), "true");
         assert_eq!(get("XDS_ADDRESS"), "");
         assert_eq!(get("ZTUNNEL_WORKER_THREADS"), "1");
+        assert_eq!(get("ENABLE_ORIG_SRC"), "false");
         assert!(get("PROXY_CONFIG").contains("DNS_CAPTURE"));
     }
 
