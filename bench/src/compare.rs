@@ -580,9 +580,12 @@ fn write_outputs(
         ratios.markdown(),
         detail.markdown()
     );
-    // The L7 and policy comparisons keep their own latest tables, so they do not replace the opaque one.
+    // The L7, policy and ztunnel comparisons keep their own latest tables, so they do not replace the
+    // opaque one.
     let name = if report.settings.targets.contains(&Target::QuicmeshL7Policy) {
         "latest-policy.md"
+    } else if report.settings.targets.contains(&Target::Ztunnel) {
+        "latest-ztunnel.md"
     } else if report.settings.targets.iter().any(|t| t.is_l7()) {
         "latest-l7.md"
     } else {

@@ -341,8 +341,7 @@ pub async fn new_connections(spec: &LoadSpec, addr: SocketAddr) -> anyhow::Resul
         let (spec, payload, done) = (spec.clone(), payload.clone(), done.clone());
         tasks.spawn(async move {
             let mut out = WorkerOut::new();
-            while Instant::now() < end && done.fetch_add(1, Ordering::Relaxed) < spec.max_requests
-            {
+            while Instant::now() < end && done.fetch_add(1, Ordering::Relaxed) < spec.max_requests {
                 let t0 = Instant::now();
                 let mut c = match Conn::connect(spec.protocol, addr, spec.timeout).await {
                     Ok(c) => c,

@@ -518,10 +518,13 @@ pub async fn run(
             std::fs::write(&p, report::percentile_svg(&title, &series))?;
             println!("plot: {}", p.display());
         }
-        // The L7 comparison keeps its own latest table, so it does not replace the opaque one.
+        // The L7 and ztunnel comparisons keep their own latest tables, so they do not replace the opaque
+        // one.
         let l7 = report.settings.targets.iter().any(|t| t.is_l7());
         let name = if l7 {
             "latest-l7-loss.md"
+        } else if report.settings.targets.contains(&Target::Ztunnel) {
+            "latest-ztunnel-loss.md"
         } else {
             "latest-loss.md"
         };

@@ -372,7 +372,14 @@ pub async fn wait_http_ok(
 ) -> anyhow::Result<()> {
     let outcome = if ns.is_some() {
         let status = command(ns, bench_bin)
-            .args(["bench", "probe", "--addr", &addr.to_string(), "--http-path", path])
+            .args([
+                "bench",
+                "probe",
+                "--addr",
+                &addr.to_string(),
+                "--http-path",
+                path,
+            ])
             .arg("--timeout")
             .arg(format!("{}ms", timeout.as_millis()))
             .status()
@@ -380,7 +387,9 @@ pub async fn wait_http_ok(
         if status.success() {
             Ok(())
         } else {
-            Err(anyhow::anyhow!("GET {path} on {addr} gave no 200 within {timeout:?}"))
+            Err(anyhow::anyhow!(
+                "GET {path} on {addr} gave no 200 within {timeout:?}"
+            ))
         }
     } else {
         probe_http(addr, path, timeout).await

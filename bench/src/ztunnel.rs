@@ -334,12 +334,7 @@ pub async fn start(placement: &Placement, bin: &FsPath, dir: &FsPath) -> anyhow:
         )
         .await?;
         client.attach(
-            NftTable::create(
-                &placement.client_ns,
-                &table,
-                &redirect_table(&table, port),
-            )
-            .await?,
+            NftTable::create(&placement.client_ns, &table, &redirect_table(&table, port)).await?,
         );
         vec![client, server]
     };
@@ -364,12 +359,7 @@ mod tests {
         );
         let empty = resolve(None, Some(OsString::new()), true, true);
         assert!(empty.is_err(), "{empty:?}");
-        let missing = resolve(
-            Some(FsPath::new("/nonexistent/ztunnel")),
-            None,
-            true,
-            true,
-        );
+        let missing = resolve(Some(FsPath::new("/nonexistent/ztunnel")), None, true, true);
         assert!(
             missing.as_ref().is_err_and(|e| e.contains("not a file")),
             "{missing:?}"
@@ -419,7 +409,11 @@ mod tests {
         assert!(y.contains("workloadIps: [\"10.233.0.2\"]"), "{y}");
         assert_eq!(y.matches("protocol: HBONE").count(), 2, "{y}");
         // Only the server is an endpoint of the service.
-        assert_eq!(y.matches("\"bench/bench.bench.svc.cluster.local\":").count(), 1);
+        assert_eq!(
+            y.matches("\"bench/bench.bench.svc.cluster.local\":")
+                .count(),
+            1
+        );
         let server_at = y.find("name: server").expect("server");
         let membership = y.find("bench/bench.bench.svc").expect("membership");
         assert!(membership > server_at, "{y}");
