@@ -30,7 +30,10 @@ use std::{
 
 use tokio::io::AsyncWriteExt;
 
-use crate::topology::{self, Path, Placement, Proc, Target};
+use crate::{
+    client::{Conn, Protocol},
+    topology::{self, Path, Placement, Proc, Target},
+};
 
 /// Environment variable naming the ztunnel binary (the `--ztunnel` flag wins).
 pub const ENV: &str = "QUICMESH_BENCH_ZTUNNEL";
@@ -338,12 +341,28 @@ pub async fn start(placement: &Placement, bin: &FsPath, dir: &FsPath) -> anyhow:
         );
         vec![client, server]
     };
-    Ok(Path {
+    let mut path = Path {
         target: Target::Ztunnel,
         entry: SocketAddr::new(IpAddr::V4(VIP), port),
         l7: None,
         procs,
-    })
+    };
+    // ztunnel can report ready and then stop on a configuration it rejects; on loopback one echo
+    // through the whole tunnel also proves the redirect, the mTLS hop and the app connection work.
+    path.check_alive()?;
+    if placement.client_ns.is_none() {
+        let timeout = Duration::from_secs(5);
+        let echo = async {
+            let mut c = Conn::connect(Protocol::Tcp, path.entry, timeout).await?;
+            c.request(&bytes::Bytes::from_static(b"ztunnel probe"), timeout)
+                .await
+        };
+        if let Err(e) = echo.await {
+            path.check_alive()?;
+            anyhow::bail!("no echo through ztunnel at {} ({})", path.entry, e.name());
+        }
+    }
+    Ok(path)
 }
 
 #[cfg(test)]
