@@ -118,6 +118,9 @@ enum BenchCommand {
         addr: SocketAddr,
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Wait instead until `GET` of this path answers 200 (a readiness endpoint).
+        #[arg(long)]
+        http_path: Option<String>,
     },
 }
 
@@ -156,9 +159,17 @@ struct CompareArgs {
     quicmesh_bin: Option<PathBuf>,
     /// Paths to compare besides direct: quicmesh, peer (HAProxy `mode tcp`), and the HTTP-aware
     /// quicmesh-l7 and peer-http (HAProxy `mode http`), which run no raw-TCP scenario; quicmesh-l7-policy
-    /// is quicmesh-l7 enforcing 100 authorization rules and a rate limit (compare it with quicmesh-l7).
+    /// is quicmesh-l7 enforcing 100 authorization rules and a rate limit (compare it with quicmesh-l7);
+    /// ztunnel (Istio's, given with --ztunnel; root).
     #[arg(long, value_delimiter = ',', default_value = "quicmesh,peer")]
     targets: Vec<Target>,
+    /// The ztunnel binary for the `ztunnel` target, built by hand (see bench/README.md); default: the
+    /// QUICMESH_BENCH_ZTUNNEL environment variable. Without either the target is skipped.
+    #[arg(long)]
+    ztunnel: Option<PathBuf>,
+    /// Concurrent clients of the new-connections scenario (connect, one exchange, close); 0 skips it.
+    #[arg(long, default_value_t = 64)]
+    new_conns: usize,
     /// Measured length of each load run.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -284,9 +295,13 @@ struct LossArgs {
     /// Protocol.
     #[arg(long, default_value = "http1")]
     protocol: Protocol,
-    /// Paths besides direct.
+    /// Paths besides direct (quicmesh, peer, quicmesh-l7, peer-http, ztunnel).
     #[arg(long, value_delimiter = ',', default_value = "quicmesh,peer")]
     targets: Vec<Target>,
+    /// The ztunnel binary for the `ztunnel` target (default: QUICMESH_BENCH_ZTUNNEL); without either
+    /// the target is skipped.
+    #[arg(long)]
+    ztunnel: Option<PathBuf>,
     /// The quicmesh binary.
     #[arg(long)]
     quicmesh_bin: Option<PathBuf>,
@@ -437,6 +452,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 haproxy_threads: 1,
                 bulk_duration: Duration::from_secs(5),
                 quic_toml: String::new(),
+                ztunnel_bin: None,
             };
             if let loss::LossOutcome::Skipped(why) =
                 loss::run(settings, bin, bench_bin(None)?, Some(out)).await?
@@ -467,6 +483,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             s.quic_ceiling = !a.no_quic_ceiling;
             s.haproxy_threads = a.haproxy_threads;
             s.quic_toml = a.quic_toml.clone();
+            s.ztunnel_bin = a.ztunnel.clone();
+            if !a.smoke {
+                s.new_connections = a.new_conns;
+            }
             let quicmesh_bin = if s.targets.iter().any(|t| {
                 matches!(
                     t,
@@ -516,6 +536,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 haproxy_threads: a.haproxy_threads,
                 bulk_duration: a.bulk_duration,
                 quic_toml: a.quic_toml.clone(),
+                ztunnel_bin: a.ztunnel.clone(),
             };
             let quicmesh_bin = if a.targets.iter().any(|t| {
                 matches!(
@@ -671,7 +692,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        BenchCommand::Probe { addr, timeout } => topology::probe(addr, timeout).await,
+        BenchCommand::Probe {
+            addr,
+            timeout,
+            http_path,
+        } => match http_path {
+            Some(path) => topology::probe_http(addr, &path, timeout).await,
+            None => topology::probe(addr, timeout).await,
+        },
     }
 }
 

@@ -73,6 +73,14 @@ pub struct CompareSettings {
     /// `[quic]` lines given to the quicmesh proxies (empty: their defaults).
     #[serde(default)]
     pub quic_toml: String,
+    /// Concurrent clients of the new-connections scenario (each: connect, one 128 B exchange, close,
+    /// again); 0 skips it.
+    #[serde(default)]
+    pub new_connections: usize,
+    /// The ztunnel binary given with `--ztunnel` (else `QUICMESH_BENCH_ZTUNNEL`), for the `ztunnel`
+    /// target.
+    #[serde(default)]
+    pub ztunnel_bin: Option<PathBuf>,
 }
 
 fn http1_only() -> Vec<Protocol> {
@@ -103,6 +111,8 @@ impl CompareSettings {
             quic_ceiling: true,
             haproxy_threads: 1,
             quic_toml: String::new(),
+            new_connections: 64,
+            ztunnel_bin: None,
         }
     }
 
@@ -125,6 +135,8 @@ impl CompareSettings {
             quic_ceiling: true,
             haproxy_threads: 1,
             quic_toml: String::new(),
+            new_connections: 4,
+            ztunnel_bin: None,
         }
     }
 }
@@ -132,6 +144,8 @@ impl CompareSettings {
 #[derive(Debug, Clone)]
 enum Work {
     Load(LoadSpec),
+    /// New TCP connections: each client connects, makes one exchange and closes, again and again.
+    Connect(LoadSpec),
     Bulk,
 }
 
@@ -200,6 +214,18 @@ fn scenarios(s: &CompareSettings) -> Vec<Scenario> {
                 s.rr_payload
             ),
             work: Work::Load(spec),
+        });
+    }
+    if s.new_connections > 0 {
+        let mut spec = LoadSpec::new(Protocol::Tcp, Mode::Closed, s.new_connections, s.duration);
+        spec.payload = s.rr_payload;
+        out.push(Scenario {
+            id: "new-conns".into(),
+            title: format!(
+                "new TCP connections, {} clients each connecting, one {} B exchange, closing",
+                s.new_connections, s.rr_payload
+            ),
+            work: Work::Connect(spec),
         });
     }
     out.push(Scenario {
@@ -310,6 +336,9 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
     let mut placement = Placement::loopback(app.addr(), env.bench_bin.clone());
     placement.haproxy_threads = settings.haproxy_threads;
     placement.quic_toml = settings.quic_toml.clone();
+    if settings.targets.contains(&Target::Ztunnel) {
+        placement.ztunnel = crate::ztunnel::resolve_here(settings.ztunnel_bin.as_deref());
+    }
     let mut skipped = BTreeMap::new();
     let mut paths: Vec<Path> = Vec::new();
     let mut targets = vec![Target::Direct];
@@ -352,7 +381,7 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
             for k in 0..n {
                 let path = &mut paths[(k + si + round) % n];
                 let protocol = match &sc.work {
-                    Work::Load(spec) => spec.protocol,
+                    Work::Load(spec) | Work::Connect(spec) => spec.protocol,
                     Work::Bulk => Protocol::Tcp,
                 };
                 // An L7 path carries no raw TCP: those scenarios are not run on it.
@@ -378,6 +407,13 @@ pub async fn compare(settings: CompareSettings, env: CompareEnv) -> anyhow::Resu
                 match &sc.work {
                     Work::Load(spec) => {
                         let o = load::run(spec, addr, async {}).await?;
+                        match &mut entry.outcome {
+                            Some(prev) => prev.merge(o)?,
+                            None => entry.outcome = Some(o),
+                        }
+                    }
+                    Work::Connect(spec) => {
+                        let o = load::new_connections(spec, addr).await?;
                         match &mut entry.outcome {
                             Some(prev) => prev.merge(o)?,
                             None => entry.outcome = Some(o),
@@ -544,9 +580,12 @@ fn write_outputs(
         ratios.markdown(),
         detail.markdown()
     );
-    // The L7 and policy comparisons keep their own latest tables, so they do not replace the opaque one.
+    // The L7, policy and ztunnel comparisons keep their own latest tables, so they do not replace the
+    // opaque one.
     let name = if report.settings.targets.contains(&Target::QuicmeshL7Policy) {
         "latest-policy.md"
+    } else if report.settings.targets.contains(&Target::Ztunnel) {
+        "latest-ztunnel.md"
     } else if report.settings.targets.iter().any(|t| t.is_l7()) {
         "latest-l7.md"
     } else {
@@ -639,20 +678,24 @@ pub fn policy_goals(report: &CompareReport) -> Option<Table> {
 }
 
 /// Paths in the order of the ratio table's columns.
-const COLUMNS: [Target; 5] = [
+const COLUMNS: [Target; 6] = [
     Target::Quicmesh,
     Target::QuicmeshL7,
     Target::QuicmeshL7Policy,
     Target::Peer,
     Target::PeerHttp,
+    Target::Ztunnel,
 ];
 
 /// Head-to-head ratios shown when both paths ran: each quicmesh path against its HAProxy counterpart,
-/// and the L7 path with policies against the same path without.
-const PAIRS: [(Target, Target); 3] = [
+/// the L7 path with policies against the same path without, and the opaque quicmesh path and the HAProxy
+/// pair against ztunnel.
+const PAIRS: [(Target, Target); 5] = [
     (Target::Quicmesh, Target::Peer),
     (Target::QuicmeshL7, Target::PeerHttp),
     (Target::QuicmeshL7Policy, Target::QuicmeshL7),
+    (Target::Quicmesh, Target::Ztunnel),
+    (Target::Ztunnel, Target::Peer),
 ];
 
 /// Column-header name of a path.
@@ -792,8 +835,9 @@ pub fn tables(report: &CompareReport) -> (Table, Table) {
             );
         } else {
             let rps = |t: Target| load(t).map(|l| l.throughput_rps);
+            let unit = if id == "new-conns" { "conn/s" } else { "req/s" };
             row(
-                format!("{id} req/s"),
+                format!("{id} {unit}"),
                 rps(Target::Direct),
                 rps(Target::Direct),
                 &rps,

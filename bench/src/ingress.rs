@@ -156,6 +156,7 @@ pub async fn run(
         quic_toml: String::new(),
         proxy_toml: String::new(),
         wrapper: Vec::new(),
+        ztunnel: Err("the ingress scenario has no ztunnel path".to_owned()),
     };
     let mut skipped = BTreeMap::new();
     let mut edges: Vec<(Edge, Ingress)> = Vec::new();

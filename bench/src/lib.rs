@@ -23,6 +23,7 @@ pub mod report;
 pub mod reporters;
 pub mod server;
 pub mod topology;
+pub mod ztunnel;
 
 pub use cli::{BenchArgs, run};
 

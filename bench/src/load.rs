@@ -313,6 +313,82 @@ pub async fn run(
     })
 }
 
+/// New connections per second: `spec.connections` clients, each connecting, making one exchange of
+/// `spec.payload` bytes and closing, over and over for `spec.duration`. Latency is the whole cycle
+/// (connect, handshake with the proxy, exchange). One cycle runs before the clock starts, so a proxy's
+/// lazily built upstream (a QUIC or pooled TLS connection) is not counted; a proxy that builds one per
+/// client connection pays it in every cycle, as it would in production.
+pub async fn new_connections(spec: &LoadSpec, addr: SocketAddr) -> anyhow::Result<LoadOutcome> {
+    anyhow::ensure!(spec.connections > 0, "need at least one client");
+    anyhow::ensure!(
+        spec.protocol == Protocol::Tcp,
+        "the new-connections scenario is TCP only"
+    );
+    let payload = Bytes::from(vec![0x5au8; spec.payload]);
+    let mut first = Conn::connect(spec.protocol, addr, spec.timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("no connection to {addr}: {}", e.name()))?;
+    first
+        .request(&payload, spec.timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("first exchange with {addr} failed: {}", e.name()))?;
+    drop(first);
+    let start = Instant::now();
+    let end = start + spec.duration;
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..spec.connections {
+        let (spec, payload, done) = (spec.clone(), payload.clone(), done.clone());
+        tasks.spawn(async move {
+            let mut out = WorkerOut::new();
+            while Instant::now() < end && done.fetch_add(1, Ordering::Relaxed) < spec.max_requests {
+                let t0 = Instant::now();
+                let mut c = match Conn::connect(spec.protocol, addr, spec.timeout).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        out.error(e);
+                        continue;
+                    }
+                };
+                match c.request(&payload, spec.timeout).await {
+                    Ok(()) => {
+                        let d = t0.elapsed();
+                        out.record(d, d);
+                    }
+                    Err(e) => out.error(e),
+                }
+            }
+            out
+        });
+    }
+    let mut latency = new_hist();
+    let mut service = new_hist();
+    let mut ok = 0;
+    let mut errors: BTreeMap<ErrorKind, u64> = BTreeMap::new();
+    while let Some(r) = tasks.join_next().await {
+        let out = r?;
+        if let Some(h) = out.latency {
+            latency.add(h)?;
+        }
+        if let Some(h) = out.service {
+            service.add(h)?;
+        }
+        ok += out.ok;
+        for (k, v) in out.errors {
+            *errors.entry(k).or_default() += v;
+        }
+    }
+    Ok(LoadOutcome {
+        spec: spec.clone(),
+        latency,
+        service,
+        ok,
+        errors,
+        connected: spec.connections,
+        elapsed: start.elapsed(),
+    })
+}
+
 async fn closed_worker(
     conn: Conn,
     addr: SocketAddr,

@@ -62,6 +62,10 @@ pub struct LossSettings {
     /// `[quic]` lines given to the quicmesh proxies (empty: their defaults).
     #[serde(default)]
     pub quic_toml: String,
+    /// The ztunnel binary given with `--ztunnel` (else `QUICMESH_BENCH_ZTUNNEL`), for the `ztunnel`
+    /// target.
+    #[serde(default)]
+    pub ztunnel_bin: Option<PathBuf>,
 }
 
 fn one() -> usize {
@@ -430,6 +434,7 @@ pub async fn run(
         .prefix("quicmesh-bench-loss-")
         .tempdir()?;
     let certs = certs::generate(dir.path())?;
+    let ztunnel = crate::ztunnel::resolve_here(s.ztunnel_bin.as_deref());
     let net = Netns::create().await?;
     let app = SocketAddr::new(IpAddr::V4(SERVER_IP), APP_PORT);
     let _server = serve_in(&net.server, &bench_bin, app).await?;
@@ -443,6 +448,7 @@ pub async fn run(
         quic_toml: s.quic_toml.clone(),
         proxy_toml: String::new(),
         wrapper: Vec::new(),
+        ztunnel: ztunnel.clone(),
     };
     let mut skipped = BTreeMap::new();
     let mut paths = vec![Path::direct(&placement)];
@@ -519,10 +525,13 @@ pub async fn run(
             std::fs::write(&p, report::percentile_svg(&title, &series))?;
             println!("plot: {}", p.display());
         }
-        // The L7 comparison keeps its own latest table, so it does not replace the opaque one.
+        // The L7 and ztunnel comparisons keep their own latest tables, so they do not replace the opaque
+        // one.
         let l7 = report.settings.targets.iter().any(|t| t.is_l7());
         let name = if l7 {
             "latest-l7-loss.md"
+        } else if report.settings.targets.contains(&Target::Ztunnel) {
+            "latest-ztunnel-loss.md"
         } else {
             "latest-loss.md"
         };

@@ -67,6 +67,9 @@ pub enum Target {
     /// Two HAProxy processes in `mode http`, mTLS between them.
     #[value(name = "peer-http", alias = "peer-haproxy-http")]
     PeerHttp,
+    /// Istio's ztunnel (HTTP/2 CONNECT over mTLS), built by hand and given with `--ztunnel`; see
+    /// [`crate::ztunnel`].
+    Ztunnel,
 }
 
 impl Target {
@@ -79,6 +82,7 @@ impl Target {
             Target::QuicmeshL7 => "quicmesh-l7",
             Target::QuicmeshL7Policy => "quicmesh-l7-policy",
             Target::PeerHttp => "peer-haproxy-http",
+            Target::Ztunnel => "ztunnel",
         }
     }
 
@@ -125,6 +129,8 @@ pub struct Placement {
     /// A command every proxy (quicmesh and HAProxy) runs under, e.g. valgrind's callgrind (empty:
     /// none). Start-up deadlines grow tenfold with one.
     pub wrapper: Vec<String>,
+    /// The ztunnel binary, or why the ztunnel path is skipped (see [`crate::ztunnel::resolve`]).
+    pub ztunnel: Result<PathBuf, String>,
 }
 
 impl Placement {
@@ -163,6 +169,7 @@ impl Placement {
             quic_toml: String::new(),
             proxy_toml: String::new(),
             wrapper: Vec::new(),
+            ztunnel: Err("no ztunnel binary given".to_owned()),
         }
     }
 }
@@ -175,12 +182,19 @@ pub struct Proc {
     child: Child,
     pid: u32,
     log: PathBuf,
+    /// Rules made for this process (a traffic redirect), removed after it is killed.
+    cleanup: Option<crate::ztunnel::NftTable>,
 }
 
 impl Proc {
     /// Process id (the proxy itself: `ip netns exec` execs in place).
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Keeps `table` until this process is dropped.
+    pub(crate) fn attach(&mut self, table: crate::ztunnel::NftTable) {
+        self.cleanup = Some(table);
     }
 
     /// CPU and memory now.
@@ -279,7 +293,7 @@ fn port_in(ns: &Option<String>) -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-fn command(ns: &Option<String>, program: &FsPath) -> Command {
+pub(crate) fn command(ns: &Option<String>, program: &FsPath) -> Command {
     let mut c = match ns {
         Some(ns) => {
             let mut c = Command::new("ip");
@@ -292,7 +306,12 @@ fn command(ns: &Option<String>, program: &FsPath) -> Command {
     c
 }
 
-fn spawn(name: &str, mut cmd: Command, dir: &FsPath, stdout: Stdio) -> anyhow::Result<Proc> {
+pub(crate) fn spawn(
+    name: &str,
+    mut cmd: Command,
+    dir: &FsPath,
+    stdout: Stdio,
+) -> anyhow::Result<Proc> {
     let log = dir.join(format!("{name}.log"));
     let file = std::fs::File::create(&log)?;
     cmd.stdout(stdout).stderr(Stdio::from(file));
@@ -307,6 +326,7 @@ fn spawn(name: &str, mut cmd: Command, dir: &FsPath, stdout: Stdio) -> anyhow::R
         child,
         pid,
         log,
+        cleanup: None,
     })
 }
 
@@ -338,6 +358,78 @@ pub async fn wait_listening(
             Ok(()) => e,
         }
     })
+}
+
+/// Waits until `GET path` on `addr` in `ns` answers 200 (a proxy's readiness endpoint), probing from
+/// inside the namespace through the harness binary when there is one, up to `timeout`.
+pub async fn wait_http_ok(
+    ns: &Option<String>,
+    addr: SocketAddr,
+    path: &str,
+    bench_bin: &FsPath,
+    proc_: &mut Proc,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let outcome = if ns.is_some() {
+        let status = command(ns, bench_bin)
+            .args([
+                "bench",
+                "probe",
+                "--addr",
+                &addr.to_string(),
+                "--http-path",
+                path,
+            ])
+            .arg("--timeout")
+            .arg(format!("{}ms", timeout.as_millis()))
+            .status()
+            .await?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(anyhow::anyhow!(
+                "GET {path} on {addr} gave no 200 within {timeout:?}"
+            ))
+        }
+    } else {
+        probe_http(addr, path, timeout).await
+    };
+    outcome.map_err(|e| match proc_.check_alive() {
+        Err(dead) => dead,
+        Ok(()) => anyhow::anyhow!("{}: {e}; log tail:\n{}", proc_.name, proc_.log_tail()),
+    })
+}
+
+/// `GET path` on `addr` (HTTP/1.1, one connection each attempt) until the status is 200, backing off
+/// from 1 ms to 50 ms between attempts, up to `timeout`.
+pub async fn probe_http(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(1);
+    loop {
+        let attempt = async {
+            let mut s = tokio::net::TcpStream::connect(addr).await?;
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+            let mut head = vec![0u8; 64];
+            let n = s.read(&mut head).await?;
+            anyhow::Ok(String::from_utf8_lossy(&head[..n]).into_owned())
+        };
+        let last = match tokio::time::timeout(Duration::from_secs(1), attempt).await {
+            Ok(Ok(head)) if head.starts_with("HTTP/1.1 200") => return Ok(()),
+            Ok(Ok(head)) => head.lines().next().unwrap_or_default().to_owned(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 1 s".to_owned(),
+        };
+        if Instant::now() >= deadline {
+            anyhow::bail!("GET {path} on {addr} gave no 200 within {timeout:?} (last: {last})");
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(50));
+    }
 }
 
 /// Connects to `addr` until it accepts, backing off from 1 ms to 50 ms between attempts.
@@ -895,6 +987,10 @@ pub async fn start(
         Target::QuicmeshL7Policy => {
             quicmesh_l7_pair(placement, certs, need_bin()?, dir, true).await
         }
+        Target::Ztunnel => match &placement.ztunnel {
+            Ok(bin) => crate::ztunnel::start(placement, bin, dir).await,
+            Err(why) => anyhow::bail!("{why}"),
+        },
     }
 }
 

@@ -30,11 +30,16 @@ async fn smoke_comparison_writes_json_table_and_plots() {
     if !have_haproxy {
         println!("haproxy not installed: the smoke run covers direct only");
     }
-    let targets = if have_haproxy {
+    let mut targets = if have_haproxy {
         vec![Target::Peer]
     } else {
         vec![]
     };
+    // Without a ztunnel binary the ztunnel path is skipped with its reason, and the rest runs.
+    let no_ztunnel = std::env::var_os(quicmesh_bench::ztunnel::ENV).is_none();
+    if no_ztunnel {
+        targets.push(Target::Ztunnel);
+    }
     let mut settings = CompareSettings::smoke(targets);
     settings.duration = Duration::from_millis(250);
     let out = tempfile::tempdir().expect("tempdir");
@@ -46,14 +51,18 @@ async fn smoke_comparison_writes_json_table_and_plots() {
     let report = compare::compare(settings, env)
         .await
         .expect("smoke comparison");
+    if no_ztunnel {
+        let why = report.skipped.get("ztunnel").expect("ztunnel skipped");
+        assert!(why.contains("--ztunnel"), "{why}");
+    }
 
     let paths: Vec<Target> = if have_haproxy {
         vec![Target::Direct, Target::Peer]
     } else {
         vec![Target::Direct]
     };
-    // 2 fixed-rate... here 1 rate, 5 protocols, 1 rr count, bulk = 8 scenarios per path.
-    assert_eq!(report.runs.len(), 8 * paths.len(), "{:#?}", report.runs);
+    // 1 rate, 5 protocols, 1 rr count, new connections, bulk = 9 scenarios per path.
+    assert_eq!(report.runs.len(), 9 * paths.len(), "{:#?}", report.runs);
     for r in &report.runs {
         assert!(paths.contains(&r.target));
         if let Some(l) = &r.load {
@@ -108,11 +117,18 @@ async fn smoke_comparison_writes_json_table_and_plots() {
     );
     assert_eq!(
         files.iter().filter(|f| f.ends_with(".svg")).count(),
-        7,
+        8,
         "{files:?}"
     );
-    let md = std::fs::read_to_string(out.path().join("latest.md")).expect("latest.md");
+    // A run with the ztunnel target keeps its own latest table.
+    let latest = if no_ztunnel {
+        "latest-ztunnel.md"
+    } else {
+        "latest.md"
+    };
+    let md = std::fs::read_to_string(out.path().join(latest)).expect("latest table");
     assert!(md.contains("| max-http1 req/s |"), "{md}");
+    assert!(md.contains("| new-conns conn/s |"), "{md}");
 }
 
 /// Something of scenario `r` succeeded and nothing failed.
@@ -334,6 +350,7 @@ async fn loss_scenario_shortened() {
         haproxy_threads: 1,
         bulk_duration: Duration::from_millis(500),
         quic_toml: String::new(),
+        ztunnel_bin: None,
     };
     let outcome = loss::run(settings, None, bench_bin(), None)
         .await
