@@ -80,6 +80,7 @@ async fn bench_loss_shortened_through_quicmesh() {
         haproxy_threads: 1,
         bulk_duration: Duration::from_secs(1),
         quic_toml: String::new(),
+        ztunnel_bin: None,
     };
     let outcome = loss::run(settings, Some(quicmesh()), quicmesh(), None)
         .await
