@@ -173,7 +173,11 @@ pub(crate) struct Netns {
 
 impl Netns {
     pub(crate) async fn create() -> anyhow::Result<Self> {
-        let id = std::process::id() % 100_000;
+        // Unique per process and per call: two scenarios of one process (tests run the loss and ingress
+        // scenarios side by side) must not remove each other's namespaces as stale.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 100;
+        let id = format!("{}-{n}", std::process::id() % 100_000);
         let n = Self {
             client: format!("qmb-c-{id}"),
             server: format!("qmb-s-{id}"),

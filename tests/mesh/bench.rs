@@ -38,7 +38,7 @@ async fn bench_smoke_through_quicmesh() {
         .iter()
         .filter(|r| r.target == Target::Quicmesh)
         .collect();
-    assert_eq!(runs.len(), 8, "{:#?}", report.runs);
+    assert_eq!(runs.len(), 9, "{:#?}", report.runs);
     for r in runs {
         if let Some(l) = &r.load {
             assert!(l.ok > 0, "{}: nothing got through", r.scenario);
