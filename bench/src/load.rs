@@ -278,23 +278,7 @@ pub async fn run(
             }
         });
     }
-    let mut latency = new_hist();
-    let mut service = new_hist();
-    let mut ok = 0;
-    let mut errors: BTreeMap<ErrorKind, u64> = BTreeMap::new();
-    while let Some(r) = tasks.join_next().await {
-        let out = r?;
-        if let Some(h) = out.latency {
-            latency.add(h)?;
-        }
-        if let Some(h) = out.service {
-            service.add(h)?;
-        }
-        ok += out.ok;
-        for (k, v) in out.errors {
-            *errors.entry(k).or_default() += v;
-        }
-    }
+    let (latency, service, ok, mut errors) = merge_workers(&mut tasks).await?;
     let elapsed = start.elapsed();
     if let Some(p) = progress {
         p.abort();
@@ -361,6 +345,28 @@ pub async fn new_connections(spec: &LoadSpec, addr: SocketAddr) -> anyhow::Resul
             out
         });
     }
+    let (latency, service, ok, errors) = merge_workers(&mut tasks).await?;
+    Ok(LoadOutcome {
+        spec: spec.clone(),
+        latency,
+        service,
+        ok,
+        errors,
+        connected: spec.connections,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Waits for every worker and adds up what they measured: latency and service-time histograms,
+/// successes, errors by kind.
+async fn merge_workers(
+    tasks: &mut tokio::task::JoinSet<WorkerOut>,
+) -> anyhow::Result<(
+    Histogram<u64>,
+    Histogram<u64>,
+    u64,
+    BTreeMap<ErrorKind, u64>,
+)> {
     let mut latency = new_hist();
     let mut service = new_hist();
     let mut ok = 0;
@@ -378,15 +384,7 @@ pub async fn new_connections(spec: &LoadSpec, addr: SocketAddr) -> anyhow::Resul
             *errors.entry(k).or_default() += v;
         }
     }
-    Ok(LoadOutcome {
-        spec: spec.clone(),
-        latency,
-        service,
-        ok,
-        errors,
-        connected: spec.connections,
-        elapsed: start.elapsed(),
-    })
+    Ok((latency, service, ok, errors))
 }
 
 async fn closed_worker(

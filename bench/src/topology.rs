@@ -403,45 +403,51 @@ pub async fn wait_http_ok(
 /// `GET path` on `addr` (HTTP/1.1, one connection each attempt) until the status is 200, backing off
 /// from 1 ms to 50 ms between attempts, up to `timeout`.
 pub async fn probe_http(addr: SocketAddr, path: &str, timeout: Duration) -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let deadline = Instant::now() + timeout;
-    let mut backoff = Duration::from_millis(1);
-    loop {
-        let attempt = async {
-            let mut s = tokio::net::TcpStream::connect(addr).await?;
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-            let mut head = vec![0u8; 64];
-            let n = s.read(&mut head).await?;
-            anyhow::Ok(String::from_utf8_lossy(&head[..n]).into_owned())
-        };
-        let last = match tokio::time::timeout(Duration::from_secs(1), attempt).await {
-            Ok(Ok(head)) if head.starts_with("HTTP/1.1 200") => return Ok(()),
-            Ok(Ok(head)) => head.lines().next().unwrap_or_default().to_owned(),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "no answer within 1 s".to_owned(),
-        };
-        if Instant::now() >= deadline {
-            anyhow::bail!("GET {path} on {addr} gave no 200 within {timeout:?} (last: {last})");
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_millis(50));
-    }
+    use http_body_util::Empty;
+    use hyper_util::rt::TokioIo;
+    let attempt = || async move {
+        let io = TokioIo::new(tokio::net::TcpStream::connect(addr).await?);
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::<bytes::Bytes>::new())?;
+        let status = send.send_request(req).await?.status();
+        anyhow::ensure!(status == hyper::StatusCode::OK, "status {status}");
+        Ok(())
+    };
+    retry(timeout, attempt).await.map_err(|last| {
+        anyhow::anyhow!("GET {path} on {addr} gave no 200 within {timeout:?} (last: {last})")
+    })
 }
 
 /// Connects to `addr` until it accepts, backing off from 1 ms to 50 ms between attempts.
 pub async fn probe(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    retry(timeout, || async move {
+        tokio::net::TcpStream::connect(addr).await?;
+        Ok(())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("nothing listens on {addr} after {timeout:?}"))
+}
+
+/// Runs `attempt` (each bounded to 1 s) until it succeeds or `timeout` passes, backing off from 1 ms
+/// to 50 ms between attempts; the last error if none succeeded.
+async fn retry<F, Fut>(timeout: Duration, mut attempt: F) -> Result<(), anyhow::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_millis(1);
     loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
+        let last = match tokio::time::timeout(Duration::from_secs(1), attempt()).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => anyhow::anyhow!("no answer within 1 s"),
+        };
         if Instant::now() >= deadline {
-            anyhow::bail!("nothing listens on {addr} after {timeout:?}");
+            return Err(last);
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_millis(50));

@@ -340,6 +340,77 @@ async fn a_join_token_spent_on_one_controller_is_refused_on_the_others() {
     assert_eq!(issued, 11, "one certificate per token");
 }
 
+/// Guarded writes (issuance) on two stores sharing one prefix, as two controllers: a write conflicts
+/// only when a key it read changed, never for writes to other keys, and it still moves the store
+/// revision, so a write checked on the whole state sees it.
+#[test]
+fn a_guarded_write_conflicts_only_over_the_keys_it_read() {
+    use quicmesh_controller::store::{Op, Store, StoreError, Tree, etcd::EtcdStore};
+    if skip("a_guarded_write_conflicts_only_over_the_keys_it_read") {
+        return;
+    }
+    let etcd = EtcdCluster::start(1);
+    let mut o = EtcdOptions::from_url(&etcd.url()).expect("url");
+    o.prefix = "/guarded/".into();
+    let a = EtcdStore::open(&o).expect("store a");
+    let b = EtcdStore::open(&o).expect("store b");
+    let put = |k: &str, v: &[u8]| Op::Put(Tree::Tokens, k.into(), v.to_vec());
+    let read = |s: &EtcdStore, k: &str| s.get(Tree::Tokens, k).expect("get");
+    let expect = |k: &str, v: Option<&[u8]>| (Tree::Tokens, k.to_owned(), v.map(<[u8]>::to_vec));
+
+    // Created where absent; a second creation of the same key is refused.
+    a.apply_if(vec![expect("t1", None)], vec![put("t1", b"uses=1")])
+        .expect("create t1");
+    b.catch_up().expect("catch up");
+    assert!(matches!(
+        b.apply_if(vec![expect("t1", None)], vec![put("t1", b"uses=1")]),
+        Err(StoreError::Conflict)
+    ));
+    // B spends it on what it read; A, still holding the old value, conflicts, then succeeds on fresh data.
+    b.apply_if(
+        vec![expect("t1", Some(b"uses=1"))],
+        vec![put("t1", b"uses=2")],
+    )
+    .expect("b spends t1");
+    assert!(matches!(
+        a.apply_if(
+            vec![expect("t1", Some(b"uses=1"))],
+            vec![put("t1", b"uses=2")]
+        ),
+        Err(StoreError::Conflict)
+    ));
+    a.catch_up().expect("catch up");
+    assert_eq!(read(&a, "t1").as_deref(), Some(&b"uses=2"[..]));
+    a.apply_if(
+        vec![expect("t1", Some(b"uses=2"))],
+        vec![put("t1", b"uses=3")],
+    )
+    .expect("a spends t1 on fresh data");
+
+    // Other keys: neither store has seen the other's latest write, and neither conflicts.
+    a.apply_if(vec![expect("x", None)], vec![put("x", b"1")])
+        .expect("a writes x");
+    b.apply_if(vec![expect("y", None)], vec![put("y", b"1")])
+        .expect("b writes y without seeing x");
+
+    // A write checked on the whole state at a revision from before B's guarded write conflicts.
+    let base = a.revision();
+    b.catch_up().expect("catch up");
+    b.apply_if(vec![expect("y", Some(b"1"))], vec![put("y", b"2")])
+        .expect("b moves y");
+    assert!(matches!(
+        a.apply(base, vec![put("z", b"1")]),
+        Err(StoreError::Conflict)
+    ));
+    a.catch_up().expect("catch up");
+    a.apply(a.revision(), vec![put("z", b"1")])
+        .expect("a writes z on fresh data");
+    b.catch_up().expect("catch up");
+    for (k, v) in [("t1", "uses=3"), ("x", "1"), ("y", "2"), ("z", "1")] {
+        assert_eq!(read(&b, k).as_deref(), Some(v.as_bytes()), "{k}");
+    }
+}
+
 #[tokio::test]
 async fn issuance_through_three_controllers_at_once_fails_no_call_and_counts_every_use() {
     if skip("issuance_through_three_controllers_at_once_fails_no_call_and_counts_every_use") {

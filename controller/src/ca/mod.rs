@@ -93,6 +93,17 @@ fn group_error(e: &store::StoreError) -> ApiError {
     }
 }
 
+/// Answers every leaf of `group` with `e` (a store error as each member gets it from [`group_error`]).
+fn refuse_all(group: Vec<Pending>, e: &ApiError) {
+    for p in group {
+        let answer = match e {
+            ApiError::Store(s) => group_error(s),
+            e => ApiError::Internal(e.to_string()),
+        };
+        let _ = p.reply.send(Err(answer));
+    }
+}
+
 /// How long dead join tokens and audit records are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -606,7 +617,7 @@ impl Ca {
 
     /// Commits `group` as one batch under `guard`, each leaf checked again on the state under the
     /// lock; answers each. The batch is guarded by the records its checks read (the tokens it spends,
-    /// the granted identities, the roots whose leaf expiry it moves), not by the whole store: on a
+    /// the granted identities, the roots that signed its leaves), not by the whole store: on a
     /// store several controllers share, their issuance conflicts only over the same token or root. On
     /// a conflict the group is checked again on fresh data (its leaves are not signed again).
     async fn commit_group(&self, guard: store::WriteGuard<'_>, group: Vec<Pending>) {
@@ -619,13 +630,7 @@ impl Ca {
             };
             let plan = match self.plan_group(&group) {
                 Ok(p) => p,
-                Err(e) => {
-                    let msg = e.to_string();
-                    for p in group {
-                        let _ = p.reply.send(Err(ApiError::Internal(msg.clone())));
-                    }
-                    return;
-                }
+                Err(e) => return refuse_all(group, &e),
             };
             let accepted = plan.verdicts.iter().filter(|v| v.is_ok()).count();
             let result = if accepted == 0 {
@@ -636,18 +641,12 @@ impl Ca {
             match result {
                 Err(store::StoreError::Conflict) if attempt < GROUP_RETRIES => {
                     attempt += 1;
-                    if let Err(e) = self.db.catch_up().await {
-                        for p in group {
-                            let _ = p.reply.send(Err(group_error(&e)));
-                        }
-                        return;
-                    }
-                    if let Err(e) = self.refresh_roots() {
-                        let msg = e.to_string();
-                        for p in group {
-                            let _ = p.reply.send(Err(ApiError::Internal(msg.clone())));
-                        }
-                        return;
+                    let fresh = match self.db.catch_up().await {
+                        Ok(()) => self.refresh_roots(),
+                        Err(e) => Err(e.into()),
+                    };
+                    if let Err(e) = fresh {
+                        return refuse_all(group, &e);
                     }
                 }
                 result => {
